@@ -1,0 +1,1 @@
+"""Bronze: feeds landed exactly as received, plus ingest metadata. Pure transforms only."""

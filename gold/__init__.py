@@ -1,0 +1,1 @@
+"""Gold: scores, alerts, worklists and marts for people. Pure transforms only."""

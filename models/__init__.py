@@ -1,0 +1,1 @@
+"""Models: feature assembly, training and scoring (MLflow); sessions and URIs are passed in."""

@@ -1,0 +1,294 @@
+"""Configuration: conf/base.yaml + an overlay, then CARELAKE_* environment, then flags.
+
+Everything resolves into frozen dataclasses that validate themselves, so a wrong value fails
+at start-up with a message that names the key, where it came from, and what would be right.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.errors import ConfigError
+
+ENGINES = ("auto", "delta-rs", "delta-spark")
+LAYERS = ("bronze", "silver", "gold", "ops")
+LOG_LEVELS = ("ERROR", "WARN", "INFO", "DEBUG")
+_ENV_PREFIX = "CARELAKE_"
+_ENV_RESERVED = {"CARELAKE_ENV", "CARELAKE_CONF_DIR"}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_FEED = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def parse_duration_ms(value: Any, key: str) -> int:
+    """'500ms', '5s', '2m', '1h' (or a bare number of milliseconds) -> milliseconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration like 500ms, 5s or 2m, got {value!r}")
+    if isinstance(value, int | float):
+        return int(value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ConfigError(f"{key}: expected a duration like 500ms, 5s or 2m, got {value!r}")
+    scale = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}[m.group(2)]
+    return int(float(m.group(1)) * scale)
+
+
+@dataclass(frozen=True)
+class SparkConfig:
+    master: str
+    app_name: str
+    shuffle_partitions: int
+    ui: bool
+    log_level: str
+    driver_memory: str
+    conf: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.shuffle_partitions < 1:
+            raise ConfigError(f"spark.shuffle_partitions must be at least 1, got {self.shuffle_partitions}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ConfigError(f"spark.log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        object.__setattr__(self, "log_level", self.log_level.upper())
+        if not re.fullmatch(r"\d+[kmgt]", self.driver_memory.lower()):
+            raise ConfigError(f"spark.driver_memory must look like 2g or 512m, got {self.driver_memory!r}")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    engine: str
+    commit_retries: int
+    target_file_size_mb: int
+    retention_days: Mapping[str, int]
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"storage.engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.commit_retries < 1:
+            raise ConfigError(f"storage.commit_retries must be at least 1, got {self.commit_retries}")
+        if self.target_file_size_mb < 1:
+            raise ConfigError(f"storage.target_file_size_mb must be at least 1, got {self.target_file_size_mb}")
+        missing = [layer for layer in LAYERS if layer not in self.retention_days]
+        unknown = [layer for layer in self.retention_days if layer not in LAYERS]
+        if missing or unknown:
+            raise ConfigError(
+                f"storage.retention_days needs exactly the layers {', '.join(LAYERS)}"
+                f" (missing: {missing or 'none'}, unknown: {unknown or 'none'})"
+            )
+        for layer, days in self.retention_days.items():
+            if days < 1:
+                raise ConfigError(f"storage.retention_days.{layer} must be at least 1 day, got {days}")
+
+
+@dataclass(frozen=True)
+class StreamingConfig:
+    interval: str
+    max_files_per_trigger: int
+    stop_timeout: str
+
+    def __post_init__(self) -> None:
+        if self.interval_ms < 1:
+            raise ConfigError(f"streaming.interval must be positive, got {self.interval!r}")
+        if self.max_files_per_trigger < 1:
+            raise ConfigError(f"streaming.max_files_per_trigger must be at least 1, got {self.max_files_per_trigger}")
+        parse_duration_ms(self.stop_timeout, "streaming.stop_timeout")
+
+    @property
+    def interval_ms(self) -> int:
+        return parse_duration_ms(self.interval, "streaming.interval")
+
+    @property
+    def stop_timeout_s(self) -> float:
+        return parse_duration_ms(self.stop_timeout, "streaming.stop_timeout") / 1000
+
+
+@dataclass(frozen=True)
+class LandingConfig:
+    feeds: tuple[str, ...]
+    fsync: bool
+
+    def __post_init__(self) -> None:
+        if not self.feeds:
+            raise ConfigError("landing.feeds is empty: list at least one feed, e.g. [hl7, fhir, devices]")
+        for feed in self.feeds:
+            if not _FEED.match(feed):
+                raise ConfigError(f"landing.feeds: {feed!r} is not a valid feed name (lowercase letters, digits, _)")
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Config:
+    root: Path
+    spark: SparkConfig
+    storage: StorageConfig
+    streaming: StreamingConfig
+    landing: LandingConfig
+    jobs: JobsConfig
+    env: str = "local"
+    conf_dir: Path = Path("conf")
+
+    def path(self, *parts: str) -> Path:
+        """A path below the lakehouse root."""
+        return self.root.joinpath(*parts)
+
+
+def find_conf_dir(explicit: str | os.PathLike | None, environ: Mapping[str, str]) -> Path:
+    """The folder holding base.yaml: flag > CARELAKE_CONF_DIR > ./conf > the checkout's conf/."""
+    if explicit or environ.get("CARELAKE_CONF_DIR"):
+        chosen = Path(explicit or environ["CARELAKE_CONF_DIR"])
+        if not (chosen / "base.yaml").is_file():
+            raise ConfigError(f"configuration folder {chosen} has no base.yaml; point --conf-dir at carelake's conf/")
+        return chosen.resolve()
+    for candidate in (Path.cwd() / "conf", Path(__file__).resolve().parents[1] / "conf"):
+        if (candidate / "base.yaml").is_file():
+            return candidate
+    raise ConfigError("conf/base.yaml not found: run carelake from its checkout or set CARELAKE_CONF_DIR")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any], known: dict[str, Any], origin: str, prefix: str = "") -> None:
+    """Deep-merge `over` into `base`, refusing keys `known` (the base file's shape) does not have."""
+    for key, value in over.items():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            choices = ", ".join(f"{prefix}{k}" for k in known)
+            raise ConfigError(f"unknown configuration key {dotted!r} in {origin}; known keys here: {choices}")
+        free_form = dotted in ("spark.conf",)
+        if isinstance(known[key], dict) and not free_form:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{dotted} in {origin} must be a mapping, got {value!r}")
+            _merge(base[key], value, known[key], origin, prefix=f"{dotted}.")
+        elif free_form:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{dotted} in {origin} must be a mapping of setting: value, got {value!r}")
+            base[key] = {**base[key], **{str(k): str(v) for k, v in value.items()}}
+        else:
+            base[key] = value
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    node = out
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _env_overrides(environ: Mapping[str, str]) -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    for name in sorted(environ):
+        if name.startswith(_ENV_PREFIX) and name not in _ENV_RESERVED:
+            dotted = name[len(_ENV_PREFIX):].lower().replace("__", ".")
+            found.append((f"environment variable {name}", _nest(dotted, _scalar(environ[name]))))
+    return found
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check one value against its dataclass type hint, converting where the form is unambiguous."""
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be a whole number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be text, got {value!r}")
+    if hint is Path:
+        return Path(str(value)).expanduser()
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(_coerce(v, typing.get_args(hint)[0], f"{key}[]") for v in value)
+    if origin in (Mapping, dict) or hint is Mapping:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        value_hint = typing.get_args(hint)[1]
+        return types.MappingProxyType({str(k): _coerce(v, value_hint, f"{key}.{k}") for k, v in value.items()})
+    raise ConfigError(f"{key}: unsupported configuration type {hint!r}")
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if f.name not in data:
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                continue
+            raise ConfigError(f"configuration key {key!r} is missing; conf/base.yaml must define it")
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, data[f.name], prefix=f"{key}.")
+        else:
+            kwargs[f.name] = _coerce(data[f.name], hint, key)
+    return cls(**kwargs)
+
+
+def load_config(
+    *,
+    env: str | None = None,
+    root: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    conf_dir: str | os.PathLike | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Resolve flag > environment > overlay file > base file into a validated Config."""
+    environ = os.environ if environ is None else environ
+    folder = find_conf_dir(conf_dir, environ)
+    env_name = env or environ.get("CARELAKE_ENV") or "local"
+    base = _read_yaml(folder / "base.yaml")
+    shape = _read_yaml(folder / "base.yaml")
+    overlay = folder / f"{env_name}.yaml"
+    if not overlay.is_file():
+        available = sorted(p.stem for p in folder.glob("*.yaml") if p.stem != "base")
+        raise ConfigError(f"no overlay {env_name!r} in {folder}; choose one of: {', '.join(available)}")
+    layers: list[tuple[str, Mapping[str, Any]]] = [(str(overlay), _read_yaml(overlay))]
+    layers += _env_overrides(environ)
+    for dotted, value in (overrides or {}).items():
+        layers.append((f"flag --set {dotted}", _nest(dotted, _scalar(value) if isinstance(value, str) else value)))
+    if root is not None:
+        layers.append(("flag --root", {"root": str(root)}))
+    for origin, data in layers:
+        _merge(base, data, shape, origin)
+    base["root"] = Path(str(base["root"])).expanduser().resolve()
+    cfg = _build(Config, base)
+    return dataclasses.replace(cfg, env=env_name, conf_dir=folder)

@@ -1,0 +1,80 @@
+"""The one SparkSession factory: configured once from SparkConfig and passed in, never global."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipelines.config import SparkConfig
+from pipelines.errors import CarelakeError
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+_LOG4J = Path(__file__).with_name("log4j2.properties")
+
+
+def _under_spark_submit() -> bool:
+    """spark-submit starts the JVM first and hands Python the gateway; its master must win."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def _check_java() -> None:
+    java_home = os.environ.get("JAVA_HOME")
+    java = Path(java_home, "bin", "java") if java_home else shutil.which("java")
+    if not java or not Path(java).exists():
+        raise CarelakeError(
+            "Java 17 or newer is required for Spark and was not found: install openjdk-17-jre-headless"
+            " (Debian/Ubuntu) or openjdk@17 (Homebrew), or set JAVA_HOME"
+        )
+
+
+def session_settings(cfg: SparkConfig) -> dict[str, str]:
+    """The spark.* settings carelake applies, before cfg.conf's pass-through overrides."""
+    java_opts = f"-Dlog4j.configurationFile=file:{_LOG4J} -Dlog4j2.level={cfg.log_level}"
+    settings = {
+        "spark.app.name": cfg.app_name,
+        "spark.sql.shuffle.partitions": str(cfg.shuffle_partitions),
+        "spark.default.parallelism": str(cfg.shuffle_partitions),
+        "spark.ui.enabled": str(cfg.ui).lower(),
+        "spark.ui.showConsoleProgress": "false",
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.streaming.stopGracefullyOnShutdown": "true",
+        "spark.sql.adaptive.enabled": "true",
+        "spark.driver.extraJavaOptions": java_opts,
+        "spark.executor.extraJavaOptions": java_opts,
+    }
+    if not _under_spark_submit():
+        settings["spark.master"] = cfg.master
+        settings["spark.driver.memory"] = cfg.driver_memory
+    return {**settings, **dict(cfg.conf)}
+
+
+def create_spark(cfg: SparkConfig) -> SparkSession:
+    """Build (or join, under spark-submit) the SparkSession carelake runs on."""
+    # Workers must run this interpreter: the one with carelake and its pinned packages.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    if not _under_spark_submit():
+        _check_java()
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder
+    for key, value in session_settings(cfg).items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(cfg.log_level)
+    return spark
+
+
+def jvm_has_class(spark: SparkSession, class_name: str) -> bool:
+    """True when the running JVM can load `class_name` (e.g. io.delta.tables.DeltaTable)."""
+    try:
+        spark._jvm.java.lang.Class.forName(class_name)  # noqa: SLF001 - py4j is the only way to ask the JVM
+        return True
+    except Exception:  # py4j raises Py4JJavaError wrapping ClassNotFoundException
+        return False

@@ -1,0 +1,241 @@
+"""The table-store contract every storage engine implements, and the names it speaks."""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pipelines.config import LAYERS, Config
+from pipelines.errors import UsageError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from pyspark.sql import DataFrame
+
+    Data = pa.Table | DataFrame
+
+_NAME = re.compile(r"^(?P<layer>[a-z]+)\.(?P<entity>[a-z][a-z0-9_]*)$")
+# Column names carelake adds to change feeds, as Delta's change data feed names them.
+CHANGE_COLUMNS = ("_change_type", "_commit_version", "_commit_timestamp")
+
+
+@dataclass(frozen=True)
+class TableRef:
+    """A table's name (`silver.observations`) and where it lives under the lakehouse root."""
+
+    layer: str
+    entity: str
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.layer}.{self.entity}"
+
+    @classmethod
+    def parse(cls, name: str, root: Path) -> TableRef:
+        m = _NAME.match(name)
+        if not m or m["layer"] not in LAYERS:
+            raise UsageError(
+                f"{name!r} is not a table name: use <layer>.<entity> with layer one of"
+                f" {', '.join(LAYERS)} and a lowercase entity, e.g. silver.observations"
+            )
+        layer, entity = m["layer"], m["entity"]
+        # Operational tables sit beside the layers: ops.metrics -> <root>/_metrics.
+        path = root / f"_{entity}" if layer == "ops" else root / layer / entity
+        return cls(layer, entity, path)
+
+
+@dataclass(frozen=True)
+class Txn:
+    """An idempotent-write marker: (app_id, version) commits once; a replay is skipped."""
+
+    app_id: str
+    version: int
+
+    def __post_init__(self) -> None:
+        if not self.app_id:
+            raise ValueError("Txn.app_id must not be empty")
+        if self.version < 0:
+            raise ValueError(f"Txn.version must be >= 0, got {self.version}")
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What a write did: the version it committed, or that it was skipped as a replay."""
+
+    table: str
+    version: int | None
+    rows: int
+    skipped: bool = False
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    """One entry of a table's history."""
+
+    version: int
+    timestamp: datetime
+    operation: str
+    parameters: Mapping[str, Any]
+    metrics: Mapping[str, Any]
+    metadata: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """A table's current state, for `carelake tables`."""
+
+    name: str
+    version: int
+    rows: int
+    last_commit: datetime
+    last_operation: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """How a merge treats matched and unmatched rows. Aliases: `s` = source, `t` = target.
+
+    update: "all" updates every column from the source; a mapping sets named target columns
+    to SQL expressions; None leaves matched rows alone. Conditions are SQL over s and t.
+    """
+
+    keys: tuple[str, ...]
+    update: Literal["all"] | Mapping[str, str] | None = "all"
+    update_when: str | None = None
+    delete_when: str | None = None
+    insert: bool = True
+    insert_when: str | None = None
+    delete_not_matched_by_source: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            raise UsageError("a merge needs at least one key column")
+        if self.update is None and self.delete_when is None and not self.insert:
+            raise UsageError("a merge that neither updates, deletes nor inserts does nothing")
+
+    @property
+    def predicate(self) -> str:
+        return " AND ".join(f"t.`{k}` = s.`{k}`" for k in self.keys)
+
+
+class TableStore(ABC):
+    """Delta tables addressed by name. Engines differ in how they commit, never in what they mean."""
+
+    engine: str
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def ref(self, name: str) -> TableRef:
+        return TableRef.parse(name, self.cfg.root)
+
+    def retention_days(self, name: str) -> int:
+        return self.cfg.storage.retention_days[self.ref(name).layer]
+
+    def table_properties(self, name: str) -> dict[str, str]:
+        """Delta properties every table carries: change feed on, retention from its layer."""
+        days = self.retention_days(name)
+        return {
+            "delta.enableChangeDataFeed": "true",
+            "delta.logRetentionDuration": f"interval {days} days",
+            "delta.deletedFileRetentionDuration": f"interval {days} days",
+        }
+
+    def list_tables(self) -> list[str]:
+        """Names of every Delta table under the root, sorted."""
+        root = self.cfg.root
+        names = []
+        for layer in LAYERS:
+            if layer == "ops":
+                candidates = [p for p in root.glob("_*") if p.name != "_checkpoints"]
+                names += [f"ops.{p.name[1:]}" for p in candidates if (p / "_delta_log").is_dir()]
+            else:
+                names += [f"{layer}.{p.name}" for p in (root / layer).glob("*") if (p / "_delta_log").is_dir()]
+        return sorted(names)
+
+    @abstractmethod
+    def exists(self, name: str) -> bool: ...
+
+    @abstractmethod
+    def version(self, name: str) -> int: ...
+
+    @abstractmethod
+    def append(self, name: str, data: Data, *, txn: Txn | None = None,
+               metadata: Mapping[str, str] | None = None) -> WriteResult: ...
+
+    @abstractmethod
+    def merge(self, name: str, data: Data, spec: MergeSpec, *, txn: Txn | None = None,
+              metadata: Mapping[str, str] | None = None) -> WriteResult: ...
+
+    @abstractmethod
+    def overwrite(self, name: str, data: Data, *, predicate: str | None = None, txn: Txn | None = None,
+                  metadata: Mapping[str, str] | None = None) -> WriteResult: ...
+
+    @abstractmethod
+    def read(self, name: str, *, version: int | None = None, timestamp: datetime | str | None = None) -> DataFrame:
+        """The table as a Spark DataFrame, now or as of a version or a timestamp."""
+
+    @abstractmethod
+    def read_arrow(self, name: str, *, version: int | None = None,
+                   timestamp: datetime | str | None = None) -> pa.Table: ...
+
+    @abstractmethod
+    def changes(self, name: str, start_version: int, end_version: int | None = None) -> DataFrame:
+        """Rows changed by versions start..end (inclusive), with _change_type/_commit_version/_commit_timestamp."""
+
+    @abstractmethod
+    def history(self, name: str, limit: int | None = None) -> list[CommitInfo]:
+        """Commits, newest first."""
+
+    @abstractmethod
+    def optimize(self, name: str) -> Mapping[str, Any]: ...
+
+    @abstractmethod
+    def vacuum(self, name: str, *, retention_hours: int | None = None, dry_run: bool = False) -> list[str]: ...
+
+    @abstractmethod
+    def restore(self, name: str, *, version: int | None = None,
+                timestamp: datetime | str | None = None) -> Mapping[str, Any]: ...
+
+    @abstractmethod
+    def txn_version(self, name: str, app_id: str) -> int | None:
+        """The highest Txn.version committed for app_id, or None."""
+
+    @abstractmethod
+    def row_count(self, name: str) -> int: ...
+
+    def info(self, name: str) -> TableInfo:
+        last = self.history(name, limit=1)[0]
+        return TableInfo(name, last.version, self.row_count(name), last.timestamp, last.operation, self.ref(name).path)
+
+    def check_vacuum_retention(self, name: str, retention_hours: int | None) -> int:
+        """The retention vacuum must use: never shorter than the layer's time-travel window."""
+        floor = self.retention_days(name) * 24
+        if retention_hours is None:
+            return floor
+        if retention_hours < floor:
+            raise UsageError(
+                f"vacuum {name} with {retention_hours} h would delete files that time travel inside the"
+                f" configured {floor // 24}-day retention needs; raise the hours to at least {floor}"
+                f" or lower storage.retention_days.{self.ref(name).layer}"
+            )
+        return retention_hours
+
+
+def duplicate_keys(keys: Sequence[str], rows: pa.Table, limit: int = 3) -> list[dict[str, Any]]:
+    """Key values that appear more than once in `rows` (a merge source must have each key once)."""
+    import pyarrow.compute as pc
+
+    if rows.num_rows < 2:
+        return []
+    counts = rows.group_by(list(keys)).aggregate([([], "count_all")])
+    dups = counts.filter(pc.greater(counts["count_all"], 1))
+    return dups.slice(0, limit).select(list(keys)).to_pylist()

@@ -1,0 +1,327 @@
+"""The embedded engine: delta-rs commits, Arrow carries the data, Spark (when given) computes.
+
+Never import this module's deltalake objects before forking a process: delta-rs's async runtime
+does not survive fork. Use the `spawn` start method for multiprocessing.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+
+from pipelines import __version__
+from pipelines.config import Config
+from pipelines.errors import CommitConflict, TableNotFound, UsageError, VersionNotFound
+from pipelines.store.base import (
+    CommitInfo,
+    MergeSpec,
+    TableStore,
+    Txn,
+    WriteResult,
+    duplicate_keys,
+)
+from pipelines.store.schema import canonical_schema, check_evolution, conform
+from pipelines.timeutil import parse_timestamp
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+    from pipelines.store.base import Data
+
+_STANDARD_HISTORY = {
+    "timestamp", "operation", "operationParameters", "operationMetrics", "version", "readVersion",
+    "clientVersion", "engineInfo", "isBlindAppend", "userMetadata",
+}
+
+
+def to_arrow(data: Data) -> pa.Table:
+    """A pyarrow Table from a pyarrow Table or a Spark DataFrame (collected through Arrow)."""
+    if isinstance(data, pa.Table):
+        return data
+    if isinstance(data, pa.RecordBatch):
+        return pa.Table.from_batches([data])
+    if hasattr(data, "toArrow"):
+        return data.toArrow()
+    raise UsageError(f"cannot write a {type(data).__name__}: pass a pyarrow.Table or a Spark DataFrame")
+
+
+def table_arrow_schema(dt: DeltaTable) -> pa.Schema:
+    return canonical_schema(pa.schema(dt.schema().to_arrow()))
+
+
+def _is_conflict(exc: Exception) -> bool:
+    if isinstance(exc, CommitFailedError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, DeltaError) and ("already exists" in text or "conflict" in text or "concurrent" in text)
+
+
+def _commit_properties(txn: Txn | None, metadata: Mapping[str, str] | None, retries: int) -> CommitProperties:
+    meta = {"carelake.version": __version__, **(metadata or {})}
+    return CommitProperties(
+        custom_metadata=meta,
+        max_commit_retries=retries,
+        app_transactions=[Transaction(txn.app_id, txn.version, int(time.time() * 1000))] if txn else None,
+    )
+
+
+def load_changes(path: str, start_version: int, end_version: int) -> pa.Table:
+    """Delta change-feed rows of versions start..end from the table at `path` (used by workers too)."""
+    dt = DeltaTable(path)
+    reader = dt.load_cdf(starting_version=start_version, ending_version=end_version)
+    return pa.table(reader)
+
+
+class DeltaRsStore(TableStore):
+    """TableStore on delta-rs: no JVM jars needed; safe for concurrent writers on one filesystem."""
+
+    engine = "delta-rs"
+
+    def __init__(self, cfg: Config, spark: SparkSession | None = None):
+        super().__init__(cfg)
+        self._spark = spark
+
+    # -- opening -----------------------------------------------------------------------------
+    def _path(self, name: str) -> str:
+        return str(self.ref(name).path)
+
+    def exists(self, name: str) -> bool:
+        return (self.ref(name).path / "_delta_log").is_dir() and DeltaTable.is_deltatable(self._path(name))
+
+    def _open(self, name: str, version: int | None = None, timestamp: datetime | str | None = None) -> DeltaTable:
+        if not self.exists(name):
+            raise TableNotFound(
+                f"table {name} does not exist yet (no Delta log at {self.ref(name).path}); "
+                f"run the job that writes it: carelake run {name}"
+            )
+        try:
+            dt = DeltaTable(self._path(name))
+        except TableNotFoundError as exc:
+            raise TableNotFound(f"table {name} is not a readable Delta table: {exc}") from exc
+        if version is not None:
+            self._travel_to_version(name, dt, version)
+        elif timestamp is not None:
+            self._travel_to_time(name, dt, parse_timestamp(timestamp))
+        return dt
+
+    def _travel_to_version(self, name: str, dt: DeltaTable, version: int) -> None:
+        latest = dt.version()
+        if not 0 <= version <= latest:
+            raise VersionNotFound(f"{name} has versions 0..{latest}; version {version} does not exist")
+        try:
+            dt.load_as_version(version)
+        except (DeltaError, OSError) as exc:
+            raise VersionNotFound(
+                f"{name} version {version} can no longer be read (its log or files were cleaned up): {exc}"
+            ) from exc
+
+    def _travel_to_time(self, name: str, dt: DeltaTable, when: datetime) -> None:
+        history = dt.history()
+        first = min(history, key=lambda h: h["version"])
+        first_at = datetime.fromtimestamp(first["timestamp"] / 1000, tz=UTC)
+        if when < first_at:
+            raise VersionNotFound(
+                f"{name} did not exist at {when.isoformat()}; its earliest kept commit is"
+                f" version {first['version']} at {first_at.isoformat()}"
+            )
+        dt.load_as_version(when)
+
+    def _open_or_none(self, name: str) -> DeltaTable | None:
+        return self._open(name) if self.exists(name) else None
+
+    # -- writing -----------------------------------------------------------------------------
+    def _with_retries(self, name: str, txn: Txn | None, op: Callable[[DeltaTable | None], WriteResult]) -> WriteResult:
+        """Run a write, retrying on concurrent-commit conflicts; skip it if `txn` is already committed."""
+        attempts = self.cfg.storage.commit_retries
+        last: Exception | None = None
+        for attempt in range(attempts):
+            dt = self._open_or_none(name)
+            if txn is not None and dt is not None:
+                done = dt.transaction_version(txn.app_id)
+                if done is not None and done >= txn.version:
+                    return WriteResult(name, dt.version(), 0, skipped=True)
+            try:
+                return op(dt)
+            except Exception as exc:  # delta-rs raises several types for one conflict
+                if not _is_conflict(exc):
+                    raise
+                last = exc
+                time.sleep(min(0.5, 0.01 * (2 ** min(attempt, 6))) * (0.5 + random.random()))
+        raise CommitConflict(
+            f"{name}: gave up after {attempts} attempts, each conflicting with a concurrent writer ({last});"
+            " raise storage.commit_retries or reduce writers to this table"
+        )
+
+    def _prepare(self, name: str, dt: DeltaTable | None, data: Data) -> tuple[pa.Table, bool]:
+        arrow = to_arrow(data)
+        if dt is None:
+            return arrow, False
+        current = table_arrow_schema(dt)
+        change = check_evolution(name, current, arrow.schema)
+        return conform(arrow, current), change.evolves
+
+    def _sync_properties(self, name: str, dt: DeltaTable) -> None:
+        want = self.table_properties(name)
+        have = dt.metadata().configuration
+        stale = {k: v for k, v in want.items() if have.get(k) != v}
+        if stale:
+            dt.alter.set_table_properties(stale, raise_if_not_exists=False)
+
+    def _create(self, name: str, schema: pa.Schema) -> DeltaTable:
+        try:
+            return DeltaTable.create(self._path(name), schema, mode="ignore", name=name,
+                                     configuration=self.table_properties(name))
+        except Exception as exc:
+            if _is_conflict(exc) and self.exists(name):  # another writer created it first
+                return self._open(name)
+            raise
+
+    def _write(self, name: str, data: Data, mode: str, predicate: str | None, txn: Txn | None,
+               metadata: Mapping[str, str] | None) -> WriteResult:
+        def op(dt: DeltaTable | None) -> WriteResult:
+            arrow, evolves = self._prepare(name, dt, data)
+            if dt is not None:
+                self._sync_properties(name, dt)
+            write_deltalake(
+                dt if dt is not None else self._path(name), arrow, mode=mode, predicate=predicate,
+                schema_mode="merge" if evolves else None, name=name if dt is None else None,
+                configuration=self.table_properties(name) if dt is None else None,
+                commit_properties=_commit_properties(txn, metadata, self.cfg.storage.commit_retries),
+            )
+            return WriteResult(name, DeltaTable(self._path(name)).version(), arrow.num_rows)
+
+        return self._with_retries(name, txn, op)
+
+    def append(self, name, data, *, txn=None, metadata=None) -> WriteResult:
+        return self._write(name, data, "append", None, txn, metadata)
+
+    def overwrite(self, name, data, *, predicate=None, txn=None, metadata=None) -> WriteResult:
+        return self._write(name, data, "overwrite", predicate, txn, metadata)
+
+    def merge(self, name: str, data: Data, spec: MergeSpec, *, txn=None, metadata=None) -> WriteResult:
+        source = to_arrow(data)
+        missing = [k for k in spec.keys if k not in source.schema.names]
+        if missing:
+            raise UsageError(f"merge into {name}: key column(s) {missing} are not in the data ({source.schema.names})")
+        dups = duplicate_keys(spec.keys, source)
+        if dups:
+            raise UsageError(
+                f"merge into {name}: the source has several rows for one key, e.g. {dups};"
+                " deduplicate the batch (keep the newest per key) before merging"
+            )
+
+        def op(dt: DeltaTable | None) -> WriteResult:
+            if dt is None:
+                dt = self._create(name, source.schema)
+            arrow, evolves = self._prepare(name, dt, source)
+            self._sync_properties(name, dt)
+            merger = dt.merge(
+                arrow, spec.predicate, source_alias="s", target_alias="t", merge_schema=evolves,
+                commit_properties=_commit_properties(txn, metadata, self.cfg.storage.commit_retries),
+            )
+            if spec.delete_when is not None:
+                merger = merger.when_matched_delete(predicate=spec.delete_when)
+            if spec.update == "all":
+                merger = merger.when_matched_update_all(predicate=spec.update_when)
+            elif spec.update is not None:
+                merger = merger.when_matched_update(dict(spec.update), predicate=spec.update_when)
+            if spec.insert:
+                merger = merger.when_not_matched_insert_all(predicate=spec.insert_when)
+            if spec.delete_not_matched_by_source:
+                merger = merger.when_not_matched_by_source_delete()
+            metrics = merger.execute()
+            return WriteResult(name, DeltaTable(self._path(name)).version(), arrow.num_rows, metrics=metrics)
+
+        return self._with_retries(name, txn, op)
+
+    # -- reading -----------------------------------------------------------------------------
+    def _require_spark(self) -> SparkSession:
+        if self._spark is None:
+            raise UsageError("this store was opened without a SparkSession; use read_arrow, or pass spark=")
+        return self._spark
+
+    def read_arrow(self, name, *, version=None, timestamp=None) -> pa.Table:
+        return self._open(name, version, timestamp).to_pyarrow_table()
+
+    def read(self, name: str, *, version=None, timestamp=None) -> DataFrame:
+        from pyspark.sql.pandas.types import from_arrow_schema
+
+        spark = self._require_spark()
+        dt = self._open(name, version, timestamp)
+        schema = from_arrow_schema(table_arrow_schema(dt))
+        files = dt.file_uris()
+        plain = not dt.metadata().partition_columns and not (dt.protocol().reader_features or [])
+        if plain and files:
+            # Spark reads the version's own data files directly: no driver-side collect.
+            return spark.read.schema(schema).parquet(*files)
+        if not files:
+            return spark.createDataFrame([], schema)
+        return spark.createDataFrame(dt.to_pyarrow_table())
+
+    def changes_arrow(self, name: str, start_version: int, end_version: int | None = None) -> pa.Table:
+        dt = self._open(name)
+        latest = dt.version()
+        end = latest if end_version is None else end_version
+        if not 0 <= start_version <= end <= latest:
+            raise VersionNotFound(f"{name} has versions 0..{latest}; cannot read changes {start_version}..{end}")
+        return load_changes(self._path(name), start_version, end)
+
+    def changes(self, name: str, start_version: int, end_version: int | None = None) -> DataFrame:
+        spark = self._require_spark()
+        return spark.createDataFrame(self.changes_arrow(name, start_version, end_version))
+
+    def version(self, name: str) -> int:
+        return self._open(name).version()
+
+    def row_count(self, name: str) -> int:
+        return self._open(name).count()
+
+    def txn_version(self, name: str, app_id: str) -> int | None:
+        dt = self._open_or_none(name)
+        return None if dt is None else dt.transaction_version(app_id)
+
+    def history(self, name: str, limit: int | None = None) -> list[CommitInfo]:
+        out = []
+        for h in self._open(name).history(limit):
+            out.append(CommitInfo(
+                version=h["version"],
+                timestamp=datetime.fromtimestamp(h["timestamp"] / 1000, tz=UTC),
+                operation=h.get("operation", ""),
+                parameters=h.get("operationParameters") or {},
+                metrics=h.get("operationMetrics") or {},
+                metadata={k: v for k, v in h.items() if k not in _STANDARD_HISTORY},
+            ))
+        return sorted(out, key=lambda c: c.version, reverse=True)
+
+    # -- maintenance -------------------------------------------------------------------------
+    def optimize(self, name: str) -> Mapping[str, Any]:
+        dt = self._open(name)
+        return dt.optimize.compact(
+            target_size=self.cfg.storage.target_file_size_mb * 1024 * 1024,
+            commit_properties=_commit_properties(None, {"carelake.op": "optimize"}, self.cfg.storage.commit_retries),
+        )
+
+    def vacuum(self, name: str, *, retention_hours: int | None = None, dry_run: bool = False) -> list[str]:
+        hours = self.check_vacuum_retention(name, retention_hours)
+        dt = self._open(name)
+        self._sync_properties(name, dt)
+        return self._open(name).vacuum(retention_hours=hours, dry_run=dry_run, enforce_retention_duration=True)
+
+    def restore(self, name: str, *, version=None, timestamp=None) -> Mapping[str, Any]:
+        if (version is None) == (timestamp is None):
+            raise UsageError("restore needs exactly one of a version or a timestamp")
+        target_dt = self._open(name, version, timestamp)  # validates the target exists and is readable
+        target = target_dt.version()
+        dt = self._open(name)
+        if target == dt.version():
+            return {"restored_to": target, "changed": False}
+        metrics = dt.restore(target, commit_properties=_commit_properties(
+            None, {"carelake.op": "restore"}, self.cfg.storage.commit_retries))
+        return {"restored_to": target, "changed": True, **metrics}

@@ -1,0 +1,1 @@
+"""Silver: parsed, validated, deduplicated, normalized clinical model. Pure transforms only."""

@@ -1,0 +1,63 @@
+"""Shared fixtures: one SparkSession for the whole run, a fresh lakehouse root per test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REALDATA = REPO.parent / "shared" / "realdata"
+
+
+def make_config(root: Path, **overrides):
+    """The test overlay with `root`, isolated from the caller's CARELAKE_* environment."""
+    from pipelines.config import load_config
+
+    return load_config(env="test", root=root, overrides=overrides, conf_dir=REPO / "conf", environ={})
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory):
+    from pipelines.spark import create_spark
+
+    cfg = make_config(tmp_path_factory.mktemp("spark-root"))
+    session = create_spark(cfg.spark)
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return make_config(tmp_path / "lake")
+
+
+@pytest.fixture
+def store(cfg):
+    """The embedded engine without Spark: Arrow in, Arrow out."""
+    from pipelines.store.deltars import DeltaRsStore
+
+    return DeltaRsStore(cfg)
+
+
+@pytest.fixture
+def realdata() -> Path:
+    if not REALDATA.is_dir():
+        pytest.skip(f"real sample data not found at {REALDATA}")
+    return REALDATA
+
+
+def carelake_env(root: Path, **extra: str) -> dict[str, str]:
+    """Environment for a `carelake` subprocess: test overlay, this interpreter, the given root."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARELAKE_")}
+    env.update({"CARELAKE_ENV": "test", "CARELAKE_ROOT": str(root), "CARELAKE_CONF_DIR": str(REPO / "conf"),
+                "PYTHONPATH": str(REPO), **extra})
+    return env
+
+
+def carelake_cmd(*args: str) -> list[str]:
+    exe = shutil.which("carelake", path=str(Path(sys.executable).parent))
+    return [exe, *args] if exe else [sys.executable, "-m", "pipelines.cli", *args]

@@ -1,0 +1,227 @@
+"""The table-store contract: one suite, run against every engine this machine has."""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+import pytest
+
+from pipelines.errors import SchemaEvolutionError, TableNotFound, UsageError, VersionNotFound
+from pipelines.store import MergeSpec, Txn, open_store
+
+T = "silver.patients_test"
+
+
+def rows(*pairs, extra=None) -> pa.Table:
+    data = {"id": pa.array([p[0] for p in pairs], pa.int64()), "name": pa.array([p[1] for p in pairs], pa.string())}
+    if extra:
+        data.update(extra)
+    return pa.table(data)
+
+
+def content(table: pa.Table, cols=("id", "name")) -> list[tuple]:
+    return sorted(tuple(r[c] for c in cols) for r in table.select(list(cols)).to_pylist())
+
+
+@pytest.fixture(params=["delta-rs", "delta-spark"])
+def engine_store(request, cfg):
+    if request.param == "delta-rs":
+        from pipelines.store.deltars import DeltaRsStore
+
+        return DeltaRsStore(cfg)
+    spark = request.getfixturevalue("spark")
+    from pipelines.spark import jvm_has_class
+
+    if not jvm_has_class(spark, "io.delta.tables.DeltaTable"):
+        pytest.skip("delta-spark engine: the JVM has no Delta classes (Maven is unreachable here)")
+    import dataclasses
+
+    return open_store(dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, engine="delta-spark")), spark)
+
+
+def test_append_creates_table_and_counts_rows(engine_store):
+    s = engine_store
+    assert not s.exists(T)
+    r1 = s.append(T, rows((1, "ann"), (2, "bob")))
+    r2 = s.append(T, rows((3, "cy")))
+    assert (r1.version, r2.version) == (0, 1)
+    assert s.version(T) == 1 and s.row_count(T) == 3
+    assert content(s.read_arrow(T)) == [(1, "ann"), (2, "bob"), (3, "cy")]
+    assert T in s.list_tables()
+
+
+def test_idempotent_append_replay_is_skipped(engine_store):
+    s = engine_store
+    first = s.append(T, rows((1, "a")), txn=Txn("job-x", 0))
+    replay = s.append(T, rows((1, "a")), txn=Txn("job-x", 0))
+    older = s.append(T, rows((9, "old")), txn=Txn("job-x", 0))
+    nxt = s.append(T, rows((2, "b")), txn=Txn("job-x", 1))
+    other_app = s.append(T, rows((3, "c")), txn=Txn("job-y", 0))
+    assert not first.skipped and replay.skipped and older.skipped
+    assert not nxt.skipped and not other_app.skipped
+    assert content(s.read_arrow(T)) == [(1, "a"), (2, "b"), (3, "c")]
+    assert s.txn_version(T, "job-x") == 1 and s.txn_version(T, "job-y") == 0
+    assert s.txn_version(T, "never") is None
+
+
+def test_time_travel_by_version_and_timestamp(engine_store):
+    s = engine_store
+    s.append(T, rows((1, "a")))
+    time.sleep(0.05)
+    s.append(T, rows((2, "b")))
+    time.sleep(0.05)
+    s.append(T, rows((3, "c")))
+    assert content(s.read_arrow(T, version=0)) == [(1, "a")]
+    assert content(s.read_arrow(T, version=1)) == [(1, "a"), (2, "b")]
+    by_version = {c.version: c.timestamp for c in s.history(T)}
+    assert content(s.read_arrow(T, timestamp=by_version[1])) == [(1, "a"), (2, "b")]
+    assert content(s.read_arrow(T, timestamp=by_version[1].isoformat())) == [(1, "a"), (2, "b")]
+    with pytest.raises(VersionNotFound, match="versions 0..2"):
+        s.read_arrow(T, version=7)
+    with pytest.raises(VersionNotFound, match="earliest"):
+        s.read_arrow(T, timestamp="2001-01-01T00:00:00Z")
+
+
+def test_changes_between_versions(engine_store):
+    s = engine_store
+    s.append(T, rows((1, "a"), (2, "b")))                                   # v0
+    s.append(T, rows((3, "c")))                                             # v1
+    s.merge(T, rows((2, "B"), (4, "d")), MergeSpec(keys=("id",)))           # v2
+    ch = s.changes_arrow(T, 1, 2) if hasattr(s, "changes_arrow") else s.changes(T, 1, 2).toArrow()
+    got = sorted((r["_commit_version"], r["_change_type"], r["id"], r["name"]) for r in ch.to_pylist())
+    assert got == [
+        (1, "insert", 3, "c"),
+        (2, "insert", 4, "d"),
+        (2, "update_postimage", 2, "B"),
+        (2, "update_preimage", 2, "b"),
+    ]
+    with pytest.raises(VersionNotFound):
+        s.changes_arrow(T, 2, 5) if hasattr(s, "changes_arrow") else s.changes(T, 2, 5)
+
+
+def test_merge_update_insert_delete_clauses(engine_store):
+    s = engine_store
+    s.append(T, rows((1, "a"), (2, "b"), (3, "c"), extra={"deleted": pa.array([False] * 3)}))
+    src = rows((1, "A"), (2, "gone"), (5, "e"), extra={"deleted": pa.array([False, True, False])})
+    s.merge(T, src, MergeSpec(keys=("id",), delete_when="s.deleted"))
+    assert content(s.read_arrow(T)) == [(1, "A"), (3, "c"), (5, "e")]
+    # update only some columns, only when the condition holds; no inserts
+    s.merge(T, rows((1, "zzz"), (3, "C"), (7, "new")),
+            MergeSpec(keys=("id",), update={"name": "upper(s.name)"}, update_when="s.name <> 'zzz'", insert=False))
+    assert content(s.read_arrow(T)) == [(1, "A"), (3, "C"), (5, "e")]
+    # rows the source no longer has are deleted when asked
+    s.merge(T, rows((1, "A"), (5, "e")), MergeSpec(keys=("id",), delete_not_matched_by_source=True))
+    assert content(s.read_arrow(T)) == [(1, "A"), (5, "e")]
+
+
+def test_merge_into_missing_table_creates_it_and_rejects_duplicate_keys(engine_store):
+    s = engine_store
+    s.merge(T, rows((1, "a")), MergeSpec(keys=("id",)))
+    assert content(s.read_arrow(T)) == [(1, "a")]
+    with pytest.raises(UsageError, match="several rows for one key"):
+        s.merge(T, rows((2, "x"), (2, "y")), MergeSpec(keys=("id",)))
+    assert content(s.read_arrow(T)) == [(1, "a")]
+
+
+def test_idempotent_merge_replay(engine_store):
+    s = engine_store
+    s.append(T, rows((1, "a")))
+    r1 = s.merge(T, rows((1, "b"), (2, "c")), MergeSpec(keys=("id",)), txn=Txn("m", 4))
+    r2 = s.merge(T, rows((1, "WRONG"), (2, "WRONG")), MergeSpec(keys=("id",)), txn=Txn("m", 4))
+    assert not r1.skipped and r2.skipped
+    assert content(s.read_arrow(T)) == [(1, "b"), (2, "c")]
+
+
+def test_overwrite_whole_and_by_predicate(engine_store):
+    s = engine_store
+    s.append(T, rows((1, "a"), (2, "b"), (3, "c")))
+    s.overwrite(T, rows((2, "B")), predicate="id = 2")
+    assert content(s.read_arrow(T)) == [(1, "a"), (2, "B"), (3, "c")]
+    s.overwrite(T, rows((9, "z")))
+    assert content(s.read_arrow(T)) == [(9, "z")]
+    assert content(s.read_arrow(T, version=0)) == [(1, "a"), (2, "b"), (3, "c")]
+
+
+def test_additive_schema_evolves_and_incompatible_change_names_the_column(engine_store):
+    s = engine_store
+    s.append(T, rows((1, "a")))
+    s.append(T, rows((2, "b"), extra={"ward": pa.array(["ICU"])}))
+    got = sorted(s.read_arrow(T).to_pylist(), key=lambda r: r["id"])
+    assert got == [{"id": 1, "name": "a", "ward": None}, {"id": 2, "name": "b", "ward": "ICU"}]
+    bad = pa.table({"id": pa.array(["not-a-number"]), "name": ["x"]})
+    with pytest.raises(SchemaEvolutionError, match="'id' is int64 in the table but string"):
+        s.append(T, bad)
+    assert s.row_count(T) == 2
+
+
+def test_narrower_integer_is_widened_not_rejected(engine_store):
+    s = engine_store
+    s.append(T, rows((1, "a")))
+    s.append(T, pa.table({"id": pa.array([2], pa.int32()), "name": ["b"]}))
+    assert content(s.read_arrow(T)) == [(1, "a"), (2, "b")]
+
+
+def test_table_properties_carry_layer_retention(engine_store, cfg):
+    s = engine_store
+    s.append(T, rows((1, "a")))
+    s.append("ops.metrics_test", rows((1, "a")))
+    days = cfg.storage.retention_days
+    assert s.table_properties(T)["delta.logRetentionDuration"] == f"interval {days['silver']} days"
+    assert s.table_properties("ops.metrics_test")["delta.deletedFileRetentionDuration"] == f"interval {days['ops']} days"
+    assert (cfg.root / "_metrics_test" / "_delta_log").is_dir()
+
+
+def test_vacuum_never_removes_what_retention_keeps(engine_store):
+    s = engine_store
+    s.append(T, rows((1, "a")))
+    s.overwrite(T, rows((2, "b")))
+    with pytest.raises(UsageError, match="at least"):
+        s.vacuum(T, retention_hours=1)
+    removed = s.vacuum(T)
+    assert removed == []
+    assert content(s.read_arrow(T, version=0)) == [(1, "a")]
+
+
+def test_optimize_compacts_small_files_and_keeps_data(engine_store):
+    s = engine_store
+    for i in range(6):
+        s.append(T, rows((i, f"n{i}")))
+    before = content(s.read_arrow(T))
+    s.optimize(T)
+    assert content(s.read_arrow(T)) == before
+    assert s.history(T, limit=1)[0].operation == "OPTIMIZE"
+    assert content(s.read_arrow(T, version=2)) == [(0, "n0"), (1, "n1"), (2, "n2")]
+
+
+def test_restore_to_version(engine_store):
+    s = engine_store
+    s.append(T, rows((1, "a")))
+    s.append(T, rows((2, "b")))
+    s.overwrite(T, rows((3, "oops")))
+    out = s.restore(T, version=1)
+    assert out["changed"] is True
+    assert content(s.read_arrow(T)) == [(1, "a"), (2, "b")]
+    assert s.history(T, limit=1)[0].operation == "RESTORE"
+    with pytest.raises(VersionNotFound):
+        s.restore(T, version=42)
+
+
+def test_history_newest_first_with_job_metadata(engine_store):
+    s = engine_store
+    s.append(T, rows((1, "a")), metadata={"carelake.job": "silver.patients_test", "carelake.batch": "0"})
+    s.append(T, rows((2, "b")), metadata={"carelake.job": "silver.patients_test", "carelake.batch": "1"})
+    h = s.history(T)
+    assert [c.version for c in h] == [1, 0]
+    assert h[0].metadata.get("carelake.batch") == "1"
+    assert h[0].operation == "WRITE"
+    info = s.info(T)
+    assert (info.version, info.rows) == (1, 2)
+
+
+def test_missing_table_and_bad_names_are_clear(engine_store):
+    s = engine_store
+    with pytest.raises(TableNotFound, match="carelake run silver.nothing"):
+        s.read_arrow("silver.nothing")
+    with pytest.raises(UsageError, match="<layer>.<entity>"):
+        s.read_arrow("platinum.x")
