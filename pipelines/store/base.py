@@ -24,6 +24,17 @@ _NAME = re.compile(r"^(?P<layer>[a-z]+)\.(?P<entity>[a-z][a-z0-9_]*)$")
 CHANGE_COLUMNS = ("_change_type", "_commit_version", "_commit_timestamp")
 
 
+def split_table_name(name: str) -> tuple[str, str]:
+    """(layer, entity) of a table name, or a UsageError saying what a name looks like."""
+    m = _NAME.match(name)
+    if not m or m["layer"] not in LAYERS:
+        raise UsageError(
+            f"{name!r} is not a table name: use <layer>.<entity> with layer one of"
+            f" {', '.join(LAYERS)} and a lowercase entity, e.g. silver.observations"
+        )
+    return m["layer"], m["entity"]
+
+
 @dataclass(frozen=True)
 class TableRef:
     """A table's name (`silver.observations`) and where it lives under the lakehouse root."""
@@ -38,13 +49,7 @@ class TableRef:
 
     @classmethod
     def parse(cls, name: str, root: Path) -> TableRef:
-        m = _NAME.match(name)
-        if not m or m["layer"] not in LAYERS:
-            raise UsageError(
-                f"{name!r} is not a table name: use <layer>.<entity> with layer one of"
-                f" {', '.join(LAYERS)} and a lowercase entity, e.g. silver.observations"
-            )
-        layer, entity = m["layer"], m["entity"]
+        layer, entity = split_table_name(name)
         # Operational tables sit beside the layers: ops.metrics -> <root>/_metrics.
         path = root / f"_{entity}" if layer == "ops" else root / layer / entity
         return cls(layer, entity, path)

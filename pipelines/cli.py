@@ -1,0 +1,285 @@
+"""The `carelake` command. Heavy imports (Spark, delta-rs) happen inside commands, so --help is instant."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from pipelines.errors import CarelakeError, UsageError
+from pipelines.output import print_table
+
+if TYPE_CHECKING:
+    from pipelines.config import Config
+    from pipelines.store import TableStore
+
+log = logging.getLogger("carelake")
+
+
+class Context:
+    """What a command needs, built on first use: config, then Spark and the store only if asked."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self._cfg: Config | None = None
+        self._spark = None
+
+    @property
+    def cfg(self) -> Config:
+        if self._cfg is None:
+            from pipelines.config import load_config
+
+            overrides = dict(_split_setting(s) for s in self.args.set or [])
+            self._cfg = load_config(env=self.args.env, root=self.args.root, overrides=overrides,
+                                    conf_dir=self.args.conf_dir)
+        return self._cfg
+
+    @property
+    def spark(self):
+        if self._spark is None:
+            from pipelines.spark import create_spark
+
+            self._spark = create_spark(self.cfg.spark)
+        return self._spark
+
+    def store(self, *, need_spark: bool) -> TableStore:
+        from pipelines.store import open_store
+
+        if not need_spark and self.cfg.storage.engine != "delta-spark":
+            return open_store(self.cfg, None)
+        return open_store(self.cfg, self.spark)
+
+
+def _split_setting(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"--set expects KEY=VALUE (e.g. --set storage.commit_retries=30), got {text!r}")
+    return key.strip(), value
+
+
+# -- commands ----------------------------------------------------------------------------------
+def cmd_run(ctx: Context) -> int:
+    from pipelines.config import parse_duration_ms
+    from pipelines.jobs import load_registry
+    from pipelines.runner import Runner, Trigger
+
+    a = ctx.args
+    registry = load_registry(ctx.cfg)
+    names = None if a.job == "all" else [registry.get(a.job).name]
+    if a.interval and not a.continuous:
+        raise UsageError("--interval only applies with --continuous")
+    interval = parse_duration_ms(a.interval, "--interval") if a.interval else ctx.cfg.streaming.interval_ms
+    trigger = Trigger(available_now=not a.continuous, interval_ms=interval)
+    runner = Runner(ctx.cfg, ctx.spark, ctx.store(need_spark=True), registry)
+    jobs = registry.order(names)
+    log.info("running %d job(s) %s: %s", len(jobs), trigger.describe(), ", ".join(j.name for j in jobs))
+    summaries = runner.run([j.name for j in jobs], trigger, on_summary=lambda s: print(s.line(), flush=True))
+    total = sum(s.rows_out for s in summaries)
+    print(f"done: {len(summaries)} job(s), {total:,} rows written under {ctx.cfg.root}")
+    return 0
+
+
+def cmd_jobs(ctx: Context) -> int:
+    from pipelines.jobs import load_registry
+
+    rows = [(j.name, j.source.describe(), j.write, j.description) for j in load_registry(ctx.cfg)]
+    print_table(["job", "source", "write", "description"], rows)
+    return 0
+
+
+def cmd_tables(ctx: Context) -> int:
+    store = ctx.store(need_spark=False)
+    names = store.list_tables()
+    if not names:
+        print(f"no tables yet under {ctx.cfg.root}; land data with `carelake ingest` and run `carelake run all`")
+        return 0
+    infos = [store.info(n) for n in names]
+    rows = [(i.name, i.version, f"{i.rows:,}", i.last_commit, i.last_operation) for i in infos]
+    if ctx.args.format == "json":
+        import json
+
+        for i in infos:
+            print(json.dumps({"name": i.name, "version": i.version, "rows": i.rows,
+                              "last_commit": i.last_commit.isoformat(), "operation": i.last_operation}))
+        return 0
+    print_table(["table", "version", "rows", "last commit (UTC)", "operation"], rows)
+    return 0
+
+
+def cmd_history(ctx: Context) -> int:
+    store = ctx.store(need_spark=False)
+    commits = store.history(ctx.args.table, limit=ctx.args.limit)
+    rows = []
+    for c in commits:
+        written = c.metrics.get("num_added_rows", c.metrics.get("num_output_rows", c.metrics.get("numOutputRows", "")))
+        job = c.metadata.get("carelake.job", "")
+        batch = c.metadata.get("carelake.batch", "")
+        rows.append((c.version, c.timestamp, c.operation, written, f"{job} #{batch}" if batch else job))
+    print_table(["version", "committed (UTC)", "operation", "rows", "job / batch"], rows)
+    return 0
+
+
+def cmd_sql(ctx: Context) -> int:
+    from pipelines.sqlrefs import rewrite
+
+    a = ctx.args
+    if a.as_of_version is not None and a.as_of_timestamp is not None:
+        raise UsageError("give --as-of-version or --as-of-timestamp, not both")
+    text, refs = rewrite(a.query)
+    spark = ctx.spark
+    store = ctx.store(need_spark=True)
+    for ref in refs:
+        version = ref.version if ref.version is not None else a.as_of_version
+        timestamp = ref.timestamp if ref.timestamp is not None else a.as_of_timestamp
+        store.read(ref.table, version=version, timestamp=timestamp).createOrReplaceTempView(ref.view)
+    from pyspark.errors import PySparkException
+
+    try:
+        df = spark.sql(text)
+        from pipelines.output import write_rows
+
+        write_rows(df, a.format, a.limit, sys.stdout)
+    except PySparkException as exc:
+        message = str(exc).splitlines()[0]
+        for ref in refs:
+            message = message.replace(f"`{ref.view}`", ref.table).replace(ref.view, ref.table)
+        raise UsageError(f"SQL error: {message}") from exc
+    return 0
+
+
+def cmd_ingest(ctx: Context) -> int:
+    from pipelines.landing import ingest
+
+    landed = ingest(ctx.cfg, ctx.args.paths, ctx.args.feed)
+    total = sum(f.bytes for f in landed)
+    for f in landed:
+        log.info("landed %s -> %s (%s bytes)", f.source, f.landed.name, f"{f.bytes:,}")
+    print(f"landed {len(landed)} file(s), {total:,} bytes, into {ctx.cfg.path('landing', ctx.args.feed)}")
+    return 0
+
+
+def cmd_optimize(ctx: Context) -> int:
+    metrics = ctx.store(need_spark=False).optimize(ctx.args.table)
+    print(f"optimized {ctx.args.table}: {dict(metrics)}")
+    return 0
+
+
+def cmd_vacuum(ctx: Context) -> int:
+    a = ctx.args
+    removed = ctx.store(need_spark=False).vacuum(a.table, retention_hours=a.retain_hours, dry_run=a.dry_run)
+    verb = "would remove" if a.dry_run else "removed"
+    print(f"vacuum {a.table}: {verb} {len(removed)} file(s) no version inside the retention window needs")
+    return 0
+
+
+def cmd_restore(ctx: Context) -> int:
+    a = ctx.args
+    if (a.version is None) == (a.timestamp is None):
+        raise UsageError("restore needs exactly one of --version N or --timestamp TS")
+    out = ctx.store(need_spark=False).restore(a.table, version=a.version, timestamp=a.timestamp)
+    state = "restored" if out.get("changed") else "already at"
+    print(f"{a.table}: {state} version {out.get('restored_to', a.version)} (a new commit; history keeps the rest)")
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="carelake", description="carelake: a healthcare lakehouse on Spark and Delta.")
+    p.add_argument("--root", help="lakehouse root folder (env CARELAKE_ROOT; default ./lakehouse)")
+    p.add_argument("--env", help="configuration overlay: local, cluster, test (env CARELAKE_ENV; default local)")
+    p.add_argument("--conf-dir", help="folder holding base.yaml and overlays (env CARELAKE_CONF_DIR)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting, e.g. storage.engine=delta-rs")
+    p.add_argument("-v", "--verbose", action="store_true", help="more progress, and tracebacks on errors")
+    p.add_argument("-q", "--quiet", action="store_true", help="only results and errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    r = sub.add_parser("run", help="run a job (or all, in dependency order) as a streaming query")
+    r.add_argument("job", help="job name (= the table it writes), or 'all'")
+    mode = r.add_mutually_exclusive_group()
+    mode.add_argument("--available-now", action="store_true", help="process what is there, then stop (default)")
+    mode.add_argument("--continuous", action="store_true", help="keep running; a micro-batch every --interval")
+    r.add_argument("--interval", help="micro-batch interval with --continuous, e.g. 500ms, 5s (default from conf)")
+    r.set_defaults(func=cmd_run)
+
+    sub.add_parser("jobs", help="list the registered jobs").set_defaults(func=cmd_jobs)
+
+    t = sub.add_parser("tables", help="list tables: name, version, rows, last commit")
+    t.add_argument("--format", choices=["table", "json"], default="table")
+    t.set_defaults(func=cmd_tables)
+
+    h = sub.add_parser("history", help="a table's commits, newest first")
+    h.add_argument("table")
+    h.add_argument("--limit", type=int, help="show only the newest N commits")
+    h.set_defaults(func=cmd_history)
+
+    q = sub.add_parser("sql", help="run a SQL query over bronze.x / silver.x / gold.x / ops.x tables")
+    q.add_argument("query", help="SQL; tables may carry VERSION AS OF n or TIMESTAMP AS OF 'ts'")
+    q.add_argument("--format", choices=["table", "json", "csv"], default="table",
+                   help="table (aligned, for people), json (one object per line), csv")
+    q.add_argument("--as-of-version", type=int, help="read every referenced table as of this version")
+    q.add_argument("--as-of-timestamp", help="read every referenced table as of this time (ISO-8601, UTC default)")
+    q.add_argument("--limit", type=int, help="at most N rows (table format shows 200 unless told)")
+    q.set_defaults(func=cmd_sql)
+
+    i = sub.add_parser("ingest", help="durably copy files into the landing zone of a feed")
+    i.add_argument("paths", nargs="+", help="files or folders (folders are read recursively)")
+    i.add_argument("--feed", required=True, help="feed name, e.g. devices, hl7, fhir (landing.feeds in conf)")
+    i.set_defaults(func=cmd_ingest)
+
+    o = sub.add_parser("optimize", help="compact a table's small files (time travel is kept)")
+    o.add_argument("table")
+    o.set_defaults(func=cmd_optimize)
+
+    v = sub.add_parser("vacuum", help="delete files no version inside the retention window needs")
+    v.add_argument("table")
+    v.add_argument("--retain-hours", type=int, help="keep at least this long (never below the layer's retention)")
+    v.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
+    v.set_defaults(func=cmd_vacuum)
+
+    s = sub.add_parser("restore", help="make an old version current again (as a new commit)")
+    s.add_argument("table")
+    s.add_argument("--version", type=int)
+    s.add_argument("--timestamp")
+    s.set_defaults(func=cmd_restore)
+    return p
+
+
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("carelake")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose, args.quiet)
+    try:
+        return args.func(Context(args))
+    except CarelakeError as exc:
+        if args.verbose:
+            log.exception("error")
+        print(f"carelake: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("carelake: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # the one place unexpected failures become one line + an exit code
+        if args.verbose:
+            log.exception("internal error")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"carelake: internal error: {type(exc).__name__}: {first} (rerun with --verbose for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The job registry: every table carelake writes, with its source, transform, keys and trigger.
+
+The CLI, spark-submit, notebooks and the tests all read this one registry. A job is named after the
+table it writes. Extra jobs come from modules listed in `jobs.modules` (each exposes JOBS = [...]).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from pipelines.config import Config
+from pipelines.errors import ConfigError, UsageError
+from pipelines.store.base import MergeSpec, split_table_name
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
+    from pyspark.sql.types import StructType
+
+# Keyword arguments the runner offers a transform; a transform takes those it names.
+BATCH_PARAMETERS = ("batch_id", "ingest_batch_id", "processed_at")
+
+
+@dataclass(frozen=True)
+class LandingSource:
+    """Files under <root>/landing/<feed>/, read once each by Spark's file source."""
+
+    feed: str
+    glob: str = "*"
+
+    def describe(self) -> str:
+        return f"landing/{self.feed}"
+
+
+@dataclass(frozen=True)
+class TableSource:
+    """The rows an upstream Delta table's new versions changed (its change feed)."""
+
+    table: str
+
+    def describe(self) -> str:
+        return self.table
+
+
+@dataclass(frozen=True)
+class Job:
+    """One output table: where its input comes from, the pure transform, and how it is written."""
+
+    name: str
+    source: LandingSource | TableSource
+    transform: Callable[..., DataFrame]
+    write: Literal["append", "merge"] = "append"
+    merge: MergeSpec | None = None
+    schema: StructType | None = None
+    expectation_suite: str | None = None
+    interval: str | None = None
+    description: str = ""
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        split_table_name(self.name)
+        if self.write not in ("append", "merge"):
+            raise ConfigError(f"job {self.name}: write must be 'append' or 'merge', got {self.write!r}")
+        if (self.write == "merge") != (self.merge is not None):
+            raise ConfigError(f"job {self.name}: a merge job needs a MergeSpec, and only a merge job takes one")
+        accepted = set(inspect.signature(self.transform).parameters)
+        unknown = [p for p, v in inspect.signature(self.transform).parameters.items()
+                   if v.kind == v.KEYWORD_ONLY and p not in BATCH_PARAMETERS and p not in self.options]
+        if unknown:
+            raise ConfigError(f"job {self.name}: transform asks for {unknown}; offer them in options= or"
+                              f" use the batch parameters {BATCH_PARAMETERS}")
+        object.__setattr__(self, "_accepted", accepted)
+
+    @property
+    def upstream(self) -> tuple[str, ...]:
+        return (self.source.table,) if isinstance(self.source, TableSource) else ()
+
+    def apply(self, df: DataFrame, batch: Mapping[str, Any]) -> DataFrame:
+        """Run the transform with the batch parameters and options it declares."""
+        offered = {**{k: v for k, v in batch.items() if k in BATCH_PARAMETERS}, **self.options}
+        return self.transform(df, **{k: v for k, v in offered.items() if k in self._accepted})
+
+
+class Registry:
+    """Jobs by name, with dependency order."""
+
+    def __init__(self, jobs: Iterable[Job]):
+        self._jobs: dict[str, Job] = {}
+        for job in jobs:
+            if job.name in self._jobs:
+                raise ConfigError(f"two jobs write {job.name}; a table has exactly one job")
+            self._jobs[job.name] = job
+        self.order()  # fail early on cycles
+
+    def __iter__(self):
+        return iter(self.order())
+
+    def names(self) -> list[str]:
+        return [j.name for j in self.order()]
+
+    def get(self, name: str) -> Job:
+        if name not in self._jobs:
+            known = ", ".join(sorted(self._jobs)) or "(none)"
+            raise UsageError(f"no job writes {name!r}; jobs: {known}")
+        return self._jobs[name]
+
+    def order(self, names: Iterable[str] | None = None) -> list[Job]:
+        """Jobs (all, or `names` and nothing else) with every upstream job before its dependents."""
+        wanted = set(self._jobs) if names is None else {self.get(n).name for n in names}
+        done: dict[str, Job] = {}
+        visiting: list[str] = []
+
+        def visit(name: str) -> None:
+            if name in done or name not in self._jobs:
+                return
+            if name in visiting:
+                cycle = " -> ".join([*visiting[visiting.index(name):], name])
+                raise ConfigError(f"jobs form a cycle: {cycle}")
+            visiting.append(name)
+            for up in self._jobs[name].upstream:
+                visit(up)
+            visiting.pop()
+            done[name] = self._jobs[name]
+
+        for name in sorted(self._jobs):
+            visit(name)
+        return [job for job in done.values() if job.name in wanted]
+
+
+def builtin_jobs() -> list[Job]:
+    """carelake's own jobs."""
+    from bronze import device_readings
+
+    return [
+        Job(
+            name="bronze.device_readings",
+            source=LandingSource(device_readings.FEED),
+            transform=device_readings.device_readings,
+            schema=device_readings.SCHEMA,
+            description="Bedside-device JSON lines exactly as received, with lineage and cheap keys",
+        ),
+    ]
+
+
+def load_registry(cfg: Config) -> Registry:
+    """Built-in jobs plus those of every module in jobs.modules."""
+    jobs = builtin_jobs()
+    for module_name in cfg.jobs.modules:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ConfigError(f"jobs.modules: cannot import {module_name!r} ({exc}); check the name and PYTHONPATH") from exc
+        extra = getattr(module, "JOBS", None)
+        if not isinstance(extra, list | tuple) or not all(isinstance(j, Job) for j in extra):
+            raise ConfigError(f"jobs.modules: {module_name} must define JOBS as a list of pipelines.jobs.Job")
+        jobs.extend(extra)
+    for job in jobs:
+        if isinstance(job.source, LandingSource) and job.source.feed not in cfg.landing.feeds:
+            raise ConfigError(f"job {job.name} reads feed {job.source.feed!r}, which landing.feeds does not list")
+    return Registry(jobs)

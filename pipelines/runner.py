@@ -1,0 +1,331 @@
+"""The streaming runner: each registered job as a Structured Streaming query with an idempotent sink.
+
+Source: a landing folder (Spark's file source) or an upstream table's new versions. Sink: the table
+store through foreachBatch, each batch committed with the Delta transaction (app id = job + query id,
+version = batch id), so a batch replayed after a crash is skipped instead of written twice.
+Checkpoints live under <root>/_checkpoints/<job>; per-batch metrics go to the log and ops.metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from pipelines.config import Config
+from pipelines.errors import CarelakeError, SchemaEvolutionError, UsageError
+from pipelines.jobs import Job, LandingSource, Registry, TableSource
+from pipelines.store import TableStore, Txn
+from pipelines.timeutil import utcnow
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql.streaming import StreamingQuery
+
+log = logging.getLogger("carelake.runner")
+
+METRICS_TABLE = "ops.metrics"
+# Spark's binaryFile source columns: one row per landing file.
+LANDING_FILE_SCHEMA = "path STRING, modificationTime TIMESTAMP, length BIGINT, content BINARY"
+METRICS_SCHEMA = pa.schema([
+    ("job", pa.string()), ("query_id", pa.string()), ("batch_id", pa.int64()),
+    ("started_at", pa.timestamp("us", tz="UTC")), ("finished_at", pa.timestamp("us", tz="UTC")),
+    ("duration_ms", pa.int64()), ("rows_in", pa.int64()), ("rows_out", pa.int64()),
+    ("lag_ms", pa.int64()), ("table_version", pa.int64()), ("replayed", pa.bool_()),
+])
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """--available-now (process what is there, then stop) or --continuous every interval_ms."""
+
+    available_now: bool
+    interval_ms: int = 5000
+
+    def describe(self) -> str:
+        return "available-now" if self.available_now else f"continuous every {self.interval_ms} ms"
+
+
+@dataclass
+class JobSummary:
+    job: str
+    batches: int = 0
+    replayed: int = 0
+    rows_in: int = 0
+    rows_out: int = 0
+    seconds: float = 0.0
+    status: str = "not started"
+    detail: str = ""
+
+    def line(self) -> str:
+        extra = f", {self.replayed} replayed batch(es) skipped" if self.replayed else ""
+        text = (f"{self.job}: {self.status} - {self.batches} batch(es), {self.rows_in:,} rows in,"
+                f" {self.rows_out:,} rows written in {self.seconds:.1f} s{extra}")
+        return f"{text} ({self.detail})" if self.detail else text
+
+
+@dataclass
+class _Running:
+    job: Job
+    query: StreamingQuery
+    summary: JobSummary
+    started: float = field(default_factory=time.monotonic)
+
+
+class StopSignal:
+    """SIGINT/SIGTERM -> a flag the runner checks between batches (the running batch finishes)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signal_name = ""
+
+    def __call__(self, signum: int, _frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+        log.warning("%s received: finishing the running batch, then stopping (again to force)", self.signal_name)
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.event.set()
+
+    @contextmanager
+    def installed(self) -> Iterator[StopSignal]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def _check_schema(job: Job, out: DataFrame) -> None:
+    if job.schema is None:
+        return
+    want = [(f.name, f.dataType.simpleString()) for f in job.schema.fields]
+    got = [(f.name, f.dataType.simpleString()) for f in out.schema.fields]
+    if want != got:
+        raise SchemaEvolutionError(
+            f"job {job.name}: its transform produced columns {got}, but the job's schema declares {want};"
+            " fix the transform or the schema in the job's module"
+        )
+
+
+class Runner:
+    """Runs jobs from the registry on one SparkSession and one table store."""
+
+    def __init__(self, cfg: Config, spark: SparkSession, store: TableStore, registry: Registry):
+        self.cfg, self.spark, self.store, self.registry = cfg, spark, store, registry
+        self._errors: dict[str, BaseException] = {}
+        self._registered_source = False
+
+    # -- sources -----------------------------------------------------------------------------
+    def checkpoint(self, job: Job) -> str:
+        return str(self.cfg.path("_checkpoints", job.name))
+
+    def _source(self, job: Job) -> DataFrame:
+        if isinstance(job.source, LandingSource):
+            folder = self.cfg.path("landing", job.source.feed)
+            folder.mkdir(parents=True, exist_ok=True)
+            return (self.spark.readStream.format("binaryFile").schema(LANDING_FILE_SCHEMA)
+                    .option("pathGlobFilter", job.source.glob)
+                    .option("maxFilesPerTrigger", self.cfg.streaming.max_files_per_trigger)
+                    .load(str(folder)))
+        upstream = job.source.table
+        if not self.store.exists(upstream):
+            raise UsageError(f"{job.name} reads {upstream}, which does not exist yet; run: carelake run {upstream}")
+        path = str(self.store.ref(upstream).path)
+        if self.store.engine == "delta-spark":
+            return (self.spark.readStream.format("delta").option("readChangeFeed", "true")
+                    .option("startingVersion", 0).load(path))
+        if not self._registered_source:
+            from pipelines.deltasource import DeltaChangesSource
+
+            self.spark.dataSource.register(DeltaChangesSource)
+            self._registered_source = True
+        from pipelines.deltasource import FORMAT
+
+        return self.spark.readStream.format(FORMAT).option("path", path).load()
+
+    # -- sink --------------------------------------------------------------------------------
+    def _query_id(self, job: Job) -> str:
+        meta = self.cfg.path("_checkpoints", job.name, "metadata")
+        return json.loads(meta.read_text().splitlines()[0])["id"]
+
+    def _lag_column(self, job: Job) -> str:
+        return "modificationTime" if isinstance(job.source, LandingSource) else "_commit_timestamp"
+
+    def _batch_handler(self, job: Job, summary: JobSummary) -> Callable[[DataFrame, int], None]:
+        def handle(batch_df: DataFrame, batch_id: int) -> None:
+            try:
+                self._handle(job, summary, batch_df, batch_id)
+            except BaseException as exc:  # keep the real error: Spark wraps it in a Java exception
+                self._errors[job.name] = exc
+                raise
+
+        return handle
+
+    def _handle(self, job: Job, summary: JobSummary, batch_df: DataFrame, batch_id: int) -> None:
+        from pyspark.sql import functions as F
+
+        started_at, t0 = utcnow(), time.monotonic()
+        query_id = self._query_id(job)
+        txn = Txn(f"carelake:{job.name}:{query_id}", batch_id)
+        batch_df = batch_df.persist()
+        try:
+            stats = batch_df.agg(F.count(F.lit(1)).alias("n"), F.min(self._lag_column(job)).alias("oldest")).first()
+            rows_in, oldest = int(stats["n"]), stats["oldest"]
+            batch = {"batch_id": batch_id, "ingest_batch_id": f"{job.name}/{query_id[:8]}/{batch_id}",
+                     "processed_at": started_at}
+            out = job.apply(batch_df, batch)
+            _check_schema(job, out)
+            arrow = out.toArrow()
+        finally:
+            batch_df.unpersist()
+        meta = {"carelake.job": job.name, "carelake.batch": str(batch_id), "carelake.query": query_id}
+        if arrow.num_rows == 0 and self.store.exists(job.name):
+            result = None
+        elif job.write == "merge":
+            result = self.store.merge(job.name, arrow, job.merge, txn=txn, metadata=meta)
+        else:
+            result = self.store.append(job.name, arrow, txn=txn, metadata=meta)
+        replayed = bool(result and result.skipped)
+        finished_at = utcnow()
+        lag_ms = int((finished_at - oldest.replace(tzinfo=oldest.tzinfo or UTC)).total_seconds() * 1000) if oldest else 0
+        version = result.version if result else None
+        self._record_metrics(job, query_id, batch_id, started_at, finished_at, rows_in, arrow.num_rows,
+                             lag_ms, version, replayed)
+        summary.batches += 1
+        summary.replayed += int(replayed)
+        summary.rows_in += rows_in
+        summary.rows_out += 0 if replayed else arrow.num_rows
+        log.info("%s batch %d: %s rows in -> %s %s in %.2f s, lag %.1f s, %s v%s", job.name, batch_id,
+                 f"{rows_in:,}", f"{arrow.num_rows:,}", "skipped (already committed)" if replayed else "written",
+                 time.monotonic() - t0, lag_ms / 1000, job.name, version if version is not None else "-")
+
+    def _record_metrics(self, job: Job, query_id: str, batch_id: int, started_at: datetime, finished_at: datetime,
+                        rows_in: int, rows_out: int, lag_ms: int, version: int | None, replayed: bool) -> None:
+        row = {"job": job.name, "query_id": query_id, "batch_id": batch_id, "started_at": started_at,
+               "finished_at": finished_at,
+               "duration_ms": int((finished_at - started_at).total_seconds() * 1000),
+               "rows_in": rows_in, "rows_out": rows_out, "lag_ms": lag_ms, "table_version": version,
+               "replayed": replayed}
+        table = pa.Table.from_pylist([row], schema=METRICS_SCHEMA)
+        self.store.append(METRICS_TABLE, table, txn=Txn(f"metrics:{job.name}:{query_id}", batch_id),
+                          metadata={"carelake.job": job.name})
+
+    # -- queries -----------------------------------------------------------------------------
+    def start(self, job: Job, trigger: Trigger) -> _Running:
+        summary = JobSummary(job.name, status="running")
+        writer = (self._source(job).writeStream.queryName(job.name.replace(".", "_"))
+                  .option("checkpointLocation", self.checkpoint(job))
+                  .foreachBatch(self._batch_handler(job, summary)))
+        if trigger.available_now:
+            writer = writer.trigger(availableNow=True)
+        else:
+            from pipelines.config import parse_duration_ms
+
+            ms = parse_duration_ms(job.interval, f"job {job.name} interval") if job.interval else trigger.interval_ms
+            writer = writer.trigger(processingTime=f"{ms} milliseconds")
+        log.info("%s: started (%s, source %s)", job.name, trigger.describe(), job.source.describe())
+        return _Running(job, writer.start(), summary)
+
+    def _stop_gracefully(self, running: _Running) -> None:
+        deadline = time.monotonic() + self.cfg.streaming.stop_timeout_s
+        while running.query.isActive and running.query.status.get("isTriggerActive") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        running.query.stop()
+
+    def _finish(self, running: _Running, stopped: bool) -> JobSummary:
+        s = running.summary
+        s.seconds = time.monotonic() - running.started
+        error = self._errors.pop(running.job.name, None)
+        exc = running.query.exception()
+        if error is not None or exc is not None:
+            s.status = "failed"
+            s.detail = str(error) if error is not None else str(exc).splitlines()[0]
+            raise JobFailed(running.job.name, s, error)
+        s.status = "stopped" if stopped else "done"
+        return s
+
+    def run(self, names: list[str], trigger: Trigger, on_summary: Callable[[JobSummary], None] | None = None,
+            ) -> list[JobSummary]:
+        """Run jobs: one after another in dependency order (available-now), or all at once (continuous)."""
+        jobs = self.registry.order(names)
+        if not jobs:
+            raise UsageError("no jobs to run")
+        stop = StopSignal()
+        with stop.installed():
+            if trigger.available_now:
+                return self._run_in_order(jobs, trigger, stop, on_summary)
+            return self._run_together(jobs, trigger, stop, on_summary)
+
+    def _skip_missing_upstream(self, job: Job) -> JobSummary | None:
+        if isinstance(job.source, TableSource) and not self.store.exists(job.source.table):
+            return JobSummary(job.name, status="skipped", detail=f"{job.source.table} has no data yet")
+        return None
+
+    def _run_in_order(self, jobs: list[Job], trigger: Trigger, stop: StopSignal,
+                      on_summary: Callable[[JobSummary], None] | None) -> list[JobSummary]:
+        summaries = []
+        for job in jobs:
+            if stop.event.is_set():
+                break
+            summary = self._skip_missing_upstream(job)
+            if summary is None:
+                running = self.start(job, trigger)
+                while running.query.isActive and not stop.event.is_set():
+                    running.query.awaitTermination(0.5)
+                if running.query.isActive:
+                    self._stop_gracefully(running)
+                summary = self._finish(running, stop.event.is_set())
+            summaries.append(summary)
+            if on_summary:
+                on_summary(summary)
+        return summaries
+
+    def _run_together(self, jobs: list[Job], trigger: Trigger, stop: StopSignal,
+                      on_summary: Callable[[JobSummary], None] | None) -> list[JobSummary]:
+        pending = list(jobs)
+        running: list[_Running] = []
+        try:
+            while not stop.event.is_set():
+                for job in list(pending):
+                    if self._skip_missing_upstream(job) is None:
+                        running.append(self.start(job, trigger))
+                        pending.remove(job)
+                failed = [r for r in running if not r.query.isActive]
+                if failed:
+                    for r in failed:
+                        self._finish(r, stopped=False)  # raises JobFailed with the cause
+                stop.event.wait(0.5)
+        finally:
+            for r in running:
+                if r.query.isActive:
+                    self._stop_gracefully(r)
+        summaries = [self._finish(r, stopped=True) for r in running]
+        summaries += [JobSummary(j.name, status="skipped", detail=f"{j.source.describe()} never had data")
+                      for j in pending]
+        for s in summaries:
+            if on_summary:
+                on_summary(s)
+        return summaries
+
+
+class JobFailed(CarelakeError):
+    """A job's query stopped with an error; the summary says how far it got."""
+
+    def __init__(self, job: str, summary: JobSummary, cause: BaseException | None):
+        self.summary = summary
+        self.cause = cause
+        reason = str(cause) if cause is not None else summary.detail
+        super().__init__(f"job {job} failed after {summary.batches} committed batch(es): {reason}")
