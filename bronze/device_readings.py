@@ -43,10 +43,10 @@ def split_lines(content: Column) -> Column:
     return F.transform(F.split(F.decode(content, _BYTES_AS_TEXT), "\n"), lambda s: F.encode(s, _BYTES_AS_TEXT))
 
 
-def parse_status(text: Column, device_id: Column) -> Column:
+def parse_status(raw_text: Column, text: Column, device_id: Column) -> Column:
     """'ok', or the reason silver will quarantine the line with."""
     return (
-        F.when(F.contains(text, F.lit("\ufffd")), F.lit("invalid_utf8"))
+        F.when(~F.is_valid_utf8(raw_text), F.lit("invalid_utf8"))
         .when(F.get_json_object(text, "$").isNull() | ~F.ltrim(text).startswith("{"), F.lit("invalid_json"))
         .when(device_id.isNull() | (F.trim(device_id) == ""), F.lit("missing_device_id"))
         .otherwise(F.lit("ok"))
@@ -60,7 +60,8 @@ def device_readings(files: DataFrame, *, ingest_batch_id: str) -> DataFrame:
         F.col("modificationTime").alias("received_at"),
         F.posexplode(split_lines(F.col("content"))).alias("landing_position", "payload"),
     ).where(F.length(F.trim(F.decode("payload", _BYTES_AS_TEXT))) > 0)
-    text = F.decode(F.col("payload"), "UTF-8")
+    raw_text = F.col("payload").cast("string")  # unchecked: bytes as UTF-8
+    text = F.make_valid_utf8(raw_text)  # invalid sequences become U+FFFD, for key extraction only
     device_id = F.get_json_object(text, "$.device_id")
     return lines.select(
         F.lit(FEED).alias("feed"),
@@ -72,5 +73,5 @@ def device_readings(files: DataFrame, *, ingest_batch_id: str) -> DataFrame:
         "payload",
         device_id.alias("device_id"),
         F.get_json_object(text, "$.time").alias("reading_time"),
-        parse_status(text, device_id).alias("parse_status"),
+        parse_status(raw_text, text, device_id).alias("parse_status"),
     )
