@@ -254,6 +254,9 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    # PySpark logs every failed query as a JSON record before raising it; carelake reports it once.
+    for noisy in ("SQLQueryContextLogger", "py4j", "pyspark"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.CRITICAL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -250,6 +250,13 @@ class Runner:
         s.seconds = time.monotonic() - running.started
         error = self._errors.pop(running.job.name, None)
         exc = running.query.exception()
+        if stopped and (error is not None or exc is not None):
+            # A signal sent to the whole process group also stops the JVM under a running batch. Nothing is
+            # lost: that batch was not recorded as done and replays, idempotently, on the next start.
+            log.warning("%s: Spark shut down under the running batch (%s); it replays on the next start",
+                        running.job.name, str(error or exc).splitlines()[0][:200])
+            s.status, s.detail = "stopped", "interrupted batch replays on restart"
+            return s
         if error is not None or exc is not None:
             s.status = "failed"
             s.detail = str(error) if error is not None else str(exc).splitlines()[0]

@@ -37,25 +37,20 @@ class TableReference:
 
 def rewrite(sql: str) -> tuple[str, list[TableReference]]:
     """SQL with each table reference replaced by its view name, and the references found."""
+    skipped = [(m.start(), m.end()) for m in _SKIP.finditer(sql)]
     refs: dict[str, TableReference] = {}
     out, pos = [], 0
-
-    def replace(text: str) -> str:
-        def one(m: re.Match) -> str:
-            at = m["at"]
-            ref = TableReference(
-                f"{m['layer'].lower()}.{m['entity'].lower()}",
-                version=int(at) if m["kind"] and m["kind"].upper() == "VERSION" else None,
-                timestamp=at.strip("'") if m["kind"] and m["kind"].upper() == "TIMESTAMP" else None,
-            )
-            refs[ref.view] = ref
-            return f"`{ref.view}`"
-
-        return _REF.sub(one, text)
-
-    for m in _SKIP.finditer(sql):
-        out.append(replace(sql[pos:m.start()]))
-        out.append(m.group(0))
+    for m in _REF.finditer(sql):
+        if any(a <= m.start() < b for a, b in skipped):
+            continue
+        kind, at = (m["kind"] or "").upper(), m["at"]
+        ref = TableReference(
+            f"{m['layer'].lower()}.{m['entity'].lower()}",
+            version=int(at) if kind == "VERSION" else None,
+            timestamp=at.strip("'") if kind == "TIMESTAMP" else None,
+        )
+        refs[ref.view] = ref
+        out += [sql[pos:m.start()], f"`{ref.view}`"]
         pos = m.end()
-    out.append(replace(sql[pos:]))
+    out.append(sql[pos:])
     return "".join(out), list(refs.values())

@@ -1,0 +1,87 @@
+"""The carelake command: instant help, one-line errors, and the ingest -> run -> sql flow."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, carelake_cmd, carelake_env
+
+
+def run_cli(root, *args, check=True, **extra_env):
+    proc = subprocess.run(carelake_cmd(*args), env=carelake_env(root, **extra_env), capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"carelake {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+def test_help_does_not_import_spark_or_delta():
+    code = ("import sys; from pipelines.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('pyspark', 'deltalake', 'pyarrow') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert "usage: carelake" in out.stdout
+    assert "HEAVY []" in out.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("ingest", "nowhere.txt", "--feed", "devices"), "nowhere.txt does not exist"),
+    (("ingest", "README.md", "--feed", "vitals"), "unknown feed 'vitals'; known feeds: hl7"),
+    (("history", "platinum.x"), "is not a table name"),
+    (("history", "silver.missing"), "table silver.missing does not exist yet"),
+    (("run", "silver.nope"), "no job writes 'silver.nope'; jobs: bronze.device_readings"),
+    (("--set", "storage.engine=duckdb", "tables"), "storage.engine must be one of"),
+    (("restore", "silver.x"), "restore needs exactly one of --version N or --timestamp TS"),
+])
+def test_errors_are_one_line_with_nonzero_exit(tmp_path, args, message):
+    proc = run_cli(tmp_path / "lake", *args, check=False)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("carelake:")]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_ingest_run_all_sql_tables_history_together(tmp_path):
+    root = tmp_path / "lake"
+    src = tmp_path / "readings.jsonl"
+    src.write_text("".join(json.dumps({"device_id": f"m{i % 3}", "time": "2026-11-21T03:00:00Z", "v": i}) + "\n"
+                           for i in range(30)) + "garbage\n")
+    run_cli(root, "ingest", str(src), "--feed", "devices")
+    out = run_cli(root, "run", "all", "--available-now", CARELAKE_JOBS__MODULES="tests.toyjobs").stdout
+    assert "bronze.device_readings: done" in out and "gold.toy_device_totals: done" in out
+
+    q = "select device_id, readings from gold.toy_device_totals order by device_id"
+    rows = [json.loads(line) for line in run_cli(root, "sql", q, "--format", "json").stdout.splitlines()]
+    assert rows == [{"device_id": "m0", "readings": 10}, {"device_id": "m1", "readings": 10},
+                    {"device_id": "m2", "readings": 10}]
+    text = run_cli(root, "sql", "select parse_status, count(*) n from bronze.device_readings group by 1 order by 1",
+                   "--format", "csv").stdout
+    assert list(csv.reader(io.StringIO(text))) == [["parse_status", "n"], ["invalid_json", "1"], ["ok", "30"]]
+
+    # a second file, a second run: time travel still sees the first state
+    run_cli(root, "ingest", str(src), "--feed", "devices")
+    run_cli(root, "run", "all", CARELAKE_JOBS__MODULES="tests.toyjobs")
+    now = run_cli(root, "sql", "select count(*) n from bronze.device_readings", "--format", "json").stdout
+    then = run_cli(root, "sql", "select count(*) n from bronze.device_readings", "--format", "json",
+                   "--as-of-version", "0").stdout
+    inline = run_cli(root, "sql", "select count(*) n from bronze.device_readings VERSION AS OF 0", "--format",
+                     "json").stdout
+    assert json.loads(now)["n"] == 62 and json.loads(then)["n"] == 31 == json.loads(inline)["n"]
+
+    tables = [json.loads(line) for line in run_cli(root, "tables", "--format", "json").stdout.splitlines()]
+    assert {t["name"]: t["rows"] for t in tables}["bronze.device_readings"] == 62
+    assert "ops.metrics" in {t["name"] for t in tables}
+    history = run_cli(root, "history", "bronze.device_readings").stdout
+    assert "bronze.device_readings #1" in history and "bronze.device_readings #0" in history
+
+    bad = run_cli(root, "sql", "select nope from bronze.device_readings", check=False)
+    errors = [line for line in bad.stderr.splitlines() if "nope" in line]
+    assert bad.returncode != 0 and len(errors) == 1 and errors[0].startswith("carelake: error: SQL error:")

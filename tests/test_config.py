@@ -1,0 +1,73 @@
+"""Configuration: flag > environment > overlay > base, and clear errors for wrong values."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.config import load_config, parse_duration_ms
+from pipelines.errors import ConfigError
+from tests.conftest import REPO
+
+CONF = REPO / "conf"
+
+
+def test_base_and_overlay_resolve_with_published_defaults(tmp_path):
+    cfg = load_config(env="local", conf_dir=CONF, environ={})
+    assert cfg.storage.engine == "auto" and cfg.env == "local"
+    assert cfg.storage.retention_days["silver"] == 2555
+    assert cfg.landing.feeds == ("hl7", "fhir", "devices", "dicom", "claims")
+    test = load_config(env="test", conf_dir=CONF, environ={})
+    assert test.spark.master == "local[2]" and test.streaming.interval_ms == 500
+
+
+def test_precedence_flag_over_env_over_file(tmp_path):
+    env = {"CARELAKE_ROOT": str(tmp_path / "from-env"), "CARELAKE_STORAGE__COMMIT_RETRIES": "7",
+           "CARELAKE_ENV": "test"}
+    cfg = load_config(conf_dir=CONF, environ=env)
+    assert cfg.env == "test"
+    assert cfg.root == (tmp_path / "from-env").resolve()
+    assert cfg.storage.commit_retries == 7
+    cfg = load_config(conf_dir=CONF, environ=env, root=tmp_path / "flag",
+                      overrides={"storage.commit_retries": "9"})
+    assert cfg.root == (tmp_path / "flag").resolve() and cfg.storage.commit_retries == 9
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"storage.engine": "duckdb"}, "storage.engine must be one of auto, delta-rs, delta-spark"),
+    ({"storage.engin": "x"}, "unknown configuration key 'storage.engin'"),
+    ({"spark.shuffle_partitions": "many"}, "spark.shuffle_partitions must be a whole number"),
+    ({"streaming.interval": "soon"}, "expected a duration like 500ms"),
+    ({"landing.feeds": "HL7!"}, "not a valid feed name"),
+    ({"storage.retention_days.silver": "0"}, "retention_days.silver must be at least 1 day"),
+    ({"spark.ui": "maybe"}, "spark.ui must be true or false"),
+])
+def test_wrong_values_name_the_key_and_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_config(env="test", conf_dir=CONF, environ={}, overrides=overrides)
+
+
+def test_unknown_overlay_lists_the_available_ones():
+    with pytest.raises(ConfigError, match="choose one of: cluster, local, test"):
+        load_config(env="prod", conf_dir=CONF, environ={})
+
+
+def test_unknown_environment_variable_key_is_refused():
+    with pytest.raises(ConfigError, match="environment variable CARELAKE_STORAGE__NOPE"):
+        load_config(env="test", conf_dir=CONF, environ={"CARELAKE_STORAGE__NOPE": "1"})
+
+
+def test_spark_conf_is_free_form_and_merges():
+    cfg = load_config(env="test", conf_dir=CONF, environ={}, overrides={"spark.conf": {"spark.foo": "1"}})
+    assert cfg.spark.conf["spark.foo"] == "1"
+    assert cfg.spark.conf["spark.sql.streaming.minBatchesToRetain"] == "10"
+
+
+def test_config_is_frozen():
+    cfg = load_config(env="test", conf_dir=CONF, environ={})
+    with pytest.raises(AttributeError):
+        cfg.root = "/elsewhere"
+
+
+@pytest.mark.parametrize(("text", "ms"), [("500ms", 500), ("5s", 5000), ("2m", 120000), ("1.5s", 1500), (250, 250)])
+def test_durations(text, ms):
+    assert parse_duration_ms(text, "k") == ms
