@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="lakehouse root folder (env CARELAKE_ROOT; default ./lakehouse)")
     p.add_argument("--env", help="configuration overlay: local, cluster, test (env CARELAKE_ENV; default local)")
     p.add_argument("--conf-dir", help="folder holding base.yaml and overlays (env CARELAKE_CONF_DIR)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting, e.g. storage.engine=delta-rs")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one setting, e.g. storage.engine=delta-rs")
     p.add_argument("-v", "--verbose", action="store_true", help="more progress, and tracebacks on errors")
     p.add_argument("-q", "--quiet", action="store_true", help="only results and errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -152,7 +152,9 @@ def load_registry(cfg: Config) -> Registry:
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
-            raise ConfigError(f"jobs.modules: cannot import {module_name!r} ({exc}); check the name and PYTHONPATH") from exc
+            raise ConfigError(
+                f"jobs.modules: cannot import {module_name!r} ({exc}); check the name and PYTHONPATH"
+            ) from exc
         extra = getattr(module, "JOBS", None)
         if not isinstance(extra, list | tuple) or not all(isinstance(j, Job) for j in extra):
             raise ConfigError(f"jobs.modules: {module_name} must define JOBS as a list of pipelines.jobs.Job")

@@ -68,7 +68,7 @@ class JobSummary:
 
     def line(self) -> str:
         extra = f", {self.replayed} replayed batch(es) skipped" if self.replayed else ""
-        text = (f"{self.job}: {self.status} - {self.batches} batch(es), {self.rows_in:,} rows in,"
+        text = (f"{self.job}: {self.status} - {self.batches} batch(es), {self.rows_in:,} input records,"
                 f" {self.rows_out:,} rows written in {self.seconds:.1f} s{extra}")
         return f"{text} ({self.detail})" if self.detail else text
 
@@ -200,7 +200,9 @@ class Runner:
             result = self.store.append(job.name, arrow, txn=txn, metadata=meta)
         replayed = bool(result and result.skipped)
         finished_at = utcnow()
-        lag_ms = int((finished_at - oldest.replace(tzinfo=oldest.tzinfo or UTC)).total_seconds() * 1000) if oldest else 0
+        lag_ms = 0
+        if oldest is not None:
+            lag_ms = int((finished_at - oldest.replace(tzinfo=oldest.tzinfo or UTC)).total_seconds() * 1000)
         version = result.version if result else None
         self._record_metrics(job, query_id, batch_id, started_at, finished_at, rows_in, arrow.num_rows,
                              lag_ms, version, replayed)
@@ -208,8 +210,9 @@ class Runner:
         summary.replayed += int(replayed)
         summary.rows_in += rows_in
         summary.rows_out += 0 if replayed else arrow.num_rows
-        log.info("%s batch %d: %s rows in -> %s %s in %.2f s, lag %.1f s, %s v%s", job.name, batch_id,
-                 f"{rows_in:,}", f"{arrow.num_rows:,}", "skipped (already committed)" if replayed else "written",
+        unit = "file(s)" if isinstance(job.source, LandingSource) else "change(s)"
+        log.info("%s batch %d: %s %s in -> %s rows %s in %.2f s, lag %.1f s, %s v%s", job.name, batch_id,
+                 f"{rows_in:,}", unit, f"{arrow.num_rows:,}", "skipped (already committed)" if replayed else "written",
                  time.monotonic() - t0, lag_ms / 1000, job.name, version if version is not None else "-")
 
     def _record_metrics(self, job: Job, query_id: str, batch_id: int, started_at: datetime, finished_at: datetime,

@@ -21,7 +21,8 @@ def worker(root: str, wid: int) -> int:
     store = DeltaRsStore(make_config(root, **{"storage.commit_retries": 60}))
     for r in range(ROUNDS):
         ids = pa.array([wid * 1000 + r], pa.int64())
-        store.append(T, pa.table({"id": ids, "writer": pa.array([wid], pa.int64()), "value": pa.array([0], pa.int64())}))
+        one = pa.array([wid], pa.int64())
+        store.append(T, pa.table({"id": ids, "writer": one, "value": pa.array([0], pa.int64())}))
         # update this writer's earlier row and insert a new one: touches files other writers also rewrite
         upd = pa.table({"id": pa.array([wid * 1000 + r, wid * 1000 + 500 + r], pa.int64()),
                         "writer": pa.array([wid, wid], pa.int64()), "value": pa.array([1, 1], pa.int64())})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -80,8 +81,11 @@ def test_kill_9_mid_work_then_restart_loses_and_duplicates_nothing(tmp_path):
             time.sleep(1.5)  # a batch that would double-count would land now
         finally:
             proc.send_signal(signal.SIGTERM)  # `kill PID`: the runner finishes its batch and stops
-            rc = proc.wait(timeout=120)
-            os.killpg(proc.pid, signal.SIGKILL) if rc is None else None
+            try:
+                rc = proc.wait(timeout=120)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # leftover Python workers, if any
     assert rc == 0, log_path.read_text()[-3000:]
 
     bronze = store.read_arrow("bronze.device_readings").to_pylist()

@@ -168,7 +168,8 @@ def test_table_properties_carry_layer_retention(engine_store, cfg):
     s.append("ops.metrics_test", rows((1, "a")))
     days = cfg.storage.retention_days
     assert s.table_properties(T)["delta.logRetentionDuration"] == f"interval {days['silver']} days"
-    assert s.table_properties("ops.metrics_test")["delta.deletedFileRetentionDuration"] == f"interval {days['ops']} days"
+    ops_props = s.table_properties("ops.metrics_test")
+    assert ops_props["delta.deletedFileRetentionDuration"] == f"interval {days['ops']} days"
     assert (cfg.root / "_metrics_test" / "_delta_log").is_dir()
 
 

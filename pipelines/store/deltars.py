@@ -7,6 +7,7 @@ does not survive fork. Use the `spawn` start method for multiprocessing.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -87,6 +88,25 @@ class DeltaRsStore(TableStore):
     def __init__(self, cfg: Config, spark: SparkSession | None = None):
         super().__init__(cfg)
         self._spark = spark
+        # Latest snapshot per table, refreshed incrementally (only new commits are read) before each write.
+        self._latest: dict[str, DeltaTable] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def _lock(self, name: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(name, threading.Lock())
+
+    def _current(self, name: str) -> DeltaTable | None:
+        """The table's latest snapshot (cached, caught up with new commits), or None if it does not exist."""
+        dt = self._latest.get(name)
+        if dt is not None:
+            dt.update_incremental()
+            return dt
+        if not self.exists(name):
+            return None
+        dt = self._latest[name] = self._open(name)
+        return dt
 
     # -- opening -----------------------------------------------------------------------------
     def _path(self, name: str) -> str:
@@ -141,23 +161,30 @@ class DeltaRsStore(TableStore):
         """Run a write, retrying on concurrent-commit conflicts; skip it if `txn` is already committed."""
         attempts = self.cfg.storage.commit_retries
         last: Exception | None = None
-        for attempt in range(attempts):
-            dt = self._open_or_none(name)
-            if txn is not None and dt is not None:
-                done = dt.transaction_version(txn.app_id)
-                if done is not None and done >= txn.version:
-                    return WriteResult(name, dt.version(), 0, skipped=True)
-            try:
-                return op(dt)
-            except Exception as exc:  # delta-rs raises several types for one conflict
-                if not _is_conflict(exc):
-                    raise
-                last = exc
-                time.sleep(min(0.5, 0.01 * (2 ** min(attempt, 6))) * (0.5 + random.random()))
+        with self._lock(name):
+            for attempt in range(attempts):
+                dt = self._current(name)
+                if txn is not None and dt is not None:
+                    done = dt.transaction_version(txn.app_id)
+                    if done is not None and done >= txn.version:
+                        return WriteResult(name, dt.version(), 0, skipped=True)
+                try:
+                    return op(dt)
+                except Exception as exc:  # delta-rs raises several types for one conflict
+                    if not _is_conflict(exc):
+                        raise
+                    last = exc
+                    self._latest.pop(name, None)
+                    time.sleep(min(0.5, 0.01 * (2 ** min(attempt, 6))) * (0.5 + random.random()))
         raise CommitConflict(
             f"{name}: gave up after {attempts} attempts, each conflicting with a concurrent writer ({last});"
             " raise storage.commit_retries or reduce writers to this table"
         )
+
+    def _committed_version(self, name: str) -> int:
+        dt = self._current(name)
+        assert dt is not None, f"{name} must exist after a commit"
+        return dt.version()
 
     def _prepare(self, name: str, dt: DeltaTable | None, data: Data) -> tuple[pa.Table, bool]:
         arrow = to_arrow(data)
@@ -195,7 +222,9 @@ class DeltaRsStore(TableStore):
                 configuration=self.table_properties(name) if dt is None else None,
                 commit_properties=_commit_properties(txn, metadata, self.cfg.storage.commit_retries),
             )
-            return WriteResult(name, DeltaTable(self._path(name)).version(), arrow.num_rows)
+            # write_deltalake advances a DeltaTable it is given to the version it committed.
+            version = dt.version() if dt is not None else self._committed_version(name)
+            return WriteResult(name, version, arrow.num_rows)
 
         return self._with_retries(name, txn, op)
 
@@ -237,7 +266,7 @@ class DeltaRsStore(TableStore):
             if spec.delete_not_matched_by_source:
                 merger = merger.when_not_matched_by_source_delete()
             metrics = merger.execute()
-            return WriteResult(name, DeltaTable(self._path(name)).version(), arrow.num_rows, metrics=metrics)
+            return WriteResult(name, self._committed_version(name), arrow.num_rows, metrics=metrics)
 
         return self._with_retries(name, txn, op)
 

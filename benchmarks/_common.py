@@ -1,0 +1,35 @@
+"""Helpers shared by the benchmarks: a throwaway lakehouse and robust statistics."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def temp_config(root: Path | None = None):
+    from pipelines.config import load_config
+
+    root = root or Path(tempfile.mkdtemp(prefix="carelake-bench-"))
+    return load_config(env="test", root=root, conf_dir=REPO / "conf", environ={})
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def emit(figures: dict) -> None:
+    """One JSON line of figures on stdout: the benchmark's whole output."""
+    print(json.dumps(figures, sort_keys=True))
