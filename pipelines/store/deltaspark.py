@@ -206,12 +206,13 @@ class DeltaSparkStore(TableStore):
         return self.spark.read.format("delta").load(self._path(name)).count()
 
     def txn_version(self, name, app_id) -> int | None:
+        # delta-spark exposes SetTransaction versions only through JVM internals that change between
+        # releases; the Delta log is the same for every engine, so read it with delta-rs.
         if not self.exists(name):
             return None
-        jvm = self.spark._jvm  # noqa: SLF001 - SetTransaction versions are only reachable through the JVM
-        log = jvm.org.apache.spark.sql.delta.DeltaLog.forTable(self.spark._jsparkSession, self._path(name))
-        found = log.update(False, jvm.scala.Option.empty(), jvm.scala.Option.empty()).transactions().get(app_id)
-        return int(found.get()) if found.isDefined() else None
+        from deltalake import DeltaTable as LogReader
+
+        return LogReader(self._path(name)).transaction_version(app_id)
 
     def history(self, name, limit=None) -> list[CommitInfo]:
         rows = self._table(name).history(limit) if limit else self._table(name).history()
