@@ -124,6 +124,54 @@ class LandingConfig:
 
 
 @dataclass(frozen=True)
+class GatewayConfig:
+    host: str
+    mllp_port: int
+    http_port: int
+    max_message_mb: int
+    group_commit: str
+    segment_mb: int
+    segment_age: str
+    idle_timeout: str
+    ack_timeout: str
+    send_retries: int
+
+    def __post_init__(self) -> None:
+        for name in ("mllp_port", "http_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"gateway.{name} must be a TCP port 0-65535 (0 = pick a free one), got {port}")
+        for name in ("max_message_mb", "segment_mb"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"gateway.{name} must be at least 1, got {getattr(self, name)}")
+        if self.send_retries < 0:
+            raise ConfigError(f"gateway.send_retries must be 0 or more, got {self.send_retries}")
+        for name in ("group_commit", "segment_age", "idle_timeout", "ack_timeout"):
+            parse_duration_ms(getattr(self, name), f"gateway.{name}")
+        if self.segment_age_s <= 0 or self.ack_timeout_s <= 0 or self.idle_timeout_s <= 0:
+            raise ConfigError("gateway.segment_age, gateway.ack_timeout and gateway.idle_timeout must be positive")
+
+    def _seconds(self, name: str) -> float:
+        return parse_duration_ms(getattr(self, name), f"gateway.{name}") / 1000
+
+    @property
+    def group_commit_s(self) -> float:
+        return self._seconds("group_commit")
+
+    @property
+    def segment_age_s(self) -> float:
+        return self._seconds("segment_age")
+
+    @property
+    def idle_timeout_s(self) -> float:
+        return self._seconds("idle_timeout")
+
+    @property
+    def ack_timeout_s(self) -> float:
+        return self._seconds("ack_timeout")
+
+
+@dataclass(frozen=True)
 class JobsConfig:
     modules: tuple[str, ...]
 
@@ -135,6 +183,7 @@ class Config:
     storage: StorageConfig
     streaming: StreamingConfig
     landing: LandingConfig
+    gateway: GatewayConfig
     jobs: JobsConfig
     env: str = "local"
     conf_dir: Path = Path("conf")
@@ -226,6 +275,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise ConfigError(f"{key} must be a whole number, got {value!r}")
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
     if hint is str:
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             return str(value)
