@@ -1,0 +1,1 @@
+"""`carelake gateway`: HL7 v2 over MLLP and FHIR / device readings over HTTP into the landing zone."""

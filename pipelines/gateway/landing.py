@@ -1,0 +1,101 @@
+"""The gateway's view of the landing zone: one durable segment log per feed, and one per feed's rejects.
+
+Accepted traffic (and HL7 messages answered AE/AR, which bronze keeps and silver quarantines) goes
+to `<root>/landing/<feed>/`. HTTP bodies refused with 4xx go to `<root>/landing/_rejects/<feed>/`,
+outside what bronze reads, so nothing a sender sent is lost and nothing malformed reaches a table
+unannounced. Opening the zone takes an exclusive lock on the root, recovers segments a crashed gateway
+left open, and starts the writer threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import Config
+from pipelines.errors import UsageError
+from pipelines.gateway.metrics import Metrics
+from pipelines.gateway.segments import Landed, Recovered, SegmentLog, recover
+
+REJECTS = "_rejects"
+LOCK_NAME = ".gateway.lock"
+
+
+def received_now() -> str:
+    return datetime.now(tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class LandingZone:
+    def __init__(self, cfg: Config, feeds: tuple[str, ...], metrics: Metrics):
+        missing = [f for f in feeds if f not in cfg.landing.feeds]
+        if missing:
+            raise UsageError(f"the gateway needs feeds {', '.join(missing)} in landing.feeds (conf/base.yaml)")
+        self.cfg = cfg
+        self.feeds = feeds
+        self.metrics = metrics
+        self.root = cfg.path("landing")
+        self._logs: dict[tuple[str, bool], SegmentLog] = {}
+        self._lock_fd: int | None = None
+        self.recovered: list[Recovered] = []
+
+    def folder(self, feed: str, *, rejected: bool = False) -> Path:
+        return self.root / REJECTS / feed if rejected else self.root / feed
+
+    def open(self) -> LandingZone:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        g = self.cfg.gateway
+        for feed in self.feeds:
+            for rejected in (False, True):
+                folder = self.folder(feed, rejected=rejected)
+                self.recovered += recover(folder, fsync=self.cfg.landing.fsync)
+                self._logs[(feed, rejected)] = SegmentLog(
+                    folder, feed, fsync=self.cfg.landing.fsync, segment_bytes=g.segment_mb << 20,
+                    segment_age_s=g.segment_age_s, group_commit_s=g.group_commit_s,
+                    on_fsync=lambda s, _n, _b, feed=feed: self.metrics.observe_fsync(feed, s),
+                ).start()
+        return self
+
+    def close(self) -> None:
+        for log in self._logs.values():
+            log.close()
+        self._logs.clear()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _lock(self) -> None:
+        path = self.root / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UsageError(f"another gateway (pid {holder}) is already serving {self.root}; stop it first, "
+                             "or give this one its own lakehouse with --root") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    @property
+    def failed(self) -> list[str]:
+        return [f"{feed}{' rejects' if rej else ''}: {log.failed}" for (feed, rej), log in self._logs.items()
+                if log.failed is not None]
+
+    def _append(self, feed: str, rejected: bool, header: Mapping[str, Any], body: bytes) -> asyncio.Future[Landed]:
+        full = {"received_at": received_now(), "feed": feed, **header}
+        return asyncio.wrap_future(self._logs[(feed, rejected)].append(full, body))
+
+    def land(self, feed: str, header: Mapping[str, Any], body: bytes) -> asyncio.Future[Landed]:
+        """Durably append to the feed's landing folder; await before acknowledging."""
+        return self._append(feed, False, header, body)
+
+    def reject(self, feed: str, header: Mapping[str, Any], body: bytes) -> asyncio.Future[Landed]:
+        """Durably keep a refused body in the rejects area; it never reaches bronze."""
+        return self._append(feed, True, {**header, "status": "rejected"}, body)

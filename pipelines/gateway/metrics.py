@@ -1,0 +1,83 @@
+"""Gateway counters and the fsync latency histogram, rendered as Prometheus text (GET /metrics)."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import defaultdict
+
+# fsync seconds: from well under a millisecond (SSD, page cache) to "the disk is in trouble".
+FSYNC_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+_HELP = {
+    "carelake_gateway_received_total": ("counter", "Messages or request bodies received, by feed and protocol."),
+    "carelake_gateway_landed_total": ("counter", "Records fsynced into the landing zone, by feed and status."),
+    "carelake_gateway_rejected_total": ("counter", "Bodies refused (negative ACK or HTTP 4xx), by feed and reason."),
+    "carelake_gateway_bytes_total": ("counter", "Bytes received, by feed."),
+    "carelake_gateway_acks_total": ("counter", "MLLP acknowledgements sent, by code (AA, AE, AR)."),
+    "carelake_gateway_http_responses_total": ("counter", "HTTP responses, by path and status."),
+    "carelake_gateway_incomplete_frames_total": ("counter", "MLLP connections closed mid-frame (never acked)."),
+    "carelake_gateway_write_errors_total": ("counter", "Landing writes that failed (nothing acknowledged)."),
+    "carelake_gateway_open_connections": ("gauge", "Open MLLP connections."),
+}
+
+
+def _labels(labels: tuple[tuple[str, str], ...]) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+                     for k, v in labels)
+    return "{" + inner + "}"
+
+
+class Metrics:
+    """Thread-safe: the event loop counts requests, the landing writer threads record fsyncs."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[str, dict[tuple[tuple[str, str], ...], float]] = defaultdict(dict)
+        self._fsync: dict[str, list[int]] = {}
+        self._fsync_sum: dict[str, float] = defaultdict(float)
+        self._fsync_count: dict[str, int] = defaultdict(int)
+
+    def inc(self, name: str, amount: float = 1, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            series = self._values[name]
+            series[key] = series.get(key, 0) + amount
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        with self._lock:
+            self._values[name][tuple(sorted(labels.items()))] = value
+
+    def get(self, name: str, **labels: str) -> float:
+        with self._lock:
+            return self._values.get(name, {}).get(tuple(sorted(labels.items())), 0)
+
+    def observe_fsync(self, feed: str, seconds: float) -> None:
+        with self._lock:
+            counts = self._fsync.setdefault(feed, [0] * (len(FSYNC_BUCKETS) + 1))
+            counts[bisect.bisect_left(FSYNC_BUCKETS, seconds)] += 1
+            self._fsync_sum[feed] += seconds
+            self._fsync_count[feed] += 1
+
+    def render(self) -> str:
+        lines: list[str] = []
+        with self._lock:
+            for name, (kind, text) in _HELP.items():
+                lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+                for labels, value in sorted(self._values.get(name, {}).items()):
+                    shown = int(value) if float(value).is_integer() else value
+                    lines.append(f"{name}{_labels(labels)} {shown}")
+            name = "carelake_gateway_fsync_seconds"
+            lines += [f"# HELP {name} Time to fsync one group commit into the landing zone, by feed.",
+                      f"# TYPE {name} histogram"]
+            for feed, counts in sorted(self._fsync.items()):
+                running = 0
+                for bound, count in zip((*FSYNC_BUCKETS, float("inf")), counts, strict=True):
+                    running += count
+                    le = "+Inf" if bound == float("inf") else f"{bound:g}"
+                    lines.append(f'{name}_bucket{{feed="{feed}",le="{le}"}} {running}')
+                lines.append(f'{name}_sum{{feed="{feed}"}} {self._fsync_sum[feed]:.6f}')
+                lines.append(f'{name}_count{{feed="{feed}"}} {self._fsync_count[feed]}')
+        return "\n".join(lines) + "\n"
