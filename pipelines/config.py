@@ -171,6 +171,97 @@ class GatewayConfig:
         return self._seconds("ack_timeout")
 
 
+SIMULATOR_FEEDS = ("hl7", "fhir", "devices", "dicom", "claims")
+DETERIORATION_KINDS = ("sepsis", "respiratory_failure", "haemorrhage")
+DIRT_KINDS = ("duplicate", "late", "missing_value", "unit_variant", "lf_terminator", "malformed")
+FRAUD_PATTERNS = ("duplicate_billing", "upcoding", "unbundling", "phantom_services", "impossible_volume")
+
+
+@dataclass(frozen=True)
+class SimulatorConfig:
+    patients: int
+    hours: int
+    seed: int
+    start: str
+    feeds: tuple[str, ...]
+    partitions: int
+    census_at_start: float
+    icu_beds: int
+    icu_bed_fraction: float
+    icu_admission_fraction: float
+    icu_cadence_min_s: int
+    icu_cadence_max_s: int
+    ward_cadence_min_h: float
+    ward_cadence_max_h: float
+    fhir_vitals_fraction: float
+    imaging_fraction: float
+    cancelled_admission_fraction: float
+    duplicate_record_fraction: float
+    demographic_update_fraction: float
+    deterioration_fraction: float
+    deterioration_mix: Mapping[str, float]
+    recovery_fraction: float
+    dirt: Mapping[str, float]
+    fraud: Mapping[str, float]
+
+    def __post_init__(self) -> None:
+        for name in ("patients", "hours", "partitions", "icu_cadence_min_s"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"simulator.{name} (or its flag) must be at least 1, got {getattr(self, name)}")
+        if self.icu_beds < 0:
+            raise ConfigError(f"simulator.icu_beds must be 0 (= patients x icu_bed_fraction) or more, got {self.icu_beds}")
+        if not self.icu_cadence_min_s <= self.icu_cadence_max_s <= 3600:
+            raise ConfigError("simulator.icu_cadence_min_s <= icu_cadence_max_s <= 3600 is required, got "
+                              f"{self.icu_cadence_min_s} and {self.icu_cadence_max_s}; monitors report every 1-60 s")
+        if not 0 < self.ward_cadence_min_h <= self.ward_cadence_max_h <= 24:
+            raise ConfigError("simulator.ward_cadence_min_h <= ward_cadence_max_h (hours, above 0, at most 24) is "
+                              f"required, got {self.ward_cadence_min_h} and {self.ward_cadence_max_h}")
+        self._check_start()
+        self._check_feeds()
+        for name in ("census_at_start", "icu_bed_fraction", "icu_admission_fraction", "fhir_vitals_fraction",
+                     "imaging_fraction", "cancelled_admission_fraction", "duplicate_record_fraction",
+                     "demographic_update_fraction", "deterioration_fraction", "recovery_fraction"):
+            _check_fraction(f"simulator.{name}", getattr(self, name))
+        _check_rates("simulator.deterioration_mix", self.deterioration_mix, DETERIORATION_KINDS, weights=True)
+        _check_rates("simulator.dirt", self.dirt, DIRT_KINDS)
+        _check_rates("simulator.fraud", self.fraud, FRAUD_PATTERNS)
+
+    def _check_start(self) -> None:
+        from datetime import datetime
+
+        try:
+            parsed = datetime.fromisoformat(self.start.replace("Z", "+00:00"))
+        except ValueError:
+            parsed = None
+        if parsed is None or parsed.utcoffset() is None:
+            raise ConfigError(f"simulator.start (or --start) must be an ISO-8601 time with a zone, e.g. "
+                              f"2026-01-05T00:00:00Z, got {self.start!r}")
+
+    def _check_feeds(self) -> None:
+        unknown = [f for f in self.feeds if f not in SIMULATOR_FEEDS]
+        if unknown or not self.feeds:
+            raise ConfigError(f"simulator.feeds (or --feeds) takes a comma-separated subset of "
+                              f"{','.join(SIMULATOR_FEEDS)}; unknown: {','.join(unknown) or '(none given)'}")
+
+
+def _check_fraction(key: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{key} must be a fraction between 0 and 1, got {value}")
+
+
+def _check_rates(key: str, rates: Mapping[str, float], names: tuple[str, ...], *, weights: bool = False) -> None:
+    missing = [n for n in names if n not in rates]
+    if missing:
+        raise ConfigError(f"{key} needs a value for each of {', '.join(names)} (missing: {', '.join(missing)})")
+    for name, value in rates.items():
+        if weights and value < 0:
+            raise ConfigError(f"{key}.{name} must be a weight of 0 or more, got {value}")
+        if not weights:
+            _check_fraction(f"{key}.{name}", value)
+    if weights and sum(rates.values()) <= 0:
+        raise ConfigError(f"{key} needs at least one positive weight, e.g. {names[0]}: 1")
+
+
 @dataclass(frozen=True)
 class JobsConfig:
     modules: tuple[str, ...]
@@ -184,6 +275,7 @@ class Config:
     streaming: StreamingConfig
     landing: LandingConfig
     gateway: GatewayConfig
+    simulator: SimulatorConfig
     jobs: JobsConfig
     env: str = "local"
     conf_dir: Path = Path("conf")
