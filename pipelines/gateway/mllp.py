@@ -193,12 +193,12 @@ class MllpServer:
             start = buf.find(MLLP_START)
             if start < 0:
                 if len(buf) > self.max_bytes:  # no frame start in a flood of bytes: not MLLP at all
-                    return frames, bytes(buf)
+                    return frames, bytes(buf[:self.max_bytes])
                 return frames, None
             end = buf.find(MLLP_END, start + 1)
+            if (end if end >= 0 else len(buf)) - start - 1 > self.max_bytes:
+                return frames, bytes(buf[start + 1:start + 1 + self.max_bytes])
             if end < 0:
-                if len(buf) - start > self.max_bytes:
-                    return frames, bytes(buf[start + 1:])
                 if start:
                     del buf[:start]
                 return frames, None

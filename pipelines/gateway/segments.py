@@ -156,8 +156,16 @@ class SegmentLog:
             batch = self._take(timeout)
             stopping = None in batch
             items = [p for p in batch if p is not None]
-            if items:
-                self._write(items)
+            while items:  # fill the open segment up to its size limit, seal it, go on in a new one
+                room = self.segment_bytes - (self._segment.size if self._segment else len(FILE_MAGIC))
+                n, size = 1, len(items[0].data)
+                while n < len(items) and size + len(items[n].data) <= room:
+                    size += len(items[n].data)
+                    n += 1
+                self._write(items[:n])
+                items = items[n:]
+                if self._segment is not None and self._segment.size >= self.segment_bytes:
+                    self._seal()
             seg = self._segment
             if seg is not None and (stopping or seg.size >= self.segment_bytes
                                     or time.monotonic() - seg.opened >= self.segment_age_s):
