@@ -22,6 +22,7 @@ _BYTES_AS_TEXT = "iso-8859-1"
 _SEGMENT_BREAK = re.compile(rb"\r\n|\r|\n")
 # A message begins with MSH at the start of the data or right after a segment terminator.
 _MESSAGE_START = re.compile(rb"(?:^|(?<=[\r\n]))MSH", re.MULTILINE)
+_ENVELOPE_NAMES = (b"FHS", b"BHS", b"BTS", b"FTS")
 _ENVELOPE = re.compile(rb"(?:^|(?<=[\r\n]))(?:FHS|BHS|BTS|FTS)")
 
 
@@ -140,12 +141,13 @@ def split_messages(data: bytes) -> list[tuple[int, int]]:
     lead = len(BOM) if data.startswith(BOM) else 0
     bounds = [lead, *[c for c in cuts if c > lead]]
     for begin, end in zip(bounds, bounds[1:], strict=False):
-        piece = data[begin:end]
-        if not piece.strip(b"\r\n\t \x00"):
-            continue
-        if _ENVELOPE.match(piece):
-            continue
-        out.append((begin, end - begin))
+        if data[begin:begin + 3] in _ENVELOPE_NAMES:
+            # The envelope segment is not a message; segments after it up to the next cut are
+            # stray content (a batch with segments outside any MSH) and are kept as a piece of their own.
+            brk = _SEGMENT_BREAK.search(data, begin, end)
+            begin = brk.end() if brk else end
+        if begin < end and data[begin:end].strip(b"\r\n\t \x00"):
+            out.append((begin, end - begin))
     return out
 
 

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from bronze.hl7_wire import frame, segments
+from bronze.hl7_wire import frame, segments, split_messages
 from pipelines.send import read_ack
 from tests.conftest import REPO, carelake_cmd, carelake_env
 from tests.gatewayproc import GatewayProcess, landed, mllp_exchange
@@ -235,3 +235,27 @@ def test_send_reports_an_unreachable_gateway_after_its_retries(tmp_path):
     assert proc.returncode == 1
     assert "NOT DELIVERED after every retry: 1 item(s)" in proc.stdout and "ConnectionRefusedError" in proc.stdout
     assert "resends: 2" in proc.stdout and time.monotonic() - started < 30
+
+
+@pytest.mark.realdata
+def test_every_real_hl7_file_gets_an_ack_and_lands(gateway, realdata):
+    """Each real message on its own frame, and each whole file as one frame: always answered, always kept."""
+    files = sorted(p for p in (realdata / "hl7v2").rglob("*") if p.is_file())
+    assert files
+    sent: list[bytes] = []
+    codes: dict[str, int] = {}
+    for path in files:
+        data = path.read_bytes()
+        frames = [data[o:o + n] for o, n in split_messages(data)] or [data]
+        if len(frames) > 1:
+            frames.append(data)
+        for reply in mllp_exchange(gateway.mllp, *frames, timeout=30):
+            code, _control, text = read_ack(reply)
+            assert code in ("AA", "AE", "AR"), f"{path.name}: answered {code} {text}"
+            codes[code] = codes.get(code, 0) + 1
+        sent += frames
+    print(f"real HL7: {len(files)} files, {len(sent)} frames, answers {codes}")
+    health = json.loads(urllib.request.urlopen(f"{gateway.http}/health", timeout=10).read())
+    assert health["status"] == "ok"
+    assert gateway.stop() == 0
+    assert sorted(r.body for _, r in landed(gateway.root, "hl7")) == sorted(sent)

@@ -122,6 +122,8 @@ def answer(message: bytes) -> tuple[bytes, list[Verdict]]:
         return build_ack(verdict), [verdict]
     # FHS/BHS batch: one ACK per message inside, wrapped in the batch's own envelope.
     verdicts = [judge(message[o:o + n]) for o, n in split_messages(message)]
+    if not verdicts:
+        verdicts = [Verdict(None, "AR", "100", f"{head.segment} batch holds no messages")]
     sep, enc = head.field_separator, head.encoding_characters
     envelope = sep.join([head.segment, enc, RECEIVER_APP, RECEIVER_FACILITY, head.sending_application,
                          head.sending_facility, _now_ts()])
