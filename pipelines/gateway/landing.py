@@ -41,12 +41,23 @@ class LandingZone:
         self.root = cfg.path("landing")
         self._logs: dict[tuple[str, bool], SegmentLog] = {}
         self._lock_fd: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.recovered: list[Recovered] = []
 
     def folder(self, feed: str, *, rejected: bool = False) -> Path:
         return self.root / REJECTS / feed if rejected else self.root / feed
 
+    def _deliver(self, thunks: list) -> None:
+        """From a writer thread: run a group commit's completions on the event loop, in one hop."""
+        def run() -> None:
+            for thunk in thunks:
+                thunk()
+
+        self._loop.call_soon_threadsafe(run)
+
     def open(self) -> LandingZone:
+        """Lock the root, recover, start the writers; call from the event loop that will await landings."""
+        self._loop = asyncio.get_running_loop()
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock()
         g = self.cfg.gateway
@@ -58,6 +69,7 @@ class LandingZone:
                     folder, feed, fsync=self.cfg.landing.fsync, segment_bytes=g.segment_mb << 20,
                     segment_age_s=g.segment_age_s, group_commit_s=g.group_commit_s,
                     on_fsync=lambda s, _n, _b, feed=feed: self.metrics.observe_fsync(feed, s),
+                    deliver=self._deliver,
                 ).start()
         return self
 
@@ -90,7 +102,18 @@ class LandingZone:
 
     def _append(self, feed: str, rejected: bool, header: Mapping[str, Any], body: bytes) -> asyncio.Future[Landed]:
         full = {"received_at": received_now(), "feed": feed, **header}
-        return asyncio.wrap_future(self._logs[(feed, rejected)].append(full, body))
+        future = self._loop.create_future()
+
+        def done(place: Landed | None, exc: BaseException | None) -> None:
+            if future.cancelled():
+                return
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(place)
+
+        self._logs[(feed, rejected)].append(full, body, done)
+        return future
 
     def land(self, feed: str, header: Mapping[str, Any], body: bytes) -> asyncio.Future[Landed]:
         """Durably append to the feed's landing folder; await before acknowledging."""

@@ -11,6 +11,7 @@ is logged and counted; that message was never acknowledged, so its sender resend
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import uuid
 from dataclasses import dataclass
@@ -83,6 +84,14 @@ def escape(text: str, field_sep: str, encoding: str) -> str:
     return "".join(out)
 
 
+_ACK_IDS = itertools.count(1)
+_ACK_PREFIX = uuid.uuid4().hex[:8].upper()  # per process, so ids stay unique across gateway restarts
+
+
+def _next_ack_id() -> str:
+    return f"{_ACK_PREFIX}{next(_ACK_IDS)}"
+
+
 def _now_ts() -> str:
     return datetime.now(tz=UTC).strftime("%Y%m%d%H%M%S.%f")[:-3] + "+0000"
 
@@ -98,7 +107,7 @@ def build_ack(verdict: Verdict) -> bytes:
         "MSH", enc, RECEIVER_APP, RECEIVER_FACILITY,
         h.sending_application if h else "", h.sending_facility if h else "",
         _now_ts(), "", comp.join(["ACK", trigger, "ACK"]) if trigger else "ACK",
-        uuid.uuid4().hex[:20], (h.processing_id if h else "") or "P", (h.version if h else "") or "2.5",
+        _next_ack_id(), (h.processing_id if h else "") or "P", (h.version if h else "") or "2.5",
     ])
     msa = [ "MSA", verdict.code, h.control_id if h else ""]
     segments = []
@@ -113,12 +122,9 @@ def build_ack(verdict: Verdict) -> bytes:
 
 def answer(message: bytes) -> tuple[bytes, list[Verdict]]:
     """The reply to one MLLP frame (an ACK, or a batch of ACKs) and the verdict on each message in it."""
-    try:
-        head = parse_header(message)
-    except Hl7HeaderError:
-        head = None
+    verdict = judge(message)
+    head = verdict.header
     if head is None or head.segment == "MSH":
-        verdict = judge(message)
         return build_ack(verdict), [verdict]
     # FHS/BHS batch: one ACK per message inside, wrapped in the batch's own envelope.
     verdicts = [judge(message[o:o + n]) for o, n in split_messages(message)]
@@ -160,7 +166,8 @@ class MllpServer:
         try:
             while True:
                 try:
-                    data = await asyncio.wait_for(reader.read(1 << 16), self.idle_timeout_s)
+                    async with asyncio.timeout(self.idle_timeout_s):
+                        data = await reader.read(1 << 16)
                 except TimeoutError:
                     log.info("mllp %s: idle for %.0f s, closing", peer, self.idle_timeout_s)
                     break

@@ -1,7 +1,7 @@
 """Durable, append-only landing segments with group commit.
 
 One `SegmentLog` per landing folder. Callers hand it records; a writer thread appends every record
-that is waiting, fsyncs once for all of them (group commit), and only then completes their futures,
+that is waiting, fsyncs once for all of them (group commit), and only then reports them done,
 so an acknowledgement always follows the fsync of its message. The open segment has a hidden name
 (`.open-…clrec`), which Spark's file source never lists; once it reaches its size or age limit it is
 sealed — renamed to its final name and the folder fsynced — and bronze picks it up.
@@ -13,6 +13,7 @@ folder under `_torn/` for inspection, and an open segment with no whole record i
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -55,10 +56,29 @@ def _segment_name(feed: str) -> str:
     return f"{stamp}-{feed}-{uuid.uuid4().hex[:12]}{SEGMENT_SUFFIX}"
 
 
+# Told once per record, after its group commit: (where it landed, None) or (None, why it did not).
+Done = Callable[["Landed | None", "BaseException | None"], None]
+
+
 @dataclass
 class _Pending:
     data: bytes
-    future: Future
+    done: Done
+
+
+def _future_done(future: Future) -> Done:
+    def done(place: Landed | None, exc: BaseException | None) -> None:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(place)
+
+    return done
+
+
+def _run_now(thunks: list[Callable[[], None]]) -> None:
+    for thunk in thunks:
+        thunk()
 
 
 class _OpenSegment:
@@ -85,6 +105,7 @@ class SegmentLog:
         segment_age_s: float = 1.0,
         group_commit_s: float = 0.0,
         on_fsync: Callable[[float, int, int], None] | None = None,
+        deliver: Callable[[list[Callable[[], None]]], None] = _run_now,
     ):
         self.folder = folder
         self.feed = feed
@@ -93,6 +114,8 @@ class SegmentLog:
         self.segment_age_s = segment_age_s
         self.group_commit_s = group_commit_s
         self.on_fsync = on_fsync  # (seconds, records, bytes) per group commit, for metrics
+        # Runs each group commit's completions; an event loop passes one call_soon_threadsafe for them all.
+        self.deliver = deliver
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._segment: _OpenSegment | None = None
         self._thread: threading.Thread | None = None
@@ -117,13 +140,17 @@ class SegmentLog:
             self._thread.join()
 
     # -- the caller's side -------------------------------------------------------------------
-    def append(self, header: Mapping[str, Any], body: bytes) -> Future:
-        """Queue one record; the future gives its `Landed` place once it is on disk."""
-        future: Future = Future()
+    def append(self, header: Mapping[str, Any], body: bytes, done: Done | None = None) -> Future | None:
+        """Queue one record. Without `done`, return a future of its `Landed` place once it is on disk;
+        with `done`, call it instead (through `deliver`, once the record's group commit is over)."""
+        future: Future | None = None
+        if done is None:
+            future = Future()
+            done = _future_done(future)
         if self._closed:
-            future.set_exception(RuntimeError("landing log is closed (the gateway is shutting down)"))
+            done(None, RuntimeError("landing log is closed (the gateway is shutting down)"))
             return future
-        self._queue.put(_Pending(encode_record(header, body), future))
+        self._queue.put(_Pending(encode_record(header, body), done))
         return future
 
     # -- the writer thread -------------------------------------------------------------------
@@ -196,11 +223,9 @@ class SegmentLog:
             log.error("landing %s: cannot write %s: %s", self.feed, self.folder, exc)
             self.failed = exc
             self._abandon()
-            for item in items:
-                item.future.set_exception(exc)
+            self.deliver([functools.partial(item.done, None, exc) for item in items])
             return
-        for item, place in zip(items, places, strict=True):
-            item.future.set_result(place)
+        self.deliver([functools.partial(item.done, place, None) for item, place in zip(items, places, strict=True)])
 
     def _abandon(self) -> None:
         seg, self._segment = self._segment, None
