@@ -46,7 +46,10 @@ def test_mllp_acks_after_landing_whatever_the_segment_terminator(gateway):
     first = segments(replies[0])[0].decode()
     assert first.startswith("MSH|^~\\&|CARELAKE|LAKEHOUSE|MONITOR|ICU|") and "|ACK^R01^ACK|" in first
     assert "#ACK^R01^ACK#" in segments(replies[4])[0].decode()  # answered in the sender's delimiters
-    gateway.stop()
+    idle = socket.create_connection(gateway.mllp)  # a connection still open at shutdown is closed cleanly
+    assert gateway.stop() == 0
+    assert idle.recv(10) == b"" and "Traceback" not in gateway.stderr
+    idle.close()
     records = [r for _, r in landed(gateway.root, "hl7")]
     assert [r.body for r in records] == messages  # byte for byte, BOM and LF included
     assert {r.header["status"] for r in records} == {"accepted"}

@@ -156,11 +156,24 @@ class MllpServer:
         self.max_bytes = max_bytes
         self.idle_timeout_s = idle_timeout_s
         self.connections = 0
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task] = set()
+
+    async def close_connections(self, timeout_s: float = 10) -> None:
+        """On shutdown, after everything received has landed and been answered: close, let handlers end."""
+        for writer in list(self._writers):
+            writer.close()
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=timeout_s)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer_addr = writer.get_extra_info("peername")
         peer = f"{peer_addr[0]}:{peer_addr[1]}" if peer_addr else "unknown"
         self.connections += 1
+        self._writers.add(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
         self.metrics.set("carelake_gateway_open_connections", self.connections)
         buf = bytearray()
         try:
@@ -187,6 +200,8 @@ class MllpServer:
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             log.info("mllp %s: connection lost: %s", peer, exc)
         finally:
+            self._writers.discard(writer)
+            self._handlers.discard(task)
             self.connections -= 1
             self.metrics.set("carelake_gateway_open_connections", self.connections)
             writer.close()
@@ -229,8 +244,9 @@ class MllpServer:
         for reply, verdicts, status, landing in pending:
             try:
                 await landing
-            except OSError as exc:
-                # Not on disk: never acknowledge positively. AE with 207 tells the sender to resend later.
+            except (OSError, RuntimeError) as exc:
+                # Not on disk (a write error, or the gateway is shutting down): never acknowledge positively.
+                # AE with 207 "cannot store" tells the sender to resend later.
                 self.metrics.inc("carelake_gateway_write_errors_total")
                 reply = b"".join(build_ack(Verdict(v.header, "AE", "207", f"gateway cannot store the message: {exc}"))
                                  for v in verdicts)

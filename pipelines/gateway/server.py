@@ -88,6 +88,7 @@ class Gateway:
             await self._runner.cleanup()
             self._runner = None
         await asyncio.get_running_loop().run_in_executor(None, self.landing.close)
+        await self.mllp.close_connections()
 
 
 def serve(cfg: Config, *, host: str | None = None, mllp_port: int | None = None,
