@@ -7,12 +7,16 @@ commands a person would type, in one process, on a fresh demo lakehouse.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipelines.cli import main as carelake
@@ -48,6 +52,22 @@ def write_feed(folder: Path, seed: int) -> list[Path]:
     return [first, second]
 
 
+@contextlib.contextmanager
+def gateway(base: list[str]) -> Iterator[str]:
+    """`carelake gateway` on free ports in its own process; yields its HTTP URL, stops it cleanly."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *base, "gateway", "--mllp-port", "0",
+                             "--http-port", "0"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        print(line.rstrip(), flush=True)
+        if not line.startswith("carelake gateway:"):
+            raise SystemExit("carelake demo: the gateway did not start (see its message above)")
+        yield line.split("http=", 1)[1].split()[0]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        print(proc.communicate(timeout=60)[0].rstrip(), flush=True)
+
+
 def step(title: str) -> None:
     print(f"\n=== {title} ===", flush=True)
 
@@ -74,11 +94,12 @@ def run(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         files = write_feed(Path(tmp), a.seed)
-        step("1. Land the first bedside-monitor file durably in the landing zone")
-        cli("ingest", str(files[0]), "--feed", "devices")
+        step("1. Start the gateway and send the first monitor file over HTTP (each batch fsynced, then 202)")
+        with gateway(base) as http_url:
+            cli("send", "--to", http_url, "--batch", "100", str(files[0]))
         step("2. Run every job once (available-now): landing -> bronze")
         cli("run", "all", "--available-now")
-        step("3. A second file arrives (CRLF line ends, two broken lines); run again")
+        step("3. A second file is dropped into landing (CRLF line ends, two broken lines); run again")
         cli("ingest", str(files[1]), "--feed", "devices")
         cli("run", "all", "--available-now")
     step("4. The tables")
@@ -88,7 +109,7 @@ def run(argv: list[str] | None = None) -> int:
                "from bronze.device_readings group by parse_status order by parse_status")
     step("6. Time travel: the same question as of version 0 (before the second file)")
     cli("sql", "select count(*) as readings from bronze.device_readings", "--as-of-version", "0")
-    step("7. Lineage: every bronze row points at its landing file and line, with its sha256")
+    step("7. Lineage: every bronze row points at its landing file and byte offset, with its sha256")
     cli("sql", "select device_id, landing_position, substr(sha256, 1, 16) as sha256_prefix, "
                "decode(payload, 'UTF-8') as payload from bronze.device_readings "
                "where parse_status <> 'ok' order by landing_position")
