@@ -1,0 +1,153 @@
+"""Clinical reference data for the simulator: observation codes, normal ranges, deterioration physiology.
+
+These are descriptions of physiology, not thresholds the lakehouse acts on (NEWS2 bands live in conf).
+Every vital sign and lab is one `Measure`; its index in MEASURES is the `code_no` the Spark expressions use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Measure:
+    key: str
+    loinc: str
+    display: str
+    unit: str              # UCUM
+    base_low: float        # per-patient baseline drawn uniformly from [base_low, base_high]
+    base_high: float
+    noise_sd: float        # reading-to-reading variation
+    circadian_amp: float   # amplitude of the 24 h cosine
+    circadian_peak_h: float  # hour of day the cosine peaks
+    decimals: int
+    low: float             # physiological floor and ceiling the value is clipped to
+    high: float
+
+
+MEASURES: tuple[Measure, ...] = (
+    Measure("hr", "8867-4", "Heart rate", "/min", 62, 94, 2.0, 4.0, 16, 0, 25, 220),
+    Measure("rr", "9279-1", "Respiratory rate", "/min", 12, 18, 0.8, 1.0, 16, 0, 4, 60),
+    Measure("spo2", "59408-5", "Oxygen saturation in Arterial blood by Pulse oximetry", "%",
+            95.5, 98.5, 0.5, 0.3, 14, 0, 60, 100),
+    Measure("sbp", "8480-6", "Systolic blood pressure", "mm[Hg]", 106, 134, 4.0, 6.0, 15, 0, 50, 230),
+    Measure("dbp", "8462-4", "Diastolic blood pressure", "mm[Hg]", 64, 84, 3.0, 4.0, 15, 0, 25, 140),
+    Measure("temp", "8310-5", "Body temperature", "Cel", 36.5, 37.0, 0.08, 0.25, 18, 1, 33, 42.5),
+    Measure("fio2", "3150-0", "Inhaled oxygen concentration", "%", 21, 21, 0.0, 0.0, 0, 0, 21, 100),
+    Measure("o2flow", "3151-8", "Inhaled oxygen flow rate", "L/min", 0, 0, 0.0, 0.0, 0, 0, 0, 15),
+    Measure("acvpu", "67775-7", "Level of responsiveness", "{score}", 0, 0, 0.08, 0.0, 0, 2, 0, 4),
+    Measure("lactate", "2524-7", "Lactate [Moles/volume] in Serum or Plasma", "mmol/L",
+            0.6, 1.5, 0.1, 0.0, 0, 1, 0.3, 20),
+    Measure("wbc", "6690-2", "Leukocytes [#/volume] in Blood by Automated count", "10*9/L",
+            4.8, 9.5, 0.3, 0.0, 0, 1, 0.5, 60),
+    Measure("creatinine", "2160-0", "Creatinine [Mass/volume] in Serum or Plasma", "mg/dL",
+            0.6, 1.1, 0.03, 0.0, 0, 2, 0.2, 15),
+    Measure("weight", "29463-7", "Body weight", "kg", 52, 104, 0.0, 0.0, 0, 1, 30, 250),
+)
+CODE_NO = {m.key: i for i, m in enumerate(MEASURES)}
+BY_KEY = {m.key: m for m in MEASURES}
+
+# What a bedside monitor reports every tick, and what a nurse records on a ward observation round.
+MONITOR_KEYS = ("hr", "rr", "spo2", "sbp", "dbp", "temp", "fio2")
+WARD_KEYS = ("hr", "rr", "spo2", "sbp", "dbp", "temp", "fio2", "o2flow", "acvpu")
+LAB_KEYS = ("lactate", "wbc", "creatinine")
+BP_PANEL = ("85354-9", "Blood pressure panel with all children optional")
+VITALS_PANEL = ("85353-1", "Vital signs, weight, height, head circumference, oxygen saturation and BMI panel")
+O2_DEVICE = ("41925-9", "Supplemental oxygen device")
+
+# Level of consciousness: the ACVPU score (0 = Alert ... 4 = Unresponsive) rounds to a letter.
+ACVPU = (("A", "Alert"), ("C", "New confusion"), ("V", "Responds to voice"), ("P", "Responds to pain"),
+         ("U", "Unresponsive"))
+
+
+def acvpu_letter(score: float) -> str:
+    """The ACVPU letter for a consciousness score (0-4)."""
+    return ACVPU[max(0, min(4, int(score + 0.5)))][0]
+
+
+def oxygen_device(flow_l_min: float) -> str:
+    """What a nurse would chart as the oxygen delivery for a flow."""
+    if flow_l_min <= 0:
+        return "Room air"
+    return "Nasal cannula" if flow_l_min <= 5 else "Simple face mask" if flow_l_min <= 10 else "Non-rebreather mask"
+
+
+@dataclass(frozen=True)
+class Course:
+    """How one kind of deterioration moves each measure: at full severity the value shifts by `delta`;
+    a measure starts moving `stage` of the way through the onset-to-peak ramp (later signs have later stages)."""
+
+    kind: str
+    ramp_hours: float
+    shifts: dict[str, tuple[float, float]]  # measure key -> (delta, stage)
+    icd10: str
+    icd10_display: str
+
+
+COURSES: tuple[Course, ...] = (
+    # Sepsis: fever, tachycardia and tachypnoea first; hypotension, confusion and rising lactate follow.
+    Course("sepsis", 8.0, {
+        "hr": (35, 0.0), "rr": (9, 0.0), "temp": (1.7, 0.0), "wbc": (11, 0.0), "lactate": (3.8, 0.25),
+        "spo2": (-4, 0.3), "sbp": (-42, 0.4), "dbp": (-24, 0.4), "creatinine": (1.1, 0.45),
+        "fio2": (14, 0.5), "o2flow": (4, 0.5), "acvpu": (1.4, 0.55),
+    }, "A41.9", "Sepsis, unspecified organism"),
+    # Respiratory failure: tachypnoea and desaturation, oxygen started, then tachycardia and drowsiness.
+    Course("respiratory_failure", 6.0, {
+        "rr": (15, 0.0), "spo2": (-11, 0.05), "hr": (24, 0.1), "sbp": (6, 0.2), "dbp": (4, 0.2),
+        "temp": (0.4, 0.2), "fio2": (39, 0.3), "o2flow": (10, 0.3), "wbc": (3, 0.3), "lactate": (1.6, 0.5),
+        "acvpu": (1.2, 0.65),
+    }, "J96.01", "Acute respiratory failure with hypoxia"),
+    # Haemorrhage: tachycardia, then falling blood pressure; lactate climbs as perfusion fails.
+    Course("haemorrhage", 4.0, {
+        "hr": (42, 0.0), "rr": (8, 0.1), "sbp": (-46, 0.2), "dbp": (-26, 0.2), "lactate": (4.2, 0.3),
+        "wbc": (2, 0.3), "temp": (-0.5, 0.3), "spo2": (-3, 0.4), "fio2": (9, 0.5), "o2flow": (3, 0.5),
+        "creatinine": (0.5, 0.5), "acvpu": (1.3, 0.6),
+    }, "K92.2", "Gastrointestinal haemorrhage, unspecified"),
+)
+KIND_NO = {c.kind: i + 1 for i, c in enumerate(COURSES)}  # 0 = stable
+COURSE = {c.kind: c for c in COURSES}
+
+# Admission diagnoses for everyone else (ICD-10-CM).
+DIAGNOSES = (
+    ("J18.9", "Pneumonia, unspecified organism"), ("I50.9", "Heart failure, unspecified"),
+    ("J44.1", "Chronic obstructive pulmonary disease with acute exacerbation"), ("L03.90", "Cellulitis, unspecified"),
+    ("N39.0", "Urinary tract infection, site not specified"), ("I48.91", "Unspecified atrial fibrillation"),
+    ("K85.90", "Acute pancreatitis without necrosis or infection, unspecified"),
+    ("S72.001A", "Fracture of unspecified part of neck of right femur, initial encounter"),
+    ("E11.65", "Type 2 diabetes mellitus with hyperglycemia"), ("I63.9", "Cerebral infarction, unspecified"),
+)
+
+
+def unit_variant(key: str, value: float) -> tuple[float, str] | None:
+    """The same quantity in a unit senders also use (value converted), or None when the measure has none."""
+    if key == "temp":
+        return round(value * 9 / 5 + 32, 1), "[degF]"
+    if key == "weight":
+        return round(value * 2.20462, 1), "[lb_av]"
+    if key == "fio2":
+        return round(value / 100, 2), "1"
+    if key == "creatinine":
+        return round(value * 88.42, 0), "umol/L"
+    return None
+
+
+@dataclass(frozen=True)
+class ImagingProcedure:
+    cpt: str
+    display: str
+    modality: str       # DICOM modality
+    sop_class: str      # DICOM storage SOP class UID
+    body_part: str
+
+
+IMAGING = {
+    "cxr": ImagingProcedure("71046", "XR chest 2 views", "CR", "1.2.840.10008.5.1.4.1.1.1", "CHEST"),
+    "ct_chest": ImagingProcedure("71250", "CT chest without contrast", "CT", "1.2.840.10008.5.1.4.1.1.2", "CHEST"),
+    "ct_abdomen": ImagingProcedure("74176", "CT abdomen and pelvis without contrast", "CT",
+                                   "1.2.840.10008.5.1.4.1.1.2", "ABDOMEN"),
+    "ct_head": ImagingProcedure("70450", "CT head without contrast", "CT", "1.2.840.10008.5.1.4.1.1.2", "HEAD"),
+}
+# The stat study each deterioration prompts; routine admission imaging is a chest film.
+DETERIORATION_IMAGING = {"sepsis": "cxr", "respiratory_failure": "ct_chest", "haemorrhage": "ct_abdomen"}
+PRIORITY_DELAY_H = {"stat": (0.3, 1.0), "asap": (1.0, 4.0), "routine": (3.0, 12.0)}
+HL7_PRIORITY = {"stat": "S", "asap": "A", "routine": "R"}

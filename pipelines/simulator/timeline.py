@@ -1,0 +1,273 @@
+"""What the hospital's systems send, in event-time order: HL7 v2 events, FHIR bundles and imaging orders.
+
+Each encounter contributes its ADT history (A01/A02/A08/A40/A03/A11), ward observation rounds (HL7 ORU or
+FHIR Observations), lab results (ORU) and imaging orders (ORM + ServiceRequest, then the study). The events are
+clean here; dirt.py decides what goes wrong in transit.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from pipelines.simulator import fhir, hl7
+from pipelines.simulator.clinical import (
+    BY_KEY,
+    DETERIORATION_IMAGING,
+    IMAGING,
+    PRIORITY_DELAY_H,
+    acvpu_letter,
+    oxygen_device,
+)
+from pipelines.simulator.hl7 import Header, Result
+from pipelines.simulator.observations import Draw
+from pipelines.simulator.params import SimParams
+from pipelines.simulator.population import HOUR, Census, Encounter, Stay
+
+LAB_PANEL = ("SEPSCR", "Lactate, leukocytes and creatinine", "L")
+
+
+@dataclass
+class Hl7Event:
+    at_s: int
+    rank: int                                    # tie-break inside one second
+    message_type: str                            # MSH-9, e.g. ADT^A01^ADT_A01
+    visit: str
+    build: Callable[[Header, list[Result]], list[str]]
+    results: list[Result] = field(default_factory=list)
+
+    @property
+    def short_type(self) -> str:
+        return "^".join(self.message_type.split("^")[:2])
+
+
+@dataclass
+class FhirEvent:
+    at_s: int
+    rank: int
+    resources: list[dict]
+
+
+@dataclass(frozen=True)
+class ImagingOrder:
+    order_no: str
+    accession: str
+    enc: Encounter
+    procedure_key: str
+    priority: str
+    at_s: int
+    study_s: int | None        # None: not performed inside the window / stay
+
+
+@dataclass
+class Timeline:
+    hl7: list[Hl7Event] = field(default_factory=list)
+    fhir: list[FhirEvent] = field(default_factory=list)
+    orders: list[ImagingOrder] = field(default_factory=list)
+
+    def sort(self) -> None:
+        self.hl7.sort(key=lambda e: (e.at_s, e.rank))
+        self.fhir.sort(key=lambda e: (e.at_s, e.rank))
+        self.orders.sort(key=lambda o: (o.at_s, o.order_no))
+
+
+class _Versions:
+    """FHIR versionId per resource id: each new write of a resource is the next version."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, int] = {}
+
+    def next(self, rid: str) -> int:
+        self.seen[rid] = self.seen.get(rid, 0) + 1
+        return self.seen[rid]
+
+
+def build_timeline(census: Census, params: SimParams, draws: list[Draw],
+                   values: dict[tuple[int, int], dict[str, float]]) -> Timeline:
+    tl = Timeline()
+    versions = _Versions()
+    clock = _Clock(params)
+    for enc in census.encounters:
+        _adt(tl, enc, params, clock, versions)
+    by_visit = {e.visit_no: e for e in census.active}
+    for d in draws:
+        enc = by_visit[d.visit_no]
+        got = values.get((d.visit_no, d.t), {})
+        if d.kind == "labs":
+            _labs(tl, enc, d, got, clock)
+        elif enc.fhir_vitals:
+            _fhir_vitals(tl, enc, d, got, clock)
+        else:
+            _hl7_vitals(tl, enc, d, got, clock)
+    for n, order in enumerate(_imaging_orders(census, params)):
+        _order_events(tl, order, clock, n)
+    tl.sort()
+    return tl
+
+
+class _Clock:
+    def __init__(self, params: SimParams):
+        self.start = params.start
+        self.window_s = params.window_s
+        self.rank = 0
+
+    def at(self, s: int) -> datetime:
+        return self.start + timedelta(seconds=s)
+
+    def next_rank(self) -> int:
+        self.rank += 1
+        return self.rank
+
+
+def _adt(tl: Timeline, enc: Encounter, params: SimParams, clock: _Clock, versions: _Versions) -> None:
+    """ADT messages and the matching Patient/Encounter FHIR writes for one encounter."""
+    admit_at = clock.at(enc.admit_s)
+    send_admit = enc.admit_s if enc.admit_s >= 0 else enc.visit_no  # census load: in-house patients at the start
+    first = enc.stays[0] if enc.stays else None
+    person = enc.person_at(max(enc.admit_s, 0))
+
+    def emit(at_s: int, event: str, *, stay: Stay | None, who=None, prior=None, discharge_s=None, merged=None,
+             status: str = "in-progress", resources: list[dict] | None = None) -> None:
+        who = who or enc.person_at(at_s)
+        structure = {"A01": "ADT_A01", "A02": "ADT_A02", "A03": "ADT_A03", "A08": "ADT_A01", "A11": "ADT_A09",
+                     "A40": "ADT_A39"}[event]
+        discharge = clock.at(discharge_s) if discharge_s is not None else None
+        occurred = admit_at if event == "A01" else clock.at(at_s)
+
+        def build(h: Header, _results: list[Result]) -> list[str]:
+            return hl7.adt(h, event, enc, who, stay, occurred=occurred, prior=prior, admit=admit_at,
+                           discharge=discharge, merged_mrn=merged)
+
+        tl.hl7.append(Hl7Event(at_s, clock.next_rank(), f"ADT^{event}^{structure}", enc.visit, build))
+        enc_resource = fhir.encounter(enc, enc.mrn_at(at_s), stay, status=status,
+                                      version=versions.next(f"enc-{enc.visit.lower()}"), at=clock.at(at_s),
+                                      start=admit_at, end=discharge)
+        tl.fhir.append(FhirEvent(at_s, clock.next_rank(), [*(resources or []), enc_resource]))
+
+    def patient(p, at_s: int, replaced_by: str | None = None) -> dict:
+        return fhir.patient(p, version=versions.next(fhir.patient_id(p.mrn)), at=clock.at(at_s),
+                            replaced_by=replaced_by)
+
+    emit(send_admit, "A01", stay=first, who=person, resources=[patient(person, send_admit)])
+    if enc.cancelled_s is not None:
+        emit(enc.cancelled_s, "A11", stay=first, status="cancelled")
+        return
+    for before, after in zip(enc.stays, enc.stays[1:], strict=False):
+        moved = (before.unit, before.room, before.bed) != (after.unit, after.room, after.bed)
+        if moved and 0 <= after.start_s < clock.window_s:
+            emit(after.start_s, "A02", stay=after, prior=before)
+    if enc.update_s is not None:
+        emit(enc.update_s, "A08", stay=enc.stay_at(enc.update_s),
+             resources=[patient(enc.person_at(enc.update_s), enc.update_s)])
+    if enc.merge_s is not None:
+        survivor = enc.person_at(enc.merge_s)
+        emit(enc.merge_s, "A40", stay=enc.stay_at(enc.merge_s), who=survivor, merged=enc.duplicate.mrn,
+             resources=[patient(survivor, enc.merge_s),
+                        patient(enc.duplicate, enc.merge_s, replaced_by=survivor.mrn)])
+    if enc.discharge_s is not None and 0 <= enc.discharge_s < clock.window_s:
+        emit(enc.discharge_s, "A03", stay=enc.stays[-1], discharge_s=enc.discharge_s, status="finished")
+
+
+def _hl7_vitals(tl: Timeline, enc: Encounter, d: Draw, got: dict[str, float], clock: _Clock) -> None:
+    results = ward_results(got)
+    at = clock.at(d.t)
+    stay, person = enc.stay_at(d.t), enc.person_at(d.t)
+
+    def build(h: Header, res: list[Result]) -> list[str]:
+        return hl7.oru(h, enc, person, stay, res, at)
+
+    tl.hl7.append(Hl7Event(d.t, clock.next_rank(), "ORU^R01^ORU_R01", enc.visit, build, results))
+
+
+def ward_results(got: dict[str, float]) -> list[Result]:
+    """A nurse's observation set as OBX content: NM vitals, ST oxygen device, CWE consciousness."""
+    out = [Result(k, got[k], BY_KEY[k].unit) for k in ("hr", "rr", "spo2", "sbp", "dbp", "temp", "fio2")]
+    flow = got.get("o2flow", 0.0)
+    if flow > 0:
+        out.append(Result("o2flow", flow, BY_KEY["o2flow"].unit))
+    out.append(Result("o2flow", None, "", text=oxygen_device(flow)))
+    letter = acvpu_letter(got["acvpu"])
+    out.append(Result("acvpu", None, "", coded=(letter, dict(_acvpu_names())[letter])))
+    if "weight" in got:
+        out.append(Result("weight", got["weight"], BY_KEY["weight"].unit))
+    return out
+
+
+def _acvpu_names():
+    from pipelines.simulator.clinical import ACVPU
+
+    return ACVPU
+
+
+def _labs(tl: Timeline, enc: Encounter, d: Draw, got: dict[str, float], clock: _Clock) -> None:
+    results = [Result(k, got[k], BY_KEY[k].unit) for k in ("lactate", "wbc", "creatinine")]
+    at = clock.at(d.t)
+    stay, person = enc.stay_at(d.t), enc.person_at(d.t)
+    order_no = f"LAB{enc.visit_no:07d}{d.t // 60:06d}"
+
+    def build(h: Header, res: list[Result]) -> list[str]:
+        return hl7.oru(h, enc, person, stay, res, at, panel=LAB_PANEL, order_no=order_no)
+
+    tl.hl7.append(Hl7Event(d.t, clock.next_rank(), "ORU^R01^ORU_R01", enc.visit, build, results))
+
+
+def _fhir_vitals(tl: Timeline, enc: Encounter, d: Draw, got: dict[str, float], clock: _Clock) -> None:
+    at, mrn = clock.at(d.t), enc.mrn_at(d.t)
+    prefix = f"obs-{enc.visit.lower()}-{d.t}"
+
+    def obs(key: str, **kw) -> dict:
+        return fhir.observation(f"{prefix}-{key}", mrn=mrn, visit=enc.visit, key=key, at=at,
+                                category="vital-signs", **kw)
+
+    resources = [obs(k, value=got[k], unit=BY_KEY[k].unit) for k in ("hr", "rr", "spo2", "temp", "fio2")]
+    resources.append(obs("bp", systolic=got["sbp"], diastolic=got["dbp"]))
+    if got.get("o2flow", 0.0) > 0:
+        resources.append(obs("o2flow", value=got["o2flow"], unit=BY_KEY["o2flow"].unit))
+    resources.append(obs("acvpu", letter=acvpu_letter(got["acvpu"])))
+    if "weight" in got:
+        resources.append(obs("weight", value=got["weight"], unit=BY_KEY["weight"].unit))
+    tl.fhir.append(FhirEvent(d.t, clock.next_rank(), resources))
+
+
+def _imaging_orders(census: Census, params: SimParams) -> list[ImagingOrder]:
+    """Routine admission films for a share of admissions; a stat study for each deterioration."""
+    wanted = []
+    for enc in census.active:
+        rng = random.Random(f"{params.seed}:imaging:{enc.visit_no}")
+        if enc.draws["u_imaging"] < params.imaging_fraction:
+            key, priority = ("cxr", "routine") if rng.random() < 0.7 else ("ct_head", "asap")
+            wanted.append((max(enc.admit_s, 0) + int((1 + 6 * enc.draws["u_imaging_at"]) * HOUR), enc, key,
+                           priority, rng))
+        if enc.deterioration is not None:
+            d = enc.deterioration
+            wanted.append((d.onset_s + (d.peak_s - d.onset_s) // 2, enc, DETERIORATION_IMAGING[d.kind], "stat",
+                           rng))
+    wanted.sort(key=lambda w: (w[0], w[1].visit_no))
+    orders = []
+    for at_s, enc, key, priority, rng in wanted:
+        end = min(enc.discharge_s if enc.discharge_s is not None else params.window_s, params.window_s)
+        if at_s >= end:
+            continue
+        lo, hi = PRIORITY_DELAY_H[priority]
+        study = at_s + int(rng.uniform(lo, hi) * HOUR)
+        n = len(orders) + 1
+        orders.append(ImagingOrder(f"ORD{params.seed % 100:02d}{n:07d}", f"ACC{params.seed % 100:02d}{n:07d}", enc,
+                                   key, priority, at_s, study if study < end else None))
+    return orders
+
+
+def _order_events(tl: Timeline, order: ImagingOrder, clock: _Clock, n: int) -> None:
+    enc, proc = order.enc, IMAGING[order.procedure_key]
+    at = clock.at(order.at_s)
+    stay, person = enc.stay_at(order.at_s), enc.person_at(order.at_s)
+
+    def build(h: Header, _res: list[Result]) -> list[str]:
+        return hl7.orm(h, enc, person, stay, order_no=order.order_no, accession=order.accession, procedure=proc,
+                       priority=order.priority, at=at)
+
+    tl.hl7.append(Hl7Event(order.at_s, clock.next_rank(), "ORM^O01^ORM_O01", enc.visit, build))
+    request = fhir.service_request(order.order_no, order.accession, mrn=enc.mrn_at(order.at_s), visit=enc.visit,
+                                   procedure=proc, priority=order.priority, at=at)
+    tl.fhir.append(FhirEvent(order.at_s, clock.next_rank(), [request]))
