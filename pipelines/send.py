@@ -122,8 +122,14 @@ def plan(paths: Iterable[str], target: Target, batch: int) -> Plan:
     """Split files into deliverable items for the target's protocol; say what is skipped and why."""
     out = Plan()
     for path in _files(paths):
-        data = path.read_bytes()
         suffix = path.suffix.lower()
+        if suffix in (".dcm", ".dicom") or "dicom" in path.parent.parts:
+            out.skipped["DICOM (no network endpoint: carelake ingest --feed dicom)"] += 1
+            continue
+        if "claims" in path.parent.parts:
+            out.skipped["claims files (carelake ingest --feed claims)"] += 1
+            continue
+        data = path.read_bytes()
         if suffix in HL7_SUFFIXES or _looks_hl7(data):
             if target.kind != "mllp":
                 out.skipped["HL7 v2 (send to the MLLP port: --to HOST:PORT)"] += 1
@@ -151,9 +157,7 @@ def plan(paths: Iterable[str], target: Target, batch: int) -> Plan:
             else:
                 out.skipped["JSON lines that are neither FHIR resources nor device readings"] += 1
             continue
-        if suffix in (".dcm", ".dicom"):
-            out.skipped["DICOM (no network endpoint: carelake ingest --feed dicom)"] += 1
-        elif suffix in (".csv", ".txt", ".dat"):
+        if suffix in (".csv", ".dat"):
             out.skipped["claims/flat files (carelake ingest --feed claims)"] += 1
         else:
             out.skipped[f"unrecognised file type {suffix or '(no suffix)'}"] += 1

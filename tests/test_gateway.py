@@ -207,6 +207,8 @@ def test_send_replays_files_and_logs_every_ack(gateway, tmp_path):
     (src / "devices" / "d.jsonl").write_bytes(b'{"device_id":"bed-1","time":"t"}\n' * 5)
     (src / "truth" / "labels.csv").write_text("not to be sent\n")
     (src / "scan.dcm").write_bytes(b"DICM")
+    (src / "claims").mkdir()
+    (src / "claims" / "claims.json").write_text('{"resourceType": "Bundle"}')
     acks = tmp_path / "acks.tsv"
     host, port = gateway.mllp
     env = carelake_env(gateway.root)
@@ -215,6 +217,7 @@ def test_send_replays_files_and_logs_every_ack(gateway, tmp_path):
     assert mllp.returncode == 0, mllp.stderr
     assert "answers: AA 3, AR 1" in mllp.stdout and "skipped 1 file(s): DICOM" in mllp.stdout
     assert "skipped 1 file(s): JSON (send to the HTTP port" in mllp.stdout
+    assert "skipped 1 file(s): claims files (carelake ingest --feed claims)" in mllp.stdout
     lines = [line.split("\t") for line in acks.read_text().splitlines()]
     assert sorted((a, c) for a, c, _ in lines) == [("AA", "S-1"), ("AA", "S-2"), ("AA", "S-3"), ("AR", "")]
     http = subprocess.run(carelake_cmd("send", "--to", gateway.http, "--batch", "2", str(src / "devices")), env=env,
@@ -262,3 +265,17 @@ def test_every_real_hl7_file_gets_an_ack_and_lands(gateway, realdata):
     assert health["status"] == "ok"
     assert gateway.stop() == 0
     assert sorted(r.body for _, r in landed(gateway.root, "hl7")) == sorted(sent)
+
+
+def test_gateway_flag_and_port_errors_are_one_clear_line(gateway, tmp_path):
+    busy = subprocess.run(carelake_cmd("gateway", "--mllp-port", str(gateway.mllp[1])),
+                          env=carelake_env(tmp_path / "other"), capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert busy.returncode != 0 and "cannot listen on 127.0.0.1" in busy.stderr and "--mllp-port" in busy.stderr
+    bad = subprocess.run(carelake_cmd("gateway", "--http-port", "70000"), env=carelake_env(tmp_path / "third"),
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert bad.returncode != 0 and "--http-port must be a TCP port 0-65535" in bad.stderr
+    to = subprocess.run(carelake_cmd("send", "--to", "nowhere", str(tmp_path)), env=carelake_env(tmp_path),
+                        capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert to.returncode != 0 and "expected HOST:PORT (MLLP" in to.stderr
+    for err in (busy.stderr, bad.stderr, to.stderr):
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
