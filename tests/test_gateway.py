@@ -279,3 +279,16 @@ def test_gateway_flag_and_port_errors_are_one_clear_line(gateway, tmp_path):
     assert to.returncode != 0 and "expected HOST:PORT (MLLP" in to.stderr
     for err in (busy.stderr, bad.stderr, to.stderr):
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_open_segments_are_sealed_by_age_while_the_gateway_runs(gateway):
+    """Bronze only reads sealed segments, so segment_age (200 ms in tests) bounds landing latency."""
+    mllp_exchange(gateway.mllp, oru("AGE-1"))
+    folder = gateway.root / "landing" / "hl7"
+    deadline = time.monotonic() + 10
+    while not list(folder.glob("2*.clrec")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (sealed,) = list(folder.glob("2*.clrec"))
+    assert not list(folder.glob(".open-*"))
+    assert gateway.proc.poll() is None  # sealed by age, not by stopping
+    assert [r.body for _, r in landed(gateway.root, "hl7")] == [oru("AGE-1")] and sealed.stat().st_size > 0
