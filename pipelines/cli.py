@@ -160,6 +160,20 @@ def cmd_ingest(ctx: Context) -> int:
     return 0
 
 
+def cmd_simulate(ctx: Context) -> int:
+    from pipelines.simulator.params import resolve_params
+    from pipelines.simulator.run import simulate
+
+    a = ctx.args
+    params = resolve_params(ctx.cfg.simulator, a.out, force=a.force, patients=a.patients, hours=a.hours,
+                            seed=a.seed, feeds=a.feeds, start=a.start)
+    log.info("simulating %d patients over %d h (seed %d) into %s", params.patients, params.hours, params.seed,
+             params.out)
+    summary = simulate(ctx.spark, params)
+    print(summary.text())
+    return 0
+
+
 def cmd_optimize(ctx: Context) -> int:
     metrics = ctx.store(need_spark=False).optimize(ctx.args.table)
     print(f"optimized {ctx.args.table}: {dict(metrics)}")
@@ -278,6 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--version", type=int)
     s.add_argument("--timestamp")
     s.set_defaults(func=cmd_restore)
+
+    m = sub.add_parser("simulate", help="write a seeded synthetic hospital as feed files, with ground truth")
+    m.add_argument("--out", required=True, help="output folder (must be empty or new unless --force)")
+    m.add_argument("--patients", type=int, help="people in the window (simulator.patients in conf)")
+    m.add_argument("--hours", type=int, help="window length in hours (simulator.hours)")
+    m.add_argument("--seed", type=int, help="random seed; the same seed and settings give byte-identical files")
+    m.add_argument("--feeds", help="comma-separated subset of hl7,fhir,devices,dicom,claims (default: all)")
+    m.add_argument("--start", help="window start, ISO-8601 with a zone, e.g. 2026-01-05T00:00:00Z")
+    m.add_argument("--force", action="store_true", help="replace an earlier simulation's output in --out")
+    m.set_defaults(func=cmd_simulate)
     return p
 
 

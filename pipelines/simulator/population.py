@@ -185,7 +185,7 @@ def build_census(rows: list[dict], params: SimParams) -> Census:
 
 def _encounter(i: int, row: dict, params: SimParams, start_day: date) -> Encounter:
     window = params.hours * HOUR
-    person = make_person(row, f"MRN{MRN_BASE + i}", start_day)
+    person = make_person(row, f"MRN{MRN_BASE + i + 1}", start_day)
     los = _lognormal_hours(row["u_los"], median_h=72, sigma=0.6)
     if row["u_census"] < params.census_at_start:
         admit = -int(row["u_admit"] * 96 * HOUR) - 600
@@ -206,7 +206,7 @@ def _encounter(i: int, row: dict, params: SimParams, start_day: date) -> Encount
     if enc.discharge_s is not None and enc.discharge_s >= window:
         enc.discharge_s = None
     if row["u_dup"] < params.duplicate_record_fraction:
-        enc.duplicate = replace(person, mrn=f"MRN{DUPLICATE_MRN_BASE + i}", middle="", phone="")
+        enc.duplicate = replace(person, mrn=f"MRN{DUPLICATE_MRN_BASE + i + 1}", middle="", phone="")
     return enc
 
 
