@@ -33,11 +33,12 @@ class Hl7HeaderError(ValueError):
     101 required field missing, 102 data type error, 207 application internal error).
     """
 
-    def __init__(self, code: str, text: str, header: Header | None = None):
+    def __init__(self, code: str, text: str, header: Header | None = None, *, reason: str = "bad_header"):
         super().__init__(text)
         self.code = code
         self.text = text
         self.header = header
+        self.reason = reason  # a stable short name for tables: missing_msh, bad_delimiters, ...
 
 
 @dataclass(frozen=True)
@@ -89,24 +90,28 @@ def parse_header(data: bytes) -> Header:
     """Read the header segment of one message (or batch). Raises Hl7HeaderError saying what is wrong."""
     text = strip_bom(data).lstrip(b"\r\n\t ")
     if not text:
-        raise Hl7HeaderError("100", "empty message: no MSH segment")
+        raise Hl7HeaderError("100", "empty message: no MSH segment", reason="missing_msh")
     first = _SEGMENT_BREAK.split(text, maxsplit=1)[0]
     name = first[:3]
     if name not in HEADER_SEGMENTS:
         shown = first[:20].decode(_BYTES_AS_TEXT, "replace")
-        raise Hl7HeaderError("100", f"message does not start with an MSH segment (starts with {shown!r})")
+        raise Hl7HeaderError("100", f"message does not start with an MSH segment (starts with {shown!r})",
+                             reason="missing_msh")
     if len(first) < 8:
-        raise Hl7HeaderError("100", f"{name.decode()} segment too short to hold its delimiters")
+        raise Hl7HeaderError("100", f"{name.decode()} segment too short to hold its delimiters",
+                             reason="bad_delimiters")
     line = first.decode(_BYTES_AS_TEXT)
     sep = line[3]
     if sep.isalnum() or sep.isspace():
-        raise Hl7HeaderError("102", f"{name.decode()}-1 field separator {sep!r} is not a delimiter character")
+        raise Hl7HeaderError("102", f"{name.decode()}-1 field separator {sep!r} is not a delimiter character",
+                             reason="bad_delimiters")
     fields = [line[:3], sep, *line[4:].split(sep)]
     # fields[0] = segment name, fields[1] = MSH-1, fields[2] = MSH-2, ...: shift so _field(n) = MSH-n.
     fields = fields[1:]
     encoding = _field(fields, 2)
     if not 2 <= len(encoding) <= 5 or sep in encoding:
-        raise Hl7HeaderError("102", f"{name.decode()}-2 encoding characters {encoding!r} are not valid")
+        raise Hl7HeaderError("102", f"{name.decode()}-2 encoding characters {encoding!r} are not valid",
+                             reason="bad_delimiters")
     header = Header(
         segment=name.decode(),
         field_separator=sep,
@@ -123,9 +128,9 @@ def parse_header(data: bytes) -> Header:
     )
     if header.segment == "MSH":
         if not header.message_type:
-            raise Hl7HeaderError("101", "MSH-9 message type is empty", header)
+            raise Hl7HeaderError("101", "MSH-9 message type is empty", header, reason="missing_message_type")
         if not header.control_id:
-            raise Hl7HeaderError("101", "MSH-10 message control id is empty", header)
+            raise Hl7HeaderError("101", "MSH-10 message control id is empty", header, reason="missing_control_id")
     return header
 
 
