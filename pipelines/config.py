@@ -209,7 +209,8 @@ class SimulatorConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"simulator.{name} (or its flag) must be at least 1, got {getattr(self, name)}")
         if self.icu_beds < 0:
-            raise ConfigError(f"simulator.icu_beds must be 0 (= patients x icu_bed_fraction) or more, got {self.icu_beds}")
+            raise ConfigError(f"simulator.icu_beds must be 0 (= patients x icu_bed_fraction) or more, "
+                              f"got {self.icu_beds}")
         if not self.icu_cadence_min_s <= self.icu_cadence_max_s <= 3600:
             raise ConfigError("simulator.icu_cadence_min_s <= icu_cadence_max_s <= 3600 is required, got "
                               f"{self.icu_cadence_min_s} and {self.icu_cadence_max_s}; monitors report every 1-60 s")

@@ -278,6 +278,7 @@ def eob_resource(c: Claim) -> dict:
     body = _common(c, eob=True)
     return {"resourceType": "ExplanationOfBenefit", "id": f"eob-{c.claim_id.lower()}",
             "identifier": [{"system": "http://carelake.example/fhir/sid/claim", "value": c.claim_id}],
-            **{k: v for k, v in body.items() if k not in ("item", "total")},
+            **{k: v for k, v in body.items() if k not in ("item", "total", "insurance")},
             "insurer": {"display": c.payer}, "outcome": "complete",
+            "insurance": [{"focal": True, "coverage": {"display": c.payer}}],
             "claim": fhir.reference("Claim", c.claim_id.lower()), "item": body["item"], "total": body["total"]}

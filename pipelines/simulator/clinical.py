@@ -149,5 +149,5 @@ IMAGING = {
 }
 # The stat study each deterioration prompts; routine admission imaging is a chest film.
 DETERIORATION_IMAGING = {"sepsis": "cxr", "respiratory_failure": "ct_chest", "haemorrhage": "ct_abdomen"}
-PRIORITY_DELAY_H = {"stat": (0.3, 1.0), "asap": (1.0, 4.0), "routine": (3.0, 12.0)}
+PRIORITY_DELAY_H = {"stat": (0.2, 0.75), "asap": (0.5, 2.0), "routine": (1.0, 6.0)}
 HL7_PRIORITY = {"stat": "S", "asap": "A", "routine": "R"}

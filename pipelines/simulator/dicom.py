@@ -23,11 +23,12 @@ class StudyPlan:
 
 
 def plan_study(order: ImagingOrder, seed: int) -> StudyPlan:
-    """Deterministic DICOM UIDs (2.25.<hash>) for an order's study, series and instances."""
-    from pydicom.uid import generate_uid
+    """Deterministic DICOM UIDs (2.25.<UUID as integer>, a name-based UUID of seed and accession)."""
+    import uuid
 
     def uid(*parts: object) -> str:
-        return str(generate_uid(prefix=None, entropy_srcs=[str(seed), order.accession, *map(str, parts)]))
+        name = "|".join([str(seed), order.accession, *map(str, parts)])
+        return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
 
     count = INSTANCES[IMAGING[order.procedure_key].modality]
     return StudyPlan(order, uid("study"), uid("series"), tuple(uid("instance", n) for n in range(count)))

@@ -54,5 +54,6 @@ def resolve_params(sim: SimulatorConfig, out: str | Path, *, force: bool = False
         raise UsageError(f"--out {folder} is a file; give a folder (it is created if missing)")
     if folder.is_dir() and any(folder.iterdir()) and not force:
         raise UsageError(f"--out {folder} is not empty; choose an empty or new folder, or add --force to "
-                         "delete what the simulator wrote there before and write again")
+                         "replace an earlier simulation there (only hl7/ fhir/ devices/ dicom/ claims/ truth/ and "
+                         "manifest.json are removed)")
     return SimParams(sim, folder)

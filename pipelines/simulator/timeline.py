@@ -101,8 +101,9 @@ def build_timeline(census: Census, params: SimParams, draws: list[Draw],
             _fhir_vitals(tl, enc, d, got, clock)
         else:
             _hl7_vitals(tl, enc, d, got, clock)
-    for n, order in enumerate(_imaging_orders(census, params)):
-        _order_events(tl, order, clock, n)
+    tl.orders = _imaging_orders(census, params)
+    for order in tl.orders:
+        _order_events(tl, order, clock)
     tl.sort()
     return tl
 
@@ -258,7 +259,7 @@ def _imaging_orders(census: Census, params: SimParams) -> list[ImagingOrder]:
     return orders
 
 
-def _order_events(tl: Timeline, order: ImagingOrder, clock: _Clock, n: int) -> None:
+def _order_events(tl: Timeline, order: ImagingOrder, clock: _Clock) -> None:
     enc, proc = order.enc, IMAGING[order.procedure_key]
     at = clock.at(order.at_s)
     stay, person = enc.stay_at(order.at_s), enc.person_at(order.at_s)
