@@ -12,11 +12,13 @@ row holding the unreadable bytes with `landing_status = 'corrupt'`: kept, never 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 import pyarrow as pa
 from pyspark.sql import DataFrame
+from pyspark.sql.pandas.types import to_arrow_schema
 from pyspark.sql.types import BinaryType, LongType, StringType, StructField, StructType, TimestampType
 
 from bronze.records import Record, Scan, SegmentFormatError, is_segment, iter_records
@@ -30,35 +32,29 @@ LANDED_SCHEMA = StructType([
     StructField("landing_reason", StringType(), True),
     StructField("payload", BinaryType(), False),
 ])
-_ARROW_SCHEMA = pa.schema([
-    ("landing_file", pa.string()),
-    ("landing_position", pa.int64()),
-    ("received_at", pa.timestamp("us", tz="UTC")),
-    ("peer", pa.string()),
-    ("landing_status", pa.string()),
-    ("landing_reason", pa.string()),
-    ("payload", pa.binary()),
-])
 
-# How a record body (or a dropped file) divides into units: (offset, length) pairs within it.
-Splitter = Callable[[bytes], list[tuple[int, int]]]
+# How a record body (or a dropped file) divides into units: (offset, length, extra columns) within it.
+# The extra columns are the feed's cheap keys, named as in the `extra` schema given to landed_units.
+Unit = tuple[int, int, Mapping[str, Any]]
+Splitter = Callable[[bytes], Iterable[Unit]]
+_NONE: Mapping[str, Any] = {}
 
 
-def whole(body: bytes) -> list[tuple[int, int]]:
-    return [(0, len(body))] if body.strip() else []
+def whole(body: bytes) -> list[Unit]:
+    return [(0, len(body), _NONE)] if body.strip() else []
 
 
-def lines(body: bytes) -> list[tuple[int, int]]:
+def lines(body: bytes) -> list[Unit]:
     """Non-blank lines; the LF is removed, a CR before it is kept (bytes as sent)."""
     out, pos = [], 0
     for piece in body.split(b"\n"):
         if piece.strip():
-            out.append((pos, len(piece)))
+            out.append((pos, len(piece), _NONE))
         pos += len(piece) + 1
     return out
 
 
-def _received(header: dict, fallback: datetime) -> datetime:
+def _received(header: Mapping[str, Any], fallback: datetime) -> datetime:
     try:
         return datetime.fromisoformat(str(header["received_at"])).astimezone(UTC)
     except (KeyError, ValueError):
@@ -66,18 +62,23 @@ def _received(header: dict, fallback: datetime) -> datetime:
 
 
 class _Columns:
-    def __init__(self) -> None:
-        self.cols: dict[str, list] = {f.name: [] for f in _ARROW_SCHEMA}
+    """Column lists for one output Arrow batch: the landed columns, then the feed's extra keys."""
+
+    def __init__(self, schema: pa.Schema, extra: tuple[str, ...]):
+        self.schema = schema
+        self.extra = extra
+        self.cols: dict[str, list] = {f.name: [] for f in schema}
 
     def add(self, path: str, pos: int, at: datetime, peer: str | None, status: str, reason: str | None,
-            payload: bytes) -> None:
-        for name, value in zip(self.cols, (path, pos, at, peer, status, reason, payload), strict=True):
+            payload: bytes, keys: Mapping[str, Any]) -> None:
+        for name, value in zip(self.cols, (path, pos, at, peer, status, reason, payload), strict=False):
             self.cols[name].append(value)
+        for name in self.extra:
+            self.cols[name].append(keys.get(name))
 
     def batch(self) -> pa.RecordBatch:
-        return pa.RecordBatch.from_arrays([pa.array(v, type=f.type) for v, f in zip(self.cols.values(), _ARROW_SCHEMA,
-                                                                                    strict=True)],
-                                          schema=_ARROW_SCHEMA)
+        arrays = [pa.array(self.cols[f.name], type=f.type) for f in self.schema]
+        return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
 
 
 def _segment_units(out: _Columns, path: str, content: bytes, modified: datetime, split: Splitter) -> None:
@@ -86,18 +87,19 @@ def _segment_units(out: _Columns, path: str, content: bytes, modified: datetime,
             h = item.header
             at, peer = _received(h, modified), h.get("peer")
             status, reason = str(h.get("status", "accepted")), h.get("reason")
-            for off, n in split(item.body):
-                out.add(path, item.body_offset + off, at, peer, status, reason, item.body[off:off + n])
+            for off, n, keys in split(item.body):
+                out.add(path, item.body_offset + off, at, peer, status, reason, item.body[off:off + n], keys)
         elif isinstance(item, Scan) and item.problem is not None and item.torn_bytes:
-            out.add(path, item.valid_end, modified, None, "corrupt", item.problem, content[item.valid_end:])
+            out.add(path, item.valid_end, modified, None, "corrupt", item.problem, content[item.valid_end:], _NONE)
 
 
-def explode(split: Splitter) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """A mapInArrow function: binaryFile rows -> LANDED_SCHEMA rows, one per unit."""
+def explode(split: Splitter, schema: pa.Schema, extra: tuple[str, ...] = ()
+            ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """A mapInArrow function: binaryFile rows -> one row per unit (landed columns + extra keys)."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
-            out = _Columns()
+            out = _Columns(schema, extra)
             cols = batch.to_pydict()
             for path, modified, content in zip(cols["path"], cols["modificationTime"], cols["content"], strict=True):
                 modified = modified if modified.tzinfo else modified.replace(tzinfo=UTC)
@@ -107,13 +109,16 @@ def explode(split: Splitter) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa
                         continue
                     except SegmentFormatError:
                         pass
-                for off, n in split(content):
-                    out.add(path, off, modified, None, "accepted", None, content[off:off + n])
+                for off, n, keys in split(content):
+                    out.add(path, off, modified, None, "accepted", None, content[off:off + n], keys)
             yield out.batch()
 
     return run
 
 
-def landed_units(files: DataFrame, split: Splitter) -> DataFrame:
-    """binaryFile rows (path, modificationTime, length, content) -> one row per unit, in LANDED_SCHEMA."""
-    return files.select("path", "modificationTime", "content").mapInArrow(explode(split), LANDED_SCHEMA)
+def landed_units(files: DataFrame, split: Splitter, extra: StructType | None = None) -> DataFrame:
+    """binaryFile rows (path, modificationTime, length, content) -> one row per unit: LANDED_SCHEMA + extra."""
+    out_schema = StructType(LANDED_SCHEMA.fields + (extra.fields if extra else []))
+    arrow = to_arrow_schema(out_schema)
+    names = tuple(f.name for f in extra.fields) if extra else ()
+    return files.select("path", "modificationTime", "content").mapInArrow(explode(split, arrow, names), out_schema)

@@ -132,9 +132,16 @@ class Registry:
 
 def builtin_jobs() -> list[Job]:
     """carelake's own jobs."""
-    from bronze import device_readings
+    from bronze import device_readings, hl7_messages
 
     return [
+        Job(
+            name="bronze.hl7_messages",
+            source=LandingSource(hl7_messages.FEED),
+            transform=hl7_messages.hl7_messages,
+            schema=hl7_messages.SCHEMA,
+            description="HL7 v2 messages exactly as received (MLLP or file drop), with header keys",
+        ),
         Job(
             name="bronze.device_readings",
             source=LandingSource(device_readings.FEED),
