@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from pipelines.config import Config
-from pipelines.errors import ConfigError, UsageError
+from pipelines.errors import ConfigError, SchemaEvolutionError, UsageError
 from pipelines.store.base import MergeSpec, split_table_name
 
 if TYPE_CHECKING:
@@ -37,12 +37,44 @@ class LandingSource:
 
 @dataclass(frozen=True)
 class TableSource:
-    """The rows an upstream Delta table's new versions changed (its change feed)."""
+    """The rows new versions of upstream Delta tables changed (their change feeds).
+
+    Several tables (`TableSource("bronze.a", "bronze.b")`) are read as one stream: their columns are
+    united by name (a column one table lacks is null in its rows), so one transform sees every feed.
+    """
 
     table: str
+    more: tuple[str, ...] = ()
+
+    def __init__(self, table: str, *more: str):
+        object.__setattr__(self, "table", table)
+        object.__setattr__(self, "more", tuple(more))
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        return (self.table, *self.more)
 
     def describe(self) -> str:
-        return self.table
+        return " + ".join(self.tables)
+
+
+@dataclass(frozen=True)
+class Output:
+    """A side table a job also writes from each of its batches (e.g. silver.quarantine).
+
+    The transform then returns a mapping {table name: DataFrame} holding the job's own table and each
+    side output; every table is committed with the same batch transaction id, so a replay skips all.
+    """
+
+    table: str
+    write: Literal["append", "merge"] = "append"
+    merge: MergeSpec | None = None
+    schema: StructType | None = None
+
+    def __post_init__(self) -> None:
+        split_table_name(self.table)
+        if (self.write == "merge") != (self.merge is not None):
+            raise ConfigError(f"side output {self.table}: a merge output needs a MergeSpec, and only it takes one")
 
 
 @dataclass(frozen=True)
@@ -59,6 +91,7 @@ class Job:
     interval: str | None = None
     description: str = ""
     options: Mapping[str, Any] = field(default_factory=dict)
+    side_outputs: tuple[Output, ...] = ()
 
     def __post_init__(self) -> None:
         split_table_name(self.name)
@@ -76,12 +109,26 @@ class Job:
 
     @property
     def upstream(self) -> tuple[str, ...]:
-        return (self.source.table,) if isinstance(self.source, TableSource) else ()
+        return self.source.tables if isinstance(self.source, TableSource) else ()
 
-    def apply(self, df: DataFrame, batch: Mapping[str, Any]) -> DataFrame:
-        """Run the transform with the batch parameters and options it declares."""
+    @property
+    def outputs(self) -> tuple[Output, ...]:
+        """Every table a batch writes: the side outputs, then the job's own table (committed last)."""
+        own = Output(self.name, self.write, self.merge, self.schema)
+        return (*self.side_outputs, own)
+
+    def apply(self, df: DataFrame, batch: Mapping[str, Any]) -> dict[str, DataFrame]:
+        """Run the transform with the batch parameters and options it declares; {table: DataFrame}."""
         offered = {**{k: v for k, v in batch.items() if k in BATCH_PARAMETERS}, **self.options}
-        return self.transform(df, **{k: v for k, v in offered.items() if k in self._accepted})
+        out = self.transform(df, **{k: v for k, v in offered.items() if k in self._accepted})
+        want = {o.table for o in self.outputs}
+        if not self.side_outputs and not isinstance(out, Mapping):
+            return {self.name: out}
+        if not isinstance(out, Mapping) or set(out) != want:
+            got = sorted(out) if isinstance(out, Mapping) else type(out).__name__
+            raise SchemaEvolutionError(f"job {self.name}: its transform must return {{table: DataFrame}} for "
+                                       f"{sorted(want)}, got {got}")
+        return dict(out)
 
 
 class Registry:

@@ -23,8 +23,8 @@ import pyarrow as pa
 
 from pipelines.config import Config
 from pipelines.errors import CarelakeError, SchemaEvolutionError, UsageError
-from pipelines.jobs import Job, LandingSource, Registry, TableSource
-from pipelines.store import TableStore, Txn
+from pipelines.jobs import Job, LandingSource, Output, Registry, TableSource
+from pipelines.store import TableStore, Txn, WriteResult
 from pipelines.timeutil import utcnow
 
 if TYPE_CHECKING:
@@ -108,14 +108,14 @@ class StopSignal:
                 signal.signal(s, handler)
 
 
-def _check_schema(job: Job, out: DataFrame) -> None:
-    if job.schema is None:
+def _check_schema(output: Output, out: DataFrame) -> None:
+    if output.schema is None:
         return
-    want = [(f.name, f.dataType.simpleString()) for f in job.schema.fields]
+    want = [(f.name, f.dataType.simpleString()) for f in output.schema.fields]
     got = [(f.name, f.dataType.simpleString()) for f in out.schema.fields]
     if want != got:
         raise SchemaEvolutionError(
-            f"job {job.name}: its transform produced columns {got}, but the job's schema declares {want};"
+            f"{output.table}: the transform produced columns {got}, but the schema declares {want};"
             " fix the transform or the schema in the job's module"
         )
 
@@ -140,7 +140,14 @@ class Runner:
                     .option("pathGlobFilter", job.source.glob)
                     .option("maxFilesPerTrigger", self.cfg.streaming.max_files_per_trigger)
                     .load(str(folder)))
-        upstream = job.source.table
+        streams = [self._changes(job, table) for table in job.source.tables]
+        united = streams[0]
+        for more in streams[1:]:
+            united = united.unionByName(more, allowMissingColumns=True)
+        return united
+
+    def _changes(self, job: Job, upstream: str) -> DataFrame:
+        """The change feed of one upstream table, as a stream."""
         if not self.store.exists(upstream):
             raise UsageError(f"{job.name} reads {upstream}, which does not exist yet; run: carelake run {upstream}")
         path = str(self.store.ref(upstream).path)
@@ -186,18 +193,16 @@ class Runner:
             rows_in, oldest = int(stats["n"]), stats["oldest"]
             batch = {"batch_id": batch_id, "ingest_batch_id": f"{job.name}/{query_id[:8]}/{batch_id}",
                      "processed_at": started_at}
-            out = job.apply(batch_df, batch)
-            _check_schema(job, out)
-            arrow = out.toArrow()
+            outputs = job.apply(batch_df, batch)
+            arrows = {}
+            for output in job.outputs:
+                _check_schema(output, outputs[output.table])
+                arrows[output.table] = outputs[output.table].toArrow()
         finally:
             batch_df.unpersist()
         meta = {"carelake.job": job.name, "carelake.batch": str(batch_id), "carelake.query": query_id}
-        if arrow.num_rows == 0 and self.store.exists(job.name):
-            result = None
-        elif job.write == "merge":
-            result = self.store.merge(job.name, arrow, job.merge, txn=txn, metadata=meta)
-        else:
-            result = self.store.append(job.name, arrow, txn=txn, metadata=meta)
+        written = {output.table: self._write(output, arrows[output.table], txn, meta) for output in job.outputs}
+        result, arrow = written[job.name], arrows[job.name]
         replayed = bool(result and result.skipped)
         finished_at = utcnow()
         lag_ms = 0
@@ -210,10 +215,19 @@ class Runner:
         summary.replayed += int(replayed)
         summary.rows_in += rows_in
         summary.rows_out += 0 if replayed else arrow.num_rows
+        side = "".join(f", {arrows[o.table].num_rows:,} to {o.table}" for o in job.side_outputs)
         unit = "file(s)" if isinstance(job.source, LandingSource) else "change(s)"
-        log.info("%s batch %d: %s %s in -> %s rows %s in %.2f s, lag %.1f s, %s v%s", job.name, batch_id,
+        log.info("%s batch %d: %s %s in -> %s rows %s%s in %.2f s, lag %.1f s, %s v%s", job.name, batch_id,
                  f"{rows_in:,}", unit, f"{arrow.num_rows:,}", "skipped (already committed)" if replayed else "written",
-                 time.monotonic() - t0, lag_ms / 1000, job.name, version if version is not None else "-")
+                 side, time.monotonic() - t0, lag_ms / 1000, job.name, version if version is not None else "-")
+
+    def _write(self, output: Output, arrow: pa.Table, txn: Txn, meta: dict[str, str]) -> WriteResult | None:
+        """Commit one table's part of a batch (nothing when it is empty and the table exists)."""
+        if arrow.num_rows == 0 and self.store.exists(output.table):
+            return None
+        if output.write == "merge":
+            return self.store.merge(output.table, arrow, output.merge, txn=txn, metadata=meta)
+        return self.store.append(output.table, arrow, txn=txn, metadata=meta)
 
     def _record_metrics(self, job: Job, query_id: str, batch_id: int, started_at: datetime, finished_at: datetime,
                         rows_in: int, rows_out: int, lag_ms: int, version: int | None, replayed: bool) -> None:
@@ -280,8 +294,22 @@ class Runner:
             return self._run_together(jobs, trigger, stop, on_summary)
 
     def _skip_missing_upstream(self, job: Job) -> JobSummary | None:
-        if isinstance(job.source, TableSource) and not self.store.exists(job.source.table):
-            return JobSummary(job.name, status="skipped", detail=f"{job.source.table} has no data yet")
+        """Skip a job none of whose upstream tables exist; create the missing ones of a multi-table source
+        empty (from their job's schema), so the stream always has every source from its first start and
+        its checkpoint stays valid when a feed starts later than the others."""
+        if not isinstance(job.source, TableSource):
+            return None
+        missing = [t for t in job.source.tables if not self.store.exists(t)]
+        if len(missing) == len(job.source.tables):
+            return JobSummary(job.name, status="skipped", detail=f"{job.source.describe()} has no data yet")
+        for table in missing:
+            schema = self.registry.get(table).schema if table in self.registry.names() else None
+            if schema is None:
+                return JobSummary(job.name, status="skipped", detail=f"{table} has no data yet")
+            from pyspark.sql.pandas.types import to_arrow_schema
+
+            self.store.append(table, to_arrow_schema(schema).empty_table(),
+                              metadata={"carelake.job": table, "carelake.created_by": job.name})
         return None
 
     def _run_in_order(self, jobs: list[Job], trigger: Trigger, stop: StopSignal,

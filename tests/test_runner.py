@@ -39,12 +39,14 @@ def test_available_now_runs_every_job_in_dependency_order(lake, tmp_path):
     ingest(cfg, [readings_file(tmp_path / "a.jsonl", ["m1", "m2", "m1"])], "devices")
     ingest(cfg, [readings_file(tmp_path / "b.jsonl", ["m2"])], "devices")
     summaries = runner.run(runner.registry.names(), NOW)
-    assert [s.job for s in summaries] == ["bronze.device_readings", "silver.toy_readings", "gold.toy_device_totals"]
+    assert [s.job for s in summaries] == ["bronze.device_readings", "bronze.hl7_messages", "silver.toy_readings",
+                                          "gold.toy_device_totals"]
     assert all(s.status == "done" for s in summaries)
+    assert summaries[1].batches == 0  # no HL7 landed: the job ran and found nothing
     assert store.row_count("bronze.device_readings") == 4
     assert totals(store) == {"m1": 2, "m2": 2}
     metrics = store.read_arrow(METRICS_TABLE).to_pylist()
-    assert {m["job"] for m in metrics} == {s.job for s in summaries}
+    assert {m["job"] for m in metrics} == {s.job for s in summaries if s.batches}
     assert all(m["rows_out"] >= 0 and m["duration_ms"] >= 0 for m in metrics)
 
 
@@ -91,3 +93,26 @@ def test_downstream_job_is_skipped_until_upstream_has_data(lake):
     cfg, store, runner = lake
     summaries = runner.run(["silver.toy_readings"], NOW)
     assert summaries[0].status == "skipped" and "bronze.device_readings" in summaries[0].detail
+
+
+def test_one_job_reads_several_feeds_and_writes_a_side_output(tmp_path, spark):
+    cfg = make_config(tmp_path / "lake", **{"jobs.modules": "tests.toyjobs_multi"})
+    store = open_store(cfg, spark)
+    runner = Runner(cfg, spark, store, load_registry(cfg))
+    names = ["bronze.device_readings", "bronze.hl7_messages", "silver.toy_feed_rows"]
+    ingest(cfg, [readings_file(tmp_path / "a.jsonl", ["m1", "m2"])], "devices")
+    runner.run(names, NOW)  # no HL7 yet: its bronze table is created empty so the stream has both sources
+    assert store.exists("bronze.hl7_messages") and store.row_count("bronze.hl7_messages") == 0
+    rows = sorted((r["feed"], r["key"]) for r in store.read_arrow("silver.toy_feed_rows").to_pylist())
+    assert rows == [("devices", "m1"), ("devices", "m2")]
+    (tmp_path / "m.hl7").write_bytes(b"MSH|^~\\&|A|B|||20261121||ADT^A01|C-9|P|2.5\rPID|1\rnot hl7\r")
+    (tmp_path / "bad.hl7").write_bytes(b"garbage only\r")
+    ingest(cfg, [tmp_path / "m.hl7", tmp_path / "bad.hl7"], "hl7")
+    ingest(cfg, [readings_file(tmp_path / "b.jsonl", ["m3"])], "devices")
+    runner.run(names, NOW)
+    rows = sorted((r["feed"], r["key"]) for r in store.read_arrow("silver.toy_feed_rows").to_pylist())
+    assert rows == [("devices", "m1"), ("devices", "m2"), ("devices", "m3"), ("hl7", "C-9")]
+    assert [(r["feed"], r["parse_status"]) for r in store.read_arrow("silver.toy_rejects").to_pylist()] == [
+        ("hl7", "missing_msh")]
+    history = store.history("silver.toy_rejects")
+    assert {c.metadata.get("carelake.job") for c in history} == {"silver.toy_feed_rows"}
