@@ -129,7 +129,7 @@ def load_resource(raw: bytes) -> dict[str, Any]:
         obj = _DECODER.decode(text)
     except (ValueError, RecursionError) as exc:
         raise PayloadError(INVALID_JSON, _json_problem(exc)) from None
-    _require_resource(obj)
+    require_resource(obj)
     return obj
 
 
@@ -145,8 +145,8 @@ def _json_problem(exc: BaseException) -> str:
     return str(exc)
 
 
-def _require_resource(obj: Any) -> None:
-    """Raise PayloadError unless `obj` is an object with a resourceType."""
+def require_resource(obj: Any) -> None:
+    """Raise PayloadError unless `obj` is a JSON object with a resourceType."""
     if not isinstance(obj, dict):
         raise PayloadError(NOT_A_RESOURCE, f"JSON {type(obj).__name__} is not an object")
     resource_type = obj.get("resourceType")
@@ -159,7 +159,7 @@ def _text(value: Any) -> str | None:
 
 
 def _resource_unit(obj: dict[str, Any], offset: int, length: int, *, id_required: bool, **where: Any) -> Unit:
-    """A Unit for a resource object that passed _require_resource."""
+    """A Unit for a resource object that passed require_resource."""
     meta = obj.get("meta")
     meta = meta if isinstance(meta, dict) else {}
     resource_type = obj["resourceType"]
@@ -208,7 +208,7 @@ def _split_document(body: bytes, start: int) -> list[Unit]:
         return [_failed_unit(0, len(body), PayloadError(INVALID_UTF8, f"byte {start + exc.start}: {exc.reason}"))]
     try:
         top, begin, end = _scan_document(text)
-        _require_resource(top)
+        require_resource(top)
     except PayloadError as exc:
         return [_failed_unit(0, len(body), exc)]
     to_bytes = _ByteOffsets(text, start)
@@ -340,7 +340,7 @@ def _entry_unit(entry: _Entry, index: int, to_bytes: _ByteOffsets, bundle: dict[
         start, resource, end = entry.members["resource"]
         offset = to_bytes(start)
         try:
-            _require_resource(resource)
+            require_resource(resource)
         except PayloadError as exc:
             return _failed_unit(offset, to_bytes(end) - offset, exc, **where)
         return _resource_unit(resource, offset, to_bytes(end) - offset, id_required=False, **where)
