@@ -65,7 +65,7 @@ def _keys(message: bytes) -> Mapping[str, Any]:
     return keys
 
 
-def messages(body: bytes) -> list[Unit]:
+def messages(body: bytes, _meta: Mapping[str, Any] | None = None) -> list[Unit]:
     """Each message in a record body or dropped file, with its header keys."""
     return [(off, n, _keys(body[off:off + n])) for off, n in split_messages(body)]
 

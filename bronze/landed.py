@@ -35,16 +35,18 @@ LANDED_SCHEMA = StructType([
 
 # How a record body (or a dropped file) divides into units: (offset, length, extra columns) within it.
 # The extra columns are the feed's cheap keys, named as in the `extra` schema given to landed_units.
+# A splitter also gets what is known about the body: the gateway record's header (content_type, peer,
+# ...) or, for a dropped file, {"landing_file": path}.
 Unit = tuple[int, int, Mapping[str, Any]]
-Splitter = Callable[[bytes], Iterable[Unit]]
+Splitter = Callable[[bytes, Mapping[str, Any]], Iterable[Unit]]
 _NONE: Mapping[str, Any] = {}
 
 
-def whole(body: bytes) -> list[Unit]:
+def whole(body: bytes, _meta: Mapping[str, Any] = _NONE) -> list[Unit]:
     return [(0, len(body), _NONE)] if body.strip() else []
 
 
-def lines(body: bytes) -> list[Unit]:
+def lines(body: bytes, _meta: Mapping[str, Any] = _NONE) -> list[Unit]:
     """Non-blank lines; the LF is removed, a CR before it is kept (bytes as sent)."""
     out, pos = [], 0
     for piece in body.split(b"\n"):
@@ -87,7 +89,7 @@ def _segment_units(out: _Columns, path: str, content: bytes, modified: datetime,
             h = item.header
             at, peer = _received(h, modified), h.get("peer")
             status, reason = str(h.get("status", "accepted")), h.get("reason")
-            for off, n, keys in split(item.body):
+            for off, n, keys in split(item.body, h):
                 out.add(path, item.body_offset + off, at, peer, status, reason, item.body[off:off + n], keys)
         elif isinstance(item, Scan) and item.problem is not None and item.torn_bytes:
             out.add(path, item.valid_end, modified, None, "corrupt", item.problem, content[item.valid_end:], _NONE)
@@ -109,7 +111,7 @@ def explode(split: Splitter, schema: pa.Schema, extra: tuple[str, ...] = ()
                         continue
                     except SegmentFormatError:
                         pass
-                for off, n, keys in split(content):
+                for off, n, keys in split(content, {"landing_file": path}):
                     out.add(path, off, modified, None, "accepted", None, content[off:off + n], keys)
             yield out.batch()
 

@@ -179,9 +179,16 @@ class Registry:
 
 def builtin_jobs() -> list[Job]:
     """carelake's own jobs."""
-    from bronze import device_readings, hl7_messages
+    from bronze import device_readings, fhir_resources, hl7_messages
 
     return [
+        Job(
+            name="bronze.fhir_resources",
+            source=LandingSource(fhir_resources.FEED),
+            transform=fhir_resources.fhir_resources,
+            schema=fhir_resources.SCHEMA,
+            description="FHIR R4 resources exactly as received (HTTP or file drop), Bundles exploded, with keys",
+        ),
         Job(
             name="bronze.hl7_messages",
             source=LandingSource(hl7_messages.FEED),

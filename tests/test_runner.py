@@ -39,10 +39,10 @@ def test_available_now_runs_every_job_in_dependency_order(lake, tmp_path):
     ingest(cfg, [readings_file(tmp_path / "a.jsonl", ["m1", "m2", "m1"])], "devices")
     ingest(cfg, [readings_file(tmp_path / "b.jsonl", ["m2"])], "devices")
     summaries = runner.run(runner.registry.names(), NOW)
-    assert [s.job for s in summaries] == ["bronze.device_readings", "bronze.hl7_messages", "silver.toy_readings",
-                                          "gold.toy_device_totals"]
+    assert [s.job for s in summaries] == ["bronze.device_readings", "bronze.fhir_resources", "bronze.hl7_messages",
+                                          "silver.toy_readings", "gold.toy_device_totals"]
     assert all(s.status == "done" for s in summaries)
-    assert summaries[1].batches == 0  # no HL7 landed: the job ran and found nothing
+    assert summaries[1].batches == summaries[2].batches == 0  # no FHIR or HL7 landed: ran, found nothing
     assert store.row_count("bronze.device_readings") == 4
     assert totals(store) == {"m1": 2, "m2": 2}
     metrics = store.read_arrow(METRICS_TABLE).to_pylist()
