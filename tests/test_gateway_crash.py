@@ -43,8 +43,8 @@ def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path):
     mllp_acks, http_acks = tmp_path / "mllp.tsv", tmp_path / "http.tsv"
     env = carelake_env(root, CARELAKE_GATEWAY__SEND_RETRIES="8")
     senders = [
-        subprocess.Popen(carelake_cmd("send", "--to", "%s:%d" % first.mllp, "--connections", "4", "--rate", "1500",
-                                      "--ack-log", str(mllp_acks), str(hl7)),
+        subprocess.Popen(carelake_cmd("send", "--to", "{}:{}".format(*first.mllp), "--connections", "4",
+                                      "--rate", "1500", "--ack-log", str(mllp_acks), str(hl7)),
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO),
         subprocess.Popen(carelake_cmd("send", "--to", first.http, "--batch", str(BATCH), "--rate", "8000",
                                       "--ack-log", str(http_acks), str(devices)),
