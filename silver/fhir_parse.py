@@ -49,6 +49,7 @@ from bronze.fhir_split import PayloadError, load_resource, require_resource
 LOINC = "http://loinc.org"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 DICOM_UID = "urn:dicom:uid"
+RFC_3986 = "urn:ietf:rfc:3986"
 
 INVALID_UTF8 = "invalid_utf8"
 INVALID_JSON = "invalid_json"
@@ -157,12 +158,14 @@ def _local_datetime(text: str) -> tuple[datetime, str, tzinfo | None]:
     if match is None:
         raise ValueError(f"{text!r} is not a FHIR date or dateTime")
     year, month, day, hour, minute, second, fraction, tz = match.groups()
-    if hour is None:
-        precision = "day" if day else "month" if month else "year"
-        return datetime(int(year), int(month or 1), int(day or 1)), precision, None
     leap = second == "60"  # a leap second is the first instant of the next minute
-    micro = int(fraction[:6].ljust(6, "0")) if fraction else 0
-    local = datetime(int(year), int(month), int(day), int(hour), int(minute), 59 if leap else int(second), micro)
+    try:
+        local = datetime(int(year), int(month or 1), int(day or 1), int(hour or 0), int(minute or 0),
+                         59 if leap else int(second or 0), int(fraction[:6].ljust(6, "0")) if fraction else 0)
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a valid date or time: {exc}") from None
+    if hour is None:
+        return local, "day" if day else "month" if month else "year", None
     if leap:
         local += timedelta(seconds=1)
     return local, "millisecond" if fraction else "second", _offset(tz) if tz else None
@@ -885,20 +888,27 @@ def _service_request(reader: _Reader) -> dict[str, list[dict[str, Any]]]:
 
 def _imaging_study(reader: _Reader) -> dict[str, list[dict[str, Any]]]:
     resource, path = reader.resource, reader.path
-    uid = next((i for i in _dicts(resource.get("identifier")) if i.get("system") == DICOM_UID), {})
-    uid_value = _str(uid.get("value"))
+    uid_value = _study_uid(resource.get("identifier"))
     series = reader.objs(resource, "series", path)
     return {"imaging_studies": [{
         **reader.head(), "identifiers": _identifier_dicts(reader), "status": reader.text(resource, "status", path),
         **reader.subject(), "encounter_reference": reader.reference("encounter"),
         "started_at": reader.time(resource, "started", path)[0],
-        "study_uid": uid_value.removeprefix("urn:oid:") if uid_value else None,
+        "study_uid": uid_value,
         **_accession(resource.get("identifier")), "modalities": _modalities(resource, series),
         "number_of_series": _count(resource.get("numberOfSeries"), len(series) if series else None),
         "number_of_instances": _count(resource.get("numberOfInstances"),
                                       sum(len(_dicts(s.get("instance"))) for _, s in series) if series else None),
         "based_on": [r["reference"] for r in _dicts(resource.get("basedOn")) if isinstance(r.get("reference"), str)],
     }]}
+
+
+def _study_uid(identifiers: Any) -> str | None:
+    """The Study Instance UID: system urn:dicom:uid, else an RFC 3986 `urn:oid:` value (as Synthea sends it)."""
+    values = [(i.get("system"), i["value"]) for i in _dicts(identifiers) if isinstance(i.get("value"), str)]
+    uid = next((v for system, v in values if system == DICOM_UID), None) or next(
+        (v for system, v in values if system == RFC_3986 and v.startswith("urn:oid:")), None)
+    return uid.removeprefix("urn:oid:") if uid else None
 
 
 def _modalities(resource: dict[str, Any], series: list[tuple[int, dict[str, Any]]]) -> list[str]:

@@ -203,7 +203,8 @@ PATIENT = {
          "value": "12345"},
     ],
     "active": False,
-    "name": [{"use": "usual", "given": ["Jim"]}, {"use": "official", "family": "Chalmers", "given": ["Peter", "James"]}],
+    "name": [{"use": "usual", "given": ["Jim"]},
+             {"use": "official", "family": "Chalmers", "given": ["Peter", "James"]}],
     "telecom": [{"system": "email", "value": "p@example.org"}, {"system": "phone", "value": "(03) 5555 6473"}],
     "gender": "male", "birthDate": "1974-12", "deceasedBoolean": False,
     "address": [{"use": "work", "city": "Elsewhere"},
@@ -246,7 +247,8 @@ def test_patient_with_mrn_official_name_and_merges():
 
 
 def test_patient_without_mr_uses_first_identifier_and_notes_bad_elements():
-    patient = {"resourceType": "Patient", "id": "p2", "identifier": [{"value": "no-system"}, {"system": "s", "value": "v"}],
+    patient = {"resourceType": "Patient", "id": "p2",
+               "identifier": [{"value": "no-system"}, {"system": "s", "value": "v"}],
                "birthDate": "1990-02-30", "deceasedDateTime": "2020-01-01T10:00:00Z", "active": "yes", "name": "Smith"}
     extracted = extract(patient, default_tz=BERLIN)
     row = extracted.patients[0]
@@ -306,7 +308,8 @@ BP_PANEL = {
     ],
 }
 BP_PARENT = {"id": "bp1", "version_id": "1", "last_updated": utc(2024, 3, 10, 7, 16), "status": "final",
-             "category_codes": ["vital-signs"], "subject_reference": "Patient/p1", "encounter_reference": "Encounter/e1",
+             "category_codes": ["vital-signs"], "subject_reference": "Patient/p1",
+             "encounter_reference": "Encounter/e1",
              "effective_at": utc(2024, 3, 10, 7, 15), "effective_precision": "second",
              "effective_source": "effectiveDateTime", "panel_code": "85354-9", "code_system": LOINC, "alt_codes": [],
              "value_type": "Quantity", "value_unit": "mmHg", "value_unit_code": "mm[Hg]", "value_unit_system": UCUM,
@@ -564,3 +567,6 @@ def test_every_real_fhir_file_splits_checks_and_extracts(realdata):
     diastolic = rows[("observations", "fba16e5e-1b98-484e-8296-43a3995b9f75", 0)]
     assert (diastolic["panel_code"], diastolic["code"], diastolic["value_num"]) == ("55284-4", "8462-4",
                                                                                      74.1167184645281)
+    study = rows[("imaging_studies", "adf70108-2b60-4080-863e-86cfadc114f0", None)]
+    assert (study["study_uid"], study["modalities"], study["number_of_instances"], study["started_at"]) == (
+        "1.2.840.99999999.64756812.1559319190472", ["DX"], 1, utc(1954, 11, 4, 10, 10, 39))
