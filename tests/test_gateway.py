@@ -167,15 +167,23 @@ def test_http_fhir_and_devices_land_after_fsync_and_bad_bodies_are_kept_as_rejec
               "application/fhir+json"),
         _post(f"{gateway.http}/fhir", b'{"id": "x"}', "application/fhir+json"),
         _post(f"{gateway.http}/fhir", b"<Patient/>", "application/fhir+xml"),
-        _post(f"{gateway.http}/devices", readings + b"{broken\n" + b'{"time": "t"}\n', "application/x-ndjson"),
+        _post(f"{gateway.http}/devices", b"{broken\n" + b'{"time": "t"}\n', "application/x-ndjson"),
         _post(f"{gateway.http}/devices", b"", "application/x-ndjson"),
     ]
     assert [s for s, _ in bad] == [400, 400, 415, 400, 400]
+    # Some bad lines among good ones: the batch lands whole (bronze marks the bad lines), with a warning each.
+    partly = _post(f"{gateway.http}/devices", readings + b"{broken\n" + b'{"time": "t"}\n', "application/x-ndjson")
+    assert partly[0] == 202
+    assert [i["severity"] for i in partly[1]["issue"]] == ["information", "warning", "warning"]
+    assert "landed 3 reading(s)" in partly[1]["issue"][0]["diagnostics"]
+    assert [i["diagnostics"].split(":")[0] for i in partly[1]["issue"][1:]] == ["line 4", "line 5"]
     assert all(doc["resourceType"] == "OperationOutcome" for _, doc in bad)
     assert "not valid JSON" in bad[0][1]["issue"][0]["diagnostics"]
     assert "no resourceType" in bad[1][1]["issue"][0]["diagnostics"]
     assert "application/fhir+json" in bad[2][1]["issue"][0]["diagnostics"]
-    assert [i["diagnostics"].split(":")[0] for i in bad[3][1]["issue"]] == ["line 4", "line 5"]
+    assert [i["diagnostics"] for i in bad[3][1]["issue"]] == ["line 1: not valid JSON (Expecting property name "
+                                                             "enclosed in double quotes: line 1 column 2 (char 1))",
+                                                             "line 2: no device_id"]
     health = json.loads(urllib.request.urlopen(f"{gateway.http}/health", timeout=10).read())
     assert health["status"] == "ok"
     metrics = urllib.request.urlopen(f"{gateway.http}/metrics", timeout=10).read().decode()
@@ -185,7 +193,8 @@ def test_http_fhir_and_devices_land_after_fsync_and_bad_bodies_are_kept_as_rejec
     gateway.stop()
     assert [r.body for _, r in landed(gateway.root, "fhir")] == [bundle, ndjson,
                                                                  b'{"resourceType":"Patient","id":"p9"}']
-    assert [r.body for _, r in landed(gateway.root, "devices")] == [readings]
+    assert [r.body for _, r in landed(gateway.root, "devices")] == [readings, readings + b"{broken\n"
+                                                                    + b'{"time": "t"}\n']
     rejects = [r for _, r in landed(gateway.root, "fhir", rejected=True)]
     assert [r.header["http_status"] for r in rejects] == [400, 400, 415] and rejects[2].body == b"<Patient/>"
     assert [r.header["http_status"] for _, r in landed(gateway.root, "devices", rejected=True)] == [400, 400]

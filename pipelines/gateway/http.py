@@ -2,9 +2,12 @@
 
 A body is checked just enough to know it is what the endpoint takes (well-formed JSON with a
 resourceType; JSON lines of readings with a device id and a time), then landed byte for byte and
-answered 202 only after the fsync. A bad body is answered 4xx with a FHIR OperationOutcome naming
-each problem, and kept in the rejects area, so nothing sent is lost. Deeper validation (FHIR
-structure, units, plausibility) is silver's job, where a failure quarantines one row, not a batch.
+answered 202 only after the fsync. A body holding nothing usable (wrong content type, not JSON, no
+resource or reading at all) is answered 4xx with a FHIR OperationOutcome naming each problem, and
+kept in the rejects area, so nothing sent is lost. A batch with some bad lines or entries is landed
+whole and answered 202 with a warning issue per bad part: one garbled reading never holds back the
+vital signs sent with it, and bronze marks the bad part so silver quarantines it with its reason.
+Deeper validation (FHIR structure, units, plausibility) is silver's job: one row, not a batch.
 """
 
 from __future__ import annotations
@@ -58,17 +61,25 @@ def _text(body: bytes) -> str:
                       ) from None
 
 
-def _json_lines(text: str) -> Iterator[tuple[int, str]]:
-    for n, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            yield n, line
+@dataclass(frozen=True)
+class Checked:
+    """What a body holds: the units it delivers, and a warning for each part bronze will mark as bad."""
+
+    count: int
+    warnings: list[str]
 
 
-def _load(line: str) -> object:
-    try:
-        return json.loads(line)
-    except ValueError as exc:
-        return exc
+def _json_lines(body: bytes) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON or the error) for each non-blank line, decoded line by line."""
+    for n, raw in enumerate(body.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            yield n, json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            yield n, ValueError(f"not UTF-8 at byte {exc.start}")
+        except ValueError as exc:
+            yield n, exc
 
 
 def _resource_problem(item: object, where: str) -> str | None:
@@ -82,74 +93,75 @@ def _resource_problem(item: object, where: str) -> str | None:
     return None
 
 
-def check_fhir(body: bytes, content_type: str) -> int:
-    """Number of resources in a Bundle, resource or NDJSON body; BadBody naming each problem otherwise."""
-    if content_type in _NDJSON_TYPES:
-        problems, count = [], 0
-        for n, line in _json_lines(_text(body)):
+def _reading_problem(item: object, where: str) -> str | None:
+    if isinstance(item, ValueError):
+        return f"{where}: not valid JSON ({item})"
+    if isinstance(item, list):
+        return f"{where}: a JSON array; send one reading object per line (JSON lines)"
+    if not isinstance(item, dict):
+        return f"{where}: expected a reading object, got {type(item).__name__}"
+    if not isinstance(item.get("device_id"), str) or not item["device_id"].strip():
+        return f"{where}: no device_id"
+    if not item.get("time"):
+        return f"{where}: no time"
+    return None
+
+
+def _check_lines(body: bytes, problem: Callable[[object, str], str | None], noun: str) -> Checked:
+    """JSON lines: the good lines are delivered, each bad one is a warning; nothing good at all is a 400."""
+    count, warnings = 0, []
+    for n, item in _json_lines(body):
+        if p := problem(item, f"line {n}"):
+            warnings.append(p)
+        else:
             count += 1
-            if problem := _resource_problem(_load(line), f"line {n}"):
-                problems.append(problem)
-        if problems:
-            raise BadBody(400, "structure", problems)
-        if not count:
-            raise BadBody(400, "required", ["body holds no resources"])
-        return count
+    if not count:
+        raise BadBody(400, "invalid" if warnings else "required", warnings or [f"body holds no {noun}"])
+    return Checked(count, warnings)
+
+
+def check_fhir(body: bytes, content_type: str) -> Checked:
+    """Resources in a Bundle, resource or NDJSON body; BadBody when the body holds none at all."""
+    if content_type in _NDJSON_TYPES:
+        return _check_lines(body, _resource_problem, "resources")
     if content_type not in _JSON_TYPES:
         raise BadBody(415, "not-supported", [
             f"content type {content_type or '(none)'!r} is not accepted here: send application/fhir+json "
             "(a Bundle or one resource) or application/fhir+ndjson (one resource per line)"])
-    doc = _load(_text(body))
+    try:
+        doc = json.loads(_text(body))
+    except ValueError as exc:
+        doc = exc
     if problem := _resource_problem(doc, "body"):
         raise BadBody(400, "structure", [problem])
     if doc["resourceType"] != "Bundle":
-        return 1
+        return Checked(1, [])
     entries = doc.get("entry") or []
     if not isinstance(entries, list):
         raise BadBody(400, "structure", ["Bundle.entry must be a list"])
-    problems = []
+    warnings = []
     for i, entry in enumerate(entries):
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if resource is None and isinstance(entry, dict) and "request" in entry:
             continue  # a transaction DELETE entry carries a request and no resource
         if problem := _resource_problem(resource, f"Bundle.entry[{i}].resource"):
-            problems.append(problem)
-    if problems:
-        raise BadBody(400, "structure", problems)
-    return len(entries)
+            warnings.append(problem)
+    return Checked(len(entries) - len(warnings), warnings)
 
 
-def check_readings(body: bytes, content_type: str) -> int:
-    """Number of readings in a JSON-lines body; BadBody naming each bad line otherwise."""
+def check_readings(body: bytes, content_type: str) -> Checked:
+    """Readings in a JSON-lines body; BadBody when the body holds none at all."""
     if content_type not in _DEVICE_TYPES:
         raise BadBody(415, "not-supported", [
             f"content type {content_type!r} is not accepted here: send application/x-ndjson, one reading "
             "object per line"])
-    problems, count = [], 0
-    for n, line in _json_lines(_text(body)):
-        count += 1
-        item = _load(line)
-        if isinstance(item, ValueError):
-            problems.append(f"line {n}: not valid JSON ({item})")
-        elif isinstance(item, list):
-            problems.append(f"line {n}: a JSON array; send one reading object per line (JSON lines)")
-        elif not isinstance(item, dict):
-            problems.append(f"line {n}: expected a reading object, got {type(item).__name__}")
-        elif not isinstance(item.get("device_id"), str) or not item["device_id"].strip():
-            problems.append(f"line {n}: no device_id")
-        elif not item.get("time"):
-            problems.append(f"line {n}: no time")
-    if problems:
-        raise BadBody(400, "invalid", problems)
-    if not count:
-        raise BadBody(400, "required", ["body holds no readings"])
-    return count
+    return _check_lines(body, _reading_problem, "readings")
 
 
 @dataclass(frozen=True)
 class Endpoint:
     feed: str
-    check: Callable[[bytes, str], int]
+    check: Callable[[bytes, str], Checked]
     noun: str
 
 
@@ -201,7 +213,7 @@ class HttpGateway:
                 limit = self.max_bytes / (1 << 20)
                 raise BadBody(413, "too-costly", [f"body exceeds gateway.max_message_mb ({limit:g} MB); "
                                                   f"split it (the first {len(body):,} bytes were kept)"])
-            count = ep.check(body, content_type)
+            checked = ep.check(body, content_type)
         except BadBody as bad:
             return await self._refuse(request.path, ep, header, body, bad)
         try:
@@ -212,8 +224,14 @@ class HttpGateway:
             return self._reply(request.path, 503, outcome("error", "transient", [
                 f"the gateway cannot store the body ({exc}); nothing was accepted, send it again later"]))
         self.metrics.inc("carelake_gateway_landed_total", feed=ep.feed, status="accepted")
-        return self._reply(request.path, 202, outcome("information", "informational", [
-            f"landed {count} {ep.noun} in {place.segment} at byte {place.offset}"]))
+        doc = outcome("information", "informational", [
+            f"landed {checked.count} {ep.noun} in {place.segment} at byte {place.offset}"
+            + (f"; {len(checked.warnings)} part(s) could not be read and are kept for quarantine"
+               if checked.warnings else "")])
+        if checked.warnings:
+            self.metrics.inc("carelake_gateway_partly_bad_total", feed=ep.feed)
+            doc["issue"] += outcome("warning", "invalid", checked.warnings)["issue"]
+        return self._reply(request.path, 202, doc)
 
     async def _refuse(self, path: str, ep: Endpoint, header: dict, body: bytes, bad: BadBody) -> web.Response:
         reason = "; ".join(bad.problems[:3]) + (f" (+{len(bad.problems) - 3} more)" if len(bad.problems) > 3 else "")

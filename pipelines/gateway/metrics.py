@@ -14,6 +14,7 @@ _HELP = {
     "carelake_gateway_landed_total": ("counter", "Records fsynced into the landing zone, by feed and status."),
     "carelake_gateway_rejected_total": ("counter", "Bodies refused (negative ACK or HTTP 4xx), by feed and reason."),
     "carelake_gateway_bytes_total": ("counter", "Bytes received, by feed."),
+    "carelake_gateway_partly_bad_total": ("counter", "HTTP bodies landed with some unreadable lines or entries."),
     "carelake_gateway_acks_total": ("counter", "MLLP acknowledgements sent, by code (AA, AE, AR)."),
     "carelake_gateway_http_responses_total": ("counter", "HTTP responses, by path and status."),
     "carelake_gateway_incomplete_frames_total": ("counter", "MLLP connections closed mid-frame (never acked)."),
