@@ -32,6 +32,11 @@ Reason codes (REASON_CODES), stable and shared with `bronze.fhir_split` parse st
     missing_value        an Observation or component with neither value[x] nor dataAbsentReason
     missing_effective    an Observation without an effective time silver can use
 
+Speed, one core, Observations of ~750 bytes (CPU time on the shared 2-core dev box): `check` ~55,000/s,
+`extract` ~50,000/s, `validate` ~6,000/s; with bronze's split and `parse_payload`, ~18,000/s end to end
+without `validate` and ~5,000/s with it. So `check` is meant to run always and `validate` where a
+configuration asks for it (or on a sample).
+
 Pure Python (no Spark, no I/O): silver jobs call it from mapInArrow on every resource.
 """
 
@@ -526,6 +531,7 @@ class _Reader:
                 "subject_identifier_value": _str(identifier.get("value"))}
 
     def contained(self, local_id: str) -> dict[str, Any]:
+        """The contained resource with this local id, or {}."""
         contained = self.resource.get("contained")
         for item in contained if isinstance(contained, list) else ():
             if isinstance(item, dict) and item.get("id") == local_id:
@@ -533,6 +539,7 @@ class _Reader:
         return {}
 
     def reference(self, key: str) -> str | None:
+        """The reference string of the Reference element `key`."""
         return self.text(self.obj(self.resource, key, self.path), "reference", f"{self.path}.{key}")
 
 
@@ -607,6 +614,8 @@ def extract(resource: dict[str, Any], *, default_tz: tzinfo) -> Extracted:
     `default_tz` is where times sent without an offset (and partial dates) are taken to be.
     Raises FhirParseError only when `resource` is not an object with a resourceType.
     """
+    if not isinstance(default_tz, tzinfo):
+        raise TypeError(f"default_tz must be a tzinfo such as zoneinfo.ZoneInfo('Europe/Berlin'), got {default_tz!r}")
     try:
         require_resource(resource)
     except PayloadError as exc:

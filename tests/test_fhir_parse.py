@@ -453,6 +453,8 @@ def test_other_types_give_nothing_and_unusable_objects_raise():
                                                         "line 1 column 2: Expecting property name enclosed in double "
                                                         "quotes")
     assert parse_payload(dumps(PATIENT)) == PATIENT
+    with pytest.raises(TypeError, match="default_tz must be a tzinfo"):
+        extract(PATIENT, default_tz="Europe/Berlin")
 
 
 # --- silver: check and validate --------------------------------------------------------------------
