@@ -205,11 +205,12 @@ class SegmentLog:
                 if self.fsync:  # the new name itself must survive a power cut before anything in it is acked
                     fsync_dir(self.folder)
             seg = self._segment
-            places = []
+            places, offset = [], seg.size
             for item in items:
-                places.append(Landed(seg.name, seg.size))
-                seg.file.write(item.data)
-                seg.size += len(item.data)
+                places.append(Landed(seg.name, offset))
+                offset += len(item.data)
+            seg.file.write(b"".join(item.data for item in items))  # one write per group commit
+            seg.size = offset
             started = time.perf_counter()
             if self.fsync:
                 os.fsync(seg.file.fileno())
