@@ -51,6 +51,13 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _write_all(file, data: bytes) -> None:
+    """An unbuffered write may take fewer bytes than offered: keep going until all are written."""
+    view = memoryview(data)
+    while view:
+        view = view[file.write(view):]
+
+
 def _segment_name(feed: str) -> str:
     stamp = datetime.now(tz=UTC).strftime("%Y%m%dT%H%M%S%fZ")
     return f"{stamp}-{feed}-{uuid.uuid4().hex[:12]}{SEGMENT_SUFFIX}"
@@ -209,7 +216,7 @@ class SegmentLog:
             for item in items:
                 places.append(Landed(seg.name, offset))
                 offset += len(item.data)
-            seg.file.write(b"".join(item.data for item in items))  # one write per group commit
+            _write_all(seg.file, b"".join(item.data for item in items))  # one write per group commit
             seg.size = offset
             started = time.perf_counter()
             if self.fsync:
