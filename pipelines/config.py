@@ -264,6 +264,34 @@ def _check_rates(key: str, rates: Mapping[str, float], names: tuple[str, ...], *
 
 
 @dataclass(frozen=True)
+class SilverConfig:
+    timezone: str
+    mrn_system: str
+    system_aliases: Mapping[str, str]
+    key_secret: str
+    fhir_validation: str
+
+    def __post_init__(self) -> None:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"silver.timezone: {self.timezone!r} is not an IANA time zone "
+                              "(e.g. UTC, Europe/London, America/Chicago)") from None
+        if not self.mrn_system.strip():
+            raise ConfigError("silver.mrn_system must name the hospital's MRN assigning authority, e.g. CARELAKE")
+        if self.fhir_validation not in ("fast", "full"):
+            raise ConfigError(f"silver.fhir_validation must be fast or full, got {self.fhir_validation!r}")
+
+    def canonical_system(self, system: str | None) -> str:
+        """The canonical name of an identifier system (aliases resolved; none = the hospital's MRNs)."""
+        if system is None or not system.strip():
+            return self.mrn_system
+        return self.system_aliases.get(system, system)
+
+
+@dataclass(frozen=True)
 class JobsConfig:
     modules: tuple[str, ...]
 
@@ -277,6 +305,7 @@ class Config:
     landing: LandingConfig
     gateway: GatewayConfig
     simulator: SimulatorConfig
+    silver: SilverConfig
     jobs: JobsConfig
     env: str = "local"
     conf_dir: Path = Path("conf")
@@ -318,7 +347,7 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any], known: dict[str, Any],
         if key not in known:
             choices = ", ".join(f"{prefix}{k}" for k in known)
             raise ConfigError(f"unknown configuration key {dotted!r} in {origin}; known keys here: {choices}")
-        free_form = dotted in ("spark.conf",)
+        free_form = dotted in ("spark.conf", "silver.system_aliases")
         if isinstance(known[key], dict) and not free_form:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{dotted} in {origin} must be a mapping, got {value!r}")
