@@ -9,11 +9,16 @@ the rest of the message is still extracted.
 Empty vs null: an empty field was not sent (unknown, keep what is stored); the HL7 null `""` asks to
 delete the stored value. The parser returns `NULL` for the latter; extracted records hold None and
 name such keys in their `nulled` list.
+
+Reason codes. Raised (`Hl7ParseError.code`): missing_msh, bad_delimiters, missing_message_type,
+missing_control_id (and bad_timestamp from `parse_ts`). In `Extracted.issues`: bad_timestamp,
+missing_patient_id, unsupported_message_type, extra_repetitions, continuation_line.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
 from functools import lru_cache
@@ -53,9 +58,12 @@ class Hl7ParseError(ValueError):
     """A message, or one value in it, that cannot be used; `code` is the stable reason silver quarantines on."""
 
     def __init__(self, code: str, detail: str):
-        super().__init__(f"{code}: {detail}")
+        super().__init__(code, detail)  # both in args, so the error pickles (Spark ships it between processes)
         self.code = code
         self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.detail}"
 
 
 class Hl7Null:
@@ -305,10 +313,29 @@ def _delimiters(sep: str, enc: str) -> Delimiters:
 def _header_delimiters(line: str) -> Delimiters:
     """The delimiters of an MSH line."""
     if len(line) < 8:
-        raise Hl7ParseError("bad_delimiters", f"MSH segment {line!r} is too short to hold its delimiters")
+        raise Hl7ParseError("bad_delimiters", f"MSH segment {line[:20]!r} is too short to hold its delimiters")
     sep = line[3]
     end = line.find(sep, 4)
     return _delimiters(sep, line[4:end] if end >= 0 else line[4:])
+
+
+@lru_cache(maxsize=64)
+def _segment_start(sep: str) -> re.Pattern[str]:
+    """A pattern matching lines that begin a segment: a name (letter, then two letters or digits), then `sep`."""
+    return re.compile(f"[A-Z][A-Z0-9]{{2}}(?:{re.escape(sep)}|$)")
+
+
+def _join_continuations(lines: list[str], starts: Callable[[str], object], issues: list[dict]) -> list[str]:
+    """Lines with each one that does not begin a segment (`starts` fails) joined to the previous one by a line break."""
+    joined = [lines[0]]
+    for line in lines[1:]:
+        if starts(line):
+            joined.append(line)
+        else:
+            issues.append(_issue("continuation_line", f"line {line[:20]!r} does not start a segment; joined to the "
+                                 "previous segment as a line break", joined[-1][:3], "", len(joined) - 1))
+            joined[-1] += "\n" + line
+    return joined
 
 
 def parse(data: bytes) -> Message:
@@ -321,15 +348,8 @@ def parse(data: bytes) -> Message:
     d = _header_delimiters(lines[0])
     sep = d.field
     issues: list[dict] = []
-    joined = [lines[0]]
-    for line in lines[1:]:
-        name = line[:3]  # a segment starts with three upper-case letters or digits, then the field separator
-        if (line[3:4] == sep or len(line) == 3) and name.isalnum() and name.isupper():
-            joined.append(line)
-        else:
-            issues.append(_issue("continuation_line", f"line {line[:20]!r} does not start a segment; joined to the "
-                                 "previous segment as a line break", joined[-1][:3], "", len(joined) - 1))
-            joined[-1] += "\n" + line
+    starts = _segment_start(sep).match
+    joined = lines if all(map(starts, lines)) else _join_continuations(lines, starts, issues)
     first = joined[0]
     segments = [Segment("MSH", ["MSH", sep, *first[4:].split(sep)], 0, d, first[first.find(sep, 4) + 1:])]
     segments += [Segment(line[:3], line.split(sep), i, d, line) for i, line in enumerate(joined) if i]
@@ -359,7 +379,7 @@ def _parse_ts(text: str, default_tz: tzinfo) -> tuple[datetime, str]:
     """parse_ts_precision of stripped text, cached: a feed repeats its timestamps within and across messages."""
     m = _TS.fullmatch(text)
     if m is None:
-        raise Hl7ParseError("bad_timestamp", f"{text!r} is not an HL7 timestamp "
+        raise Hl7ParseError("bad_timestamp", f"{text[:40]!r} is not an HL7 timestamp "
                                              "(YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ])")
     year, month, day, hour, minute, second, fraction, sign, off_h, off_m = m.groups()
     parts = (year, month, day, hour, minute, second)
@@ -367,14 +387,14 @@ def _parse_ts(text: str, default_tz: tzinfo) -> tuple[datetime, str]:
     zone = default_tz
     if sign:
         if int(off_h) > 14 or int(off_m) > 59:
-            raise Hl7ParseError("bad_timestamp", f"{text!r} has an impossible UTC offset {sign}{off_h}{off_m}")
+            raise Hl7ParseError("bad_timestamp", f"{text[:40]!r} has an impossible UTC offset {sign}{off_h}{off_m}")
         offset = timedelta(hours=int(off_h), minutes=int(off_m))
         zone = timezone(-offset if sign == "-" else offset)
     try:
         local = datetime(int(year), int(month or 1), int(day or 1), int(hour or 0), int(minute or 0),
                          int(second or 0), int((fraction or "0").ljust(6, "0")), tzinfo=zone)
     except ValueError as e:
-        raise Hl7ParseError("bad_timestamp", f"{text!r} is not a valid date and time ({e})") from None
+        raise Hl7ParseError("bad_timestamp", f"{text[:40]!r} is not a valid date and time ({e})") from None
     return local.astimezone(UTC), precision
 
 
@@ -383,12 +403,12 @@ def _parse_date(text: str) -> tuple[date, str]:
     """The calendar date an HL7 DT/TS names (no zone conversion: a birth date is a date) and its precision."""
     m = _TS.fullmatch(text.strip())
     if m is None:
-        raise Hl7ParseError("bad_timestamp", f"{text!r} is not an HL7 date (YYYY[MM[DD]])")
+        raise Hl7ParseError("bad_timestamp", f"{text[:40]!r} is not an HL7 date (YYYY[MM[DD]])")
     year, month, day = m.group(1, 2, 3)
     try:
         value = date(int(year), int(month or 1), int(day or 1))
     except ValueError as e:
-        raise Hl7ParseError("bad_timestamp", f"{text!r} is not a valid date ({e})") from None
+        raise Hl7ParseError("bad_timestamp", f"{text[:40]!r} is not a valid date ({e})") from None
     return value, "day" if day else "month" if month else "year"
 
 
@@ -434,7 +454,38 @@ ISSUE_KEYS = ("code", "detail", "segment", "field", "record_index")
 
 @dataclass(frozen=True)
 class Extracted:
-    """The clinical content of one message as plain dicts (see `extract` for the keys of each kind)."""
+    """The clinical content of one message as plain dicts; each kind has exactly the keys of its *_KEYS tuple.
+
+    Times are aware UTC datetimes. Every record has `record_index` (position of its segment, MSH = 0) and
+    `nulled` (the keys whose source was sent as "": clear the stored value). A value that cannot be read
+    (a bad timestamp) is None and has an entry in `issues`; it never falls back to another field.
+
+    header: MSH-10 control_id; MSH-9 message_code/trigger_event/message_structure; MSH-7 sent_at; event_at
+      (EVN-2, else MSH-7); MSH-3..6 applications and facilities (HD namespace, else universal id); MSH-12
+      version; MSH-11 processing_id; encoding ("utf-8"/"latin-1", how the bytes were decoded); charset (MSH-18).
+    patients (PID): mrn (PID-3 repetition of type MR, else the first) and source_system (its assigning
+      authority, else MSH-4); identifiers [{value, type, authority}]; PID-5 names; birth_date (a date) and
+      birth_date_precision (year/month/day); sex (male/female/other/unknown); PID-11 address (address_line
+      joins the street subcomponents); PID-13 phone; deceased (PID-30, or True when only PID-29 is sent),
+      deceased_at; event_at.
+    encounters (PV1): visit_number and visit_authority (PV1-19); patient_mrn/patient_source_system; event_code
+      (ADT trigger) and event (admit, transfer, discharge, register, update, cancel_admit, ...; None for
+      non-ADT messages); patient_class (PV1-2 as sent); location_* and prior_location_* (PV1-3, PV1-6: point of
+      care, room, bed, facility); attending_doctor_id (PV1-7.1); admit_at (PV1-44); discharge_at (PV1-45).
+    merges (MRG with MRG-1): surviving_* from the PID before it, prior_mrn/prior_source_system from MRG-1.
+    observations (OBX in ORU and ADT): OBX-3 code/display/code_system and alt_*; OBX-4 sub_id; value_num
+      (NM, SN), comparator (SN), value_text (text types joined by line breaks, SN ranges/ratios, the display
+      of a coded value, or the unreadable text), value_code/value_code_system (CWE, CE, CNE, CF);
+      missing_value; value_error (not_a_number, bad_comparator); OBX-6 units_code/units_text/units_system;
+      OBX-7 reference_range; OBX-8 abnormal_flags (list); OBX-11 status_code and status (final, corrected,
+      preliminary, entered_in_error, cannot_obtain, deleted, not_verified, pending, ...); effective_at from
+      effective_source (OBX-14, else OBR-7, else MSH-7); OBR-2/3/4 and ORC-1 order context; patient context.
+    orders (ORC/OBR in ORM and OML): ORC-1 order_control; placer/filler numbers (ORC, else OBR); ORC-5
+      order_status; priority (stat/asap/routine) from priority_code (TQ1-9, else ORC-7.6, OBR-27.6, OBR-5);
+      OBR-4 service_*; requested_at (TQ1-7, else ORC-7.4, OBR-27.4, OBR-6); ordering_provider_id (ORC-12,
+      else OBR-16); accession_number (IPC-1, else OBR-18); modality (IPC-5, else OBR-24 when a DICOM modality).
+    issues: {code, detail, segment, field, record_index}.
+    """
 
     header: dict
     patients: list[dict]
@@ -499,14 +550,11 @@ class _Walker:
 
     def run(self) -> Extracted:
         """Walk the segments and return everything extracted."""
-        handlers = {"PID": self.pid, "PV1": self.pv1, "MRG": self.mrg, "ORC": self.orc_segment,
-                    "OBR": self.obr_segment, "TQ1": self.tq1, "IPC": self.ipc}
-        if self.code in _OBSERVATION_MESSAGES:
-            handlers["OBX"] = self.obx
+        handlers = _HANDLERS_WITH_OBX if self.code in _OBSERVATION_MESSAGES else _HANDLERS
         for seg in self.msg.segments:
             handler = handlers.get(seg.name)
             if handler is not None:
-                handler(seg)
+                handler(self, seg)
         self.flush_order()
         self.check_message()
         return Extracted(self.header(), self.patients, self.encounters, self.merges, self.observations,
@@ -735,11 +783,12 @@ class _Walker:
 
     def read_value(self, seg: Segment, value_type: str, r: dict) -> None:
         """Fill an observation's value keys from OBX-5 according to its type (OBX-2)."""
-        count = seg.repetition_count(5)
-        if count == 0 or seg.raw(5) == '""':
-            r["value_num"] = r["value_text"] = NULL if count else None
+        raw = seg.raw(5)
+        if not raw or raw == '""':
+            r["value_num"] = r["value_text"] = NULL if raw else None
             r["missing_value"] = True
             return
+        count = 1 if seg.plain else seg.repetition_count(5)
         if value_type not in _READ_AS_VALUE:
             texts = [t for rep in range(count) if (t := seg.text(5, rep))]
             r["value_text"] = "\n".join(texts) if texts else None
@@ -758,6 +807,12 @@ class _Walker:
         else:
             r["value_code"], r["value_text"], r["value_code_system"] = seg.parts(5, 3)
         r["missing_value"] = r["value_num"] is None and not r["value_text"] and not r["value_code"]
+
+
+_HANDLERS: dict[str, Callable[[_Walker, Segment], None]] = {
+    "PID": _Walker.pid, "PV1": _Walker.pv1, "MRG": _Walker.mrg, "ORC": _Walker.orc_segment, "OBR": _Walker.obr_segment,
+    "TQ1": _Walker.tq1, "IPC": _Walker.ipc}
+_HANDLERS_WITH_OBX = {**_HANDLERS, "OBX": _Walker.obx}  # OBX is read in result and ADT messages only
 
 
 def _number(text: str) -> float | None:

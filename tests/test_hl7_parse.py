@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 from collections import Counter
 from datetime import UTC, date, datetime, timedelta, timezone
@@ -529,6 +530,11 @@ def test_unusable_messages_raise_with_a_reason_code(data, code):
         extract(data, default_tz=BERLIN)
     assert e.value.code == code
     assert e.value.detail and str(e.value).startswith(code)
+
+
+def test_parse_error_survives_pickling():
+    error = pickle.loads(pickle.dumps(Hl7ParseError("missing_msh", "no MSH")))
+    assert (error.code, error.detail, str(error)) == ("missing_msh", "no MSH", "missing_msh: no MSH")
 
 
 def test_message_level_issues():
