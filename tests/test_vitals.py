@@ -19,6 +19,7 @@ from silver.vitals import (
     VITALS,
     Normalized,
     normalize,
+    normalize_columns,
     normalized,
 )
 
@@ -327,16 +328,24 @@ AGREEMENT_SCHEMA = StructType([
 ])
 
 
-def test_python_and_spark_agree_row_by_row(spark):
-    df = spark.createDataFrame([(i, *row) for i, row in enumerate(AGREEMENT_ROWS)], AGREEMENT_SCHEMA)
-    names = [f.name for f in fields(Normalized)]
-    got = df.transform(normalized(display="display")).select("id", *names).orderBy("id").collect()
-    assert len(got) == len(AGREEMENT_ROWS)
-    for row, inputs in zip(got, AGREEMENT_ROWS, strict=True):
+def _assert_rows_match_python(rows, names):
+    assert len(rows) == len(AGREEMENT_ROWS)
+    for row, inputs in zip(rows, AGREEMENT_ROWS, strict=True):
         expected = asdict(normalize(*inputs))
         actual = {name: row[name] for name in names}
         for name in ("value", "original_value"):
             assert actual.pop(name) == pytest.approx(expected.pop(name), rel=1e-12), (inputs, name)
         assert actual == expected, inputs
-    problems = {r.problem for r in got}
-    assert problems == {None, "missing_value", "unit_not_convertible", "implausible_value", "unrecognized_value"}
+
+
+def test_python_and_spark_agree_row_by_row(spark):
+    df = spark.createDataFrame([(i, *row) for i, row in enumerate(AGREEMENT_ROWS)], AGREEMENT_SCHEMA)
+    names = [f.name for f in fields(Normalized)]
+    staged = df.transform(normalized(display="display"))
+    assert staged.columns == [c.name for c in AGREEMENT_SCHEMA] + [n for n in names if n not in df.columns]
+    _assert_rows_match_python(staged.select("id", *names).orderBy("id").collect(), names)
+    fused = normalize_columns("code", "code_system", "value_num", "value_text", "unit", display="display")
+    rows = df.select("id", *(column.alias(name) for name, column in fused.items())).orderBy("id").collect()
+    _assert_rows_match_python(rows, names)
+    assert {r.problem for r in rows} == {None, "missing_value", "unit_not_convertible", "implausible_value",
+                                         "unrecognized_value"}
