@@ -58,7 +58,7 @@ class Scan:
 
 
 def encode_record(header: Mapping[str, Any], body: bytes) -> bytes:
-    head = json.dumps(header, separators=(",", ":"), ensure_ascii=True, sort_keys=True).encode("ascii")
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("ascii")
     crc = zlib.crc32(body, zlib.crc32(head))
     return b"".join((_HEAD.pack(RECORD_MAGIC, len(head), len(body)), head, body, _CRC.pack(crc)))
 

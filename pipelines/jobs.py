@@ -20,8 +20,24 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame
     from pyspark.sql.types import StructType
 
+# A transform with side outputs may return one DataFrame whose rows name their table in this column.
+ROUTE_COLUMN = "_output"
 # Keyword arguments the runner offers a transform; a transform takes those it names.
 BATCH_PARAMETERS = ("batch_id", "ingest_batch_id", "processed_at")
+
+
+class Deferred:
+    """An option computed on first use, not when the registry loads (e.g. a secret kept under the root)."""
+
+    def __init__(self, compute: Callable[[], Any]):
+        self._compute = compute
+        self._done = False
+        self._value: Any = None
+
+    def value(self) -> Any:
+        if not self._done:
+            self._value, self._done = self._compute(), True
+        return self._value
 
 
 @dataclass(frozen=True)
@@ -117,17 +133,25 @@ class Job:
         own = Output(self.name, self.write, self.merge, self.schema)
         return (*self.side_outputs, own)
 
-    def apply(self, df: DataFrame, batch: Mapping[str, Any]) -> dict[str, DataFrame]:
-        """Run the transform with the batch parameters and options it declares; {table: DataFrame}."""
-        offered = {**{k: v for k, v in batch.items() if k in BATCH_PARAMETERS}, **self.options}
+    def apply(self, df: DataFrame, batch: Mapping[str, Any]) -> dict[str, DataFrame] | DataFrame:
+        """Run the transform with the batch parameters and options it declares.
+
+        Returns {table: DataFrame}, or, for a job with side outputs, may return one routed DataFrame
+        whose ROUTE_COLUMN names each row's table (computed once, split by the runner).
+        """
+        options = {k: v.value() if isinstance(v, Deferred) else v for k, v in self.options.items()}
+        offered = {**{k: v for k, v in batch.items() if k in BATCH_PARAMETERS}, **options}
         out = self.transform(df, **{k: v for k, v in offered.items() if k in self._accepted})
         want = {o.table for o in self.outputs}
-        if not self.side_outputs and not isinstance(out, Mapping):
-            return {self.name: out}
+        if not isinstance(out, Mapping):
+            if not self.side_outputs:
+                return {self.name: out}
+            if ROUTE_COLUMN in out.columns:
+                return out
         if not isinstance(out, Mapping) or set(out) != want:
             got = sorted(out) if isinstance(out, Mapping) else type(out).__name__
             raise SchemaEvolutionError(f"job {self.name}: its transform must return {{table: DataFrame}} for "
-                                       f"{sorted(want)}, got {got}")
+                                       f"{sorted(want)} or one DataFrame routed by {ROUTE_COLUMN}, got {got}")
         return dict(out)
 
 
@@ -177,11 +201,38 @@ class Registry:
         return [job for job in done.values() if job.name in wanted]
 
 
-def builtin_jobs() -> list[Job]:
+def silver_options(cfg: Config) -> dict[str, Any]:
+    """What the silver parsers need from configuration (the key secret is read or created on first use)."""
+    from pipelines.secrets import key_secret
+
+    s = cfg.silver
+    return {"secret": Deferred(lambda: key_secret(cfg)), "timezone": s.timezone, "mrn_system": s.mrn_system,
+            "system_aliases": tuple(sorted(s.system_aliases.items())), "fhir_validation": s.fhir_validation}
+
+
+def builtin_jobs(cfg: Config) -> list[Job]:
     """carelake's own jobs."""
     from bronze import device_readings, fhir_resources, hl7_messages
+    from silver import observations, quarantine
 
+    quarantine_output = Output(quarantine.QUARANTINE, "merge",
+                               MergeSpec(keys=("quarantine_id",), update=None, latest_by=("quarantined_at",)),
+                               quarantine.QUARANTINE_SCHEMA)
     return [
+        Job(
+            name=observations.OBSERVATIONS,
+            source=TableSource("bronze.hl7_messages", "bronze.fhir_resources", "bronze.device_readings"),
+            transform=observations.observations,
+            write="merge",
+            merge=MergeSpec(keys=("observation_id",), update=_observation_update(observations.SCHEMA),
+                            latest_by=("source_version", "received_at"),
+                            update_when="s.source_version > t.source_version",
+                            insert_when=f"s.status <> '{observations.DELETED}'"),
+            schema=observations.SCHEMA,
+            side_outputs=(quarantine_output,),
+            options=silver_options(cfg),
+            description="Every measured value (HL7 OBX, FHIR Observation, device reading), normalized and deduplicated",
+        ),
         Job(
             name="bronze.fhir_resources",
             source=LandingSource(fhir_resources.FEED),
@@ -206,9 +257,17 @@ def builtin_jobs() -> list[Job]:
     ]
 
 
+def _observation_update(schema: StructType) -> dict[str, str]:
+    """A correction replaces every column; a deletion changes only status, version and lineage."""
+    keep_on_delete = {"status", "source_version", "source_record", "received_at", "ingested_at"}
+    return {f.name: f"s.`{f.name}`" if f.name in keep_on_delete
+            else f"CASE WHEN s.status = 'deleted' THEN t.`{f.name}` ELSE s.`{f.name}` END"
+            for f in schema.fields if f.name != "observation_id"}
+
+
 def load_registry(cfg: Config) -> Registry:
     """Built-in jobs plus those of every module in jobs.modules."""
-    jobs = builtin_jobs()
+    jobs = builtin_jobs(cfg)
     for module_name in cfg.jobs.modules:
         try:
             module = importlib.import_module(module_name)

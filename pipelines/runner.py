@@ -20,10 +20,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+from pyspark.errors import StreamingQueryException
 
 from pipelines.config import Config
 from pipelines.errors import CarelakeError, SchemaEvolutionError, UsageError
-from pipelines.jobs import Job, LandingSource, Output, Registry, TableSource
+from pipelines.jobs import ROUTE_COLUMN, Job, LandingSource, Output, Registry, TableSource
 from pipelines.store import TableStore, Txn, WriteResult
 from pipelines.timeutil import utcnow
 
@@ -120,6 +121,27 @@ def _check_schema(output: Output, out: DataFrame) -> None:
         )
 
 
+def _route(job: Job, routed: DataFrame) -> dict[str, pa.Table]:
+    """Compute a routed batch once and split it into each output table's rows and columns."""
+    import pyarrow.compute as pc
+
+    fields = {f.name: f.dataType.simpleString() for f in routed.schema.fields}
+    for output in job.outputs:
+        if output.schema is None:
+            raise SchemaEvolutionError(f"{output.table}: a routed output needs a declared schema")
+        wrong = [(f.name, f.dataType.simpleString(), fields.get(f.name)) for f in output.schema.fields
+                 if fields.get(f.name) != f.dataType.simpleString()]
+        if wrong:
+            raise SchemaEvolutionError(f"{output.table}: the routed batch lacks or mistypes columns "
+                                       f"(name, declared, produced): {wrong}")
+    table = routed.toArrow()
+    out = {}
+    for output in job.outputs:
+        rows = table.filter(pc.equal(table[ROUTE_COLUMN], output.table))
+        out[output.table] = rows.select([f.name for f in output.schema.fields])
+    return out
+
+
 class Runner:
     """Runs jobs from the registry on one SparkSession and one table store."""
 
@@ -194,10 +216,13 @@ class Runner:
             batch = {"batch_id": batch_id, "ingest_batch_id": f"{job.name}/{query_id[:8]}/{batch_id}",
                      "processed_at": started_at}
             outputs = job.apply(batch_df, batch)
-            arrows = {}
-            for output in job.outputs:
-                _check_schema(output, outputs[output.table])
-                arrows[output.table] = outputs[output.table].toArrow()
+            if isinstance(outputs, dict):
+                arrows = {}
+                for output in job.outputs:
+                    _check_schema(output, outputs[output.table])
+                    arrows[output.table] = outputs[output.table].toArrow()
+            else:
+                arrows = _route(job, outputs)
         finally:
             batch_df.unpersist()
         meta = {"carelake.job": job.name, "carelake.batch": str(batch_id), "carelake.query": query_id}
@@ -322,7 +347,10 @@ class Runner:
             if summary is None:
                 running = self.start(job, trigger)
                 while running.query.isActive and not stop.event.is_set():
-                    running.query.awaitTermination(0.5)
+                    try:
+                        running.query.awaitTermination(0.5)
+                    except StreamingQueryException:
+                        break  # _finish reports the cause (the Python exception, not Spark's wrapper)
                 if running.query.isActive:
                     self._stop_gracefully(running)
                 summary = self._finish(running, stop.event.is_set())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,8 +27,16 @@ REJECTS = "_rejects"
 LOCK_NAME = ".gateway.lock"
 
 
+_second_cache: list = [-1, ""]
+
+
 def received_now() -> str:
-    return datetime.now(tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """ISO-8601 UTC with microseconds; the formatted second is reused for every record within it."""
+    now = time.time()
+    second = int(now)
+    if second != _second_cache[0]:
+        _second_cache[:] = [second, datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")]
+    return f"{_second_cache[1]}.{int((now - second) * 1_000_000):06d}Z"
 
 
 class LandingZone:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import defaultdict
+from collections.abc import Mapping
 
 # fsync seconds: from well under a millisecond (SSD, page cache) to "the disk is in trouble".
 FSYNC_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -46,6 +47,13 @@ class Metrics:
         with self._lock:
             series = self._values[name]
             series[key] = series.get(key, 0) + amount
+
+    def add(self, counts: Mapping[tuple[str, tuple[tuple[str, str], ...]], float]) -> None:
+        """Many increments under one lock: {(name, sorted label pairs): amount}."""
+        with self._lock:
+            for (name, labels), amount in counts.items():
+                series = self._values[name]
+                series[labels] = series.get(labels, 0) + amount
 
     def set(self, name: str, value: float, **labels: str) -> None:
         with self._lock:

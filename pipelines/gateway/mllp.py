@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -92,8 +94,16 @@ def _next_ack_id() -> str:
     return f"{_ACK_PREFIX}{next(_ACK_IDS)}"
 
 
+_ts_cache: list = [-1, ""]
+
+
 def _now_ts() -> str:
-    return datetime.now(tz=UTC).strftime("%Y%m%d%H%M%S.%f")[:-3] + "+0000"
+    """HL7 TS of now (ms, UTC); the formatted second is reused across the many ACKs sent within it."""
+    now = time.time()
+    second = int(now)
+    if second != _ts_cache[0]:
+        _ts_cache[:] = [second, datetime.fromtimestamp(second, tz=UTC).strftime("%Y%m%d%H%M%S")]
+    return f"{_ts_cache[1]}.{int((now - second) * 1000):03d}+0000"
 
 
 def build_ack(verdict: Verdict) -> bytes:
@@ -232,32 +242,34 @@ class MllpServer:
     async def _answer(self, frames: list[bytes], peer: str, writer: asyncio.StreamWriter) -> None:
         # Land every frame that arrived together first (one group commit), then acknowledge in order.
         pending = []
+        counts: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
         for message in frames:
             reply, verdicts = answer(message)
             status, reason = _record_status(verdicts)
             header = {"peer": peer, "protocol": "mllp", "status": status}
             if reason:
                 header["reason"] = reason
-            self.metrics.inc("carelake_gateway_received_total", feed=FEED, protocol="mllp")
-            self.metrics.inc("carelake_gateway_bytes_total", len(message), feed=FEED)
             pending.append((reply, verdicts, status, self.landing.land(FEED, header, message)))
+        counts["carelake_gateway_received_total", (("feed", FEED), ("protocol", "mllp"))] += len(frames)
+        counts["carelake_gateway_bytes_total", (("feed", FEED),)] += sum(len(m) for m in frames)
         for reply, verdicts, status, landing in pending:
             try:
                 await landing
             except (OSError, RuntimeError) as exc:
                 # Not on disk (a write error, or the gateway is shutting down): never acknowledge positively.
                 # AE with 207 "cannot store" tells the sender to resend later.
-                self.metrics.inc("carelake_gateway_write_errors_total")
+                counts["carelake_gateway_write_errors_total", ()] += 1
                 reply = b"".join(build_ack(Verdict(v.header, "AE", "207", f"gateway cannot store the message: {exc}"))
                                  for v in verdicts)
                 verdicts = [Verdict(v.header, "AE") for v in verdicts]
             else:
-                self.metrics.inc("carelake_gateway_landed_total", feed=FEED, status=status)
+                counts["carelake_gateway_landed_total", (("feed", FEED), ("status", status))] += 1
                 if status != "accepted":
-                    self.metrics.inc("carelake_gateway_rejected_total", feed=FEED, reason=status)
+                    counts["carelake_gateway_rejected_total", (("feed", FEED), ("reason", status))] += 1
             for v in verdicts:
-                self.metrics.inc("carelake_gateway_acks_total", code=v.code)
+                counts["carelake_gateway_acks_total", (("code", v.code),)] += 1
             writer.write(frame(reply))
+        self.metrics.add(counts)
         await writer.drain()
 
     async def _refuse_oversized(self, partial: bytes, peer: str, writer: asyncio.StreamWriter) -> None:

@@ -114,6 +114,9 @@ class MergeSpec:
 
     keys: tuple[str, ...]
     update: Literal["all"] | Mapping[str, str] | None = "all"
+    # Several source rows for one key: keep the one with the largest values of these columns (compared in
+    # order); with none given, such a batch is refused.
+    latest_by: tuple[str, ...] = ()
     update_when: str | None = None
     delete_when: str | None = None
     insert: bool = True
@@ -233,6 +236,23 @@ class TableStore(ABC):
                 f" or lower storage.retention_days.{self.ref(name).layer}"
             )
         return retention_hours
+
+
+def keep_latest(rows: pa.Table, keys: Sequence[str], latest_by: Sequence[str]) -> pa.Table:
+    """One row per key: the one with the largest `latest_by` values (ties: the first in `rows`)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if rows.num_rows < 2:
+        return rows
+    order = [(k, "ascending") for k in keys] + [(c, "descending") for c in latest_by]
+    ordered = rows.take(pc.sort_indices(rows, sort_keys=order))
+    same = None
+    for k in keys:
+        col = ordered[k].combine_chunks()
+        eq = pc.fill_null(pc.equal(col.slice(1), col.slice(0, len(col) - 1)), False)
+        same = eq if same is None else pc.and_(same, eq)
+    return ordered.filter(pa.concat_arrays([pa.array([True]), pc.invert(same)]))
 
 
 def duplicate_keys(keys: Sequence[str], rows: pa.Table, limit: int = 3) -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ from pipelines.store.base import (
     Txn,
     WriteResult,
     duplicate_keys,
+    keep_latest,
 )
 from pipelines.store.schema import canonical_schema, check_evolution, conform
 from pipelines.timeutil import parse_timestamp
@@ -239,6 +240,8 @@ class DeltaRsStore(TableStore):
         missing = [k for k in spec.keys if k not in source.schema.names]
         if missing:
             raise UsageError(f"merge into {name}: key column(s) {missing} are not in the data ({source.schema.names})")
+        if spec.latest_by:
+            source = keep_latest(source, spec.keys, spec.latest_by)
         dups = duplicate_keys(spec.keys, source)
         if dups:
             raise UsageError(

@@ -138,6 +138,12 @@ class DeltaSparkStore(TableStore):
 
     def merge(self, name, data, spec: MergeSpec, *, txn=None, metadata=None) -> WriteResult:
         df = self._df(data)
+        if spec.latest_by:
+            from pyspark.sql import Window
+            from pyspark.sql import functions as F
+
+            w = Window.partitionBy(*spec.keys).orderBy(*(F.col(c).desc() for c in spec.latest_by))
+            df = df.withColumn("_latest", F.row_number().over(w)).where("_latest = 1").drop("_latest")
         dup = df.groupBy(*spec.keys).count().where("count > 1").limit(3).collect()
         if dup:
             raise UsageError(f"merge into {name}: the source has several rows for one key, e.g. "
