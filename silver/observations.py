@@ -83,6 +83,12 @@ for _f in [*SCHEMA.fields, *QUARANTINE_SCHEMA.fields]:
 ROUTED = StructType(_ROUTED_FIELDS)
 _ROUTED_ARROW = to_arrow_schema(ROUTED)
 
+# What silver models today; anything else is quarantined as not_modelled (its bytes stay in bronze), so every
+# bronze record ends either in a silver table or in silver.quarantine with a reason.
+MODELLED_HL7 = frozenset({"ADT", "ORU"})
+MODELLED_FHIR = frozenset({"Patient", "Encounter", "Observation"})
+NOT_MODELLED = "not_modelled"
+
 BRONZE_TABLES = {"hl7": "bronze.hl7_messages", "fhir": "bronze.fhir_resources", "devices": "bronze.device_readings"}
 
 
@@ -150,6 +156,10 @@ def _hl7(out: _Rows, src: dict, payload: bytes, tz: tzinfo) -> None:
         out.quarantine(src, "message", exc.code, exc.detail)
         return
     h = message.header
+    if h.get("message_code") not in MODELLED_HL7:
+        out.quarantine(src, "message", NOT_MODELLED, f"no silver table takes {h.get('message_code')} messages yet "
+                                                     f"(modelled: {', '.join(sorted(MODELLED_HL7))}); kept in bronze")
+        return
     version = f"{_iso(_clean(h.get('sent_at')))}|{h.get('control_id') or ''}"
     for obx in message.observations:
         _hl7_obx(out, src, h, obx, version)
@@ -181,12 +191,18 @@ def _hl7_obx(out: _Rows, src: dict, h: dict, obx: dict, version: str) -> None:
     n = normalize(_clean(obx.get("code")), _clean(obx.get("code_system")), _clean(obx.get("display")),
                   _clean(obx.get("value_num")), value_text, unit, _clean(obx.get("units_system")))
     if n.problem:
-        out.quarantine(src, item, n.problem, n.problem_detail)
+        out.quarantine(src, item, n.problem, _detail(n))
         return
     base["observation_id"] = _observation_id(
         "hl7", system, mrn, n.code, _iso(effective), _clean(obx.get("sub_id")),
         _clean(obx.get("filler_order_number")) or _clean(obx.get("placer_order_number")))
     out.observation(src, {**base, **_normalized(n)})
+
+
+def _detail(n) -> str:
+    """The normalizer's reason, with the value as sent so the quarantine row can be checked by eye."""
+    sent = " ".join(str(x) for x in (n.original_value, n.original_unit) if x not in (None, ""))
+    return f"{n.problem_detail} (sent: {sent})" if sent else str(n.problem_detail)
 
 
 def _normalized(n) -> dict[str, Any]:
@@ -203,8 +219,13 @@ def _fhir_version(version_id: str | None, last_updated: str | None) -> str:
 
 
 def _fhir(out: _Rows, src: dict, payload: bytes, tz: tzinfo) -> None:
-    if src.get("resource_type") != "Observation":
-        return  # other resources feed other silver tables
+    kind = src.get("resource_type")
+    if kind not in MODELLED_FHIR:
+        out.quarantine(src, "resource", NOT_MODELLED, f"no silver table takes {kind} resources yet "
+                                                      f"(modelled: {', '.join(sorted(MODELLED_FHIR))}); kept in bronze")
+        return
+    if kind != "Observation":
+        return  # Patient and Encounter feed silver.patients and silver.encounters
     if src.get("request_method") == "DELETE":
         _fhir_delete(out, src)
         return
@@ -249,7 +270,7 @@ def _fhir_value(out: _Rows, src: dict, obs: dict) -> None:
     n = normalize(obs.get("code"), obs.get("code_system"), obs.get("code_display"), obs.get("value_num"),
                   obs.get("value_code") or obs.get("value_text"), unit, obs.get("value_unit_system"))
     if n.problem:
-        out.quarantine(src, item, n.problem, n.problem_detail)
+        out.quarantine(src, item, n.problem, _detail(n))
         return
     out.observation(src, {
         "observation_id": _observation_id("fhir", obs.get("id"), component),
@@ -335,7 +356,9 @@ def device_rows(rows: DataFrame, p: Params, processed_at: datetime) -> DataFrame
         .when(bad_number, F.concat(F.lit("value is not a number: "), F.col("r.value")))
         .when(no_mrn, F.lit("reading has no patient_mrn"))
         .when(F.col("effective").isNull(), F.concat(F.lit("unreadable time: "), F.coalesce("r.time", F.lit("-"))))
-        .otherwise(F.col("problem_detail")).alias("detail"))
+        .otherwise(F.concat_ws("", F.col("problem_detail"), F.lit(" (sent: "),
+                              F.concat_ws(" ", F.col("original_value").cast("string"), F.col("original_unit")),
+                              F.lit(")"))).alias("detail"))
     return judged.select(*_device_route(p, processed_at))
 
 
