@@ -137,3 +137,58 @@ def test_every_bronze_record_is_in_silver_or_quarantine(spark):
     records = {(o["source_record"]["landing_file"], o["source_record"]["landing_position"]) for o in obs}
     records |= {(q["landing_file"], q["landing_position"]) for q in quarantine}
     assert len(records) == 4  # the ORU, the garbage message, the good reading, the broken line
+
+
+def test_resends_corrections_versions_deletes_and_replays_through_the_runner(tmp_path, spark):
+    from pipelines.jobs import load_registry
+    from pipelines.landing import ingest
+    from pipelines.runner import Runner, Trigger
+    from pipelines.store import open_store
+    from tests.conftest import make_config
+
+    cfg = make_config(tmp_path / "lake")
+    store = open_store(cfg, spark)
+    runner = Runner(cfg, spark, store, load_registry(cfg))
+    jobs = ["bronze.hl7_messages", "bronze.fhir_resources", "bronze.device_readings", OBSERVATIONS]
+    src = tmp_path / "src"
+    src.mkdir()
+    original = oru("C-1", "20261121100100+0000", "72")
+    # The resend is byte-identical; the correction (OBX-11 C) is a later message for the same OBX.
+    (src / "a.hl7").write_bytes(original + original)
+    (src / "b.hl7").write_bytes(oru("C-2", "20261121101500+0000", "75", status="C", terminator="\n"))
+    late = reading(time="2026-11-21T09:00:00.000Z", value=64.0)
+    (src / "m.jsonl").write_text("\n".join([reading(), reading(), late]) + "\n")
+    v1 = {**FHIR_SPO2, "meta": {"versionId": "1"}, "valueQuantity": {"value": 93, "unit": "%", "code": "%"}}
+    v2 = {**FHIR_SPO2, "meta": {"versionId": "2"}, "valueQuantity": {"value": 94, "unit": "%", "code": "%"}}
+    (src / "o.ndjson").write_text(json.dumps(v2) + "\n" + json.dumps(v1) + "\n" + json.dumps(v2) + "\n")
+    ingest(cfg, [src / "a.hl7", src / "b.hl7"], "hl7")
+    ingest(cfg, [src / "m.jsonl"], "devices")
+    ingest(cfg, [src / "o.ndjson"], "fhir")
+    runner.run(jobs, Trigger(available_now=True))
+
+    rows = store.read_arrow(OBSERVATIONS).to_pylist()
+    hr = sorted((r["source_feed"], r["value"], r["status"]) for r in rows if r["code"] == "8867-4")
+    assert hr == [("devices", 64.0, "final"), ("devices", 88.0, "final"), ("hl7", 75.0, "corrected")]
+    spo2 = [r for r in rows if r["code"] == "59408-5"]
+    assert [(r["value"], r["source_version"]) for r in spo2] == [(94.0, "000000000002")]
+    assert len(rows) == len({r["observation_id"] for r in rows})
+    quarantined = store.read_arrow(QUARANTINE).to_pylist()
+    assert sorted({(q["item"], q["reason"]) for q in quarantined}) == [("OBX[4]", "missing_value")]
+    assert len(quarantined) == 3  # the blank respiratory rate of each of the three HL7 messages, once each
+
+    # Replaying the same input changes nothing; a FHIR DELETE marks the observation, keeping it for audit.
+    before = store.version(OBSERVATIONS)
+    ingest(cfg, [src / "a.hl7"], "hl7")
+    runner.run(jobs, Trigger(available_now=True))
+    assert store.read_arrow(OBSERVATIONS).num_rows == len(rows)
+    assert sorted(r["value"] for r in store.read_arrow(OBSERVATIONS).to_pylist() if r["code"] == "8867-4") == [
+        64.0, 75.0, 88.0]
+    delete = {"resourceType": "Bundle", "type": "transaction",
+              "entry": [{"request": {"method": "DELETE", "url": "Observation/sp-1"}}]}
+    (src / "d.json").write_text(json.dumps(delete))
+    ingest(cfg, [src / "d.json"], "fhir")
+    runner.run(jobs, Trigger(available_now=True))
+    after = store.read_arrow(OBSERVATIONS).to_pylist()
+    assert store.version(OBSERVATIONS) > before and len(after) == len(rows)
+    (deleted,) = [r for r in after if r["source_id"] == "Observation/sp-1"]
+    assert deleted["status"] == "deleted" and deleted["value"] == 94.0
