@@ -213,7 +213,7 @@ def silver_options(cfg: Config) -> dict[str, Any]:
 def builtin_jobs(cfg: Config) -> list[Job]:
     """carelake's own jobs."""
     from bronze import device_readings, fhir_resources, hl7_messages
-    from silver import observations, quarantine
+    from silver import encounters, observations, patients, quarantine
 
     quarantine_output = Output(quarantine.QUARANTINE, "merge",
                                MergeSpec(keys=("quarantine_id",), update=None, latest_by=("quarantined_at",)),
@@ -232,6 +232,28 @@ def builtin_jobs(cfg: Config) -> list[Job]:
             side_outputs=(quarantine_output,),
             options=silver_options(cfg),
             description="Every measured value (HL7 OBX, FHIR Observation, device reading), normalized and deduplicated",
+        ),
+        Job(
+            name=patients.PATIENTS,
+            source=TableSource("bronze.hl7_messages", "bronze.fhir_resources"),
+            transform=patients.patients,
+            write="merge",
+            merge=MergeSpec(keys=("patient_key",), update=patients.UPDATE, update_when=patients.UPDATE_WHEN),
+            schema=patients.SCHEMA,
+            side_outputs=(quarantine_output,),
+            options=silver_options(cfg),
+            description="One row per patient identity (MRN, FHIR id, fullUrl): demographics and merges (A40, links)",
+        ),
+        Job(
+            name=encounters.ENCOUNTERS,
+            source=TableSource("bronze.hl7_messages", "bronze.fhir_resources"),
+            transform=encounters.encounters,
+            write="merge",
+            merge=MergeSpec(keys=("encounter_key",), update=encounters.UPDATE, update_when=encounters.UPDATE_WHEN),
+            schema=encounters.SCHEMA,
+            side_outputs=(quarantine_output,),
+            options=silver_options(cfg),
+            description="One row per encounter identity: ADT lifecycle and FHIR Encounter versions by event time",
         ),
         Job(
             name="bronze.fhir_resources",
