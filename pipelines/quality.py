@@ -361,11 +361,15 @@ _definition: list[Any] = []
 
 def _gx_module() -> Any:
     """great_expectations, imported on first use (it takes seconds) with its logger turned down to errors."""
-    import great_expectations as gx
+    with _quiet():
+        import great_expectations as gx
 
     gx_log = logging.getLogger("great_expectations")
     if gx_log.level == logging.NOTSET:
         gx_log.setLevel(logging.ERROR)
+    chatty = logging.getLogger("great_expectations.data_context.types.base")  # GE forces it to INFO on import
+    if chatty.level == logging.INFO:
+        chatty.setLevel(logging.NOTSET)
     return gx
 
 
