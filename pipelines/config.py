@@ -292,6 +292,17 @@ class SilverConfig:
 
 
 @dataclass(frozen=True)
+class QualityConfig:
+    enabled: bool
+    sample_rows: int
+    report: bool
+
+    def __post_init__(self) -> None:
+        if self.sample_rows < 0:
+            raise ConfigError(f"quality.sample_rows must be 0 (every row) or more, got {self.sample_rows}")
+
+
+@dataclass(frozen=True)
 class JobsConfig:
     modules: tuple[str, ...]
 
@@ -306,6 +317,7 @@ class Config:
     gateway: GatewayConfig
     simulator: SimulatorConfig
     silver: SilverConfig
+    quality: QualityConfig
     jobs: JobsConfig
     env: str = "local"
     conf_dir: Path = Path("conf")
@@ -313,6 +325,11 @@ class Config:
     def path(self, *parts: str) -> Path:
         """A path below the lakehouse root."""
         return self.root.joinpath(*parts)
+
+    @property
+    def expectations_dir(self) -> Path:
+        """The expectation suites: expectations/ beside the conf/ folder in use."""
+        return self.conf_dir.parent / "expectations"
 
 
 def find_conf_dir(explicit: str | os.PathLike | None, environ: Mapping[str, str]) -> Path:

@@ -230,6 +230,7 @@ def builtin_jobs(cfg: Config) -> list[Job]:
                             insert_when=f"s.status <> '{observations.DELETED}'"),
             schema=observations.SCHEMA,
             side_outputs=(quarantine_output,),
+            expectation_suite=observations.OBSERVATIONS,
             options=silver_options(cfg),
             description="Every measured value (HL7 OBX, FHIR Observation, device reading), normalized and deduplicated",
         ),

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("carelake.runner")
 
 METRICS_TABLE = "ops.metrics"
+QUARANTINE_TABLE = "silver.quarantine"
 # Spark's binaryFile source columns: one row per landing file.
 LANDING_FILE_SCHEMA = "path STRING, modificationTime TIMESTAMP, length BIGINT, content BINARY"
 METRICS_SCHEMA = pa.schema([
@@ -148,6 +149,7 @@ class Runner:
     def __init__(self, cfg: Config, spark: SparkSession, store: TableStore, registry: Registry):
         self.cfg, self.spark, self.store, self.registry = cfg, spark, store, registry
         self._errors: dict[str, BaseException] = {}
+        self._suites: dict[str, Any] = {}
         self._registered_source = False
 
     # -- sources -----------------------------------------------------------------------------
@@ -226,6 +228,9 @@ class Runner:
         finally:
             batch_df.unpersist()
         meta = {"carelake.job": job.name, "carelake.batch": str(batch_id), "carelake.query": query_id}
+        if job.expectation_suite and self.cfg.quality.enabled:
+            self._validate(job, arrows, batch["ingest_batch_id"], started_at, Txn(f"dq:{job.name}:{query_id}",
+                                                                                  batch_id), meta)
         written = {output.table: self._write(output, arrows[output.table], txn, meta) for output in job.outputs}
         result, arrow = written[job.name], arrows[job.name]
         replayed = bool(result and result.skipped)
@@ -245,6 +250,38 @@ class Runner:
         log.info("%s batch %d: %s %s in -> %s rows %s%s in %.2f s, lag %.1f s, %s v%s", job.name, batch_id,
                  f"{rows_in:,}", unit, f"{arrow.num_rows:,}", "skipped (already committed)" if replayed else "written",
                  side, time.monotonic() - t0, lag_ms / 1000, job.name, version if version is not None else "-")
+
+    def _validate(self, job: Job, arrows: dict[str, pa.Table], batch: str, at: datetime, txn: Txn,
+                  meta: dict[str, str]) -> None:
+        """The validation step: run the job's suite on its rows, record the results (silver.dq_results and
+        an HTML report), move quarantine-severity failures to silver.quarantine, stop on fail severity."""
+        from pipelines import quality
+
+        if job.name not in self._suites:
+            self._suites[job.name] = quality.load_suite(job.expectation_suite, self.cfg.expectations_dir)
+        q = self.cfg.quality
+        v = quality.validate(arrows[job.name], self._suites[job.name], batch=batch, job=job.name, at=at,
+                             sample_rows=q.sample_rows or None)
+        self.store.append(quality.DQ_RESULTS, v.results, txn=txn, metadata=meta)
+        if q.report:
+            report = self.cfg.path("_reports", "dq", f"{job.name}.html")
+            report.parent.mkdir(parents=True, exist_ok=True)
+            quality.render_html(v.results, report, title=f"carelake data quality: {job.name}, batch {batch}")
+        log.info("%s: %s", job.name, v.summary())
+        for finding in v.warnings:
+            log.warning("%s: data quality warning: %s", job.name, finding.line())
+        v.raise_for_failures()  # nothing of this batch is written; it replays once the cause is fixed
+        if v.quarantine_rows:
+            side = next((o for o in job.side_outputs if o.table == QUARANTINE_TABLE), None)
+            if side is None:
+                raise SchemaEvolutionError(f"{job.name}: its suite quarantines rows, but the job has no "
+                                           f"{QUARANTINE_TABLE} side output to put them in")
+            kept, moved = quality.split_quarantined(
+                arrows[job.name], v, to_quarantine_row=quality.lineage_quarantine_row(job.name, at),
+                quarantine_schema=arrows[QUARANTINE_TABLE].schema)
+            arrows[job.name] = kept
+            arrows[QUARANTINE_TABLE] = pa.concat_tables([arrows[QUARANTINE_TABLE], moved.cast(
+                arrows[QUARANTINE_TABLE].schema)])
 
     def _write(self, output: Output, arrow: pa.Table, txn: Txn, meta: dict[str, str]) -> WriteResult | None:
         """Commit one table's part of a batch (nothing when it is empty and the table exists)."""

@@ -39,14 +39,21 @@ def test_available_now_runs_every_job_in_dependency_order(lake, tmp_path):
     ingest(cfg, [readings_file(tmp_path / "a.jsonl", ["m1", "m2", "m1"])], "devices")
     ingest(cfg, [readings_file(tmp_path / "b.jsonl", ["m2"])], "devices")
     summaries = runner.run(runner.registry.names(), NOW)
-    assert [s.job for s in summaries] == ["bronze.device_readings", "bronze.fhir_resources", "bronze.hl7_messages",
-                                          "silver.toy_readings", "gold.toy_device_totals"]
-    assert all(s.status == "done" for s in summaries)
-    assert summaries[1].batches == summaries[2].batches == 0  # no FHIR or HL7 landed: ran, found nothing
+    names = [s.job for s in summaries]
+    assert sorted(names) == sorted(runner.registry.names())
+    assert names.index("bronze.device_readings") < names.index("silver.toy_readings") < names.index(
+        "gold.toy_device_totals")
+    by_name = {s.job: s for s in summaries}
+    # Jobs reading only HL7/FHIR (nothing landed there) are skipped; everything else ran.
+    assert all(s.status == "done" or (s.status == "skipped" and "has no data yet" in s.detail) for s in summaries)
+    assert by_name["silver.toy_readings"].status == by_name["silver.observations"].status == "done"
+    assert by_name["bronze.hl7_messages"].batches == by_name["bronze.fhir_resources"].batches == 0  # ran, nothing
     assert store.row_count("bronze.device_readings") == 4
     assert totals(store) == {"m1": 2, "m2": 2}
     metrics = store.read_arrow(METRICS_TABLE).to_pylist()
     assert {m["job"] for m in metrics} == {s.job for s in summaries if s.batches}
+    # The built-in silver job read the same readings: they name no patient, so all four are quarantined.
+    assert [q["reason"] for q in store.read_arrow("silver.quarantine").to_pylist()] == ["missing_patient"] * 4
     assert all(m["rows_out"] >= 0 and m["duration_ms"] >= 0 for m in metrics)
 
 

@@ -157,7 +157,8 @@ def test_resends_corrections_versions_deletes_and_replays_through_the_runner(tmp
     (src / "a.hl7").write_bytes(original + original)
     (src / "b.hl7").write_bytes(oru("C-2", "20261121101500+0000", "75", status="C", terminator="\n"))
     late = reading(time="2026-11-21T09:00:00.000Z", value=64.0)
-    (src / "m.jsonl").write_text("\n".join([reading(), reading(), late]) + "\n")
+    future = reading(time="2099-01-01T00:00:00.000Z", value=70.0)  # a device clock gone wrong
+    (src / "m.jsonl").write_text("\n".join([reading(), reading(), late, future]) + "\n")
     v1 = {**FHIR_SPO2, "meta": {"versionId": "1"}, "valueQuantity": {"value": 93, "unit": "%", "code": "%"}}
     v2 = {**FHIR_SPO2, "meta": {"versionId": "2"}, "valueQuantity": {"value": 94, "unit": "%", "code": "%"}}
     (src / "o.ndjson").write_text(json.dumps(v2) + "\n" + json.dumps(v1) + "\n" + json.dumps(v2) + "\n")
@@ -173,8 +174,14 @@ def test_resends_corrections_versions_deletes_and_replays_through_the_runner(tmp
     assert [(r["value"], r["source_version"]) for r in spo2] == [(94.0, "000000000002")]
     assert len(rows) == len({r["observation_id"] for r in rows})
     quarantined = store.read_arrow(QUARANTINE).to_pylist()
-    assert sorted({(q["item"], q["reason"]) for q in quarantined}) == [("OBX[4]", "missing_value")]
-    assert len(quarantined) == 3  # the blank respiratory rate of each of the three HL7 messages, once each
+    assert sorted({(q["item"], q["reason"]) for q in quarantined}) == [
+        ("OBX[4]", "missing_value"), ("dq:icu-bed-01", "dq_effective_in_future")]
+    # The blank respiratory rate of each of the three HL7 messages once each, and the future reading, caught by
+    # the expectation suite (severity quarantine), with its lineage.
+    assert len(quarantined) == 4
+    dq = store.read_arrow("silver.dq_results").to_pylist()
+    assert {r["table"] for r in dq} == {OBSERVATIONS} and any(not r["success"] for r in dq)
+    assert (cfg.path("_reports", "dq", f"{OBSERVATIONS}.html")).read_text().count("dq_effective_in_future") >= 1
 
     # Replaying the same input changes nothing; a FHIR DELETE marks the observation, keeping it for audit.
     before = store.version(OBSERVATIONS)
