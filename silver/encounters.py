@@ -28,6 +28,7 @@ MERGE (and the in-batch fold before it, `s` = incoming, `t` = stored):
 | identity (kind, visit_*, fhir_reference)         | never                                | first seen                 |
 | fields (patient_key, patient_class, location_*,  | s.source_version > t.source_version  | s; HL7 empty keeps t, `""` |
 |   admitted_at)                                   |                                      | clears                     |
+|                                                  | else: t lacks it (not cleared)       | s (late older fills a gap) |
 | last_event, last_event_at, source_*, nulled_...  | s.source_version > t.source_version  | s                          |
 | status, discharged_at, cancelled_at              | s.status_version > t.status_version  | s                          |
 | merged_into, link_version, link_record           | s.link_version > t.link_version      | s                          |

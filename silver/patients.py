@@ -17,14 +17,15 @@ Merge rules (in-batch combination and MERGE apply the same ones; `s` = incoming,
 |-------------------------------------------|-------------------------------------|-----------------------------------|
 | identity (kind, system, mrn, reference)   | never                               | first seen                        |
 | demographics (family_name .. deceased_at) | s.source_version > t.source_version | s; HL7 empty keeps t, `""` clears |
+|                                           | else: t lacks it (not cleared)      | s (a late, older row fills a gap) |
 | nulled_fields, source_*, updated_at, ...  | s.source_version > t.source_version | s                                 |
 | merged_into, link_version, link_record    | s.link_version > t.link_version     | s (never touches demographics)    |
 | deleted_at (FHIR DELETE)                  | s.deleted_at > t.deleted_at         | s                                 |
 
 A FHIR version replaces the whole resource: every demographic it lacks is listed in nulled_fields (cleared).
 In one batch the rows of a key are folded first: per column the newest row that sent (or cleared) it.
-Known limit: a field left empty by the newest message takes the value of an older one only when that older
-one arrived first or in the same batch (versions are kept per row, not per field).
+Versions are kept per row, not per field, so a late older row may only fill a field the stored row lacks:
+it never overwrites a value and never undoes a clearing (`nulled_fields` of the applied update).
 
 The HL7/FHIR parse runs once per batch in mapInArrow and yields rows routed (`_output`) to this table or to
 silver.quarantine; records that cannot be parsed at all are quarantined once, by silver.observations.
@@ -199,13 +200,22 @@ def _newer(version: str) -> str:
     return f"(s.`{version}` IS NOT NULL AND (t.`{version}` IS NULL OR s.`{version}` > t.`{version}`))"
 
 
+def _fills(field: str, strict: bool = True) -> str:
+    """SQL: the incoming row sends `field`, which the stored row lacks (strict: and was not told to clear).
+
+    delta-rs cannot write function calls in a MERGE predicate, so update_when uses the loose form.
+    """
+    cleared = f" AND (t.nulled_fields IS NULL OR NOT array_contains(t.nulled_fields, '{field}'))" if strict else ""
+    return f"(s.`{field}` IS NOT NULL AND t.`{field}` IS NULL{cleared})"
+
+
 @dataclass(frozen=True)
 class Merging:
     """How rows of one key combine: within a batch (`combine`) and with the stored row (`update`)."""
 
     key: str
     identity: tuple[str, ...]  # never change once stored
-    fields: tuple[str, ...]  # sent value wins, HL7 empty keeps, cleared (nulled_fields) clears; by `fields_version`
+    fields: tuple[str, ...]  # by `fields_version`: sent wins, HL7 empty keeps, nulled clears; older fills gaps
     groups: tuple[tuple[str, tuple[str, ...]], ...]  # (version column, the columns the newest version brings)
     later: tuple[str, ...] = ("deleted_at",)  # the greatest value wins
     fields_version: str = "source_version"
@@ -248,21 +258,26 @@ class Merging:
                 out[f.name] = f"COALESCE(t.{c}, s.{c})"
             elif f.name in self.fields:
                 out[f.name] = (f"CASE WHEN {fields_newer} AND s.{c} IS NOT NULL THEN s.{c} WHEN {fields_newer} AND "
-                               f"array_contains(s.nulled_fields, '{f.name}') THEN NULL ELSE t.{c} END")
+                               f"array_contains(s.nulled_fields, '{f.name}') THEN NULL "
+                               f"WHEN {_fills(f.name)} THEN s.{c} ELSE t.{c} END")
             elif f.name in self.later:
                 out[f.name] = f"CASE WHEN {_newer(f.name)} THEN s.{c} ELSE t.{c} END"
             elif f.name == "ingested_at":
-                out[f.name] = f"s.{c}"
+                out[f.name] = f"CASE WHEN {self._changes(strict=True)} THEN s.{c} ELSE t.{c} END"
             else:
                 version = next(v for v, cols in self.groups if f.name == v or f.name in cols)
                 out[f.name] = f"CASE WHEN {_newer(version)} THEN s.{c} ELSE t.{c} END"
         return out
 
+    def _changes(self, strict: bool) -> str:
+        """SQL: some group of the incoming row is newer, or it fills a field the stored row lacks."""
+        return " OR ".join([*(_newer(c) for c in (*(v for v, _ in self.groups), *self.later)),
+                            *(_fills(c, strict) for c in self.fields)])
+
     @property
     def update_when(self) -> str:
-        """Matched rows change only when some group has a newer version (a replay changes nothing)."""
-        return " OR ".join(_newer(c) for c in (*(v for v, _ in self.groups), *self.later))
-
+        """Matched rows are rewritten only when they may change (a replay leaves them as they are)."""
+        return self._changes(strict=False)
 
 MERGING = Merging(
     key="patient_key",

@@ -22,7 +22,8 @@ from tests.conftest import make_config
 
 SECRET = "test-secret"
 OPTS = {"secret": SECRET, "timezone": "UTC", "mrn_system": "CARELAKE",
-        "system_aliases": (("http://carelake.example/fhir/sid/mrn", "CARELAKE"),), "fhir_validation": "fast"}
+        "system_aliases": (("http://carelake.example/fhir/sid/mrn", "CARELAKE"),
+                           ("http://carelake.example/fhir/sid/visit", "CARELAKE")), "fhir_validation": "fast"}
 PROCESSED_AT = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 MRN_SYSTEM = "http://carelake.example/fhir/sid/mrn"
 MR_TYPE = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]}
