@@ -12,11 +12,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def temp_config(root: Path | None = None):
+def temp_config(root: Path | None = None, **overrides: str):
     from pipelines.config import load_config
 
     root = root or Path(tempfile.mkdtemp(prefix="carelake-bench-"))
-    return load_config(env="test", root=root, conf_dir=REPO / "conf", environ={})
+    return load_config(env="test", root=root, conf_dir=REPO / "conf", environ={}, overrides=overrides)
 
 
 def percentile(values: list[float], q: float) -> float:

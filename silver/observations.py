@@ -83,8 +83,8 @@ for _f in [*SCHEMA.fields, *QUARANTINE_SCHEMA.fields]:
 ROUTED = StructType(_ROUTED_FIELDS)
 _ROUTED_ARROW = to_arrow_schema(ROUTED)
 
-# What silver models today; anything else is quarantined as not_modelled (its bytes stay in bronze), so every
-# bronze record ends either in a silver table or in silver.quarantine with a reason.
+# What silver models today; anything else is quarantined as not_modelled (its bytes stay in bronze) unless its
+# patient segment feeds silver.patients, so every bronze record ends in a silver table or in silver.quarantine.
 MODELLED_HL7 = frozenset({"ADT", "ORU"})
 MODELLED_FHIR = frozenset({"Patient", "Encounter", "Observation"})
 NOT_MODELLED = "not_modelled"
@@ -157,8 +157,10 @@ def _hl7(out: _Rows, src: dict, payload: bytes, tz: tzinfo) -> None:
         return
     h = message.header
     if h.get("message_code") not in MODELLED_HL7:
-        out.quarantine(src, "message", NOT_MODELLED, f"no silver table takes {h.get('message_code')} messages yet "
-                                                     f"(modelled: {', '.join(sorted(MODELLED_HL7))}); kept in bronze")
+        if not message.patients:  # a PID still feeds silver.patients / silver.encounters from any message type
+            out.quarantine(src, "message", NOT_MODELLED, f"no silver table takes {h.get('message_code')} messages "
+                                                         f"yet (modelled: {', '.join(sorted(MODELLED_HL7))}); "
+                                                         "kept in bronze")
         return
     version = f"{_iso(_clean(h.get('sent_at')))}|{h.get('control_id') or ''}"
     for obx in message.observations:

@@ -34,7 +34,7 @@ def oru(control: str, sent: str, hr: str, *, status: str = "F", terminator: str 
     return (terminator.join(segs) + terminator).encode()
 
 
-VXU = b"MSH|^~\\&|IMM|GENERAL|||20261121100000||VXU^V04^VXU_V04|VX-1|P|2.5\rPID|1||MRN1001^^^CARELAKE^MR\r"
+VXU = b"MSH|^~\\&|IMM|GENERAL|||20261121100000||VXU^V04^VXU_V04|VX-1|P|2.5\rRXA|0|1|20261121\r"
 
 FHIR_BP = {"resourceType": "Observation", "id": "bp-1", "meta": {"versionId": "2"}, "status": "final",
            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
