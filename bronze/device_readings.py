@@ -11,26 +11,17 @@ from __future__ import annotations
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
-    BinaryType,
-    LongType,
     StringType,
     StructField,
     StructType,
-    TimestampType,
 )
 
-from bronze.landed import landed_units, lines
+from bronze.landed import landed_units, lineage_columns, lineage_fields, lines
 
 FEED = "devices"
 
 SCHEMA = StructType([
-    StructField("feed", StringType(), False),
-    StructField("landing_file", StringType(), False),
-    StructField("landing_position", LongType(), False),  # byte offset of the line in the landing file
-    StructField("received_at", TimestampType(), False),
-    StructField("ingest_batch_id", StringType(), False),
-    StructField("sha256", StringType(), False),
-    StructField("payload", BinaryType(), False),
+    *lineage_fields(),
     StructField("device_id", StringType(), True),
     StructField("reading_time", StringType(), True),
     StructField("parse_status", StringType(), False),
@@ -55,14 +46,12 @@ def device_readings(files: DataFrame, *, ingest_batch_id: str) -> DataFrame:
     text = F.make_valid_utf8(raw_text)  # invalid sequences become U+FFFD, for key extraction only
     device_id = F.get_json_object(text, "$.device_id")
     return units.select(
-        F.lit(FEED).alias("feed"),
-        "landing_file",
-        "landing_position",
-        "received_at",
-        F.lit(ingest_batch_id).alias("ingest_batch_id"),
-        F.sha2(F.col("payload"), 256).alias("sha256"),
-        "payload",
+        *lineage_columns(FEED, ingest_batch_id),
         device_id.alias("device_id"),
         F.get_json_object(text, "$.time").alias("reading_time"),
         parse_status(raw_text, text, device_id, F.col("landing_status")).alias("parse_status"),
     )
+
+
+TABLE = "bronze.device_readings"
+TRANSFORM = device_readings

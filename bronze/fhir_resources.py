@@ -18,17 +18,14 @@ from typing import Any
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
-    BinaryType,
     IntegerType,
-    LongType,
     StringType,
     StructField,
     StructType,
-    TimestampType,
 )
 
 from bronze.fhir_split import split_resources
-from bronze.landed import Unit, landed_units
+from bronze.landed import Unit, landed_units, lineage_columns, lineage_fields
 
 FEED = "fhir"
 
@@ -48,13 +45,7 @@ KEYS = StructType([
 ])
 
 SCHEMA = StructType([
-    StructField("feed", StringType(), False),
-    StructField("landing_file", StringType(), False),
-    StructField("landing_position", LongType(), False),  # byte offset of the resource in the landing file
-    StructField("received_at", TimestampType(), False),
-    StructField("ingest_batch_id", StringType(), False),
-    StructField("sha256", StringType(), False),
-    StructField("payload", BinaryType(), False),
+    *lineage_fields(),
     *KEYS.fields[:10],
     StructField("landing_status", StringType(), False),
     StructField("parse_status", StringType(), False),
@@ -82,15 +73,13 @@ def fhir_resources(files: DataFrame, *, ingest_batch_id: str) -> DataFrame:
     units = landed_units(files, resources, KEYS)
     corrupt = F.col("landing_status") == "corrupt"
     return units.select(
-        F.lit(FEED).alias("feed"),
-        "landing_file",
-        "landing_position",
-        "received_at",
-        F.lit(ingest_batch_id).alias("ingest_batch_id"),
-        F.sha2(F.col("payload"), 256).alias("sha256"),
-        "payload",
+        *lineage_columns(FEED, ingest_batch_id),
         *(f.name for f in KEYS.fields[:10]),
         "landing_status",
         F.when(corrupt, F.lit("corrupt_landing_record")).otherwise(F.col("split_status")).alias("parse_status"),
         F.when(corrupt, F.col("landing_reason")).otherwise(F.col("split_detail")).alias("parse_detail"),
     )
+
+
+TABLE = "bronze.fhir_resources"
+TRANSFORM = fhir_resources

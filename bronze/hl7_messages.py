@@ -16,10 +16,10 @@ from typing import Any
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
-from pyspark.sql.types import BinaryType, LongType, StringType, StructField, StructType, TimestampType
+from pyspark.sql.types import StringType, StructField, StructType
 
 from bronze.hl7_wire import Hl7HeaderError, parse_header, split_messages
-from bronze.landed import Unit, landed_units
+from bronze.landed import Unit, landed_units, lineage_columns, lineage_fields
 
 FEED = "hl7"
 
@@ -34,13 +34,7 @@ KEYS = StructType([
 ])
 
 SCHEMA = StructType([
-    StructField("feed", StringType(), False),
-    StructField("landing_file", StringType(), False),
-    StructField("landing_position", LongType(), False),  # byte offset of the message in the landing file
-    StructField("received_at", TimestampType(), False),
-    StructField("ingest_batch_id", StringType(), False),
-    StructField("sha256", StringType(), False),
-    StructField("payload", BinaryType(), False),
+    *lineage_fields(),
     StructField("control_id", StringType(), True),  # MSH-10
     StructField("message_type", StringType(), True),  # MSH-9 as sent, e.g. ORU^R01^ORU_R01
     StructField("message_time", StringType(), True),  # MSH-7 as sent (HL7 TS; silver makes it UTC)
@@ -75,13 +69,7 @@ def hl7_messages(files: DataFrame, *, ingest_batch_id: str) -> DataFrame:
     units = landed_units(files, messages, KEYS)
     corrupt = F.col("landing_status") == "corrupt"
     return units.select(
-        F.lit(FEED).alias("feed"),
-        "landing_file",
-        "landing_position",
-        "received_at",
-        F.lit(ingest_batch_id).alias("ingest_batch_id"),
-        F.sha2(F.col("payload"), 256).alias("sha256"),
-        "payload",
+        *lineage_columns(FEED, ingest_batch_id),
         "control_id",
         "message_type",
         "message_time",
@@ -91,3 +79,7 @@ def hl7_messages(files: DataFrame, *, ingest_batch_id: str) -> DataFrame:
         F.when(corrupt, F.lit("corrupt_landing_record")).otherwise(F.col("header_status")).alias("parse_status"),
         F.when(corrupt, F.col("landing_reason")).otherwise(F.col("header_detail")).alias("parse_detail"),
     )
+
+
+TABLE = "bronze.hl7_messages"
+TRANSFORM = hl7_messages

@@ -33,6 +33,27 @@ LANDED_SCHEMA = StructType([
     StructField("payload", BinaryType(), False),
 ])
 
+def lineage_fields() -> list[StructField]:
+    """The columns every bronze table starts with: where the bytes came from, and the bytes."""
+    return [
+        StructField("feed", StringType(), False),
+        StructField("landing_file", StringType(), False),
+        StructField("landing_position", LongType(), False),  # byte offset of the unit in the landing file
+        StructField("received_at", TimestampType(), False),
+        StructField("ingest_batch_id", StringType(), False),
+        StructField("sha256", StringType(), False),
+        StructField("payload", BinaryType(), False),
+    ]
+
+
+def lineage_columns(feed: str, ingest_batch_id: str) -> list:
+    """lineage_fields() as columns over landed_units' output."""
+    from pyspark.sql import functions as F
+
+    return [F.lit(feed).alias("feed"), "landing_file", "landing_position", "received_at",
+            F.lit(ingest_batch_id).alias("ingest_batch_id"), F.sha2(F.col("payload"), 256).alias("sha256"), "payload"]
+
+
 # How a record body (or a dropped file) divides into units: (offset, length, extra columns) within it.
 # The extra columns are the feed's cheap keys, named as in the `extra` schema given to landed_units.
 # A splitter also gets what is known about the body: the gateway record's header (content_type, peer,

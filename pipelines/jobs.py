@@ -215,70 +215,40 @@ def builtin_jobs(cfg: Config) -> list[Job]:
     from bronze import device_readings, fhir_resources, hl7_messages
     from silver import encounters, observations, patients, quarantine
 
+    def bronze_job(module, description: str) -> Job:
+        return Job(name=module.TABLE, source=LandingSource(module.FEED), transform=module.TRANSFORM,
+                   schema=module.SCHEMA, description=description)
+
     quarantine_output = Output(quarantine.QUARANTINE, "merge",
                                MergeSpec(keys=("quarantine_id",), update=None, latest_by=("quarantined_at",)),
                                quarantine.QUARANTINE_SCHEMA)
+
+    def silver_job(name: str, source: TableSource, transform, merge: MergeSpec, schema, description: str) -> Job:
+        return Job(name=name, source=source, transform=transform, write="merge", merge=merge, schema=schema,
+                   side_outputs=(quarantine_output,), expectation_suite=name, options=silver_options(cfg),
+                   description=description)
+
+    clinical = TableSource("bronze.hl7_messages", "bronze.fhir_resources")
     return [
-        Job(
-            name=observations.OBSERVATIONS,
-            source=TableSource("bronze.hl7_messages", "bronze.fhir_resources", "bronze.device_readings"),
-            transform=observations.observations,
-            write="merge",
-            merge=MergeSpec(keys=("observation_id",), update=_observation_update(observations.SCHEMA),
-                            latest_by=("source_version", "received_at"),
-                            update_when="s.source_version > t.source_version",
-                            insert_when=f"s.status <> '{observations.DELETED}'"),
-            schema=observations.SCHEMA,
-            side_outputs=(quarantine_output,),
-            expectation_suite=observations.OBSERVATIONS,
-            options=silver_options(cfg),
-            description="Every measured value (HL7 OBX, FHIR Observation, device reading), normalized and deduplicated",
-        ),
-        Job(
-            name=patients.PATIENTS,
-            source=TableSource("bronze.hl7_messages", "bronze.fhir_resources"),
-            transform=patients.patients,
-            write="merge",
-            merge=MergeSpec(keys=("patient_key",), update=patients.UPDATE, update_when=patients.UPDATE_WHEN),
-            schema=patients.SCHEMA,
-            side_outputs=(quarantine_output,),
-            expectation_suite=patients.PATIENTS,
-            options=silver_options(cfg),
-            description="One row per patient identity (MRN, FHIR id, fullUrl): demographics and merges (A40, links)",
-        ),
-        Job(
-            name=encounters.ENCOUNTERS,
-            source=TableSource("bronze.hl7_messages", "bronze.fhir_resources"),
-            transform=encounters.encounters,
-            write="merge",
-            merge=MergeSpec(keys=("encounter_key",), update=encounters.UPDATE, update_when=encounters.UPDATE_WHEN),
-            schema=encounters.SCHEMA,
-            side_outputs=(quarantine_output,),
-            expectation_suite=encounters.ENCOUNTERS,
-            options=silver_options(cfg),
-            description="One row per encounter identity: ADT lifecycle and FHIR Encounter versions by event time",
-        ),
-        Job(
-            name="bronze.fhir_resources",
-            source=LandingSource(fhir_resources.FEED),
-            transform=fhir_resources.fhir_resources,
-            schema=fhir_resources.SCHEMA,
-            description="FHIR R4 resources exactly as received (HTTP or file drop), Bundles exploded, with keys",
-        ),
-        Job(
-            name="bronze.hl7_messages",
-            source=LandingSource(hl7_messages.FEED),
-            transform=hl7_messages.hl7_messages,
-            schema=hl7_messages.SCHEMA,
-            description="HL7 v2 messages exactly as received (MLLP or file drop), with header keys",
-        ),
-        Job(
-            name="bronze.device_readings",
-            source=LandingSource(device_readings.FEED),
-            transform=device_readings.device_readings,
-            schema=device_readings.SCHEMA,
-            description="Bedside-device JSON lines exactly as received, with lineage and cheap keys",
-        ),
+        bronze_job(hl7_messages, "HL7 v2 messages exactly as received (MLLP or file drop), with header keys"),
+        bronze_job(fhir_resources, "FHIR R4 resources exactly as received (HTTP or file drop), Bundles exploded"),
+        bronze_job(device_readings, "Bedside-device JSON lines exactly as received, with lineage and cheap keys"),
+        silver_job(observations.OBSERVATIONS, TableSource(*clinical.tables, "bronze.device_readings"),
+                   observations.observations,
+                   MergeSpec(keys=("observation_id",), update=_observation_update(observations.SCHEMA),
+                             latest_by=("source_version", "received_at"),
+                             update_when="s.source_version > t.source_version",
+                             insert_when=f"s.status <> '{observations.DELETED}'"),
+                   observations.SCHEMA,
+                   "Every measured value (HL7 OBX, FHIR Observation, device reading), normalized and deduplicated"),
+        silver_job(patients.PATIENTS, clinical, patients.patients,
+                   MergeSpec(keys=("patient_key",), update=patients.UPDATE, update_when=patients.UPDATE_WHEN),
+                   patients.SCHEMA,
+                   "One row per patient identity (MRN, FHIR id, fullUrl): demographics and merges (A40, links)"),
+        silver_job(encounters.ENCOUNTERS, clinical, encounters.encounters,
+                   MergeSpec(keys=("encounter_key",), update=encounters.UPDATE, update_when=encounters.UPDATE_WHEN),
+                   encounters.SCHEMA,
+                   "One row per encounter identity: ADT lifecycle and FHIR Encounter versions by event time"),
     ]
 
 
