@@ -162,6 +162,11 @@ def _hl7(out: _Rows, src: dict, payload: bytes, tz: tzinfo) -> None:
                                                          f"yet (modelled: {', '.join(sorted(MODELLED_HL7))}); "
                                                          "kept in bronze")
         return
+    if not message.patients and not message.observations:
+        out.quarantine(src, "message", "missing_patient_id", f"{h.get('message_code')} message has no PID segment "
+                                                             "and no results: nothing in it can be attached to a "
+                                                             "patient")
+        return
     version = f"{_iso(_clean(h.get('sent_at')))}|{h.get('control_id') or ''}"
     for obx in message.observations:
         _hl7_obx(out, src, h, obx, version)
