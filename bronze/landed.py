@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 from pyspark.sql import DataFrame
 from pyspark.sql.pandas.types import to_arrow_schema
@@ -67,14 +68,29 @@ def whole(body: bytes, _meta: Mapping[str, Any] = _NONE) -> list[Unit]:
     return [(0, len(body), _NONE)] if body.strip() else []
 
 
+def line_spans(body: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, lengths) of the non-blank lines, computed on the whole body at once.
+
+    The LF is removed and a CR before it kept (bytes as sent); a line holding only ASCII whitespace is blank,
+    exactly as bytes.strip() decides.
+    """
+    data = np.frombuffer(body, dtype=np.uint8)
+    breaks = np.flatnonzero(data == 10)
+    starts = np.concatenate(([0], breaks + 1)).astype(np.int64)
+    ends = np.concatenate((breaks, [len(data)])).astype(np.int64)
+    visible = np.concatenate(([0], np.cumsum(~np.isin(data, _ASCII_WHITESPACE), dtype=np.int64)))
+    keep = visible[ends] - visible[starts] > 0
+    return starts[keep], (ends - starts)[keep]
+
+
 def lines(body: bytes, _meta: Mapping[str, Any] = _NONE) -> list[Unit]:
-    """Non-blank lines; the LF is removed, a CR before it is kept (bytes as sent)."""
-    out, pos = [], 0
-    for piece in body.split(b"\n"):
-        if piece.strip():
-            out.append((pos, len(piece), _NONE))
-        pos += len(piece) + 1
-    return out
+    """Non-blank lines, one unit each (the bulk path, `line_spans`, is what explode uses)."""
+    offsets, lengths = line_spans(body)
+    return [(int(o), int(n), _NONE) for o, n in zip(offsets, lengths, strict=True)]
+
+
+lines.spans = line_spans  # type: ignore[attr-defined]  # units without keys, as arrays: the fast path
+_ASCII_WHITESPACE = np.array([9, 10, 11, 12, 13, 32], dtype=np.uint8)
 
 
 def _received(header: Mapping[str, Any], fallback: datetime) -> datetime:
@@ -85,12 +101,17 @@ def _received(header: Mapping[str, Any], fallback: datetime) -> datetime:
 
 
 class _Columns:
-    """Column lists for one output Arrow batch: the landed columns, then the feed's extra keys."""
+    """Rows for the output Arrow batches: the landed columns, then the feed's extra keys.
+
+    Units come one at a time (`add`) or as whole arrays of line spans (`add_spans`, no Python per line);
+    both keep their order.
+    """
 
     def __init__(self, schema: pa.Schema, extra: tuple[str, ...]):
         self.schema = schema
         self.extra = extra
         self.cols: dict[str, list] = {f.name: [] for f in schema}
+        self.done: list[pa.RecordBatch] = []
 
     def add(self, path: str, pos: int, at: datetime, peer: str | None, status: str, reason: str | None,
             payload: bytes, keys: Mapping[str, Any]) -> None:
@@ -99,9 +120,56 @@ class _Columns:
         for name in self.extra:
             self.cols[name].append(keys.get(name))
 
-    def batch(self) -> pa.RecordBatch:
-        arrays = [pa.array(self.cols[f.name], type=f.type) for f in self.schema]
-        return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+    def add_spans(self, path: str, base: int, at: datetime, peer: str | None, status: str, reason: str | None,
+                  body: bytes, offsets: np.ndarray, lengths: np.ndarray) -> None:
+        """Many units of one body at once: payload bytes gathered with numpy, constants repeated by Arrow."""
+        self._flush()
+        n = len(offsets)
+        if not n:
+            return
+        edges = np.zeros(len(body) + 1, dtype=np.int64)
+        np.add.at(edges, offsets, 1)
+        np.add.at(edges, offsets + lengths, -1)
+        data = np.frombuffer(body, dtype=np.uint8)[np.cumsum(edges[:-1]) > 0]
+        value_offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)
+        payload = pa.BinaryArray.from_buffers(pa.binary(), n, [None, pa.py_buffer(value_offsets),
+                                                                pa.py_buffer(data.tobytes())])
+        zeros = pa.array(np.zeros(n, dtype=np.int64))
+        constants = {"landing_file": path, "received_at": at, "peer": peer, "landing_status": status,
+                     "landing_reason": reason}
+        arrays = []
+        for f in self.schema:
+            if f.name == "landing_position":
+                arrays.append(pa.array(offsets + base, type=f.type))
+            elif f.name == "payload":
+                arrays.append(payload.cast(f.type))
+            elif f.name in constants:
+                arrays.append(pa.array([constants[f.name]], type=f.type).take(zeros))
+            else:
+                arrays.append(pa.nulls(n, type=f.type))
+        self.done.append(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
+
+    def _flush(self) -> None:
+        if self.cols[self.schema[0].name]:
+            arrays = [pa.array(self.cols[f.name], type=f.type) for f in self.schema]
+            self.done.append(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
+            self.cols = {f.name: [] for f in self.schema}
+
+    def batches(self) -> list[pa.RecordBatch]:
+        self._flush()
+        return self.done
+
+
+def _units(out: _Columns, split: Splitter, path: str, base: int, at: datetime, peer: str | None, status: str,
+           reason: str | None, body: bytes, meta: Mapping[str, Any]) -> None:
+    """Add the units of one record body (or dropped file) through the splitter's fastest path."""
+    spans = getattr(split, "spans", None)
+    if spans is not None:
+        offsets, lengths = spans(body)
+        out.add_spans(path, base, at, peer, status, reason, body, offsets, lengths)
+        return
+    for off, n, keys in split(body, meta):
+        out.add(path, base + off, at, peer, status, reason, body[off:off + n], keys)
 
 
 def _segment_units(out: _Columns, path: str, content: bytes, modified: datetime, split: Splitter) -> None:
@@ -110,8 +178,7 @@ def _segment_units(out: _Columns, path: str, content: bytes, modified: datetime,
             h = item.header
             at, peer = _received(h, modified), h.get("peer")
             status, reason = str(h.get("status", "accepted")), h.get("reason")
-            for off, n, keys in split(item.body, h):
-                out.add(path, item.body_offset + off, at, peer, status, reason, item.body[off:off + n], keys)
+            _units(out, split, path, item.body_offset, at, peer, status, reason, item.body, h)
         elif isinstance(item, Scan) and item.problem is not None and item.torn_bytes:
             out.add(path, item.valid_end, modified, None, "corrupt", item.problem, content[item.valid_end:], _NONE)
 
@@ -132,9 +199,8 @@ def explode(split: Splitter, schema: pa.Schema, extra: tuple[str, ...] = ()
                         continue
                     except SegmentFormatError:
                         pass
-                for off, n, keys in split(content, {"landing_file": path}):
-                    out.add(path, off, modified, None, "accepted", None, content[off:off + n], keys)
-            yield out.batch()
+                _units(out, split, path, 0, modified, None, "accepted", None, content, {"landing_file": path})
+            yield from out.batches()
 
     return run
 

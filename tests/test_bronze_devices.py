@@ -61,3 +61,21 @@ def test_gateway_segment_records_and_a_corrupt_tail(spark):
     # Spark returns naive timestamps in the session time zone (UTC).
     assert rows[0].received_at == datetime(2026, 11, 21, 4, 0, 0, 250000, tzinfo=UTC).replace(tzinfo=None)
     assert rows[2].received_at == datetime(2026, 11, 21, 4, 0, 1)
+
+
+def test_line_spans_match_splitting_line_by_line():
+    import random
+
+    from bronze.landed import line_spans
+
+    rng = random.Random(5)
+    alphabet = [b"a", b"{", b"\n", b"\r", b" ", b"\t", b"\x0b", b"\xe9", b"}"]
+    for _ in range(300):
+        body = b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        expected, pos = [], 0
+        for piece in body.split(b"\n"):
+            if piece.strip():
+                expected.append((pos, len(piece)))
+            pos += len(piece) + 1
+        offsets, lengths = line_spans(body)
+        assert list(zip(offsets.tolist(), lengths.tolist(), strict=True)) == expected, body
