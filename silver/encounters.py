@@ -49,20 +49,18 @@ from pyspark.sql.types import ArrayType, StringType, StructField, StructType, Ti
 
 from silver import hl7_parse
 from silver.identity import ENCOUNTER, FHIR_ENCOUNTER, FHIR_FULLURL, identity_key, reference_identity
-from silver.observations import SOURCE_RECORD, Params, _fhir_patient_key
 from silver.patients import (
     EntityRows,
     Merging,
     fhir_resource,
     fhir_version,
     hl7_version,
-    lineage,
     link,
     mrn_identity,
     nulled,
     parsed_rows,
-    routed_schema,
 )
+from silver.routing import SOURCE_RECORD, Params, fhir_patient_key, lineage, routed_schema
 
 ENCOUNTERS = "silver.encounters"
 
@@ -212,7 +210,7 @@ def _visit_identifier(p: Params, identifiers: list[dict]) -> dict[str, Any] | No
 
 def _fhir_encounter(out: EntityRows, src: dict, enc: dict) -> None:
     p = out.p
-    patient_key = _fhir_patient_key(p, enc)
+    patient_key = fhir_patient_key(p, enc)
     if patient_key is None:
         out.quarantine(src, "Encounter", "missing_subject", "Encounter.subject names no Patient")
         return

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime, tzinfo
+from datetime import datetime, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -27,7 +26,6 @@ from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import to_arrow_schema
 from pyspark.sql.types import (
     DoubleType,
-    LongType,
     StringType,
     StructField,
     StructType,
@@ -36,19 +34,23 @@ from pyspark.sql.types import (
 
 from silver import fhir_parse, hl7_parse
 from silver.identity import ENCOUNTER, PATIENT, identity_key, identity_key_column, reference_identity
-from silver.quarantine import QUARANTINE, QUARANTINE_SCHEMA, quarantine_id, quarantine_id_column
+from silver.quarantine import QUARANTINE, quarantine_id_column
+from silver.routing import (
+    BRONZE_TABLES,
+    OUTPUT,
+    SOURCE_RECORD,
+    Params,
+    RoutedRows,
+    clean,
+    fhir_patient_key,
+    iso,
+    lineage,
+    routed_schema,
+)
 from silver.vitals import normalize, normalized
 
 OBSERVATIONS = "silver.observations"
-OUTPUT = "_output"
 DELETED = "deleted"
-
-SOURCE_RECORD = StructType([
-    StructField("table", StringType(), True),
-    StructField("landing_file", StringType(), True),
-    StructField("landing_position", LongType(), True),
-    StructField("sha256", StringType(), True),
-])
 
 SCHEMA = StructType([
     StructField("observation_id", StringType(), False),
@@ -75,12 +77,7 @@ SCHEMA = StructType([
     StructField("ingested_at", TimestampType(), False),  # when this job wrote it
 ])
 
-# One routed row: which table, then the columns of both tables (a column the other lacks is null).
-_ROUTED_FIELDS = [StructField(OUTPUT, StringType(), False)]
-for _f in [*SCHEMA.fields, *QUARANTINE_SCHEMA.fields]:
-    if _f.name not in {f.name for f in _ROUTED_FIELDS}:
-        _ROUTED_FIELDS.append(StructField(_f.name, _f.dataType, True))
-ROUTED = StructType(_ROUTED_FIELDS)
+ROUTED = routed_schema(SCHEMA)
 _ROUTED_ARROW = to_arrow_schema(ROUTED)
 
 # What silver models today; anything else is quarantined as not_modelled (its bytes stay in bronze) unless its
@@ -89,60 +86,18 @@ MODELLED_HL7 = frozenset({"ADT", "ORU"})
 MODELLED_FHIR = frozenset({"Patient", "Encounter", "Observation"})
 NOT_MODELLED = "not_modelled"
 
-BRONZE_TABLES = {"hl7": "bronze.hl7_messages", "fhir": "bronze.fhir_resources", "devices": "bronze.device_readings"}
-
-
-@dataclass(frozen=True)
-class Params:
-    """What the parsers need besides the rows: the key secret, the zone, identifier systems, validation."""
-
-    secret: str
-    timezone: str
-    mrn_system: str
-    system_aliases: tuple[tuple[str, str], ...]
-    fhir_validation: str
-    job: str
-
-    def canonical(self, system: str | None) -> str:
-        if system is None or not str(system).strip():
-            return self.mrn_system
-        return dict(self.system_aliases).get(system, system)
-
-
-def _clean(value: Any) -> Any:
-    """An HL7 explicit null ("") or an empty string is no value here."""
-    return None if isinstance(value, hl7_parse.Hl7Null) or value == "" else value
-
-
-def _iso(at: datetime | None) -> str:
-    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if at else ""
 
 
 def _observation_id(*parts: Any) -> str:
     return hashlib.sha256("|".join("" if p is None else str(p) for p in parts).encode()).hexdigest()[:32]
 
 
-class _Rows:
-    """Collects routed rows for one Arrow batch."""
-
-    def __init__(self, p: Params, processed_at: datetime):
-        self.p = p
-        self.processed_at = processed_at
-        self.rows: list[dict[str, Any]] = []
-
-    def quarantine(self, src: dict[str, Any], item: str, reason: str, detail: str | None) -> None:
-        self.rows.append({
-            OUTPUT: QUARANTINE, "quarantine_id": quarantine_id(
-                self.p.job, src["table"], src["landing_file"], src["landing_position"], item, reason),
-            "feed": src["feed"], "source_table": src["table"], "landing_file": src["landing_file"],
-            "landing_position": src["landing_position"], "sha256": src["sha256"], "item": item,
-            "reason": reason, "detail": (detail or "")[:2000], "job": self.p.job,
-            "quarantined_at": self.processed_at})
+class _Rows(RoutedRows):
+    """Routed rows for silver.observations and silver.quarantine."""
 
     def observation(self, src: dict[str, Any], row: dict[str, Any]) -> None:
-        lineage = {k: src[k] for k in ("table", "landing_file", "landing_position", "sha256")}
-        self.rows.append({OUTPUT: OBSERVATIONS, **row, "source_record": lineage, "received_at": src["received_at"],
-                          "ingested_at": self.processed_at})
+        self.rows.append({OUTPUT: OBSERVATIONS, **row, "source_record": lineage(src),
+                          "received_at": src["received_at"], "ingested_at": self.processed_at})
 
     def batch(self) -> pa.RecordBatch:
         return pa.RecordBatch.from_pylist(self.rows, schema=_ROUTED_ARROW)
@@ -167,7 +122,7 @@ def _hl7(out: _Rows, src: dict, payload: bytes, tz: tzinfo) -> None:
                                                              "and no results: nothing in it can be attached to a "
                                                              "patient")
         return
-    version = f"{_iso(_clean(h.get('sent_at')))}|{h.get('control_id') or ''}"
+    version = f"{iso(clean(h.get('sent_at')))}|{h.get('control_id') or ''}"
     for obx in message.observations:
         _hl7_obx(out, src, h, obx, version)
 
@@ -175,34 +130,34 @@ def _hl7(out: _Rows, src: dict, payload: bytes, tz: tzinfo) -> None:
 def _hl7_obx(out: _Rows, src: dict, h: dict, obx: dict, version: str) -> None:
     p = out.p
     item = f"OBX[{obx.get('set_id') or obx['record_index']}]"
-    mrn = _clean(obx.get("patient_mrn"))
+    mrn = clean(obx.get("patient_mrn"))
     if not mrn:
         out.quarantine(src, item, "missing_patient", "no PID-3 patient identifier in the message")
         return
     if obx.get("value_error"):
         out.quarantine(src, item, "bad_value", str(obx["value_error"]))
         return
-    effective = _clean(obx.get("effective_at"))
+    effective = clean(obx.get("effective_at"))
     if effective is None:
         out.quarantine(src, item, "missing_effective_time", "no OBX-14, OBR-7 or MSH-7 time")
         return
-    system = p.canonical(_clean(obx.get("patient_source_system")))
-    visit = _clean(obx.get("visit_number"))
-    unit = _clean(obx.get("units_code")) or _clean(obx.get("units_text"))
-    value_text = _clean(obx.get("value_code")) or _clean(obx.get("value_text"))
+    system = p.canonical(clean(obx.get("patient_source_system")))
+    visit = clean(obx.get("visit_number"))
+    unit = clean(obx.get("units_code")) or clean(obx.get("units_text"))
+    value_text = clean(obx.get("value_code")) or clean(obx.get("value_text"))
     base = {"patient_key": identity_key(p.secret, PATIENT, system, mrn),
             "encounter_key": identity_key(p.secret, ENCOUNTER, system, visit) if visit else None,
-            "effective_at": effective, "status": _clean(obx.get("status")) or "final", "source_feed": "hl7",
+            "effective_at": effective, "status": clean(obx.get("status")) or "final", "source_feed": "hl7",
             "source_system": h.get("sending_facility"), "source_id": f"{h.get('control_id')}#{item}",
             "source_version": version}
-    n = normalize(_clean(obx.get("code")), _clean(obx.get("code_system")), _clean(obx.get("display")),
-                  _clean(obx.get("value_num")), value_text, unit, _clean(obx.get("units_system")))
+    n = normalize(clean(obx.get("code")), clean(obx.get("code_system")), clean(obx.get("display")),
+                  clean(obx.get("value_num")), value_text, unit, clean(obx.get("units_system")))
     if n.problem:
         out.quarantine(src, item, n.problem, _detail(n))
         return
     base["observation_id"] = _observation_id(
-        "hl7", system, mrn, n.code, _iso(effective), _clean(obx.get("sub_id")),
-        _clean(obx.get("filler_order_number")) or _clean(obx.get("placer_order_number")))
+        "hl7", system, mrn, n.code, iso(effective), clean(obx.get("sub_id")),
+        clean(obx.get("filler_order_number")) or clean(obx.get("placer_order_number")))
     out.observation(src, {**base, **_normalized(n)})
 
 
@@ -250,19 +205,11 @@ def _fhir(out: _Rows, src: dict, payload: bytes, tz: tzinfo) -> None:
         _fhir_value(out, src, obs)
 
 
-def _fhir_patient_key(p: Params, obs: dict) -> str | None:
-    if obs.get("subject_identifier_value"):
-        return identity_key(p.secret, PATIENT, p.canonical(obs.get("subject_identifier_system")),
-                            obs["subject_identifier_value"])
-    ref = reference_identity(obs.get("subject_reference"))
-    return identity_key(p.secret, ref[0], None, ref[1]) if ref else None
-
-
 def _fhir_value(out: _Rows, src: dict, obs: dict) -> None:
     p = out.p
     component = obs.get("component_index")
     item = "Observation" if component is None else f"Observation.component[{component}]"
-    patient_key = _fhir_patient_key(p, obs)
+    patient_key = fhir_patient_key(p, obs)
     if patient_key is None:
         out.quarantine(src, item, "missing_patient", "Observation.subject names no Patient")
         return
@@ -293,7 +240,7 @@ MAX_COMPONENTS = 8
 
 
 def _fhir_delete(out: _Rows, src: dict) -> None:
-    version = f"DELETE@{_iso(src['received_at'])}"  # sorts after every versionId and lastUpdated
+    version = f"DELETE@{iso(src['received_at'])}"  # sorts after every versionId and lastUpdated
     for component in (None, *range(MAX_COMPONENTS)):
         out.observation(src, {"observation_id": _observation_id("fhir", src.get("resource_id"), component),
                               "status": DELETED, "source_feed": "fhir", "source_system": "fhir",

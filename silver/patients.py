@@ -55,8 +55,18 @@ from pyspark.sql.types import (
 
 from silver import fhir_parse, hl7_parse
 from silver.identity import FHIR_FULLURL, PATIENT, identity_key, reference_identity
-from silver.observations import BRONZE_TABLES, OUTPUT, SOURCE_RECORD, Params, _clean, _iso, _Rows
-from silver.quarantine import QUARANTINE, QUARANTINE_SCHEMA
+from silver.quarantine import QUARANTINE
+from silver.routing import (
+    BRONZE_TABLES,
+    OUTPUT,
+    SOURCE_RECORD,
+    Params,
+    RoutedRows,
+    clean,
+    iso,
+    lineage,
+    routed_schema,
+)
 
 PATIENTS = "silver.patients"
 
@@ -95,20 +105,11 @@ SCHEMA = StructType([
 ])
 
 
-def routed_schema(schema: StructType) -> StructType:
-    """`_output`, then the columns of `schema` and of silver.quarantine, all nullable."""
-    fields = [StructField(OUTPUT, StringType(), False)]
-    for f in [*schema.fields, *QUARANTINE_SCHEMA.fields]:
-        if f.name not in {g.name for g in fields}:
-            fields.append(StructField(f.name, f.dataType, True))
-    return StructType(fields)
-
-
 ROUTED = routed_schema(SCHEMA)
 
 
 # -- routed rows, versions and the Python pass (shared with silver.encounters) ------------------------
-class EntityRows(_Rows):
+class EntityRows(RoutedRows):
     """Collects the routed rows of one Arrow batch for one entity table and silver.quarantine."""
 
     def __init__(self, p: Params, processed_at: datetime, table: str, schema: pa.Schema):
@@ -124,14 +125,9 @@ class EntityRows(_Rows):
         return pa.RecordBatch.from_pylist(self.rows, schema=self.schema)
 
 
-def lineage(src: dict[str, Any]) -> dict[str, Any]:
-    """The bronze row a silver row came from (SOURCE_RECORD)."""
-    return {k: src[k] for k in ("table", "landing_file", "landing_position", "sha256")}
-
-
 def entity_version(authoritative: bool, at: datetime | None, tiebreak: str | None) -> str:
     """The sortable version of one update: authority rank, UTC event time, then the source's own order."""
-    return f"{int(authoritative)}|{_iso(at)}|{tiebreak or ''}"
+    return f"{int(authoritative)}|{iso(at)}|{tiebreak or ''}"
 
 
 def fhir_version(head: dict[str, Any], received_at: datetime) -> tuple[str, datetime]:
@@ -147,11 +143,11 @@ def fhir_version(head: dict[str, Any], received_at: datetime) -> tuple[str, date
 
 def hl7_version(header: dict[str, Any], authoritative_code: str) -> tuple[str, datetime | None]:
     """Version and event time of an HL7 message: EVN-2 (else MSH-7) and MSH-10; rank 1 for `authoritative_code`."""
-    at = _clean(header.get("event_at"))
+    at = clean(header.get("event_at"))
     return entity_version(header.get("message_code") == authoritative_code, at, header.get("control_id")), at
 
 
-def fhir_resource(out: _Rows, src: dict[str, Any], payload: bytes, tz: tzinfo) -> fhir_parse.Extracted | None:
+def fhir_resource(out: RoutedRows, src: dict[str, Any], payload: bytes, tz: tzinfo) -> fhir_parse.Extracted | None:
     """The extracted FHIR resource, or None after quarantining it as unreadable or invalid."""
     try:
         resource = fhir_parse.parse_payload(payload)
