@@ -295,7 +295,8 @@ def device_rows(rows: DataFrame, p: Params, processed_at: datetime) -> DataFrame
     parsed = rows.select("landing_file", "landing_position", "sha256", "received_at", "parse_status",
                          reading.alias("r")).select(
         "*", *(F.col(f"r.{k}").alias(f"r_{k}") for k in ("code", "code_system", "value_text", "unit")),
-        F.expr("try_cast(r.value as double)").alias("value_num"), F.to_timestamp("r.time").alias("effective"))
+        F.expr("try_cast(r.value as double)").alias("value_num"),
+        F.try_to_timestamp(F.col("r.time")).alias("effective"))  # try_: one bad line must never fail the batch
     normed = parsed.transform(normalized(code="r_code", code_system="r_code_system", value_num="value_num",
                                          value_text="r_value_text", unit="r_unit"))
     mrn = F.col("r.patient_mrn")

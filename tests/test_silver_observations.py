@@ -89,14 +89,15 @@ def routed(spark, **feeds):
 def test_devices_are_normalized_and_bad_lines_quarantined_with_lineage(spark):
     lines = [reading(), reading(code="8310-5", value=101.3, unit="[degF]"), reading(code="59408-5", value=0.97,
              unit=""), reading(value=900), reading(value=None), "{not json", reading(patient_mrn=None),
-             reading(code="67775-7", value=None, unit=None, value_text="alert")]
+             reading(code="67775-7", value=None, unit=None, value_text="alert"), reading(time="not a time"),
+             reading(value="abc")]
     obs, quarantine = routed(spark, devices=("\n".join(lines) + "\n").encode())
     got = sorted((o["code"], o["concept"], o["value"] and round(o["value"], 2), o["value_text"], o["unit"])
                  for o in obs)
     assert got == sorted([("8867-4", "hr", 88.0, None, "/min"), ("8310-5", "temp", 38.5, None, "Cel"),
                           ("59408-5", "spo2", 97.0, None, "%"), ("67775-7", "acvpu", None, "A", None)])
-    assert sorted(q["reason"] for q in quarantine) == ["implausible_value", "invalid_json", "missing_patient",
-                                                      "missing_value"]
+    assert sorted(q["reason"] for q in quarantine) == ["bad_timestamp", "bad_value", "implausible_value",
+                                                      "invalid_json", "missing_patient", "missing_value"]
     key = identity_key(SECRET, PATIENT, "CARELAKE", "MRN1001")
     assert {o["patient_key"] for o in obs} == {key}
     assert all(o["source_record"]["table"] == "bronze.device_readings" for o in obs)
