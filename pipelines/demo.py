@@ -97,7 +97,7 @@ def run(argv: list[str] | None = None) -> int:
         step("1. Start the gateway and send the first monitor file over HTTP (each batch fsynced, then 202)")
         with gateway(base) as http_url:
             cli("send", "--to", http_url, "--batch", "100", str(files[0]))
-        step("2. Run every job once (available-now): landing -> bronze")
+        step("2. Run every job once (available-now): landing -> bronze -> silver")
         cli("run", "all", "--available-now")
         step("3. A second file is dropped into landing (CRLF line ends, two broken lines); run again")
         cli("ingest", str(files[1]), "--feed", "devices")
@@ -113,7 +113,12 @@ def run(argv: list[str] | None = None) -> int:
     cli("sql", "select device_id, landing_position, substr(sha256, 1, 16) as sha256_prefix, "
                "decode(payload, 'UTF-8') as payload from bronze.device_readings "
                "where parse_status <> 'ok' order by landing_position")
-    step("8. Commit history and per-batch metrics")
+    step("8. Silver: every reading normalized (LOINC code, UCUM unit), pseudonymous patient key, nothing lost")
+    cli("sql", "select code, display, unit, count(*) as readings, round(avg(value), 1) as mean "
+               "from silver.observations group by code, display, unit order by code")
+    cli("sql", "select feed, reason, item, detail from silver.quarantine order by reason")
+    print(f"data-quality report of the last batch: {root / '_reports' / 'dq' / 'silver.observations.html'}")
+    step("9. Commit history and per-batch metrics")
     cli("history", "bronze.device_readings")
     cli("sql", "select job, batch_id, rows_in, rows_out, duration_ms, lag_ms from ops.metrics order by batch_id")
     print(f"\nDemo lakehouse at {root}. Try: carelake --root {root} sql \"select * from bronze.device_readings\"")
