@@ -303,6 +303,59 @@ class QualityConfig:
 
 
 @dataclass(frozen=True)
+class GoldConfig:
+    lookback: str
+    feature_windows: tuple[str, ...]
+    spo2_scale2_codes: tuple[str, ...]
+    history: str
+
+    def __post_init__(self) -> None:
+        if self.lookback_ms <= 0:
+            raise ConfigError(f"gold.lookback must be a positive duration like 4h, got {self.lookback!r}")
+        if not self.feature_windows or any(parse_duration_ms(w, "gold.feature_windows[]") <= 0
+                                           for w in self.feature_windows):
+            raise ConfigError(f"gold.feature_windows must list positive durations like [1h, 4h, 12h], "
+                              f"got {list(self.feature_windows)!r}")
+        if self.history_ms < max(self.lookback_ms, *self.feature_windows_ms):
+            raise ConfigError(f"gold.history ({self.history}) must be at least gold.lookback and the longest "
+                              f"feature window ({max(self.lookback_ms, *self.feature_windows_ms) // 60000} min)")
+
+    @property
+    def lookback_ms(self) -> int:
+        return parse_duration_ms(self.lookback, "gold.lookback")
+
+    @property
+    def history_ms(self) -> int:
+        return parse_duration_ms(self.history, "gold.history")
+
+    @property
+    def feature_windows_ms(self) -> tuple[int, ...]:
+        return tuple(parse_duration_ms(w, "gold.feature_windows[]") for w in self.feature_windows)
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    tracking_uri: str
+    horizon: str
+    test_fraction: float
+    seed: int
+    alert_rate_per_100_patient_days: float
+
+    def __post_init__(self) -> None:
+        if parse_duration_ms(self.horizon, "models.horizon") <= 0:
+            raise ConfigError(f"models.horizon must be a positive duration like 12h, got {self.horizon!r}")
+        if not 0.05 <= self.test_fraction <= 0.8:
+            raise ConfigError(f"models.test_fraction must be between 0.05 and 0.8, got {self.test_fraction}")
+        if self.alert_rate_per_100_patient_days < 0:
+            raise ConfigError("models.alert_rate_per_100_patient_days must be 0 (match NEWS2 >= 5) or more, got "
+                              f"{self.alert_rate_per_100_patient_days}")
+
+    @property
+    def horizon_ms(self) -> int:
+        return parse_duration_ms(self.horizon, "models.horizon")
+
+
+@dataclass(frozen=True)
 class JobsConfig:
     modules: tuple[str, ...]
 
@@ -318,6 +371,8 @@ class Config:
     simulator: SimulatorConfig
     silver: SilverConfig
     quality: QualityConfig
+    gold: GoldConfig
+    models: ModelsConfig
     jobs: JobsConfig
     env: str = "local"
     conf_dir: Path = Path("conf")
