@@ -187,6 +187,15 @@ class Runner:
 
         return self.spark.readStream.format(FORMAT).option("path", path).load()
 
+    def _read_table(self, name: str) -> DataFrame:
+        """A table's current snapshot, for transforms that look up history (e.g. gold scoring)."""
+        if not self.store.exists(name):
+            raise UsageError(f"{name} does not exist yet; run the job that writes it first: carelake run {name}")
+        return self.store.read(name)
+
+    def _table_version(self, name: str) -> int | None:
+        return self.store.version(name) if self.store.exists(name) else None
+
     # -- sink --------------------------------------------------------------------------------
     def _query_id(self, job: Job) -> str:
         meta = self.cfg.path("_checkpoints", job.name, "metadata")
@@ -216,7 +225,8 @@ class Runner:
             stats = batch_df.agg(F.count(F.lit(1)).alias("n"), F.min(self._lag_column(job)).alias("oldest")).first()
             rows_in, oldest = int(stats["n"]), stats["oldest"]
             batch = {"batch_id": batch_id, "ingest_batch_id": f"{job.name}/{query_id[:8]}/{batch_id}",
-                     "processed_at": started_at}
+                     "processed_at": started_at, "read_table": self._read_table,
+                     "table_version": self._table_version}
             outputs = job.apply(batch_df, batch)
             if isinstance(outputs, dict):
                 arrows = {}
