@@ -110,6 +110,8 @@ class Job:
     description: str = ""
     options: Mapping[str, Any] = field(default_factory=dict)
     side_outputs: tuple[Output, ...] = ()
+    # Tables the transform looks up with read_table (not streamed): their jobs run first in available-now order.
+    reads: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         split_table_name(self.name)
@@ -193,7 +195,7 @@ class Registry:
                 cycle = " -> ".join([*visiting[visiting.index(name):], name])
                 raise ConfigError(f"jobs form a cycle: {cycle}")
             visiting.append(name)
-            for up in self._jobs[name].upstream:
+            for up in (*self._jobs[name].upstream, *self._jobs[name].reads):
                 visit(up)
             visiting.pop()
             done[name] = self._jobs[name]
@@ -254,6 +256,49 @@ def builtin_jobs(cfg: Config) -> list[Job]:
     ]
 
 
+def gold_jobs(cfg: Config) -> list[Job]:
+    """Early-warning scores (+ vitals features, + model risk) and deterioration alerts."""
+    from gold import deterioration_alerts, early_warning_scores
+
+    g = cfg.gold
+    score_key = MergeSpec(keys=("patient_key", "scored_at"), latest_by=("computed_at",))
+    features = Output(early_warning_scores.FEATURES, "merge", score_key,
+                      early_warning_scores.features_schema(g.feature_windows_ms))
+    return [
+        Job(name=early_warning_scores.SCORES, source=TableSource("silver.observations"),
+            transform=early_warning_scores.early_warning_scores, write="merge", merge=score_key,
+            schema=early_warning_scores.SCHEMA, side_outputs=(features,),
+            reads=(early_warning_scores.PATIENTS, early_warning_scores.ENCOUNTERS),
+            options={"lookback_ms": g.lookback_ms, "history_ms": g.history_ms, "windows_ms": g.feature_windows_ms,
+                     "scale2_codes": g.spo2_scale2_codes, "champion": _champion_loader(cfg)},
+            description="NEWS2 (components, band, partial), qSOFA, SIRS and model risk each time a vital sign "
+                        "arrives; vitals features (gold.vitals_features) for the same points"),
+        Job(name=deterioration_alerts.ALERTS, source=TableSource(early_warning_scores.SCORES),
+            transform=deterioration_alerts.deterioration_alerts, write="merge",
+            merge=MergeSpec(keys=("alert_id",), latest_by=("computed_at",)), schema=deterioration_alerts.SCHEMA,
+            description="One alert per patient, level (NEWS2 medium/high, qSOFA >= 2, model) and episode: "
+                        "opened, escalated, resolved"),
+    ]
+
+
+def _champion_loader(cfg: Config) -> Callable[[], Any]:
+    """Each batch asks the model registry for the current champion (a cached model when it has not changed)."""
+    uri = Deferred(lambda: _tracking_uri(cfg))
+
+    def champion() -> Any:
+        from models.deterioration import load_champion
+
+        return load_champion(uri.value())
+
+    return champion
+
+
+def _tracking_uri(cfg: Config) -> str:
+    from models.deterioration import default_tracking_uri
+
+    return default_tracking_uri(cfg)
+
+
 def _observation_update(schema: StructType) -> dict[str, str]:
     """A correction replaces every column; a deletion changes only status, version and lineage."""
     keep_on_delete = {"status", "source_version", "source_record", "received_at", "ingested_at"}
@@ -264,7 +309,7 @@ def _observation_update(schema: StructType) -> dict[str, str]:
 
 def load_registry(cfg: Config) -> Registry:
     """Built-in jobs plus those of every module in jobs.modules."""
-    jobs = builtin_jobs(cfg)
+    jobs = [*builtin_jobs(cfg), *gold_jobs(cfg)]
     for module_name in cfg.jobs.modules:
         try:
             module = importlib.import_module(module_name)

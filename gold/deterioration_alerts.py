@@ -1,0 +1,173 @@
+"""gold.deterioration_alerts: one alert per patient, level and episode, from gold.early_warning_scores.
+
+Levels and when a score row is "in" them:
+
+| level          | condition                           |
+|----------------|-------------------------------------|
+| `news2_medium` | NEWS2 band medium or high           |
+| `news2_high`   | NEWS2 band high                     |
+| `qsofa`        | qSOFA >= 2                          |
+| `model`        | model risk >= the model's threshold |
+
+An episode is a run of consecutive score rows (per patient, by event time) in a level. It opens at its first row
+(`opened_at`; the alert names that row's observations, scores and model version) and resolves at the first row
+after it that is out of the level (`resolved_at`); until then it is `open`, so a patient has at most one open
+alert per level however many readings repeat the same finding (no alert storms). `news2_medium` alerts record
+an escalation: `escalated_at` / `escalated_to` point at the `news2_high` alert raised during them.
+
+Batches recompute the episodes of the patients whose scores changed, from the earliest changed score (or the
+opening of an episode still running then) on, and MERGE them by `alert_id` = hash(patient, level, opened_at).
+So replays and restarts change nothing, a late reading that extends an episode updates it, and an episode that
+late or corrected data dissolves is kept as `withdrawn`, never silently deleted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+from pyspark.sql.types import (
+    ArrayType,
+    DoubleType,
+    IntegerType,
+    LongType,
+    StringType,
+    StructField,
+    StructType,
+    TimestampType,
+)
+
+from gold.early_warning_scores import SCORES
+from pipelines import __version__ as CODE_VERSION
+
+ALERTS = "gold.deterioration_alerts"
+OPEN, RESOLVED, WITHDRAWN = "open", "resolved", "withdrawn"
+LEVELS = ("news2_medium", "news2_high", "qsofa", "model")
+
+
+def level_conditions() -> dict[str, Column]:
+    """Each level's condition on a score row (built on use: columns need a running Spark)."""
+    return {
+        "news2_medium": F.col("news2_band").isin("medium", "high"),
+        "news2_high": F.col("news2_band") == "high",
+        "qsofa": F.col("qsofa_score") >= 2,
+        "model": F.coalesce(F.col("model_alert"), F.lit(False)),
+    }
+
+SCHEMA = StructType([
+    StructField("alert_id", StringType(), False),
+    StructField("patient_key", StringType(), False),
+    StructField("encounter_key", StringType(), True),
+    StructField("level", StringType(), False),
+    StructField("status", StringType(), False),  # open, resolved, withdrawn
+    StructField("opened_at", TimestampType(), False),  # event time of the score row that raised it
+    StructField("resolved_at", TimestampType(), True),  # event time of the first score row out of the level
+    StructField("escalated_at", TimestampType(), True),  # news2_medium: when the patient reached high
+    StructField("escalated_to", StringType(), True),  # news2_medium: the news2_high alert raised then
+    StructField("news2_score", IntegerType(), True),  # at opening
+    StructField("news2_band", StringType(), True),
+    StructField("qsofa_score", IntegerType(), True),
+    StructField("model_risk", DoubleType(), True),
+    StructField("model_version", StringType(), True),  # the model that scored the opening row
+    StructField("observation_ids", ArrayType(StringType()), True),  # silver.observations behind the opening row
+    StructField("peak_news2_score", IntegerType(), True),
+    StructField("last_scored_at", TimestampType(), True),  # newest score row inside the episode
+    StructField("scores_version", LongType(), True),  # gold.early_warning_scores version the batch read
+    StructField("code_version", StringType(), True),
+    StructField("computed_by", StringType(), True),
+    StructField("computed_at", TimestampType(), True),
+])
+
+
+_PROVENANCE = ("scores_version", "code_version", "computed_by", "computed_at")
+
+
+def _recompute_from(starts: dict[str, datetime], known: list) -> dict[str, datetime]:
+    """Move each patient's start back to the opening of any episode still running at it, so an episode is
+    always recomputed whole (the score row just before the start is then out of every level)."""
+    by_patient: dict[str, list[tuple[datetime, datetime | None]]] = {}
+    for row in known:
+        by_patient.setdefault(row["patient_key"], []).append((row["opened_at"], row["resolved_at"]))
+    out = dict(starts)
+    for patient, episodes in by_patient.items():
+        start = out[patient]
+        for opened, resolved in sorted(episodes, reverse=True):  # latest first: each may reach further back
+            if opened < start and (resolved is None or resolved >= start):
+                start = opened
+        out[patient] = start
+    return out
+
+
+def _alert_id(patient: Column, level: Column, opened_at: Column) -> Column:
+    text = F.concat_ws("|", patient, level, F.date_format(opened_at, "yyyy-MM-dd'T'HH:mm:ss.SSSSSS"))
+    return F.substring(F.sha2(text, 256), 1, 32)
+
+
+def deterioration_alerts(changes: DataFrame, *, read_table: Callable[[str], DataFrame],
+                         table_version: Callable[[str], int | None], ingest_batch_id: str,
+                         processed_at: datetime) -> DataFrame:
+    spark = changes.sparkSession
+    touched_rows = (changes.where(F.col("_change_type").isin("insert", "update_postimage"))
+                    .groupBy("patient_key").agg(F.min("scored_at").alias("_from")).collect())
+    if not touched_rows:
+        return spark.createDataFrame([], SCHEMA)
+    starts = {r["patient_key"]: r["_from"] for r in touched_rows}
+    if table_version(ALERTS) is not None:
+        touched = spark.createDataFrame(touched_rows, "patient_key string, _from timestamp")
+        known = (read_table(ALERTS).join(F.broadcast(touched.select("patient_key")), "patient_key")
+                 .where(F.col("status") != WITHDRAWN).select("patient_key", "opened_at", "resolved_at").collect())
+        starts = _recompute_from(starts, known)
+    touched = spark.createDataFrame(list(starts.items()), "patient_key string, _from timestamp")
+    existing = None
+    if table_version(ALERTS) is not None:
+        existing = (read_table(ALERTS).join(F.broadcast(touched), "patient_key")
+                    .where((F.col("status") != WITHDRAWN) & (F.col("opened_at") >= F.col("_from"))))
+    earliest = min(starts.values())
+    scores = (read_table(SCORES).where(F.col("scored_at") >= F.lit(earliest))
+              .join(F.broadcast(touched), "patient_key").where(F.col("scored_at") >= F.col("_from")))
+
+    levels = F.array(*[F.struct(F.lit(name).alias("level"), cond.alias("_in"))
+                       for name, cond in level_conditions().items()])
+    rows = scores.select("*", F.explode(levels).alias("_l")).select("*", "_l.level", "_l._in").drop("_l")
+    w = Window.partitionBy("patient_key", "level").orderBy("scored_at")
+    rows = rows.select(
+        "*", F.lead("scored_at").over(w).alias("_next"),
+        F.coalesce(F.lag("_in").over(w), F.lit(False)).alias("_prev_in"))
+    rows = rows.select("*", F.sum(F.when(F.col("_in") & ~F.col("_prev_in"), 1).otherwise(0)).over(
+        w.rowsBetween(Window.unboundedPreceding, Window.currentRow)).alias("_episode"))
+    first = F.col("scored_at")
+    episodes = rows.where("_in").groupBy("patient_key", "level", "_episode").agg(
+        F.min("scored_at").alias("opened_at"),
+        F.max("scored_at").alias("last_scored_at"),
+        F.max_by("_next", "scored_at").alias("resolved_at"),
+        F.min(F.when(F.col("news2_band") == "high", F.col("scored_at"))).alias("_high_at"),
+        F.min_by("encounter_key", first).alias("encounter_key"),
+        F.min_by("news2_score", first).alias("news2_score"),
+        F.min_by("news2_band", first).alias("news2_band"),
+        F.min_by("qsofa_score", first).alias("qsofa_score"),
+        F.min_by("model_risk", first).alias("model_risk"),
+        F.min_by("model_version", first).alias("model_version"),
+        F.min_by("input_observation_ids", first).alias("observation_ids"),
+        F.max("news2_score").alias("peak_news2_score"))
+    medium = F.col("level") == "news2_medium"
+    escalated_at = F.when(medium, F.col("_high_at"))
+    now = [F.lit(table_version(SCORES)).cast("long").alias("scores_version"),
+           F.lit(CODE_VERSION).alias("code_version"), F.lit(ingest_batch_id).alias("computed_by"),
+           F.lit(processed_at).cast("timestamp").alias("computed_at")]
+    alerts = episodes.select(
+        _alert_id(F.col("patient_key"), F.col("level"), F.col("opened_at")).alias("alert_id"),
+        "patient_key", "encounter_key", "level",
+        F.when(F.col("resolved_at").isNull(), F.lit(OPEN)).otherwise(F.lit(RESOLVED)).alias("status"),
+        "opened_at", "resolved_at", escalated_at.alias("escalated_at"),
+        F.when(escalated_at.isNotNull(), _alert_id(F.col("patient_key"), F.lit("news2_high"), escalated_at))
+        .alias("escalated_to"),
+        "news2_score", "news2_band", "qsofa_score", "model_risk", "model_version", "observation_ids",
+        "peak_news2_score", "last_scored_at", *now)
+    if existing is not None:  # episodes the recomputation no longer finds: kept, marked withdrawn
+        gone = existing.join(alerts.select("alert_id"), "alert_id", "left_anti")
+        kept = [F.lit(WITHDRAWN).alias("status") if f.name == "status" else F.col(f.name)
+                for f in SCHEMA.fields if f.name not in _PROVENANCE]
+        alerts = alerts.unionByName(gone.select(*kept, *now))
+    return alerts.select(*[F.col(f.name).cast(f.dataType).alias(f.name) for f in SCHEMA.fields])

@@ -1,0 +1,297 @@
+"""gold.early_warning_scores and gold.vitals_features: NEWS2, qSOFA, SIRS and model risk each time an input arrives.
+
+One score row per patient and `scored_at`, the event time of a NEWS2/qSOFA/SIRS input measured for that patient
+(values measured together, e.g. one monitor frame, make one row). Each row scores the newest value of every input
+at that time ("as of"), looking back `gold.lookback` (4 h by default): an older or absent input is missing, the
+row is flagged partial and the missing/stale inputs are named, never treated as normal. The same points get the
+vitals features (gold.features) and, when a model is registered as `champion`, its risk and version.
+
+How a batch works (pure: the runner passes the changed silver rows and `read_table` for history):
+1. touched: per person, the earliest event time among the batch's changed input observations (new values,
+   corrections and deletions alike);
+2. history: the person's usable inputs from `gold.history` before that time on (silver.observations snapshot);
+3. every input time from the touched time on is (re)scored: a late or corrected value changes the rows after
+   it too, and the MERGE on (patient_key, scored_at) makes replays and restarts idempotent.
+
+People, not identities: FHIR Observations name `Patient/<id>`, HL7 and monitors the MRN; silver.patients links
+them (`merged_into`, also for A40 merges), and scores use the surviving key, so every feed of one person lands
+in one score stream. Encounter keys resolve the same way through silver.encounters.
+
+The as-of values come from one sort per person (forward fill over rows), never from a range join: an ICU
+monitor sends a value every second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+from pyspark.sql.types import (
+    ArrayType,
+    BooleanType,
+    DoubleType,
+    IntegerType,
+    LongType,
+    StringType,
+    StructField,
+    StructType,
+    TimestampType,
+)
+
+from gold import features, news2
+from pipelines import __version__ as CODE_VERSION
+
+SCORES = "gold.early_warning_scores"
+FEATURES = "gold.vitals_features"
+OBSERVATIONS = "silver.observations"
+PATIENTS = "silver.patients"
+ENCOUNTERS = "silver.encounters"
+OUTPUT = "_output"
+
+# Scoring inputs: silver concept -> the score row's value column.
+INPUTS: Mapping[str, str] = {
+    "rr": "respiratory_rate", "spo2": "spo2", "fio2": "fio2", "o2flow": "o2flow", "sbp": "systolic_bp",
+    "hr": "pulse", "acvpu": "consciousness", "temp": "temperature", "wbc": "wbc",
+}
+TEXT_INPUTS = frozenset({"acvpu"})
+# Observation statuses that are not a valid measurement (FHIR ObservationStatus; HL7 OBX-11 W/X/D).
+NOT_MEASURED = ("deleted", "entered-in-error", "cancelled", "W", "X", "D")
+
+_ID = StructField("patient_key", StringType(), False)
+_KEYS = [_ID, StructField("encounter_key", StringType(), True), StructField("scored_at", TimestampType(), False)]
+_PROVENANCE = [
+    StructField("silver_version", LongType(), True),  # silver.observations version the batch read
+    StructField("code_version", StringType(), True),  # carelake version that computed the row
+    StructField("computed_by", StringType(), True),  # the ingest batch (job/query/batch) that wrote it
+    StructField("computed_at", TimestampType(), True),
+]
+
+SCHEMA = StructType([
+    *_KEYS,
+    StructField("news2_score", IntegerType(), True),
+    StructField("news2_band", StringType(), True),
+    *[StructField(c, IntegerType(), True) for c in news2.COMPONENTS],
+    StructField("news2_partial", BooleanType(), True),
+    StructField("missing_inputs", ArrayType(StringType()), True),  # NEWS2 components without a usable input
+    StructField("stale_inputs", ArrayType(StringType()), True),  # inputs measured, but before the look-back
+    StructField("spo2_scale", IntegerType(), True),  # 1, or 2 for a recorded hypercapnic target
+    *[StructField(column, StringType() if concept in TEXT_INPUTS else DoubleType(), True)
+      for concept, column in INPUTS.items()],
+    StructField("on_oxygen", BooleanType(), True),
+    StructField("input_observation_ids", ArrayType(StringType()), True),  # the silver rows scored
+    StructField("qsofa_score", IntegerType(), True),
+    StructField("qsofa_partial", BooleanType(), True),
+    StructField("sirs_count", IntegerType(), True),
+    StructField("model_risk", DoubleType(), True),
+    StructField("model_version", StringType(), True),
+    StructField("model_alert", BooleanType(), True),  # model_risk >= the registered model's threshold
+    *_PROVENANCE,
+])
+
+
+def features_schema(windows_ms: Sequence[int]) -> StructType:
+    """gold.vitals_features: keys, one column per feature (counts are whole numbers), provenance."""
+    cols = [StructField(name, LongType() if "_count_" in name else DoubleType(), True)
+            for name in features.feature_columns(windows_ms)]
+    return StructType([*_KEYS, *cols, *_PROVENANCE])
+
+
+def _empty(spark, schema: StructType) -> DataFrame:
+    return spark.createDataFrame([], schema)
+
+
+# -- identity resolution ---------------------------------------------------------------------------------------
+_RESOLVED: dict[tuple[str, int | None], dict[str, str]] = {}
+
+
+def _links(read_table: Callable[[str], DataFrame], table_version: Callable[[str], int | None], table: str,
+           key: str) -> dict[str, str]:
+    """{identity key: surviving key} for the identities of `table` that continue as another (cached per version)."""
+    version = table_version(table)
+    if version is None:
+        return {}
+    cache_key = (table, version)
+    if cache_key not in _RESOLVED:
+        rows = (read_table(table).where(F.col("merged_into").isNotNull() & (F.col("merged_into") != F.col(key)))
+                .select(key, "merged_into").collect())
+        step = {r[0]: r[1] for r in rows}
+        resolved = {}
+        for start in step:
+            seen, current = {start}, step[start]
+            while current in step and step[current] not in seen:  # follow chains; stop on a cycle
+                seen.add(current)
+                current = step[current]
+            resolved[start] = current
+        for old in [k for k in _RESOLVED if k[0] == table]:
+            del _RESOLVED[old]
+        _RESOLVED[cache_key] = resolved
+    return _RESOLVED[cache_key]
+
+
+def _resolve(df: DataFrame, column: str, links: Mapping[str, str]) -> DataFrame:
+    """Replace identity keys in `column` by the key they continue as."""
+    if not links:
+        return df
+    mapping = F.create_map(*[F.lit(x) for pair in links.items() for x in pair])
+    return df.withColumn(column, F.coalesce(mapping[F.col(column)], F.col(column)))
+
+
+# -- the transform -------------------------------------------------------------------------------------------
+def early_warning_scores(
+    changes: DataFrame, *, read_table: Callable[[str], DataFrame], table_version: Callable[[str], int | None],
+    ingest_batch_id: str, processed_at: datetime, lookback_ms: int, history_ms: int, windows_ms: Sequence[int],
+    scale2_codes: Sequence[str], champion: Callable[[], Any],
+) -> DataFrame:
+    """Score every touched patient's inputs from the earliest changed one on; one routed DataFrame
+    (`_output` = gold.early_warning_scores or gold.vitals_features)."""
+    spark = changes.sparkSession
+    feature_schema = features_schema(windows_ms)
+    routed_schema = _routed_schema(feature_schema)
+    inputs = list(INPUTS)
+    patient_links = _links(read_table, table_version, PATIENTS, "patient_key")
+    changed = (changes.where(F.col("_change_type").isin("insert", "update_postimage"))
+               .where(F.col("concept").isin(*inputs) & F.col("patient_key").isNotNull()
+                      & F.col("effective_at").isNotNull()))
+    changed = _resolve(changed, "patient_key", patient_links)
+    touched_rows = changed.groupBy("patient_key").agg(F.min("effective_at").alias("_from")).collect()
+    if not touched_rows:
+        return _empty(spark, routed_schema)
+    touched = spark.createDataFrame(touched_rows, "patient_key string, _from timestamp")
+    earliest = min(r["_from"] for r in touched_rows)
+    history_s = history_ms / 1000
+
+    observations = read_table(OBSERVATIONS)
+    wanted = sorted({*inputs, *features.FEATURE_CONCEPTS})
+    usable = (observations.where(F.col("concept").isin(*wanted) & F.col("patient_key").isNotNull()
+                                 & F.col("effective_at").isNotNull()
+                                 & (F.col("value").isNotNull() | F.col("value_text").isNotNull())
+                                 & ~F.coalesce(F.col("status"), F.lit("final")).isin(*NOT_MEASURED))
+              .where(F.col("effective_at") >= F.lit(earliest) - F.expr(f"INTERVAL {int(history_s)} SECONDS")))
+    usable = _resolve(usable, "patient_key", patient_links)
+    history = (usable.join(F.broadcast(touched), "patient_key")
+               .where(F.col("effective_at") >= F.col("_from") - F.expr(f"INTERVAL {int(history_s)} SECONDS")))
+    history = _resolve(history, "encounter_key", _links(read_table, table_version, ENCOUNTERS, "encounter_key"))
+    history = history.select("patient_key", "encounter_key", "concept", "value", "value_text", "effective_at",
+                             "observation_id", "_from").persist()
+    try:
+        scale2 = _scale2_patients(observations, touched, scale2_codes, patient_links)
+        asof = _as_of(history.where(F.col("concept").isin(*inputs)), inputs)
+        points = asof.where(F.col("scored_at") >= F.col("_from")).join(scale2, "patient_key", "left")
+        scores = _score(points, lookback_ms)
+        numeric = history.where(F.col("concept").isin(*features.FEATURE_CONCEPTS))
+        feats = features.vitals_features(numeric, scores.select("patient_key", "scored_at"), windows_ms)
+        feats = feats.select("patient_key", "scored_at",
+                             *[F.col(f.name).cast(f.dataType).alias(f.name) for f in feature_schema.fields
+                               if f.name in features.feature_columns(windows_ms)])
+        both = scores.join(feats, ["patient_key", "scored_at"], "left")
+        both = _with_model(both, champion(), windows_ms)
+        both = both.select(
+            "*", F.lit(table_version(OBSERVATIONS)).cast("long").alias("silver_version"),
+            F.lit(CODE_VERSION).alias("code_version"), F.lit(ingest_batch_id).alias("computed_by"),
+            F.lit(processed_at).cast("timestamp").alias("computed_at"))
+        routed = both.withColumn(OUTPUT, F.explode(F.array(F.lit(SCORES), F.lit(FEATURES))))
+        out = routed.select(*[F.col(f.name).cast(f.dataType).alias(f.name) for f in routed_schema.fields])
+        out = out.localCheckpoint(eager=True)  # computed once, while `history` is still cached
+    finally:
+        history.unpersist()
+    return out
+
+
+def _routed_schema(feature_schema: StructType) -> StructType:
+    names = {f.name for f in SCHEMA.fields}
+    return StructType([*SCHEMA.fields, *[f for f in feature_schema.fields if f.name not in names],
+                       StructField(OUTPUT, StringType(), False)])
+
+
+def _scale2_patients(observations: DataFrame, touched: DataFrame, codes: Sequence[str],
+                     links: Mapping[str, str]) -> DataFrame:
+    """Touched patients with a recorded hypercapnic target (any time): (patient_key, _scale2 = true)."""
+    if not codes:
+        return touched.select("patient_key", F.lit(True).alias("_scale2")).where(F.lit(False))
+    marked = observations.where((F.col("code").isin(*codes) | F.col("value_text").isin(*codes))
+                                & ~F.coalesce(F.col("status"), F.lit("final")).isin(*NOT_MEASURED))
+    marked = _resolve(marked.select("patient_key"), "patient_key", links)
+    return (marked.join(F.broadcast(touched.select("patient_key")), "patient_key").distinct()
+            .withColumn("_scale2", F.lit(True)))
+
+
+def _as_of(history: DataFrame, inputs: Sequence[str]) -> DataFrame:
+    """One row per (patient, input time) with the newest value, time and observation of every input so far."""
+    aggs = []
+    for c in inputs:
+        here = F.col("concept") == c
+        value = F.col("value_text") if c in TEXT_INPUTS else F.col("value")
+        aggs += [F.max_by(F.when(here, value), F.when(here, F.col("observation_id"))).alias(f"_v_{c}"),
+                 F.max(F.when(here, F.col("observation_id"))).alias(f"_id_{c}")]
+    per_time = history.groupBy("patient_key", "effective_at").agg(
+        F.max("encounter_key").alias("_enc"), F.first("_from").alias("_from"), *aggs)
+    w = (Window.partitionBy("patient_key").orderBy("effective_at")
+         .rowsBetween(Window.unboundedPreceding, Window.currentRow))
+    filled = [F.last("_enc", ignorenulls=True).over(w).alias("encounter_key")]
+    for c in inputs:
+        filled += [F.last(f"_v_{c}", ignorenulls=True).over(w).alias(f"_v_{c}"),
+                   F.last(F.when(F.col(f"_v_{c}").isNotNull(), F.col("effective_at")), ignorenulls=True)
+                   .over(w).alias(f"_t_{c}"),
+                   F.last(f"_id_{c}", ignorenulls=True).over(w).alias(f"_id_{c}")]
+    return per_time.select("patient_key", F.col("effective_at").alias("scored_at"), "_from", *filled)
+
+
+def _score(points: DataFrame, lookback_ms: int) -> DataFrame:
+    """NEWS2, qSOFA and SIRS from the as-of inputs, inputs older than the look-back treated as missing."""
+    lookback = F.expr(f"INTERVAL {lookback_ms // 1000} SECONDS")
+    fresh: dict[str, Column] = {}
+    stale: list[Column] = []
+    for c in INPUTS:
+        ok = F.col(f"_t_{c}") >= F.col("scored_at") - lookback
+        fresh[c] = F.when(ok, F.col(f"_v_{c}"))
+        stale.append(F.when(F.col(f"_v_{c}").isNotNull() & ~ok, F.lit(INPUTS[c])))
+    values = [fresh[c].alias(column) for c, column in INPUTS.items()]
+    ids = F.filter(F.array(*[F.when(fresh[c].isNotNull(), F.col(f"_id_{c}")) for c in INPUTS]),
+                   lambda x: x.isNotNull())
+    on_o2 = news2.on_oxygen_column(fresh["fio2"], fresh["o2flow"])
+    scale2 = F.coalesce(F.col("_scale2"), F.lit(False))
+    n = news2.news2_columns(fresh["rr"], fresh["spo2"], on_o2, fresh["sbp"], fresh["hr"], fresh["acvpu"],
+                            fresh["temp"], scale2)
+    q = news2.qsofa_columns(fresh["rr"], fresh["sbp"], fresh["acvpu"])
+    return points.select(
+        "patient_key", "encounter_key", "scored_at",
+        n["news2_score"].alias("news2_score"), n["news2_band"].alias("news2_band"),
+        *[n[c].alias(c) for c in news2.COMPONENTS],
+        n["news2_partial"].alias("news2_partial"), n["news2_missing"].alias("missing_inputs"),
+        F.filter(F.array(*stale), lambda x: x.isNotNull()).alias("stale_inputs"),
+        F.when(scale2, 2).otherwise(1).alias("spo2_scale"),
+        *values, on_o2.alias("on_oxygen"), ids.alias("input_observation_ids"),
+        q["qsofa_score"].alias("qsofa_score"), q["qsofa_partial"].alias("qsofa_partial"),
+        news2.sirs_column(fresh["temp"], fresh["hr"], fresh["rr"], fresh["wbc"]).alias("sirs_count"))
+
+
+def _with_model(df: DataFrame, champion: Any, windows_ms: Sequence[int]) -> DataFrame:
+    """Add model_risk / model_version / model_alert from the champion model (null columns without one)."""
+    if champion is None:
+        return df.select("*", F.lit(None).cast("double").alias("model_risk"),
+                         F.lit(None).cast("string").alias("model_version"),
+                         F.lit(None).cast("boolean").alias("model_alert"))
+    names = list(champion.feature_names)
+    missing = [n for n in names if n not in df.columns]
+    if missing:  # the registered model was trained on other windows or concepts than this job computes
+        raise ValueError(f"model {champion.version} needs features {missing[:5]} that gold.vitals_features "
+                         f"does not compute with gold.feature_windows={list(windows_ms)}; retrain with "
+                         f"`carelake train deterioration` or change the windows back")
+    out_schema = StructType([*df.schema.fields, StructField("model_risk", DoubleType(), True),
+                             StructField("model_version", StringType(), True),
+                             StructField("model_alert", BooleanType(), True)])
+    version, threshold = str(champion.version), float(champion.threshold)
+
+    def predict(frames):
+        for frame in frames:
+            risk = champion.predict(frame[names]) if len(frame) else []
+            frame = frame.assign(model_risk=pd.Series(risk, index=frame.index, dtype="float64"),
+                                 model_version=version)
+            frame["model_alert"] = frame["model_risk"] >= threshold
+            yield frame
+
+    return df.mapInPandas(predict, out_schema)

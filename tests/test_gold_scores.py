@@ -1,0 +1,168 @@
+"""gold.early_warning_scores and gold.deterioration_alerts through the runner, from silver rows written directly.
+
+The scoring arithmetic is tested edge by edge in test_news2.py; here: as-of inputs, the look-back, partial
+scores, SpO2 scale 2, identity resolution across feeds, late data rescoring later rows, alert episodes with
+escalation / resolution / withdrawal, and idempotent replays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime, timedelta
+
+import pyarrow as pa
+import pytest
+
+from gold.deterioration_alerts import ALERTS
+from gold.early_warning_scores import FEATURES, SCORES
+from silver.observations import OBSERVATIONS
+from silver.observations import SCHEMA as OBS_SCHEMA
+from silver.patients import PATIENTS
+from silver.patients import SCHEMA as PATIENT_SCHEMA
+
+T0 = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
+CODES = {"rr": "9279-1", "spo2": "59408-5", "fio2": "3150-0", "o2flow": "3151-8", "sbp": "8480-6",
+         "hr": "8867-4", "acvpu": "67775-7", "temp": "8310-5", "wbc": "6690-2"}
+
+
+def obs(patient: str, concept: str, value, minutes: float, *, code: str | None = None, status: str = "final"):
+    at = T0 + timedelta(minutes=minutes)
+    text = value if isinstance(value, str) else None
+    oid = hashlib.sha256(f"{patient}|{concept}|{code}|{at.isoformat()}".encode()).hexdigest()[:32]
+    return {"observation_id": oid, "patient_key": patient, "encounter_key": f"enc-{patient}",
+            "code": code or CODES.get(concept), "concept": concept if code is None else None,
+            "value": None if text else float(value), "value_text": text, "effective_at": at, "status": status,
+            "source_feed": "devices", "source_version": "1",
+            "source_record": {"table": "bronze.device_readings", "landing_file": "f", "landing_position": 0,
+                              "sha256": oid},
+            "ingested_at": T0}
+
+
+def vitals(patient: str, minutes: float, **values) -> list[dict]:
+    return [obs(patient, concept, value, minutes) for concept, value in values.items()]
+
+
+@pytest.fixture
+def lake(tmp_path, spark):
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    from pipelines.jobs import load_registry
+    from pipelines.runner import Runner, Trigger
+    from pipelines.store import open_store
+    from tests.conftest import make_config
+
+    cfg = make_config(tmp_path / "lake")
+    store = open_store(cfg, spark)
+    runner = Runner(cfg, spark, store, load_registry(cfg))
+
+    class Lake:
+        def add(self, rows: list[dict]) -> None:
+            store.append(OBSERVATIONS, pa.Table.from_pylist(rows, schema=to_arrow_schema(OBS_SCHEMA)))
+
+        def link(self, identity: str, person: str) -> None:
+            row = {"patient_key": identity, "identity_kind": "fhir-patient", "merged_into": person,
+                   "ingested_at": T0}
+            store.append(PATIENTS, pa.Table.from_pylist([row], schema=to_arrow_schema(PATIENT_SCHEMA)))
+
+        def run(self) -> None:
+            runner.run([SCORES, ALERTS], Trigger(available_now=True))
+
+        def scores(self, patient: str) -> dict[int, dict]:
+            rows = [r for r in store.read_arrow(SCORES).to_pylist() if r["patient_key"] == patient]
+            return {int((r["scored_at"] - T0).total_seconds() // 60): r for r in rows}
+
+        def alerts(self, patient: str) -> list[dict]:
+            rows = [r for r in store.read_arrow(ALERTS).to_pylist() if r["patient_key"] == patient]
+            return sorted(rows, key=lambda r: (r["opened_at"], r["level"]))
+
+    lake = Lake()
+    lake.store = store
+    lake.cfg = cfg
+    lake.add([])
+    return lake
+
+
+def minutes(at: datetime | None) -> float | None:
+    return None if at is None else (at - T0).total_seconds() / 60
+
+
+def test_scores_as_of_inputs_lookback_partial_and_alert_lifecycle(lake):
+    # 10:00 a full set: RR 22 (2), SpO2 95 (1), air (0), SBP 105 (1), HR 95 (1), alert (0), 38.5 C (1) = 6 medium.
+    lake.add(vitals("p1", 0, rr=22, spo2=95, fio2=21, sbp=105, hr=95, acvpu="A", temp=38.5))
+    lake.add(vitals("p1", 30, hr=135))  # only the pulse: the rest carry forward; HR 135 scores 3 -> 8, high
+    lake.add(vitals("p1", 300, hr=80))  # 15:00: everything else is older than the 4 h look-back
+    lake.run()
+
+    s = lake.scores("p1")
+    assert sorted(s) == [0, 30, 300]
+    first = s[0]
+    assert (first["news2_score"], first["news2_band"], first["news2_partial"]) == (6, "medium", False)
+    assert [first[c] for c in ("news2_respiratory_rate", "news2_spo2", "news2_supplemental_o2", "news2_systolic_bp",
+                               "news2_pulse", "news2_consciousness", "news2_temperature")] == [2, 1, 0, 1, 1, 0, 1]
+    assert (first["qsofa_score"], first["sirs_count"]) == (1, 3)  # RR >= 22; temp > 38, HR > 90, RR > 20
+    assert first["missing_inputs"] == [] and first["on_oxygen"] is False and first["spo2_scale"] == 1
+    assert len(first["input_observation_ids"]) == 7 and first["encounter_key"] == "enc-p1"
+    assert (s[30]["news2_score"], s[30]["news2_band"], s[30]["pulse"], s[30]["respiratory_rate"]) == (
+        8, "high", 135.0, 22.0)
+    late = s[300]
+    assert late["news2_partial"] is True and late["news2_pulse"] == 0 and late["news2_score"] == 0
+    assert set(late["missing_inputs"]) == {"news2_respiratory_rate", "news2_spo2", "news2_supplemental_o2",
+                                           "news2_systolic_bp", "news2_consciousness", "news2_temperature"}
+    assert set(late["stale_inputs"]) == {"respiratory_rate", "spo2", "fio2", "systolic_bp", "consciousness",
+                                         "temperature"}
+    assert late["respiratory_rate"] is None and late["silver_version"] is not None
+
+    alerts = {(a["level"], minutes(a["opened_at"])): a for a in lake.alerts("p1")}
+    assert set(alerts) == {("news2_medium", 0), ("news2_high", 30)}
+    medium, high = alerts[("news2_medium", 0)], alerts[("news2_high", 30)]
+    assert (medium["status"], minutes(medium["resolved_at"]), minutes(medium["escalated_at"])) == ("resolved", 300, 30)
+    assert medium["escalated_to"] == high["alert_id"] and medium["peak_news2_score"] == 8
+    assert sorted(medium["observation_ids"]) == sorted(first["input_observation_ids"])
+    assert (high["status"], minutes(high["resolved_at"]), high["news2_score"]) == ("resolved", 300, 8)
+
+    features = [r for r in lake.store.read_arrow(FEATURES).to_pylist() if r["patient_key"] == "p1"]
+    at30 = next(r for r in features if minutes(r["scored_at"]) == 30)
+    assert at30["hr_last"] == 135.0 and at30["hr_change_1h"] is None and at30["hr_count_1h"] == 2
+
+    # A replay of the same silver versions changes nothing.
+    versions = (lake.store.version(SCORES), lake.store.version(ALERTS))
+    lake.run()
+    assert (lake.store.version(SCORES), lake.store.version(ALERTS)) == versions
+
+
+def test_late_reading_rescores_later_rows_and_moves_the_alert(lake):
+    lake.add(vitals("p1", 0, rr=22, spo2=95, fio2=21, sbp=105, hr=95, acvpu="A", temp=38.5))
+    lake.add(vitals("p1", 30, hr=135))
+    lake.run()
+    before = {(a["level"], minutes(a["opened_at"])): a for a in lake.alerts("p1")}
+    assert before[("news2_high", 30)]["status"] == "open" and before[("news2_medium", 0)]["status"] == "open"
+
+    lake.add(vitals("p1", 15, sbp=85))  # arrives late: SBP 85 scores 3 from 10:15 on
+    lake.run()
+    s = lake.scores("p1")
+    assert (s[15]["news2_score"], s[15]["news2_band"]) == (8, "high")
+    assert (s[30]["news2_score"], s[30]["systolic_bp"], s[30]["qsofa_score"]) == (10, 85.0, 2)
+    after = {(a["level"], minutes(a["opened_at"])): a for a in lake.alerts("p1")}
+    assert after[("news2_high", 30)]["status"] == "withdrawn"  # kept for audit, no longer an open alert
+    assert after[("news2_high", 15)]["status"] == "open"
+    assert after[("qsofa", 15)]["status"] == "open"  # RR 22 and SBP 85
+    assert minutes(after[("news2_medium", 0)]["escalated_at"]) == 15
+    open_per_level = {}
+    for a in lake.alerts("p1"):
+        if a["status"] == "open":
+            open_per_level[a["level"]] = open_per_level.get(a["level"], 0) + 1
+    assert open_per_level == {"news2_medium": 1, "news2_high": 1, "qsofa": 1}
+
+
+def test_feeds_of_one_person_score_together_and_scale2(lake):
+    # HL7 / monitors key the MRN identity; FHIR Observations the Patient/<id> identity linked to it.
+    lake.link("fhir-p2", "p2")
+    lake.add(vitals("p2", 0, rr=16, fio2=21, sbp=120, hr=70, acvpu="A", temp=37.0))
+    lake.add(vitals("fhir-p2", 5, spo2=88))
+    lake.add([obs("p2", "problem", "13645005", -600, code="11450-4")])  # COPD on the problem list: scale 2
+    lake.run()
+    s = lake.scores("p2")
+    assert "fhir-p2" not in {r["patient_key"] for r in lake.store.read_arrow(SCORES).to_pylist()}
+    assert s[5]["spo2"] == 88.0 and s[5]["spo2_scale"] == 2 and s[5]["news2_spo2"] == 0
+    assert (s[5]["news2_score"], s[5]["news2_partial"]) == (0, False)
+    assert s[0]["news2_partial"] is True and s[0]["missing_inputs"] == ["news2_spo2"]
