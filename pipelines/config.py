@@ -93,6 +93,7 @@ class StreamingConfig:
     interval: str
     max_files_per_trigger: int
     stop_timeout: str
+    max_rows_per_batch: int = 500_000
 
     def __post_init__(self) -> None:
         if self.interval_ms < 1:
@@ -100,6 +101,9 @@ class StreamingConfig:
         if self.max_files_per_trigger < 1:
             raise ConfigError(f"streaming.max_files_per_trigger must be at least 1, got {self.max_files_per_trigger}")
         parse_duration_ms(self.stop_timeout, "streaming.stop_timeout")
+        if self.max_rows_per_batch < 1:
+            raise ConfigError(f"streaming.max_rows_per_batch must be at least 1 row, got {self.max_rows_per_batch}; "
+                              "a larger batch is written in chunks of at most this many rows")
 
     @property
     def interval_ms(self) -> int:

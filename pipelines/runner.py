@@ -29,7 +29,7 @@ from pipelines.store import TableStore, Txn, WriteResult
 from pipelines.timeutil import utcnow
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import Column, DataFrame, SparkSession
     from pyspark.sql.streaming import StreamingQuery
 
 log = logging.getLogger("carelake.runner")
@@ -143,6 +143,96 @@ def _route(job: Job, routed: DataFrame) -> dict[str, pa.Table]:
     return out
 
 
+# Chunk k of batch b commits with Txn version b * CHUNK_STRIDE + k: versions increase across batches and chunks,
+# and a replay of batch b skips the chunks it finds committed.
+CHUNK_STRIDE = 100_000
+# Bronze lineage: a chunk is a contiguous range of the batch in (bronze commit, landing file, byte offset) order,
+# so chunks are committed in arrival order, exactly as smaller micro-batches would have been.
+ORDER_COLUMNS = ("_commit_version", "landing_file", "landing_position")
+# A batch this large that arrived in fewer partitions than Spark has cores is spread out before chunking.
+SPREAD_ROWS = 100_000
+
+
+@dataclass(frozen=True)
+class _ChunkResult:
+    rows: int
+    version: int | None
+    skipped: bool = False
+    side: dict[str, int] = field(default_factory=dict)
+
+
+def _chunk_app(job: Job, query_id: str) -> str:
+    return f"carelake:{job.name}:{query_id}:chunked"
+
+
+def _chunk_version(batch_id: int, index: int, count: int) -> int:
+    if count >= CHUNK_STRIDE:
+        raise UsageError(f"a batch split into {count:,} chunks exceeds {CHUNK_STRIDE - 1:,}: raise "
+                         "streaming.max_rows_per_batch")
+    return batch_id * CHUNK_STRIDE + index
+
+
+def _chunk_predicates(batch_df: DataFrame, rows: int, max_rows: int) -> list[Column | None]:
+    """Filters splitting a batch into chunks of at most about `max_rows` rows: [None] when it fits in one.
+
+    Deterministic for the same batch (a replay gets the same chunks). With bronze lineage columns each chunk is a
+    contiguous range in ORDER_COLUMNS order (a landing file larger than a chunk is cut at byte offsets); without
+    them rows are dealt by a hash of all their columns.
+    """
+    from pyspark.sql import functions as F
+
+    if rows <= max_rows:
+        return [None]
+    order = [c for c in ORDER_COLUMNS if c in batch_df.columns]
+    if "landing_position" not in order or "landing_file" not in order:
+        count = -(-rows // max_rows)
+        bucket = F.pmod(F.xxhash64(*batch_df.columns), F.lit(count))
+        return [bucket == k for k in range(count)]
+    starts = _range_starts(batch_df, order, max_rows)
+    key = F.struct(*order)
+    bounds = [F.struct(*(F.lit(v).cast(batch_df.schema[c].dataType).alias(c) for c, v in zip(order, start,
+                                                                                               strict=True)))
+              for start in starts]
+    out: list[Column | None] = []
+    for k in range(len(bounds)):
+        cond = key >= bounds[k] if k > 0 else None
+        if k + 1 < len(bounds):
+            cond = key < bounds[k + 1] if cond is None else cond & (key < bounds[k + 1])
+        out.append(cond)
+    return out if len(out) > 1 else [None]
+
+
+def _range_starts(batch_df: DataFrame, order: list[str], max_rows: int) -> list[tuple[Any, ...]]:
+    """The first key of each chunk: whole landing files packed in order, larger files cut at even byte offsets."""
+    from pyspark.sql import functions as F
+
+    groups = (batch_df.groupBy(*order[:-1]).agg(F.count(F.lit(1)).alias("n"), F.min(order[-1]).alias("lo"),
+                                                 F.max(order[-1]).alias("hi")).collect())
+    pieces: list[tuple[tuple[Any, ...], int]] = []  # (start key, rows)
+    for g in sorted(groups, key=lambda r: tuple(r[c] for c in order[:-1])):
+        prefix, n, lo, hi = tuple(g[c] for c in order[:-1]), g["n"], g["lo"], g["hi"]
+        cuts = -(-n // max_rows)
+        pieces += [((*prefix, lo + (hi + 1 - lo) * j // cuts), -(-n // cuts)) for j in range(cuts)]
+    starts, filled = [], max_rows
+    for start, n in pieces:
+        if filled + n > max_rows:
+            starts.append(start)
+            filled = 0
+        filled += n
+    return starts
+
+
+def _spread(batch_df: DataFrame) -> DataFrame:
+    """A large batch from fewer partitions than cores (one bronze commit is one partition) spread over them all."""
+    parallelism = batch_df.sparkSession.sparkContext.defaultParallelism
+    if batch_df.rdd.getNumPartitions() >= parallelism:
+        return batch_df
+    spread = batch_df.repartition(parallelism).persist()
+    spread.count()
+    batch_df.unpersist()
+    return spread
+
+
 class Runner:
     """Runs jobs from the registry on one SparkSession and one table store."""
 
@@ -219,7 +309,6 @@ class Runner:
 
         started_at, t0 = utcnow(), time.monotonic()
         query_id = self._query_id(job)
-        txn = Txn(f"carelake:{job.name}:{query_id}", batch_id)
         batch_df = batch_df.persist()
         try:
             stats = batch_df.agg(F.count(F.lit(1)).alias("n"), F.min(self._lag_column(job)).alias("oldest")).first()
@@ -227,39 +316,83 @@ class Runner:
             batch = {"batch_id": batch_id, "ingest_batch_id": f"{job.name}/{query_id[:8]}/{batch_id}",
                      "processed_at": started_at, "read_table": self._read_table,
                      "table_version": self._table_version}
-            outputs = job.apply(batch_df, batch)
-            if isinstance(outputs, dict):
-                arrows = {}
-                for output in job.outputs:
-                    _check_schema(output, outputs[output.table])
-                    arrows[output.table] = outputs[output.table].toArrow()
+            if rows_in >= SPREAD_ROWS:
+                batch_df = _spread(batch_df)
+            if summary.batches == 0 and self._committed_before_chunking(job, query_id, batch_id):
+                chunks = [_ChunkResult(0, None, skipped=True)]  # a replay of a batch an earlier carelake wrote whole
             else:
-                arrows = _route(job, outputs)
+                chunks = self._write_chunks(job, batch_df, rows_in, batch, query_id, started_at)
         finally:
             batch_df.unpersist()
-        meta = {"carelake.job": job.name, "carelake.batch": str(batch_id), "carelake.query": query_id}
-        if job.expectation_suite and self.cfg.quality.enabled:
-            self._validate(job, arrows, batch["ingest_batch_id"], started_at, Txn(f"dq:{job.name}:{query_id}",
-                                                                                  batch_id), meta)
-        written = {output.table: self._write(output, arrows[output.table], txn, meta) for output in job.outputs}
-        result, arrow = written[job.name], arrows[job.name]
-        replayed = bool(result and result.skipped)
+        rows_out = sum(c.rows for c in chunks if not c.skipped)
+        replayed = all(c.skipped for c in chunks)
+        version = next((c.version for c in reversed(chunks) if c.version is not None), None)
         finished_at = utcnow()
         lag_ms = 0
         if oldest is not None:
             lag_ms = int((finished_at - oldest.replace(tzinfo=oldest.tzinfo or UTC)).total_seconds() * 1000)
-        version = result.version if result else None
-        self._record_metrics(job, query_id, batch_id, started_at, finished_at, rows_in, arrow.num_rows,
-                             lag_ms, version, replayed)
+        self._record_metrics(job, query_id, batch_id, started_at, finished_at, rows_in, rows_out, lag_ms, version,
+                             replayed)
         summary.batches += 1
         summary.replayed += int(replayed)
         summary.rows_in += rows_in
-        summary.rows_out += 0 if replayed else arrow.num_rows
-        side = "".join(f", {arrows[o.table].num_rows:,} to {o.table}" for o in job.side_outputs)
+        summary.rows_out += rows_out
+        side = "".join(f", {sum(c.side.get(o.table, 0) for c in chunks):,} to {o.table}" for o in job.side_outputs)
         unit = "file(s)" if isinstance(job.source, LandingSource) else "change(s)"
-        log.info("%s batch %d: %s %s in -> %s rows %s%s in %.2f s, lag %.1f s, %s v%s", job.name, batch_id,
-                 f"{rows_in:,}", unit, f"{arrow.num_rows:,}", "skipped (already committed)" if replayed else "written",
-                 side, time.monotonic() - t0, lag_ms / 1000, job.name, version if version is not None else "-")
+        parts = f" in {len(chunks)} chunks" if len(chunks) > 1 else ""
+        log.info("%s batch %d: %s %s in -> %s rows %s%s%s in %.2f s, lag %.1f s, %s v%s", job.name, batch_id,
+                 f"{rows_in:,}", unit, f"{rows_out:,}", "skipped (already committed)" if replayed else "written",
+                 parts, side, time.monotonic() - t0, lag_ms / 1000, job.name, version if version is not None else "-")
+
+    def _write_chunks(self, job: Job, batch_df: DataFrame, rows_in: int, batch: dict[str, Any], query_id: str,
+                      at: datetime) -> list[_ChunkResult]:
+        """Write a batch as one transaction per chunk; chunks a replay finds committed are not computed again."""
+        batch_id = batch["batch_id"]
+        predicates = _chunk_predicates(batch_df, rows_in, self.cfg.streaming.max_rows_per_batch)
+        done = None
+        if len(predicates) > 1:
+            done = self.store.txn_version(job.name, _chunk_app(job, query_id)) if self.store.exists(job.name) else None
+        results = []
+        for index, predicate in enumerate(predicates):
+            version = _chunk_version(batch_id, index, len(predicates))
+            if done is not None and done >= version:
+                results.append(_ChunkResult(0, None, skipped=True))
+                continue
+            rows = batch_df if predicate is None else batch_df.where(predicate)
+            label = batch["ingest_batch_id"] + (f"#{index + 1}of{len(predicates)}" if len(predicates) > 1 else "")
+            results.append(self._write_chunk(job, rows, batch, label, Txn(_chunk_app(job, query_id), version),
+                                             query_id, at))
+        return results
+
+    def _write_chunk(self, job: Job, rows: DataFrame, batch: dict[str, Any], label: str, txn: Txn, query_id: str,
+                     at: datetime) -> _ChunkResult:
+        """Transform, validate and commit one chunk of a batch (every output with the chunk's transaction)."""
+        outputs = job.apply(rows, batch)
+        if isinstance(outputs, dict):
+            arrows = {}
+            for output in job.outputs:
+                _check_schema(output, outputs[output.table])
+                arrows[output.table] = outputs[output.table].toArrow()
+        else:
+            arrows = _route(job, outputs)
+        meta = {"carelake.job": job.name, "carelake.batch": str(batch["batch_id"]), "carelake.query": query_id}
+        if label != batch["ingest_batch_id"]:
+            meta["carelake.chunk"] = label.rsplit("#", 1)[1]
+        if job.expectation_suite and self.cfg.quality.enabled:
+            self._validate(job, arrows, label, at, Txn(f"dq:{job.name}:{query_id}:chunked", txn.version), meta)
+        written = {output.table: self._write(output, arrows[output.table], txn, meta) for output in job.outputs}
+        result = written[job.name]
+        return _ChunkResult(arrows[job.name].num_rows, result.version if result else None,
+                            skipped=bool(result and result.skipped),
+                            side={o.table: arrows[o.table].num_rows for o in job.side_outputs})
+
+    def _committed_before_chunking(self, job: Job, query_id: str, batch_id: int) -> bool:
+        """Whether an earlier carelake (one transaction per batch, version = batch id) already wrote this batch:
+        only the first batch after a start can be such a replay."""
+        if not self.store.exists(job.name):
+            return False
+        done = self.store.txn_version(job.name, f"carelake:{job.name}:{query_id}")
+        return done is not None and done >= batch_id
 
     def _validate(self, job: Job, arrows: dict[str, pa.Table], batch: str, at: datetime, txn: Txn,
                   meta: dict[str, str]) -> None:

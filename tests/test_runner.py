@@ -123,3 +123,59 @@ def test_one_job_reads_several_feeds_and_writes_a_side_output(tmp_path, spark):
         ("hl7", "missing_msh")]
     history = store.history("silver.toy_rejects")
     assert {c.metadata.get("carelake.job") for c in history} == {"silver.toy_feed_rows"}
+
+
+@pytest.fixture
+def small_batches(tmp_path, spark):
+    cfg = make_config(tmp_path / "lake", **{"jobs.modules": "tests.toyjobs", "streaming.max_rows_per_batch": "2"})
+    store = open_store(cfg, spark)
+    return cfg, store, Runner(cfg, spark, store, load_registry(cfg))
+
+
+def chunk_commits(store, table):
+    return sorted((int(c.metadata["carelake.batch"]), c.metadata.get("carelake.chunk"))
+                  for c in store.history(table) if "carelake.batch" in c.metadata)
+
+
+def test_batch_larger_than_the_bound_commits_in_chunks_and_a_replay_changes_nothing(small_batches, tmp_path):
+    cfg, store, runner = small_batches
+    ingest(cfg, [readings_file(tmp_path / "a.jsonl", ["m1", "m2", "m1", "m3", "m2"])], "devices")
+    names = ["bronze.device_readings", "silver.toy_readings", "gold.toy_device_totals"]
+    first = {s.job: s for s in runner.run(names, NOW)}
+    assert chunk_commits(store, "silver.toy_readings") == [(0, "1of3"), (0, "2of3"), (0, "3of3")]
+    assert sorted(r["landing_position"] for r in store.read_arrow("silver.toy_readings").to_pylist()) == [
+        r["landing_position"] for r in store.read_arrow("bronze.device_readings").to_pylist()]
+    assert (first["silver.toy_readings"].batches, first["silver.toy_readings"].rows_out) == (1, 5)
+    assert totals(store) == {"m1": 2, "m2": 2, "m3": 1}  # gold read the three chunk commits, each once
+    metrics = [m for m in store.read_arrow(METRICS_TABLE).to_pylist() if m["job"] == "silver.toy_readings"]
+    assert [(m["batch_id"], m["rows_in"], m["rows_out"]) for m in metrics] == [(0, 5, 5)]
+    folder = cfg.path("_checkpoints", "silver.toy_readings", "commits")
+    (folder / "0").unlink()  # the process died after the last chunk's commit, before Spark's
+    (folder / ".0.crc").unlink(missing_ok=True)
+    versions = {t: store.version(t) for t in names}
+    again = {s.job: s for s in runner.run(names, NOW)}
+    assert again["silver.toy_readings"].replayed == 1 and again["silver.toy_readings"].rows_out == 0
+    assert {t: store.version(t) for t in names} == versions
+
+
+def test_replay_after_a_crash_between_chunks_writes_only_the_missing_chunks(small_batches, tmp_path, monkeypatch):
+    cfg, store, runner = small_batches
+    ingest(cfg, [readings_file(tmp_path / "a.jsonl", ["m1", "m2", "m1", "m3", "m2"])], "devices")
+    runner.run(["bronze.device_readings"], NOW)
+    real, calls, crash = Runner._write_chunk, [], [True]
+
+    def crash_on_second(self, job, rows, batch, label, txn, query_id, at):
+        calls.append(label)
+        if len(calls) == 2 and crash and crash.pop():
+            raise RuntimeError("killed between chunks")
+        return real(self, job, rows, batch, label, txn, query_id, at)
+
+    monkeypatch.setattr(Runner, "_write_chunk", crash_on_second)
+    with pytest.raises(Exception, match="killed between chunks"):
+        runner.run(["silver.toy_readings"], NOW)
+    assert chunk_commits(store, "silver.toy_readings") == [(0, "1of3")]
+    calls.clear()
+    summary = runner.run(["silver.toy_readings"], NOW)[0]
+    assert [c.rsplit("#", 1)[1] for c in calls] == ["2of3", "3of3"]  # the committed chunk is not computed again
+    assert chunk_commits(store, "silver.toy_readings") == [(0, "1of3"), (0, "2of3"), (0, "3of3")]
+    assert store.row_count("silver.toy_readings") == 5 and summary.rows_in == 5
