@@ -215,68 +215,22 @@ def cmd_send(ctx: Context) -> int:
     return 0 if report.complete else 1
 
 
+def cmd_demo(ctx: Context) -> int:
+    from pipelines.demo import run
+
+    a = ctx.args
+    argv = ["--root", a.root or "./demo-lakehouse", "--patients", str(a.patients), "--hours", str(a.hours),
+            "--seed", str(a.seed), "--train-hours", str(a.train_hours)]
+    return run(argv)
+
+
 def cmd_train(ctx: Context) -> int:
-    from functools import partial
+    from pipelines.training import print_training, train_deterioration
 
-    from gold.features import feature_columns
-    from models.deterioration import default_tracking_uri, labels_from_truth, train, training_frame
-    from pipelines.secrets import key_secret
-    from silver.identity import PATIENT, identity_key
-
-    cfg, features_table, scores_table = ctx.cfg, "gold.vitals_features", "gold.early_warning_scores"
     store = ctx.store(need_spark=False)
-    missing = [t for t in (features_table, scores_table) if not store.exists(t)]
-    if missing:
-        raise UsageError(f"{' and '.join(missing)} not found under {cfg.root}: run `carelake run "
-                         "gold.early_warning_scores` first (it writes both)")
-    labels = labels_from_truth(ctx.args.labels, partial(identity_key, key_secret(cfg), PATIENT, cfg.silver.mrn_system))
-    names = feature_columns(cfg.gold.feature_windows_ms)
-    features = _read_columns(store, features_table, ["patient_key", "scored_at", *names])
-    if features.empty:
-        raise UsageError(f"{features_table} has no rows: load observations and run `carelake run "
-                         "gold.early_warning_scores` first")
-    scores = _read_columns(store, scores_table, ["patient_key", "scored_at", "news2_score"])
-    frame = training_frame(features, scores, labels, cfg.models.horizon_ms)
-    uri = ctx.args.tracking_uri or default_tracking_uri(cfg)
-    log.info("training on %s points from %s and %s; tracking at %s", f"{len(frame):,}", features_table,
-             scores_table, uri)
-    provenance = {f"{t}.version": store.version(t) for t in (features_table, scores_table)}
-    result = train(frame, tracking_uri=uri, seed=cfg.models.seed, test_fraction=cfg.models.test_fraction,
-                   alert_rate_per_100_patient_days=cfg.models.alert_rate_per_100_patient_days,
-                   feature_names=names, params={**provenance, "horizon": cfg.models.horizon,
-                                                "feature_windows": ",".join(cfg.gold.feature_windows),
-                                                "labels": str(ctx.args.labels)})
-    _print_training(result, cfg.models.alert_rate_per_100_patient_days, uri)
+    result, uri = train_deterioration(ctx.cfg, store, ctx.args.labels, tracking_uri=ctx.args.tracking_uri)
+    print_training(result, ctx.cfg.models.alert_rate_per_100_patient_days, uri)
     return 0
-
-
-def _read_columns(store: TableStore, table: str, columns: list[str]):
-    """A gold table's columns (those it has) as pandas."""
-    data = store.read_arrow(table)
-    return data.select([c for c in columns if c in data.column_names]).to_pandas()
-
-
-def _print_training(result, requested_rate: float, uri: str) -> None:
-    c, m = result.counts, result.metrics
-    print(f"points: {c['train_rows']:,} train / {c['test_rows']:,} test; patients: {c['train_patients']:,} / "
-          f"{c['test_patients']:,} (deteriorating {c['train_deteriorating_patients']} / "
-          f"{c['test_deteriorating_patients']}); positive points: {c['train_positive_rows']:,} / "
-          f"{c['test_positive_rows']:,}")
-    rows = [(label, *(f"{m[f'{who}_{key}']:.{digits}f}" for who in ("model", "news2")))
-            for label, key, digits in (("AUROC", "auroc", 3), ("AUPRC", "auprc", 3),
-                                       ("median lead time before onset (h)", "median_lead_time_h", 1),
-                                       ("deteriorating patients alerted in time", "detected_fraction", 2),
-                                       ("alert episodes per 100 patient-days", "alerts_per_100_patient_days", 1))]
-    print_table(["held-out patients", "model", "NEWS2 >= 5"], rows)
-    basis = "models.alert_rate_per_100_patient_days" if requested_rate else "NEWS2 >= 5 on the training patients"
-    print(f"threshold: risk >= {result.threshold:.4f}, for {m['target_alerts_per_100_patient_days']:.1f} alert "
-          f"episodes per 100 patient-days (as {basis})")
-    if result.champion:
-        print(f"registered carelake-deterioration version {result.version} as champion (beats NEWS2 AUROC); "
-              f"run {result.run_id} at {uri}")
-    else:
-        print(f"not registered: the model's AUROC does not beat NEWS2's, the champion is unchanged; "
-              f"run {result.run_id} at {uri}")
 
 
 # -- parser ------------------------------------------------------------------------------------
@@ -356,6 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--version", type=int)
     s.add_argument("--timestamp")
     s.set_defaults(func=cmd_restore)
+
+    e = sub.add_parser("demo", help="end to end: simulate a hospital, gateway, every job, train the model, report "
+                                    "(--root defaults to ./demo-lakehouse, recreated)")
+    e.add_argument("--patients", type=int, default=160, help="patients in the simulated hospital (default 160)")
+    e.add_argument("--hours", type=int, default=36, help="simulated window (default 36 h)")
+    e.add_argument("--train-hours", type=int, default=0, help="hours sent before training (default 2/3 of --hours)")
+    e.add_argument("--seed", type=int, default=7)
+    e.set_defaults(func=cmd_demo)
 
     m = sub.add_parser("simulate", help="write a seeded synthetic hospital as feed files, with ground truth")
     m.add_argument("--out", required=True, help="output folder (must be empty or new unless --force)")

@@ -1,60 +1,34 @@
-"""The end-to-end demo on the embedded engine: land device readings, run every job, query, time-travel.
+"""The end-to-end demo on the embedded engine: a simulated hospital, from the gateway to alerts and a model.
 
-Run with `./dev demo` (or `python -m pipelines.demo --root DIR`). It drives the same `carelake`
-commands a person would type, in one process, on a fresh demo lakehouse.
+`carelake demo` (or `./dev demo`): simulate a hospital's feeds, start the gateway, send the first part of the
+window over MLLP (HL7 v2) and HTTP (FHIR, bedside monitors), run every job (landing -> bronze -> silver ->
+gold scores and alerts), train the deterioration model on the simulator's labels and register it, send the
+rest of the window and score it with the model, then print a summary and write an HTML report with plots.
+It drives the same `carelake` commands a person would type, in one process, on a fresh demo lakehouse.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import math
-import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from pipelines.cli import main as carelake
 
 MARKER = ".carelake-demo"
-
-
-def monitor_readings(patients: int, minutes: int, seed: int) -> list[str]:
-    """Bedside-monitor JSON lines: heart rate, respiratory rate and SpO2 once a minute per bed."""
-    rng = random.Random(seed)
-    lines = []
-    for p in range(patients):
-        base_hr, base_rr, base_spo2 = rng.gauss(78, 8), rng.gauss(15, 2), rng.gauss(97, 1)
-        for m in range(minutes):
-            drift = math.sin(m / 30) * 3
-            at = f"2026-11-21T03:{m // 60:02d}:{m % 60:02d}Z".replace("03:", f"{3 + m // 60:02d}:", 1)
-            for code, value, unit in (("8867-4", base_hr + drift + rng.gauss(0, 2), "/min"),
-                                      ("9279-1", base_rr + rng.gauss(0, 1), "/min"),
-                                      ("59408-5", min(100.0, base_spo2 + rng.gauss(0, 0.5)), "%")):
-                lines.append(json.dumps({"device_id": f"icu-bed-{p + 1:02d}", "patient_mrn": f"MRN{1000 + p}",
-                                         "time": at, "code": code, "value": round(value, 1), "unit": unit}))
-    return lines
-
-
-def write_feed(folder: Path, seed: int) -> list[Path]:
-    readings = monitor_readings(patients=12, minutes=30, seed=seed)
-    half = len(readings) // 2
-    first = folder / "monitors-0300.jsonl"
-    first.write_text("\n".join(readings[:half]) + "\n")
-    second = folder / "monitors-0315.jsonl"
-    # A second gateway that ends lines with CRLF and sends two lines no parser can key.
-    second.write_bytes(("\r\n".join(readings[half:]) + "\r\n{not json\r\n{\"time\":\"no device\"}\r\n").encode())
-    return [first, second]
+_HOUR = re.compile(r"^(\d{8}T\d{2})")
 
 
 @contextlib.contextmanager
-def gateway(base: list[str]) -> Iterator[str]:
-    """`carelake gateway` on free ports in its own process; yields its HTTP URL, stops it cleanly."""
+def gateway(base: list[str]) -> Iterator[tuple[str, str]]:
+    """`carelake gateway` on free ports in its own process; yields (mllp URL, http URL), stops it cleanly."""
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *base, "gateway", "--mllp-port", "0",
                              "--http-port", "0"], stdout=subprocess.PIPE, text=True)
     try:
@@ -62,21 +36,53 @@ def gateway(base: list[str]) -> Iterator[str]:
         print(line.rstrip(), flush=True)
         if not line.startswith("carelake gateway:"):
             raise SystemExit("carelake demo: the gateway did not start (see its message above)")
-        yield line.split("http=", 1)[1].split()[0]
+        mllp = "mllp://" + line.split("mllp=", 1)[1].split()[0]
+        yield mllp, line.split("http=", 1)[1].split()[0]
     finally:
         proc.send_signal(signal.SIGTERM)
-        print(proc.communicate(timeout=60)[0].rstrip(), flush=True)
+        print(proc.communicate(timeout=120)[0].rstrip(), flush=True)
 
 
-def step(title: str) -> None:
-    print(f"\n=== {title} ===", flush=True)
+def split_by_hour(feeds: Path, first_hours: int) -> tuple[dict[str, list[Path]], dict[str, list[Path]]]:
+    """The simulator's hourly feed files, split into the first `first_hours` hours and the rest."""
+    hours = sorted({m.group(1) for p in feeds.glob("*/*") if (m := _HOUR.match(p.name))})
+    cut = set(hours[:first_hours])
+    early: dict[str, list[Path]] = {}
+    late: dict[str, list[Path]] = {}
+    for feed, pattern in (("hl7", "*.hl7"), ("fhir", "*.json"), ("devices", "*.jsonl")):
+        for path in sorted((feeds / feed).glob(pattern)):
+            m = _HOUR.match(path.name)
+            (early if m and m.group(1) in cut else late).setdefault(feed, []).append(path)
+    return early, late
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.steps: list[tuple[str, float]] = []
+
+    def step(self, title: str) -> None:
+        self.steps.append((title, time.monotonic()))
+        print(f"\n=== [{time.monotonic() - self.start:6.0f} s] {title} ===", flush=True)
 
 
 def run(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="carelake-demo", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="carelake demo", description=__doc__.splitlines()[0])
     ap.add_argument("--root", default="./demo-lakehouse", help="demo lakehouse folder (recreated each run)")
+    ap.add_argument("--patients", type=int, default=160, help="patients in the simulated hospital (default 160)")
+    ap.add_argument("--hours", type=int, default=36, help="length of the simulated window (default 36)")
+    ap.add_argument("--train-hours", type=int, default=0,
+                    help="hours sent before training the model (default: two thirds of the window)")
     ap.add_argument("--seed", type=int, default=7)
     a = ap.parse_args(argv)
+    if a.patients < 20 or a.hours < 6:
+        print("carelake demo: use at least --patients 20 and --hours 6 (the model needs deteriorations to learn "
+              "from)", file=sys.stderr)
+        return 2
+    train_hours = a.train_hours or max(4, a.hours * 2 // 3)
+    if not 1 <= train_hours < a.hours:
+        print(f"carelake demo: --train-hours must be between 1 and {a.hours - 1}", file=sys.stderr)
+        return 2
     root = Path(a.root).resolve()
     if root.exists():
         if not (root / MARKER).exists():
@@ -85,43 +91,68 @@ def run(argv: list[str] | None = None) -> int:
         shutil.rmtree(root)
     root.mkdir(parents=True)
     (root / MARKER).write_text("created by the carelake demo; safe to delete\n")
-    base = ["--root", str(root), "--env", "local"]
+    # ICU monitors every 15-60 s keep the demo inside ten minutes on two cores; a real feed sends every second.
+    base = ["--root", str(root), "--env", "local", "--set", "simulator.icu_cadence_min_s=15",
+            "--set", "simulator.icu_cadence_max_s=60"]
+    feeds = root / "_demo_feeds"
+    clock = Clock()
 
     def cli(*args: str) -> None:
         rc = carelake([*base, *args])
         if rc != 0:
             raise SystemExit(rc)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        files = write_feed(Path(tmp), a.seed)
-        step("1. Start the gateway and send the first monitor file over HTTP (each batch fsynced, then 202)")
-        with gateway(base) as http_url:
-            cli("send", "--to", http_url, "--batch", "100", str(files[0]))
-        step("2. Run every job once (available-now): landing -> bronze -> silver")
-        cli("run", "all", "--available-now")
-        step("3. A second file is dropped into landing (CRLF line ends, two broken lines); run again")
-        cli("ingest", str(files[1]), "--feed", "devices")
-        cli("run", "all", "--available-now")
-    step("4. The tables")
-    cli("tables")
-    step("5. SQL: what bronze holds, by parse outcome (nothing rejected, nothing lost)")
-    cli("sql", "select parse_status, count(*) as readings, count(distinct device_id) as devices "
-               "from bronze.device_readings group by parse_status order by parse_status")
-    step("6. Time travel: the same question as of version 0 (before the second file)")
-    cli("sql", "select count(*) as readings from bronze.device_readings", "--as-of-version", "0")
-    step("7. Lineage: every bronze row points at its landing file and byte offset, with its sha256")
-    cli("sql", "select device_id, landing_position, substr(sha256, 1, 16) as sha256_prefix, "
-               "decode(payload, 'UTF-8') as payload from bronze.device_readings "
-               "where parse_status <> 'ok' order by landing_position")
-    step("8. Silver: every reading normalized (LOINC code, UCUM unit), pseudonymous patient key, nothing lost")
-    cli("sql", "select code, display, unit, count(*) as readings, round(avg(value), 1) as mean "
-               "from silver.observations group by code, display, unit order by code")
-    cli("sql", "select feed, reason, item, detail from silver.quarantine order by reason")
-    print(f"data-quality report of the last batch: {root / '_reports' / 'dq' / 'silver.observations.html'}")
-    step("9. Commit history and per-batch metrics")
-    cli("history", "bronze.device_readings")
-    cli("sql", "select job, batch_id, rows_in, rows_out, duration_ms, lag_ms from ops.metrics order by batch_id")
-    print(f"\nDemo lakehouse at {root}. Try: carelake --root {root} sql \"select * from bronze.device_readings\"")
+    clock.step(f"1. Simulate a hospital: {a.patients} patients over {a.hours} h (seeded; ground truth kept apart)")
+    cli("simulate", "--patients", str(a.patients), "--hours", str(a.hours), "--seed", str(a.seed),
+        "--out", str(feeds), "--feeds", "hl7,fhir,devices")
+    early, late = split_by_hour(feeds, train_hours)
+
+    def send(parts: dict[str, list[Path]], label: str) -> None:
+        with gateway(base) as (mllp_url, http_url):
+            if parts.get("hl7"):
+                print(f"sending {len(parts['hl7'])} HL7 file(s) of the {label} over MLLP ...", flush=True)
+                cli("send", "--to", mllp_url, "--connections", "4", *map(str, parts["hl7"]))
+            rest = [str(p) for feed in ("fhir", "devices") for p in parts.get(feed, [])]
+            if rest:
+                print(f"sending {len(rest)} FHIR / monitor file(s) of the {label} over HTTP ...", flush=True)
+                cli("send", "--to", http_url, "--connections", "4", "--batch", "1000", *rest)
+
+    clock.step(f"2. Gateway up; the first {train_hours} h arrive over MLLP and HTTP (each acked after fsync)")
+    send(early, f"first {train_hours} h")
+    clock.step("3. Every job, available-now: landing -> bronze -> silver -> gold scores and alerts")
+    cli("run", "all", "--available-now")
+    clock.step("4. Train the deterioration model on the simulator's labels; register it (champion if it beats "
+               "NEWS2)")
+    from pipelines.config import load_config
+    from pipelines.store.deltars import DeltaRsStore
+
+    cfg = load_config(env="local", root=root)
+    alerts_before = DeltaRsStore(cfg).version("gold.deterioration_alerts")
+    from pipelines.training import print_training, train_deterioration
+
+    result, uri = train_deterioration(cfg, DeltaRsStore(cfg), feeds / "truth" / "deteriorations.csv")
+    print_training(result, cfg.models.alert_rate_per_100_patient_days, uri)
+    clock.step(f"5. The last {a.hours - train_hours} h arrive; scores now carry the model's risk and version")
+    send(late, f"last {a.hours - train_hours} h")
+    cli("run", "all", "--available-now")
+    clock.step("6. What the clinical data team sees")
+    from pipelines.report import demo_report
+
+    report = demo_report(cfg, result, out=root / "_reports" / "demo.html")
+    print(report.text, flush=True)
+    clock.step("7. SQL over gold, and time travel for the auditors")
+    cli("sql", "select news2_band, count(*) as score_rows, count(distinct patient_key) as patients, "
+               "round(avg(news2_score), 1) as mean_news2, sum(case when news2_partial then 1 else 0 end) as partial "
+               "from gold.early_warning_scores group by news2_band order by mean_news2")
+    cli("sql", "select level, status, count(*) as alerts from gold.deterioration_alerts "
+               "group by level, status order by level, status")
+    print("What did we know before the last hours arrived? The alerts table as of that version:")
+    cli("sql", "select level, count(*) as alerts from gold.deterioration_alerts group by level order by level",
+        "--as-of-version", str(alerts_before))
+    print(f"\nHTML report (plots): {report.path}")
+    print(f"data-quality report: {root / '_reports' / 'dq' / 'silver.observations.html'}")
+    print(f"Demo lakehouse at {root} ({time.monotonic() - clock.start:.0f} s). Try:\n"
+          f"  carelake --root {root} sql \"select * from gold.deterioration_alerts where status = 'open'\"")
     return 0
 
 

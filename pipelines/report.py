@@ -1,0 +1,155 @@
+"""The demo's clinical summary: text for the terminal and an HTML page with plots (matplotlib, inline PNGs).
+
+Reads gold and silver through the table store (Arrow, no Spark) and the training result; writes one
+self-contained HTML file. Patient keys are pseudonyms: nothing here shows an MRN or a name.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipelines.config import Config
+
+SCORES, ALERTS, OBSERVATIONS = "gold.early_warning_scores", "gold.deterioration_alerts", "silver.observations"
+BAND_COLOURS = {"low": "#4c9a2a", "low-medium": "#c9a227", "medium": "#e07b00", "high": "#c0392b"}
+
+
+@dataclass
+class Report:
+    text: str
+    path: Path
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _table(df: pd.DataFrame) -> str:
+    return df.to_html(index=False, border=0, classes="t", float_format=lambda x: f"{x:.3f}")
+
+
+def _text_table(df: pd.DataFrame) -> str:
+    return df.to_string(index=False, float_format=lambda x: f"{x:.3f}")
+
+
+MEASURES = (("AUROC", "auroc"), ("AUPRC", "auprc"), ("median lead time before onset (h)", "median_lead_time_h"),
+            ("deteriorating patients alerted in time", "detected_fraction"),
+            ("alert episodes per 100 patient-days", "alerts_per_100_patient_days"))
+
+
+def comparison(result: Any) -> pd.DataFrame:
+    """Model vs NEWS2 >= 5 on the held-out patients, one row per measure."""
+    m = result.metrics
+    return pd.DataFrame([{"held-out patients": label, "model": m.get(f"model_{key}"),
+                          "NEWS2 >= 5": m.get(f"news2_{key}")} for label, key in MEASURES])
+
+
+def load(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    from pipelines.store.deltars import DeltaRsStore
+
+    store = DeltaRsStore(cfg)
+    scores = store.read_arrow(SCORES).select(
+        ["patient_key", "scored_at", "news2_score", "news2_band", "news2_partial", "qsofa_score", "model_risk",
+         "model_version"]).to_pandas()
+    alerts = store.read_arrow(ALERTS).to_pandas()
+    obs = store.read_arrow(OBSERVATIONS).select(["patient_key", "source_feed", "concept"]).to_pandas()
+    return scores, alerts, obs
+
+
+def demo_report(cfg: Config, result: Any, *, out: Path, max_patients: int = 4) -> Report:
+    """Summary text + HTML report. `result` is the training result (metrics and ROC points), or None."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores, alerts, obs = load(cfg)
+    live = alerts[alerts["status"] != "withdrawn"]
+    latest = scores.sort_values("scored_at").groupby("patient_key").tail(1)
+    lines = [
+        f"patients scored: {scores['patient_key'].nunique():,} "
+        f"(with any observation: {obs['patient_key'].nunique():,})",
+        f"observations in silver: {len(obs):,} ("
+        + ", ".join(f"{feed} {n:,}" for feed, n in obs["source_feed"].value_counts().sort_index().items()) + ")",
+        f"score rows: {len(scores):,}; partial (an input missing or older than the look-back): "
+        f"{int(scores['news2_partial'].sum()):,}",
+        "alerts (episodes; open now / total): " + ", ".join(
+            f"{lvl} {int((g['status'] == 'open').sum())}/{len(g)}" for lvl, g in live.groupby("level")),
+        "patients by their latest NEWS2 band: " + ", ".join(
+            f"{b} {int((latest['news2_band'] == b).sum())}" for b in BAND_COLOURS),
+    ]
+    sections = []
+    if result is not None:
+        lines.append("")
+        lines.append("model vs NEWS2 >= 5 on held-out patients:")
+        lines.append(_text_table(comparison(result)))
+        lines.append(f"registered carelake-deterioration version {result.version} as champion" if result.champion
+                     else "model not registered: it did not beat NEWS2 on AUROC (scores carry no model risk)")
+    ranked = latest.assign(model_risk=latest["model_risk"].fillna(-1)).sort_values(
+        ["news2_score", "model_risk"], ascending=False).head(5)
+    top = ranked[["patient_key", "scored_at", "news2_score", "news2_band", "qsofa_score", "model_risk"]].copy()
+    top["model_risk"] = top["model_risk"].where(top["model_risk"] >= 0)
+    top["patient_key"] = top["patient_key"].str[:12] + "..."
+    lines += ["", "top-5 patients at risk now (latest score):", _text_table(top)]
+
+    # Plots: trajectories of the patients with the most alerts, alerts per hour, ROC.
+    busiest = live["patient_key"].value_counts().head(max_patients).index.tolist()
+    fig, axes = plt.subplots(len(busiest) or 1, 1, figsize=(10, 2.3 * max(1, len(busiest))), sharex=False)
+    axes = list(axes) if hasattr(axes, "__len__") else [axes]
+    for ax, patient in zip(axes, busiest, strict=False):
+        s = scores[scores["patient_key"] == patient].sort_values("scored_at")
+        ax.step(s["scored_at"], s["news2_score"], where="post", color="#34495e", lw=1)
+        for _, a in live[live["patient_key"] == patient].iterrows():
+            colour = {"news2_medium": BAND_COLOURS["medium"], "news2_high": BAND_COLOURS["high"]}.get(
+                a["level"], "#8e44ad")
+            ax.axvline(a["opened_at"], color=colour, ls="--", lw=1)
+            ax.annotate(a["level"], (a["opened_at"], ax.get_ylim()[1] * 0.9), fontsize=7, color=colour)
+        ax.axhline(5, color=BAND_COLOURS["medium"], lw=0.5)
+        ax.axhline(7, color=BAND_COLOURS["high"], lw=0.5)
+        ax.set_ylabel("NEWS2")
+        ax.set_title(f"patient {patient[:12]}...", fontsize=9)
+    sections.append(("NEWS2 trajectories with alert openings (dashed)", _png(fig)))
+
+    fig, ax = plt.subplots(figsize=(10, 3))
+    if len(live):
+        per_hour = live.assign(hour=live["opened_at"].dt.floor("h")).groupby(["hour", "level"]).size().unstack(
+            fill_value=0)
+        per_hour.plot(kind="bar", stacked=True, ax=ax, width=0.9)
+        ax.set_xticklabels([t.strftime("%d %H:00") for t in per_hour.index], rotation=90, fontsize=6)
+    ax.set_ylabel("alerts opened")
+    sections.append(("Alerts per hour, by level", _png(fig)))
+
+    if result is not None and result.roc:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for who, curve in result.roc.items():
+            label = "model" if who == "model" else "NEWS2"
+            ax.plot(curve["fpr"], curve["tpr"], label=f"{label} (AUROC {result.metrics.get(f'{who}_auroc', 0):.3f})")
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.5)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.legend()
+        sections.append(("ROC, held-out patients: model vs NEWS2", _png(fig)))
+
+    text = "\n".join(lines)
+    body = [f"<h1>carelake demo: deterioration in a simulated hospital</h1><pre>{html.escape(text)}</pre>"]
+    if result is not None:
+        body.append("<h2>Model vs NEWS2 &ge; 5</h2>" + _table(comparison(result)))
+    body.append("<h2>Top-5 patients at risk now</h2>" + _table(top))
+    body += [f"<h2>{html.escape(title)}</h2><img src='{png}'>" for title, png in sections]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("<!doctype html><meta charset='utf-8'><title>carelake demo</title><style>body{font-family:"
+                   "sans-serif;margin:2em}table.t{border-collapse:collapse}table.t td,table.t th{padding:2px 8px;"
+                   "border-bottom:1px solid #ddd}</style>" + "".join(body), encoding="utf-8")
+    return Report(text=text, path=out)
