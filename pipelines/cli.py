@@ -313,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("demo", help="end to end: simulate a hospital, gateway, every job, train the model, report "
                                     "(--root defaults to ./demo-lakehouse, recreated)")
-    e.add_argument("--patients", type=int, default=160, help="patients in the simulated hospital (default 160)")
-    e.add_argument("--hours", type=int, default=36, help="simulated window (default 36 h)")
+    e.add_argument("--patients", type=int, default=120, help="patients in the simulated hospital (default 120)")
+    e.add_argument("--hours", type=int, default=30, help="simulated window (default 30 h)")
     e.add_argument("--train-hours", type=int, default=0, help="hours sent before training (default 2/3 of --hours)")
     e.add_argument("--seed", type=int, default=7)
     e.set_defaults(func=cmd_demo)

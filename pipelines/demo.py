@@ -69,8 +69,8 @@ class Clock:
 def run(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="carelake demo", description=__doc__.splitlines()[0])
     ap.add_argument("--root", default="./demo-lakehouse", help="demo lakehouse folder (recreated each run)")
-    ap.add_argument("--patients", type=int, default=160, help="patients in the simulated hospital (default 160)")
-    ap.add_argument("--hours", type=int, default=36, help="length of the simulated window (default 36)")
+    ap.add_argument("--patients", type=int, default=120, help="patients in the simulated hospital (default 120)")
+    ap.add_argument("--hours", type=int, default=30, help="length of the simulated window (default 30)")
     ap.add_argument("--train-hours", type=int, default=0,
                     help="hours sent before training the model (default: two thirds of the window)")
     ap.add_argument("--seed", type=int, default=7)
@@ -91,8 +91,8 @@ def run(argv: list[str] | None = None) -> int:
         shutil.rmtree(root)
     root.mkdir(parents=True)
     (root / MARKER).write_text("created by the carelake demo; safe to delete\n")
-    # ICU monitors every 15-60 s keep the demo inside ten minutes on two cores; a real feed sends every second.
-    base = ["--root", str(root), "--env", "local", "--set", "simulator.icu_cadence_min_s=15",
+    # ICU monitors every 30-60 s keep the demo inside ten minutes on two cores; a real feed sends every second.
+    base = ["--root", str(root), "--env", "local", "--set", "simulator.icu_cadence_min_s=30",
             "--set", "simulator.icu_cadence_max_s=60"]
     feeds = root / "_demo_feeds"
     clock = Clock()
