@@ -28,7 +28,7 @@ from datetime import datetime
 from typing import Any
 
 import pandas as pd
-from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
     ArrayType,
@@ -241,32 +241,36 @@ def _as_of(history: DataFrame, inputs: Sequence[str]) -> DataFrame:
 
 
 def _score(points: DataFrame, lookback_ms: int) -> DataFrame:
-    """NEWS2, qSOFA and SIRS from the as-of inputs, inputs older than the look-back treated as missing."""
+    """NEWS2, qSOFA and SIRS from the as-of inputs, inputs older than the look-back treated as missing.
+
+    Two selects: the usable inputs first, as plain columns, then the scores over those names, so the chart
+    expressions stay small (planning them is a per-batch cost in a streaming job).
+    """
     lookback = F.expr(f"INTERVAL {lookback_ms // 1000} SECONDS")
-    fresh: dict[str, Column] = {}
-    stale: list[Column] = []
-    for c in INPUTS:
+    fresh, stale, ids = [], [], []
+    for c, column in INPUTS.items():
         ok = F.col(f"_t_{c}") >= F.col("scored_at") - lookback
-        fresh[c] = F.when(ok, F.col(f"_v_{c}"))
-        stale.append(F.when(F.col(f"_v_{c}").isNotNull() & ~ok, F.lit(INPUTS[c])))
-    values = [fresh[c].alias(column) for c, column in INPUTS.items()]
-    ids = F.filter(F.array(*[F.when(fresh[c].isNotNull(), F.col(f"_id_{c}")) for c in INPUTS]),
-                   lambda x: x.isNotNull())
-    on_o2 = news2.on_oxygen_column(fresh["fio2"], fresh["o2flow"])
-    scale2 = F.coalesce(F.col("_scale2"), F.lit(False))
-    n = news2.news2_columns(fresh["rr"], fresh["spo2"], on_o2, fresh["sbp"], fresh["hr"], fresh["acvpu"],
-                            fresh["temp"], scale2)
-    q = news2.qsofa_columns(fresh["rr"], fresh["sbp"], fresh["acvpu"])
-    return points.select(
+        fresh.append(F.when(ok, F.col(f"_v_{c}")).alias(column))
+        stale.append(F.when(F.col(f"_v_{c}").isNotNull() & ~ok, F.lit(column)))
+        ids.append(F.when(ok, F.col(f"_id_{c}")))
+    inputs = points.select(
+        "patient_key", "encounter_key", "scored_at", *fresh,
+        F.filter(F.array(*stale), lambda x: x.isNotNull()).alias("stale_inputs"),
+        F.filter(F.array(*ids), lambda x: x.isNotNull()).alias("input_observation_ids"),
+        F.coalesce(F.col("_scale2"), F.lit(False)).alias("_scale2"))
+    inputs = inputs.withColumn("on_oxygen", news2.on_oxygen_column("fio2", "o2flow"))
+    n = news2.news2_columns("respiratory_rate", "spo2", "on_oxygen", "systolic_bp", "pulse", "consciousness",
+                            "temperature", "_scale2")
+    q = news2.qsofa_columns("respiratory_rate", "systolic_bp", "consciousness")
+    return inputs.select(
         "patient_key", "encounter_key", "scored_at",
         n["news2_score"].alias("news2_score"), n["news2_band"].alias("news2_band"),
         *[n[c].alias(c) for c in news2.COMPONENTS],
         n["news2_partial"].alias("news2_partial"), n["news2_missing"].alias("missing_inputs"),
-        F.filter(F.array(*stale), lambda x: x.isNotNull()).alias("stale_inputs"),
-        F.when(scale2, 2).otherwise(1).alias("spo2_scale"),
-        *values, on_o2.alias("on_oxygen"), ids.alias("input_observation_ids"),
+        "stale_inputs", F.when(F.col("_scale2"), 2).otherwise(1).alias("spo2_scale"),
+        *INPUTS.values(), "on_oxygen", "input_observation_ids",
         q["qsofa_score"].alias("qsofa_score"), q["qsofa_partial"].alias("qsofa_partial"),
-        news2.sirs_column(fresh["temp"], fresh["hr"], fresh["rr"], fresh["wbc"]).alias("sirs_count"))
+        news2.sirs_column("temperature", "pulse", "respiratory_rate", "wbc").alias("sirs_count"))
 
 
 def _with_model(df: DataFrame, champion: Any, windows_ms: Sequence[int]) -> DataFrame:
