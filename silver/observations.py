@@ -299,34 +299,56 @@ def device_rows(rows: DataFrame, p: Params, processed_at: datetime) -> DataFrame
         F.try_to_timestamp(F.col("r.time")).alias("effective"))  # try_: one bad line must never fail the batch
     normed = parsed.transform(normalized(code="r_code", code_system="r_code_system", value_num="value_num",
                                          value_text="r_value_text", unit="r_unit"))
-    mrn = F.col("r.patient_mrn")
-    no_mrn = mrn.isNull() | (F.trim(mrn) == "")
-    bad_number = F.col("r.value").isNotNull() & F.col("value_num").isNull()
-    judged = normed.select(
-        "*",
-        F.when(F.col("parse_status") != "ok", F.col("parse_status")).when(bad_number, F.lit("bad_value"))
-        .when(no_mrn, F.lit("missing_patient")).when(F.col("effective").isNull(), F.lit("bad_timestamp"))
-        .when(F.col("problem").isNotNull(), F.col("problem")).alias("reason"),
-        F.when(F.col("parse_status") != "ok", F.lit("bronze could not key this line"))
-        .when(bad_number, F.concat(F.lit("value is not a number: "), F.col("r.value")))
-        .when(no_mrn, F.lit("reading has no patient_mrn"))
-        .when(F.col("effective").isNull(), F.concat(F.lit("unreadable time: "), F.coalesce("r.time", F.lit("-"))))
-        .otherwise(F.concat_ws("", F.col("problem_detail"), F.lit(" (sent: "),
-                              F.concat_ws(" ", F.col("original_value").cast("string"), F.col("original_unit")),
-                              F.lit(")"))).alias("detail"))
-    return judged.select(*_device_route(p, processed_at))
+    return normed.select("*", _reason().alias("reason")).select(*_device_route(p, processed_at))
+
+
+# The device columns routed as they are: normalized values and bronze lineage.
+_AS_IS = frozenset({"code", "display", "concept", "value", "value_text", "unit", "original_code", "original_unit",
+                    "original_value", "landing_file", "landing_position", "sha256", "received_at"})
+
+
+def _bad_number() -> Column:
+    return F.col("r.value").isNotNull() & F.col("value_num").isNull()
+
+
+def _no_mrn() -> Column:
+    return F.col("r.patient_mrn").isNull() | (F.trim(F.col("r.patient_mrn")) == "")
+
+
+def _reason() -> Column:
+    """Why a normalized device reading cannot be used (null when it can)."""
+    return (F.when(F.col("parse_status") != "ok", F.col("parse_status"))
+            .when(_bad_number(), F.lit("bad_value"))
+            .when(_no_mrn(), F.lit("missing_patient"))
+            .when(F.col("effective").isNull(), F.lit("bad_timestamp"))
+            .otherwise(F.col("problem")))
+
+
+def _device_detail() -> Column:
+    """The readable detail of a quarantined reading (same order of checks as `_reason`)."""
+    return (F.when(F.col("parse_status") != "ok", F.lit("bronze could not key this line"))
+            .when(_bad_number(), F.concat(F.lit("value is not a number: "), F.col("r.value")))
+            .when(_no_mrn(), F.lit("reading has no patient_mrn"))
+            .when(F.col("effective").isNull(), F.concat(F.lit("unreadable time: "), F.coalesce("r.time", F.lit("-"))))
+            .otherwise(F.concat_ws("", F.col("problem_detail"), F.lit(" (sent: "),
+                                   F.concat_ws(" ", F.col("original_value").cast("string"), F.col("original_unit")),
+                                   F.lit(")"))))
 
 
 def _device_route(p: Params, processed_at: datetime) -> list[Column]:
-    """The routed columns of a judged device row: observation columns, or quarantine columns."""
+    """The routed columns of a judged device row: observation columns, or quarantine columns.
+
+    The runner keeps only its table's columns of each row, so a column of the other table is left as computed
+    (nothing spent on nulling it); only what costs per row (the keys, the detail) is computed for the rows
+    that need it. One small expression per column keeps the generated code JIT-compilable.
+    """
     good = F.col("reason").isNull()
     table = F.lit(BRONZE_TABLES["devices"])
     obs = {
-        "observation_id": F.substring(F.sha2(F.concat_ws("|", F.lit("devices"), F.col("r.device_id"),
-                                                          F.col("r.time"), F.col("code")), 256), 1, 32),
-        "patient_key": identity_key_column(p.secret, PATIENT, F.lit(p.mrn_system), F.col("r.patient_mrn")),
-        **{k: F.col(k) for k in ("code", "display", "concept", "value", "value_text", "unit",
-                                 "original_code", "original_unit", "original_value")},
+        "observation_id": F.when(good, F.substring(F.sha2(F.concat_ws("|", F.lit("devices"), F.col("r.device_id"),
+                                                                       F.col("r.time"), F.col("code")), 256), 1, 32)),
+        "patient_key": F.when(good, identity_key_column(p.secret, PATIENT, F.lit(p.mrn_system),
+                                                        F.col("r.patient_mrn"))),
         "code_system": F.col("system"), "effective_at": F.col("effective"), "status": F.lit("final"),
         "source_feed": F.lit("devices"), "source_system": F.col("r.device_id"), "source_id": F.col("r.device_id"),
         "source_version": F.lit("0"),
@@ -335,23 +357,21 @@ def _device_route(p: Params, processed_at: datetime) -> list[Column]:
     }
     item = F.lit("reading")
     quarantined = {
-        "quarantine_id": quarantine_id_column(p.job, table, F.col("landing_file"), F.col("landing_position"), item,
-                                              F.col("reason")),
+        "quarantine_id": F.when(~good, quarantine_id_column(p.job, table, F.col("landing_file"),
+                                                            F.col("landing_position"), item, F.col("reason"))),
         "feed": F.lit("devices"), "source_table": table, "item": item, "reason": F.col("reason"),
-        "detail": F.col("detail"), "job": F.lit(p.job), "quarantined_at": F.lit(processed_at)}
-    shared = {"landing_file", "landing_position", "sha256", "received_at"}
-    # The routed columns reuse names of normalized columns (code, value, ...): build them from `obs`, whose
-    # expressions read the normalized columns, never from a same-named output column.
+        "detail": F.when(~good, _device_detail()), "job": F.lit(p.job), "quarantined_at": F.lit(processed_at)}
+    # Normalized columns already carry the observation's names (code, value, unit, ...): referenced as they are.
     cols = []
     for f in ROUTED.fields:
         if f.name == OUTPUT:
             expr = F.when(good, F.lit(OBSERVATIONS)).otherwise(F.lit(QUARANTINE))
-        elif f.name in shared:
-            expr = F.col(f.name)
         elif f.name in obs:
-            expr = F.when(good, obs[f.name])
+            expr = obs[f.name]
         elif f.name in quarantined:
-            expr = F.when(~good, quarantined[f.name])
+            expr = quarantined[f.name]
+        elif f.name in _AS_IS:
+            expr = F.col(f.name)
         else:
             expr = F.lit(None)
         cols.append(expr.cast(f.dataType).alias(f.name))
