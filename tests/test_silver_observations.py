@@ -200,3 +200,28 @@ def test_resends_corrections_versions_deletes_and_replays_through_the_runner(tmp
     assert store.version(OBSERVATIONS) > before and len(after) == len(rows)
     (deleted,) = [r for r in after if r["source_id"] == "Observation/sp-1"]
     assert deleted["status"] == "deleted" and deleted["value"] == 94.0
+
+
+def test_suite_rules_judged_without_great_expectations_give_its_results():
+    """The validation step's vectorized pass (rules no row fails) reports exactly what Great Expectations does."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from pipelines import quality
+    from tests.test_quality import obs, table
+
+    suite = quality.load_suite("silver.observations", Path(__file__).parents[1] / "expectations")
+    rows = [obs(i) for i in range(40)] + [obs(99, status="deleted", patient_key=None, effective_at=None)]
+    at = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
+    params = quality._resolved_parameters(suite, None, at)
+    frame = quality._frame(table(rows), suite, params)
+    judged = 0
+    for rule in [*suite.rules, *(replace(r, row_filter="status == 'none'") for r in suite.rules)]:
+        fast = quality._clean_pass(frame, rule)
+        if fast is not None:
+            judged += 1
+            assert fast == quality._run(frame, [rule], params, complete=True)[rule.index], rule
+    assert judged >= 25
+    bad = table([obs(1, patient_key="NOT-A-KEY"), obs(2)])
+    rule = next(r for r in suite.rules if r.reason == "dq_bad_patient_key")
+    assert quality._clean_pass(quality._frame(bad, suite, params), rule) is None  # a failing rule goes to GE
