@@ -1,8 +1,9 @@
 """The streaming runner: each registered job as a Structured Streaming query with an idempotent sink.
 
 Source: a landing folder (Spark's file source) or an upstream table's new versions. Sink: the table
-store through foreachBatch, each batch committed with the Delta transaction (app id = job + query id,
-version = batch id), so a batch replayed after a crash is skipped instead of written twice.
+store through foreachBatch, each batch committed with a Delta transaction (app id = job + query id,
+version = batch id * CHUNK_STRIDE + chunk), so a batch replayed after a crash is skipped instead of written
+twice. A batch of more than streaming.max_rows_per_batch rows is written in chunks, one transaction each.
 Checkpoints live under <root>/_checkpoints/<job>; per-batch metrics go to the log and ops.metrics.
 """
 
