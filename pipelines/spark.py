@@ -44,6 +44,10 @@ def session_settings(cfg: SparkConfig) -> dict[str, str]:
         "spark.sql.session.timeZone": "UTC",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.sql.streaming.stopGracefullyOnShutdown": "true",
+        # carelake's Python change-feed source (pipelines/deltasource.py) has no native available-now support;
+        # without this wrapper Spark 4.0 silently runs ONE batch, so after a crash `--available-now` replays the
+        # interrupted batch and stops, leaving later upstream versions for the next run (SPARK-45178).
+        "spark.sql.streaming.triggerAvailableNowWrapper.enabled": "true",
         "spark.driver.extraJavaOptions": java_opts,
         "spark.executor.extraJavaOptions": java_opts,
     }

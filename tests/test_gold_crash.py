@@ -8,7 +8,8 @@ commit); then between a score batch's two commits (gold.vitals_features written,
 A third run catches up and stops on SIGTERM. Then the gold tables hold one row per key, one score (and features)
 row per scored input time, and equal, row for row, what one clean run over the same silver rows writes.
 
-The restart is continuous + SIGTERM, not --available-now: see the xfail test at the end.
+The restart is continuous + SIGTERM; the last test covers --available-now after a crash (it must also
+process the upstream versions committed after the interrupted batch).
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ def test_kill_9_mid_gold_batch_then_restart_duplicates_and_loses_no_score_or_ale
         features_done, scores_done = scores_batches_written(store, root)
         assert scores_done is None or features_done > scores_done
 
-        append_until(STEPS)  # the rest; restart, catch up, stop with SIGTERM (see the xfail test below)
+        append_until(STEPS)  # the rest; restart, catch up, stop with SIGTERM
         proc = start(root, log, "--continuous", "--interval", "300ms")
         try:
             assert wait_for(lambda: caught_up(store, root), 300, proc), log_path.read_text()[-3000:]
@@ -290,10 +291,6 @@ def _seen(changes):
     return changes.where("_change_type = 'insert'").select("observation_id", "effective_at")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "`run --available-now` of a table-fed job runs ONE batch: Spark 4.0 falls back to single-batch execution for "
-    "sources without SupportsTriggerAvailableNow (the carelake_delta Python source; SPARK-45178), so after a crash "
-    "only the interrupted batch is replayed and the upstream versions committed after it wait for the next run"))
 def test_available_now_after_a_crash_also_processes_the_versions_after_the_interrupted_batch(tmp_path, spark):
     from pipelines.jobs import Job, Registry, TableSource
     from pipelines.runner import Runner, Trigger
