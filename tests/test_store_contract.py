@@ -226,3 +226,13 @@ def test_missing_table_and_bad_names_are_clear(engine_store):
         s.read_arrow("silver.nothing")
     with pytest.raises(UsageError, match="<layer>.<entity>"):
         s.read_arrow("platinum.x")
+
+
+def test_delta_rs_changes_as_a_spark_dataframe(cfg, spark):
+    """The contract's `changes` (Spark DataFrame) on the embedded engine: view types and the unsigned commit
+    version of delta-rs become types Spark takes."""
+    s = open_store(cfg, spark)
+    s.append(T, rows((1, "a")))
+    s.merge(T, rows((1, "A")), MergeSpec(keys=("id",)))
+    got = sorted((r["_commit_version"], r["_change_type"], r["name"]) for r in s.changes(T, 0).collect())
+    assert got == [(0, "insert", "a"), (1, "update_postimage", "A"), (1, "update_preimage", "a")]

@@ -306,8 +306,16 @@ class DeltaRsStore(TableStore):
         return load_changes(self._path(name), start_version, end)
 
     def changes(self, name: str, start_version: int, end_version: int | None = None) -> DataFrame:
+        from pipelines.store.schema import canonical_schema
+
         spark = self._require_spark()
-        return spark.createDataFrame(self.changes_arrow(name, start_version, end_version))
+        changes = self.changes_arrow(name, start_version, end_version)
+        # delta-rs returns view types (string_view, ...) and an unsigned _commit_version, which Spark's Arrow
+        # conversion does not take: plain layouts and int64 instead.
+        schema = canonical_schema(changes.schema)
+        schema = pa.schema([pa.field(f.name, pa.int64(), f.nullable) if pa.types.is_unsigned_integer(f.type) else f
+                            for f in schema])
+        return spark.createDataFrame(changes.cast(schema))
 
     def version(self, name: str) -> int:
         return self._open(name).version()
