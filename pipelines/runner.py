@@ -178,7 +178,9 @@ def _chunk_predicates(batch_df: DataFrame, rows: int, max_rows: int) -> list[Col
 
     Deterministic for the same batch (a replay gets the same chunks). With bronze lineage columns each chunk is a
     contiguous range in ORDER_COLUMNS order (a landing file larger than a chunk is cut at byte offsets); without
-    them rows are dealt by a hash of all their columns.
+    them rows are dealt by a hash of their `patient_key` when they have one (each patient's changes in one chunk:
+    gold jobs rescore a patient from its earliest change, so spreading a patient over chunks would redo that work
+    in every chunk), else by a hash of all their columns.
     """
     from pyspark.sql import functions as F
 
@@ -187,7 +189,8 @@ def _chunk_predicates(batch_df: DataFrame, rows: int, max_rows: int) -> list[Col
     order = [c for c in ORDER_COLUMNS if c in batch_df.columns]
     if "landing_position" not in order or "landing_file" not in order:
         count = -(-rows // max_rows)
-        bucket = F.pmod(F.xxhash64(*batch_df.columns), F.lit(count))
+        by = ["patient_key"] if "patient_key" in batch_df.columns else batch_df.columns
+        bucket = F.pmod(F.xxhash64(*by), F.lit(count))
         return [bucket == k for k in range(count)]
     starts = _range_starts(batch_df, order, max_rows)
     key = F.struct(*order)
