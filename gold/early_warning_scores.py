@@ -28,7 +28,7 @@ from datetime import datetime
 from typing import Any
 
 import pandas as pd
-from pyspark.sql import DataFrame, Window
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
     ArrayType,
@@ -44,6 +44,7 @@ from pyspark.sql.types import (
 
 from gold import features, news2
 from pipelines import __version__ as CODE_VERSION
+from pipelines import sqltext as sql
 
 SCORES = "gold.early_warning_scores"
 FEATURES = "gold.vitals_features"
@@ -136,8 +137,9 @@ def _resolve(df: DataFrame, column: str, links: Mapping[str, str]) -> DataFrame:
     """Replace identity keys in `column` by the key they continue as."""
     if not links:
         return df
-    mapping = F.create_map(*[F.lit(x) for pair in links.items() for x in pair])
-    return df.withColumn(column, F.coalesce(mapping[F.col(column)], F.col(column)))
+    mapping = "map(" + ", ".join(f"{sql.string(k)}, {sql.string(v)}" for k, v in links.items()) + ")"
+    c = sql.name(column)
+    return df.withColumn(column, F.expr(f"coalesce({mapping}[{c}], {c})"))
 
 
 # -- the transform -------------------------------------------------------------------------------------------
@@ -175,8 +177,9 @@ def early_warning_scores(
     history = (usable.join(F.broadcast(touched), "patient_key")
                .where(F.col("effective_at") >= F.col("_from") - F.expr(f"INTERVAL {int(history_s)} SECONDS")))
     history = _resolve(history, "encounter_key", _links(read_table, table_version, ENCOUNTERS, "encounter_key"))
+    # Every later step groups, windows or joins per patient: one shuffle by patient here serves them all.
     history = history.select("patient_key", "encounter_key", "concept", "value", "value_text", "effective_at",
-                             "observation_id", "_from").persist()
+                             "observation_id", "_from").repartition(_partitions(spark), "patient_key").persist()
     try:
         scale2 = _scale2_patients(observations, touched, scale2_codes, patient_links)
         asof = _as_of(history.where(F.col("concept").isin(*inputs)), inputs)
@@ -184,21 +187,30 @@ def early_warning_scores(
         scores = _score(points, lookback_ms)
         numeric = history.where(F.col("concept").isin(*features.FEATURE_CONCEPTS))
         feats = features.vitals_features(numeric, scores.select("patient_key", "scored_at"), windows_ms)
-        feats = feats.select("patient_key", "scored_at",
-                             *[F.col(f.name).cast(f.dataType).alias(f.name) for f in feature_schema.fields
-                               if f.name in features.feature_columns(windows_ms)])
+        names = set(features.feature_columns(windows_ms))
+        feats = feats.selectExpr("patient_key", "scored_at",
+                                 *_casts(f for f in feature_schema.fields if f.name in names))
         both = scores.join(feats, ["patient_key", "scored_at"], "left")
         both = _with_model(both, champion(), windows_ms)
-        both = both.select(
-            "*", F.lit(table_version(OBSERVATIONS)).cast("long").alias("silver_version"),
-            F.lit(CODE_VERSION).alias("code_version"), F.lit(ingest_batch_id).alias("computed_by"),
-            F.lit(processed_at).cast("timestamp").alias("computed_at"))
-        routed = both.withColumn(OUTPUT, F.explode(F.array(F.lit(SCORES), F.lit(FEATURES))))
-        out = routed.select(*[F.col(f.name).cast(f.dataType).alias(f.name) for f in routed_schema.fields])
+        version = table_version(OBSERVATIONS)
+        both = both.select("*", F.lit(version).cast("long").alias("silver_version"),
+                           F.lit(CODE_VERSION).alias("code_version"), F.lit(ingest_batch_id).alias("computed_by"),
+                           F.lit(processed_at).cast("timestamp").alias("computed_at"),
+                           F.explode(F.array(F.lit(SCORES), F.lit(FEATURES))).alias(OUTPUT))
+        out = both.selectExpr(*_casts(routed_schema.fields))
         out = out.localCheckpoint(eager=True)  # computed once, while `history` is still cached
     finally:
         history.unpersist()
     return out
+
+
+def _partitions(spark) -> int:
+    return int(spark.conf.get("spark.sql.shuffle.partitions"))
+
+
+def _casts(fields) -> list[str]:
+    """SELECT items casting each field's column to its declared type."""
+    return [f"CAST({sql.name(f.name)} AS {f.dataType.simpleString()}) AS {sql.name(f.name)}" for f in fields]
 
 
 def _routed_schema(feature_schema: StructType) -> StructType:
@@ -221,56 +233,54 @@ def _scale2_patients(observations: DataFrame, touched: DataFrame, codes: Sequenc
 
 def _as_of(history: DataFrame, inputs: Sequence[str]) -> DataFrame:
     """One row per (patient, input time) with the newest value, time and observation of every input so far."""
-    aggs = []
+    aggs = ["max(encounter_key) AS _enc", "first(_from) AS _from"]
     for c in inputs:
-        here = F.col("concept") == c
-        value = F.col("value_text") if c in TEXT_INPUTS else F.col("value")
-        aggs += [F.max_by(F.when(here, value), F.when(here, F.col("observation_id"))).alias(f"_v_{c}"),
-                 F.max(F.when(here, F.col("observation_id"))).alias(f"_id_{c}")]
-    per_time = history.groupBy("patient_key", "effective_at").agg(
-        F.max("encounter_key").alias("_enc"), F.first("_from").alias("_from"), *aggs)
-    w = (Window.partitionBy("patient_key").orderBy("effective_at")
-         .rowsBetween(Window.unboundedPreceding, Window.currentRow))
-    filled = [F.last("_enc", ignorenulls=True).over(w).alias("encounter_key")]
+        value = "value_text" if c in TEXT_INPUTS else "value"
+        here = f"concept = {sql.string(c)}"
+        aggs += [f"max_by(CASE WHEN {here} THEN {value} END, CASE WHEN {here} THEN observation_id END) AS _v_{c}",
+                 f"max(CASE WHEN {here} THEN observation_id END) AS _id_{c}"]
+    per_time = history.groupBy("patient_key", "effective_at").agg(*[F.expr(a) for a in aggs])
+    so_far = "OVER (PARTITION BY patient_key ORDER BY effective_at ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)"
+    filled = [f"last(_enc, true) {so_far} AS encounter_key"]
     for c in inputs:
-        filled += [F.last(f"_v_{c}", ignorenulls=True).over(w).alias(f"_v_{c}"),
-                   F.last(F.when(F.col(f"_v_{c}").isNotNull(), F.col("effective_at")), ignorenulls=True)
-                   .over(w).alias(f"_t_{c}"),
-                   F.last(f"_id_{c}", ignorenulls=True).over(w).alias(f"_id_{c}")]
-    return per_time.select("patient_key", F.col("effective_at").alias("scored_at"), "_from", *filled)
+        filled += [f"last(_v_{c}, true) {so_far} AS _v_{c}",
+                   f"last(CASE WHEN _v_{c} IS NOT NULL THEN effective_at END, true) {so_far} AS _t_{c}",
+                   f"last(_id_{c}, true) {so_far} AS _id_{c}"]
+    return per_time.selectExpr("patient_key", "effective_at AS scored_at", "_from", *filled)
 
 
 def _score(points: DataFrame, lookback_ms: int) -> DataFrame:
     """NEWS2, qSOFA and SIRS from the as-of inputs, inputs older than the look-back treated as missing.
 
-    Two selects: the usable inputs first, as plain columns, then the scores over those names, so the chart
-    expressions stay small (planning them is a per-batch cost in a streaming job).
+    Three selects: the usable inputs as plain columns, then the NEWS2 components over those names, then totals
+    and bands over the components, so each expression stays small (planning is a per-batch cost in a stream).
     """
-    lookback = F.expr(f"INTERVAL {lookback_ms // 1000} SECONDS")
     fresh, stale, ids = [], [], []
     for c, column in INPUTS.items():
-        ok = F.col(f"_t_{c}") >= F.col("scored_at") - lookback
-        fresh.append(F.when(ok, F.col(f"_v_{c}")).alias(column))
-        stale.append(F.when(F.col(f"_v_{c}").isNotNull() & ~ok, F.lit(column)))
-        ids.append(F.when(ok, F.col(f"_id_{c}")))
-    inputs = points.select(
+        ok = f"_t_{c} >= scored_at - INTERVAL {lookback_ms // 1000} SECONDS"
+        fresh.append(f"CASE WHEN {ok} THEN _v_{c} END AS {column}")
+        stale.append(f"CASE WHEN _v_{c} IS NOT NULL AND NOT ({ok}) THEN {sql.string(column)} END")
+        ids.append(f"CASE WHEN {ok} THEN _id_{c} END")
+    inputs = points.selectExpr(
         "patient_key", "encounter_key", "scored_at", *fresh,
-        F.filter(F.array(*stale), lambda x: x.isNotNull()).alias("stale_inputs"),
-        F.filter(F.array(*ids), lambda x: x.isNotNull()).alias("input_observation_ids"),
-        F.coalesce(F.col("_scale2"), F.lit(False)).alias("_scale2"))
-    inputs = inputs.withColumn("on_oxygen", news2.on_oxygen_column("fio2", "o2flow"))
-    n = news2.news2_columns("respiratory_rate", "spo2", "on_oxygen", "systolic_bp", "pulse", "consciousness",
-                            "temperature", "_scale2")
-    q = news2.qsofa_columns("respiratory_rate", "systolic_bp", "consciousness")
-    return inputs.select(
+        f"filter(array({', '.join(stale)}), x -> x IS NOT NULL) AS stale_inputs",
+        f"filter(array({', '.join(ids)}), x -> x IS NOT NULL) AS input_observation_ids",
+        "coalesce(_scale2, false) AS _scale2")
+    inputs = inputs.selectExpr("*", f"{news2.on_oxygen_sql('fio2', 'o2flow')} AS on_oxygen")
+    components = news2.news2_component_sql("respiratory_rate", "spo2", "on_oxygen", "systolic_bp", "pulse",
+                                           "consciousness", "temperature", "_scale2")
+    q = news2.qsofa_sql("respiratory_rate", "systolic_bp", "consciousness")
+    scored = inputs.selectExpr(
+        "*", *[f"{expr} AS {name}" for name, expr in components.items()],
+        f"{q['qsofa_score']} AS qsofa_score", f"{q['qsofa_partial']} AS qsofa_partial",
+        f"{news2.sirs_sql('temperature', 'pulse', 'respiratory_rate', 'wbc')} AS sirs_count")
+    n = news2.news2_summary_sql({name: name for name in news2.COMPONENTS})
+    return scored.selectExpr(
         "patient_key", "encounter_key", "scored_at",
-        n["news2_score"].alias("news2_score"), n["news2_band"].alias("news2_band"),
-        *[n[c].alias(c) for c in news2.COMPONENTS],
-        n["news2_partial"].alias("news2_partial"), n["news2_missing"].alias("missing_inputs"),
-        "stale_inputs", F.when(F.col("_scale2"), 2).otherwise(1).alias("spo2_scale"),
-        *INPUTS.values(), "on_oxygen", "input_observation_ids",
-        q["qsofa_score"].alias("qsofa_score"), q["qsofa_partial"].alias("qsofa_partial"),
-        news2.sirs_column("temperature", "pulse", "respiratory_rate", "wbc").alias("sirs_count"))
+        f"{n['news2_score']} AS news2_score", f"{n['news2_band']} AS news2_band", *news2.COMPONENTS,
+        f"{n['news2_partial']} AS news2_partial", f"{n['news2_missing']} AS missing_inputs",
+        "stale_inputs", "CASE WHEN _scale2 THEN 2 ELSE 1 END AS spo2_scale",
+        *INPUTS.values(), "on_oxygen", "input_observation_ids", "qsofa_score", "qsofa_partial", "sirs_count")
 
 
 def _with_model(df: DataFrame, champion: Any, windows_ms: Sequence[int]) -> DataFrame:

@@ -131,6 +131,8 @@ def vitals_features(observations: DataFrame, points: DataFrame, windows_ms: Sequ
     windows = _checked_windows(windows_ms)
     keys = points.where(F.col("patient_key").isNotNull() & F.col("scored_at").isNotNull()).select(*KEYS).distinct()
     union = _readings(observations).unionByName(_probes(keys, windows))
+    # One shuffle by patient serves the running window, the regrouping by point and the join back to the points.
+    union = union.repartition(int(union.sparkSession.conf.get("spark.sql.shuffle.partitions")), "patient_key")
     features = _by_point(_as_of(union)).selectExpr(
         *KEYS, *[sql for c in FEATURE_CONCEPTS for sql in _concept_features(c, windows)])
     joined = points.alias("p").join(features.alias("f"), list(KEYS), "left")

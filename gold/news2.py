@@ -4,8 +4,8 @@ Inputs are silver's canonical units (silver/vitals.py): respiratory rate and pul
 concentration in %, O2 flow in L/min, systolic BP in mm[Hg], temperature in Cel, WBC in 10*3/uL, consciousness as
 one ACVPU letter ('A', 'C', 'V', 'P', 'U'). The chart lives once, as data (the *_CHART tables below), and is read
 by both implementations that give the same answer on the same inputs: `news2`, `qsofa`, `sirs`, `on_oxygen` (pure
-Python, the reference) and `news2_columns`, `qsofa_columns`, `sirs_column`, `on_oxygen_column` (native Spark
-Column expressions, no UDFs).
+Python, the reference) and `news2_sql`, `qsofa_sql`, `sirs_sql`, `on_oxygen_sql` (Spark SQL expressions, no UDFs;
+`*_columns` wrap them as Columns).
 
 Rounding rule: the chart prints whole numbers (temperature: one decimal), so a value between two printed numbers
 is first rounded half-up to the chart's precision and then banded: respiratory rate, SpO2, systolic BP and pulse
@@ -29,13 +29,13 @@ missing.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import reduce
 
 from pyspark.sql import Column
 from pyspark.sql import functions as F
+
+from pipelines import sqltext as sql
 
 INF = math.inf
 
@@ -208,40 +208,31 @@ def sirs(temp, pulse, rr, wbc) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Spark: the same tables and rules as native Column expressions
+# Spark: the same tables and rules as Spark SQL expressions (text), and as Columns built from that text
+#
+# The scorer puts these in selectExpr: a streaming job plans them every micro-batch, and one SQL string per output
+# column costs one JVM call where the same tree built from Column objects costs hundreds. The arguments are SQL
+# expressions over the input row, usually column names.
 
 
-def _col(c: Column | str) -> Column:
-    """A Column from a Column or a column name."""
-    return F.col(c) if isinstance(c, str) else c
+def _value_sql(x: str) -> str:
+    """x as a double, null when missing (null, NaN, +-infinity): Spark orders NaN above +infinity."""
+    return f"CASE WHEN abs(CAST(({x}) AS DOUBLE)) < {sql.double(INF)} THEN CAST(({x}) AS DOUBLE) END"
 
 
-def _value_column(c: Column | str) -> Column:
-    """c as a double, null when missing (null, NaN, +-infinity)."""
-    x = _col(c).cast("double")
-    return F.when(F.abs(x) < F.lit(INF), x)  # Spark orders NaN above +infinity: NaN fails the test too
+def _units_sql(x: str, decimals: int) -> str:
+    """`_units` in SQL: the same double operations, then floor (bigint); null when missing."""
+    return f"floor(({_value_sql(x)}) * {sql.double(10**decimals)} + {sql.double(0.5)} + {sql.double(_EPSILON)})"
 
 
-def _units_column(c: Column | str, decimals: int) -> Column:
-    """`_units` as a Column: the same double operations, then floor (bigint); null when missing."""
-    scaled = _value_column(c) * F.lit(float(10**decimals)) + F.lit(0.5) + F.lit(_EPSILON)
-    return F.floor(scaled)
+def _count_sql(conditions: Iterable[str]) -> str:
+    """How many of the conditions are true (a null condition counts as not met), as an int."""
+    return "CAST(" + " + ".join(f"(CASE WHEN {c} THEN 1 ELSE 0 END)" for c in conditions) + " AS INT)"
 
 
-def _count_column(conditions: Iterable[Column]) -> Column:
-    """How many of the conditions are true (a null condition counts as not met), as an int Column."""
-    return reduce(operator.add, (F.when(c, F.lit(1)).otherwise(F.lit(0)) for c in conditions)).cast("int")
-
-
-def _any_column(conditions: Iterable[Column]) -> Column:
-    """OR of conditions that are never null."""
-    return reduce(operator.or_, conditions)
-
-
-def _letter_column(acvpu: Column | str) -> Column:
+def _letter_sql(acvpu: str) -> str:
     """The ACVPU letter, null when missing or not a letter of the scale."""
-    a = _col(acvpu)
-    return F.when(a.isin(*CONSCIOUSNESS_POINTS), a)
+    return f"CASE WHEN ({acvpu}) IN ({sql.strings(CONSCIOUSNESS_POINTS)}) THEN ({acvpu}) END"
 
 
 def _intervals(charts: Sequence[Chart]) -> list[tuple[int | float, tuple[int, ...]]]:
@@ -251,109 +242,136 @@ def _intervals(charts: Sequence[Chart]) -> list[tuple[int | float, tuple[int, ..
     return [(b, tuple(next(p for cb, p in chart_bands if b <= cb) for chart_bands in bands)) for b in bounds]
 
 
-def _banded_column(c: Column | str, charts: Sequence[Chart], points: Callable[[tuple[int, ...]], Column]) -> Column:
+def _banded_sql(x: str, charts: Sequence[Chart], points: Callable[[tuple[int, ...]], str]) -> str:
     """One CASE over the rounded value for charts of one precision; `points` picks from the charts' points."""
-    u = _units_column(c, charts[0].decimals)
+    u = _units_sql(x, charts[0].decimals)
     *bounded, (_, top) = _intervals(charts)
-    expr = F.when(u.isNull(), F.lit(None))
-    for bound, chart_points in bounded:
-        expr = expr.when(u <= F.lit(bound), points(chart_points))
-    return expr.otherwise(points(top)).cast("int")
+    branches = " ".join(f"WHEN {u} <= {bound} THEN {points(p)}" for bound, p in bounded)
+    return f"CAST(CASE WHEN {u} IS NULL THEN NULL {branches} ELSE {points(top)} END AS INT)"
 
 
-def _chart_column(chart: Chart, c: Column | str) -> Column:
-    """`_chart_points` as a Column (int, null when missing)."""
-    return _banded_column(c, (chart,), lambda p: F.lit(p[0]))
+def _chart_sql(chart: Chart, x: str) -> str:
+    """`_chart_points` in SQL (int, null when missing)."""
+    return _banded_sql(x, (chart,), lambda p: str(p[0]))
 
 
-def _spo2_column(spo2: Column | str, on_o2: Column, scale2: Column) -> Column:
-    """`_spo2_points` as a Column: scale 2 is one CASE that reads the oxygen status where air and oxygen differ."""
+def _spo2_sql(spo2: str, on_o2: str, scale2: str) -> str:
+    """`_spo2_points` in SQL: scale 2 is one CASE that reads the oxygen status where air and oxygen differ."""
 
-    def air_or_oxygen(p: tuple[int, ...]) -> Column:
+    def air_or_oxygen(p: tuple[int, ...]) -> str:
         air, oxygen = p
-        return F.lit(air) if air == oxygen else F.when(on_o2, F.lit(oxygen)).when(~on_o2, F.lit(air))
+        return str(air) if air == oxygen else f"(CASE WHEN {on_o2} THEN {oxygen} WHEN NOT ({on_o2}) THEN {air} END)"
 
-    scale2_points = _banded_column(spo2, (SPO2_SCALE2_AIR_CHART, SPO2_SCALE2_OXYGEN_CHART), air_or_oxygen)
-    return F.when(F.coalesce(scale2, F.lit(False)), scale2_points).otherwise(_chart_column(SPO2_SCALE1_CHART, spo2))
-
-
-def _lookup_column(points: Mapping, key: Column) -> Column:
-    """points[key] as a Column (int), null when the key is null or absent."""
-    expr = F.when(key.isNull(), F.lit(None))
-    for k, p in points.items():
-        expr = expr.when(key == F.lit(k), F.lit(p))
-    return expr.cast("int")
+    scale2_points = _banded_sql(spo2, (SPO2_SCALE2_AIR_CHART, SPO2_SCALE2_OXYGEN_CHART), air_or_oxygen)
+    return (f"CASE WHEN coalesce({scale2}, false) THEN {scale2_points} "
+            f"ELSE {_chart_sql(SPO2_SCALE1_CHART, spo2)} END")
 
 
-def on_oxygen_column(fio2: Column | str, o2flow: Column | str) -> Column:
-    """`on_oxygen` as a Column (boolean): true if either says oxygen, null if neither is known, else false."""
-    f, o = _value_column(fio2), _value_column(o2flow)
-    oxygen = F.coalesce(f > F.lit(AIR_FIO2_PCT), F.lit(False)) | F.coalesce(o > F.lit(0.0), F.lit(False))
-    return F.when(f.isNull() & o.isNull(), F.lit(None).cast("boolean")).otherwise(oxygen)
+def _lookup_sql(points: Mapping, key: str) -> str:
+    """points[key] in SQL (int), null when the key is null or absent."""
+    def literal(k) -> str:
+        return ("true" if k else "false") if isinstance(k, bool) else sql.string(k)
+
+    branches = " ".join(f"WHEN ({key}) = {literal(k)} THEN {p}" for k, p in points.items())
+    return f"CAST(CASE WHEN ({key}) IS NULL THEN NULL {branches} END AS INT)"
 
 
-def _band_column(total: Column, any_three: Column) -> Column:
-    """`band` as a Column, read from a literal table of band(t, any_three) for t = 0..HIGH_FROM.
+def on_oxygen_sql(fio2: str, o2flow: str) -> str:
+    """`on_oxygen` in SQL (boolean): true if either says oxygen, null if neither is known, else false."""
+    f, o = _value_sql(fio2), _value_sql(o2flow)
+    return (f"CASE WHEN ({f}) IS NULL AND ({o}) IS NULL THEN CAST(NULL AS BOOLEAN) "
+            f"ELSE coalesce(({f}) > {sql.double(AIR_FIO2_PCT)}, false)"
+            f" OR coalesce(({o}) > {sql.double(0.0)}, false) END")
 
-    The total is a large expression: a table indexed once keeps it from being repeated in each CASE branch.
-    Totals above HIGH_FROM band as HIGH_FROM does.
+
+def news2_component_sql(rr: str, spo2: str, on_o2: str, sbp: str, pulse: str, acvpu: str, temp: str,
+                        scale2: str | None = None) -> dict[str, str]:
+    """The seven NEWS2 COMPONENTS in SQL (int, null when the input is missing).
+
+    on_o2 is a boolean expression (see `on_oxygen_sql`); a null scale2 (or none given) means SpO2 scale 1.
     """
-    table = F.array(*(F.lit(band(t, a)) for t in range(HIGH_FROM + 1) for a in (False, True)))
-    index = F.least(total, F.lit(HIGH_FROM)) * F.lit(2) + F.when(any_three, F.lit(1)).otherwise(F.lit(0))
-    return F.element_at(table, index + F.lit(1))
-
-
-def news2_columns(rr: Column | str, spo2: Column | str, on_o2: Column | str, sbp: Column | str,
-                  pulse: Column | str, acvpu: Column | str, temp: Column | str,
-                  scale2: Column | str | None = None) -> dict[str, Column]:
-    """`news2` as Columns: the 7 COMPONENTS, news2_score, news2_band, news2_partial, news2_missing (array<string>).
-
-    on_o2 is a boolean Column (see `on_oxygen_column`); a null scale2 (or none given) means SpO2 scale 1.
-    """
-    o2 = _col(on_o2).cast("boolean")
-    s2 = F.lit(False) if scale2 is None else _col(scale2).cast("boolean")
+    o2 = f"CAST(({on_o2}) AS BOOLEAN)"
+    s2 = "false" if scale2 is None else f"CAST(({scale2}) AS BOOLEAN)"
     scores = (
-        _chart_column(RESPIRATORY_RATE_CHART, rr),
-        _spo2_column(spo2, o2, s2),
-        _lookup_column(SUPPLEMENTAL_O2_POINTS, o2),
-        _chart_column(SYSTOLIC_BP_CHART, sbp),
-        _chart_column(PULSE_CHART, pulse),
-        _lookup_column(CONSCIOUSNESS_POINTS, _letter_column(acvpu)),
-        _chart_column(TEMPERATURE_CHART, temp),
+        _chart_sql(RESPIRATORY_RATE_CHART, rr),
+        _spo2_sql(spo2, o2, s2),
+        _lookup_sql(SUPPLEMENTAL_O2_POINTS, o2),
+        _chart_sql(SYSTOLIC_BP_CHART, sbp),
+        _chart_sql(PULSE_CHART, pulse),
+        _lookup_sql(CONSCIOUSNESS_POINTS, _letter_sql(acvpu)),
+        _chart_sql(TEMPERATURE_CHART, temp),
     )
-    present = [F.coalesce(s, F.lit(0)) for s in scores]
-    total = reduce(operator.add, present).cast("int")
-    named = dict(zip(COMPONENTS, scores, strict=True))
-    missing = F.array_compact(F.array(*(F.when(s.isNull(), F.lit(name)) for name, s in named.items())))
+    return dict(zip(COMPONENTS, scores, strict=True))
+
+
+def news2_summary_sql(components: Mapping[str, str]) -> dict[str, str]:
+    """news2_score (int), news2_band, news2_partial, news2_missing (array<string>) from the seven components
+    (SQL expressions, e.g. the names of columns holding `news2_component_sql`)."""
+    present = [f"coalesce(({components[name]}), 0)" for name in COMPONENTS]
+    total = "CAST(" + " + ".join(present) + " AS INT)"
+    any_three = f"greatest({', '.join(present)}) = 3"
+    # The band from a literal table of band(t, any_three) for t = 0..HIGH_FROM, indexed once: the total is not
+    # repeated in each branch of a CASE. Totals above HIGH_FROM band as HIGH_FROM does.
+    table = f"array({sql.strings(band(t, a) for t in range(HIGH_FROM + 1) for a in (False, True))})"
+    index = f"least({total}, {HIGH_FROM}) * 2 + (CASE WHEN {any_three} THEN 1 ELSE 0 END) + 1"
+    missing = ", ".join(f"CASE WHEN ({components[name]}) IS NULL THEN {sql.string(name)} END" for name in COMPONENTS)
     return {
-        **named,
         "news2_score": total,
-        "news2_band": _band_column(total, F.greatest(*present) == F.lit(3)),
-        "news2_partial": _any_column(s.isNull() for s in scores),
-        "news2_missing": missing.cast("array<string>"),
+        "news2_band": f"element_at({table}, {index})",
+        "news2_partial": "(" + " OR ".join(f"({components[name]}) IS NULL" for name in COMPONENTS) + ")",
+        "news2_missing": f"CAST(array_compact(array({missing})) AS ARRAY<STRING>)",
     }
 
 
-def qsofa_columns(rr: Column | str, sbp: Column | str, acvpu: Column | str) -> dict[str, Column]:
-    """`qsofa` as Columns: qsofa_score (int) and qsofa_partial (boolean)."""
-    rr_u, sbp_u, letter = _units_column(rr, 0), _units_column(sbp, 0), _letter_column(acvpu)
-    met = (rr_u >= F.lit(QSOFA_RR_FROM), sbp_u <= F.lit(QSOFA_SBP_UPTO), letter.isin(*ALTERED_MENTATION))
+def news2_sql(rr: str, spo2: str, on_o2: str, sbp: str, pulse: str, acvpu: str, temp: str,
+              scale2: str | None = None) -> dict[str, str]:
+    """`news2` in SQL: the 7 COMPONENTS, news2_score, news2_band, news2_partial, news2_missing, self-contained."""
+    components = news2_component_sql(rr, spo2, on_o2, sbp, pulse, acvpu, temp, scale2)
+    return {**components, **news2_summary_sql(components)}
+
+
+def qsofa_sql(rr: str, sbp: str, acvpu: str) -> dict[str, str]:
+    """`qsofa` in SQL: qsofa_score (int) and qsofa_partial (boolean)."""
+    rr_u, sbp_u, letter = _units_sql(rr, 0), _units_sql(sbp, 0), _letter_sql(acvpu)
+    met = (f"({rr_u}) >= {QSOFA_RR_FROM}", f"({sbp_u}) <= {QSOFA_SBP_UPTO}",
+           f"({letter}) IN ({sql.strings(ALTERED_MENTATION)})")
     return {
-        "qsofa_score": _count_column(met),
-        "qsofa_partial": _any_column(c.isNull() for c in (rr_u, sbp_u, letter)),
+        "qsofa_score": _count_sql(met),
+        "qsofa_partial": "(" + " OR ".join(f"({x}) IS NULL" for x in (rr_u, sbp_u, letter)) + ")",
     }
 
 
-def sirs_column(temp: Column | str, pulse: Column | str, rr: Column | str, wbc: Column | str) -> Column:
-    """`sirs` as a Column: int, null when none of the four inputs is present."""
-    temp_u, pulse_u, rr_u = _units_column(temp, 1), _units_column(pulse, 0), _units_column(rr, 0)
-    w = _value_column(wbc)
+def sirs_sql(temp: str, pulse: str, rr: str, wbc: str) -> str:
+    """`sirs` in SQL: int, null when none of the four inputs is present."""
+    temp_u, pulse_u, rr_u, w = _units_sql(temp, 1), _units_sql(pulse, 0), _units_sql(rr, 0), _value_sql(wbc)
     low_t, high_t = (_threshold(t, 1) for t in SIRS_TEMP_CEL)
     met = (
-        (temp_u > F.lit(high_t)) | (temp_u < F.lit(low_t)),
-        pulse_u > F.lit(SIRS_PULSE_ABOVE),
-        rr_u > F.lit(SIRS_RR_ABOVE),
-        (w > F.lit(SIRS_WBC[1])) | (w < F.lit(SIRS_WBC[0])),
+        f"(({temp_u}) > {high_t} OR ({temp_u}) < {low_t})",
+        f"({pulse_u}) > {SIRS_PULSE_ABOVE}",
+        f"({rr_u}) > {SIRS_RR_ABOVE}",
+        f"(({w}) > {sql.double(SIRS_WBC[1])} OR ({w}) < {sql.double(SIRS_WBC[0])})",
     )
-    any_present = _any_column(c.isNotNull() for c in (temp_u, pulse_u, rr_u, w))
-    return F.when(any_present, _count_column(met)).cast("int")
+    any_present = " OR ".join(f"({x}) IS NOT NULL" for x in (temp_u, pulse_u, rr_u, w))
+    return f"CAST(CASE WHEN {any_present} THEN {_count_sql(met)} END AS INT)"
+
+
+# Columns, for DataFrame code that prefers them: the SQL above, parsed once each.
+def on_oxygen_column(fio2: str, o2flow: str) -> Column:
+    """`on_oxygen_sql` as a Column."""
+    return F.expr(on_oxygen_sql(fio2, o2flow))
+
+
+def news2_columns(rr: str, spo2: str, on_o2: str, sbp: str, pulse: str, acvpu: str, temp: str,
+                  scale2: str | None = None) -> dict[str, Column]:
+    """`news2_sql` as Columns."""
+    return {name: F.expr(sql) for name, sql in news2_sql(rr, spo2, on_o2, sbp, pulse, acvpu, temp, scale2).items()}
+
+
+def qsofa_columns(rr: str, sbp: str, acvpu: str) -> dict[str, Column]:
+    """`qsofa_sql` as Columns."""
+    return {name: F.expr(sql) for name, sql in qsofa_sql(rr, sbp, acvpu).items()}
+
+
+def sirs_column(temp: str, pulse: str, rr: str, wbc: str) -> Column:
+    """`sirs_sql` as a Column."""
+    return F.expr(sirs_sql(temp, pulse, rr, wbc))

@@ -1,0 +1,35 @@
+"""Literals and names for Spark SQL text.
+
+Streaming transforms build wide projections as SQL strings (selectExpr): each Column object is a JVM round trip,
+and a micro-batch that builds hundreds of them spends seconds before Spark starts working.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+
+def string(s: str) -> str:
+    """A SQL string literal of s (backslashes and quotes escaped)."""
+    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def strings(values: Iterable[str]) -> str:
+    """Comma-separated string literals, for IN (...) and array(...)."""
+    return ", ".join(string(v) for v in values)
+
+
+def double(x: float) -> str:
+    """A double literal: Spark SQL reads 0.5 as a decimal, 0.5D as the double Python computes with."""
+    x = float(x)
+    if math.isnan(x):
+        return "CAST('NaN' AS DOUBLE)"
+    if math.isinf(x):
+        return f"CAST('{'-' if x < 0 else ''}Infinity' AS DOUBLE)"
+    return f"{x!r}D"
+
+
+def name(column: str) -> str:
+    """A column name quoted for SQL (backticks doubled)."""
+    return "`" + column.replace("`", "``") + "`"
