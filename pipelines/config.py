@@ -94,6 +94,7 @@ class StreamingConfig:
     max_files_per_trigger: int
     stop_timeout: str
     max_rows_per_batch: int = 500_000
+    max_restarts: int = 5
 
     def __post_init__(self) -> None:
         if self.interval_ms < 1:
@@ -104,6 +105,9 @@ class StreamingConfig:
         if self.max_rows_per_batch < 1:
             raise ConfigError(f"streaming.max_rows_per_batch must be at least 1 row, got {self.max_rows_per_batch}; "
                               "a larger batch is written in chunks of at most this many rows")
+        if self.max_restarts < 0:
+            raise ConfigError(f"streaming.max_restarts must be 0 or more, got {self.max_restarts}; 0 fails the run at "
+                              "a job's first error")
 
     @property
     def interval_ms(self) -> int:

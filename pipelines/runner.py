@@ -547,28 +547,76 @@ class Runner:
                       on_summary: Callable[[JobSummary], None] | None) -> list[JobSummary]:
         pending = list(jobs)
         running: list[_Running] = []
+        ended: list[JobSummary] = []
+        restarts = _Restarts(self.cfg.streaming.max_restarts)
         try:
             while not stop.event.is_set():
                 for job in list(pending):
                     if self._skip_missing_upstream(job) is None:
                         running.append(self.start(job, trigger))
                         pending.remove(job)
-                failed = [r for r in running if not r.query.isActive]
-                if failed:
-                    for r in failed:
-                        self._finish(r, stopped=False)  # raises JobFailed with the cause
+                for job in restarts.due():
+                    running.append(self.start(job, trigger))
+                for r in [r for r in running if not r.query.isActive]:
+                    running.remove(r)
+                    try:
+                        ended.append(self._finish(r, stopped=False))
+                    except JobFailed as failed:
+                        restarts.after_failure(r, failed)  # raises when the job has failed too often
                 stop.event.wait(0.5)
         finally:
             for r in running:
                 if r.query.isActive:
                     self._stop_gracefully(r)
-        summaries = [self._finish(r, stopped=True) for r in running]
+        summaries = ended + [self._finish(r, stopped=True) for r in running] + restarts.waiting()
         summaries += [JobSummary(j.name, status="skipped", detail=f"{j.source.describe()} never had data")
                       for j in pending]
         for s in summaries:
             if on_summary:
                 on_summary(s)
         return summaries
+
+
+class _Restarts:
+    """Continuous mode: a failed query restarts from its checkpoint after a backoff (its interrupted batch replays,
+    idempotently). Transient failures happen on a loaded machine (a Python worker that does not connect back within
+    Spark's 10 s, a JVM out of threads for a moment); the run stops only when one job fails `limit` times in a row,
+    a run of at least HEALTHY_S seconds resetting its count."""
+
+    BACKOFF_S = (5.0, 15.0, 30.0, 60.0)
+    HEALTHY_S = 600.0
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count: dict[str, int] = {}
+        self.pending: dict[str, tuple[float, Job, JobSummary]] = {}
+
+    def after_failure(self, running: _Running, failed: JobFailed) -> None:
+        name = running.job.name
+        healthy = time.monotonic() - running.started >= self.HEALTHY_S
+        count = 0 if healthy else self.count.get(name, 0)
+        if count >= self.limit:
+            raise failed
+        self.count[name] = count + 1
+        delay = self.BACKOFF_S[min(count, len(self.BACKOFF_S) - 1)]
+        log.warning("%s failed (%s); restarting it from its checkpoint in %.0f s (restart %d of at most %d in a "
+                    "row)", name, str(failed.cause or failed.summary.detail).splitlines()[0][:300], delay,
+                    count + 1, self.limit)
+        self.pending[name] = (time.monotonic() + delay, running.job, failed.summary)
+
+    def due(self) -> list[Job]:
+        now = time.monotonic()
+        ready = [name for name, (at, _, _) in self.pending.items() if at <= now]
+        return [self.pending.pop(name)[1] for name in ready]
+
+    def waiting(self) -> list[JobSummary]:
+        """Summaries of the jobs stopped while waiting to restart."""
+        out = []
+        for _, _, summary in self.pending.values():
+            summary.status = "stopped"
+            summary.detail = f"stopped while waiting to restart after: {summary.detail}"
+            out.append(summary)
+        return out
 
 
 class JobFailed(CarelakeError):
