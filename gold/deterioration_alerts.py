@@ -41,6 +41,7 @@ from pyspark.sql.types import (
 
 from gold.early_warning_scores import SCORES
 from pipelines import __version__ as CODE_VERSION
+from pipelines import sqltext as sql
 
 ALERTS = "gold.deterioration_alerts"
 OPEN, RESOLVED, WITHDRAWN = "open", "resolved", "withdrawn"
@@ -170,4 +171,4 @@ def deterioration_alerts(changes: DataFrame, *, read_table: Callable[[str], Data
         kept = [F.lit(WITHDRAWN).alias("status") if f.name == "status" else F.col(f.name)
                 for f in SCHEMA.fields if f.name not in _PROVENANCE]
         alerts = alerts.unionByName(gone.select(*kept, *now))
-    return alerts.select(*[F.col(f.name).cast(f.dataType).alias(f.name) for f in SCHEMA.fields])
+    return alerts.selectExpr(*sql.casts(SCHEMA.fields))

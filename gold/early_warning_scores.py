@@ -189,7 +189,7 @@ def early_warning_scores(
         feats = features.vitals_features(numeric, scores.select("patient_key", "scored_at"), windows_ms)
         names = set(features.feature_columns(windows_ms))
         feats = feats.selectExpr("patient_key", "scored_at",
-                                 *_casts(f for f in feature_schema.fields if f.name in names))
+                                 *sql.casts(f for f in feature_schema.fields if f.name in names))
         both = scores.join(feats, ["patient_key", "scored_at"], "left")
         both = _with_model(both, champion(), windows_ms)
         version = table_version(OBSERVATIONS)
@@ -197,7 +197,7 @@ def early_warning_scores(
                            F.lit(CODE_VERSION).alias("code_version"), F.lit(ingest_batch_id).alias("computed_by"),
                            F.lit(processed_at).cast("timestamp").alias("computed_at"),
                            F.explode(F.array(F.lit(SCORES), F.lit(FEATURES))).alias(OUTPUT))
-        out = both.selectExpr(*_casts(routed_schema.fields))
+        out = both.selectExpr(*sql.casts(routed_schema.fields))
         out = out.localCheckpoint(eager=True)  # computed once, while `history` is still cached
     finally:
         history.unpersist()
@@ -206,11 +206,6 @@ def early_warning_scores(
 
 def _partitions(spark) -> int:
     return int(spark.conf.get("spark.sql.shuffle.partitions"))
-
-
-def _casts(fields) -> list[str]:
-    """SELECT items casting each field's column to its declared type."""
-    return [f"CAST({sql.name(f.name)} AS {f.dataType.simpleString()}) AS {sql.name(f.name)}" for f in fields]
 
 
 def _routed_schema(feature_schema: StructType) -> StructType:

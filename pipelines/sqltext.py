@@ -33,3 +33,8 @@ def double(x: float) -> str:
 def name(column: str) -> str:
     """A column name quoted for SQL (backticks doubled)."""
     return "`" + column.replace("`", "``") + "`"
+
+
+def casts(fields: Iterable) -> list[str]:
+    """SELECT items casting each StructField's column to its declared type, under its own name."""
+    return [f"CAST({name(f.name)} AS {f.dataType.simpleString()}) AS {name(f.name)}" for f in fields]
