@@ -94,7 +94,9 @@ def _recompute_from(starts: dict[str, datetime], known: list) -> dict[str, datet
     out = dict(starts)
     for patient, episodes in by_patient.items():
         start = out[patient]
-        for opened, resolved in sorted(episodes, reverse=True):  # latest first: each may reach further back
+        # Latest opening first: each may reach further back. By opening only: episodes of two levels opened at
+        # the same instant, one resolved and one open, do not compare (None vs a time).
+        for opened, resolved in sorted(episodes, key=lambda e: e[0], reverse=True):
             if opened < start and (resolved is None or resolved >= start):
                 start = opened
         out[patient] = start

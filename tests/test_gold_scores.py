@@ -166,3 +166,18 @@ def test_feeds_of_one_person_score_together_and_scale2(lake):
     assert s[5]["spo2"] == 88.0 and s[5]["spo2_scale"] == 2 and s[5]["news2_spo2"] == 0
     assert (s[5]["news2_score"], s[5]["news2_partial"]) == (0, False)
     assert s[0]["news2_partial"] is True and s[0]["missing_inputs"] == ["news2_spo2"]
+
+
+def test_recompute_from_reaches_back_to_running_episodes_also_when_two_open_at_once():
+    from gold.deterioration_alerts import _recompute_from
+
+    at = [T0 + timedelta(minutes=m) for m in range(6)]
+    # Two levels opened at the same instant (medium and qsofa): one still open, one resolved. Regression: sorting
+    # the (opened, resolved) pairs compared None with a time and failed the alert job in the demo.
+    known = [{"patient_key": "p", "opened_at": at[1], "resolved_at": None},
+             {"patient_key": "p", "opened_at": at[1], "resolved_at": at[2]},
+             {"patient_key": "q", "opened_at": at[0], "resolved_at": at[1]},  # over before q's change
+             {"patient_key": "r", "opened_at": at[0], "resolved_at": at[4]},  # running at r's change, and
+             {"patient_key": "r", "opened_at": at[3], "resolved_at": None}]   # so is this one, opened later
+    starts = _recompute_from({"p": at[3], "q": at[3], "r": at[3] + timedelta(seconds=30)}, known)
+    assert starts == {"p": at[1], "q": at[3], "r": at[0]}
