@@ -1,10 +1,11 @@
 """Deterioration model: labels from ground truth, the training frame, training tracked in MLflow, and the champion.
 
-The model predicts, at each scoring point of gold.vitals_features, whether a deterioration begins within the
-horizon. It is judged against NEWS2 >= 5 on the same held-out patients: AUROC, AUPRC, median lead time before
-onset, share of deteriorating patients caught, and alert episodes per 100 patient-days. Its alert threshold is
-chosen on the training patients to give the same alert burden as NEWS2 >= 5 (or a configured rate), so the two
-are compared at equal cost in alarms. A model becomes the registered champion only if it beats NEWS2's AUROC.
+The model predicts, at each scoring point of gold.vitals_features, whether the deterioration event (models.label_event:
+its peak by default, when it is clinically manifest) happens within the horizon. It is judged against NEWS2 >= 5 on
+the same held-out patients: AUROC, AUPRC, median lead time before the event, share of deteriorating patients
+caught, and alert episodes per 100 patient-days. Its alert threshold is chosen on the training patients to give
+the same alert burden as NEWS2 >= 5 (or a configured rate), so the two are compared at equal cost in alarms. A
+model becomes the registered champion only if it beats NEWS2's AUROC.
 
 MLflow layout: one experiment, `carelake-deterioration`; a run per training with params, metrics for model and
 NEWS2, the ROC figure, feature names and the model (signature included); registered model
@@ -57,25 +58,31 @@ _CHAMPIONS: dict[tuple[str, str], Champion] = {}
 
 
 # -- labels and the training frame ---------------------------------------------------------------
-def labels_from_truth(csv_path: str | Path, key_of_mrn: Callable[[str], str]) -> pd.DataFrame:
-    """Deterioration onsets (patient_key, onset_at UTC) from the simulator's truth/deteriorations.csv."""
+def labels_from_truth(csv_path: str | Path, key_of_mrn: Callable[[str], str], event: str = "peak_time") -> pd.DataFrame:
+    """Deterioration events (patient_key, onset_at UTC) from the simulator's truth/deteriorations.csv.
+
+    `event` names the truth column that times the deterioration the model must foresee (models.label_event):
+    `peak_time`, when it is clinically manifest (the default: vital signs drift from `onset_time` on, which is what
+    an early warning can see), or `onset_time`, the first physiological change, which nothing before it announces.
+    The frame calls that time `onset_at` whichever column it came from.
+    """
     path = Path(csv_path)
     if not path.is_file():
         raise UsageError(f"labels file {path} does not exist: pass the simulator's ground truth, "
                          "DIR/truth/deteriorations.csv from `carelake simulate --out DIR`")
     truth = pd.read_csv(path, dtype=str)
-    missing = sorted({"patient_mrn", "onset_time"} - set(truth.columns))
+    missing = sorted({"patient_mrn", event} - set(truth.columns))
     if missing:
-        raise UsageError(f"labels file {path} lacks column(s) {missing}: expected patient_mrn, onset_time "
-                         f"(found {list(truth.columns)})")
-    truth = truth.dropna(subset=["patient_mrn", "onset_time"])
+        raise UsageError(f"labels file {path} lacks column(s) {missing}: expected patient_mrn, {event} "
+                         f"(found {list(truth.columns)}; models.label_event names the event column)")
+    truth = truth.dropna(subset=["patient_mrn", event])
     if truth.empty:
         raise UsageError(f"labels file {path} lists no deterioration onset: the model needs patients who "
                          "deteriorate (simulate more patients or hours)")
-    onset = pd.to_datetime(truth["onset_time"], utc=True, errors="coerce")
+    onset = pd.to_datetime(truth[event], utc=True, errors="coerce")
     if onset.isna().any():
-        bad = truth.loc[onset.isna(), "onset_time"].head(3).tolist()
-        raise UsageError(f"labels file {path}: onset_time must be ISO-8601 times, got {bad}")
+        bad = truth.loc[onset.isna(), event].head(3).tolist()
+        raise UsageError(f"labels file {path}: {event} must be ISO-8601 times, got {bad}")
     keys = [key_of_mrn(mrn.strip()) for mrn in truth["patient_mrn"]]
     return pd.DataFrame({"patient_key": keys, "onset_at": onset.astype(TIME).to_numpy()})
 

@@ -341,6 +341,9 @@ class GoldConfig:
         return tuple(parse_duration_ms(w, "gold.feature_windows[]") for w in self.feature_windows)
 
 
+LABEL_EVENTS = ("peak_time", "onset_time")  # truth/deteriorations.csv columns
+
+
 @dataclass(frozen=True)
 class ModelsConfig:
     tracking_uri: str
@@ -348,8 +351,11 @@ class ModelsConfig:
     test_fraction: float
     seed: int
     alert_rate_per_100_patient_days: float
+    label_event: str = "peak_time"
 
     def __post_init__(self) -> None:
+        if self.label_event not in LABEL_EVENTS:
+            raise ConfigError(f"models.label_event must be one of {list(LABEL_EVENTS)}, got {self.label_event!r}")
         if parse_duration_ms(self.horizon, "models.horizon") <= 0:
             raise ConfigError(f"models.horizon must be a positive duration like 12h, got {self.horizon!r}")
         if not 0.05 <= self.test_fraction <= 0.8:

@@ -44,7 +44,7 @@ def _text_table(df: pd.DataFrame) -> str:
     return df.to_string(index=False, float_format=lambda x: f"{x:.3f}")
 
 
-MEASURES = (("AUROC", "auroc"), ("AUPRC", "auprc"), ("median lead time before onset (h)", "median_lead_time_h"),
+MEASURES = (("AUROC", "auroc"), ("AUPRC", "auprc"), ("median lead time before the event (h)", "median_lead_time_h"),
             ("deteriorating patients alerted in time", "detected_fraction"),
             ("alert episodes per 100 patient-days", "alerts_per_100_patient_days"))
 

@@ -30,7 +30,8 @@ def train_deterioration(cfg: Config, store: TableStore, labels_path: str | Path,
     if missing:
         raise UsageError(f"{' and '.join(missing)} not found under {cfg.root}: run `carelake run "
                          "gold.early_warning_scores` first (it writes both)")
-    labels = labels_from_truth(labels_path, partial(identity_key, key_secret(cfg), PATIENT, cfg.silver.mrn_system))
+    labels = labels_from_truth(labels_path, partial(identity_key, key_secret(cfg), PATIENT, cfg.silver.mrn_system),
+                              cfg.models.label_event)
     names = feature_columns(cfg.gold.feature_windows_ms)
     features = _read_columns(store, FEATURES, ["patient_key", "scored_at", *names])
     if features.empty:
@@ -63,7 +64,7 @@ def print_training(result, requested_rate: float, uri: str) -> None:
           f"{c['test_positive_rows']:,}")
     rows = [(label, *(f"{m[f'{who}_{key}']:.{digits}f}" for who in ("model", "news2")))
             for label, key, digits in (("AUROC", "auroc", 3), ("AUPRC", "auprc", 3),
-                                       ("median lead time before onset (h)", "median_lead_time_h", 1),
+                                       ("median lead time before the event (h)", "median_lead_time_h", 1),
                                        ("deteriorating patients alerted in time", "detected_fraction", 2),
                                        ("alert episodes per 100 patient-days", "alerts_per_100_patient_days", 1))]
     print_table(["held-out patients", "model", "NEWS2 >= 5"], rows)

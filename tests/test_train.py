@@ -157,12 +157,18 @@ def test_labels_from_truth(tmp_path):
     csv.write_text("patient_mrn,visit_number,kind,onset_time,peak_time,recovered\n"
                    "MRN1,V1,sepsis,2026-01-05T04:58:14Z,2026-01-05T12:58:14Z,no\n"
                    "MRN2,V2,haemorrhage,2026-01-05T10:23:00+01:00,2026-01-05T14:23:00Z,yes\n")
-    labels = labels_from_truth(csv, lambda mrn: f"key-{mrn}")
+    labels = labels_from_truth(csv, lambda mrn: f"key-{mrn}", "onset_time")
     assert list(labels["patient_key"]) == ["key-MRN1", "key-MRN2"]
     assert list(labels["onset_at"]) == [pd.Timestamp("2026-01-05T04:58:14Z"), pd.Timestamp("2026-01-05T09:23:00Z")]
+    # The default event is the peak: the deterioration the early warning must foresee, hours after the onset.
+    peaks = labels_from_truth(csv, lambda mrn: f"key-{mrn}")
+    assert list(peaks["onset_at"]) == [pd.Timestamp("2026-01-05T12:58:14Z"), pd.Timestamp("2026-01-05T14:23:00Z")]
+    with pytest.raises(UsageError, match=r"lacks column\(s\) \['peak_time'\]"):
+        (tmp_path / "old.csv").write_text("patient_mrn,onset_time\nMRN1,2026-01-05T04:58:14Z\n")
+        labels_from_truth(tmp_path / "old.csv", str)
     with pytest.raises(UsageError, match="does not exist"):
         labels_from_truth(tmp_path / "nope.csv", str)
-    (tmp_path / "empty.csv").write_text("patient_mrn,onset_time\n")
+    (tmp_path / "empty.csv").write_text("patient_mrn,onset_time,peak_time\n")
     with pytest.raises(UsageError, match="no deterioration onset"):
         labels_from_truth(tmp_path / "empty.csv", str)
 
@@ -233,7 +239,7 @@ def test_cli_trains_from_gold_tables_and_registers(cfg, store, monkeypatch, caps
     onsets = frame.dropna(subset=["onset_at"]).drop_duplicates("patient_key")
     labels = cfg.root / "deteriorations.csv"
     pd.DataFrame({"patient_mrn": [mrn[k] for k in onsets["patient_key"].map({v: k for k, v in key.items()})],
-                  "onset_time": onsets["onset_at"].dt.strftime("%Y-%m-%dT%H:%M:%SZ")}).to_csv(labels, index=False)
+                  "peak_time": onsets["onset_at"].dt.strftime("%Y-%m-%dT%H:%M:%SZ")}).to_csv(labels, index=False)
     assert run_cli_in_process(cfg.root, "train", "deterioration", "--labels", str(labels), monkeypatch=monkeypatch) == 0
     out = capsys.readouterr().out
     assert "AUROC" in out and "NEWS2 >= 5" in out and "as champion" in out, out
