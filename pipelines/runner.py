@@ -556,11 +556,18 @@ class Runner:
                         running.append(self.start(job, trigger))
                         pending.remove(job)
                 for job in restarts.due():
-                    running.append(self.start(job, trigger))
+                    if stop.event.is_set():  # a signal arrived meanwhile: report it as waiting, do not start it
+                        restarts.put_back(job)
+                        break
+                    try:
+                        running.append(self.start(job, trigger))
+                    except Exception as exc:  # e.g. the JVM briefly out of threads: counts as another failure
+                        summary = JobSummary(job.name, status="failed", detail=_first_line(exc))
+                        restarts.after_failure(_Running(job, None, summary), JobFailed(job.name, summary, exc))
                 for r in [r for r in running if not r.query.isActive]:
                     running.remove(r)
                     try:
-                        ended.append(self._finish(r, stopped=False))
+                        ended.append(restarts.merged(self._finish(r, stopped=False)))
                     except JobFailed as failed:
                         restarts.after_failure(r, failed)  # raises when the job has failed too often
                 stop.event.wait(0.5)
@@ -568,7 +575,7 @@ class Runner:
             for r in running:
                 if r.query.isActive:
                     self._stop_gracefully(r)
-        summaries = ended + [self._finish(r, stopped=True) for r in running] + restarts.waiting()
+        summaries = ended + [restarts.merged(self._finish(r, stopped=True)) for r in running] + restarts.waiting()
         summaries += [JobSummary(j.name, status="skipped", detail=f"{j.source.describe()} never had data")
                       for j in pending]
         for s in summaries:
@@ -577,11 +584,18 @@ class Runner:
         return summaries
 
 
+def _first_line(value: object) -> str:
+    """The first line of an error's text, or its repr when it has none (MemoryError())."""
+    lines = str(value).splitlines()
+    return lines[0][:300] if lines and lines[0].strip() else repr(value)[:300]
+
+
 class _Restarts:
     """Continuous mode: a failed query restarts from its checkpoint after a backoff (its interrupted batch replays,
     idempotently). Transient failures happen on a loaded machine (a Python worker that does not connect back within
-    Spark's 10 s, a JVM out of threads for a moment); the run stops only when one job fails `limit` times in a row,
-    a run of at least HEALTHY_S seconds resetting its count."""
+    Spark's 10 s, a JVM out of threads for a moment). The run stops when a job fails again after `limit` restarts
+    in a row (a run of at least HEALTHY_S seconds resets the count), and at once for carelake's own errors (a data
+    quality check at fail severity, a schema change, a usage error): those fail the same way every time."""
 
     BACKOFF_S = (5.0, 15.0, 30.0, 60.0)
     HEALTHY_S = 600.0
@@ -589,33 +603,64 @@ class _Restarts:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.count: dict[str, int] = {}
-        self.pending: dict[str, tuple[float, Job, JobSummary]] = {}
+        self.pending: dict[str, tuple[float, Job]] = {}
+        self.earlier: dict[str, JobSummary] = {}  # per job: the runs before the current one, added up
+        self.restarted: dict[str, int] = {}
 
     def after_failure(self, running: _Running, failed: JobFailed) -> None:
         name = running.job.name
-        healthy = time.monotonic() - running.started >= self.HEALTHY_S
-        count = 0 if healthy else self.count.get(name, 0)
+        if isinstance(failed.cause, CarelakeError):
+            raise failed
+        started = running.started if running.query is not None else time.monotonic()
+        count = 0 if time.monotonic() - started >= self.HEALTHY_S else self.count.get(name, 0)
         if count >= self.limit:
             raise failed
         self.count[name] = count + 1
+        self.restarted[name] = self.restarted.get(name, 0) + 1
+        self._add(failed.summary)
         delay = self.BACKOFF_S[min(count, len(self.BACKOFF_S) - 1)]
         log.warning("%s failed (%s); restarting it from its checkpoint in %.0f s (restart %d of at most %d in a "
-                    "row)", name, str(failed.cause or failed.summary.detail).splitlines()[0][:300], delay,
-                    count + 1, self.limit)
-        self.pending[name] = (time.monotonic() + delay, running.job, failed.summary)
+                    "row)", name, _first_line(failed.cause or failed.summary.detail), delay, count + 1, self.limit)
+        self.pending[name] = (time.monotonic() + delay, running.job)
+
+    def _add(self, summary: JobSummary) -> None:
+        total = self.earlier.setdefault(summary.job, JobSummary(summary.job))
+        total.batches += summary.batches
+        total.replayed += summary.replayed
+        total.rows_in += summary.rows_in
+        total.rows_out += summary.rows_out
+        total.seconds += summary.seconds
+        total.detail = summary.detail
 
     def due(self) -> list[Job]:
         now = time.monotonic()
-        ready = [name for name, (at, _, _) in self.pending.items() if at <= now]
+        ready = [name for name, (at, _) in self.pending.items() if at <= now]
         return [self.pending.pop(name)[1] for name in ready]
+
+    def put_back(self, job: Job) -> None:
+        self.pending[job.name] = (time.monotonic(), job)
+
+    def merged(self, summary: JobSummary) -> JobSummary:
+        """A job's summary with the runs before its restarts added in (it starts counting anew at each start)."""
+        earlier = self.earlier.get(summary.job)
+        if earlier is None:
+            return summary
+        out = JobSummary(summary.job, batches=summary.batches + earlier.batches,
+                         replayed=summary.replayed + earlier.replayed, rows_in=summary.rows_in + earlier.rows_in,
+                         rows_out=summary.rows_out + earlier.rows_out, seconds=summary.seconds + earlier.seconds,
+                         status=summary.status)
+        note = f"restarted {self.restarted[summary.job]} time(s), last after: {earlier.detail}"
+        out.detail = f"{summary.detail}; {note}" if summary.detail else note
+        return out
 
     def waiting(self) -> list[JobSummary]:
         """Summaries of the jobs stopped while waiting to restart."""
         out = []
-        for _, _, summary in self.pending.values():
-            summary.status = "stopped"
-            summary.detail = f"stopped while waiting to restart after: {summary.detail}"
-            out.append(summary)
+        for name in self.pending:
+            earlier = self.earlier[name]
+            out.append(JobSummary(name, batches=earlier.batches, replayed=earlier.replayed, rows_in=earlier.rows_in,
+                                  rows_out=earlier.rows_out, seconds=earlier.seconds, status="stopped",
+                                  detail=f"stopped while waiting to restart after: {earlier.detail}"))
         return out
 
 
