@@ -611,8 +611,7 @@ class _Restarts:
         name = running.job.name
         if isinstance(failed.cause, CarelakeError):
             raise failed
-        started = running.started if running.query is not None else time.monotonic()
-        count = 0 if time.monotonic() - started >= self.HEALTHY_S else self.count.get(name, 0)
+        count = 0 if time.monotonic() - running.started >= self.HEALTHY_S else self.count.get(name, 0)
         if count >= self.limit:
             raise failed
         self.count[name] = count + 1
