@@ -9,11 +9,15 @@ Levels and when a score row is "in" them:
 | `qsofa`        | qSOFA >= 2                          |
 | `model`        | model risk >= the model's threshold |
 
-An episode is a run of consecutive score rows (per patient, by event time) in a level. It opens at its first row
-(`opened_at`; the alert names that row's observations, scores and model version) and resolves at the first row
-after it that is out of the level (`resolved_at`); until then it is `open`, so a patient has at most one open
-alert per level however many readings repeat the same finding (no alert storms). `news2_medium` alerts record
-an escalation: `escalated_at` / `escalated_to` point at the `news2_high` alert raised during them.
+An episode is a stretch of a patient's score rows (by event time) in a level. It opens at its first row in the
+level (`opened_at`; the alert names that row's observations, scores and model version) and stays `open` while the
+patient is in the level, and also while the patient is out of it for less than `gold.alert_resolve_after`
+(1 h by default): a finding that returns within that time continues the same alert, so a score or a model risk
+hovering around its threshold raises one alert, not one per crossing. The episode resolves once the patient has
+stayed out that long, as shown by a later score (or by the next score back in the level coming that late);
+`resolved_at` is the event time of the first score out of the level. A patient has at most one open alert per
+level however many readings repeat the same finding (no alert storms). `news2_medium` alerts record an
+escalation: `escalated_at` / `escalated_to` point at the `news2_high` alert raised during them.
 
 Batches recompute the episodes of the patients whose scores changed, from the earliest changed score (or the
 opening of an episode still running then) on, and MERGE them by `alert_id` = hash(patient, level, opened_at).
@@ -24,7 +28,7 @@ late or corrected data dissolves is kept as `withdrawn`, never silently deleted.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
@@ -85,9 +89,10 @@ SCHEMA = StructType([
 _PROVENANCE = ("scores_version", "code_version", "computed_by", "computed_at")
 
 
-def _recompute_from(starts: dict[str, datetime], known: list) -> dict[str, datetime]:
-    """Move each patient's start back to the opening of any episode still running at it, so an episode is
-    always recomputed whole (the score row just before the start is then out of every level)."""
+def _recompute_from(starts: dict[str, datetime], known: list, resolve_after: timedelta) -> dict[str, datetime]:
+    """Move each patient's start back to the opening of any episode still running at it (open, or resolved less
+    than `resolve_after` before it: a row back in the level would continue it), so an episode is always
+    recomputed whole."""
     by_patient: dict[str, list[tuple[datetime, datetime | None]]] = {}
     for row in known:
         by_patient.setdefault(row["patient_key"], []).append((row["opened_at"], row["resolved_at"]))
@@ -97,10 +102,29 @@ def _recompute_from(starts: dict[str, datetime], known: list) -> dict[str, datet
         # Latest opening first: each may reach further back. By opening only: episodes of two levels opened at
         # the same instant, one resolved and one open, do not compare (None vs a time).
         for opened, resolved in sorted(episodes, key=lambda e: e[0], reverse=True):
-            if opened < start and (resolved is None or resolved >= start):
+            if opened < start and (resolved is None or resolved + resolve_after >= start):
                 start = opened
         out[patient] = start
     return out
+
+
+def _episodes(rows: DataFrame, resolve_after_ms: int) -> DataFrame:
+    """Number the episodes of score rows exploded per level (`_in`: the row is in the level).
+
+    Rows form runs (consecutive rows all in or all out). An out run ends its episode when it lasts at least
+    `resolve_after_ms`: from its first row to the next row back in the level, or to its own last row when none
+    follows yet. Such a run closes its episode (`_closing`; it stays in it) and the next row starts a new one.
+    """
+    w = Window.partitionBy("patient_key", "level").orderBy("scored_at")
+    upto = w.rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    run = Window.partitionBy("patient_key", "level", "_run")
+    rows = rows.select("*", F.coalesce(F.lag("_in").over(w) != F.col("_in"), F.lit(True)).alias("_run_start"),
+                       F.coalesce(F.lead("scored_at").over(w), F.col("scored_at")).alias("_until"))
+    rows = rows.select("*", F.sum(F.col("_run_start").cast("int")).over(upto).alias("_run"))
+    lasted = F.unix_micros(F.max("_until").over(run)) - F.unix_micros(F.min("scored_at").over(run))
+    rows = rows.select("*", (~F.col("_in") & (lasted >= F.lit(resolve_after_ms * 1000))).alias("_closing"))
+    after_closing = F.col("_run_start") & F.coalesce(F.lag("_closing").over(w), F.lit(False))
+    return rows.select("*", F.sum(after_closing.cast("int")).over(upto).alias("_episode"))
 
 
 def _alert_id(patient: Column, level: Column, opened_at: Column) -> Column:
@@ -110,7 +134,7 @@ def _alert_id(patient: Column, level: Column, opened_at: Column) -> Column:
 
 def deterioration_alerts(changes: DataFrame, *, read_table: Callable[[str], DataFrame],
                          table_version: Callable[[str], int | None], ingest_batch_id: str,
-                         processed_at: datetime) -> DataFrame:
+                         processed_at: datetime, resolve_after_ms: int) -> DataFrame:
     spark = changes.sparkSession
     touched_rows = (changes.where(F.col("_change_type").isin("insert", "update_postimage"))
                     .groupBy("patient_key").agg(F.min("scored_at").alias("_from")).collect())
@@ -121,7 +145,7 @@ def deterioration_alerts(changes: DataFrame, *, read_table: Callable[[str], Data
         touched = spark.createDataFrame(touched_rows, "patient_key string, _from timestamp")
         known = (read_table(ALERTS).join(F.broadcast(touched.select("patient_key")), "patient_key")
                  .where(F.col("status") != WITHDRAWN).select("patient_key", "opened_at", "resolved_at").collect())
-        starts = _recompute_from(starts, known)
+        starts = _recompute_from(starts, known, timedelta(milliseconds=resolve_after_ms))
     touched = spark.createDataFrame(list(starts.items()), "patient_key string, _from timestamp")
     existing = None
     if table_version(ALERTS) is not None:
@@ -134,26 +158,27 @@ def deterioration_alerts(changes: DataFrame, *, read_table: Callable[[str], Data
     levels = F.array(*[F.struct(F.lit(name).alias("level"), cond.alias("_in"))
                        for name, cond in level_conditions().items()])
     rows = scores.select("*", F.explode(levels).alias("_l")).select("*", "_l.level", "_l._in").drop("_l")
-    w = Window.partitionBy("patient_key", "level").orderBy("scored_at")
-    rows = rows.select(
-        "*", F.lead("scored_at").over(w).alias("_next"),
-        F.coalesce(F.lag("_in").over(w), F.lit(False)).alias("_prev_in"))
-    rows = rows.select("*", F.sum(F.when(F.col("_in") & ~F.col("_prev_in"), 1).otherwise(0)).over(
-        w.rowsBetween(Window.unboundedPreceding, Window.currentRow)).alias("_episode"))
-    first = F.col("scored_at")
-    episodes = rows.where("_in").groupBy("patient_key", "level", "_episode").agg(
-        F.min("scored_at").alias("opened_at"),
-        F.max("scored_at").alias("last_scored_at"),
-        F.max_by("_next", "scored_at").alias("resolved_at"),
-        F.min(F.when(F.col("news2_band") == "high", F.col("scored_at"))).alias("_high_at"),
-        F.min_by("encounter_key", first).alias("encounter_key"),
-        F.min_by("news2_score", first).alias("news2_score"),
-        F.min_by("news2_band", first).alias("news2_band"),
-        F.min_by("qsofa_score", first).alias("qsofa_score"),
-        F.min_by("model_risk", first).alias("model_risk"),
-        F.min_by("model_version", first).alias("model_version"),
-        F.min_by("input_observation_ids", first).alias("observation_ids"),
-        F.max("news2_score").alias("peak_news2_score"))
+    rows = _episodes(rows, resolve_after_ms)
+    inside = F.col("_in")
+    first = F.when(inside, F.col("scored_at"))  # the opening row: the episode's first row in the level
+
+    def at_opening(column: str) -> Column:
+        return F.min_by(F.when(inside, F.col(column)), first)
+
+    episodes = rows.groupBy("patient_key", "level", "_episode").agg(
+        F.min(first).alias("opened_at"),
+        F.max(first).alias("last_scored_at"),
+        F.min(F.when(F.col("_closing"), F.col("scored_at"))).alias("resolved_at"),
+        F.min(F.when(inside & (F.col("news2_band") == "high"), F.col("scored_at"))).alias("_high_at"),
+        at_opening("encounter_key").alias("encounter_key"),
+        at_opening("news2_score").alias("news2_score"),
+        at_opening("news2_band").alias("news2_band"),
+        at_opening("qsofa_score").alias("qsofa_score"),
+        at_opening("model_risk").alias("model_risk"),
+        at_opening("model_version").alias("model_version"),
+        at_opening("input_observation_ids").alias("observation_ids"),
+        F.max(F.when(inside, F.col("news2_score"))).alias("peak_news2_score"),
+    ).where(F.col("opened_at").isNotNull())  # a stretch out of the level only
     medium = F.col("level") == "news2_medium"
     escalated_at = F.when(medium, F.col("_high_at"))
     now = [F.lit(table_version(SCORES)).cast("long").alias("scores_version"),

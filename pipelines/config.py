@@ -316,8 +316,12 @@ class GoldConfig:
     feature_windows: tuple[str, ...]
     spo2_scale2_codes: tuple[str, ...]
     history: str
+    alert_resolve_after: str
 
     def __post_init__(self) -> None:
+        if self.alert_resolve_after_ms < 0:
+            raise ConfigError(f"gold.alert_resolve_after must be a duration like 1h (0s: resolve at the first score "
+                              f"out of the level), got {self.alert_resolve_after!r}")
         if self.lookback_ms <= 0:
             raise ConfigError(f"gold.lookback must be a positive duration like 4h, got {self.lookback!r}")
         if not self.feature_windows or any(parse_duration_ms(w, "gold.feature_windows[]") <= 0
@@ -335,6 +339,10 @@ class GoldConfig:
     @property
     def history_ms(self) -> int:
         return parse_duration_ms(self.history, "gold.history")
+
+    @property
+    def alert_resolve_after_ms(self) -> int:
+        return parse_duration_ms(self.alert_resolve_after, "gold.alert_resolve_after")
 
     @property
     def feature_windows_ms(self) -> tuple[int, ...]:

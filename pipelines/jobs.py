@@ -276,6 +276,7 @@ def gold_jobs(cfg: Config) -> list[Job]:
         Job(name=deterioration_alerts.ALERTS, source=TableSource(early_warning_scores.SCORES),
             transform=deterioration_alerts.deterioration_alerts, write="merge",
             merge=MergeSpec(keys=("alert_id",), latest_by=("computed_at",)), schema=deterioration_alerts.SCHEMA,
+            options={"resolve_after_ms": g.alert_resolve_after_ms},
             description="One alert per patient, level (NEWS2 medium/high, qSOFA >= 2, model) and episode: "
                         "opened, escalated, resolved"),
     ]

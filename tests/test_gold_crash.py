@@ -85,9 +85,10 @@ def add(store: DeltaRsStore, rows: list[dict]) -> None:
 
 
 def start(root: Path, log, *mode: str) -> subprocess.Popen:
-    # The JIT's C1 tier only: these short-lived JVMs spend most of their CPU compiling (about a third less CPU).
-    java_opts = f"{os.environ.get('JAVA_TOOL_OPTIONS', '')} -XX:TieredStopAtLevel=1".strip()
-    return subprocess.Popen(carelake_cmd("run", "all", *mode), env=carelake_env(root, JAVA_TOOL_OPTIONS=java_opts),
+    # Steps are 5 min apart: alerts resolve after 8 min out of their level (two steps), so the patterns resolve
+    # and reopen episodes, and one step out continues an alert (the hysteresis is crash-tested too).
+    env = carelake_env(root, CARELAKE_GOLD__ALERT_RESOLVE_AFTER="8m")
+    return subprocess.Popen(carelake_cmd("run", "all", *mode), env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 

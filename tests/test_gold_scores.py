@@ -91,10 +91,11 @@ def test_scores_as_of_inputs_lookback_partial_and_alert_lifecycle(lake):
     lake.add(vitals("p1", 0, rr=22, spo2=95, fio2=21, sbp=105, hr=95, acvpu="A", temp=38.5))
     lake.add(vitals("p1", 30, hr=135))  # only the pulse: the rest carry forward; HR 135 scores 3 -> 8, high
     lake.add(vitals("p1", 300, hr=80))  # 15:00: everything else is older than the 4 h look-back
+    lake.add(vitals("p1", 370, hr=82))  # still out 70 min later: the alerts resolve (gold.alert_resolve_after 1 h)
     lake.run()
 
     s = lake.scores("p1")
-    assert sorted(s) == [0, 30, 300]
+    assert sorted(s) == [0, 30, 300, 370]
     first = s[0]
     assert (first["news2_score"], first["news2_band"], first["news2_partial"]) == (6, "medium", False)
     assert [first[c] for c in ("news2_respiratory_rate", "news2_spo2", "news2_supplemental_o2", "news2_systolic_bp",
@@ -179,5 +180,26 @@ def test_recompute_from_reaches_back_to_running_episodes_also_when_two_open_at_o
              {"patient_key": "q", "opened_at": at[0], "resolved_at": at[1]},  # over before q's change
              {"patient_key": "r", "opened_at": at[0], "resolved_at": at[4]},  # running at r's change, and
              {"patient_key": "r", "opened_at": at[3], "resolved_at": None}]   # so is this one, opened later
-    starts = _recompute_from({"p": at[3], "q": at[3], "r": at[3] + timedelta(seconds=30)}, known)
+    starts = _recompute_from({"p": at[3], "q": at[3], "r": at[3] + timedelta(seconds=30)}, known, timedelta(0))
     assert starts == {"p": at[1], "q": at[3], "r": at[0]}
+    # q's episode resolved 2 min before its change: within a 5 min resolve_after a row back in the level would
+    # continue it, so it is recomputed whole; within 1 min it stays over.
+    changed = {"p": at[3], "q": at[3], "r": at[3]}
+    assert _recompute_from(changed, known, timedelta(minutes=5))["q"] == at[0]
+    assert _recompute_from(changed, known, timedelta(minutes=1))["q"] == at[3]
+
+
+def test_alert_hysteresis_one_alert_for_a_finding_that_flickers(lake):
+    """A finding back within gold.alert_resolve_after (1 h) continues its alert; after longer out, a new alert;
+    an alert stays open until a score that much later shows the patient stayed out."""
+    base = dict(rr=26, spo2=97, fio2=21, sbp=120, acvpu="A", temp=37.0)  # RR 26 scores 3
+    # Pulse 140 (3) <-> 80 (0): NEWS2 6 (medium) <-> 3 (low-medium) every 10 min, then out from 60 to 130 (70 min),
+    # back in at 200, out again at 210 with nothing later.
+    for m, hr in [(0, 80), (10, 140), (20, 80), (30, 140), (40, 80), (50, 140), (60, 80), (130, 80), (200, 140),
+                  (210, 80)]:
+        lake.add(vitals("p4", m, hr=hr, **base))
+    lake.run()
+    medium = [a for a in lake.alerts("p4") if a["level"] == "news2_medium"]
+    assert [(minutes(a["opened_at"]), minutes(a["last_scored_at"]), a["status"], minutes(a["resolved_at"]))
+            for a in medium] == [(10, 50, "resolved", 60), (200, 200, "open", None)]
+    assert medium[0]["alert_id"] != medium[1]["alert_id"] and medium[0]["peak_news2_score"] == 6
