@@ -447,7 +447,7 @@ def main() -> None:
     sets = [f"gateway.segment_age={a.segment_age}", *a.set]
     base = [x for s in sets for x in ("--set", s)]
     cfg = temp_config(root, **dict(s.split("=", 1) for s in sets))
-    env = carelake_env(root)
+    env = carelake_env(root, short_lived=False)
     gw = runner = None
     try:
         gw, http = start_gateway(base, env, logs)

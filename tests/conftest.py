@@ -50,15 +50,18 @@ def realdata() -> Path:
     return REALDATA
 
 
-def carelake_env(root: Path, **extra: str) -> dict[str, str]:
+def carelake_env(root: Path, *, short_lived: bool = True, **extra: str) -> dict[str, str]:
     """Environment for a `carelake` subprocess: test overlay, this interpreter, the given root.
 
-    The JVM of a test's short-lived `carelake` process runs with the JIT's C1 tier only: it would spend most
-    of its CPU compiling with C2 code it runs for seconds (about a third less CPU on two cores)."""
+    A short-lived process's JVM runs with the JIT's C1 tier only: it would spend most of its CPU compiling
+    with C2 code it runs for seconds (about a third less CPU on two cores). A process measured at steady
+    state (a benchmark) keeps the full JIT."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARELAKE_")}
-    java_opts = f"{os.environ.get('JAVA_TOOL_OPTIONS', '')} -XX:TieredStopAtLevel=1".strip()
     env.update({"CARELAKE_ENV": "test", "CARELAKE_ROOT": str(root), "CARELAKE_CONF_DIR": str(REPO / "conf"),
-                "PYTHONPATH": str(REPO), "JAVA_TOOL_OPTIONS": java_opts, **extra})
+                "PYTHONPATH": str(REPO)})
+    if short_lived:
+        env["JAVA_TOOL_OPTIONS"] = f"{os.environ.get('JAVA_TOOL_OPTIONS', '')} -XX:TieredStopAtLevel=1".strip()
+    env.update(extra)
     return env
 
 
