@@ -136,8 +136,8 @@ def compute_only(cfg, spark) -> tuple[float, int]:
     store = open_store(cfg, spark)
     job = load_registry(cfg).get(SCORES)
 
-    def read_table(name):
-        return store.read(name)
+    def read_table(name, since=None):
+        return store.read(name, since=since)
 
     def table_version(name):
         return store.version(name) if store.exists(name) else None

@@ -132,7 +132,7 @@ def _alert_id(patient: Column, level: Column, opened_at: Column) -> Column:
     return F.substring(F.sha2(text, 256), 1, 32)
 
 
-def deterioration_alerts(changes: DataFrame, *, read_table: Callable[[str], DataFrame],
+def deterioration_alerts(changes: DataFrame, *, read_table: Callable[..., DataFrame],
                          table_version: Callable[[str], int | None], ingest_batch_id: str,
                          processed_at: datetime, resolve_after_ms: int) -> DataFrame:
     spark = changes.sparkSession
@@ -152,7 +152,7 @@ def deterioration_alerts(changes: DataFrame, *, read_table: Callable[[str], Data
         existing = (read_table(ALERTS).join(F.broadcast(touched), "patient_key")
                     .where((F.col("status") != WITHDRAWN) & (F.col("opened_at") >= F.col("_from"))))
     earliest = min(starts.values())
-    scores = (read_table(SCORES).where(F.col("scored_at") >= F.lit(earliest))
+    scores = (read_table(SCORES, since=("scored_at", earliest))  # the files from the earliest start on only
               .join(F.broadcast(touched), "patient_key").where(F.col("scored_at") >= F.col("_from")))
 
     levels = F.array(*[F.struct(F.lit(name).alias("level"), cond.alias("_in"))

@@ -24,7 +24,7 @@ monitor sends a value every second.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import pandas as pd
@@ -144,7 +144,7 @@ def _resolve(df: DataFrame, column: str, links: Mapping[str, str]) -> DataFrame:
 
 # -- the transform -------------------------------------------------------------------------------------------
 def early_warning_scores(
-    changes: DataFrame, *, read_table: Callable[[str], DataFrame], table_version: Callable[[str], int | None],
+    changes: DataFrame, *, read_table: Callable[..., DataFrame], table_version: Callable[[str], int | None],
     ingest_batch_id: str, processed_at: datetime, lookback_ms: int, history_ms: int, windows_ms: Sequence[int],
     scale2_codes: Sequence[str], champion: Callable[[], Any],
 ) -> DataFrame:
@@ -166,13 +166,12 @@ def early_warning_scores(
     earliest = min(r["_from"] for r in touched_rows)
     history_s = history_ms / 1000
 
-    observations = read_table(OBSERVATIONS)
+    # Only the files that may hold the look-back's rows are read (data skipping on effective_at).
+    recent = read_table(OBSERVATIONS, since=("effective_at", earliest - timedelta(seconds=history_s)))
     wanted = sorted({*inputs, *features.FEATURE_CONCEPTS})
-    usable = (observations.where(F.col("concept").isin(*wanted) & F.col("patient_key").isNotNull()
-                                 & F.col("effective_at").isNotNull()
-                                 & (F.col("value").isNotNull() | F.col("value_text").isNotNull())
-                                 & ~F.coalesce(F.col("status"), F.lit("final")).isin(*NOT_MEASURED))
-              .where(F.col("effective_at") >= F.lit(earliest) - F.expr(f"INTERVAL {int(history_s)} SECONDS")))
+    usable = recent.where(F.col("concept").isin(*wanted) & F.col("patient_key").isNotNull()
+                          & (F.col("value").isNotNull() | F.col("value_text").isNotNull())
+                          & ~F.coalesce(F.col("status"), F.lit("final")).isin(*NOT_MEASURED))
     usable = _resolve(usable, "patient_key", patient_links)
     history = (usable.join(F.broadcast(touched), "patient_key")
                .where(F.col("effective_at") >= F.col("_from") - F.expr(f"INTERVAL {int(history_s)} SECONDS")))
@@ -181,7 +180,7 @@ def early_warning_scores(
     history = history.select("patient_key", "encounter_key", "concept", "value", "value_text", "effective_at",
                              "observation_id", "_from").repartition(_partitions(spark), "patient_key").persist()
     try:
-        scale2 = _scale2_patients(observations, touched, scale2_codes, patient_links)
+        scale2 = _scale2_patients(read_table(OBSERVATIONS), touched, scale2_codes, patient_links)
         asof = _as_of(history.where(F.col("concept").isin(*inputs)), inputs)
         points = asof.where(F.col("scored_at") >= F.col("_from")).join(scale2, "patient_key", "left")
         scores = _score(points, lookback_ms)

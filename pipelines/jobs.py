@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 # A transform with side outputs may return one DataFrame whose rows name their table in this column.
 ROUTE_COLUMN = "_output"
 # Keyword arguments the runner offers a transform; a transform takes those it names. `read_table(name)` gives
-# the current snapshot of a table as a DataFrame (the history a gold job scores new rows against), and
-# `table_version(name)` its version, for provenance.
+# the current snapshot of a table as a DataFrame (the history a gold job scores new rows against; with
+# `since=(column, time)` only the rows, and files, from that time on), and `table_version(name)` its version,
+# for provenance.
 BATCH_PARAMETERS = ("batch_id", "ingest_batch_id", "processed_at", "read_table", "table_version")
 
 

@@ -281,11 +281,12 @@ class Runner:
 
         return self.spark.readStream.format(FORMAT).option("path", path).load()
 
-    def _read_table(self, name: str) -> DataFrame:
-        """A table's current snapshot, for transforms that look up history (e.g. gold scoring)."""
+    def _read_table(self, name: str, since: tuple[str, datetime] | None = None) -> DataFrame:
+        """A table's current snapshot, for transforms that look up history (e.g. gold scoring); `since` reads
+        only the rows (and files) from a time on: see TableStore.read."""
         if not self.store.exists(name):
             raise UsageError(f"{name} does not exist yet; run the job that writes it first: carelake run {name}")
-        return self.store.read(name)
+        return self.store.read(name, since=since)
 
     def _table_version(self, name: str) -> int | None:
         return self.store.version(name) if self.store.exists(name) else None

@@ -15,13 +15,20 @@ from pipelines.errors import UsageError
 
 if TYPE_CHECKING:
     import pyarrow as pa
-    from pyspark.sql import DataFrame
+    from pyspark.sql import Column, DataFrame
 
     Data = pa.Table | DataFrame
 
 _NAME = re.compile(r"^(?P<layer>[a-z]+)\.(?P<entity>[a-z][a-z0-9_]*)$")
 # Column names carelake adds to change feeds, as Delta's change data feed names them.
 CHANGE_COLUMNS = ("_change_type", "_commit_version", "_commit_timestamp")
+
+
+def since_condition(column: str, at: datetime) -> Column:
+    """The rows a `read(..., since=(column, at))` keeps."""
+    from pyspark.sql import functions as F
+
+    return F.col(column) >= F.lit(at)
 
 
 def split_table_name(name: str) -> tuple[str, str]:
@@ -188,8 +195,14 @@ class TableStore(ABC):
                   metadata: Mapping[str, str] | None = None) -> WriteResult: ...
 
     @abstractmethod
-    def read(self, name: str, *, version: int | None = None, timestamp: datetime | str | None = None) -> DataFrame:
-        """The table as a Spark DataFrame, now or as of a version or a timestamp."""
+    def read(self, name: str, *, version: int | None = None, timestamp: datetime | str | None = None,
+             since: tuple[str, datetime] | None = None) -> DataFrame:
+        """The table as a Spark DataFrame, now or as of a version or a timestamp.
+
+        `since=(column, t)`: only the rows whose timestamp `column` is t or later, and only the data files whose
+        statistics allow such rows are read (data skipping), so a job that looks back a few hours reads a few
+        hours' files however old the table grows. A naive t is local time, as Spark gives it back.
+        """
 
     @abstractmethod
     def read_arrow(self, name: str, *, version: int | None = None,

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
@@ -28,6 +29,7 @@ from pipelines.store.base import (
     WriteResult,
     duplicate_keys,
     keep_latest,
+    since_condition,
 )
 from pipelines.store.schema import canonical_schema, check_evolution, conform
 from pipelines.timeutil import parse_timestamp
@@ -63,6 +65,24 @@ def _is_conflict(exc: Exception) -> bool:
         return True
     text = str(exc).lower()
     return isinstance(exc, DeltaError) and ("already exists" in text or "conflict" in text or "concurrent" in text)
+
+
+def _files_since(dt: DeltaTable, table_path: str, column: str, at: datetime) -> list[str]:
+    """The data files of `dt` that may hold rows with `column` >= at: a file whose statistics say its newest value
+    is older is skipped; a file without statistics for the column is kept."""
+    import pyarrow.compute as pc
+
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    newest = f"max.{column}"
+    if newest not in actions.column_names:
+        return dt.file_uris()
+    top = actions[newest]
+    if not pa.types.is_timestamp(top.type):
+        raise UsageError(f"read since {column}: the column is {top.type}, not a timestamp")
+    floor = pa.scalar(at.astimezone(UTC), type=pa.timestamp(top.type.unit, tz="UTC")).cast(top.type)
+    keep = pc.or_kleene(pc.is_null(top), pc.greater_equal(top, floor))
+    base = table_path.rstrip("/")
+    return [f"{base}/{unquote(p)}" for p in actions.filter(keep)["path"].to_pylist()]
 
 
 def _commit_properties(txn: Txn | None, metadata: Mapping[str, str] | None, retries: int) -> CommitProperties:
@@ -282,20 +302,20 @@ class DeltaRsStore(TableStore):
     def read_arrow(self, name, *, version=None, timestamp=None) -> pa.Table:
         return self._open(name, version, timestamp).to_pyarrow_table()
 
-    def read(self, name: str, *, version=None, timestamp=None) -> DataFrame:
+    def read(self, name: str, *, version=None, timestamp=None, since=None) -> DataFrame:
         from pyspark.sql.pandas.types import from_arrow_schema
 
         spark = self._require_spark()
         dt = self._open(name, version, timestamp)
         schema = from_arrow_schema(table_arrow_schema(dt))
-        files = dt.file_uris()
         plain = not dt.metadata().partition_columns and not (dt.protocol().reader_features or [])
-        if plain and files:
+        if plain:
             # Spark reads the version's own data files directly: no driver-side collect.
-            return spark.read.schema(schema).parquet(*files)
-        if not files:
-            return spark.createDataFrame([], schema)
-        return spark.createDataFrame(dt.to_pyarrow_table())
+            files = dt.file_uris() if since is None else _files_since(dt, self._path(name), *since)
+            df = spark.read.schema(schema).parquet(*files) if files else spark.createDataFrame([], schema)
+        else:
+            df = spark.createDataFrame(dt.to_pyarrow_table()) if dt.file_uris() else spark.createDataFrame([], schema)
+        return df if since is None else df.where(since_condition(*since))
 
     def changes_arrow(self, name: str, start_version: int, end_version: int | None = None) -> pa.Table:
         dt = self._open(name)

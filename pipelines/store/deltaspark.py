@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from pipelines import __version__
 from pipelines.config import Config
 from pipelines.errors import CommitConflict, TableNotFound, UsageError, VersionNotFound
-from pipelines.store.base import CommitInfo, MergeSpec, TableStore, Txn, WriteResult
+from pipelines.store.base import CommitInfo, MergeSpec, TableStore, Txn, WriteResult, since_condition
 from pipelines.store.schema import check_evolution
 from pipelines.timeutil import parse_timestamp
 
@@ -176,7 +176,11 @@ class DeltaSparkStore(TableStore):
 
         return self._with_retries(name, txn, op)
 
-    def read(self, name, *, version=None, timestamp=None) -> DataFrame:
+    def read(self, name, *, version=None, timestamp=None, since=None) -> DataFrame:
+        df = self._read(name, version, timestamp)
+        return df if since is None else df.where(since_condition(*since))  # Delta skips files by their stats
+
+    def _read(self, name, version, timestamp) -> DataFrame:
         self._table(name)
         reader = self.spark.read.format("delta")
         if version is not None:
