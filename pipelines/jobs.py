@@ -243,7 +243,8 @@ def builtin_jobs(cfg: Config) -> list[Job]:
                    MergeSpec(keys=("observation_id",), update=_observation_update(observations.SCHEMA),
                              latest_by=("source_version", "received_at"),
                              update_when="s.source_version > t.source_version",
-                             insert_when=f"s.status <> '{observations.DELETED}'"),
+                             insert_when=f"s.status <> '{observations.DELETED}'",
+                             prune_by=("effective_at",), prune_if=("source_feed", observations.ID_HAS_TIME)),
                    observations.SCHEMA,
                    "Every measured value (HL7 OBX, FHIR Observation, device reading), normalized and deduplicated"),
         silver_job(patients.PATIENTS, clinical, patients.patients,
@@ -262,7 +263,7 @@ def gold_jobs(cfg: Config) -> list[Job]:
     from gold import deterioration_alerts, early_warning_scores
 
     g = cfg.gold
-    score_key = MergeSpec(keys=("patient_key", "scored_at"), latest_by=("computed_at",))
+    score_key = MergeSpec(keys=("patient_key", "scored_at"), latest_by=("computed_at",), prune_by=("scored_at",))
     features = Output(early_warning_scores.FEATURES, "merge", score_key,
                       early_warning_scores.features_schema(g.feature_windows_ms))
     return [
@@ -276,7 +277,8 @@ def gold_jobs(cfg: Config) -> list[Job]:
                         "arrives; vitals features (gold.vitals_features) for the same points"),
         Job(name=deterioration_alerts.ALERTS, source=TableSource(early_warning_scores.SCORES),
             transform=deterioration_alerts.deterioration_alerts, write="merge",
-            merge=MergeSpec(keys=("alert_id",), latest_by=("computed_at",)), schema=deterioration_alerts.SCHEMA,
+            merge=MergeSpec(keys=("alert_id",), latest_by=("computed_at",), prune_by=("opened_at",)),
+            schema=deterioration_alerts.SCHEMA,
             options={"resolve_after_ms": g.alert_resolve_after_ms},
             description="One alert per patient, level (NEWS2 medium/high, qSOFA >= 2, model) and episode: "
                         "opened, escalated, resolved"),

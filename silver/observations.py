@@ -88,6 +88,12 @@ NOT_MODELLED = "not_modelled"
 
 
 
+# Feeds whose observation_id includes the event time (HL7: the OBX's time; devices: the reading's), so one id
+# always has one effective_at and the MERGE may read only the files of the batch's time range. A FHIR
+# Observation's id is its resource id: a new version may move its time.
+ID_HAS_TIME = ("hl7", "devices")
+
+
 def _observation_id(*parts: Any) -> str:
     return hashlib.sha256("|".join("" if p is None else str(p) for p in parts).encode()).hexdigest()[:32]
 

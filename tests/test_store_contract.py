@@ -124,6 +124,69 @@ def test_merge_into_missing_table_creates_it_and_rejects_duplicate_keys(engine_s
     assert content(s.read_arrow(T)) == [(1, "a")]
 
 
+def _timed(ids, minutes, names):
+    from datetime import UTC, datetime, timedelta
+
+    t0 = datetime(2026, 1, 5, tzinfo=UTC)
+    return pa.table({"id": pa.array(ids, pa.int64()), "name": pa.array(names, pa.string()),
+                     "at": pa.array([None if m is None else t0 + timedelta(minutes=m) for m in minutes],
+                                    pa.timestamp("us", tz="UTC"))})
+
+
+def test_merge_prune_by_reads_only_the_files_the_source_range_overlaps(engine_store):
+    s = engine_store
+    spec = MergeSpec(keys=("id",), prune_by=("at",))  # each id keeps its time: the key determines `at`
+    for f in range(5):  # five files, an hour apart
+        s.append(T, _timed([f * 10, f * 10 + 1], [f * 60, f * 60 + 1], [f"v{f}", f"v{f}"]))
+    # an update in the last file, a new row after it: the range 241..250 min overlaps one file
+    r = s.merge(T, _timed([41, 99], [241, 250], ["updated", "new"]), spec)
+    got = content(s.read_arrow(T), ("id", "name"))
+    assert got == sorted([(0, "v0"), (1, "v0"), (10, "v1"), (11, "v1"), (20, "v2"), (21, "v2"), (30, "v3"),
+                          (31, "v3"), (40, "v4"), (41, "updated"), (99, "new")])
+    if s.engine == "delta-rs":
+        assert r.metrics["num_target_files_scanned"] == 1, r.metrics
+        assert r.metrics["num_target_rows_updated"] == 1 and r.metrics["num_target_rows_inserted"] == 1
+    # a null in the pruning column leaves the range unknown: the whole table is read, the null row still matches
+    s.append(T, _timed([7], [None], ["null time"]))
+    r = s.merge(T, _timed([7, 0], [None, 0], ["null time, updated", "v0, updated"]), spec)
+    by_id = dict(content(s.read_arrow(T), ("id", "name")))
+    assert by_id[7] == "null time, updated" and by_id[0] == "v0, updated" and len(by_id) == 12
+    assert s.row_count(T) == 12
+    if s.engine == "delta-rs":
+        assert r.metrics["num_target_files_scanned"] >= 5, r.metrics
+
+
+def test_merge_prune_if_prunes_only_batches_whose_rows_all_qualify(engine_store):
+    s = engine_store
+    spec = MergeSpec(keys=("id",), prune_by=("at",), prune_if=("feed", ("hl7", "devices")))
+
+    def timed(ids, minutes, names, feeds):
+        t = _timed(ids, minutes, names)
+        return t.append_column("feed", pa.array(feeds, pa.string()))
+
+    for f in range(4):
+        s.append(T, timed([f], [f * 60], [f"v{f}"], ["fhir" if f == 0 else "hl7"]))
+    qualified = s.merge(T, timed([3], [180], ["hl7 again"], ["hl7"]), spec)
+    # a FHIR row's id does not fix its time: its new version moved from minute 0 to 200, and still matches
+    moved = s.merge(T, timed([0, 5], [200, 200], ["fhir v2", "devices"], ["fhir", "devices"]), spec)
+    assert content(s.read_arrow(T)) == [(0, "fhir v2"), (1, "v1"), (2, "v2"), (3, "hl7 again"), (5, "devices")]
+    if s.engine == "delta-rs":
+        assert qualified.metrics["num_target_files_scanned"] == 1, qualified.metrics
+        assert moved.metrics["num_target_rows_updated"] == 1, moved.metrics
+
+
+def test_merge_prune_by_refuses_what_it_cannot_bound(engine_store):
+    s = engine_store
+    with pytest.raises(UsageError, match="whole target"):
+        MergeSpec(keys=("id",), prune_by=("id",), delete_not_matched_by_source=True)
+    s.append(T, rows((1, "a")))
+    with pytest.raises(UsageError, match="prune by a time, a date or a number"):
+        s.merge(T, rows((1, "b")), MergeSpec(keys=("id",), prune_by=("name",)))
+    with pytest.raises(UsageError, match="not in the merge source"):
+        s.merge(T, rows((1, "b")), MergeSpec(keys=("id",), prune_by=("nope",)))
+    assert content(s.read_arrow(T)) == [(1, "a")]
+
+
 def test_idempotent_merge_replay(engine_store):
     s = engine_store
     s.append(T, rows((1, "a")))

@@ -129,16 +129,51 @@ class MergeSpec:
     insert: bool = True
     insert_when: str | None = None
     delete_not_matched_by_source: bool = False
+    # Columns a key determines (rows with the same key always hold the same value, e.g. a time that is part of
+    # the key or of the hash the key is): the merge then reads only the target files whose statistics overlap
+    # the source's range of each, not the whole table, so its cost follows the batch, not the table's age.
+    prune_by: tuple[str, ...] = ()
+    # ... and only when every source row's column `prune_if[0]` holds one of the values `prune_if[1]`: the rows
+    # whose key determines the prune_by columns (e.g. a source whose ids include the time and one whose do not).
+    prune_if: tuple[str, tuple[str, ...]] | None = None
 
     def __post_init__(self) -> None:
         if not self.keys:
             raise UsageError("a merge needs at least one key column")
         if self.update is None and self.delete_when is None and not self.insert:
             raise UsageError("a merge that neither updates, deletes nor inserts does nothing")
+        if self.prune_by and self.delete_not_matched_by_source:
+            raise UsageError("a merge that deletes target rows the source lacks must see the whole target: "
+                             "prune_by and delete_not_matched_by_source do not go together")
 
     @property
     def predicate(self) -> str:
         return " AND ".join(f"t.`{k}` = s.`{k}`" for k in self.keys)
+
+    def pruned_predicate(self, bounds: Mapping[str, tuple[Any, Any] | None]) -> str:
+        """The key predicate, plus `t.c BETWEEN lo AND hi` (literals) for each prune_by column whose source
+        range `bounds[c]` is known. A column whose range is unknown (None: a null or no rows) is not pruned:
+        a target row with a null there would fall outside any range and be inserted twice."""
+        ranges = [f"t.`{c}` BETWEEN {sql_literal(lo)} AND {sql_literal(hi)}"
+                  for c in self.prune_by if (b := bounds.get(c)) is not None for lo, hi in [b]]
+        return " AND ".join([self.predicate, *ranges])
+
+
+def sql_literal(value: Any) -> str:
+    """A literal both engines' SQL (Spark, DataFusion) read as `value`: a time (with its zone), a date or a
+    finite number; other types are refused (their quoting differs between the two dialects)."""
+    import math
+    from datetime import UTC, date
+
+    if isinstance(value, datetime):
+        at = value if value.tzinfo else value.replace(tzinfo=UTC)
+        return f"CAST('{at.astimezone(UTC).isoformat(timespec='microseconds')}' AS TIMESTAMP)"
+    if isinstance(value, date):
+        return f"CAST('{value.isoformat()}' AS DATE)"
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return repr(value)
+    raise UsageError(f"prune_by: cannot bound a merge by the value {value!r} ({type(value).__name__}); prune by "
+                     "a time, a date or a number column")
 
 
 class TableStore(ABC):
@@ -266,6 +301,34 @@ def keep_latest(rows: pa.Table, keys: Sequence[str], latest_by: Sequence[str]) -
         eq = pc.fill_null(pc.equal(col.slice(1), col.slice(0, len(col) - 1)), False)
         same = eq if same is None else pc.and_(same, eq)
     return ordered.filter(pa.concat_arrays([pa.array([True]), pc.invert(same)]))
+
+
+def arrow_bounds(rows: pa.Table, spec: MergeSpec) -> dict[str, tuple[Any, Any] | None]:
+    """{column: (min, max)} of a merge source for MergeSpec.pruned_predicate; None where a null (or no row, or a
+    NaN) leaves the range unknown; nothing when a row fails spec.prune_if."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    out: dict[str, tuple[Any, Any] | None] = {}
+    if spec.prune_if is not None:
+        column, values = spec.prune_if
+        if column not in rows.column_names:
+            raise UsageError(f"prune_if column {column!r} is not in the merge source ({rows.column_names})")
+        if not pc.all(pc.is_in(rows[column], value_set=pa.array(values, rows[column].type))).as_py():
+            return out
+    for c in spec.prune_by:
+        if c not in rows.column_names:
+            raise UsageError(f"prune_by column {c!r} is not in the merge source ({rows.column_names})")
+        col = rows[c]
+        if rows.num_rows == 0 or col.null_count:
+            out[c] = None
+            continue
+        if pa.types.is_floating(col.type) and pc.any(pc.is_nan(col)).as_py():
+            out[c] = None  # NaN is outside every range
+            continue
+        mm = pc.min_max(col)
+        out[c] = (mm["min"].as_py(), mm["max"].as_py())
+    return out
 
 
 def duplicate_keys(keys: Sequence[str], rows: pa.Table, limit: int = 3) -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ from pipelines.store.base import (
     TableStore,
     Txn,
     WriteResult,
+    arrow_bounds,
     duplicate_keys,
     keep_latest,
     since_condition,
@@ -274,8 +275,9 @@ class DeltaRsStore(TableStore):
                 dt = self._create(name, source.schema)
             arrow, evolves = self._prepare(name, dt, source)
             self._sync_properties(name, dt)
+            predicate = spec.pruned_predicate(arrow_bounds(arrow, spec)) if spec.prune_by else spec.predicate
             merger = dt.merge(
-                arrow, spec.predicate, source_alias="s", target_alias="t", merge_schema=evolves,
+                arrow, predicate, source_alias="s", target_alias="t", merge_schema=evolves,
                 commit_properties=_commit_properties(txn, metadata, self.cfg.storage.commit_retries),
             )
             if spec.delete_when is not None:

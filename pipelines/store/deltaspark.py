@@ -157,7 +157,8 @@ class DeltaSparkStore(TableStore):
                 self.spark.conf.set("spark.databricks.delta.write.txnAppId", txn.app_id)
                 self.spark.conf.set("spark.databricks.delta.write.txnVersion", str(txn.version))
             try:
-                m = self._table(name).alias("t").merge(df.alias("s"), spec.predicate)
+                predicate = spec.pruned_predicate(_spark_bounds(df, spec)) if spec.prune_by else spec.predicate
+                m = self._table(name).alias("t").merge(df.alias("s"), predicate)
                 if spec.delete_when is not None:
                     m = m.whenMatchedDelete(condition=spec.delete_when)
                 if spec.update == "all":
@@ -258,3 +259,49 @@ class DeltaSparkStore(TableStore):
         else:
             df = table.restoreToTimestamp(parse_timestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S"))
         return {"changed": True, **df.collect()[0].asDict()}
+
+
+def _spark_bounds(df: DataFrame, spec: MergeSpec) -> dict[str, tuple[Any, Any] | None]:
+    """{column: (min, max)} of a merge source (see MergeSpec.pruned_predicate); None where a null or NaN leaves
+    the range unknown; nothing when a row fails spec.prune_if. Times as UTC instants (collected as microseconds:
+    no session or local zone involved)."""
+    from datetime import datetime, timedelta
+
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import DoubleType, FloatType, TimestampNTZType, TimestampType
+
+    columns = spec.prune_by
+    missing = [c for c in (*columns, *(spec.prune_if[:1] if spec.prune_if else ())) if c not in df.columns]
+    if missing:
+        raise UsageError(f"prune_by column(s) {missing} are not in the merge source ({df.columns})")
+    types = {c: df.schema[c].dataType for c in columns}
+
+    def value(c: str):
+        if isinstance(types[c], TimestampType | TimestampNTZType):
+            return F.unix_micros(F.col(c).cast("timestamp"))
+        return F.col(c)
+
+    aggs = []
+    for c in columns:
+        unknown = F.col(c).isNull()
+        if isinstance(types[c], DoubleType | FloatType):
+            unknown = unknown | F.isnan(c)
+        aggs += [F.min(value(c)).alias(f"lo_{c}"), F.max(value(c)).alias(f"hi_{c}"),
+                 F.max(unknown.cast("int")).alias(f"unknown_{c}")]
+    if spec.prune_if is not None:
+        column, values = spec.prune_if
+        aggs.append(F.min(F.coalesce(F.col(column).isin(*values), F.lit(False)).cast("int")).alias("_prunable"))
+    row = df.agg(*aggs).first()
+    out: dict[str, tuple[Any, Any] | None] = {}
+    if spec.prune_if is not None and not row["_prunable"]:
+        return out
+    for c in columns:
+        lo, hi = row[f"lo_{c}"], row[f"hi_{c}"]
+        if lo is None or row[f"unknown_{c}"]:
+            out[c] = None
+        elif isinstance(types[c], TimestampType | TimestampNTZType):
+            epoch = datetime(1970, 1, 1, tzinfo=UTC)
+            out[c] = (epoch + timedelta(microseconds=lo), epoch + timedelta(microseconds=hi))
+        else:
+            out[c] = (lo, hi)
+    return out
