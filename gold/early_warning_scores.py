@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pandas as pd
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
     ArrayType,
@@ -48,6 +48,9 @@ from pipelines import sqltext as sql
 
 SCORES = "gold.early_warning_scores"
 FEATURES = "gold.vitals_features"
+# The silver rows that record a hypercapnic target (gold.spo2_scale2_codes), kept by the score job as they stream
+# past, so a batch looks up SpO2 scale 2 in this small table instead of scanning silver.observations.
+SCALE2 = "gold.spo2_scale2_markers"
 OBSERVATIONS = "silver.observations"
 PATIENTS = "silver.patients"
 ENCOUNTERS = "silver.encounters"
@@ -94,15 +97,24 @@ SCHEMA = StructType([
 ])
 
 
+SCALE2_SCHEMA = StructType([
+    StructField("observation_id", StringType(), False),
+    StructField("patient_key", StringType(), True),  # the identity silver keyed (links are followed on use)
+    StructField("code", StringType(), True),
+    StructField("value_text", StringType(), True),
+    StructField("status", StringType(), True),  # a deleted or entered-in-error marker no longer counts
+    StructField("effective_at", TimestampType(), True),
+    StructField("silver_version", LongType(), True),  # the silver.observations version of this row's state
+    StructField("computed_by", StringType(), True),
+    StructField("computed_at", TimestampType(), True),
+])
+
+
 def features_schema(windows_ms: Sequence[int]) -> StructType:
     """gold.vitals_features: keys, one column per feature (counts are whole numbers), provenance."""
     cols = [StructField(name, LongType() if "_count_" in name else DoubleType(), True)
             for name in features.feature_columns(windows_ms)]
     return StructType([*_KEYS, *cols, *_PROVENANCE])
-
-
-def _empty(spark, schema: StructType) -> DataFrame:
-    return spark.createDataFrame([], schema)
 
 
 # -- identity resolution ---------------------------------------------------------------------------------------
@@ -155,13 +167,26 @@ def early_warning_scores(
     routed_schema = _routed_schema(feature_schema)
     inputs = list(INPUTS)
     patient_links = _links(read_table, table_version, PATIENTS, "patient_key")
-    changed = (changes.where(F.col("_change_type").isin("insert", "update_postimage"))
-               .where(F.col("concept").isin(*inputs) & F.col("patient_key").isNotNull()
-                      & F.col("effective_at").isNotNull()))
+    now = changes.where(F.col("_change_type").isin("insert", "update_postimage"))
+    stamp = {"computed_by": ingest_batch_id, "computed_at": processed_at}
+    # This batch's scale-2 markers (new, corrected or deleted); the first batch also takes every marker silver
+    # already holds (a lakehouse scored before the markers table existed, or whose job starts late).
+    new_markers = _scale2_markers(now, scale2_codes, F.col("_commit_version"), stamp)
+    if table_version(SCALE2) is None:
+        backfill = _scale2_markers(read_table(OBSERVATIONS), scale2_codes, F.lit(table_version(OBSERVATIONS)), stamp)
+        new_markers = backfill.join(new_markers.select("observation_id"), "observation_id", "left_anti") \
+            .unionByName(new_markers)
+        markers = new_markers
+    else:
+        markers = (read_table(SCALE2).join(new_markers.select("observation_id"), "observation_id", "left_anti")
+                   .unionByName(new_markers))
+    marker_rows = _as_routed(new_markers.select("*", F.lit(SCALE2).alias(OUTPUT)), routed_schema)
+    changed = (now.where(F.col("concept").isin(*inputs) & F.col("patient_key").isNotNull()
+                         & F.col("effective_at").isNotNull()))
     changed = _resolve(changed, "patient_key", patient_links)
     touched_rows = changed.groupBy("patient_key").agg(F.min("effective_at").alias("_from")).collect()
     if not touched_rows:
-        return _empty(spark, routed_schema)
+        return marker_rows
     touched = spark.createDataFrame(touched_rows, "patient_key string, _from timestamp")
     earliest = min(r["_from"] for r in touched_rows)
     history_s = history_ms / 1000
@@ -180,7 +205,7 @@ def early_warning_scores(
     history = history.select("patient_key", "encounter_key", "concept", "value", "value_text", "effective_at",
                              "observation_id", "_from").repartition(_partitions(spark), "patient_key").persist()
     try:
-        scale2 = _scale2_patients(read_table(OBSERVATIONS), touched, scale2_codes, patient_links)
+        scale2 = _scale2_patients(markers, touched, patient_links)
         asof = _as_of(history.where(F.col("concept").isin(*inputs)), inputs)
         points = asof.where(F.col("scored_at") >= F.col("_from")).join(scale2, "patient_key", "left")
         scores = _score(points, lookback_ms)
@@ -196,7 +221,7 @@ def early_warning_scores(
                            F.lit(CODE_VERSION).alias("code_version"), F.lit(ingest_batch_id).alias("computed_by"),
                            F.lit(processed_at).cast("timestamp").alias("computed_at"),
                            F.explode(F.array(F.lit(SCORES), F.lit(FEATURES))).alias(OUTPUT))
-        out = both.selectExpr(*sql.casts(routed_schema.fields))
+        out = _as_routed(both, routed_schema).unionByName(marker_rows)
         out = out.localCheckpoint(eager=True)  # computed once, while `history` is still cached
     finally:
         history.unpersist()
@@ -208,18 +233,38 @@ def _partitions(spark) -> int:
 
 
 def _routed_schema(feature_schema: StructType) -> StructType:
-    names = {f.name for f in SCHEMA.fields}
-    return StructType([*SCHEMA.fields, *[f for f in feature_schema.fields if f.name not in names],
-                       StructField(OUTPUT, StringType(), False)])
+    fields = [*SCHEMA.fields]
+    for more in (feature_schema.fields, SCALE2_SCHEMA.fields):
+        names = {f.name for f in fields}
+        fields += [StructField(f.name, f.dataType, True) for f in more if f.name not in names]
+    return StructType([*fields, StructField(OUTPUT, StringType(), False)])
 
 
-def _scale2_patients(observations: DataFrame, touched: DataFrame, codes: Sequence[str],
-                     links: Mapping[str, str]) -> DataFrame:
+def _as_routed(df: DataFrame, routed_schema: StructType) -> DataFrame:
+    """`df` in the routed schema: its own columns cast to their declared types, the other tables' columns null."""
+    have = set(df.columns)
+    return df.selectExpr(*[f"CAST({sql.name(f.name) if f.name in have else 'NULL'} AS {f.dataType.simpleString()}) "
+                           f"AS {sql.name(f.name)}" for f in routed_schema.fields])
+
+
+def _scale2_markers(observations: DataFrame, codes: Sequence[str], version: Column,
+                    stamp: Mapping[str, Any]) -> DataFrame:
+    """Rows of silver.observations (or of its change feed) that record a hypercapnic target, one per observation
+    (its newest state), whatever their status: a deletion must reach the markers table too."""
+    marked = observations.where(F.col("observation_id").isNotNull()
+                                & (F.col("code").isin(*codes) | F.col("value_text").isin(*codes)) if codes
+                                else F.lit(False))
+    newest = Window.partitionBy("observation_id").orderBy(F.col("silver_version").desc_nulls_last())
+    return (marked.select("observation_id", "patient_key", "code", "value_text", "status", "effective_at",
+                          version.cast("long").alias("silver_version"))
+            .select("*", F.row_number().over(newest).alias("_n")).where("_n = 1").drop("_n")
+            .select("*", F.lit(stamp["computed_by"]).alias("computed_by"),
+                    F.lit(stamp["computed_at"]).cast("timestamp").alias("computed_at")))
+
+
+def _scale2_patients(markers: DataFrame, touched: DataFrame, links: Mapping[str, str]) -> DataFrame:
     """Touched patients with a recorded hypercapnic target (any time): (patient_key, _scale2 = true)."""
-    if not codes:
-        return touched.select("patient_key", F.lit(True).alias("_scale2")).where(F.lit(False))
-    marked = observations.where((F.col("code").isin(*codes) | F.col("value_text").isin(*codes))
-                                & ~F.coalesce(F.col("status"), F.lit("final")).isin(*NOT_MEASURED))
+    marked = markers.where(~F.coalesce(F.col("status"), F.lit("final")).isin(*NOT_MEASURED))
     marked = _resolve(marked.select("patient_key"), "patient_key", links)
     return (marked.join(F.broadcast(touched.select("patient_key")), "patient_key").distinct()
             .withColumn("_scale2", F.lit(True)))

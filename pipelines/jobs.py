@@ -266,15 +266,20 @@ def gold_jobs(cfg: Config) -> list[Job]:
     score_key = MergeSpec(keys=("patient_key", "scored_at"), latest_by=("computed_at",), prune_by=("scored_at",))
     features = Output(early_warning_scores.FEATURES, "merge", score_key,
                       early_warning_scores.features_schema(g.feature_windows_ms))
+    markers = Output(early_warning_scores.SCALE2, "merge",
+                     MergeSpec(keys=("observation_id",), latest_by=("silver_version",),
+                               update_when="s.silver_version >= t.silver_version"),
+                     early_warning_scores.SCALE2_SCHEMA)
     return [
         Job(name=early_warning_scores.SCORES, source=TableSource("silver.observations"),
             transform=early_warning_scores.early_warning_scores, write="merge", merge=score_key,
-            schema=early_warning_scores.SCHEMA, side_outputs=(features,),
+            schema=early_warning_scores.SCHEMA, side_outputs=(features, markers),
             reads=(early_warning_scores.PATIENTS, early_warning_scores.ENCOUNTERS),
             options={"lookback_ms": g.lookback_ms, "history_ms": g.history_ms, "windows_ms": g.feature_windows_ms,
                      "scale2_codes": g.spo2_scale2_codes, "champion": _champion_loader(cfg)},
             description="NEWS2 (components, band, partial), qSOFA, SIRS and model risk each time a vital sign "
-                        "arrives; vitals features (gold.vitals_features) for the same points"),
+                        "arrives; vitals features (gold.vitals_features) for the same points; the SpO2 scale-2 "
+                        "markers it looks up (gold.spo2_scale2_markers)"),
         Job(name=deterioration_alerts.ALERTS, source=TableSource(early_warning_scores.SCORES),
             transform=deterioration_alerts.deterioration_alerts, write="merge",
             merge=MergeSpec(keys=("alert_id",), latest_by=("computed_at",), prune_by=("opened_at",)),

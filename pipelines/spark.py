@@ -52,6 +52,10 @@ def session_settings(cfg: SparkConfig) -> dict[str, str]:
         # and runs interpreted; above this limit Spark falls back to per-operator code instead. The device
         # projection (silver.observations) generates ~10 KB: 500k rows 29.8 s at the default 65535, 17.0 s here.
         "spark.sql.codegen.hugeMethodLimit": "8000",
+        # Generated classes are cached by their source; at the default 100 entries the jobs of one `run all` (four
+        # streaming plans, gold's wide projections) evict each other, and a score batch recompiled 10-27 classes
+        # (0.4-0.9 s) every time; with room for them all it compiles about one per batch.
+        "spark.sql.codegen.cache.maxEntries": "2000",
         "spark.driver.extraJavaOptions": java_opts,
         "spark.executor.extraJavaOptions": java_opts,
     }

@@ -169,6 +169,32 @@ def test_feeds_of_one_person_score_together_and_scale2(lake):
     assert s[0]["news2_partial"] is True and s[0]["missing_inputs"] == ["news2_spo2"]
 
 
+def test_scale2_marker_from_its_own_batch_counts_later_and_stops_when_entered_in_error(lake):
+    """The score job keeps hypercapnic-target markers as silver rows stream past (gold.spo2_scale2_markers), so a
+    marker that came in a batch without any vital sign still sets scale 2 later, and its retraction ends it."""
+    from gold.early_warning_scores import SCALE2
+
+    base = dict(rr=16, fio2=21, sbp=120, hr=70, acvpu="A", temp=37.0)
+    lake.add(vitals("p5", 0, spo2=88, **base))
+    lake.run()
+    assert lake.scores("p5")[0]["spo2_scale"] == 1  # no marker yet: scale 1, SpO2 88 scores 3
+    marker = obs("p5", "problem", "J96.12", -60, code="11450-4")
+    lake.add([marker])  # a batch of its own: nothing to score in it
+    lake.run()
+    kept = [r for r in lake.store.read_arrow(SCALE2).to_pylist() if r["patient_key"] == "p5"]
+    assert [(r["observation_id"], r["status"]) for r in kept] == [(marker["observation_id"], "final")]
+    lake.add(vitals("p5", 10, spo2=88, **base))
+    lake.run()
+    s = lake.scores("p5")
+    assert (s[10]["spo2_scale"], s[10]["news2_spo2"]) == (2, 0)
+    lake.add([{**marker, "status": "entered-in-error", "source_version": "2"}])  # silver appends the retraction
+    lake.add(vitals("p5", 20, spo2=88, **base))
+    lake.run()
+    s = lake.scores("p5")
+    assert (s[20]["spo2_scale"], s[20]["news2_spo2"]) == (1, 3)
+    assert [r["status"] for r in lake.store.read_arrow(SCALE2).to_pylist()] == ["entered-in-error"]
+
+
 def test_recompute_from_reaches_back_to_running_episodes_also_when_two_open_at_once():
     from gold.deterioration_alerts import _recompute_from
 
