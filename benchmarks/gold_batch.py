@@ -143,7 +143,8 @@ def compute_only(cfg, spark) -> tuple[float, int]:
         return store.version(name) if store.exists(name) else None
 
     t0 = time.perf_counter()
-    changes = store.read(OBSERVATIONS).withColumn("_change_type", F.lit("insert"))
+    changes = store.read(OBSERVATIONS).select("*", F.lit("insert").alias("_change_type"),
+                                              F.lit(store.version(OBSERVATIONS)).alias("_commit_version"))
     out = job.apply(changes, {"batch_id": 0, "ingest_batch_id": "bench", "processed_at": datetime.now(UTC),
                               "read_table": read_table, "table_version": table_version})
     out.write.format("noop").mode("overwrite").save()
