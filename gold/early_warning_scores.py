@@ -174,12 +174,9 @@ def early_warning_scores(
     new_markers = _scale2_markers(now, scale2_codes, F.col("_commit_version"), stamp)
     if table_version(SCALE2) is None:
         backfill = _scale2_markers(read_table(OBSERVATIONS), scale2_codes, F.lit(table_version(OBSERVATIONS)), stamp)
-        new_markers = backfill.join(new_markers.select("observation_id"), "observation_id", "left_anti") \
-            .unionByName(new_markers)
-        markers = new_markers
-    else:
-        markers = (read_table(SCALE2).join(new_markers.select("observation_id"), "observation_id", "left_anti")
-                   .unionByName(new_markers))
+        new_markers = markers = _newest(backfill.unionByName(new_markers))
+    else:  # each marker's newest state, whether kept earlier or in this batch
+        markers = _newest(read_table(SCALE2).unionByName(new_markers))
     marker_rows = _as_routed(new_markers.select("*", F.lit(SCALE2).alias(OUTPUT)), routed_schema)
     changed = (now.where(F.col("concept").isin(*inputs) & F.col("patient_key").isNotNull()
                          & F.col("effective_at").isNotNull()))
@@ -254,12 +251,16 @@ def _scale2_markers(observations: DataFrame, codes: Sequence[str], version: Colu
     marked = observations.where(F.col("observation_id").isNotNull()
                                 & (F.col("code").isin(*codes) | F.col("value_text").isin(*codes)) if codes
                                 else F.lit(False))
+    return _newest(marked.select("observation_id", "patient_key", "code", "value_text", "status", "effective_at",
+                                 version.cast("long").alias("silver_version"),
+                                 F.lit(stamp["computed_by"]).alias("computed_by"),
+                                 F.lit(stamp["computed_at"]).cast("timestamp").alias("computed_at")))
+
+
+def _newest(markers: DataFrame) -> DataFrame:
+    """One row per marker: the state of the newest silver version (a kept row may be newer than a replayed one)."""
     newest = Window.partitionBy("observation_id").orderBy(F.col("silver_version").desc_nulls_last())
-    return (marked.select("observation_id", "patient_key", "code", "value_text", "status", "effective_at",
-                          version.cast("long").alias("silver_version"))
-            .select("*", F.row_number().over(newest).alias("_n")).where("_n = 1").drop("_n")
-            .select("*", F.lit(stamp["computed_by"]).alias("computed_by"),
-                    F.lit(stamp["computed_at"]).cast("timestamp").alias("computed_at")))
+    return markers.select("*", F.row_number().over(newest).alias("_n")).where("_n = 1").drop("_n")
 
 
 def _scale2_patients(markers: DataFrame, touched: DataFrame, links: Mapping[str, str]) -> DataFrame:
