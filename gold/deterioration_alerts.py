@@ -1,5 +1,8 @@
 """gold.deterioration_alerts: one alert per patient, level and episode, from gold.early_warning_scores.
 
+The score job computes them in the same batch as the scores (a side output, committed before the score rows):
+an alert is one hop, not one micro-batch, behind the reading that raised it.
+
 Levels and when a score row is "in" them:
 
 | level          | condition                           |
@@ -27,7 +30,7 @@ late or corrected data dissolves is kept as `withdrawn`, never silently deleted.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 
 from pyspark.sql import Column, DataFrame, Window
@@ -43,7 +46,6 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
-from gold.early_warning_scores import SCORES
 from pipelines import __version__ as CODE_VERSION
 from pipelines import sqltext as sql
 
@@ -132,32 +134,35 @@ def _alert_id(patient: Column, level: Column, opened_at: Column) -> Column:
     return F.substring(F.sha2(text, 256), 1, 32)
 
 
-def deterioration_alerts(changes: DataFrame, *, read_table: Callable[..., DataFrame],
-                         table_version: Callable[[str], int | None], ingest_batch_id: str,
-                         processed_at: datetime, resolve_after_ms: int) -> DataFrame:
-    spark = changes.sparkSession
-    touched_rows = (changes.where(F.col("_change_type").isin("insert", "update_postimage"))
-                    .groupBy("patient_key").agg(F.min("scored_at").alias("_from")).collect())
-    if not touched_rows:
-        return spark.createDataFrame([], SCHEMA)
-    starts = {r["patient_key"]: r["_from"] for r in touched_rows}
-    if table_version(ALERTS) is not None:
-        touched = spark.createDataFrame(touched_rows, "patient_key string, _from timestamp")
-        known = (read_table(ALERTS).join(F.broadcast(touched.select("patient_key")), "patient_key")
-                 .where(F.col("status") != WITHDRAWN).select("patient_key", "opened_at", "resolved_at").collect())
+def deterioration_alerts(starts: Mapping[str, datetime], scores: Callable[[datetime], DataFrame], *,
+                         read_table: Callable[..., DataFrame], table_version: Callable[[str], int | None],
+                         scores_version: int | None, ingest_batch_id: str, processed_at: datetime,
+                         resolve_after_ms: int) -> DataFrame:
+    """The alert rows to MERGE for the patients whose scores changed (at least one), each from `starts[patient]` on.
+
+    `scores(since)` gives the score rows from `since` on as they stand once the batch commits (the stored rows
+    with this batch's rows in place); `scores_version` is the gold.early_warning_scores version read, for
+    provenance.
+    """
+    starts = dict(starts)
+    known_alerts = table_version(ALERTS) is not None
+    if known_alerts:  # episodes still running at a patient's start are recomputed whole
+        keys = sorted(starts)
+        known = (read_table(ALERTS).where(F.col("patient_key").isin(*keys) & (F.col("status") != WITHDRAWN))
+                 .select("patient_key", "opened_at", "resolved_at").collect())
         starts = _recompute_from(starts, known, timedelta(milliseconds=resolve_after_ms))
-    touched = spark.createDataFrame(list(starts.items()), "patient_key string, _from timestamp")
+    earliest = min(starts.values())
+    recent = scores(earliest)
+    touched = recent.sparkSession.createDataFrame(list(starts.items()), "patient_key string, _from timestamp")
+    recent = recent.join(F.broadcast(touched), "patient_key").where(F.col("scored_at") >= F.col("_from"))
     existing = None
-    if table_version(ALERTS) is not None:
+    if known_alerts:
         existing = (read_table(ALERTS).join(F.broadcast(touched), "patient_key")
                     .where((F.col("status") != WITHDRAWN) & (F.col("opened_at") >= F.col("_from"))))
-    earliest = min(starts.values())
-    scores = (read_table(SCORES, since=("scored_at", earliest))  # the files from the earliest start on only
-              .join(F.broadcast(touched), "patient_key").where(F.col("scored_at") >= F.col("_from")))
 
     levels = F.array(*[F.struct(F.lit(name).alias("level"), cond.alias("_in"))
                        for name, cond in level_conditions().items()])
-    rows = scores.select("*", F.explode(levels).alias("_l")).select("*", "_l.level", "_l._in").drop("_l")
+    rows = recent.select("*", F.explode(levels).alias("_l")).select("*", "_l.level", "_l._in").drop("_l")
     rows = _episodes(rows, resolve_after_ms)
     inside = F.col("_in")
     first = F.when(inside, F.col("scored_at"))  # the opening row: the episode's first row in the level
@@ -181,7 +186,7 @@ def deterioration_alerts(changes: DataFrame, *, read_table: Callable[..., DataFr
     ).where(F.col("opened_at").isNotNull())  # a stretch out of the level only
     medium = F.col("level") == "news2_medium"
     escalated_at = F.when(medium, F.col("_high_at"))
-    now = [F.lit(table_version(SCORES)).cast("long").alias("scores_version"),
+    now = [F.lit(scores_version).cast("long").alias("scores_version"),
            F.lit(CODE_VERSION).alias("code_version"), F.lit(ingest_batch_id).alias("computed_by"),
            F.lit(processed_at).cast("timestamp").alias("computed_at")]
     alerts = episodes.select(

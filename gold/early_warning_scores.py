@@ -11,7 +11,9 @@ How a batch works (pure: the runner passes the changed silver rows and `read_tab
    corrections and deletions alike);
 2. history: the person's usable inputs from `gold.history` before that time on (silver.observations snapshot);
 3. every input time from the touched time on is (re)scored: a late or corrected value changes the rows after
-   it too, and the MERGE on (patient_key, scored_at) makes replays and restarts idempotent.
+   it too, and the MERGE on (patient_key, scored_at) makes replays and restarts idempotent;
+4. the touched patients' alert episodes are recomputed from those score rows (gold.deterioration_alerts), in
+   the same batch: an alert commits with the scores that raised it, one micro-batch after the reading.
 
 People, not identities: FHIR Observations name `Patient/<id>`, HL7 and monitors the MRN; silver.patients links
 them (`merged_into`, also for A40 merges), and scores use the surviving key, so every feed of one person lands
@@ -42,7 +44,7 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
-from gold import features, news2
+from gold import deterioration_alerts, features, news2
 from pipelines import __version__ as CODE_VERSION
 from pipelines import sqltext as sql
 
@@ -158,13 +160,15 @@ def _resolve(df: DataFrame, column: str, links: Mapping[str, str]) -> DataFrame:
 def early_warning_scores(
     changes: DataFrame, *, read_table: Callable[..., DataFrame], table_version: Callable[[str], int | None],
     ingest_batch_id: str, processed_at: datetime, lookback_ms: int, history_ms: int, windows_ms: Sequence[int],
-    scale2_codes: Sequence[str], champion: Callable[[], Any],
+    scale2_codes: Sequence[str], champion: Callable[[], Any], resolve_after_ms: int,
 ) -> DataFrame:
-    """Score every touched patient's inputs from the earliest changed one on; one routed DataFrame
-    (`_output` = gold.early_warning_scores or gold.vitals_features)."""
+    """Score every touched patient's inputs from the earliest changed one on, and recompute their alerts from
+    those scores; one routed DataFrame (`_output` = gold.early_warning_scores, gold.vitals_features,
+    gold.deterioration_alerts or gold.spo2_scale2_markers)."""
     spark = changes.sparkSession
     feature_schema = features_schema(windows_ms)
     routed_schema = _routed_schema(feature_schema)
+    scores_version = table_version(SCORES)
     inputs = list(INPUTS)
     patient_links = _links(read_table, table_version, PATIENTS, "patient_key")
     now = changes.where(F.col("_change_type").isin("insert", "update_postimage"))
@@ -218,11 +222,25 @@ def early_warning_scores(
                            F.lit(CODE_VERSION).alias("code_version"), F.lit(ingest_batch_id).alias("computed_by"),
                            F.lit(processed_at).cast("timestamp").alias("computed_at"),
                            F.explode(F.array(F.lit(SCORES), F.lit(FEATURES))).alias(OUTPUT))
-        out = _as_routed(both, routed_schema).unionByName(marker_rows)
-        out = out.localCheckpoint(eager=True)  # computed once, while `history` is still cached
+        scored = _as_routed(both, routed_schema).localCheckpoint(eager=True)  # once, while `history` is cached
     finally:
         history.unpersist()
-    return out
+    new_scores = scored.where(F.col(OUTPUT) == SCORES).select(*SCHEMA.fieldNames())
+
+    def scores_from(since: datetime) -> DataFrame:
+        """Score rows from `since` on as they stand once this batch commits: stored rows, this batch's in place."""
+        if scores_version is None:
+            return new_scores
+        stored = read_table(SCORES, since=("scored_at", since)).select(*SCHEMA.fieldNames())
+        return (stored.join(new_scores.select("patient_key", "scored_at"), ["patient_key", "scored_at"], "left_anti")
+                .unionByName(new_scores))
+
+    alerts = deterioration_alerts.deterioration_alerts(
+        {r["patient_key"]: r["_from"] for r in touched_rows}, scores_from, read_table=read_table,
+        table_version=table_version, scores_version=scores_version, ingest_batch_id=ingest_batch_id,
+        processed_at=processed_at, resolve_after_ms=resolve_after_ms)
+    alert_rows = _as_routed(alerts.select("*", F.lit(deterioration_alerts.ALERTS).alias(OUTPUT)), routed_schema)
+    return scored.unionByName(alert_rows).unionByName(marker_rows)
 
 
 def _partitions(spark) -> int:
@@ -231,7 +249,7 @@ def _partitions(spark) -> int:
 
 def _routed_schema(feature_schema: StructType) -> StructType:
     fields = [*SCHEMA.fields]
-    for more in (feature_schema.fields, SCALE2_SCHEMA.fields):
+    for more in (feature_schema.fields, deterioration_alerts.SCHEMA.fields, SCALE2_SCHEMA.fields):
         names = {f.name for f in fields}
         fields += [StructField(f.name, f.dataType, True) for f in more if f.name not in names]
     return StructType([*fields, StructField(OUTPUT, StringType(), False)])

@@ -178,10 +178,18 @@ class Registry:
         return [j.name for j in self.order()]
 
     def get(self, name: str) -> Job:
-        if name not in self._jobs:
-            known = ", ".join(sorted(self._jobs)) or "(none)"
-            raise UsageError(f"no job writes {name!r}; jobs: {known}")
-        return self._jobs[name]
+        """The job that writes `name`: its own table, or a side output only it writes (gold.deterioration_alerts
+        is written by the gold.early_warning_scores job)."""
+        if name in self._jobs:
+            return self._jobs[name]
+        writers = sorted(j.name for j in self._jobs.values() if any(o.table == name for o in j.side_outputs))
+        if len(writers) == 1:
+            return self._jobs[writers[0]]
+        if writers:
+            raise UsageError(f"{name} is written by the jobs {', '.join(writers)} as a side output; run one of "
+                             "them by name, or `all`")
+        known = ", ".join(sorted(self._jobs)) or "(none)"
+        raise UsageError(f"no job writes {name!r}; jobs: {known}")
 
     def order(self, names: Iterable[str] | None = None) -> list[Job]:
         """Jobs (all, or `names` and nothing else) with every upstream job before its dependents."""
@@ -259,7 +267,8 @@ def builtin_jobs(cfg: Config) -> list[Job]:
 
 
 def gold_jobs(cfg: Config) -> list[Job]:
-    """Early-warning scores (+ vitals features, + model risk) and deterioration alerts."""
+    """Early-warning scores (+ model risk), with deterioration alerts, vitals features and scale-2 markers as side
+    outputs of the same batch."""
     from gold import deterioration_alerts, early_warning_scores
 
     g = cfg.gold
@@ -270,23 +279,22 @@ def gold_jobs(cfg: Config) -> list[Job]:
                      MergeSpec(keys=("observation_id",), latest_by=("silver_version",),
                                update_when="s.silver_version >= t.silver_version"),
                      early_warning_scores.SCALE2_SCHEMA)
+    alerts = Output(deterioration_alerts.ALERTS, "merge",
+                    MergeSpec(keys=("alert_id",), latest_by=("computed_at",), prune_by=("opened_at",)),
+                    deterioration_alerts.SCHEMA)
     return [
         Job(name=early_warning_scores.SCORES, source=TableSource("silver.observations"),
             transform=early_warning_scores.early_warning_scores, write="merge", merge=score_key,
-            schema=early_warning_scores.SCHEMA, side_outputs=(features, markers),
+            schema=early_warning_scores.SCHEMA, side_outputs=(alerts, features, markers),
             reads=(early_warning_scores.PATIENTS, early_warning_scores.ENCOUNTERS),
             options={"lookback_ms": g.lookback_ms, "history_ms": g.history_ms, "windows_ms": g.feature_windows_ms,
-                     "scale2_codes": g.spo2_scale2_codes, "champion": _champion_loader(cfg)},
+                     "scale2_codes": g.spo2_scale2_codes, "champion": _champion_loader(cfg),
+                     "resolve_after_ms": g.alert_resolve_after_ms},
             description="NEWS2 (components, band, partial), qSOFA, SIRS and model risk each time a vital sign "
-                        "arrives; vitals features (gold.vitals_features) for the same points; the SpO2 scale-2 "
-                        "markers it looks up (gold.spo2_scale2_markers)"),
-        Job(name=deterioration_alerts.ALERTS, source=TableSource(early_warning_scores.SCORES),
-            transform=deterioration_alerts.deterioration_alerts, write="merge",
-            merge=MergeSpec(keys=("alert_id",), latest_by=("computed_at",), prune_by=("opened_at",)),
-            schema=deterioration_alerts.SCHEMA,
-            options={"resolve_after_ms": g.alert_resolve_after_ms},
-            description="One alert per patient, level (NEWS2 medium/high, qSOFA >= 2, model) and episode: "
-                        "opened, escalated, resolved"),
+                        "arrives; in the same batch the deterioration alerts (gold.deterioration_alerts: one per "
+                        "patient, level and episode, opened, escalated, resolved), the vitals features "
+                        "(gold.vitals_features) and the SpO2 scale-2 markers it looks up "
+                        "(gold.spo2_scale2_markers)"),
     ]
 
 

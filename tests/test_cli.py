@@ -37,6 +37,8 @@ def test_help_does_not_import_spark_or_delta():
     (("history", "platinum.x"), "is not a table name"),
     (("history", "silver.missing"), "table silver.missing does not exist yet"),
     (("run", "silver.nope"), "no job writes 'silver.nope'; jobs: bronze.device_readings"),
+    (("run", "silver.quarantine"), "silver.quarantine is written by the jobs silver.encounters, "
+                                   "silver.observations, silver.patients as a side output; run one of them"),
     (("--set", "storage.engine=duckdb", "tables"), "storage.engine must be one of"),
     (("restore", "silver.x"), "restore needs exactly one of --version N or --timestamp TS"),
 ])
@@ -49,6 +51,16 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path, args, message):
 
 
 @pytest.mark.slow
+def test_a_side_output_written_by_one_job_names_that_job(tmp_path):
+    from pipelines.jobs import load_registry
+    from tests.conftest import make_config
+
+    registry = load_registry(make_config(tmp_path / "lake"))
+    assert registry.get("gold.deterioration_alerts").name == "gold.early_warning_scores"
+    assert [j.name for j in registry.order(["gold.deterioration_alerts", "gold.early_warning_scores"])] == [
+        "gold.early_warning_scores"]
+
+
 def test_ingest_run_all_sql_tables_history_together(tmp_path):
     root = tmp_path / "lake"
     src = tmp_path / "readings.jsonl"
