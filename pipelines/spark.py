@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,9 +34,13 @@ def _check_java() -> None:
         )
 
 
-def session_settings(cfg: SparkConfig) -> dict[str, str]:
-    """The spark.* settings carelake applies, before cfg.conf's pass-through overrides."""
+def session_settings(cfg: SparkConfig, tmp_dir: str | None = None) -> dict[str, str]:
+    """The spark.* settings carelake applies, before cfg.conf's pass-through overrides.
+
+    `tmp_dir`: the driver JVM's java.io.tmpdir (Spark's scratch space and its per-session artifact folder).
+    """
     java_opts = f"-Dlog4j.configurationFile=file:{_LOG4J} -Dlog4j2.level={cfg.log_level}"
+    driver_opts = f"{java_opts} -Djava.io.tmpdir={tmp_dir}" if tmp_dir else java_opts
     settings = {
         "spark.app.name": cfg.app_name,
         "spark.sql.shuffle.partitions": str(cfg.shuffle_partitions),
@@ -56,7 +62,7 @@ def session_settings(cfg: SparkConfig) -> dict[str, str]:
         # streaming plans, gold's wide projections) evict each other, and a score batch recompiled 10-27 classes
         # (0.4-0.9 s) every time; with room for them all it compiles about one per batch.
         "spark.sql.codegen.cache.maxEntries": "2000",
-        "spark.driver.extraJavaOptions": java_opts,
+        "spark.driver.extraJavaOptions": driver_opts,
         "spark.executor.extraJavaOptions": java_opts,
     }
     if not _under_spark_submit():
@@ -75,11 +81,24 @@ def create_spark(cfg: SparkConfig) -> SparkSession:
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder
-    for key, value in session_settings(cfg).items():
+    for key, value in session_settings(cfg, None if _under_spark_submit() else _scratch_dir()).items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(cfg.log_level)
     return spark
+
+
+def _scratch_dir() -> str:
+    """A temporary folder of this process for the driver JVM, removed at exit.
+
+    Spark 4 creates an `artifacts-<uuid>` folder in java.io.tmpdir for every session and never removes it; in
+    the system temp folder they pile up, one per run. Registered before the JVM starts, the removal runs after
+    PySpark's own exit handlers have stopped it. A process killed with -9 leaves its folder behind, named
+    carelake-spark-*.
+    """
+    folder = tempfile.mkdtemp(prefix="carelake-spark-")
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def jvm_has_class(spark: SparkSession, class_name: str) -> bool:
