@@ -27,7 +27,9 @@ from pyspark.sql import functions as F
 FEATURE_CONCEPTS = ("hr", "rr", "spo2", "sbp", "dbp", "temp", "fio2", "o2flow", "lactate", "wbc", "creatinine")
 
 KEYS = ("patient_key", "scored_at")
-_T, _PROBE, _SLOT, _LAST, _LAST_T, _N = "_t", "_probe", "_slot", "_last", "_last_t", "_n"
+_T, _PROBE, _SLOT, _LAST, _LAST_T, _N, _W = "_t", "_probe", "_slot", "_last", "_last_t", "_n", "_w"
+# An observations column saying how many readings a row stands for (a rolled-up minute); absent: each row is one.
+WEIGHT = "_n"
 _UNITS = (("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1))
 _US_PER_HOUR = 3_600_000_000
 
@@ -61,10 +63,11 @@ def _readings(observations: DataFrame) -> DataFrame:
     value = F.col("value").cast("double")
     usable = (F.col("concept").isin(*FEATURE_CONCEPTS) & value.isNotNull() & ~F.isnan(value)
               & F.col("effective_at").isNotNull() & F.col("patient_key").isNotNull())
+    weight = F.col(WEIGHT).cast("long") if WEIGHT in observations.columns else F.lit(1).cast("long")
     return observations.where(usable).select(
         "patient_key", "concept", value.alias("value"), F.unix_micros("effective_at").alias(_T),
         F.lit(None).cast("timestamp").alias("scored_at"), F.lit(None).cast("int").alias(_SLOT),
-        F.lit(0).alias(_PROBE),
+        F.lit(0).alias(_PROBE), weight.alias(_W),
     )
 
 
@@ -77,7 +80,7 @@ def _probes(keys: DataFrame, windows: Sequence[int]) -> DataFrame:
     return per_slot.select(
         "patient_key", "concept", F.lit(None).cast("double").alias("value"),
         (F.unix_micros("scored_at") - F.col("_offset_us")).alias(_T), "scored_at", F.col(_SLOT).cast("int"),
-        F.lit(1).alias(_PROBE),
+        F.lit(1).alias(_PROBE), F.lit(0).cast("long").alias(_W),
     )
 
 
@@ -89,7 +92,7 @@ def _as_of(rows: DataFrame) -> DataFrame:
         *KEYS, "concept", _SLOT, _PROBE,
         F.last("value", ignorenulls=True).over(so_far).alias(_LAST),
         F.last(F.when(F.col(_PROBE) == 0, F.col(_T)), ignorenulls=True).over(so_far).alias(_LAST_T),
-        F.sum(1 - F.col(_PROBE)).over(so_far).alias(_N),
+        F.sum(_W).over(so_far).alias(_N),
     ).where(F.col(_PROBE) == 1)
 
 
@@ -124,7 +127,9 @@ def _concept_features(concept: str, windows: Sequence[int]) -> list[str]:
 def vitals_features(observations: DataFrame, points: DataFrame, windows_ms: Sequence[int]) -> DataFrame:
     """Points (patient_key, scored_at, ...) with their vitals features (feature_columns) appended.
 
-    observations: patient_key, concept, value, effective_at (numeric, non-deleted rows; other columns ignored).
+    observations: patient_key, concept, value, effective_at (numeric, non-deleted rows; other columns ignored),
+    and optionally `_n`: how many readings a row stands for (a rolled-up minute: its newest reading, see
+    gold.early_warning_scores), 1 without it.
     Last, age, change and slope are null when there is no reading to compute them from; a count with no
     readings is 0. Slope is per hour between the two readings, null when they are the same reading.
     """

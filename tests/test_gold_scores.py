@@ -229,3 +229,76 @@ def test_alert_hysteresis_one_alert_for_a_finding_that_flickers(lake):
     assert [(minutes(a["opened_at"]), minutes(a["last_scored_at"]), a["status"], minutes(a["resolved_at"]))
             for a in medium] == [(10, 50, "resolved", 60), (200, 200, "open", None)]
     assert medium[0]["alert_id"] != medium[1]["alert_id"] and medium[0]["peak_news2_score"] == 6
+
+
+def test_history_rolled_up_by_minute_gives_exactly_the_scores_features_and_alerts_of_every_row(
+        tmp_path, spark, monkeypatch):
+    """A monitor's history before the batch is read in minutes (gold.early_warning_scores._rolled_up): the same
+    gold rows as reading it row by row, at window edges, ties, an encounter change, a retraction, a late reading."""
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    from gold import early_warning_scores as ews
+    from pipelines.jobs import load_registry
+    from pipelines.runner import Runner, Trigger
+    from pipelines.store import open_store
+    from tests.conftest import make_config
+
+    def rows_until(first: float, last: float, every_s: int, patient: str, enc_switch: float | None = None):
+        out, t = [], first * 60
+        while t < last * 60:
+            m = t / 60
+            values = {"hr": 80 + (t % 17), "rr": 16 + (t % 9), "spo2": 93 + (t % 5), "sbp": 100 + (t % 40),
+                      "temp": 37 + (t % 3) / 2, "fio2": 21}
+            rows = [obs(patient, c, v, m) for c, v in values.items()]
+            if t % 60 == 0:
+                rows.append(obs(patient, "acvpu", "A" if t % 600 else "V", m))
+            if t % 180 == 0:
+                rows.append(obs(patient, "lactate", 1.5 + (t % 7) / 10, m, code="2524-7"))
+            if enc_switch is not None and m >= enc_switch:
+                for r in rows:
+                    r["encounter_key"] = f"enc-{patient}-b"
+            out += rows
+            t += every_s
+        return out
+
+    history = [*rows_until(0, 40, 7, "p1", enc_switch=20), *rows_until(0, 40, 120, "p2")]
+    tie = obs("p1", "hr", 131, 12)  # a second HR at an instant that has one: the larger is the feature's last
+    tie["observation_id"] = "f" * 32
+    retracted = obs("p1", "rr", 30, 14, status="entered-in-error")
+    tail = [*rows_until(40, 41, 7, "p1", enc_switch=20), *rows_until(40, 42, 120, "p2"), obs("p2", "hr", 140, 25)]
+    seen: list[tuple[int, int]] = []
+    rolled_up = ews._rolled_up
+
+    def spy(history_rows, inputs, windows_ms):
+        out = rolled_up(history_rows, inputs, windows_ms)
+        seen.append((history_rows.count(), out.count()))
+        return out
+
+    monkeypatch.setattr(ews, "_rolled_up", spy)
+
+    def gold(rollup_seconds: int, root) -> dict[str, list]:
+        monkeypatch.setattr(ews, "ROLLUP_SECONDS", rollup_seconds)
+        cfg = make_config(root, **{"gold.feature_windows": ["5m", "15m"], "gold.history": "20m",
+                                   "gold.lookback": "10m", "gold.alert_resolve_after": "5m"})
+        store = open_store(cfg, spark)
+        runner = Runner(cfg, spark, store, load_registry(cfg))
+        schema = to_arrow_schema(OBS_SCHEMA)
+        for batch in ([*history, tie, retracted], tail):
+            store.append(OBSERVATIONS, pa.Table.from_pylist(batch, schema=schema))
+            runner.run([SCORES], Trigger(available_now=True))
+        provenance = {"silver_version", "scores_version", "code_version", "computed_by", "computed_at"}
+
+        def comparable(row: dict) -> tuple:
+            return tuple(sorted((k, round(v, 9) if isinstance(v, float) else tuple(v) if isinstance(v, list) else v)
+                                for k, v in row.items() if k not in provenance))
+
+        return {t: sorted(map(comparable, store.read_arrow(t).to_pylist()), key=repr)
+                for t in (SCORES, FEATURES, ALERTS)}
+
+    rolled, row_by_row = gold(60, tmp_path / "rolled"), gold(0, tmp_path / "rows")
+    (_, _), (second_in, second_out), (_, _), (rows_in, rows_out) = seen
+    assert second_out < second_in / 2 and rows_out == rows_in  # the second batch read its history in minutes
+    assert len(rolled[SCORES]) == len({(r["patient_key"], r["effective_at"]) for r in [*history, tie, *tail]})
+    assert {a for r in rolled[ALERTS] for k, a in r if k == "level"}  # alerts were raised to compare
+    for table in (SCORES, FEATURES, ALERTS):
+        assert rolled[table] == row_by_row[table], table
