@@ -9,7 +9,8 @@ vitals features (gold.features) and, when a model is registered as `champion`, i
 How a batch works (pure: the runner passes the changed silver rows and `read_table` for history):
 1. touched: per person, the earliest event time among the batch's changed input observations (new values,
    corrections and deletions alike);
-2. history: the person's usable inputs from `gold.history` before that time on (silver.observations snapshot);
+2. history: the person's usable inputs from `gold.history` before that time on (silver.observations snapshot),
+   the minutes that hold no scoring point or feature-window edge rolled up to a few rows each (`_rolled_up`);
 3. every input time from the touched time on is (re)scored: a late or corrected value changes the rows after
    it too, and the MERGE on (patient_key, scored_at) makes replays and restarts idempotent;
 4. the touched patients' alert episodes are recomputed from those score rows (gold.deterioration_alerts), in
