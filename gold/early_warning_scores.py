@@ -218,7 +218,9 @@ def early_warning_scores(
     try:
         scale2 = _scale2_patients(markers, touched, patient_links)
         asof = _as_of(history.where(F.col("_asof")), inputs)
-        points = asof.where(F.col("scored_at") >= F.col("_from")).join(scale2, "patient_key", "left")
+        # Up to _to: silver may have grown between the `ends` read and this one; later rows score next batch.
+        points = (asof.where((F.col("scored_at") >= F.col("_from")) & (F.col("scored_at") <= F.col("_to")))
+                  .join(scale2, "patient_key", "left"))
         scores = _score(points, lookback_ms)
         numeric = history.where(F.col("_feature") & F.col("concept").isin(*features.FEATURE_CONCEPTS))
         feats = features.vitals_features(numeric, scores.select("patient_key", "scored_at"), windows_ms)
@@ -318,14 +320,17 @@ def _rolled_up(history: DataFrame, inputs: Sequence[str], windows_ms: Sequence[i
     One minute of a monitor that sends a reading a second becomes one feature row: 12 h of history, ~43,000
     readings per vital, become ~720 rows, and no longer cross a shuffle, a sort and the cache row by row.
 
-    Exact but for one case: several rows of one input at one instant, the one with the largest id without a value
-    (a numeric code sent as text); the score then takes the newest value-bearing row of that minute.
+    Exact but for one case: in a rolled-up minute, several rows of one input at its newest instant, the one with
+    the largest id without a value (a numeric code sent as text) and another with one. Row by row the score
+    carries the value from before that instant forward; rolled up it finds none before it and counts the input
+    missing (partial, never normal). The time the batch's points end (`_to`) bounds them: rows silver gained
+    after it was read are scored by the next batch.
 
     Out: patient_key, encounter_key, concept, value, value_text, effective_at, observation_id, _from, `_n`
     (readings a row stands for), `_asof` (scores read it), `_feature` (features read it).
     """
     cols = ["patient_key", "encounter_key", "concept", "value", "value_text", "effective_at", "observation_id",
-            "_from"]
+            "_from", "_to"]
     as_read = [F.lit(1).cast("long").alias("_n"), F.col("concept").isin(*inputs).alias("_asof"),
                F.lit(True).alias("_feature")]
     if ROLLUP_SECONDS <= 0:
@@ -337,7 +342,7 @@ def _rolled_up(history: DataFrame, inputs: Sequence[str], windows_ms: Sequence[i
     here = minute("effective_at")
     probed = [f"{here} >= {minute('_from')}"]
     for w in windows_ms:
-        back = f"INTERVAL {int(w) // 1000} SECONDS"
+        back = f"INTERVAL {int(w)} MILLISECONDS"
         probed.append(f"({here} BETWEEN {minute(f'_from - {back}')} AND {minute(f'_to - {back}')})")
     history = history.selectExpr(*cols, f"{' OR '.join(probed)} AS _raw", f"{here} AS _minute")
     raw = history.where("_raw").select(*cols, *as_read)
@@ -349,7 +354,7 @@ def _rolled_up(history: DataFrame, inputs: Sequence[str], windows_ms: Sequence[i
               "THEN value_text IS NOT NULL ELSE value IS NOT NULL END")
     row = "struct(effective_at, observation_id, value, value_text)"
     groups = history.where("NOT _raw").groupBy("patient_key", "concept", "_minute").agg(
-        F.first("_from").alias("_from"),
+        F.first("_from").alias("_from"), F.first("_to").alias("_to"),
         F.expr(f"max(struct(effective_at, value)) FILTER (WHERE {feature})").alias("_last"),
         F.expr(f"count(*) FILTER (WHERE {feature})").alias("_count"),
         F.expr(f"max({row}) FILTER (WHERE {scored})").alias("_pick"),
@@ -368,10 +373,11 @@ def _rolled_up(history: DataFrame, inputs: Sequence[str], windows_ms: Sequence[i
                        "NULL", "1") for k, p in ((1, "_pick"), (2, "_valued"))],
                entry(3, "_enc.effective_at", sql.string(_ENCOUNTER), "NULL", "NULL", "NULL", "_enc.encounter_key",
                      "1")]
-    rolled = groups.selectExpr("patient_key", "_from", f"inline(array({', '.join(entries)}))").where(
+    rolled = groups.selectExpr("patient_key", "_from", "_to", f"inline(array({', '.join(entries)}))").where(
         "effective_at IS NOT NULL")
     # A feature keeps every minute's row (its counts); a score only the newest minute's rows of each kind.
-    newest = Window.partitionBy("patient_key", "concept", "_kind").orderBy(F.col("effective_at").desc())
+    newest = Window.partitionBy("patient_key", "concept", "_kind").orderBy(F.col("effective_at").desc(),
+                                                                         F.col("encounter_key").desc_nulls_last())
     rolled = rolled.select("*", F.when(F.col("_kind") == 0, F.lit(1)).otherwise(F.row_number().over(newest))
                            .alias("_rank")).where("_rank = 1")
     return raw.unionByName(rolled.select(*cols, "_n", (F.col("_kind") > 0).alias("_asof"),
@@ -380,7 +386,7 @@ def _rolled_up(history: DataFrame, inputs: Sequence[str], windows_ms: Sequence[i
 
 def _as_of(history: DataFrame, inputs: Sequence[str]) -> DataFrame:
     """One row per (patient, input time) with the newest value, time and observation of every input so far."""
-    aggs = ["max(encounter_key) AS _enc", "first(_from) AS _from"]
+    aggs = ["max(encounter_key) AS _enc", "first(_from) AS _from", "first(_to) AS _to"]
     for c in inputs:
         value = "value_text" if c in TEXT_INPUTS else "value"
         here = f"concept = {sql.string(c)}"
@@ -393,7 +399,7 @@ def _as_of(history: DataFrame, inputs: Sequence[str]) -> DataFrame:
         filled += [f"last(_v_{c}, true) {so_far} AS _v_{c}",
                    f"last(CASE WHEN _v_{c} IS NOT NULL THEN effective_at END, true) {so_far} AS _t_{c}",
                    f"last(_id_{c}, true) {so_far} AS _id_{c}"]
-    return per_time.selectExpr("patient_key", "effective_at AS scored_at", "_from", *filled)
+    return per_time.selectExpr("patient_key", "effective_at AS scored_at", "_from", "_to", *filled)
 
 
 def _score(points: DataFrame, lookback_ms: int) -> DataFrame:

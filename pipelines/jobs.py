@@ -177,12 +177,16 @@ class Registry:
     def names(self) -> list[str]:
         return [j.name for j in self.order()]
 
+    def _writers(self, table: str) -> list[str]:
+        """The jobs that write `table`: its own job, else every job that has it as a side output."""
+        if table in self._jobs:
+            return [table]
+        return sorted(j.name for j in self._jobs.values() if any(o.table == table for o in j.side_outputs))
+
     def get(self, name: str) -> Job:
         """The job that writes `name`: its own table, or a side output only it writes (gold.deterioration_alerts
         is written by the gold.early_warning_scores job)."""
-        if name in self._jobs:
-            return self._jobs[name]
-        writers = sorted(j.name for j in self._jobs.values() if any(o.table == name for o in j.side_outputs))
+        writers = self._writers(name)
         if len(writers) == 1:
             return self._jobs[writers[0]]
         if writers:
@@ -205,7 +209,8 @@ class Registry:
                 raise ConfigError(f"jobs form a cycle: {cycle}")
             visiting.append(name)
             for up in (*self._jobs[name].upstream, *self._jobs[name].reads):
-                visit(up)
+                for writer in self._writers(up):
+                    visit(writer)
             visiting.pop()
             done[name] = self._jobs[name]
 

@@ -50,17 +50,21 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path, args, message):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.slow
 def test_a_side_output_written_by_one_job_names_that_job(tmp_path):
-    from pipelines.jobs import load_registry
+    from pipelines.jobs import Job, Registry, TableSource, load_registry
     from tests.conftest import make_config
 
     registry = load_registry(make_config(tmp_path / "lake"))
     assert registry.get("gold.deterioration_alerts").name == "gold.early_warning_scores"
     assert [j.name for j in registry.order(["gold.deterioration_alerts", "gold.early_warning_scores"])] == [
         "gold.early_warning_scores"]
+    # A job reading a side output runs after the job that writes it.
+    reader = Job(name="gold.alert_counts", source=TableSource("gold.deterioration_alerts"), transform=lambda df: df)
+    names = [j.name for j in Registry([*registry, reader])]
+    assert names.index("gold.early_warning_scores") < names.index("gold.alert_counts")
 
 
+@pytest.mark.slow
 def test_ingest_run_all_sql_tables_history_together(tmp_path):
     root = tmp_path / "lake"
     src = tmp_path / "readings.jsonl"

@@ -243,7 +243,8 @@ def test_history_rolled_up_by_minute_gives_exactly_the_scores_features_and_alert
     from pipelines.store import open_store
     from tests.conftest import make_config
 
-    def rows_until(first: float, last: float, every_s: int, patient: str, enc_switch: float | None = None):
+    def rows_until(first: float, last: float, every_s: int, patient: str, enc_switch: float | None = None,
+                   encounter: bool = True):
         out, t = [], first * 60
         while t < last * 60:
             m = t / 60
@@ -253,19 +254,32 @@ def test_history_rolled_up_by_minute_gives_exactly_the_scores_features_and_alert
             if t % 60 == 0:
                 rows.append(obs(patient, "acvpu", "A" if t % 600 else "V", m))
             if t % 180 == 0:
-                rows.append(obs(patient, "lactate", 1.5 + (t % 7) / 10, m, code="2524-7"))
-            if enc_switch is not None and m >= enc_switch:
-                for r in rows:
-                    r["encounter_key"] = f"enc-{patient}-b"
+                rows.append(obs(patient, "lactate", 1.5 + (t % 7) / 10, m))
+            for r in rows:
+                r["encounter_key"] = (None if not encounter else f"enc-{patient}-b"
+                                      if enc_switch is not None and m >= enc_switch else r["encounter_key"])
             out += rows
             t += every_s
         return out
 
-    history = [*rows_until(0, 40, 7, "p1", enc_switch=20), *rows_until(0, 40, 120, "p2")]
-    tie = obs("p1", "hr", 131, 12)  # a second HR at an instant that has one: the larger is the feature's last
-    tie["observation_id"] = "f" * 32
-    retracted = obs("p1", "rr", 30, 14, status="entered-in-error")
-    tail = [*rows_until(40, 41, 7, "p1", enc_switch=20), *rows_until(40, 42, 120, "p2"), obs("p2", "hr", 140, 25)]
+    def tied(patient: str, concept: str, value, minutes: float, tag: str, **changes):
+        row = {**obs(patient, concept, value, minutes), **changes}
+        row["observation_id"] = hashlib.sha256(f"{row['observation_id']}|{tag}".encode()).hexdigest()[:32]
+        return row
+
+    # Batch 2 scores p1 and p3 from 40:00 (p2 from its late reading at 25:00) with windows 5 and 15 min: for p1
+    # the minutes 25-28, 35-38 and 40 on hold probes (read row by row); 20-24, 29-34 and 39 are rolled up.
+    history = [*rows_until(0, 40, 7, "p1", enc_switch=22.5), *rows_until(0, 40, 120, "p2"),
+               *rows_until(0, 40, 30, "p3", encounter=False)]
+    extra = [
+        tied("p1", "hr", 131, 31.5, "a"), tied("p1", "hr", 60, 31.5, "b"),  # ties in a rolled-up minute
+        tied("p1", "hr", 129, 35, "a"), tied("p1", "temp", 39.4, 35, "a"),  # ties at a 5-min probe instant
+        obs("p1", "rr", 30, 32, status="entered-in-error"),  # a retraction in a rolled-up minute
+        # p3 carries no encounter but at 21:00, where two inputs name two: the larger is carried forward.
+        tied("p3", "hr", 90, 21, "x", encounter_key="enc-x1"), tied("p3", "rr", 18, 21, "x", encounter_key="enc-x2"),
+    ]
+    tail = [*rows_until(40, 43, 7, "p1", enc_switch=22.5), *rows_until(40, 42, 120, "p2"),
+            *rows_until(40, 41, 30, "p3", encounter=False), obs("p2", "hr", 140, 25)]
     seen: list[tuple[int, int]] = []
     rolled_up = ews._rolled_up
 
@@ -283,7 +297,7 @@ def test_history_rolled_up_by_minute_gives_exactly_the_scores_features_and_alert
         store = open_store(cfg, spark)
         runner = Runner(cfg, spark, store, load_registry(cfg))
         schema = to_arrow_schema(OBS_SCHEMA)
-        for batch in ([*history, tie, retracted], tail):
+        for batch in ([*history, *extra], tail):
             store.append(OBSERVATIONS, pa.Table.from_pylist(batch, schema=schema))
             runner.run([SCORES], Trigger(available_now=True))
         provenance = {"silver_version", "scores_version", "code_version", "computed_by", "computed_at"}
@@ -297,8 +311,11 @@ def test_history_rolled_up_by_minute_gives_exactly_the_scores_features_and_alert
 
     rolled, row_by_row = gold(60, tmp_path / "rolled"), gold(0, tmp_path / "rows")
     (_, _), (second_in, second_out), (_, _), (rows_in, rows_out) = seen
-    assert second_out < second_in / 2 and rows_out == rows_in  # the second batch read its history in minutes
-    assert len(rolled[SCORES]) == len({(r["patient_key"], r["effective_at"]) for r in [*history, tie, *tail]})
+    assert second_out < 0.75 * second_in and rows_out == rows_in  # the second batch read its history in minutes
+    points = {(r["patient_key"], r["effective_at"]) for r in [*history, *extra, *tail] if r["status"] == "final"}
+    assert len(rolled[SCORES]) == len(points)
+    p3 = [dict(r) for r in rolled[SCORES] if dict(r)["patient_key"] == "p3"]
+    assert {r["encounter_key"] for r in p3 if minutes(r["scored_at"]) >= 40} == {"enc-x2"}
     assert {a for r in rolled[ALERTS] for k, a in r if k == "level"}  # alerts were raised to compare
     for table in (SCORES, FEATURES, ALERTS):
         assert rolled[table] == row_by_row[table], table
