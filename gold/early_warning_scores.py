@@ -10,7 +10,8 @@ How a batch works (pure: the runner passes the changed silver rows and `read_tab
 1. touched: per person, the earliest event time among the batch's changed input observations (new values,
    corrections and deletions alike);
 2. history: the person's usable inputs from `gold.history` before that time on (silver.observations snapshot),
-   the minutes that hold no scoring point or feature-window edge rolled up to a few rows each (`_rolled_up`);
+   the minutes that hold no scoring point or feature-window edge read from gold.vitals_minutes, a few rows each,
+   which the same batch keeps up to date for the minutes its changes touch (`_history_in_minutes`);
 3. every input time from the touched time on is (re)scored: a late or corrected value changes the rows after
    it too, and the MERGE on (patient_key, scored_at) makes replays and restarts idempotent;
 4. the touched patients' alert episodes are recomputed from those score rows (gold.deterioration_alerts), in
@@ -54,6 +55,9 @@ FEATURES = "gold.vitals_features"
 # The silver rows that record a hypercapnic target (gold.spo2_scale2_codes), kept by the score job as they stream
 # past, so a batch looks up SpO2 scale 2 in this small table instead of scanning silver.observations.
 SCALE2 = "gold.spo2_scale2_markers"
+# Each patient's usable silver rows per (concept, minute), kept by the score job: a batch reads the hours of
+# history before its points from here, and silver row by row only in the minutes its points and windows probe.
+MINUTES = "gold.vitals_minutes"
 OBSERVATIONS = "silver.observations"
 PATIENTS = "silver.patients"
 ENCOUNTERS = "silver.encounters"
@@ -110,6 +114,27 @@ SCALE2_SCHEMA = StructType([
     StructField("silver_version", LongType(), True),  # the silver.observations version of this row's state
     StructField("computed_by", StringType(), True),
     StructField("computed_at", TimestampType(), True),
+])
+
+
+MINUTES_SCHEMA = StructType([
+    StructField("patient_key", StringType(), False),  # the identity silver keyed (links are followed on use)
+    StructField("concept", StringType(), False),
+    StructField("minute", TimestampType(), False),  # the minute's start
+    StructField("readings", LongType(), True),  # numeric feature readings in the minute (0: none left)
+    StructField("last_at", TimestampType(), True),  # the newest of them (the largest value at a tie)
+    StructField("last_value", DoubleType(), True),
+    StructField("pick_at", TimestampType(), True),  # scores: the newest row (the largest observation id at a tie)
+    StructField("pick_id", StringType(), True),
+    StructField("pick_value", DoubleType(), True),
+    StructField("pick_text", StringType(), True),
+    StructField("valued_at", TimestampType(), True),  # scores: the newest row that has a value
+    StructField("valued_id", StringType(), True),
+    StructField("valued_value", DoubleType(), True),
+    StructField("valued_text", StringType(), True),
+    StructField("encounter_at", TimestampType(), True),  # the newest row naming an encounter (the largest at a tie)
+    StructField("encounter_key", StringType(), True),
+    *_PROVENANCE,
 ])
 
 
@@ -183,6 +208,45 @@ def early_warning_scores(
     else:  # each marker's newest state, whether kept earlier or in this batch
         markers = _newest(read_table(SCALE2).unionByName(new_markers))
     marker_rows = _as_routed(new_markers.select("*", F.lit(SCALE2).alias(OUTPUT)), routed_schema)
+    wanted = sorted({*inputs, *features.FEATURE_CONCEPTS})
+    version = table_version(OBSERVATIONS)
+    minutes_version = table_version(MINUTES)
+
+    def usable(rows: DataFrame) -> DataFrame:
+        """The rows of silver.observations that scores and features read (identities as silver keyed them)."""
+        return rows.where(F.col("concept").isin(*wanted) & F.col("patient_key").isNotNull()
+                          & F.col("effective_at").isNotNull()
+                          & (F.col("value").isNotNull() | F.col("value_text").isNotNull())
+                          & ~F.coalesce(F.col("status"), F.lit("final")).isin(*NOT_MEASURED))
+
+    def read_usable(at: datetime, until: datetime | None = None) -> DataFrame:
+        """Usable rows from `at` on (up to `until`), resolved to people; only the files that may hold them are read."""
+        since = ("effective_at", at) if until is None else ("effective_at", at, until)
+        return _resolve(usable(read_table(OBSERVATIONS, since=since)), "patient_key", patient_links)
+
+    # The minutes this batch changes, before and after each change (a correction may move a reading), recomputed
+    # from silver; a lakehouse scored before gold.vitals_minutes existed gets all of its minutes once.
+    if minutes_version is None and scores_version is not None:
+        fresh_minutes = _minute_rows(usable(read_table(OBSERVATIONS)), inputs)
+    else:
+        moved = (changes.where(F.col("concept").isin(*wanted) & F.col("patient_key").isNotNull()
+                               & F.col("effective_at").isNotNull())
+                 .select("patient_key", "concept", _minute_start("effective_at").alias("minute")).distinct())
+        lo, hi = moved.agg(F.min("minute"), F.max("minute")).first()
+        fresh_minutes = None if lo is None else moved.join(_minute_rows(usable(read_table(
+            OBSERVATIONS, since=("effective_at", lo, hi + timedelta(seconds=MINUTE_SECONDS)))), inputs),
+            ["patient_key", "concept", "minute"], "left")  # a minute left without usable rows: a row saying so
+    minute_rows = None
+    if fresh_minutes is not None:
+        fresh_minutes = fresh_minutes.select(
+            *[(F.coalesce("readings", F.lit(0)) if f.name == "readings" else F.col(f.name)).cast(f.dataType)
+              .alias(f.name) for f in MINUTES_SCHEMA.fields[:-len(_PROVENANCE)]],
+            F.lit(version).cast("long").alias("silver_version"), F.lit(CODE_VERSION).alias("code_version"),
+            F.lit(ingest_batch_id).alias("computed_by"), F.lit(processed_at).cast("timestamp").alias("computed_at"),
+        ).localCheckpoint(eager=True)
+        minute_rows = _as_routed(fresh_minutes.select("*", F.lit(MINUTES).alias(OUTPUT)), routed_schema)
+        marker_rows = marker_rows.unionByName(minute_rows)
+
     changed = (now.where(F.col("concept").isin(*inputs) & F.col("patient_key").isNotNull()
                          & F.col("effective_at").isNotNull()))
     changed = _resolve(changed, "patient_key", patient_links)
@@ -192,27 +256,26 @@ def early_warning_scores(
     earliest = min(r["_from"] for r in touched_rows)
     history_s = history_ms / 1000
 
-    def usable_since(at: datetime) -> DataFrame:
-        """Usable scoring and feature rows from `at` on; only the files that may hold them are read."""
-        rows = read_table(OBSERVATIONS, since=("effective_at", at))
-        wanted = sorted({*inputs, *features.FEATURE_CONCEPTS})
-        rows = rows.where(F.col("concept").isin(*wanted) & F.col("patient_key").isNotNull()
-                          & (F.col("value").isNotNull() | F.col("value_text").isNotNull())
-                          & ~F.coalesce(F.col("status"), F.lit("final")).isin(*NOT_MEASURED))
-        return _resolve(rows, "patient_key", patient_links)
-
     # Each touched patient's points run from _from to _to, the newest input time from _from on.
     starts = spark.createDataFrame(touched_rows, "patient_key string, _from timestamp")
-    ends = (usable_since(earliest).where(F.col("concept").isin(*inputs)).join(F.broadcast(starts), "patient_key")
+    ends = (read_usable(earliest).where(F.col("concept").isin(*inputs)).join(F.broadcast(starts), "patient_key")
             .where(F.col("effective_at") >= F.col("_from")).groupBy("patient_key")
             .agg(F.max("effective_at").alias("_to")).collect())
     newest = {r["patient_key"]: r["_to"] for r in ends}
-    touched = spark.createDataFrame([(r["patient_key"], r["_from"], newest.get(r["patient_key"], r["_from"]))
-                                     for r in touched_rows], "patient_key string, _from timestamp, _to timestamp")
-    history = (usable_since(earliest - timedelta(seconds=history_s)).join(F.broadcast(touched), "patient_key")
-               .where(F.col("effective_at") >= F.col("_from") - F.expr(f"INTERVAL {int(history_s)} SECONDS")))
+    spans = [(r["patient_key"], r["_from"], newest.get(r["patient_key"], r["_from"])) for r in touched_rows]
+    touched = spark.createDataFrame(spans, "patient_key string, _from timestamp, _to timestamp")
+    if ROLL_UP:
+        stored = None
+        if minutes_version is not None:
+            stored = read_table(MINUTES, since=("minute", _minute_floor(earliest - timedelta(seconds=history_s))))
+            stored = stored.select(*MINUTES_SCHEMA.fieldNames())
+        history = _history_in_minutes(
+            read_usable, stored, fresh_minutes, touched, spans, inputs, windows_ms, history_s, patient_links)
+    else:
+        history = (read_usable(earliest - timedelta(seconds=history_s)).join(F.broadcast(touched), "patient_key")
+                   .where(F.col("effective_at") >= F.col("_from") - F.expr(f"INTERVAL {int(history_s)} SECONDS"))
+                   .select(*_HISTORY_COLUMNS, *_as_read()))
     history = _resolve(history, "encounter_key", _links(read_table, table_version, ENCOUNTERS, "encounter_key"))
-    history = _rolled_up(history, inputs, windows_ms)
     # Every later step groups, windows or joins per patient: one shuffle by patient here serves them all.
     history = history.repartition(_partitions(spark), "patient_key").persist()
     try:
@@ -229,7 +292,6 @@ def early_warning_scores(
                                  *sql.casts(f for f in feature_schema.fields if f.name in names))
         both = scores.join(feats, ["patient_key", "scored_at"], "left")
         both = _with_model(both, champion(), windows_ms)
-        version = table_version(OBSERVATIONS)
         both = both.select("*", F.lit(version).cast("long").alias("silver_version"),
                            F.lit(CODE_VERSION).alias("code_version"), F.lit(ingest_batch_id).alias("computed_by"),
                            F.lit(processed_at).cast("timestamp").alias("computed_at"),
@@ -261,9 +323,9 @@ def _partitions(spark) -> int:
 
 def _routed_schema(feature_schema: StructType) -> StructType:
     fields = [*SCHEMA.fields]
-    for more in (feature_schema.fields, deterioration_alerts.SCHEMA.fields, SCALE2_SCHEMA.fields):
+    for more in (feature_schema, deterioration_alerts.SCHEMA, SCALE2_SCHEMA, MINUTES_SCHEMA):
         names = {f.name for f in fields}
-        fields += [StructField(f.name, f.dataType, True) for f in more if f.name not in names]
+        fields += [StructField(f.name, f.dataType, True) for f in more.fields if f.name not in names]
     return StructType([*fields, StructField(OUTPUT, StringType(), False)])
 
 
@@ -301,66 +363,131 @@ def _scale2_patients(markers: DataFrame, touched: DataFrame, links: Mapping[str,
             .withColumn("_scale2", F.lit(True)))
 
 
-# A patient's history older than its batch is read in minutes: each minute's readings of a concept become one row
-# that stands for them (0 reads every row as it is; tests compare the two).
-ROLLUP_SECONDS = 60
+# A patient's history before its batch is read in minutes (gold.vitals_minutes), and row by row only where the
+# batch probes it; False reads every row (tests compare the two).
+ROLL_UP = True
+MINUTE_SECONDS = 60
 _ENCOUNTER = "_encounter"  # the concept of a rolled-up row that carries only the newest encounter
+_HISTORY_COLUMNS = ("patient_key", "encounter_key", "concept", "value", "value_text", "effective_at",
+                    "observation_id", "_from", "_to")
 
 
-def _rolled_up(history: DataFrame, inputs: Sequence[str], windows_ms: Sequence[int]) -> DataFrame:
-    """The history with what the batch does not need row by row rolled up: the same scores and features.
+def _as_read() -> list[Column]:
+    """The flags of a history row read as it is: it stands for one reading; scores read inputs, features all."""
+    return [F.lit(1).cast("long").alias("_n"), F.col("concept").isin(*INPUTS).alias("_asof"),
+            F.lit(True).alias("_feature")]
 
-    A score needs, per input, only the newest value before the patient's first point (`_from`); a feature needs
-    the readings around each of its probes (at each point, and one window before it) row by row, and between the
-    probes only how many readings there were and the newest one. So the rows of a minute that holds no probe
-    (before `_from`, and outside [_from - w, _to - w] for every window w) are replaced, per (patient, concept,
-    minute), by at most four rows: for the features the newest reading (the largest value at that instant) with
-    `_n` = the numeric readings it stands for; for the scores the newest instant's row (the largest observation id
-    there, as `_as_of` picks), the newest row that has a value, and the newest encounter (as an `_encounter` row).
-    One minute of a monitor that sends a reading a second becomes one feature row: 12 h of history, ~43,000
-    readings per vital, become ~720 rows, and no longer cross a shuffle, a sort and the cache row by row.
 
-    Exact but for one case: in a rolled-up minute, several rows of one input at its newest instant, the one with
-    the largest id without a value (a numeric code sent as text) and another with one. Row by row the score
-    carries the value from before that instant forward; rolled up it finds none before it and counts the input
-    missing (partial, never normal). The time the batch's points end (`_to`) bounds them: rows silver gained
-    after it was read are scored by the next batch.
+def _minute_index(at: str) -> str:
+    return f"floor(unix_seconds({at}) / {MINUTE_SECONDS})"
 
-    Out: patient_key, encounter_key, concept, value, value_text, effective_at, observation_id, _from, `_n`
-    (readings a row stands for), `_asof` (scores read it), `_feature` (features read it).
-    """
-    cols = ["patient_key", "encounter_key", "concept", "value", "value_text", "effective_at", "observation_id",
-            "_from", "_to"]
-    as_read = [F.lit(1).cast("long").alias("_n"), F.col("concept").isin(*inputs).alias("_asof"),
-               F.lit(True).alias("_feature")]
-    if ROLLUP_SECONDS <= 0:
-        return history.select(*cols, *as_read)
 
-    def minute(at: str) -> str:
-        return f"floor(unix_seconds({at}) / {ROLLUP_SECONDS})"
+def _minute_start(column: str) -> Column:
+    return F.expr(f"timestamp_seconds({_minute_index(column)} * {MINUTE_SECONDS})")
 
-    here = minute("effective_at")
-    probed = [f"{here} >= {minute('_from')}"]
-    for w in windows_ms:
-        back = f"INTERVAL {int(w)} MILLISECONDS"
-        probed.append(f"({here} BETWEEN {minute(f'_from - {back}')} AND {minute(f'_to - {back}')})")
-    history = history.selectExpr(*cols, f"{' OR '.join(probed)} AS _raw", f"{here} AS _minute")
-    raw = history.where("_raw").select(*cols, *as_read)
 
-    feature = f"concept IN ({', '.join(sql.string(c) for c in features.FEATURE_CONCEPTS)}) AND value IS NOT NULL " \
-              "AND NOT isnan(value)"
+def _minute_floor(at: datetime) -> datetime:
+    return at.replace(second=0, microsecond=0)
+
+
+def _minute_rows(rows: DataFrame, inputs: Sequence[str]) -> DataFrame:
+    """gold.vitals_minutes rows (without provenance) of usable silver rows: per (patient_key, concept, minute), what
+    a batch needs of the minute when no point or window edge falls in it. Features: the newest numeric reading and
+    how many there were. Scores (`_as_of` reads only the newest row of an input before a patient's first point):
+    the newest row (the largest observation id at that instant), the newest row with a value, the newest
+    encounter."""
+    feature = (f"concept IN ({', '.join(sql.string(c) for c in features.FEATURE_CONCEPTS)}) AND value IS NOT NULL "
+               "AND NOT isnan(value)")
     scored = f"concept IN ({', '.join(sql.string(c) for c in inputs)})"
     valued = (f"{scored} AND CASE WHEN concept IN ({', '.join(sql.string(c) for c in TEXT_INPUTS)}) "
               "THEN value_text IS NOT NULL ELSE value IS NOT NULL END")
-    row = "struct(effective_at, observation_id, value, value_text)"
-    groups = history.where("NOT _raw").groupBy("patient_key", "concept", "_minute").agg(
-        F.first("_from").alias("_from"), F.first("_to").alias("_to"),
-        F.expr(f"max(struct(effective_at, value)) FILTER (WHERE {feature})").alias("_last"),
-        F.expr(f"count(*) FILTER (WHERE {feature})").alias("_count"),
+    row = "struct(effective_at AS at, observation_id AS id, CAST(value AS DOUBLE) AS value, value_text AS text)"
+    groups = rows.select("*", _minute_start("effective_at").alias("minute")).groupBy(
+        "patient_key", "concept", "minute").agg(
+        F.expr(f"count(*) FILTER (WHERE {feature})").alias("readings"),
+        F.expr(f"max(struct(effective_at AS at, CAST(value AS DOUBLE) AS value)) FILTER (WHERE {feature})")
+        .alias("_last"),
         F.expr(f"max({row}) FILTER (WHERE {scored})").alias("_pick"),
         F.expr(f"max({row}) FILTER (WHERE {valued})").alias("_valued"),
-        F.expr(f"max(struct(effective_at, encounter_key)) FILTER (WHERE {scored} AND encounter_key IS NOT NULL)")
-        .alias("_enc"))
+        F.expr(f"max(struct(effective_at AS at, encounter_key AS key)) FILTER (WHERE {scored} AND encounter_key "
+               "IS NOT NULL)").alias("_enc"))
+    return groups.selectExpr(
+        "patient_key", "concept", "minute", "readings", "_last.at AS last_at", "_last.value AS last_value",
+        *[f"{p}.{f} AS {name}_{g}" for p, name in (("_pick", "pick"), ("_valued", "valued"))
+          for f, g in (("at", "at"), ("id", "id"), ("value", "value"), ("text", "text"))],
+        "_enc.at AS encounter_at", "_enc.key AS encounter_key")
+
+
+def _merged(slices: Sequence[tuple[datetime, datetime | None]]) -> list[tuple[datetime, datetime | None]]:
+    """Time slices [start, end) (end None: open) merged where they overlap or touch."""
+    out: list[tuple[datetime, datetime | None]] = []
+    for lo, hi in sorted(slices, key=lambda s: s[0]):
+        if out and (out[-1][1] is None or lo <= out[-1][1]):
+            end = out[-1][1]
+            out[-1] = (out[-1][0], None if end is None or hi is None else max(end, hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _history_in_minutes(read_usable: Callable[..., DataFrame], stored: DataFrame | None,
+                        fresh: DataFrame | None, touched: DataFrame, spans: Sequence[tuple[str, datetime, datetime]],
+                        inputs: Sequence[str], windows_ms: Sequence[int], history_s: float,
+                        links: Mapping[str, str]) -> DataFrame:
+    """The touched patients' history: silver row by row in the minutes the batch probes, gold.vitals_minutes
+    elsewhere. The same scores and features as reading every row.
+
+    A score needs, per input, only the newest value before the patient's first point (`_from`); a feature needs
+    the readings around each of its probes (at each point, and one window before it) row by row, and between the
+    probes only how many readings there were and the newest one. So silver is read row by row in the minutes from
+    `_from` on, in [_from - w, _to - w] for every window w, and in the minute the history starts; the minutes in
+    between come from gold.vitals_minutes as at most four rows each per concept: for the features the newest
+    reading with `_n` = the readings it stands for; for the scores the newest instant's row, the newest row that
+    has a value, and the newest encounter (an `_encounter` row), only the newest minute's rows of each kind kept.
+    12 h of a monitor that sends a reading a second, ~43,000 readings per vital, become ~720 rows, and silver is
+    read only in a few slices a few minutes wide (data skipping), however many hours the history holds.
+
+    `fresh`: the minutes this batch recomputed (they replace the stored ones). Exact but for two cases: in a minute
+    read from the table, several rows of one input at its newest instant, the one with the largest id without a
+    value (row by row the score carries the value from before that instant forward; here it finds none before it
+    and counts the input missing: partial, never normal); and two encounters named at one instant that links
+    (merges) make one (the larger key before following the link wins).
+
+    Out: _HISTORY_COLUMNS, `_n` (readings a row stands for), `_asof` (scores read it), `_feature` (features do).
+    """
+    step, history = timedelta(seconds=MINUTE_SECONDS), timedelta(seconds=history_s)
+    windows = [timedelta(milliseconds=int(w)) for w in windows_ms]
+    first, last_from, last_to = min(s[1] for s in spans), max(s[1] for s in spans), max(s[2] for s in spans)
+    slices = [(_minute_floor(first), None), (_minute_floor(first - history), _minute_floor(last_from - history) + step),
+              *[(_minute_floor(first - w), _minute_floor(last_to - w) + step) for w in windows]]
+    parts = [read_usable(lo, hi) for lo, hi in _merged(slices)]
+    rows = parts[0]
+    for part in parts[1:]:
+        rows = rows.unionByName(part)
+
+    start = f"_from - INTERVAL {int(history_s * 1000)} MILLISECONDS"
+
+    def probed(minute: str) -> str:
+        edges = [f"{minute} >= {_minute_index('_from')}", f"{minute} = {_minute_index(start)}"]
+        for w in windows_ms:
+            back = f"INTERVAL {int(w)} MILLISECONDS"
+            edges.append(f"({minute} BETWEEN {_minute_index(f'_from - {back}')} AND {_minute_index(f'_to - {back}')})")
+        return " OR ".join(edges)
+
+    raw = (rows.join(F.broadcast(touched), "patient_key")
+           .where(f"effective_at >= {start} AND ({probed(_minute_index('effective_at'))})")
+           .select(*_HISTORY_COLUMNS, *_as_read()))
+    minutes = stored
+    if fresh is not None:
+        fresh = fresh.select(*MINUTES_SCHEMA.fieldNames())
+        minutes = fresh if stored is None else stored.join(
+            fresh.select("patient_key", "concept", "minute"), ["patient_key", "concept", "minute"], "left_anti"
+        ).unionByName(fresh)
+    if minutes is None:
+        return raw
+    here = _minute_index("minute")
+    minutes = (_resolve(minutes, "patient_key", links).join(F.broadcast(touched), "patient_key")
+               .where(f"{here} > {_minute_index(start)} AND NOT ({probed(here)})"))
 
     def entry(kind: int, at: str, concept: str, value: str, text: str, oid: str, enc: str, n: str) -> str:
         return (f"named_struct('_kind', {kind}, 'effective_at', {at}, 'concept', {concept}, "
@@ -368,19 +495,18 @@ def _rolled_up(history: DataFrame, inputs: Sequence[str], windows_ms: Sequence[i
                 f"'observation_id', CAST({oid} AS STRING), 'encounter_key', CAST({enc} AS STRING), "
                 f"'_n', CAST({n} AS BIGINT))")
 
-    entries = [entry(0, "_last.effective_at", "concept", "_last.value", "NULL", "NULL", "NULL", "_count"),
-               *[entry(k, f"{p}.effective_at", "concept", f"{p}.value", f"{p}.value_text", f"{p}.observation_id",
-                       "NULL", "1") for k, p in ((1, "_pick"), (2, "_valued"))],
-               entry(3, "_enc.effective_at", sql.string(_ENCOUNTER), "NULL", "NULL", "NULL", "_enc.encounter_key",
-                     "1")]
-    rolled = groups.selectExpr("patient_key", "_from", "_to", f"inline(array({', '.join(entries)}))").where(
+    entries = [entry(0, "last_at", "concept", "last_value", "NULL", "NULL", "NULL", "readings"),
+               *[entry(k, f"{p}_at", "concept", f"{p}_value", f"{p}_text", f"{p}_id", "NULL", "1")
+                 for k, p in ((1, "pick"), (2, "valued"))],
+               entry(3, "encounter_at", sql.string(_ENCOUNTER), "NULL", "NULL", "NULL", "encounter_key", "1")]
+    rolled = minutes.selectExpr("patient_key", "_from", "_to", f"inline(array({', '.join(entries)}))").where(
         "effective_at IS NOT NULL")
     # A feature keeps every minute's row (its counts); a score only the newest minute's rows of each kind.
     newest = Window.partitionBy("patient_key", "concept", "_kind").orderBy(F.col("effective_at").desc(),
                                                                          F.col("encounter_key").desc_nulls_last())
     rolled = rolled.select("*", F.when(F.col("_kind") == 0, F.lit(1)).otherwise(F.row_number().over(newest))
                            .alias("_rank")).where("_rank = 1")
-    return raw.unionByName(rolled.select(*cols, "_n", (F.col("_kind") > 0).alias("_asof"),
+    return raw.unionByName(rolled.select(*_HISTORY_COLUMNS, "_n", (F.col("_kind") > 0).alias("_asof"),
                                          (F.col("_kind") == 0).alias("_feature")))
 
 

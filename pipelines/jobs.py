@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 ROUTE_COLUMN = "_output"
 # Keyword arguments the runner offers a transform; a transform takes those it names. `read_table(name)` gives
 # the current snapshot of a table as a DataFrame (the history a gold job scores new rows against; with
-# `since=(column, time)` only the rows, and files, from that time on), and `table_version(name)` its version,
+# `since=(column, time)` only the rows, and files, from that time on; `(column, time, until)` a slice), and
+# `table_version(name)` its version,
 # for provenance.
 BATCH_PARAMETERS = ("batch_id", "ingest_batch_id", "processed_at", "read_table", "table_version")
 
@@ -272,8 +273,8 @@ def builtin_jobs(cfg: Config) -> list[Job]:
 
 
 def gold_jobs(cfg: Config) -> list[Job]:
-    """Early-warning scores (+ model risk), with deterioration alerts, vitals features and scale-2 markers as side
-    outputs of the same batch."""
+    """Early-warning scores (+ model risk), with deterioration alerts, vitals features, scale-2 markers and the
+    per-minute history as side outputs of the same batch."""
     from gold import deterioration_alerts, early_warning_scores
 
     g = cfg.gold
@@ -287,10 +288,15 @@ def gold_jobs(cfg: Config) -> list[Job]:
     alerts = Output(deterioration_alerts.ALERTS, "merge",
                     MergeSpec(keys=("alert_id",), latest_by=("computed_at",), prune_by=("opened_at",)),
                     deterioration_alerts.SCHEMA)
+    # A replayed batch never puts back an older state of a minute (its silver version is older).
+    minutes = Output(early_warning_scores.MINUTES, "merge",
+                     MergeSpec(keys=("patient_key", "concept", "minute"), latest_by=("silver_version",),
+                               update_when="s.silver_version >= t.silver_version", prune_by=("minute",)),
+                     early_warning_scores.MINUTES_SCHEMA)
     return [
         Job(name=early_warning_scores.SCORES, source=TableSource("silver.observations"),
             transform=early_warning_scores.early_warning_scores, write="merge", merge=score_key,
-            schema=early_warning_scores.SCHEMA, side_outputs=(alerts, features, markers),
+            schema=early_warning_scores.SCHEMA, side_outputs=(alerts, features, markers, minutes),
             reads=(early_warning_scores.PATIENTS, early_warning_scores.ENCOUNTERS),
             options={"lookback_ms": g.lookback_ms, "history_ms": g.history_ms, "windows_ms": g.feature_windows_ms,
                      "scale2_codes": g.spo2_scale2_codes, "champion": _champion_loader(cfg),
@@ -298,8 +304,8 @@ def gold_jobs(cfg: Config) -> list[Job]:
             description="NEWS2 (components, band, partial), qSOFA, SIRS and model risk each time a vital sign "
                         "arrives; in the same batch the deterioration alerts (gold.deterioration_alerts: one per "
                         "patient, level and episode, opened, escalated, resolved), the vitals features "
-                        "(gold.vitals_features) and the SpO2 scale-2 markers it looks up "
-                        "(gold.spo2_scale2_markers)"),
+                        "(gold.vitals_features), and what it looks up: the SpO2 scale-2 markers "
+                        "(gold.spo2_scale2_markers) and each patient's readings per minute (gold.vitals_minutes)"),
     ]
 
 

@@ -281,9 +281,10 @@ class Runner:
 
         return self.spark.readStream.format(FORMAT).option("path", path).load()
 
-    def _read_table(self, name: str, since: tuple[str, datetime] | None = None) -> DataFrame:
+    def _read_table(self, name: str, since: tuple[str, datetime] | tuple[str, datetime, datetime] | None = None
+                    ) -> DataFrame:
         """A table's current snapshot, for transforms that look up history (e.g. gold scoring); `since` reads
-        only the rows (and files) from a time on: see TableStore.read."""
+        only the rows (and files) from a time on, or of a time slice: see TableStore.read."""
         if not self.store.exists(name):
             raise UsageError(f"{name} does not exist yet; run the job that writes it first: carelake run {name}")
         return self.store.read(name, since=since)

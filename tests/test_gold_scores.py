@@ -231,16 +231,18 @@ def test_alert_hysteresis_one_alert_for_a_finding_that_flickers(lake):
     assert medium[0]["alert_id"] != medium[1]["alert_id"] and medium[0]["peak_news2_score"] == 6
 
 
-def test_history_rolled_up_by_minute_gives_exactly_the_scores_features_and_alerts_of_every_row(
+def test_history_read_in_minutes_gives_exactly_the_scores_features_and_alerts_of_every_row(
         tmp_path, spark, monkeypatch):
-    """A monitor's history before the batch is read in minutes (gold.early_warning_scores._rolled_up): the same
-    gold rows as reading it row by row, at window edges, ties, an encounter change, a retraction, a late reading."""
+    """A monitor's history before the batch is read from gold.vitals_minutes, which the score job keeps: the same
+    gold rows as reading silver row by row, at window edges, ties, an encounter change, a retraction, a late
+    reading, and a retraction in a minute that only a later batch reads back."""
     from pyspark.sql.pandas.types import to_arrow_schema
 
     from gold import early_warning_scores as ews
+    from gold.features import FEATURE_CONCEPTS
     from pipelines.jobs import load_registry
     from pipelines.runner import Runner, Trigger
-    from pipelines.store import open_store
+    from pipelines.store import MergeSpec, open_store
     from tests.conftest import make_config
 
     def rows_until(first: float, last: float, every_s: int, patient: str, enc_switch: float | None = None,
@@ -268,7 +270,7 @@ def test_history_rolled_up_by_minute_gives_exactly_the_scores_features_and_alert
         return row
 
     # Batch 2 scores p1 and p3 from 40:00 (p2 from its late reading at 25:00) with windows 5 and 15 min: for p1
-    # the minutes 25-28, 35-38 and 40 on hold probes (read row by row); 20-24, 29-34 and 39 are rolled up.
+    # the minutes 25-28, 35-38 and 40 on hold probes (read row by row); 20-24, 29-34 and 39 come from the table.
     history = [*rows_until(0, 40, 7, "p1", enc_switch=22.5), *rows_until(0, 40, 120, "p2"),
                *rows_until(0, 40, 30, "p3", encounter=False)]
     extra = [
@@ -280,24 +282,32 @@ def test_history_rolled_up_by_minute_gives_exactly_the_scores_features_and_alert
     ]
     tail = [*rows_until(40, 43, 7, "p1", enc_switch=22.5), *rows_until(40, 42, 120, "p2"),
             *rows_until(40, 41, 30, "p3", encounter=False), obs("p2", "hr", 140, 25)]
-    seen: list[tuple[int, int]] = []
-    rolled_up = ews._rolled_up
+    # Batch 2 also retracts p3's lactate at 33:00 (no score input: nothing is rescored for it, but p3's later
+    # 15-min windows count one reading less), and brings p3 a late heart rate at 34:10, p1 a late temperature.
+    retracted = [obs("p3", "lactate", 1.5 + (33 * 60 % 7) / 10, 33, status="entered-in-error")]
+    late = [{**obs("p3", "hr", 150, 34 + 1 / 6), "encounter_key": None}, obs("p1", "temp", 38.9, 31.2)]
+    # Batch 3: p3 is scored from 41:00; its minutes 28-35 come from the table, as batch 2 left them.
+    tail2 = [*rows_until(41, 42, 30, "p3", encounter=False), *rows_until(43, 44, 7, "p1", enc_switch=22.5)]
+    seen: list[int] = []
+    as_of = ews._as_of
 
-    def spy(history_rows, inputs, windows_ms):
-        out = rolled_up(history_rows, inputs, windows_ms)
-        seen.append((history_rows.count(), out.count()))
-        return out
+    def spy(history_rows, inputs):
+        seen.append(history_rows.count())
+        return as_of(history_rows, inputs)
 
-    monkeypatch.setattr(ews, "_rolled_up", spy)
+    monkeypatch.setattr(ews, "_as_of", spy)
 
-    def gold(rollup_seconds: int, root) -> dict[str, list]:
-        monkeypatch.setattr(ews, "ROLLUP_SECONDS", rollup_seconds)
+    def gold(roll_up: bool, root) -> dict[str, list]:
+        monkeypatch.setattr(ews, "ROLL_UP", roll_up)
         cfg = make_config(root, **{"gold.feature_windows": ["5m", "15m"], "gold.history": "20m",
                                    "gold.lookback": "10m", "gold.alert_resolve_after": "5m"})
         store = open_store(cfg, spark)
         runner = Runner(cfg, spark, store, load_registry(cfg))
         schema = to_arrow_schema(OBS_SCHEMA)
-        for batch in ([*history, *extra], tail):
+        for n, batch in enumerate(([*history, *extra], [*tail, *late], tail2)):
+            if n == 1:
+                store.merge(OBSERVATIONS, pa.Table.from_pylist(retracted, schema=schema),
+                            MergeSpec(keys=("observation_id",)))
             store.append(OBSERVATIONS, pa.Table.from_pylist(batch, schema=schema))
             runner.run([SCORES], Trigger(available_now=True))
         provenance = {"silver_version", "scores_version", "code_version", "computed_by", "computed_at"}
@@ -306,16 +316,32 @@ def test_history_rolled_up_by_minute_gives_exactly_the_scores_features_and_alert
             return tuple(sorted((k, round(v, 9) if isinstance(v, float) else tuple(v) if isinstance(v, list) else v)
                                 for k, v in row.items() if k not in provenance))
 
-        return {t: sorted(map(comparable, store.read_arrow(t).to_pylist()), key=repr)
-                for t in (SCORES, FEATURES, ALERTS)}
+        out = {t: sorted(map(comparable, store.read_arrow(t).to_pylist()), key=repr)
+               for t in (SCORES, FEATURES, ALERTS)}
+        out["minutes"] = store.read_arrow(ews.MINUTES).to_pylist()
+        return out
 
-    rolled, row_by_row = gold(60, tmp_path / "rolled"), gold(0, tmp_path / "rows")
-    (_, _), (second_in, second_out), (_, _), (rows_in, rows_out) = seen
-    assert second_out < 0.75 * second_in and rows_out == rows_in  # the second batch read its history in minutes
-    points = {(r["patient_key"], r["effective_at"]) for r in [*history, *extra, *tail] if r["status"] == "final"}
+    rolled, row_by_row = gold(True, tmp_path / "rolled"), gold(False, tmp_path / "rows")
+    assert len(seen) == 6
+    # The later batches read their history in minutes (batch 2 rescores p1 from 31:12, so most of it row by row).
+    assert seen[1] < seen[4] and seen[2] < 0.75 * seen[5], seen
+    rows = {r["observation_id"]: r for r in [*history, *extra, *tail, *late, *tail2]}
+    rows.update({r["observation_id"]: r for r in retracted})
+    points = {(r["patient_key"], r["effective_at"]) for r in rows.values() if r["status"] == "final"}
     assert len(rolled[SCORES]) == len(points)
     p3 = [dict(r) for r in rolled[SCORES] if dict(r)["patient_key"] == "p3"]
     assert {r["encounter_key"] for r in p3 if minutes(r["scored_at"]) >= 40} == {"enc-x2"}
     assert {a for r in rolled[ALERTS] for k, a in r if k == "level"}  # alerts were raised to compare
     for table in (SCORES, FEATURES, ALERTS):
         assert rolled[table] == row_by_row[table], table
+    # The table holds each minute's readings as silver holds them now: the retracted lactate no longer counts.
+    counts: dict[tuple, int] = {}
+    for r in rows.values():
+        if r["status"] == "final" and r["concept"] in FEATURE_CONCEPTS:
+            key = (r["patient_key"], r["concept"], r["effective_at"].replace(second=0, microsecond=0))
+            counts[key] = counts.get(key, 0) + 1
+    kept = {(r["patient_key"], r["concept"], r["minute"].replace(tzinfo=UTC)): r["readings"]
+            for r in rolled["minutes"] if r["readings"]}
+    assert kept == counts
+    assert [r["readings"] for r in rolled["minutes"]
+            if (r["patient_key"], r["concept"], r["minute"].minute) == ("p3", "lactate", 33)] == [0]

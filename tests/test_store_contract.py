@@ -319,5 +319,10 @@ def test_delta_rs_read_since_skips_the_files_that_end_before_it(cfg, spark):
     naive_local = floor.astimezone().replace(tzinfo=None)  # what Spark's collect gives back
     assert sorted(r["id"] for r in s.read(T, since=("at", naive_local)).collect()) == [11, 20, 21]
     assert s.read(T, since=("at", day + timedelta(days=9))).count() == 0
+    # A slice: from day 0, 12 h up to (not including) day 2: day 2's file is not read either.
+    sliced = s.read(T, since=("at", day + timedelta(hours=12), day + timedelta(days=2)))
+    assert sorted(r["id"] for r in sliced.collect()) == [1, 10, 11]
+    assert len(sliced.inputFiles()) == 3  # days 0 and 1, and the all-null file (no statistics: kept)
+    assert sorted(r["id"] for r in s.read(T, since=("at", floor, day + timedelta(days=1, hours=12))).collect()) == []
     with pytest.raises(UsageError, match="not a timestamp"):
         s.read(T, since=("name", floor))

@@ -24,11 +24,12 @@ _NAME = re.compile(r"^(?P<layer>[a-z]+)\.(?P<entity>[a-z][a-z0-9_]*)$")
 CHANGE_COLUMNS = ("_change_type", "_commit_version", "_commit_timestamp")
 
 
-def since_condition(column: str, at: datetime) -> Column:
-    """The rows a `read(..., since=(column, at))` keeps."""
+def since_condition(column: str, at: datetime, until: datetime | None = None) -> Column:
+    """The rows a `read(..., since=(column, at))` or `since=(column, at, until)` keeps: at <= column < until."""
     from pyspark.sql import functions as F
 
-    return F.col(column) >= F.lit(at)
+    kept = F.col(column) >= F.lit(at)
+    return kept if until is None else kept & (F.col(column) < F.lit(until))
 
 
 def split_table_name(name: str) -> tuple[str, str]:
@@ -231,12 +232,14 @@ class TableStore(ABC):
 
     @abstractmethod
     def read(self, name: str, *, version: int | None = None, timestamp: datetime | str | None = None,
-             since: tuple[str, datetime] | None = None) -> DataFrame:
+             since: tuple[str, datetime] | tuple[str, datetime, datetime] | None = None) -> DataFrame:
         """The table as a Spark DataFrame, now or as of a version or a timestamp.
 
         `since=(column, t)`: only the rows whose timestamp `column` is t or later, and only the data files whose
         statistics allow such rows are read (data skipping), so a job that looks back a few hours reads a few
-        hours' files however old the table grows. A naive t is local time, as Spark gives it back.
+        hours' files however old the table grows. `since=(column, t, until)`: the rows from t up to, not
+        including, until (a slice of a table's past: a job that needs a few minutes of each of several hours
+        reads those files only). A naive time is local time, as Spark gives it back.
         """
 
     @abstractmethod

@@ -68,20 +68,28 @@ def _is_conflict(exc: Exception) -> bool:
     return isinstance(exc, DeltaError) and ("already exists" in text or "conflict" in text or "concurrent" in text)
 
 
-def _files_since(dt: DeltaTable, table_path: str, column: str, at: datetime) -> list[str]:
-    """The data files of `dt` that may hold rows with `column` >= at: a file whose statistics say its newest value
-    is older is skipped; a file without statistics for the column is kept."""
+def _files_since(dt: DeltaTable, table_path: str, column: str, at: datetime,
+                 until: datetime | None = None) -> list[str]:
+    """The data files of `dt` that may hold rows with at <= `column` (< until): a file whose statistics say its
+    newest value is older than at (or its oldest is until or later) is skipped; a file without statistics for the
+    column is kept."""
     import pyarrow.compute as pc
 
     actions = pa.table(dt.get_add_actions(flatten=True))
-    newest = f"max.{column}"
+    newest, oldest = f"max.{column}", f"min.{column}"
     if newest not in actions.column_names:
         return dt.file_uris()
     top = actions[newest]
     if not pa.types.is_timestamp(top.type):
         raise UsageError(f"read since {column}: the column is {top.type}, not a timestamp")
-    floor = pa.scalar(at.astimezone(UTC), type=pa.timestamp(top.type.unit, tz="UTC")).cast(top.type)
-    keep = pc.or_kleene(pc.is_null(top), pc.greater_equal(top, floor))
+
+    def bound(t: datetime) -> pa.Scalar:
+        return pa.scalar(t.astimezone(UTC), type=pa.timestamp(top.type.unit, tz="UTC")).cast(top.type)
+
+    keep = pc.or_kleene(pc.is_null(top), pc.greater_equal(top, bound(at)))
+    if until is not None and oldest in actions.column_names:
+        bottom = actions[oldest]
+        keep = pc.and_kleene(keep, pc.or_kleene(pc.is_null(bottom), pc.less(bottom, bound(until))))
     base = table_path.rstrip("/")
     return [f"{base}/{unquote(p)}" for p in actions.filter(keep)["path"].to_pylist()]
 
