@@ -4,13 +4,15 @@ A continuous deployment scores every few seconds, and each batch reads the touch
 `gold.history` (12 h by default, for the 12 h feature windows). This measures that cost: silver.observations holds
 `--hours` of history for `--patients` monitors sending a frame of 6 vitals every `--every` seconds (default 100
 beds at 0.6 s: the 1,000 readings/s of gold_latency.py), written straight with the table store; then one more
-append brings the next ~10 s of frames, and the score job's transform (scores, features, alerts, markers) runs on
-that version's change feed and is collected as Arrow, as the runner does. `--runs` times per history (the first
+append brings the next ~10 s of frames, and the score job's transform (scores, features, alerts, markers, minutes)
+runs on that version's change feed and is collected as Arrow, as the runner does. gold.vitals_minutes is filled
+from the history first, as the score job would have kept it; `--every-row` reads the history row by row instead
+(what a batch cost before the table). `--runs` times per history (the first
 also warms up); the median is reported. A history that fails (e.g. the driver runs out of memory) is reported
 with its error and ends the run.
 
 Run: .venv/bin/python benchmarks/gold_history.py [--hours 0.1 1 2] [--patients 100] [--every 0.6] [--runs 3]
-     [--driver-memory 2g]
+     [--driver-memory 2g] [--every-row]
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ APPEND_ROWS = 1_000_000
 
 
 def one_history(spark, hours: float, a) -> dict:
-    from gold.early_warning_scores import SCORES
+    from gold import early_warning_scores as ews
     from pipelines.jobs import load_registry
     from pipelines.store import open_store
     from silver.observations import OBSERVATIONS
@@ -45,10 +47,14 @@ def one_history(spark, hours: float, a) -> dict:
         rows = frames * VITALS_PER_FRAME
         for start in range(0, rows, APPEND_ROWS):
             store.append(OBSERVATIONS, silver_batch(start, min(APPEND_ROWS, rows - start), a.patients, a.every, 7))
+        if not a.every_row:  # the minutes the score job would have kept while the history streamed in
+            store.append(ews.MINUTES, ews.vitals_minutes(
+                store.read(OBSERVATIONS), silver_version=store.version(OBSERVATIONS), ingest_batch_id="bench-history",
+                processed_at=datetime.now(UTC)))
         tail = int(a.patients * TAIL_SECONDS / a.every) * VITALS_PER_FRAME
         store.append(OBSERVATIONS, silver_batch(rows, tail, a.patients, a.every, 7))
         version = store.version(OBSERVATIONS)
-        job = load_registry(cfg).get(SCORES)
+        job = load_registry(cfg).get(ews.SCORES)
 
         def read_table(name, since=None):
             return store.read(name, since=since)
@@ -78,7 +84,11 @@ def main() -> None:
     ap.add_argument("--every", type=float, default=0.6, help="seconds between a patient's frames (default 0.6)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--driver-memory", default="2g", help="as conf/base.yaml ships (default 2g)")
+    ap.add_argument("--every-row", action="store_true", help="read the history row by row (no gold.vitals_minutes)")
     a = ap.parse_args()
+    from gold import early_warning_scores as ews
+
+    ews.ROLL_UP = not a.every_row
     from pipelines.spark import create_spark
 
     session_root = Path(tempfile.mkdtemp(prefix="carelake-bench-gold-history-"))
@@ -96,6 +106,7 @@ def main() -> None:
         shutil.rmtree(session_root, ignore_errors=True)
     emit({"benchmark": "gold_history", "patients": a.patients, "every_s": a.every,
           "readings_per_s": round(a.patients * VITALS_PER_FRAME / a.every), "driver_memory": a.driver_memory,
+          "history_read": "every row" if a.every_row else "gold.vitals_minutes",
           "cores": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 2), "runs": a.runs,
           "by_hours": results, "failed": failed})
 

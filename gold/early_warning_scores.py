@@ -208,44 +208,31 @@ def early_warning_scores(
     else:  # each marker's newest state, whether kept earlier or in this batch
         markers = _newest(read_table(SCALE2).unionByName(new_markers))
     marker_rows = _as_routed(new_markers.select("*", F.lit(SCALE2).alias(OUTPUT)), routed_schema)
-    wanted = sorted({*inputs, *features.FEATURE_CONCEPTS})
     version = table_version(OBSERVATIONS)
     minutes_version = table_version(MINUTES)
-
-    def usable(rows: DataFrame) -> DataFrame:
-        """The rows of silver.observations that scores and features read (identities as silver keyed them)."""
-        return rows.where(F.col("concept").isin(*wanted) & F.col("patient_key").isNotNull()
-                          & F.col("effective_at").isNotNull()
-                          & (F.col("value").isNotNull() | F.col("value_text").isNotNull())
-                          & ~F.coalesce(F.col("status"), F.lit("final")).isin(*NOT_MEASURED))
 
     def read_usable(at: datetime, until: datetime | None = None) -> DataFrame:
         """Usable rows from `at` on (up to `until`), resolved to people; only the files that may hold them are read."""
         since = ("effective_at", at) if until is None else ("effective_at", at, until)
-        return _resolve(usable(read_table(OBSERVATIONS, since=since)), "patient_key", patient_links)
+        return _resolve(usable_observations(read_table(OBSERVATIONS, since=since)), "patient_key", patient_links)
 
     # The minutes this batch changes, before and after each change (a correction may move a reading), recomputed
     # from silver; a lakehouse scored before gold.vitals_minutes existed gets all of its minutes once.
+    minute_stamp = {"silver_version": version, "ingest_batch_id": ingest_batch_id, "processed_at": processed_at}
+    fresh_minutes = None
     if minutes_version is None and scores_version is not None:
-        fresh_minutes = _minute_rows(usable(read_table(OBSERVATIONS)), inputs)
+        fresh_minutes = vitals_minutes(read_table(OBSERVATIONS), **minute_stamp)
     else:
-        moved = (changes.where(F.col("concept").isin(*wanted) & F.col("patient_key").isNotNull()
-                               & F.col("effective_at").isNotNull())
+        moved = (usable_observations(changes, measured_only=False)
                  .select("patient_key", "concept", _minute_start("effective_at").alias("minute")).distinct())
         lo, hi = moved.agg(F.min("minute"), F.max("minute")).first()
-        fresh_minutes = None if lo is None else moved.join(_minute_rows(usable(read_table(
-            OBSERVATIONS, since=("effective_at", lo, hi + timedelta(seconds=MINUTE_SECONDS)))), inputs),
-            ["patient_key", "concept", "minute"], "left")  # a minute left without usable rows: a row saying so
-    minute_rows = None
+        if lo is not None:
+            rows = read_table(OBSERVATIONS, since=("effective_at", lo, hi + timedelta(seconds=MINUTE_SECONDS)))
+            fresh_minutes = vitals_minutes(rows, only=moved, **minute_stamp)
     if fresh_minutes is not None:
-        fresh_minutes = fresh_minutes.select(
-            *[(F.coalesce("readings", F.lit(0)) if f.name == "readings" else F.col(f.name)).cast(f.dataType)
-              .alias(f.name) for f in MINUTES_SCHEMA.fields[:-len(_PROVENANCE)]],
-            F.lit(version).cast("long").alias("silver_version"), F.lit(CODE_VERSION).alias("code_version"),
-            F.lit(ingest_batch_id).alias("computed_by"), F.lit(processed_at).cast("timestamp").alias("computed_at"),
-        ).localCheckpoint(eager=True)
-        minute_rows = _as_routed(fresh_minutes.select("*", F.lit(MINUTES).alias(OUTPUT)), routed_schema)
-        marker_rows = marker_rows.unionByName(minute_rows)
+        fresh_minutes = fresh_minutes.localCheckpoint(eager=True)
+        marker_rows = marker_rows.unionByName(
+            _as_routed(fresh_minutes.select("*", F.lit(MINUTES).alias(OUTPUT)), routed_schema))
 
     changed = (now.where(F.col("concept").isin(*inputs) & F.col("patient_key").isNotNull()
                          & F.col("effective_at").isNotNull()))
@@ -388,6 +375,33 @@ def _minute_start(column: str) -> Column:
 
 def _minute_floor(at: datetime) -> datetime:
     return at.replace(second=0, microsecond=0)
+
+
+def usable_observations(observations: DataFrame, *, measured_only: bool = True) -> DataFrame:
+    """The rows of silver.observations (or of its change feed) that scores and features read: inputs and feature
+    concepts with a patient, a time and a value, not retracted (identities as silver keyed them). With
+    `measured_only=False` retracted and value-less rows too: every row whose minute a change touches."""
+    wanted = sorted({*INPUTS, *features.FEATURE_CONCEPTS})
+    kept = (F.col("concept").isin(*wanted) & F.col("patient_key").isNotNull() & F.col("effective_at").isNotNull())
+    if measured_only:
+        kept = (kept & (F.col("value").isNotNull() | F.col("value_text").isNotNull())
+                & ~F.coalesce(F.col("status"), F.lit("final")).isin(*NOT_MEASURED))
+    return observations.where(kept)
+
+
+def vitals_minutes(observations: DataFrame, *, silver_version: int | None, ingest_batch_id: str,
+                   processed_at: datetime, only: DataFrame | None = None) -> DataFrame:
+    """gold.vitals_minutes rows of silver.observations rows: per (patient_key, concept, minute), what a score batch
+    needs of a minute in which none of its points or window edges falls (`_history_in_minutes`). `only`: the
+    (patient_key, concept, minute) keys to recompute, each one getting a row (readings 0 when none is left)."""
+    minutes = _minute_rows(usable_observations(observations), list(INPUTS))
+    if only is not None:
+        minutes = only.join(minutes, ["patient_key", "concept", "minute"], "left")
+    return minutes.select(
+        *[(F.coalesce("readings", F.lit(0)) if f.name == "readings" else F.col(f.name)).cast(f.dataType)
+          .alias(f.name) for f in MINUTES_SCHEMA.fields[:-len(_PROVENANCE)]],
+        F.lit(silver_version).cast("long").alias("silver_version"), F.lit(CODE_VERSION).alias("code_version"),
+        F.lit(ingest_batch_id).alias("computed_by"), F.lit(processed_at).cast("timestamp").alias("computed_at"))
 
 
 def _minute_rows(rows: DataFrame, inputs: Sequence[str]) -> DataFrame:

@@ -76,6 +76,7 @@ def lake(tmp_path, spark):
             return sorted(rows, key=lambda r: (r["opened_at"], r["level"]))
 
     lake = Lake()
+    lake.arrow_schema = to_arrow_schema(OBS_SCHEMA)
     lake.store = store
     lake.cfg = cfg
     lake.add([])
@@ -345,3 +346,40 @@ def test_history_read_in_minutes_gives_exactly_the_scores_features_and_alerts_of
     assert kept == counts
     assert [r["readings"] for r in rolled["minutes"]
             if (r["patient_key"], r["concept"], r["minute"].minute) == ("p3", "lactate", 33)] == [0]
+
+
+def test_a_lakehouse_scored_before_the_minutes_table_gets_all_its_minutes_once(lake, tmp_path, spark):
+    """An upgrade: scores exist, gold.vitals_minutes does not. The next batch fills it from all of silver, so the
+    features of its points count the readings of every earlier minute."""
+    import shutil
+
+    from gold.early_warning_scores import MINUTES
+    from pipelines.jobs import load_registry
+    from pipelines.runner import Runner, Trigger
+    from pipelines.store import open_store
+    from tests.conftest import make_config
+
+    for m in range(0, 30, 3):
+        lake.add(vitals("p1", m, hr=80 + m, rr=16) + vitals("p2", m + 1, hr=90))
+    lake.run()
+    # The lakehouse as an earlier release left it: everything but the minutes table (a copy: delta-rs remembers
+    # the tables this process has read).
+    root = tmp_path / "upgraded"
+    shutil.copytree(lake.cfg.root, root, ignore=lambda folder, names: ["vitals_minutes"] if "gold" in folder else [])
+    cfg = make_config(root)
+    store = open_store(cfg, spark)
+    assert not store.exists(MINUTES) and store.exists(SCORES)
+    store.append(OBSERVATIONS, pa.Table.from_pylist(vitals("p1", 100, hr=70), schema=lake.arrow_schema))
+    Runner(cfg, spark, store, load_registry(cfg)).run([SCORES], Trigger(available_now=True))
+
+    kept = {(r["patient_key"], r["concept"], int(minutes(r["minute"].replace(tzinfo=UTC)))): r["readings"]
+            for r in store.read_arrow(MINUTES).to_pylist()}
+    expected = {**{("p1", c, m): 1 for m in range(0, 30, 3) for c in ("hr", "rr")},
+                **{("p2", "hr", m + 1): 1 for m in range(0, 30, 3)}, ("p1", "hr", 100): 1}
+    assert kept == expected
+    at100 = next(r for r in store.read_arrow(FEATURES).to_pylist()
+                 if r["patient_key"] == "p1" and minutes(r["scored_at"]) == 100)
+    assert (at100["hr_count_4h"], at100["hr_count_1h"], at100["hr_last"]) == (11, 1, 70.0)
+    scores = store.read_arrow(SCORES).to_pylist()
+    last = max(r["computed_at"] for r in scores)  # the upgraded job went on from its checkpoint: one new point
+    assert [(r["patient_key"], minutes(r["scored_at"])) for r in scores if r["computed_at"] == last] == [("p1", 100)]
