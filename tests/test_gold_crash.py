@@ -2,10 +2,10 @@
 
 silver.observations grows by many small appends (one silver version each: three patients' vital signs at
 successive times, crossing NEWS2 bands so alerts open, escalate and resolve) while a continuous `carelake run all`
-scores them. The score job writes gold.deterioration_alerts, gold.vitals_features, gold.spo2_scale2_markers, gold.vitals_minutes
-in the same batch, each a commit before gold.early_warning_scores. The whole process group is SIGKILLed twice:
-first once the first score batch is committed, while the next one is in flight (offsets logged, no commit); then
-between a score batch's commits (gold.vitals_features written, gold.early_warning_scores not).
+scores them. The score job writes gold.deterioration_alerts, gold.vitals_features, gold.spo2_scale2_markers and
+gold.vitals_minutes in the same batch, each a commit before gold.early_warning_scores. The whole process group is
+SIGKILLed twice: first once the first score batch is committed, while the next one is in flight (offsets logged,
+no commit); then between a score batch's commits (gold.vitals_features written, gold.early_warning_scores not).
 A third run catches up and stops on SIGTERM. Then the gold tables hold one row per key, one score (and features)
 row per scored input time, and equal, row for row, what one clean run over the same silver rows writes.
 
