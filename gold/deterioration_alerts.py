@@ -31,7 +31,7 @@ late or corrected data dissolves is kept as `withdrawn`, never silently deleted.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
@@ -96,8 +96,10 @@ def _recompute_from(starts: dict[str, datetime], known: list, resolve_after: tim
     than `resolve_after` before it: a row back in the level would continue it), so an episode is always
     recomputed whole."""
     by_patient: dict[str, list[tuple[datetime, datetime | None]]] = {}
-    for row in known:
-        by_patient.setdefault(row["patient_key"], []).append((row["opened_at"], row["resolved_at"]))
+    for row in known:  # times Spark gave back (naive local) as aware UTC, as the starts are
+        resolved = row["resolved_at"]
+        by_patient.setdefault(row["patient_key"], []).append(
+            (row["opened_at"].astimezone(UTC), None if resolved is None else resolved.astimezone(UTC)))
     out = dict(starts)
     for patient, episodes in by_patient.items():
         start = out[patient]

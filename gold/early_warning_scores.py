@@ -28,7 +28,7 @@ monitor sends a value every second.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pandas as pd
@@ -220,14 +220,19 @@ def early_warning_scores(
     # from silver; a lakehouse scored before gold.vitals_minutes existed gets all of its minutes once.
     minute_stamp = {"silver_version": version, "ingest_batch_id": ingest_batch_id, "processed_at": processed_at}
     fresh_minutes = None
-    if minutes_version is None and scores_version is not None:
+    # (Version 0 is the empty table a first merge creates: a backfill that died after it must run again.)
+    if (minutes_version is None or minutes_version == 0) and scores_version is not None:
         fresh_minutes = vitals_minutes(read_table(OBSERVATIONS), **minute_stamp)
     else:
         moved = (usable_observations(changes, measured_only=False)
                  .select("patient_key", "concept", _minute_start("effective_at").alias("minute")).distinct())
-        lo, hi = moved.agg(F.min("minute"), F.max("minute")).first()
-        if lo is not None:
-            rows = read_table(OBSERVATIONS, since=("effective_at", lo, hi + timedelta(seconds=MINUTE_SECONDS)))
+        # Read silver in the minutes touched (a lab resulted hours late must not read hours of every monitor).
+        touched_minutes = [_utc(r[0]) for r in moved.select("minute").distinct().limit(_MAX_SLICES + 1).collect()]
+        if touched_minutes:
+            step = timedelta(seconds=MINUTE_SECONDS)
+            slices = ([(min(touched_minutes), max(touched_minutes) + step)] if len(touched_minutes) > _MAX_SLICES
+                      else _merged([(m, m + step) for m in touched_minutes]))
+            rows = _union([read_table(OBSERVATIONS, since=("effective_at", lo, hi)) for lo, hi in slices])
             fresh_minutes = vitals_minutes(rows, only=moved, **minute_stamp)
     if fresh_minutes is not None:
         fresh_minutes = fresh_minutes.localCheckpoint(eager=True)
@@ -237,30 +242,35 @@ def early_warning_scores(
     changed = (now.where(F.col("concept").isin(*inputs) & F.col("patient_key").isNotNull()
                          & F.col("effective_at").isNotNull()))
     changed = _resolve(changed, "patient_key", patient_links)
-    touched_rows = changed.groupBy("patient_key").agg(F.min("effective_at").alias("_from")).collect()
+    # Times collected to the driver become aware UTC at once: Spark gives naive local times back, and clock-face
+    # arithmetic on those would be an hour off across a daylight-saving change.
+    touched_rows = [(r["patient_key"], _utc(r["_from"])) for r in
+                    changed.groupBy("patient_key").agg(F.min("effective_at").alias("_from")).collect()]
     if not touched_rows:
         return marker_rows
-    earliest = min(r["_from"] for r in touched_rows)
-    history_s = history_ms / 1000
+    earliest = min(f for _, f in touched_rows)
+    history = timedelta(milliseconds=history_ms)
 
     # Each touched patient's points run from _from to _to, the newest input time from _from on.
     starts = spark.createDataFrame(touched_rows, "patient_key string, _from timestamp")
     ends = (read_usable(earliest).where(F.col("concept").isin(*inputs)).join(F.broadcast(starts), "patient_key")
             .where(F.col("effective_at") >= F.col("_from")).groupBy("patient_key")
             .agg(F.max("effective_at").alias("_to")).collect())
-    newest = {r["patient_key"]: r["_to"] for r in ends}
-    spans = [(r["patient_key"], r["_from"], newest.get(r["patient_key"], r["_from"])) for r in touched_rows]
+    newest = {r["patient_key"]: _utc(r["_to"]) for r in ends}
+    spans = [(key, at, newest.get(key, at)) for key, at in touched_rows]
     touched = spark.createDataFrame(spans, "patient_key string, _from timestamp, _to timestamp")
     if ROLL_UP:
         stored = None
         if minutes_version is not None:
-            stored = read_table(MINUTES, since=("minute", _minute_floor(earliest - timedelta(seconds=history_s))))
+            # Minutes at or after a patient's first point are read row by row: none from the table is needed there.
+            last = _minute_floor(max(f for _, f in touched_rows)) + timedelta(seconds=MINUTE_SECONDS)
+            stored = read_table(MINUTES, since=("minute", _minute_floor(earliest - history), last))
             stored = stored.select(*MINUTES_SCHEMA.fieldNames())
         history = _history_in_minutes(
-            read_usable, stored, fresh_minutes, touched, spans, inputs, windows_ms, history_s, patient_links)
+            read_usable, stored, fresh_minutes, touched, spans, inputs, windows_ms, history_ms, patient_links)
     else:
-        history = (read_usable(earliest - timedelta(seconds=history_s)).join(F.broadcast(touched), "patient_key")
-                   .where(F.col("effective_at") >= F.col("_from") - F.expr(f"INTERVAL {int(history_s)} SECONDS"))
+        history = (read_usable(earliest - history).join(F.broadcast(touched), "patient_key")
+                   .where(F.col("effective_at") >= F.col("_from") - F.expr(f"INTERVAL {history_ms} MILLISECONDS"))
                    .select(*_HISTORY_COLUMNS, *_as_read()))
     history = _resolve(history, "encounter_key", _links(read_table, table_version, ENCOUNTERS, "encounter_key"))
     # Every later step groups, windows or joins per patient: one shuffle by patient here serves them all.
@@ -297,7 +307,7 @@ def early_warning_scores(
                 .unionByName(new_scores))
 
     alerts = deterioration_alerts.deterioration_alerts(
-        {r["patient_key"]: r["_from"] for r in touched_rows}, scores_from, read_table=read_table,
+        dict(touched_rows), scores_from, read_table=read_table,
         table_version=table_version, scores_version=scores_version, ingest_batch_id=ingest_batch_id,
         processed_at=processed_at, resolve_after_ms=resolve_after_ms)
     alert_rows = _as_routed(alerts.select("*", F.lit(deterioration_alerts.ALERTS).alias(OUTPUT)), routed_schema)
@@ -365,6 +375,22 @@ def _as_read() -> list[Column]:
             F.lit(True).alias("_feature")]
 
 
+# More distinct minutes than this in one batch (a backfill chunk): one read from the first to the last.
+_MAX_SLICES = 200
+
+
+def _utc(at: datetime) -> datetime:
+    """A time Spark gave back (naive local time) as aware UTC."""
+    return at.astimezone(UTC)
+
+
+def _union(parts: Sequence[DataFrame]) -> DataFrame:
+    out = parts[0]
+    for part in parts[1:]:
+        out = out.unionByName(part)
+    return out
+
+
 def _minute_index(at: str) -> str:
     return f"floor(unix_seconds({at}) / {MINUTE_SECONDS})"
 
@@ -374,7 +400,8 @@ def _minute_start(column: str) -> Column:
 
 
 def _minute_floor(at: datetime) -> datetime:
-    return at.replace(second=0, microsecond=0)
+    """The start of `at`'s minute (an aware UTC time: the minutes of the SQL side)."""
+    return at.astimezone(UTC).replace(second=0, microsecond=0)
 
 
 def usable_observations(observations: DataFrame, *, measured_only: bool = True) -> DataFrame:
@@ -394,9 +421,13 @@ def vitals_minutes(observations: DataFrame, *, silver_version: int | None, inges
     """gold.vitals_minutes rows of silver.observations rows: per (patient_key, concept, minute), what a score batch
     needs of a minute in which none of its points or window edges falls (`_history_in_minutes`). `only`: the
     (patient_key, concept, minute) keys to recompute, each one getting a row (readings 0 when none is left)."""
-    minutes = _minute_rows(usable_observations(observations), list(INPUTS))
+    keys = ["patient_key", "concept", "minute"]
+    rows = usable_observations(observations).select("*", _minute_start("effective_at").alias("minute"))
     if only is not None:
-        minutes = only.join(minutes, ["patient_key", "concept", "minute"], "left")
+        rows = rows.join(only, keys, "left_semi")
+    minutes = _minute_rows(rows, list(INPUTS))
+    if only is not None:
+        minutes = only.join(minutes, keys, "left")
     return minutes.select(
         *[(F.coalesce("readings", F.lit(0)) if f.name == "readings" else F.col(f.name)).cast(f.dataType)
           .alias(f.name) for f in MINUTES_SCHEMA.fields[:-len(_PROVENANCE)]],
@@ -405,19 +436,18 @@ def vitals_minutes(observations: DataFrame, *, silver_version: int | None, inges
 
 
 def _minute_rows(rows: DataFrame, inputs: Sequence[str]) -> DataFrame:
-    """gold.vitals_minutes rows (without provenance) of usable silver rows: per (patient_key, concept, minute), what
-    a batch needs of the minute when no point or window edge falls in it. Features: the newest numeric reading and
-    how many there were. Scores (`_as_of` reads only the newest row of an input before a patient's first point):
-    the newest row (the largest observation id at that instant), the newest row with a value, the newest
-    encounter."""
+    """gold.vitals_minutes rows (without provenance) of usable silver rows with their `minute`: per (patient_key,
+    concept, minute), what a batch needs of the minute when no point or window edge falls in it. Features: the
+    newest numeric reading and how many there were. Scores (`_as_of` reads only the newest row of an input before
+    a patient's first point): the newest row (the largest observation id at that instant), the newest row with a
+    value, the newest encounter."""
     feature = (f"concept IN ({', '.join(sql.string(c) for c in features.FEATURE_CONCEPTS)}) AND value IS NOT NULL "
                "AND NOT isnan(value)")
     scored = f"concept IN ({', '.join(sql.string(c) for c in inputs)})"
     valued = (f"{scored} AND CASE WHEN concept IN ({', '.join(sql.string(c) for c in TEXT_INPUTS)}) "
               "THEN value_text IS NOT NULL ELSE value IS NOT NULL END")
     row = "struct(effective_at AS at, observation_id AS id, CAST(value AS DOUBLE) AS value, value_text AS text)"
-    groups = rows.select("*", _minute_start("effective_at").alias("minute")).groupBy(
-        "patient_key", "concept", "minute").agg(
+    groups = rows.groupBy("patient_key", "concept", "minute").agg(
         F.expr(f"count(*) FILTER (WHERE {feature})").alias("readings"),
         F.expr(f"max(struct(effective_at AS at, CAST(value AS DOUBLE) AS value)) FILTER (WHERE {feature})")
         .alias("_last"),
@@ -446,7 +476,7 @@ def _merged(slices: Sequence[tuple[datetime, datetime | None]]) -> list[tuple[da
 
 def _history_in_minutes(read_usable: Callable[..., DataFrame], stored: DataFrame | None,
                         fresh: DataFrame | None, touched: DataFrame, spans: Sequence[tuple[str, datetime, datetime]],
-                        inputs: Sequence[str], windows_ms: Sequence[int], history_s: float,
+                        inputs: Sequence[str], windows_ms: Sequence[int], history_ms: int,
                         links: Mapping[str, str]) -> DataFrame:
     """The touched patients' history: silver row by row in the minutes the batch probes, gold.vitals_minutes
     elsewhere. The same scores and features as reading every row.
@@ -469,17 +499,13 @@ def _history_in_minutes(read_usable: Callable[..., DataFrame], stored: DataFrame
 
     Out: _HISTORY_COLUMNS, `_n` (readings a row stands for), `_asof` (scores read it), `_feature` (features do).
     """
-    step, history = timedelta(seconds=MINUTE_SECONDS), timedelta(seconds=history_s)
+    step, history = timedelta(seconds=MINUTE_SECONDS), timedelta(milliseconds=history_ms)
     windows = [timedelta(milliseconds=int(w)) for w in windows_ms]
     first, last_from, last_to = min(s[1] for s in spans), max(s[1] for s in spans), max(s[2] for s in spans)
     slices = [(_minute_floor(first), None), (_minute_floor(first - history), _minute_floor(last_from - history) + step),
               *[(_minute_floor(first - w), _minute_floor(last_to - w) + step) for w in windows]]
-    parts = [read_usable(lo, hi) for lo, hi in _merged(slices)]
-    rows = parts[0]
-    for part in parts[1:]:
-        rows = rows.unionByName(part)
-
-    start = f"_from - INTERVAL {int(history_s * 1000)} MILLISECONDS"
+    rows = _union([read_usable(lo, hi) for lo, hi in _merged(slices)])
+    start = f"_from - INTERVAL {int(history_ms)} MILLISECONDS"
 
     def probed(minute: str) -> str:
         edges = [f"{minute} >= {_minute_index('_from')}", f"{minute} = {_minute_index(start)}"]
@@ -516,8 +542,11 @@ def _history_in_minutes(read_usable: Callable[..., DataFrame], stored: DataFrame
     rolled = minutes.selectExpr("patient_key", "_from", "_to", f"inline(array({', '.join(entries)}))").where(
         "effective_at IS NOT NULL")
     # A feature keeps every minute's row (its counts); a score only the newest minute's rows of each kind.
-    newest = Window.partitionBy("patient_key", "concept", "_kind").orderBy(F.col("effective_at").desc(),
-                                                                         F.col("encounter_key").desc_nulls_last())
+    # Ties (a person's identities at one instant, after links): the largest id, as `_as_of` picks; the largest
+    # encounter.
+    newest = Window.partitionBy("patient_key", "concept", "_kind").orderBy(
+        F.col("effective_at").desc(), F.col("observation_id").desc_nulls_last(),
+        F.col("encounter_key").desc_nulls_last())
     rolled = rolled.select("*", F.when(F.col("_kind") == 0, F.lit(1)).otherwise(F.row_number().over(newest))
                            .alias("_rank")).where("_rank = 1")
     return raw.unionByName(rolled.select(*_HISTORY_COLUMNS, "_n", (F.col("_kind") > 0).alias("_asof"),

@@ -288,7 +288,7 @@ def gold_jobs(cfg: Config) -> list[Job]:
     alerts = Output(deterioration_alerts.ALERTS, "merge",
                     MergeSpec(keys=("alert_id",), latest_by=("computed_at",), prune_by=("opened_at",)),
                     deterioration_alerts.SCHEMA)
-    # A replayed batch never puts back an older state of a minute (its silver version is older).
+    # A minute's row is replaced by one computed from the same or a newer silver version (a replay recomputes it).
     minutes = Output(early_warning_scores.MINUTES, "merge",
                      MergeSpec(keys=("patient_key", "concept", "minute"), latest_by=("silver_version",),
                                update_when="s.silver_version >= t.silver_version", prune_by=("minute",)),

@@ -86,7 +86,9 @@ def _files_since(dt: DeltaTable, table_path: str, column: str, at: datetime,
     def bound(t: datetime) -> pa.Scalar:
         return pa.scalar(t.astimezone(UTC), type=pa.timestamp(top.type.unit, tz="UTC")).cast(top.type)
 
-    keep = pc.or_kleene(pc.is_null(top), pc.greater_equal(top, bound(at)))
+    # Delta's statistics keep timestamps to the millisecond, truncated: compare with the millisecond of `at`.
+    keep = pc.or_kleene(pc.is_null(top), pc.greater_equal(top, bound(at.replace(microsecond=at.microsecond // 1000
+                                                                                 * 1000))))
     if until is not None and oldest in actions.column_names:
         bottom = actions[oldest]
         keep = pc.and_kleene(keep, pc.or_kleene(pc.is_null(bottom), pc.less(bottom, bound(until))))
