@@ -8,12 +8,14 @@ vitals features (gold.features) and, when a model is registered as `champion`, i
 
 How a batch works (pure: the runner passes the changed silver rows and `read_table` for history):
 1. touched: per person, the earliest event time among the batch's changed input observations (new values,
-   corrections and deletions alike);
+   corrections and deletions alike, before and after the change: a reading moved to another patient or time
+   touches both);
 2. history: the person's usable inputs from `gold.history` before that time on (silver.observations snapshot),
    the minutes that hold no scoring point or feature-window edge read from gold.vitals_minutes, a few rows each,
    which the same batch keeps up to date for the minutes its changes touch (`_history_in_minutes`);
 3. every input time from the touched time on is (re)scored: a late or corrected value changes the rows after
-   it too, and the MERGE on (patient_key, scored_at) makes replays and restarts idempotent;
+   it too, and the MERGE on (patient_key, scored_at) makes replays and restarts idempotent; a stored point whose
+   readings are all gone (retracted, deleted, moved) is withdrawn: its score and features rows are deleted;
 4. the touched patients' alert episodes are recomputed from those score rows (gold.deterioration_alerts), in
    the same batch: an alert commits with the scores that raised it, one micro-batch after the reading.
 
@@ -102,6 +104,13 @@ SCHEMA = StructType([
     StructField("model_alert", BooleanType(), True),  # model_risk >= the registered model's threshold
     *_PROVENANCE,
 ])
+
+# A score point can disappear: its readings were retracted (entered in error, deleted) or corrected to another
+# patient or time. The batch that sees it sends the point's key with no silver_version (a withdrawal), and the
+# MERGE deletes the stored score and features rows (time travel keeps them for audit); it never inserts one.
+WITHDRAWAL = "s.silver_version IS NULL"
+# A minute whose readings are all gone (readings 0, no scored row): the MERGE deletes its stored row.
+EMPTIED_MINUTE = "s.readings = 0 AND s.pick_at IS NULL"
 
 
 SCALE2_SCHEMA = StructType([
@@ -239,8 +248,10 @@ def early_warning_scores(
         marker_rows = marker_rows.unionByName(
             _as_routed(fresh_minutes.select("*", F.lit(MINUTES).alias(OUTPUT)), routed_schema))
 
-    changed = (now.where(F.col("concept").isin(*inputs) & F.col("patient_key").isNotNull()
-                         & F.col("effective_at").isNotNull()))
+    # Before and after each change: a correction that moves a reading to another patient or time, or retracts or
+    # deletes it, rescores the old patient from the old time too (a point left without readings is withdrawn).
+    changed = (changes.where(F.col("concept").isin(*inputs) & F.col("patient_key").isNotNull()
+                             & F.col("effective_at").isNotNull()))
     changed = _resolve(changed, "patient_key", patient_links)
     # Times collected to the driver become aware UTC at once: Spark gives naive local times back, and clock-face
     # arithmetic on those would be an hour off across a daylight-saving change.
@@ -297,21 +308,34 @@ def early_warning_scores(
     finally:
         history.unpersist()
     new_scores = scored.where(F.col(OUTPUT) == SCORES).select(*SCHEMA.fieldNames())
+    redone = F.broadcast(touched.select("patient_key", "_from"))
 
     def scores_from(since: datetime) -> DataFrame:
-        """Score rows from `since` on as they stand once this batch commits: stored rows, this batch's in place."""
+        """Score rows from `since` on as they stand once this batch commits: a touched patient's stored rows from
+        its first point on are replaced by this batch's (the points no longer there are withdrawn)."""
         if scores_version is None:
             return new_scores
         stored = read_table(SCORES, since=("scored_at", since)).select(*SCHEMA.fieldNames())
-        return (stored.join(new_scores.select("patient_key", "scored_at"), ["patient_key", "scored_at"], "left_anti")
-                .unionByName(new_scores))
+        kept = (stored.join(redone, "patient_key", "left")
+                .where(F.col("_from").isNull() | (F.col("scored_at") < F.col("_from"))).drop("_from"))
+        return kept.unionByName(new_scores)
+
+    routed = [scored]
+    if scores_version is not None:  # stored points of a touched patient this batch no longer finds
+        gone = (read_table(SCORES, since=("scored_at", earliest)).select("patient_key", "scored_at")
+                .join(redone, "patient_key").where(F.col("scored_at") >= F.col("_from"))
+                .join(new_scores.select("patient_key", "scored_at"), ["patient_key", "scored_at"], "left_anti"))
+        routed.append(_as_routed(gone.select(  # no silver_version: a WITHDRAWAL
+            "patient_key", "scored_at", F.lit(CODE_VERSION).alias("code_version"),
+            F.lit(ingest_batch_id).alias("computed_by"), F.lit(processed_at).cast("timestamp").alias("computed_at"),
+            F.explode(F.array(F.lit(SCORES), F.lit(FEATURES))).alias(OUTPUT)), routed_schema))
 
     alerts = deterioration_alerts.deterioration_alerts(
         dict(touched_rows), scores_from, read_table=read_table,
         table_version=table_version, scores_version=scores_version, ingest_batch_id=ingest_batch_id,
         processed_at=processed_at, resolve_after_ms=resolve_after_ms)
     alert_rows = _as_routed(alerts.select("*", F.lit(deterioration_alerts.ALERTS).alias(OUTPUT)), routed_schema)
-    return scored.unionByName(alert_rows).unionByName(marker_rows)
+    return _union([*routed, alert_rows, marker_rows])
 
 
 def _partitions(spark) -> int:

@@ -278,20 +278,25 @@ def gold_jobs(cfg: Config) -> list[Job]:
     from gold import deterioration_alerts, early_warning_scores
 
     g = cfg.gold
-    score_key = MergeSpec(keys=("patient_key", "scored_at"), latest_by=("computed_at",), prune_by=("scored_at",))
+    score_key = MergeSpec(keys=("patient_key", "scored_at"), latest_by=("computed_at",), prune_by=("scored_at",),
+                          delete_when=early_warning_scores.WITHDRAWAL,
+                          insert_when=f"NOT ({early_warning_scores.WITHDRAWAL})")
     features = Output(early_warning_scores.FEATURES, "merge", score_key,
                       early_warning_scores.features_schema(g.feature_windows_ms))
+    newer = "s.silver_version >= t.silver_version"
     markers = Output(early_warning_scores.SCALE2, "merge",
-                     MergeSpec(keys=("observation_id",), latest_by=("silver_version",),
-                               update_when="s.silver_version >= t.silver_version"),
+                     MergeSpec(keys=("observation_id",), latest_by=("silver_version",), update_when=newer),
                      early_warning_scores.SCALE2_SCHEMA)
     alerts = Output(deterioration_alerts.ALERTS, "merge",
                     MergeSpec(keys=("alert_id",), latest_by=("computed_at",), prune_by=("opened_at",)),
                     deterioration_alerts.SCHEMA)
-    # A minute's row is replaced by one computed from the same or a newer silver version (a replay recomputes it).
+    # A minute's row is replaced by one computed from the same or a newer silver version (a replay recomputes it);
+    # a minute left without readings is deleted.
+    emptied = early_warning_scores.EMPTIED_MINUTE
     minutes = Output(early_warning_scores.MINUTES, "merge",
                      MergeSpec(keys=("patient_key", "concept", "minute"), latest_by=("silver_version",),
-                               update_when="s.silver_version >= t.silver_version", prune_by=("minute",)),
+                               update_when=newer, delete_when=f"{emptied} AND {newer}",
+                               insert_when=f"NOT ({emptied})", prune_by=("minute",)),
                      early_warning_scores.MINUTES_SCHEMA)
     return [
         Job(name=early_warning_scores.SCORES, source=TableSource("silver.observations"),

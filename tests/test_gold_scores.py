@@ -156,6 +156,44 @@ def test_late_reading_rescores_later_rows_and_moves_the_alert(lake):
     assert open_per_level == {"news2_medium": 1, "news2_high": 1, "qsofa": 1}
 
 
+def test_readings_retracted_or_moved_to_another_patient_withdraw_the_old_score_and_its_alert(lake):
+    from pipelines.store.base import MergeSpec
+
+    lake.add(vitals("p1", 0, rr=16, spo2=97, fio2=21, sbp=120, hr=75, acvpu="A", temp=37.0))
+    lake.add(vitals("p2", 0, rr=16, spo2=97, fio2=21, sbp=120, hr=75, acvpu="A", temp=37.0))
+    rr, sbp = vitals("p1", 30, rr=25, sbp=90)  # RR 25 -> 3, SBP 90 -> 3: NEWS2 6 (medium), qSOFA 2
+    lake.add([rr, sbp])
+    lake.run()
+    assert sorted(lake.scores("p1")) == [0, 30] and lake.scores("p1")[30]["news2_band"] == "medium"
+    assert {(a["level"], a["status"]) for a in lake.alerts("p1")} == {("news2_medium", "open"), ("qsofa", "open")}
+
+    def correct(row: dict) -> None:
+        lake.store.merge(OBSERVATIONS, pa.Table.from_pylist([row], schema=lake.arrow_schema),
+                         MergeSpec(keys=("observation_id",)))
+        lake.run()
+
+    # The respiratory rate belonged to p2, charted a minute later: p1 is rescored from 10:30 without it.
+    correct({**rr, "patient_key": "p2", "encounter_key": "enc-p2", "effective_at": T0 + timedelta(minutes=31),
+             "source_version": "2"})
+    p1, p2 = lake.scores("p1"), lake.scores("p2")
+    assert (p1[30]["respiratory_rate"], p1[30]["news2_score"], p1[30]["news2_band"]) == (16.0, 3, "low-medium")
+    assert rr["observation_id"] not in p1[30]["input_observation_ids"]
+    assert {(a["level"], a["status"]) for a in lake.alerts("p1")} == {("news2_medium", "withdrawn"),
+                                                                      ("qsofa", "withdrawn")}
+    assert sorted(p2) == [0, 31]
+    assert (p2[31]["respiratory_rate"], p2[31]["news2_score"], p2[31]["news2_band"]) == (25.0, 3, "low-medium")
+    assert rr["observation_id"] in p2[31]["input_observation_ids"]
+
+    # The blood pressure was entered in error: p1 has no reading left at 10:30, and no score row there.
+    correct({**sbp, "status": "entered-in-error", "source_version": "2"})
+    assert sorted(lake.scores("p1")) == [0]
+    assert not [r for r in lake.store.read_arrow(FEATURES).to_pylist()
+                if (r["patient_key"], r["scored_at"]) == ("p1", T0 + timedelta(minutes=30))]
+    from gold.early_warning_scores import MINUTES
+    assert {(r["patient_key"], r["minute"].minute) for r in lake.store.read_arrow(MINUTES).to_pylist()} == {
+        ("p1", 0), ("p2", 0), ("p2", 31)}  # p1's 10:30 minute is empty now: its rows are deleted
+
+
 def test_feeds_of_one_person_score_together_and_scale2(lake):
     # HL7 / monitors key the MRN identity; FHIR Observations the Patient/<id> identity linked to it.
     lake.link("fhir-p2", "p2")
@@ -344,8 +382,9 @@ def test_history_read_in_minutes_gives_exactly_the_scores_features_and_alerts_of
     kept = {(r["patient_key"], r["concept"], r["minute"].replace(tzinfo=UTC)): r["readings"]
             for r in rolled["minutes"] if r["readings"]}
     assert kept == counts
-    assert [r["readings"] for r in rolled["minutes"]
-            if (r["patient_key"], r["concept"], r["minute"].minute) == ("p3", "lactate", 33)] == [0]
+    assert not [r for r in rolled["minutes"]  # its minute held nothing else: the row is gone
+                if (r["patient_key"], r["concept"], r["minute"].minute) == ("p3", "lactate", 33)]
+    assert all(r["readings"] or r["pick_at"] for r in rolled["minutes"])
 
 
 def test_a_lakehouse_scored_before_the_minutes_table_gets_all_its_minutes_once(lake, tmp_path, spark):
