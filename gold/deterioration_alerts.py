@@ -136,23 +136,50 @@ def _alert_id(patient: Column, level: Column, opened_at: Column) -> Column:
     return F.substring(F.sha2(text, 256), 1, 32)
 
 
+def _unproven(known: list, starts: Mapping[str, datetime], corrected: set[str],
+              scores: Callable[[datetime], DataFrame], resolve_after: timedelta) -> set[str]:
+    """The alert ids of `corrected` patients' episodes resolved before their start whose resolution no score row
+    before the start proves any more. An episode resolves once the patient stays out of its level `resolve_after`,
+    shown by a later row; when rows from the start on may have been withdrawn (a retracted or moved reading), a
+    resolution is still proven only by a row in [resolved_at + resolve_after, start), which the batch leaves alone.
+    (Resolutions within `resolve_after` of the start are recomputed anyway: `_recompute_from`.)"""
+    spans = []
+    for row in known:
+        patient, resolved = row["patient_key"], row["resolved_at"]
+        if patient in corrected and resolved is not None and resolved.astimezone(UTC) + resolve_after < starts[patient]:
+            spans.append((row["alert_id"], patient, resolved.astimezone(UTC) + resolve_after, starts[patient]))
+    if not spans:
+        return set()
+    rows = scores(min(lo for _, _, lo, _ in spans)).select("patient_key", "scored_at")
+    wanted = rows.sparkSession.createDataFrame(spans, "alert_id string, patient_key string, _lo timestamp, "
+                                                      "_hi timestamp")
+    proven = (rows.join(F.broadcast(wanted), "patient_key")
+              .where((F.col("scored_at") >= F.col("_lo")) & (F.col("scored_at") < F.col("_hi")))
+              .select("alert_id").distinct().collect())
+    return {a for a, _, _, _ in spans} - {r[0] for r in proven}
+
+
 def deterioration_alerts(starts: Mapping[str, datetime], scores: Callable[[datetime], DataFrame], *,
                          read_table: Callable[..., DataFrame], table_version: Callable[[str], int | None],
                          scores_version: int | None, ingest_batch_id: str, processed_at: datetime,
-                         resolve_after_ms: int) -> DataFrame:
+                         resolve_after_ms: int, corrected: set[str] = frozenset()) -> DataFrame:
     """The alert rows to MERGE for the patients whose scores changed (at least one), each from `starts[patient]` on.
 
     `scores(since)` gives the score rows from `since` on as they stand once the batch commits (the stored rows
     with this batch's rows in place); `scores_version` is the gold.early_warning_scores version read, for
-    provenance.
+    provenance. `corrected`: the patients whose score rows from their start on may have been withdrawn, so a
+    resolution shown only by such a row is recomputed too.
     """
     starts = dict(starts)
+    resolve_after = timedelta(milliseconds=resolve_after_ms)
     known_alerts = table_version(ALERTS) is not None
     if known_alerts:  # episodes still running at a patient's start are recomputed whole
         keys = sorted(starts)
         known = (read_table(ALERTS).where(F.col("patient_key").isin(*keys) & (F.col("status") != WITHDRAWN))
-                 .select("patient_key", "opened_at", "resolved_at").collect())
-        starts = _recompute_from(starts, known, timedelta(milliseconds=resolve_after_ms))
+                 .select("alert_id", "patient_key", "opened_at", "resolved_at").collect())
+        unproven = _unproven(known, starts, set(corrected), scores, resolve_after)
+        known = [{**r.asDict(), "resolved_at": None} if r["alert_id"] in unproven else r for r in known]
+        starts = _recompute_from(starts, known, resolve_after)
     earliest = min(starts.values())
     recent = scores(earliest)
     touched = recent.sparkSession.createDataFrame(list(starts.items()), "patient_key string, _from timestamp")

@@ -29,6 +29,7 @@ monitor sends a value every second.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -130,7 +131,7 @@ MINUTES_SCHEMA = StructType([
     StructField("patient_key", StringType(), False),  # the identity silver keyed (links are followed on use)
     StructField("concept", StringType(), False),
     StructField("minute", TimestampType(), False),  # the minute's start
-    StructField("readings", LongType(), True),  # numeric feature readings in the minute (0: none left)
+    StructField("readings", LongType(), True),  # numeric feature readings in the minute (0: only scored rows)
     StructField("last_at", TimestampType(), True),  # the newest of them (the largest value at a tie)
     StructField("last_value", DoubleType(), True),
     StructField("pick_at", TimestampType(), True),  # scores: the newest row (the largest observation id at a tie)
@@ -155,7 +156,8 @@ def features_schema(windows_ms: Sequence[int]) -> StructType:
 
 
 # -- identity resolution ---------------------------------------------------------------------------------------
-_RESOLVED: dict[tuple[str, int | None], dict[str, str]] = {}
+# Per lakehouse (the owner of `read_table`: the runner), per (table, version). Weak: a runner gone, its cache too.
+_RESOLVED: weakref.WeakKeyDictionary[Any, dict[tuple[str, int], dict[str, str]]] = weakref.WeakKeyDictionary()
 
 
 def _links(read_table: Callable[[str], DataFrame], table_version: Callable[[str], int | None], table: str,
@@ -164,8 +166,9 @@ def _links(read_table: Callable[[str], DataFrame], table_version: Callable[[str]
     version = table_version(table)
     if version is None:
         return {}
+    cache = _RESOLVED.setdefault(getattr(read_table, "__self__", read_table), {})
     cache_key = (table, version)
-    if cache_key not in _RESOLVED:
+    if cache_key not in cache:
         rows = (read_table(table).where(F.col("merged_into").isNotNull() & (F.col("merged_into") != F.col(key)))
                 .select(key, "merged_into").collect())
         step = {r[0]: r[1] for r in rows}
@@ -176,10 +179,10 @@ def _links(read_table: Callable[[str], DataFrame], table_version: Callable[[str]
                 seen.add(current)
                 current = step[current]
             resolved[start] = current
-        for old in [k for k in _RESOLVED if k[0] == table]:
-            del _RESOLVED[old]
-        _RESOLVED[cache_key] = resolved
-    return _RESOLVED[cache_key]
+        for old in [k for k in cache if k[0] == table]:
+            del cache[old]
+        cache[cache_key] = resolved
+    return cache[cache_key]
 
 
 def _resolve(df: DataFrame, column: str, links: Mapping[str, str]) -> DataFrame:
@@ -218,6 +221,8 @@ def early_warning_scores(
         markers = _newest(read_table(SCALE2).unionByName(new_markers))
     marker_rows = _as_routed(new_markers.select("*", F.lit(SCALE2).alias(OUTPUT)), routed_schema)
     version = table_version(OBSERVATIONS)
+    if version is None:  # every row records it; a row without it is a WITHDRAWAL
+        raise ValueError(f"{SCORES}: {OBSERVATIONS} has no version; the score job reads its change feed")
     minutes_version = table_version(MINUTES)
 
     def read_usable(at: datetime, until: datetime | None = None) -> DataFrame:
@@ -255,8 +260,13 @@ def early_warning_scores(
     changed = _resolve(changed, "patient_key", patient_links)
     # Times collected to the driver become aware UTC at once: Spark gives naive local times back, and clock-face
     # arithmetic on those would be an hour off across a daylight-saving change.
-    touched_rows = [(r["patient_key"], _utc(r["_from"])) for r in
-                    changed.groupBy("patient_key").agg(F.min("effective_at").alias("_from")).collect()]
+    touched = changed.groupBy("patient_key").agg(F.min("effective_at").alias("_from"),
+                                                 F.max(F.col("_change_type") != "insert").alias("_corrected"))
+    touched_rows, corrected = [], set()
+    for r in touched.collect():
+        touched_rows.append((r["patient_key"], _utc(r["_from"])))
+        if r["_corrected"]:  # a reading changed or gone: some of its points may be withdrawn
+            corrected.add(r["patient_key"])
     if not touched_rows:
         return marker_rows
     earliest = min(f for _, f in touched_rows)
@@ -321,8 +331,11 @@ def early_warning_scores(
         return kept.unionByName(new_scores)
 
     routed = [scored]
-    if scores_version is not None:  # stored points of a touched patient this batch no longer finds
-        gone = (read_table(SCORES, since=("scored_at", earliest)).select("patient_key", "scored_at")
+    if scores_version is not None:  # stored points of a touched patient this batch no longer finds (in either
+        # table: a crash between the two commits may have left a features row whose point was then retracted)
+        kept = [read_table(t, since=("scored_at", earliest)).select("patient_key", "scored_at")
+                for t in (SCORES, FEATURES) if table_version(t) is not None]
+        gone = (_union(kept).distinct()
                 .join(redone, "patient_key").where(F.col("scored_at") >= F.col("_from"))
                 .join(new_scores.select("patient_key", "scored_at"), ["patient_key", "scored_at"], "left_anti"))
         routed.append(_as_routed(gone.select(  # no silver_version: a WITHDRAWAL
@@ -333,7 +346,7 @@ def early_warning_scores(
     alerts = deterioration_alerts.deterioration_alerts(
         dict(touched_rows), scores_from, read_table=read_table,
         table_version=table_version, scores_version=scores_version, ingest_batch_id=ingest_batch_id,
-        processed_at=processed_at, resolve_after_ms=resolve_after_ms)
+        processed_at=processed_at, resolve_after_ms=resolve_after_ms, corrected=corrected)
     alert_rows = _as_routed(alerts.select("*", F.lit(deterioration_alerts.ALERTS).alias(OUTPUT)), routed_schema)
     return _union([*routed, alert_rows, marker_rows])
 
@@ -444,7 +457,8 @@ def vitals_minutes(observations: DataFrame, *, silver_version: int | None, inges
                    processed_at: datetime, only: DataFrame | None = None) -> DataFrame:
     """gold.vitals_minutes rows of silver.observations rows: per (patient_key, concept, minute), what a score batch
     needs of a minute in which none of its points or window edges falls (`_history_in_minutes`). `only`: the
-    (patient_key, concept, minute) keys to recompute, each one getting a row (readings 0 when none is left)."""
+    (patient_key, concept, minute) keys to recompute, each one getting a row (an EMPTIED_MINUTE when nothing is
+    left: the MERGE deletes the stored row)."""
     keys = ["patient_key", "concept", "minute"]
     rows = usable_observations(observations).select("*", _minute_start("effective_at").alias("minute"))
     if only is not None:

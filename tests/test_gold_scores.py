@@ -163,9 +163,17 @@ def test_readings_retracted_or_moved_to_another_patient_withdraw_the_old_score_a
     lake.add(vitals("p2", 0, rr=16, spo2=97, fio2=21, sbp=120, hr=75, acvpu="A", temp=37.0))
     rr, sbp = vitals("p1", 30, rr=25, sbp=90)  # RR 25 -> 3, SBP 90 -> 3: NEWS2 6 (medium), qSOFA 2
     lake.add([rr, sbp])
+    # p3: medium and qSOFA 2 at 10:00, normal at 10:20, and a pulse at 11:30 that shows 70 min out of both levels:
+    # the alerts resolve (gold.alert_resolve_after 1 h) at 10:20 - but only as long as that pulse counts.
+    lake.add(vitals("p3", 0, rr=25, spo2=97, fio2=21, sbp=90, hr=75, acvpu="A", temp=37.0)
+             + vitals("p3", 20, rr=16, sbp=120))
+    proof = vitals("p3", 90, hr=75)[0]
+    lake.add([proof])
     lake.run()
     assert sorted(lake.scores("p1")) == [0, 30] and lake.scores("p1")[30]["news2_band"] == "medium"
     assert {(a["level"], a["status"]) for a in lake.alerts("p1")} == {("news2_medium", "open"), ("qsofa", "open")}
+    assert [(a["level"], a["status"], minutes(a["resolved_at"])) for a in lake.alerts("p3")] == [
+        ("news2_medium", "resolved", 20), ("qsofa", "resolved", 20)]
 
     def correct(row: dict) -> None:
         lake.store.merge(OBSERVATIONS, pa.Table.from_pylist([row], schema=lake.arrow_schema),
@@ -184,14 +192,20 @@ def test_readings_retracted_or_moved_to_another_patient_withdraw_the_old_score_a
     assert (p2[31]["respiratory_rate"], p2[31]["news2_score"], p2[31]["news2_band"]) == (25.0, 3, "low-medium")
     assert rr["observation_id"] in p2[31]["input_observation_ids"]
 
-    # The blood pressure was entered in error: p1 has no reading left at 10:30, and no score row there.
-    correct({**sbp, "status": "entered-in-error", "source_version": "2"})
-    assert sorted(lake.scores("p1")) == [0]
+    # The blood pressure was entered in error: p1 has no reading left at 10:30, and no score row there. p3's
+    # pulse was too: nothing shows p3 70 min out of the levels any more, so its alerts are open again.
+    lake.store.merge(OBSERVATIONS, pa.Table.from_pylist([{**row, "status": "entered-in-error", "source_version": "2"}
+                                                         for row in (sbp, proof)], schema=lake.arrow_schema),
+                     MergeSpec(keys=("observation_id",)))
+    lake.run()
+    assert sorted(lake.scores("p1")) == [0] and sorted(lake.scores("p3")) == [0, 20]
+    assert [(a["level"], a["status"], a["resolved_at"]) for a in lake.alerts("p3")] == [
+        ("news2_medium", "open", None), ("qsofa", "open", None)]
     assert not [r for r in lake.store.read_arrow(FEATURES).to_pylist()
                 if (r["patient_key"], r["scored_at"]) == ("p1", T0 + timedelta(minutes=30))]
     from gold.early_warning_scores import MINUTES
     assert {(r["patient_key"], r["minute"].minute) for r in lake.store.read_arrow(MINUTES).to_pylist()} == {
-        ("p1", 0), ("p2", 0), ("p2", 31)}  # p1's 10:30 minute is empty now: its rows are deleted
+        ("p1", 0), ("p2", 0), ("p2", 31), ("p3", 0), ("p3", 20)}  # emptied minutes (p1 10:30, p3 11:30) are deleted
 
 
 def test_feeds_of_one_person_score_together_and_scale2(lake):
