@@ -288,7 +288,8 @@ def test_history_read_in_minutes_gives_exactly_the_scores_features_and_alerts_of
         tmp_path, spark, monkeypatch):
     """A monitor's history before the batch is read from gold.vitals_minutes, which the score job keeps: the same
     gold rows as reading silver row by row, at window edges, ties, an encounter change, a retraction, a late
-    reading, and a retraction in a minute that only a later batch reads back."""
+    reading, a retraction in a minute that only a later batch reads back, and a person charted under two linked
+    identities."""
     from pyspark.sql.pandas.types import to_arrow_schema
 
     from gold import early_warning_scores as ews
@@ -324,8 +325,9 @@ def test_history_read_in_minutes_gives_exactly_the_scores_features_and_alerts_of
 
     # Batch 2 scores p1 and p3 from 40:00 (p2 from its late reading at 25:00) with windows 5 and 15 min: for p1
     # the minutes 25-28, 35-38 and 40 on hold probes (read row by row); 20-24, 29-34 and 39 come from the table.
+    # p2 is also charted under a FHIR identity linked to it (silver.patients), at other instants: one person.
     history = [*rows_until(0, 40, 7, "p1", enc_switch=22.5), *rows_until(0, 40, 120, "p2"),
-               *rows_until(0, 40, 30, "p3", encounter=False)]
+               *rows_until(0.75, 40, 300, "p2-fhir"), *rows_until(0, 40, 30, "p3", encounter=False)]
     extra = [
         tied("p1", "hr", 131, 31.5, "a"), tied("p1", "hr", 60, 31.5, "b"),  # ties in a rolled-up minute
         tied("p1", "hr", 129, 35, "a"), tied("p1", "temp", 39.4, 35, "a"),  # ties at a 5-min probe instant
@@ -334,7 +336,8 @@ def test_history_read_in_minutes_gives_exactly_the_scores_features_and_alerts_of
         tied("p3", "hr", 90, 21, "x", encounter_key="enc-x1"), tied("p3", "rr", 18, 21, "x", encounter_key="enc-x2"),
     ]
     tail = [*rows_until(40, 43, 7, "p1", enc_switch=22.5), *rows_until(40, 42, 120, "p2"),
-            *rows_until(40, 41, 30, "p3", encounter=False), obs("p2", "hr", 140, 25)]
+            *rows_until(40.75, 42, 300, "p2-fhir"), *rows_until(40, 41, 30, "p3", encounter=False),
+            obs("p2", "hr", 140, 25)]
     # Batch 2 also retracts p3's lactate at 33:00 (no score input: nothing is rescored for it, but p3's later
     # 15-min windows count one reading less), and brings p3 a late heart rate at 34:10, p1 a late temperature.
     retracted = [obs("p3", "lactate", 1.5 + (33 * 60 % 7) / 10, 33, status="entered-in-error")]
@@ -357,6 +360,8 @@ def test_history_read_in_minutes_gives_exactly_the_scores_features_and_alerts_of
         store = open_store(cfg, spark)
         runner = Runner(cfg, spark, store, load_registry(cfg))
         schema = to_arrow_schema(OBS_SCHEMA)
+        link = {"patient_key": "p2-fhir", "identity_kind": "fhir-patient", "merged_into": "p2", "ingested_at": T0}
+        store.append(PATIENTS, pa.Table.from_pylist([link], schema=to_arrow_schema(PATIENT_SCHEMA)))
         for n, batch in enumerate(([*history, *extra], [*tail, *late], tail2)):
             if n == 1:
                 store.merge(OBSERVATIONS, pa.Table.from_pylist(retracted, schema=schema),
@@ -380,10 +385,14 @@ def test_history_read_in_minutes_gives_exactly_the_scores_features_and_alerts_of
     assert seen[1] < seen[4] and seen[2] < 0.75 * seen[5], seen
     rows = {r["observation_id"]: r for r in [*history, *extra, *tail, *late, *tail2]}
     rows.update({r["observation_id"]: r for r in retracted})
-    points = {(r["patient_key"], r["effective_at"]) for r in rows.values() if r["status"] == "final"}
+    points = {(r["patient_key"].removesuffix("-fhir"), r["effective_at"]) for r in rows.values()
+              if r["status"] == "final"}
     assert len(rolled[SCORES]) == len(points)
     p3 = [dict(r) for r in rolled[SCORES] if dict(r)["patient_key"] == "p3"]
     assert {r["encounter_key"] for r in p3 if minutes(r["scored_at"]) >= 40} == {"enc-x2"}
+    p2 = {minutes(dict(r)["scored_at"]): dict(r) for r in rolled[SCORES] if dict(r)["patient_key"] == "p2"}
+    assert p2[40.75]["encounter_key"] == "enc-p2-fhir" and p2[40]["encounter_key"] == "enc-p2"  # both feeds, one row
+    assert not [r for r in rolled[SCORES] if dict(r)["patient_key"] == "p2-fhir"]
     assert {a for r in rolled[ALERTS] for k, a in r if k == "level"}  # alerts were raised to compare
     for table in (SCORES, FEATURES, ALERTS):
         assert rolled[table] == row_by_row[table], table
@@ -436,3 +445,31 @@ def test_a_lakehouse_scored_before_the_minutes_table_gets_all_its_minutes_once(l
     scores = store.read_arrow(SCORES).to_pylist()
     last = max(r["computed_at"] for r in scores)  # the upgraded job went on from its checkpoint: one new point
     assert [(r["patient_key"], minutes(r["scored_at"])) for r in scores if r["computed_at"] == last] == [("p1", 100)]
+
+
+def test_times_collected_across_a_daylight_saving_change_come_back_as_the_same_utc_instants(spark):
+    """Spark hands timestamps to Python as naive local times; the score job makes them aware UTC at once
+    (`_utc`). Under a zone with daylight saving, the hour that happens twice (01:00-02:00 BST then GMT on
+    2026-10-25 in London) must not fold into one, and minute arithmetic must stay in UTC."""
+    import os
+    import time
+
+    from gold import early_warning_scores as ews
+
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = "Europe/London"
+    time.tzset()
+    try:
+        instants = [datetime(2026, 10, 25, 0, 15, 30, tzinfo=UTC) + timedelta(minutes=20 * k) for k in range(8)]
+        rows = spark.createDataFrame([(t,) for t in instants], "at timestamp").orderBy("at").collect()
+        back = [ews._utc(r["at"]) for r in rows]
+        assert back == instants and len(set(back)) == len(instants)
+        floors = [ews._minute_floor(t) for t in back]
+        assert [(f.hour, f.minute, f.second) for f in floors] == [(t.hour, t.minute, 0) for t in instants]
+        assert all(f.tzinfo == UTC for f in floors)
+    finally:
+        if before is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = before
+        time.tzset()
