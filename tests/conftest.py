@@ -30,6 +30,18 @@ def spark(tmp_path_factory):
     session.stop()
 
 
+@pytest.fixture(autouse=True)
+def _carelake_logging():
+    """A test that runs the CLI in-process (`pipelines.cli.main`) points the carelake logger at that test's
+    captured stderr and stops it propagating; put it back, so later tests on the same worker see their logs."""
+    import logging
+
+    logger = logging.getLogger("carelake")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+
+
 @pytest.fixture
 def cfg(tmp_path):
     return make_config(tmp_path / "lake")
