@@ -110,8 +110,17 @@ SCHEMA = StructType([
 # patient or time. The batch that sees it sends the point's key with no silver_version (a withdrawal), and the
 # MERGE deletes the stored score and features rows (time travel keeps them for audit); it never inserts one.
 WITHDRAWAL = "s.silver_version IS NULL"
-# A minute whose readings are all gone (readings 0, no scored row): the MERGE deletes its stored row.
-EMPTIED_MINUTE = "s.readings = 0 AND s.pick_at IS NULL"
+
+
+def _emptied(alias: str = "") -> str:
+    """A minute whose readings are all gone (readings 0, no scored row), in SQL over `alias`."""
+    return f"{alias}readings = 0 AND {alias}pick_at IS NULL"
+
+
+# The MERGE deletes the stored row of an emptied minute. The batch sends an emptied minute only where a stored row
+# exists, as it sends a WITHDRAWAL only for a stored row: delta-rs (1.6) fails a MERGE into a table with a change
+# feed when an unmatched source row fails the insert condition, instead of skipping it.
+EMPTIED_MINUTE = _emptied("s.")
 
 
 SCALE2_SCHEMA = StructType([
@@ -247,7 +256,9 @@ def early_warning_scores(
             slices = ([(min(touched_minutes), max(touched_minutes) + step)] if len(touched_minutes) > _MAX_SLICES
                       else _merged([(m, m + step) for m in touched_minutes]))
             rows = _union([read_table(OBSERVATIONS, since=("effective_at", lo, hi)) for lo, hi in slices])
-            fresh_minutes = vitals_minutes(rows, only=moved, **minute_stamp)
+            stored = None if minutes_version is None else _union(
+                [read_table(MINUTES, since=("minute", lo, hi)) for lo, hi in slices])
+            fresh_minutes = vitals_minutes(rows, only=moved, stored=stored, **minute_stamp)
     if fresh_minutes is not None:
         fresh_minutes = fresh_minutes.localCheckpoint(eager=True)
         marker_rows = marker_rows.unionByName(
@@ -331,17 +342,18 @@ def early_warning_scores(
         return kept.unionByName(new_scores)
 
     routed = [scored]
-    if scores_version is not None:  # stored points of a touched patient this batch no longer finds (in either
-        # table: a crash between the two commits may have left a features row whose point was then retracted)
-        kept = [read_table(t, since=("scored_at", earliest)).select("patient_key", "scored_at")
-                for t in (SCORES, FEATURES) if table_version(t) is not None]
-        gone = (_union(kept).distinct()
+    # Stored points of a touched patient this batch no longer finds, withdrawn from each table that holds them (a
+    # crash between the two commits may have left a features row whose point was then retracted).
+    for table in (SCORES, FEATURES) if scores_version is not None else ():
+        if table_version(table) is None:
+            continue
+        gone = (read_table(table, since=("scored_at", earliest)).select("patient_key", "scored_at")
                 .join(redone, "patient_key").where(F.col("scored_at") >= F.col("_from"))
                 .join(new_scores.select("patient_key", "scored_at"), ["patient_key", "scored_at"], "left_anti"))
         routed.append(_as_routed(gone.select(  # no silver_version: a WITHDRAWAL
             "patient_key", "scored_at", F.lit(CODE_VERSION).alias("code_version"),
             F.lit(ingest_batch_id).alias("computed_by"), F.lit(processed_at).cast("timestamp").alias("computed_at"),
-            F.explode(F.array(F.lit(SCORES), F.lit(FEATURES))).alias(OUTPUT)), routed_schema))
+            F.lit(table).alias(OUTPUT)), routed_schema))
 
     alerts = deterioration_alerts.deterioration_alerts(
         dict(touched_rows), scores_from, read_table=read_table,
@@ -454,11 +466,12 @@ def usable_observations(observations: DataFrame, *, measured_only: bool = True) 
 
 
 def vitals_minutes(observations: DataFrame, *, silver_version: int | None, ingest_batch_id: str,
-                   processed_at: datetime, only: DataFrame | None = None) -> DataFrame:
+                   processed_at: datetime, only: DataFrame | None = None,
+                   stored: DataFrame | None = None) -> DataFrame:
     """gold.vitals_minutes rows of silver.observations rows: per (patient_key, concept, minute), what a score batch
     needs of a minute in which none of its points or window edges falls (`_history_in_minutes`). `only`: the
-    (patient_key, concept, minute) keys to recompute, each one getting a row (an EMPTIED_MINUTE when nothing is
-    left: the MERGE deletes the stored row)."""
+    (patient_key, concept, minute) keys to recompute, each one getting a row; one with nothing left is an
+    EMPTIED_MINUTE, sent only where `stored` (gold.vitals_minutes rows) has the key: the MERGE deletes it."""
     keys = ["patient_key", "concept", "minute"]
     rows = usable_observations(observations).select("*", _minute_start("effective_at").alias("minute"))
     if only is not None:
@@ -466,11 +479,15 @@ def vitals_minutes(observations: DataFrame, *, silver_version: int | None, inges
     minutes = _minute_rows(rows, list(INPUTS))
     if only is not None:
         minutes = only.join(minutes, keys, "left")
-    return minutes.select(
+    minutes = minutes.select(
         *[(F.coalesce("readings", F.lit(0)) if f.name == "readings" else F.col(f.name)).cast(f.dataType)
           .alias(f.name) for f in MINUTES_SCHEMA.fields[:-len(_PROVENANCE)]],
         F.lit(silver_version).cast("long").alias("silver_version"), F.lit(CODE_VERSION).alias("code_version"),
         F.lit(ingest_batch_id).alias("computed_by"), F.lit(processed_at).cast("timestamp").alias("computed_at"))
+    emptied = F.expr(_emptied())
+    if stored is None:
+        return minutes.where(~emptied)
+    return minutes.where(~emptied).unionByName(minutes.where(emptied).join(stored.select(*keys), keys, "left_semi"))
 
 
 def _minute_rows(rows: DataFrame, inputs: Sequence[str]) -> DataFrame:

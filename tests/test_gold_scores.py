@@ -168,7 +168,8 @@ def test_readings_retracted_or_moved_to_another_patient_withdraw_the_old_score_a
     lake.add(vitals("p3", 0, rr=25, spo2=97, fio2=21, sbp=90, hr=75, acvpu="A", temp=37.0)
              + vitals("p3", 20, rr=16, sbp=120))
     proof = vitals("p3", 90, hr=75)[0]
-    lake.add([proof])
+    # A reading already retracted when it first reaches gold, alone in its minute: nothing to keep, nothing to score.
+    lake.add([proof, obs("p2", "hr", 70, 50, status="entered-in-error")])
     lake.run()
     assert sorted(lake.scores("p1")) == [0, 30] and lake.scores("p1")[30]["news2_band"] == "medium"
     assert {(a["level"], a["status"]) for a in lake.alerts("p1")} == {("news2_medium", "open"), ("qsofa", "open")}
@@ -194,8 +195,10 @@ def test_readings_retracted_or_moved_to_another_patient_withdraw_the_old_score_a
 
     # The blood pressure was entered in error: p1 has no reading left at 10:30, and no score row there. p3's
     # pulse was too: nothing shows p3 70 min out of the levels any more, so its alerts are open again.
+    late_retracted = obs("p2", "hr", 70, 55, status="entered-in-error")  # and another, once the tables exist
     lake.store.merge(OBSERVATIONS, pa.Table.from_pylist([{**row, "status": "entered-in-error", "source_version": "2"}
-                                                         for row in (sbp, proof)], schema=lake.arrow_schema),
+                                                         for row in (sbp, proof)] + [late_retracted],
+                                                        schema=lake.arrow_schema),
                      MergeSpec(keys=("observation_id",)))
     lake.run()
     assert sorted(lake.scores("p1")) == [0] and sorted(lake.scores("p3")) == [0, 20]
