@@ -16,8 +16,12 @@ insert counts) and, for each alert opened in the window, its first commit. A com
 from the newest receipt among its readings; alert latency from the newest receipt among the alert's
 `observation_ids`. Batch durations per job come from the runner's log (kept under the root, see --keep).
 
+`--upto bronze` (or `silver`) runs only the jobs up to that layer, on the same traffic: the floor of the earlier
+hops when fewer queries share the cores, to tell what the architecture costs from what the score job costs.
+
 Goal: p95 received -> score committed <= 2 s. Run:
   .venv/bin/python benchmarks/gold_latency.py [--seconds 60] [--rate 1000] [--interval 250ms] [--beds 100] [--keep]
+                                              [--upto bronze|silver|gold]
 """
 
 from __future__ import annotations
@@ -48,6 +52,12 @@ VITALS = (("8867-4", "/min", (70, 85), (135, 140)), ("9279-1", "/min", (14, 18),
           ("59408-5", "%", (96, 99), (89, 90)), ("8480-6", "mm[Hg]", (115, 130), (85, 88)),
           ("8310-5", "Cel", (36.6, 37.4), (38.5, 38.5)), ("3150-0", "%", (21, 21), (21, 21)))
 LEVELS_PER_EVENT = 3  # news2_medium, news2_high, qsofa
+# --upto: the jobs the runner runs, and the table whose first commit ends the priming. The shorter pipelines
+# measure the floor of the hops before gold: what the same traffic costs with fewer queries sharing the cores.
+STAGES = {"bronze": ("bronze.device_readings",), "silver": ("bronze.device_readings", "silver.observations"),
+          "gold": ("all",)}
+PRIMED_BY = {"bronze": "bronze.device_readings", "silver": "silver.observations",
+             "gold": "gold.deterioration_alerts"}
 RUNNER_LINE = re.compile(r"carelake\.runner: (\S+) batch (\d+): ([\d,]+) \S+ in -> ([\d,]+) rows .* in ([\d.]+) s, "
                          r"lag ([\d.]+) s")
 
@@ -241,11 +251,18 @@ def landing_seal_time(landing_file: str) -> float:
         return float("nan")
 
 
-def measure(cfg, measure_from: datetime) -> dict:
-    """Per reading, per score row and per alert: the commit times of each hop, from the tables."""
+def measure(cfg, measure_from: datetime, upto: str = "gold") -> dict:
+    """Per reading, per score row and per alert: the commit times of each hop, from the tables (up to `upto`)."""
     cut = measure_from.timestamp()
     bronze = first_inserts(table_path(cfg, "bronze.device_readings"), ["landing_file", "landing_position"],
                            ["landing_file", "landing_position", "received_at"])
+    if upto == "bronze":  # no silver: each bronze row (one reading) of the measured window
+        rows = bronze.assign(received=epoch(bronze["received_at"]))
+        rows = rows[rows["received"] >= cut].copy()
+        rows["sealed"] = rows["landing_file"].map({f: landing_seal_time(f) for f in rows["landing_file"].unique()})
+        return {"readings_measured": len(rows), **stats(rows["sealed"] - rows["received"], "hop_landing"),
+                **stats(rows["committed"] - rows["sealed"], "hop_bronze"),
+                **stats(rows["committed"] - rows["received"], "hop_landing_plus_bronze")}
     silver = first_inserts(table_path(cfg, "silver.observations"), ["observation_id"],
                            ["observation_id", "patient_key", "effective_at", "source_record", "received_at",
                             "source_feed"])
@@ -260,6 +277,13 @@ def measure(cfg, measure_from: datetime) -> dict:
     readings = readings.rename(columns={"committed": "silver_committed"})
     seals = {f: landing_seal_time(f) for f in readings["landing_file"].unique()}
     readings["sealed"] = readings["landing_file"].map(seals)
+    if upto == "silver":
+        return {"readings_measured": len(readings),
+                "readings_without_bronze_commit": int(readings["bronze_committed"].isna().sum()),
+                **stats(readings["sealed"] - readings["received"], "hop_landing"),
+                **stats(readings["bronze_committed"] - readings["sealed"], "hop_bronze"),
+                **stats(readings["silver_committed"] - readings["bronze_committed"], "hop_silver"),
+                **stats(readings["silver_committed"] - readings["received"], "received_to_silver")}
 
     scores = first_inserts(table_path(cfg, "gold.early_warning_scores"), ["patient_key", "scored_at"],
                            ["patient_key", "scored_at"])
@@ -360,18 +384,18 @@ async def drive(a, http: str, cfg, runner: Proc, gw: Proc) -> dict:
     import aiohttp
 
     sender = Sender(f"{http}/devices", a.rate, a.beds, a.posts)
-    alerts_log = table_path(cfg, "gold.deterioration_alerts") / "_delta_log"
+    primed_log = table_path(cfg, PRIMED_BY[a.upto]) / "_delta_log"
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16)) as session:
         sender.session = session
-        # Priming: one frame per bed, then wait until every job has run once (the alerts table exists), so the
+        # Priming: one frame per bed, then wait until every job has run once (its last table exists), so the
         # queries start on small batches. A runner that dies while its queries start is restarted (--restarts):
         # under load a Python streaming-source worker may miss Spark's 10 s connect-back deadline.
         t0 = time.monotonic()
         await sender.post("".join(sender.frame(b, datetime.now(UTC)) for b in range(a.beds)).encode(), a.beds, False)
-        while not alerts_log.is_dir():
+        while not primed_log.is_dir():
             if gw.proc.poll() is not None or time.monotonic() - t0 > a.warmup_timeout:
                 check_alive(runner, gw)
-                raise SystemExit(f"the pipeline did not reach gold within {a.warmup_timeout} s; see {runner.log}")
+                raise SystemExit(f"the pipeline did not reach {a.upto} within {a.warmup_timeout} s; see {runner.log}")
             if runner.proc.poll() is not None:
                 if runner.starts > a.restarts:
                     check_alive(runner, gw)
@@ -416,6 +440,19 @@ def wait_for_gold(cfg, measure_from: datetime, frames: int, alerts: int, timeout
     return float("nan")
 
 
+def wait_quiet(cfg, table: str, quiet: float, timeout: float, alive) -> float:
+    """Until `table` has had no new commit for `quiet` seconds (its job has caught up), or the timeout."""
+    log = table_path(cfg, table) / "_delta_log"
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        alive()
+        newest = max((f.stat().st_mtime for f in log.glob("*.json")), default=0.0)
+        if time.time() - newest >= quiet:
+            return time.monotonic() - t0
+        time.sleep(0.5)
+    return float("nan")
+
+
 def main() -> None:
     from pipelines.config import parse_duration_ms
 
@@ -434,6 +471,8 @@ def main() -> None:
     ap.add_argument("--drain-timeout", type=float, default=180, help="wait this long for gold to catch up")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more settings for both")
     ap.add_argument("--keep", action="store_true", help="keep the lakehouse root (and the logs in <root>/_bench)")
+    ap.add_argument("--upto", choices=tuple(STAGES), default="gold",
+                    help="run the jobs up to this layer only: the floor of the earlier hops (default gold)")
     ap.add_argument("--reanalyze", metavar="ROOT", help="only recompute the figures of a run kept with --keep")
     a = ap.parse_args()
     if a.reanalyze:
@@ -451,16 +490,20 @@ def main() -> None:
     gw = runner = None
     try:
         gw, http = start_gateway(base, env, logs)
-        runner = Proc([*base, "run", "all", "--continuous", "--interval", a.interval], env, logs / "runner.log")
+        runner = Proc([*base, "run", *STAGES[a.upto], "--continuous", "--interval", a.interval], env,
+                      logs / "runner.log")
         d = asyncio.run(drive(a, http, cfg, runner, gw))
         sender: Sender = d["sender"]
         expected_alerts = LEVELS_PER_EVENT * a.events
-        drain_s = wait_for_gold(cfg, d["measure_from"], sender.frames_acked_measured, expected_alerts,
-                                a.drain_timeout, lambda: check_alive(runner, gw))
+        if a.upto == "gold":
+            drain_s = wait_for_gold(cfg, d["measure_from"], sender.frames_acked_measured, expected_alerts,
+                                    a.drain_timeout, lambda: check_alive(runner, gw))
+        else:
+            drain_s = wait_quiet(cfg, PRIMED_BY[a.upto], 5.0, a.drain_timeout, lambda: check_alive(runner, gw))
         runner_rc = runner.stop(90)
         gw.stop(30)
         run = {
-            "benchmark": "gold_latency", "cores": os.cpu_count(), "interval_ms": interval_ms,
+            "benchmark": "gold_latency", "upto": a.upto, "cores": os.cpu_count(), "interval_ms": interval_ms,
             "segment_age": a.segment_age, "settings": a.set, "rate_target": a.rate, "beds": a.beds,
             "posts_per_s": a.posts, "seconds": a.seconds, "warmup_s": a.warmup, "prime_s": round(d["prime_s"], 1),
             "runner_starts": runner.starts, "readings_sent": d["acked"], "readings_failed": sender.failed,
@@ -486,7 +529,7 @@ def main() -> None:
 def analyze(root: Path, run: dict) -> dict:
     """The run's facts plus the figures measured from its tables and the runner's log."""
     cfg = temp_config(root, **{"gateway.segment_age": run["segment_age"]})
-    figures = measure(cfg, datetime.fromisoformat(run["measure_from"]))
+    figures = measure(cfg, datetime.fromisoformat(run["measure_from"]), run.get("upto", "gold"))
     batches = batch_summary(root / "_bench" / "runner.log", run["log_offset"])
     return {**{k: v for k, v in run.items() if k not in ("measure_from", "log_offset")},
             "load_1min": round(os.getloadavg()[0], 2), **figures, "batches": batches,

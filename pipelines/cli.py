@@ -67,7 +67,9 @@ def cmd_run(ctx: Context) -> int:
 
     a = ctx.args
     registry = load_registry(ctx.cfg)
-    names = None if a.job == "all" else [registry.get(a.job).name]
+    if "all" in a.jobs and len(a.jobs) > 1:
+        raise UsageError("'all' runs every job: name the jobs to run, or 'all' alone")
+    names = None if a.jobs == ["all"] else list(dict.fromkeys(registry.get(j).name for j in a.jobs))
     if a.interval and not a.continuous:
         raise UsageError("--interval only applies with --continuous")
     interval = parse_duration_ms(a.interval, "--interval") if a.interval else ctx.cfg.streaming.interval_ms
@@ -245,8 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="only results and errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    r = sub.add_parser("run", help="run a job (or all, in dependency order) as a streaming query")
-    r.add_argument("job", help="job name (= the table it writes), or 'all'")
+    r = sub.add_parser("run", help="run jobs (or all), in dependency order, as streaming queries")
+    r.add_argument("jobs", nargs="+", metavar="JOB",
+                   help="job names (= the tables they write; their upstream jobs are not added), or 'all'")
     mode = r.add_mutually_exclusive_group()
     mode.add_argument("--available-now", action="store_true", help="process what is there, then stop (default)")
     mode.add_argument("--continuous", action="store_true", help="keep running; a micro-batch every --interval")

@@ -37,6 +37,7 @@ def test_help_does_not_import_spark_or_delta():
     (("history", "platinum.x"), "is not a table name"),
     (("history", "silver.missing"), "table silver.missing does not exist yet"),
     (("run", "silver.nope"), "no job writes 'silver.nope'; jobs: bronze.device_readings"),
+    (("run", "all", "silver.observations"), "'all' runs every job: name the jobs to run, or 'all' alone"),
     (("run", "silver.quarantine"), "silver.quarantine is written by the jobs silver.encounters, "
                                    "silver.observations, silver.patients as a side output; run one of them"),
     (("--set", "storage.engine=duckdb", "tables"), "storage.engine must be one of"),
@@ -82,9 +83,16 @@ def test_ingest_run_all_sql_tables_history_together(tmp_path):
                    "--format", "csv").stdout
     assert list(csv.reader(io.StringIO(text))) == [["parse_status", "n"], ["invalid_json", "1"], ["ok", "30"]]
 
-    # a second file, a second run of the bronze job alone: time travel still sees the first state
+    # a second file, a second run of two named jobs (named downstream first: they run in dependency order);
+    # time travel still sees the first state
     run_cli(root, "ingest", str(src), "--feed", "devices")
-    run_cli(root, "run", "bronze.device_readings")
+    out = run_cli(root, "run", "gold.toy_device_totals", "bronze.device_readings", "silver.toy_readings",
+                  CARELAKE_JOBS__MODULES="tests.toyjobs").stdout
+    done = [out.index(f"{job}: done") for job in ("bronze.device_readings", "silver.toy_readings",
+                                                   "gold.toy_device_totals")]
+    assert done == sorted(done)
+    rows = [json.loads(line) for line in run_cli(root, "sql", q, "--format", "json").stdout.splitlines()]
+    assert [r["readings"] for r in rows] == [20, 20, 20]
     both = run_cli(root, "sql", "select (select count(*) from bronze.device_readings) now, "
                                "(select count(*) from bronze.device_readings VERSION AS OF 0) inline",
                    "--format", "json").stdout
