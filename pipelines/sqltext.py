@@ -30,6 +30,17 @@ def double(x: float) -> str:
     return f"{x!r}D"
 
 
+def literal(value: str | float | bool | None) -> str:
+    """A SQL literal of a string, a number (as a double), a boolean or None (NULL)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return string(value)
+    return double(value)
+
+
 def name(column: str) -> str:
     """A column name quoted for SQL (backticks doubled)."""
     return "`" + column.replace("`", "``") + "`"

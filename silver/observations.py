@@ -380,7 +380,7 @@ def _device_route(p: Params, processed_at: datetime) -> list[Column]:
             expr = F.col(f.name)
         else:
             expr = F.lit(None)
-        cols.append(expr.cast(f.dataType).alias(f.name))
+        cols.append(expr.cast(f.dataType.simpleString()).alias(f.name))  # a type string: one JVM call, no JSON
     return cols
 
 

@@ -25,10 +25,12 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from itertools import chain
+from functools import lru_cache
 
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
+
+from pipelines import sqltext as sql
 
 LOINC = "http://loinc.org"
 
@@ -326,8 +328,19 @@ def _lookup(mapping: Mapping[str, object], key: Column) -> Column:
     try_element_at, not map_column[key]: in Spark 4.0.1 the key of an extraction (UnresolvedExtractValue) is
     resolved late and can bind to a same-named output column of the select (`code`, `unit`), not the input.
     """
-    literal = F.create_map(*chain.from_iterable((F.lit(k), F.lit(v)) for k, v in mapping.items()))
-    return F.try_element_at(literal, key)
+    if not mapping:
+        return F.lit(None)
+    return F.try_element_at(_map_literal(tuple(mapping.items())), key)
+
+
+@lru_cache(maxsize=64)
+def _map_text(items: tuple[tuple[str, object], ...]) -> str:
+    return "map(" + ", ".join(f"{sql.literal(k)}, {sql.literal(v)}" for k, v in items) + ")"
+
+
+def _map_literal(items: tuple[tuple[str, object], ...]) -> Column:
+    """A literal map as one SQL expression: one JVM call, not two per entry (a batch built hundreds)."""
+    return F.expr(_map_text(items))
 
 
 def _by_code(attribute: str, canonical: Column) -> Column:
