@@ -480,8 +480,8 @@ def vitals_minutes(observations: DataFrame, *, silver_version: int | None, inges
     if only is not None:
         minutes = only.join(minutes, keys, "left")
     minutes = minutes.select(
-        *[(F.coalesce("readings", F.lit(0)) if f.name == "readings" else F.col(f.name)).cast(f.dataType)
-          .alias(f.name) for f in MINUTES_SCHEMA.fields[:-len(_PROVENANCE)]],
+        *[(F.coalesce("readings", F.lit(0)) if f.name == "readings" else F.col(f.name))
+          .cast(f.dataType.simpleString()).alias(f.name) for f in MINUTES_SCHEMA.fields[:-len(_PROVENANCE)]],
         F.lit(silver_version).cast("long").alias("silver_version"), F.lit(CODE_VERSION).alias("code_version"),
         F.lit(ingest_batch_id).alias("computed_by"), F.lit(processed_at).cast("timestamp").alias("computed_at"))
     emptied = F.expr(_emptied())
