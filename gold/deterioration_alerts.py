@@ -26,6 +26,10 @@ Batches recompute the episodes of the patients whose scores changed, from the ea
 opening of an episode still running then) on, and MERGE them by `alert_id` = hash(patient, level, opened_at).
 So replays and restarts change nothing, a late reading that extends an episode updates it, and an episode that
 late or corrected data dissolves is kept as `withdrawn`, never silently deleted.
+
+An identity merged into another person (ADT A40, a FHIR `replaced-by` link) scores no more under its own key:
+its readings score under the surviving person's. Its alerts still open become `merged` in the next batch (the
+finding, if it persists, raises or continues the survivor's alert); its resolved ones and its score rows stay.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from pipelines import __version__ as CODE_VERSION
 from pipelines import sqltext as sql
 
 ALERTS = "gold.deterioration_alerts"
-OPEN, RESOLVED, WITHDRAWN = "open", "resolved", "withdrawn"
+OPEN, RESOLVED, WITHDRAWN, MERGED = "open", "resolved", "withdrawn", "merged"
 LEVELS = ("news2_medium", "news2_high", "qsofa", "model")
 
 
@@ -68,7 +72,7 @@ SCHEMA = StructType([
     StructField("patient_key", StringType(), False),
     StructField("encounter_key", StringType(), True),
     StructField("level", StringType(), False),
-    StructField("status", StringType(), False),  # open, resolved, withdrawn
+    StructField("status", StringType(), False),  # open, resolved, withdrawn, merged
     StructField("opened_at", TimestampType(), False),  # event time of the score row that raised it
     StructField("resolved_at", TimestampType(), True),  # event time of the first score row out of the level
     StructField("escalated_at", TimestampType(), True),  # news2_medium: when the patient reached high
@@ -162,20 +166,22 @@ def _unproven(known: list, starts: Mapping[str, datetime], corrected: set[str],
 def deterioration_alerts(starts: Mapping[str, datetime], scores: Callable[[datetime], DataFrame], *,
                          read_table: Callable[..., DataFrame], table_version: Callable[[str], int | None],
                          scores_version: int | None, ingest_batch_id: str, processed_at: datetime,
-                         resolve_after_ms: int, corrected: set[str] = frozenset()) -> DataFrame:
+                         resolve_after_ms: int, corrected: frozenset[str] | set[str] = frozenset(),
+                         merged: Mapping[str, str] | None = None) -> DataFrame:
     """The alert rows to MERGE for the patients whose scores changed (at least one), each from `starts[patient]` on.
 
     `scores(since)` gives the score rows from `since` on as they stand once the batch commits (the stored rows
     with this batch's rows in place); `scores_version` is the gold.early_warning_scores version read, for
     provenance. `corrected`: the patients whose score rows from their start on may have been withdrawn, so a
-    resolution shown only by such a row is recomputed too.
+    resolution shown only by such a row is recomputed too. `merged`: {identity: surviving person} of the identities
+    merged into another; their open alerts become `merged`.
     """
     starts = dict(starts)
     resolve_after = timedelta(milliseconds=resolve_after_ms)
     known_alerts = table_version(ALERTS) is not None
     if known_alerts:  # episodes still running at a patient's start are recomputed whole
-        keys = sorted(starts)
-        known = (read_table(ALERTS).where(F.col("patient_key").isin(*keys) & (F.col("status") != WITHDRAWN))
+        known = (read_table(ALERTS).where(F.expr(f"patient_key IN ({sql.strings(sorted(starts))})")
+                                          & (F.col("status") != WITHDRAWN))
                  .select("alert_id", "patient_key", "opened_at", "resolved_at").collect())
         unproven = _unproven(known, starts, set(corrected), scores, resolve_after)
         known = [{**r.asDict(), "resolved_at": None} if r["alert_id"] in unproven else r for r in known]
@@ -232,4 +238,11 @@ def deterioration_alerts(starts: Mapping[str, datetime], scores: Callable[[datet
         kept = [F.lit(WITHDRAWN).alias("status") if f.name == "status" else F.col(f.name)
                 for f in SCHEMA.fields if f.name not in _PROVENANCE]
         alerts = alerts.unionByName(gone.select(*kept, *now))
+    gone_keys = sorted(set(merged or ()) - set(starts))  # this batch's patients are surviving keys (but for cycles)
+    if known_alerts and gone_keys:
+        stale = read_table(ALERTS).where(F.expr(f"status = {sql.string(OPEN)} AND "
+                                                f"patient_key IN ({sql.strings(gone_keys)})"))
+        kept = [F.lit(MERGED).alias("status") if f.name == "status" else F.col(f.name)
+                for f in SCHEMA.fields if f.name not in _PROVENANCE]
+        alerts = alerts.unionByName(stale.select(*kept, *now))
     return alerts.selectExpr(*sql.casts(SCHEMA.fields))

@@ -358,7 +358,7 @@ def early_warning_scores(
     alerts = deterioration_alerts.deterioration_alerts(
         dict(touched_rows), scores_from, read_table=read_table,
         table_version=table_version, scores_version=scores_version, ingest_batch_id=ingest_batch_id,
-        processed_at=processed_at, resolve_after_ms=resolve_after_ms, corrected=corrected)
+        processed_at=processed_at, resolve_after_ms=resolve_after_ms, corrected=corrected, merged=patient_links)
     alert_rows = _as_routed(alerts.select("*", F.lit(deterioration_alerts.ALERTS).alias(OUTPUT)), routed_schema)
     return _union([*routed, alert_rows, marker_rows])
 

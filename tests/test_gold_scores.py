@@ -225,6 +225,29 @@ def test_feeds_of_one_person_score_together_and_scale2(lake):
     assert s[0]["news2_partial"] is True and s[0]["missing_inputs"] == ["news2_spo2"]
 
 
+def test_an_identity_merged_into_another_person_closes_its_open_alerts_as_merged(lake):
+    """ADT A40 / FHIR replaced-by: the merged identity's open alerts become `merged` in the next batch, its score
+    rows stay, and its readings score under the survivor, whose own alert carries the finding on."""
+    bad = dict(rr=26, spo2=90, fio2=21, sbp=88, hr=135, acvpu="A", temp=38.5)  # NEWS2 13 (high), qSOFA 2
+    lake.add(vitals("x1", 0, **bad))
+    lake.run()
+    levels = ("news2_medium", "news2_high", "qsofa")
+    assert {a["level"]: a["status"] for a in lake.alerts("x1")} == dict.fromkeys(levels, "open")
+    lake.link("x1", "p7")
+    lake.add(vitals("p7", 5, hr=136))  # the survivor's first reading: x1's other inputs carry forward
+    lake.run()
+    assert {a["level"]: a["status"] for a in lake.alerts("x1")} == dict.fromkeys(levels, "merged")
+    assert sorted(lake.scores("x1")) == [0]
+    s = lake.scores("p7")
+    assert (s[5]["news2_band"], s[5]["respiratory_rate"], s[5]["pulse"]) == ("high", 26.0, 136.0)
+    assert {(a["level"], a["status"], minutes(a["opened_at"])) for a in lake.alerts("p7")} == {
+        (level, "open", 5) for level in levels}
+    lake.add(vitals("p7", 6, hr=137))  # later batches leave the merged identity alone
+    lake.run()
+    assert {a["level"]: a["status"] for a in lake.alerts("x1")} == dict.fromkeys(levels, "merged")
+    assert sorted(lake.scores("x1")) == [0] and len(lake.alerts("p7")) == 3
+
+
 def test_scale2_marker_from_its_own_batch_counts_later_and_stops_when_entered_in_error(lake):
     """The score job keeps hypercapnic-target markers as silver rows stream past (gold.spo2_scale2_markers), so a
     marker that came in a batch without any vital sign still sets scale 2 later, and its retraction ends it."""
