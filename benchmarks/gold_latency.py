@@ -440,16 +440,24 @@ def wait_for_gold(cfg, measure_from: datetime, frames: int, alerts: int, timeout
     return float("nan")
 
 
-def wait_quiet(cfg, table: str, quiet: float, timeout: float, alive) -> float:
-    """Until `table` has had no new commit for `quiet` seconds (its job has caught up), or the timeout."""
-    log = table_path(cfg, table) / "_delta_log"
+# --upto bronze|silver: the table the run ends at, and the column that puts its rows in the measured window (a
+# bronze row is one reading, received at or after the start; a silver one, a reading stamped at or after it).
+LAST_TABLE = {"bronze": ("bronze.device_readings", "received_at"), "silver": ("silver.observations", "effective_at")}
+
+
+def wait_for_rows(cfg, upto: str, measure_from: datetime, readings: int, timeout: float, alive) -> float:
+    """Until the last table holds every measured reading (`readings`), or the timeout."""
+    import pandas as pd
+
+    table, column = LAST_TABLE[upto]
+    cut = pd.Timestamp(measure_from)
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         alive()
-        newest = max((f.stat().st_mtime for f in log.glob("*.json")), default=0.0)
-        if time.time() - newest >= quiet:
+        rows = table_rows(table_path(cfg, table), [column])
+        if rows is not None and int((pd.to_datetime(rows[column], utc=True) >= cut).sum()) >= readings:
             return time.monotonic() - t0
-        time.sleep(0.5)
+        time.sleep(1.0)
     return float("nan")
 
 
@@ -499,7 +507,8 @@ def main() -> None:
             drain_s = wait_for_gold(cfg, d["measure_from"], sender.frames_acked_measured, expected_alerts,
                                     a.drain_timeout, lambda: check_alive(runner, gw))
         else:
-            drain_s = wait_quiet(cfg, PRIMED_BY[a.upto], 5.0, a.drain_timeout, lambda: check_alive(runner, gw))
+            drain_s = wait_for_rows(cfg, a.upto, d["measure_from"], sender.frames_acked_measured * len(VITALS),
+                                    a.drain_timeout, lambda: check_alive(runner, gw))
         runner_rc = runner.stop(90)
         gw.stop(30)
         run = {

@@ -30,12 +30,16 @@ late or corrected data dissolves is kept as `withdrawn`, never silently deleted.
 An identity merged into another person (ADT A40, a FHIR `replaced-by` link) scores no more under its own key:
 its readings score under the surviving person's. Its alerts still open become `merged` in the next batch (the
 finding, if it persists, raises or continues the survivor's alert); its resolved ones and its score rows stay.
+An identity unlinked again scores under its own key once more, and a batch that touches it recomputes its
+episodes like any patient's (a `merged` alert whose episode is found again is open or resolved again).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
@@ -238,11 +242,32 @@ def deterioration_alerts(starts: Mapping[str, datetime], scores: Callable[[datet
         kept = [F.lit(WITHDRAWN).alias("status") if f.name == "status" else F.col(f.name)
                 for f in SCHEMA.fields if f.name not in _PROVENANCE]
         alerts = alerts.unionByName(gone.select(*kept, *now))
-    gone_keys = sorted(set(merged or ()) - set(starts))  # this batch's patients are surviving keys (but for cycles)
-    if known_alerts and gone_keys:
-        stale = read_table(ALERTS).where(F.expr(f"status = {sql.string(OPEN)} AND "
-                                                f"patient_key IN ({sql.strings(gone_keys)})"))
+    stale = _open_of_merged(read_table, merged or {}, starts) if known_alerts else None
+    if stale is not None:
         kept = [F.lit(MERGED).alias("status") if f.name == "status" else F.col(f.name)
                 for f in SCHEMA.fields if f.name not in _PROVENANCE]
         alerts = alerts.unionByName(stale.select(*kept, *now))
     return alerts.selectExpr(*sql.casts(SCHEMA.fields))
+
+
+# Per lakehouse (the owner of `read_table`: the runner): merged identities seen without an open alert in a
+# committed version of the table. Nothing scores under a merged key again, so none of them gets one later.
+_CLEARED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
+def _open_of_merged(read_table: Callable[..., DataFrame], merged: Mapping[str, str],
+                    starts: Mapping[str, datetime]) -> DataFrame | None:
+    """The open alerts of identities merged into another person, or None when there are none.
+
+    Only identities not yet seen cleared are looked up (one small collect, in the batches after a new link), so
+    a lakehouse with years of merges does not scan its alerts for all of them in every batch. Surviving keys and
+    this batch's patients are left out: in a cycle of links (a -> b, b -> a) both keys still score.
+    """
+    cleared = _CLEARED.setdefault(getattr(read_table, "__self__", read_table), set())
+    keys = sorted(set(merged) - set(merged.values()) - set(starts) - cleared)
+    if not keys:
+        return None
+    stale = read_table(ALERTS).where(F.expr(f"status = {sql.string(OPEN)} AND patient_key IN ({sql.strings(keys)})"))
+    still_open = {r[0] for r in stale.select("patient_key").distinct().collect()}
+    cleared.update(set(keys) - still_open)  # those with open alerts are checked again once this batch commits
+    return stale if still_open else None

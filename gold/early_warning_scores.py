@@ -378,7 +378,7 @@ def _routed_schema(feature_schema: StructType) -> StructType:
 def _as_routed(df: DataFrame, routed_schema: StructType) -> DataFrame:
     """`df` in the routed schema: its own columns cast to their declared types, the other tables' columns null."""
     have = set(df.columns)
-    return df.selectExpr(*[f"CAST({sql.name(f.name) if f.name in have else 'NULL'} AS {f.dataType.simpleString()}) "
+    return df.selectExpr(*[f"CAST({sql.name(f.name) if f.name in have else 'NULL'} AS {sql.type_text(f.dataType)}) "
                            f"AS {sql.name(f.name)}" for f in routed_schema.fields])
 
 
@@ -481,7 +481,7 @@ def vitals_minutes(observations: DataFrame, *, silver_version: int | None, inges
         minutes = only.join(minutes, keys, "left")
     minutes = minutes.select(
         *[(F.coalesce("readings", F.lit(0)) if f.name == "readings" else F.col(f.name))
-          .cast(f.dataType.simpleString()).alias(f.name) for f in MINUTES_SCHEMA.fields[:-len(_PROVENANCE)]],
+          .cast(sql.type_text(f.dataType)).alias(f.name) for f in MINUTES_SCHEMA.fields[:-len(_PROVENANCE)]],
         F.lit(silver_version).cast("long").alias("silver_version"), F.lit(CODE_VERSION).alias("code_version"),
         F.lit(ingest_batch_id).alias("computed_by"), F.lit(processed_at).cast("timestamp").alias("computed_at"))
     emptied = F.expr(_emptied())

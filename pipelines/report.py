@@ -76,7 +76,7 @@ def demo_report(cfg: Config, result: Any, *, out: Path, max_patients: int = 4) -
     import matplotlib.pyplot as plt
 
     scores, alerts, obs = load(cfg)
-    live = alerts[alerts["status"] != "withdrawn"]
+    live = alerts[~alerts["status"].isin(["withdrawn", "merged"])]  # a merged identity's finding counts once
     latest = scores.sort_values("scored_at").groupby("patient_key").tail(1)
     lines = [
         f"patients scored: {scores['patient_key'].nunique():,} "

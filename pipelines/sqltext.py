@@ -1,7 +1,9 @@
 """Literals and names for Spark SQL text.
 
 Streaming transforms build wide projections as SQL strings (selectExpr): each Column object is a JVM round trip,
-and a micro-batch that builds hundreds of them spends seconds before Spark starts working.
+and a micro-batch that builds hundreds of them spends seconds before Spark starts working. The text goes through
+Spark's SQL parser: literals here assume the default `spark.sql.parser.escapedStringLiterals=false`, and carry
+only the project's own constants and data-independent names (no `${...}`, which variable substitution would read).
 """
 
 from __future__ import annotations
@@ -46,6 +48,23 @@ def name(column: str) -> str:
     return "`" + column.replace("`", "``") + "`"
 
 
+def type_text(data_type) -> str:
+    """A Spark type as SQL text that reads back as the same type whatever the session's settings: struct field
+    names quoted (`table` is reserved under enforceReservedKeywords), timestamps as timestamp_ltz (plain
+    `timestamp` means timestamp_ntz under spark.sql.timestampType=TIMESTAMP_NTZ)."""
+    from pyspark.sql.types import ArrayType, MapType, StructType, TimestampType
+
+    if isinstance(data_type, StructType):
+        return "struct<" + ",".join(f"{name(f.name)}:{type_text(f.dataType)}" for f in data_type.fields) + ">"
+    if isinstance(data_type, ArrayType):
+        return f"array<{type_text(data_type.elementType)}>"
+    if isinstance(data_type, MapType):
+        return f"map<{type_text(data_type.keyType)},{type_text(data_type.valueType)}>"
+    if isinstance(data_type, TimestampType):
+        return "timestamp_ltz"
+    return data_type.simpleString()
+
+
 def casts(fields: Iterable) -> list[str]:
     """SELECT items casting each StructField's column to its declared type, under its own name."""
-    return [f"CAST({name(f.name)} AS {f.dataType.simpleString()}) AS {name(f.name)}" for f in fields]
+    return [f"CAST({name(f.name)} AS {type_text(f.dataType)}) AS {name(f.name)}" for f in fields]

@@ -32,6 +32,7 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
+from pipelines import sqltext as sql
 from silver import fhir_parse, hl7_parse
 from silver.identity import ENCOUNTER, PATIENT, identity_key, identity_key_column, reference_identity
 from silver.quarantine import QUARANTINE, quarantine_id_column
@@ -380,7 +381,7 @@ def _device_route(p: Params, processed_at: datetime) -> list[Column]:
             expr = F.col(f.name)
         else:
             expr = F.lit(None)
-        cols.append(expr.cast(f.dataType.simpleString()).alias(f.name))  # a type string: one JVM call, no JSON
+        cols.append(expr.cast(sql.type_text(f.dataType)).alias(f.name))  # a type string: one JVM call, no JSON
     return cols
 
 

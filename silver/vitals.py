@@ -25,7 +25,6 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
@@ -330,17 +329,12 @@ def _lookup(mapping: Mapping[str, object], key: Column) -> Column:
     """
     if not mapping:
         return F.lit(None)
-    return F.try_element_at(_map_literal(tuple(mapping.items())), key)
+    return F.try_element_at(_map_literal(mapping), key)
 
 
-@lru_cache(maxsize=64)
-def _map_text(items: tuple[tuple[str, object], ...]) -> str:
-    return "map(" + ", ".join(f"{sql.literal(k)}, {sql.literal(v)}" for k, v in items) + ")"
-
-
-def _map_literal(items: tuple[tuple[str, object], ...]) -> Column:
+def _map_literal(mapping: Mapping[str, object]) -> Column:
     """A literal map as one SQL expression: one JVM call, not two per entry (a batch built hundreds)."""
-    return F.expr(_map_text(items))
+    return F.expr("map(" + ", ".join(f"{sql.literal(k)}, {sql.literal(v)}" for k, v in mapping.items()) + ")")
 
 
 def _by_code(attribute: str, canonical: Column) -> Column:

@@ -229,7 +229,7 @@ def test_an_identity_merged_into_another_person_closes_its_open_alerts_as_merged
     """ADT A40 / FHIR replaced-by: the merged identity's open alerts become `merged` in the next batch, its score
     rows stay, and its readings score under the survivor, whose own alert carries the finding on."""
     bad = dict(rr=26, spo2=90, fio2=21, sbp=88, hr=135, acvpu="A", temp=38.5)  # NEWS2 13 (high), qSOFA 2
-    lake.add(vitals("x1", 0, **bad))
+    lake.add(vitals("x1", 0, **bad) + vitals("x2", 0, **bad))
     lake.run()
     levels = ("news2_medium", "news2_high", "qsofa")
     assert {a["level"]: a["status"] for a in lake.alerts("x1")} == dict.fromkeys(levels, "open")
@@ -242,9 +242,12 @@ def test_an_identity_merged_into_another_person_closes_its_open_alerts_as_merged
     assert (s[5]["news2_band"], s[5]["respiratory_rate"], s[5]["pulse"]) == ("high", 26.0, 136.0)
     assert {(a["level"], a["status"], minutes(a["opened_at"])) for a in lake.alerts("p7")} == {
         (level, "open", 5) for level in levels}
+    assert {a["level"]: a["status"] for a in lake.alerts("x2")} == dict.fromkeys(levels, "open")
+    lake.link("x2", "p8")  # a later merge: found though x1 was already cleared
     lake.add(vitals("p7", 6, hr=137))  # later batches leave the merged identity alone
     lake.run()
     assert {a["level"]: a["status"] for a in lake.alerts("x1")} == dict.fromkeys(levels, "merged")
+    assert {a["level"]: a["status"] for a in lake.alerts("x2")} == dict.fromkeys(levels, "merged")
     assert sorted(lake.scores("x1")) == [0] and len(lake.alerts("p7")) == 3
 
 

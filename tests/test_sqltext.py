@@ -38,3 +38,34 @@ def test_names_with_backticks_and_casts(spark):
 @pytest.mark.parametrize("values, text", [(["A", "it's"], "'A', 'it\\'s'"), ([], "")])
 def test_strings_joins_literals(values, text):
     assert sql.strings(values) == text
+
+
+def test_type_text_reads_back_as_the_same_type_under_strict_settings(spark):
+    """Struct field names that are reserved words and timestamps survive the settings a site may turn on."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import (
+        ArrayType,
+        DoubleType,
+        MapType,
+        StringType,
+        StructField,
+        StructType,
+        TimestampType,
+    )
+
+    t = StructType([StructField("table", StringType()), StructField("at", TimestampType()),
+                    StructField("odd`name", ArrayType(StructType([StructField("select", DoubleType())]))),
+                    StructField("by", MapType(StringType(), TimestampType()))])
+    strict = {"spark.sql.ansi.enforceReservedKeywords": "true", "spark.sql.timestampType": "TIMESTAMP_NTZ"}
+    before = {k: spark.conf.get(k) for k in strict}
+    try:
+        for k, v in strict.items():
+            spark.conf.set(k, v)
+        cast = spark.range(1).select(F.lit(None).cast(sql.type_text(t)).alias("c"))
+        text = spark.range(1).selectExpr(f"CAST(NULL AS {sql.type_text(t)}) AS c")
+        assert cast.schema["c"].dataType == t and text.schema["c"].dataType == t
+        with pytest.raises(Exception, match="table"):  # what the plain simpleString gives
+            spark.range(1).select(F.lit(None).cast(t.simpleString())).collect()
+    finally:
+        for k, v in before.items():
+            spark.conf.set(k, v)
