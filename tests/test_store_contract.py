@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import pyarrow as pa
 import pytest
@@ -81,6 +82,23 @@ def test_time_travel_by_version_and_timestamp(engine_store):
         s.read_arrow(T, version=7)
     with pytest.raises(VersionNotFound, match="earliest"):
         s.read_arrow(T, timestamp="2001-01-01T00:00:00Z")
+
+
+def test_delta_rs_time_travel_follows_the_commit_times_history_shows(store):
+    """A log file written after its commit timestamp (a loaded machine) must not move "as of" a version back."""
+    import os
+
+    for i in range(3):
+        store.append(T, rows((i, str(i))))
+    log = store.ref(T).path / "_delta_log"
+    for v in (1, 2):
+        f = log / f"{v:020d}.json"
+        st = os.stat(f)
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 40_000_000))
+    at = {c.version: c.timestamp for c in store.history(T)}
+    assert content(store.read_arrow(T, timestamp=at[1])) == [(0, "0"), (1, "1")]
+    assert content(store.read_arrow(T, timestamp=at[2])) == [(0, "0"), (1, "1"), (2, "2")]
+    assert content(store.read_arrow(T, timestamp=at[1] - timedelta(milliseconds=1))) == [(0, "0")]
 
 
 def test_changes_between_versions(engine_store):

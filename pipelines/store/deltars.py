@@ -175,15 +175,30 @@ class DeltaRsStore(TableStore):
             ) from exc
 
     def _travel_to_time(self, name: str, dt: DeltaTable, when: datetime) -> None:
-        history = dt.history()
-        first = min(history, key=lambda h: h["version"])
-        first_at = datetime.fromtimestamp(first["timestamp"] / 1000, tz=UTC)
+        """Load the newest version committed at or before `when`, by the commit timestamps `history` shows.
+
+        delta-rs resolves a datetime by the log files' modification times, which trail the commit
+        timestamp by the time the write took: "as of the time history gives for version 1" could
+        read version 0. An auditor's question must resolve against the times the table reports, so
+        the version is chosen here. Like Delta, a timestamp earlier than its predecessor's (a
+        writer's clock stepping back) counts as one millisecond after it.
+        """
+        commits = sorted((h["version"], h["timestamp"]) for h in dt.history())
+        first_version, first_ms = commits[0]
+        first_at = datetime.fromtimestamp(first_ms / 1000, tz=UTC)
         if when < first_at:
             raise VersionNotFound(
                 f"{name} did not exist at {when.isoformat()}; its earliest kept commit is"
-                f" version {first['version']} at {first_at.isoformat()}"
+                f" version {first_version} at {first_at.isoformat()}"
             )
-        dt.load_as_version(when)
+        wanted_ms = when.timestamp() * 1000
+        chosen, previous_ms = first_version, None
+        for version, ms in commits:
+            ms = ms if previous_ms is None else max(ms, previous_ms + 1)
+            if ms > wanted_ms:
+                break
+            chosen, previous_ms = version, ms
+        self._travel_to_version(name, dt, chosen)
 
     def _open_or_none(self, name: str) -> DeltaTable | None:
         return self._open(name) if self.exists(name) else None
