@@ -13,6 +13,21 @@ REPO = Path(__file__).resolve().parents[1]
 REALDATA = REPO.parent / "shared" / "realdata"
 
 
+# Seconds each of the longest test files took in CI (2 cores, 2 workers, 2026-11-22). `./dev test` hands whole files
+# to workers in collection order (--dist loadfile --no-loadscope-reorder); starting the longest first keeps one of
+# them from running alone at the end while the other worker idles. Only the order depends on these figures.
+LONGEST_FILES = {
+    "test_gold_scores.py": 467, "test_gold_crash.py": 290, "test_cli.py": 267, "test_runner.py": 266,
+    "test_realdata_flow.py": 226, "test_silver_vs_truth.py": 120, "test_gold_cli.py": 125, "test_crash_safety.py": 113,
+    "test_silver_patients.py": 90, "test_silver_encounters.py": 89, "test_silver_observations.py": 52,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest files first (see LONGEST_FILES); the rest keep their order, tests within a file too."""
+    items.sort(key=lambda item: -LONGEST_FILES.get(item.path.name, 0))
+
+
 def make_config(root: Path, **overrides):
     """The test overlay with `root`, isolated from the caller's CARELAKE_* environment."""
     from pipelines.config import load_config
