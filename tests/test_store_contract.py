@@ -25,12 +25,40 @@ def content(table: pa.Table, cols=("id", "name")) -> list[tuple]:
     return sorted(tuple(r[c] for c in cols) for r in table.select(list(cols)).to_pylist())
 
 
-@pytest.fixture(params=["delta-rs", "delta-spark"])
+class FramesIn:
+    """The delta-rs store with every write handed to it as a Spark DataFrame: the executors write the files and
+    the driver commits them (pipelines.store.executors), the path the streaming jobs take."""
+
+    def __init__(self, store, spark):
+        self.store, self.spark = store, spark
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def _frame(self, data):
+        return self.spark.createDataFrame(data) if isinstance(data, pa.Table) else data
+
+    def append(self, name, data, **kw):
+        return self.store.append(name, self._frame(data), **kw)
+
+    def overwrite(self, name, data, **kw):
+        return self.store.overwrite(name, self._frame(data), **kw)
+
+    def merge(self, name, data, spec, **kw):
+        return self.store.merge(name, self._frame(data), spec, **kw)
+
+
+@pytest.fixture(params=["delta-rs", "delta-rs-executors", "delta-spark"])
 def engine_store(request, cfg):
     if request.param == "delta-rs":
         from pipelines.store.deltars import DeltaRsStore
 
         return DeltaRsStore(cfg)
+    if request.param == "delta-rs-executors":
+        from pipelines.store.deltars import DeltaRsStore
+
+        spark = request.getfixturevalue("spark")
+        return FramesIn(DeltaRsStore(cfg, spark), spark)
     spark = request.getfixturevalue("spark")
     from pipelines.spark import jvm_has_class
 

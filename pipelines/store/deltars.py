@@ -6,6 +6,8 @@ does not survive fork. Use the `spawn` start method for multiprocessing.
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import threading
 import time
@@ -44,6 +46,11 @@ _STANDARD_HISTORY = {
     "timestamp", "operation", "operationParameters", "operationMetrics", "version", "readVersion",
     "clientVersion", "engineInfo", "isBlindAppend", "userMetadata",
 }
+
+
+def is_spark_frame(data: object) -> bool:
+    """A Spark DataFrame (written by the executors), as opposed to Arrow data already on the driver."""
+    return hasattr(data, "sparkSession") and hasattr(data, "mapInArrow")
 
 
 def to_arrow(data: Data) -> pa.Table:
@@ -106,10 +113,51 @@ def _commit_properties(txn: Txn | None, metadata: Mapping[str, str] | None, retr
 
 
 def load_changes(path: str, start_version: int, end_version: int) -> pa.Table:
-    """Delta change-feed rows of versions start..end from the table at `path` (used by workers too)."""
+    """Delta change-feed rows of versions start..end from the table at `path` (used by workers too).
+
+    A version committed by an executor-written MERGE or predicate overwrite (pipelines.store.executors) is read
+    from the change files its commit names; every other version through delta-rs's change feed."""
+    import pyarrow.parquet as pq
+
+    from pipelines.store import executors as ex
+
     dt = DeltaTable(path)
-    reader = dt.load_cdf(starting_version=start_version, ending_version=end_version)
-    return pa.table(reader)
+    infos = ex.commit_infos(path, start_version, end_version)
+    pieces: list[pa.Table] = []
+    run_start = start_version
+    for v in range(start_version, end_version + 2):
+        files = json.loads(infos[v].get(ex.CHANGE_FILES_KEY, "null") or "null") if v <= end_version else None
+        if v <= end_version and files is None:
+            continue
+        if run_start < v:
+            pieces.append(pa.table(dt.load_cdf(starting_version=run_start, ending_version=v - 1)))
+        run_start = v + 1
+        if files is not None:
+            at = pa.scalar(infos[v]["timestamp"], pa.timestamp("ms"))
+            for f in files:
+                rows = pq.read_table(os.path.join(path, f))
+                rows = rows.append_column("_commit_version", pa.array([v] * rows.num_rows, pa.int64()))
+                pieces.append(rows.append_column("_commit_timestamp", pa.array([at] * rows.num_rows,
+                                                                                 pa.timestamp("ms"))))
+    if not pieces:
+        return pa.table(dt.load_cdf(starting_version=start_version, ending_version=end_version))
+    return _concat_changes(pieces)
+
+
+def _concat_changes(pieces: list[pa.Table]) -> pa.Table:
+    """Change rows from delta-rs and from change files as one table (plain layouts; a column missing from older
+    versions is null)."""
+    fields: dict[str, pa.Field] = {}
+    for piece in pieces:
+        for f in canonical_schema(piece.schema):
+            if f.name == "_commit_version":
+                f = pa.field(f.name, pa.int64())
+            fields.setdefault(f.name, f)
+    order = [n for n in fields if not n.startswith("_c")] + [n for n in fields if n.startswith("_c")]
+    schema = pa.schema([fields[n].with_nullable(True) for n in order])
+    return pa.concat_tables([
+        pa.table([piece[f.name].cast(f.type) if f.name in piece.column_names else pa.nulls(piece.num_rows, f.type)
+                  for f in schema], schema=schema) for piece in pieces])
 
 
 class DeltaRsStore(TableStore):
@@ -276,12 +324,141 @@ class DeltaRsStore(TableStore):
         return self._with_retries(name, txn, op)
 
     def append(self, name, data, *, txn=None, metadata=None) -> WriteResult:
+        if is_spark_frame(data):
+            return self._write_frame(name, data, None, txn, metadata, overwrite=False)
         return self._write(name, data, "append", None, txn, metadata)
 
     def overwrite(self, name, data, *, predicate=None, txn=None, metadata=None) -> WriteResult:
+        if is_spark_frame(data):
+            return self._write_frame(name, data, predicate, txn, metadata, overwrite=True)
         return self._write(name, data, "overwrite", predicate, txn, metadata)
 
+    # -- writing a Spark DataFrame: the executors write the files, this process commits the file actions ---------
+    def _frame_schema(self, name: str, dt: DeltaTable | None, df: DataFrame) -> pa.Schema:
+        """The schema the frame is written in: the table's (evolved by the frame's new columns, committed first),
+        or the frame's own for a new table."""
+        from deltalake.schema import Field
+
+        from pipelines.store import executors as ex
+
+        incoming = ex.arrow_schema_of(df)
+        if dt is None:
+            return incoming
+        current = table_arrow_schema(dt)
+        change = check_evolution(name, current, incoming)
+        self._sync_properties(name, dt)
+        if not change.added:
+            return current
+        added = [f.with_nullable(True) for f in incoming if f.name in change.added]
+        # Additive and nullable: committed on its own before the data, harmless if the data commit never follows.
+        dt.alter.add_columns([Field.from_arrow(f) for f in added],
+                             commit_properties=_commit_properties(None, {"carelake.op": "add columns"},
+                                                                  self.cfg.storage.commit_retries))
+        return table_arrow_schema(dt)
+
+    def _commit_files(self, name: str, dt: DeltaTable | None, schema: pa.Schema, adds: list, removes: list,
+                      mode: str, txn: Txn | None, metadata: Mapping[str, str] | None) -> int:
+        """Commit file actions written by the executors as one transaction; the version it made."""
+        from deltalake import Schema as DeltaSchema
+        from deltalake.transaction import create_table_with_add_actions
+
+        props = _commit_properties(txn, metadata, self.cfg.storage.commit_retries)
+        if dt is None:
+            create_table_with_add_actions(self._path(name), DeltaSchema.from_arrow(schema), adds, mode="append",
+                                          name=name, configuration=self.table_properties(name),
+                                          commit_properties=props)
+            return self._committed_version(name)
+        dt.create_write_transaction([*adds, *removes], mode=mode, schema=schema, commit_properties=props)
+        return self._committed_version(name)
+
+    def _write_frame(self, name: str, df: DataFrame, predicate: str | None, txn: Txn | None,
+                     metadata: Mapping[str, str] | None, *, overwrite: bool) -> WriteResult:
+        from pipelines.store import executors as ex
+
+        def op(dt: DeltaTable | None) -> WriteResult:
+            schema = self._frame_schema(name, dt, df)
+            path = self._path(name)
+            rows = ex.spark_frame(df, schema)
+            meta = dict(metadata or {})
+            removes: list = []
+            kept_rows = 0
+            if overwrite and predicate is not None and dt is not None:
+                files = ex.target_files(dt, path, None)
+                kept, rewritten, deleted = ex.plan_delete_where(self._require_spark(), files, schema, predicate,
+                                                                with_changes=self._has_change_feed(dt))
+                if kept is not None:
+                    from pyspark.sql import functions as F
+
+                    new = rows.select("*", F.lit(None).cast("string").alias(ex.CHANGE_COLUMN))
+                    if self._has_change_feed(dt):
+                        new = new.unionByName(rows.select("*", F.lit("insert").alias(ex.CHANGE_COLUMN)))
+                    rows = new.unionByName(kept)
+                    removes = ex.remove_actions(rewritten)
+                    kept_rows = sum(f.records or 0 for f in files if f.path in rewritten) - deleted
+            written = ex.write_files(rows, path, schema, with_changes=bool(removes))
+            if removes:
+                meta.update(ex.change_file_metadata(written))
+            mode = "overwrite" if overwrite and predicate is None else "append"
+            version = self._commit_files(name, dt, schema, ex.add_actions(written), removes, mode, txn, meta)
+            added = sum(f.records for f in written if f.kind == "add")
+            return WriteResult(name, version, added - kept_rows)
+
+        return self._with_retries(name, txn, op)
+
+    def _has_change_feed(self, dt: DeltaTable) -> bool:
+        return dt.metadata().configuration.get("delta.enableChangeDataFeed", "false").lower() == "true"
+
+    def _merge_frame(self, name: str, df: DataFrame, spec: MergeSpec, txn: Txn | None,
+                     metadata: Mapping[str, str] | None) -> WriteResult:
+        """Copy-on-write MERGE computed by Spark (see pipelines.store.executors)."""
+        from pipelines.store import executors as ex
+        from pipelines.store.base import sql_literal
+
+        missing = [k for k in spec.keys if k not in df.columns]
+        if missing:
+            raise UsageError(f"merge into {name}: key column(s) {missing} are not in the data ({df.columns})")
+        source = ex.latest_per_key(df, spec.keys, spec.latest_by) if spec.latest_by else df
+        source = source.persist()
+        try:
+            facts = ex.source_facts(source, spec)
+            if facts.distinct_keys != facts.rows:
+                raise UsageError(
+                    f"merge into {name}: the source has several rows for one key, e.g."
+                    f" {ex.duplicate_key_examples(source, spec.keys)}; deduplicate the batch (keep the newest per"
+                    " key) before merging")
+            for b in facts.bounds.values():
+                if b is not None:
+                    sql_literal(b[0])  # refuses a column no engine can bound (e.g. text)
+
+            def op(dt: DeltaTable | None) -> WriteResult:
+                if dt is None:
+                    dt = self._create(name, ex.arrow_schema_of(source))
+                schema = self._frame_schema(name, dt, source)
+                path = self._path(name)
+                files = ex.target_files(dt, path, facts.bounds if spec.prune_by else None)
+                plan = ex.plan_merge(self._require_spark(), source, spec, files, schema,
+                                     with_changes=self._has_change_feed(dt))
+                try:
+                    written = ex.write_files(plan.rows, path, schema, with_changes=plan.with_changes)
+                finally:
+                    for frame in plan.cached:
+                        frame.unpersist()
+                meta = dict(metadata or {})
+                if plan.with_changes:
+                    meta.update(ex.change_file_metadata(written))
+                version = self._commit_files(name, dt, schema, ex.add_actions(written),
+                                             ex.remove_actions(plan.rewritten), "append", txn, meta)
+                metrics = {**plan.metrics, "num_source_rows": facts.rows,
+                           "num_target_files_added": sum(1 for f in written if f.kind == "add")}
+                return WriteResult(name, version, facts.rows, metrics=metrics)
+
+            return self._with_retries(name, txn, op)
+        finally:
+            source.unpersist()
+
     def merge(self, name: str, data: Data, spec: MergeSpec, *, txn=None, metadata=None) -> WriteResult:
+        if is_spark_frame(data):
+            return self._merge_frame(name, data, spec, txn, metadata)
         source = to_arrow(data)
         missing = [k for k in spec.keys if k not in source.schema.names]
         if missing:
