@@ -384,7 +384,7 @@ class DeltaRsStore(TableStore):
             kept_rows = 0
             if overwrite and predicate is not None and dt is not None:
                 files = ex.target_files(dt, path, None)
-                kept, rewritten, deleted = ex.plan_delete_where(self._require_spark(), files, schema, predicate,
+                kept, rewritten, deleted = ex.plan_delete_where(df.sparkSession, files, schema, predicate,
                                                                 with_changes=self._has_change_feed(dt))
                 if kept is not None:
                     from pyspark.sql import functions as F
@@ -396,6 +396,8 @@ class DeltaRsStore(TableStore):
                     removes = ex.remove_actions(rewritten)
                     kept_rows = sum(f.records or 0 for f in files if f.path in rewritten) - deleted
             written = ex.write_files(rows, path, schema, with_changes=bool(removes))
+            if dt is not None and not written and not removes and not (overwrite and predicate is None):
+                return WriteResult(name, dt.version(), 0)  # nothing to commit: an empty batch leaves no version
             if removes:
                 meta.update(ex.change_file_metadata(written))
             mode = "overwrite" if overwrite and predicate is None else "append"
@@ -429,6 +431,8 @@ class DeltaRsStore(TableStore):
             for b in facts.bounds.values():
                 if b is not None:
                     sql_literal(b[0])  # refuses a column no engine can bound (e.g. text)
+            if facts.rows == 0 and self.exists(name):
+                return WriteResult(name, self.version(name), 0)
 
             def op(dt: DeltaTable | None) -> WriteResult:
                 if dt is None:
@@ -436,13 +440,15 @@ class DeltaRsStore(TableStore):
                 schema = self._frame_schema(name, dt, source)
                 path = self._path(name)
                 files = ex.target_files(dt, path, facts.bounds if spec.prune_by else None)
-                plan = ex.plan_merge(self._require_spark(), source, spec, files, schema,
+                plan = ex.plan_merge(source.sparkSession, source, spec, files, schema,
                                      with_changes=self._has_change_feed(dt))
                 try:
                     written = ex.write_files(plan.rows, path, schema, with_changes=plan.with_changes)
                 finally:
                     for frame in plan.cached:
                         frame.unpersist()
+                if not written and not plan.rewritten:
+                    return WriteResult(name, dt.version(), 0, metrics=plan.metrics)  # the merge changes nothing
                 meta = dict(metadata or {})
                 if plan.with_changes:
                     meta.update(ex.change_file_metadata(written))
