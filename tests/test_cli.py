@@ -110,3 +110,31 @@ def test_ingest_run_all_sql_tables_history_together(tmp_path):
     bad = run_cli(root, "sql", "select nope from bronze.device_readings", check=False)
     errors = [line for line in bad.stderr.splitlines() if "nope" in line]
     assert bad.returncode != 0 and len(errors) == 1 and errors[0].startswith("carelake: error: SQL error:")
+
+
+@pytest.mark.slow
+def test_the_readme_spark_submit_line_runs_the_jobs(tmp_path):
+    """The README's spark-submit line, as written (its .venv/bin/ is this interpreter's folder): spark-submit
+    starts the JVM, carelake joins it and runs the jobs, and the executors write the tables."""
+    import shlex
+    from pathlib import Path
+
+    line = next(x for x in (REPO / "README.md").read_text().splitlines() if "spark-submit --master" in x)
+    words = shlex.split(line.split("  #")[0])
+    env_words = [w for w in words if "=" in w and not w.startswith("-") and words.index(w) < 2]
+    argv = [w.replace(".venv/bin/", f"{Path(sys.executable).parent}/", 1) for w in words[len(env_words):]]
+    root = tmp_path / "lake"
+    src = tmp_path / "readings.jsonl"
+    src.write_text("".join(json.dumps({"device_id": f"m{i % 2}", "time": "2026-11-21T03:00:00Z", "v": i}) + "\n"
+                           for i in range(10)))
+    run_cli(root, "ingest", str(src), "--feed", "devices")
+    env = carelake_env(root, CARELAKE_JOBS__MODULES="tests.toyjobs")
+    env.update({k: v.replace(".venv/bin/", f"{Path(sys.executable).parent}/", 1)
+                for k, v in (w.split("=", 1) for w in env_words)})
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "gold.toy_device_totals: done" in proc.stdout + proc.stderr
+    out = run_cli(root, "sql", "select device_id, readings from gold.toy_device_totals order by 1", "--format",
+                  "json").stdout
+    assert [json.loads(x) for x in out.splitlines()] == [{"device_id": "m0", "readings": 5},
+                                                          {"device_id": "m1", "readings": 5}]
