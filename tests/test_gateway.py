@@ -101,6 +101,51 @@ def test_a_client_that_disconnects_mid_frame_is_not_acked_and_does_not_hurt_othe
     assert [r.body for _, r in landed(gateway.root, "hl7")] == [oru("AFTER-1")]
 
 
+def test_a_frame_cut_off_by_a_new_start_block_is_set_aside_and_the_next_acked_under_its_own_id(gateway):
+    """A start block, part of an MSH, then a whole frame on the same connection: the broken part never gets an AA
+    (nor lends its control id to the next message's ACK); it is kept in the rejects, and the whole one is acked."""
+    broken = b"\x0b" + b"MSH|^~\\&|MONITOR|FAC"
+    with socket.create_connection(gateway.mllp, timeout=10) as sock:
+        sock.sendall(broken + frame(oru("GOOD-2")))
+        data = b""
+        while not data.endswith(b"\x1c\r"):
+            data += sock.recv(65536)
+        sock.settimeout(1)
+        with pytest.raises(TimeoutError):
+            sock.recv(65536)  # one answer only: none for the broken part
+    assert msa(data[1:-2])[1:3] == ["AA", "GOOD-2"]
+    metrics = urllib.request.urlopen(f"{gateway.http}/metrics", timeout=10).read().decode()
+    assert "carelake_gateway_incomplete_frames_total 1" in metrics
+    gateway.stop()
+    assert [r.body for _, r in landed(gateway.root, "hl7")] == [oru("GOOD-2")]
+    (kept,) = [r for _, r in landed(gateway.root, "hl7", rejected=True)]
+    assert kept.body == broken and "new start block" in kept.header["reason"]
+
+
+def test_hl7_without_mllp_framing_is_answered_kept_and_counted(gateway):
+    """A message sent bare (no start block) gets a framed AR naming the problem, is kept, and the connection is
+    closed; junk before a real frame is set aside and the frame is acked."""
+    with socket.create_connection(gateway.mllp, timeout=10) as sock:
+        sock.sendall(oru("BARE-1"))
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    code, control, text = read_ack(reply[1:-2])
+    assert (code, control) == ("AR", "BARE-1") and "not framed as MLLP" in text
+    with socket.create_connection(gateway.mllp, timeout=10) as sock:
+        sock.sendall(b"hello\r\n" + frame(oru("AFTER-JUNK")))
+        data = b""
+        while not data.endswith(b"\x1c\r"):
+            data += sock.recv(65536)
+    assert msa(data[1:-2])[1:3] == ["AA", "AFTER-JUNK"]
+    metrics = urllib.request.urlopen(f"{gateway.http}/metrics", timeout=10).read().decode()
+    assert "carelake_gateway_unframed_total 2" in metrics
+    gateway.stop()
+    assert [r.body for _, r in landed(gateway.root, "hl7")] == [oru("AFTER-JUNK")]
+    assert sorted(r.body for _, r in landed(gateway.root, "hl7", rejected=True)) == sorted([oru("BARE-1"),
+                                                                                          b"hello\r\n"])
+
+
 def test_many_concurrent_connections_each_message_landed_once(gateway):
     per_conn, conns = 25, 16
     results: dict[int, list[bytes]] = {}

@@ -18,7 +18,9 @@ _HELP = {
     "carelake_gateway_partly_bad_total": ("counter", "HTTP bodies landed with some unreadable lines or entries."),
     "carelake_gateway_acks_total": ("counter", "MLLP acknowledgements sent, by code (AA, AE, AR)."),
     "carelake_gateway_http_responses_total": ("counter", "HTTP responses, by path and status."),
-    "carelake_gateway_incomplete_frames_total": ("counter", "MLLP connections closed mid-frame (never acked)."),
+    "carelake_gateway_incomplete_frames_total": ("counter", "MLLP frames left unfinished: the connection closed or a "
+                                                 "new start block began mid-frame (never acked)."),
+    "carelake_gateway_unframed_total": ("counter", "Bytes received outside an MLLP frame (set aside, never acked)."),
     "carelake_gateway_write_errors_total": ("counter", "Landing writes that failed (nothing acknowledged)."),
     "carelake_gateway_open_connections": ("gauge", "Open MLLP connections."),
 }

@@ -35,6 +35,8 @@ from pipelines.gateway.metrics import Metrics
 log = logging.getLogger("carelake.gateway")
 
 FEED = "hl7"
+# Bytes with no MLLP start block before them: this many (or a whole segment) and they are answered and set aside.
+UNFRAMED_LIMIT = 64 * 1024
 RECEIVER_APP = "CARELAKE"
 RECEIVER_FACILITY = "LAKEHOUSE"
 _TEXT = "iso-8859-1"
@@ -201,9 +203,14 @@ class MllpServer:
                                     "(the sender must resend)", peer, len(buf))
                     break
                 buf += data
-                frames, overflow = self._frames(buf)
+                frames, aside, overflow, unframed = self._frames(buf)
+                if aside:
+                    await self._set_aside(aside, peer, unframed=unframed)
                 if frames:
                     await self._answer(frames, peer, writer)
+                if unframed:
+                    await self._refuse_unframed(aside[-1], peer, writer)
+                    break
                 if overflow is not None:
                     await self._refuse_oversized(overflow, peer, writer)
                     break
@@ -220,24 +227,79 @@ class MllpServer:
             except (ConnectionError, OSError):
                 pass
 
-    def _frames(self, buf: bytearray) -> tuple[list[bytes], bytes | None]:
-        """Cut every complete frame out of `buf`; the second value is an oversized partial frame."""
-        frames = []
+    def _frames(self, buf: bytearray) -> tuple[list[bytes], list[bytes], bytes | None, bool]:
+        """Cut every complete frame out of `buf`.
+
+        Returns (frames, set_aside, oversized, unframed): `set_aside` are parts that can never be a message: a frame
+        cut off by a new start block (the block MLLP forbids inside a message ends the unfinished frame) and bytes
+        before a start block; `oversized` an oversized partial frame; `unframed` whether the last of set_aside is a
+        message sent without MLLP framing (no start block at all, a whole segment or 64 KiB of it received): the
+        sender is waiting for an answer that framing would have given."""
+        frames: list[bytes] = []
+        aside: list[bytes] = []
         while True:
             start = buf.find(MLLP_START)
             if start < 0:
                 if len(buf) > self.max_bytes:  # no frame start in a flood of bytes: not MLLP at all
-                    return frames, bytes(buf[:self.max_bytes])
-                return frames, None
+                    return frames, aside, bytes(buf[:self.max_bytes]), False
+                junk = bytes(buf).strip(b"\r\n\t \x00")
+                if junk and (b"\r" in junk or b"\n" in junk or len(junk) >= UNFRAMED_LIMIT):
+                    aside.append(bytes(buf))
+                    del buf[:]
+                    return frames, aside, None, True
+                return frames, aside, None, False
+            if start and bytes(buf[:start]).strip(b"\r\n\t \x00"):
+                aside.append(bytes(buf[:start]))
             end = buf.find(MLLP_END, start + 1)
+            restart = buf.find(MLLP_START, start + 1, end if end >= 0 else len(buf))
+            if restart >= 0:  # a new frame began before this one ended: this one is incomplete
+                aside.append(bytes(buf[start:restart]))
+                del buf[:restart]
+                continue
             if (end if end >= 0 else len(buf)) - start - 1 > self.max_bytes:
-                return frames, bytes(buf[start + 1:start + 1 + self.max_bytes])
+                return frames, aside, bytes(buf[start + 1:start + 1 + self.max_bytes]), False
             if end < 0:
                 if start:
                     del buf[:start]
-                return frames, None
+                return frames, aside, None, False
             frames.append(bytes(buf[start + 1:end]))
             del buf[:end + len(MLLP_END)]
+
+    async def _set_aside(self, parts: list[bytes], peer: str, *, unframed: bool) -> None:
+        """Keep what can never be a message in landing/_rejects, count it and say so once per part; never ACK it."""
+        for i, part in enumerate(parts):
+            last_unframed = unframed and i == len(parts) - 1
+            if last_unframed:
+                reason = ("bytes outside an MLLP frame (no start block 0x0B before them); frame each message as"
+                          " 0x0B <message> 0x1C 0x0D")
+                kind = "unframed"
+            elif part.startswith(MLLP_START):
+                reason = ("incomplete MLLP frame: a new start block (0x0B) arrived before its end block"
+                          " (0x1C 0x0D); never acknowledged, the sender must resend it")
+                kind = "incomplete"
+            else:
+                reason = "bytes outside an MLLP frame (before a start block 0x0B); never acknowledged"
+                kind = "unframed"
+            self.metrics.inc("carelake_gateway_incomplete_frames_total" if kind == "incomplete"
+                             else "carelake_gateway_unframed_total")
+            kept = part[:self.max_bytes]
+            try:
+                await self.landing.reject(FEED, {"peer": peer, "protocol": "mllp", "reason": reason}, kept)
+            except (OSError, RuntimeError) as exc:
+                log.error("mllp %s: %s; it could not be kept: %s", peer, reason, exc)
+                continue
+            log.warning("mllp %s: %s (%d byte(s) kept in landing/_rejects/%s)", peer, reason, len(kept), FEED)
+
+    async def _refuse_unframed(self, part: bytes, peer: str, writer: asyncio.StreamWriter) -> None:
+        """Answer a message sent without MLLP framing with a framed AR (so a waiting sender learns why), then close."""
+        try:
+            header = parse_header(part.strip(b"\r\n\t \x00"))
+        except Hl7HeaderError as exc:
+            header = exc.header
+        self.metrics.inc("carelake_gateway_acks_total", code="AR")
+        writer.write(frame(build_ack(Verdict(header, "AR", "207", "message not framed as MLLP (0x0B <message>"
+                                                                   " 0x1C 0x0D); closing the connection"))))
+        await writer.drain()
 
     async def _answer(self, frames: list[bytes], peer: str, writer: asyncio.StreamWriter) -> None:
         # Land every frame that arrived together first (one group commit), then acknowledge in order.
