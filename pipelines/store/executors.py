@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -165,7 +166,9 @@ class _Roller:
                 f"{self.prefix}-{uuid.uuid4()}-c000.snappy.parquet"
             full = os.path.join(self.table_path, self.relative)
             os.makedirs(os.path.dirname(full), exist_ok=True)
-            self.writer = pq.ParquetWriter(full, self.schema, compression="snappy")
+            # Lineage of the file itself: which host and process wrote it (an executor's Python worker).
+            tagged = self.schema.with_metadata({"carelake.writer": f"{socket.gethostname()}:{os.getpid()}"})
+            self.writer = pq.ParquetWriter(full, tagged, compression="snappy")
             self.stats = _FileStats(self.schema)
         self.writer.write_batch(batch)
         self.stats.add(batch)
