@@ -245,6 +245,17 @@ def test_http_fhir_and_devices_land_after_fsync_and_bad_bodies_are_kept_as_rejec
     assert [r.header["http_status"] for _, r in landed(gateway.root, "devices", rejected=True)] == [400, 400]
 
 
+def test_json_nested_a_hundred_thousand_levels_is_a_400_and_kept(gateway):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for path, content_type in (("/fhir", "application/fhir+json"), ("/devices", "application/x-ndjson")):
+        status, doc = _post(f"{gateway.http}{path}", deep, content_type)
+        assert status == 400 and doc["resourceType"] == "OperationOutcome", (path, status, doc)
+        assert "nested too deeply" in json.dumps(doc)
+    gateway.stop()
+    assert [r.body for _, r in landed(gateway.root, "fhir", rejected=True)] == [deep]
+    assert [r.body for _, r in landed(gateway.root, "devices", rejected=True)] == [deep]
+
+
 def test_a_second_gateway_on_the_same_lakehouse_is_refused(gateway):
     proc = subprocess.run(carelake_cmd("gateway"), env=carelake_env(gateway.root), capture_output=True, text=True,
                           timeout=60, cwd=REPO)

@@ -69,13 +69,23 @@ class Checked:
     warnings: list[str]
 
 
+def _loads(text: str | bytes) -> object:
+    """json.loads, with JSON nested deeper than the parser can follow refused as invalid (a ValueError), not a
+    RecursionError that would end the request with a 500 and lose the body."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply (more than about a thousand levels): no FHIR resource or reading "
+                         "is shaped like that") from None
+
+
 def _json_lines(body: bytes) -> Iterator[tuple[int, object]]:
     """(line number, parsed JSON or the error) for each non-blank line, decoded line by line."""
     for n, raw in enumerate(body.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
         if not raw.strip():
             continue
         try:
-            yield n, json.loads(raw.decode("utf-8"))
+            yield n, _loads(raw.decode("utf-8"))
         except UnicodeDecodeError as exc:
             yield n, ValueError(f"not UTF-8 at byte {exc.start}")
         except ValueError as exc:
@@ -129,7 +139,7 @@ def check_fhir(body: bytes, content_type: str) -> Checked:
             f"content type {content_type or '(none)'!r} is not accepted here: send application/fhir+json "
             "(a Bundle or one resource) or application/fhir+ndjson (one resource per line)"])
     try:
-        doc = json.loads(_text(body))
+        doc = _loads(_text(body))
     except ValueError as exc:
         doc = exc
     if problem := _resource_problem(doc, "body"):
