@@ -123,10 +123,7 @@ def _check_schema(output: Output, out: DataFrame) -> None:
         )
 
 
-def _route(job: Job, routed: DataFrame) -> dict[str, pa.Table]:
-    """Compute a routed batch once and split it into each output table's rows and columns."""
-    import pyarrow.compute as pc
-
+def _check_routed(job: Job, routed: DataFrame) -> None:
     fields = {f.name: f.dataType.simpleString() for f in routed.schema.fields}
     for output in job.outputs:
         if output.schema is None:
@@ -136,6 +133,22 @@ def _route(job: Job, routed: DataFrame) -> dict[str, pa.Table]:
         if wrong:
             raise SchemaEvolutionError(f"{output.table}: the routed batch lacks or mistypes columns "
                                        f"(name, declared, produced): {wrong}")
+
+
+def _split_routed(job: Job, routed: DataFrame) -> dict[str, DataFrame]:
+    """Each output table's rows and columns of a routed batch (compute `routed` once: persist it first)."""
+    from pyspark.sql import functions as F
+
+    _check_routed(job, routed)
+    return {o.table: routed.where(F.col(ROUTE_COLUMN) == o.table).select(*[f.name for f in o.schema.fields])
+            for o in job.outputs}
+
+
+def _route(job: Job, routed: DataFrame) -> dict[str, pa.Table]:
+    """Compute a routed batch once, on the driver, and split it into each output table's rows and columns."""
+    import pyarrow.compute as pc
+
+    _check_routed(job, routed)
     table = routed.toArrow()
     out = {}
     for output in job.outputs:
@@ -374,6 +387,13 @@ class Runner:
                      at: datetime) -> _ChunkResult:
         """Transform, validate and commit one chunk of a batch (every output with the chunk's transaction)."""
         outputs = job.apply(rows, batch)
+        meta = {"carelake.job": job.name, "carelake.batch": str(batch["batch_id"]), "carelake.query": query_id}
+        if label != batch["ingest_batch_id"]:
+            meta["carelake.chunk"] = label.rsplit("#", 1)[1]
+        if not (job.expectation_suite and self.cfg.quality.enabled):
+            return self._write_frames(job, outputs, txn, meta)
+        # The expectation suite runs on the batch's rows in this process (Great Expectations on pandas): this job's
+        # rows cross the driver once, as Arrow, and are committed from here.
         if isinstance(outputs, dict):
             arrows = {}
             for output in job.outputs:
@@ -381,16 +401,34 @@ class Runner:
                 arrows[output.table] = outputs[output.table].toArrow()
         else:
             arrows = _route(job, outputs)
-        meta = {"carelake.job": job.name, "carelake.batch": str(batch["batch_id"]), "carelake.query": query_id}
-        if label != batch["ingest_batch_id"]:
-            meta["carelake.chunk"] = label.rsplit("#", 1)[1]
-        if job.expectation_suite and self.cfg.quality.enabled:
-            self._validate(job, arrows, label, at, Txn(f"dq:{job.name}:{query_id}:chunked", txn.version), meta)
+        self._validate(job, arrows, label, at, Txn(f"dq:{job.name}:{query_id}:chunked", txn.version), meta)
         written = {output.table: self._write(output, arrows[output.table], txn, meta) for output in job.outputs}
         result = written[job.name]
         return _ChunkResult(arrows[job.name].num_rows, result.version if result else None,
                             skipped=bool(result and result.skipped),
                             side={o.table: arrows[o.table].num_rows for o in job.side_outputs})
+
+    def _write_frames(self, job: Job, outputs: dict[str, DataFrame] | DataFrame, txn: Txn,
+                      meta: dict[str, str]) -> _ChunkResult:
+        """Commit each output as a Spark DataFrame: the executors write its files, this process commits them."""
+        routed = None
+        if isinstance(outputs, dict):
+            frames = {}
+            for output in job.outputs:
+                _check_schema(output, outputs[output.table])
+                frames[output.table] = outputs[output.table]
+        else:
+            routed = outputs.persist()
+            frames = _split_routed(job, routed)
+        try:
+            written = {output.table: self._write(output, frames[output.table], txn, meta) for output in job.outputs}
+        finally:
+            if routed is not None:
+                routed.unpersist()
+        result = written[job.name]
+        return _ChunkResult(result.rows if result else 0, result.version if result else None,
+                            skipped=bool(result and result.skipped),
+                            side={o.table: written[o.table].rows if written[o.table] else 0 for o in job.side_outputs})
 
     def _committed_before_chunking(self, job: Job, query_id: str, batch_id: int) -> bool:
         """Whether an earlier carelake (one transaction per batch, version = batch id) already wrote this batch:
@@ -432,13 +470,14 @@ class Runner:
             arrows[QUARANTINE_TABLE] = pa.concat_tables([arrows[QUARANTINE_TABLE], moved.cast(
                 arrows[QUARANTINE_TABLE].schema)])
 
-    def _write(self, output: Output, arrow: pa.Table, txn: Txn, meta: dict[str, str]) -> WriteResult | None:
+    def _write(self, output: Output, data: pa.Table | DataFrame, txn: Txn, meta: dict[str, str]
+               ) -> WriteResult | None:
         """Commit one table's part of a batch (nothing when it is empty and the table exists)."""
-        if arrow.num_rows == 0 and self.store.exists(output.table):
+        if isinstance(data, pa.Table) and data.num_rows == 0 and self.store.exists(output.table):
             return None
         if output.write == "merge":
-            return self.store.merge(output.table, arrow, output.merge, txn=txn, metadata=meta)
-        return self.store.append(output.table, arrow, txn=txn, metadata=meta)
+            return self.store.merge(output.table, data, output.merge, txn=txn, metadata=meta)
+        return self.store.append(output.table, data, txn=txn, metadata=meta)
 
     def _record_metrics(self, job: Job, query_id: str, batch_id: int, started_at: datetime, finished_at: datetime,
                         rows_in: int, rows_out: int, lag_ms: int, version: int | None, replayed: bool) -> None:
