@@ -34,6 +34,9 @@ class Context:
             overrides = dict(_split_setting(s) for s in self.args.set or [])
             self._cfg = load_config(env=self.args.env, root=self.args.root, overrides=overrides,
                                     conf_dir=self.args.conf_dir)
+            from pipelines.permissions import protect
+
+            protect(self._cfg.root, self._cfg.storage.group)  # before anything (Spark's JVM too) creates a file
         return self._cfg
 
     @property

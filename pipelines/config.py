@@ -68,6 +68,8 @@ class StorageConfig:
     commit_retries: int
     target_file_size_mb: int
     retention_days: Mapping[str, int]
+    # PHI at rest: what carelake creates is owner-only, or readable by this OS group too ("" = nobody else).
+    group: str = ""
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:

@@ -261,7 +261,12 @@ class Runner:
 
     # -- sources -----------------------------------------------------------------------------
     def checkpoint(self, job: Job) -> str:
-        return str(self.cfg.path("_checkpoints", job.name))
+        # Created here, under the lakehouse's umask (pipelines.permissions): Hadoop's local filesystem creates what
+        # Spark writes inside with its own default modes (0755/0644, whatever fs.permissions.umask-mask says in
+        # Spark 4.0's shaded Hadoop), so this folder is what keeps the checkpoints (and, with state, PHI) closed.
+        folder = self.cfg.path("_checkpoints")
+        folder.mkdir(parents=True, exist_ok=True)
+        return str(folder / job.name)
 
     def _source(self, job: Job) -> DataFrame:
         if isinstance(job.source, LandingSource):

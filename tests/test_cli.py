@@ -14,6 +14,9 @@ from tests.conftest import REPO, carelake_cmd, carelake_env
 
 
 def run_cli(root, *args, check=True, **extra_env):
+    import os
+
+    os.umask(0o022)  # the usual umask: carelake must not depend on a stricter one
     proc = subprocess.run(carelake_cmd(*args), env=carelake_env(root, **extra_env), capture_output=True, text=True,
                           timeout=300, cwd=REPO)
     if check and proc.returncode != 0:
@@ -107,6 +110,18 @@ def test_ingest_run_all_sql_tables_history_together(tmp_path):
     history = run_cli(root, "history", "bronze.device_readings").stdout
     assert "bronze.device_readings #1" in history and "bronze.device_readings #0" in history
 
+    # PHI at rest: whatever the caller's umask (this test's, typically 022), everything created under the root —
+    # landing, tables, reports, metrics — is owner-only; Spark's checkpoint files take Hadoop's own modes, inside a
+    # checkpoint folder that is owner-only
+    import os
+    import stat
+
+    open_to_others = [str(p.relative_to(root)) for p in [root, *root.rglob("*")]
+                      if stat.S_IMODE(p.lstat().st_mode) & 0o077 and p.relative_to(root).parts[0] != "_checkpoints"]
+    assert open_to_others == [], open_to_others[:10]
+    assert stat.S_IMODE((root / "_checkpoints").stat().st_mode) == 0o700
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700 and os.umask(0o022) == 0o022
+
     bad = run_cli(root, "sql", "select nope from bronze.device_readings", check=False)
     errors = [line for line in bad.stderr.splitlines() if "nope" in line]
     assert bad.returncode != 0 and len(errors) == 1 and errors[0].startswith("carelake: error: SQL error:")
@@ -138,3 +153,28 @@ def test_the_readme_spark_submit_line_runs_the_jobs(tmp_path):
                   "json").stdout
     assert [json.loads(x) for x in out.splitlines()] == [{"device_id": "m0", "readings": 5},
                                                           {"device_id": "m1", "readings": 5}]
+
+
+def test_an_existing_root_is_closed_to_others_and_opened_to_a_configured_group(tmp_path):
+    import grp
+    import os
+    import stat
+
+    from pipelines.errors import ConfigError
+    from pipelines.permissions import protect
+
+    root = tmp_path / "lake"
+    root.mkdir(mode=0o755)
+    before = os.umask(0o022)
+    try:
+        protect(root)
+        assert stat.S_IMODE(root.stat().st_mode) == 0o700
+        assert os.umask(0o022) == 0o077
+        mine = grp.getgrgid(os.getgid()).gr_name
+        protect(root, mine)
+        assert stat.S_IMODE(root.stat().st_mode) == 0o2750 and root.stat().st_gid == os.getgid()
+        assert os.umask(0o022) == 0o027
+        with pytest.raises(ConfigError, match="'no-such-group-x' is not a group on this machine"):
+            protect(root, "no-such-group-x")
+    finally:
+        os.umask(before)
