@@ -1,9 +1,11 @@
 """kill -9 the streaming gold jobs mid-batch, restart them: no score or alert row is duplicated or lost.
 
 silver.observations grows by many small appends (one silver version each: three patients' vital signs at
-successive times, crossing NEWS2 bands so alerts open, escalate and resolve) while a continuous `carelake run all`
-scores them. The score job writes gold.deterioration_alerts, gold.vitals_features, gold.spo2_scale2_markers and
-gold.vitals_minutes in the same batch, each a commit before gold.early_warning_scores. The whole process group is
+successive times, crossing NEWS2 bands so alerts open, escalate and resolve) while a continuous
+`carelake run gold.early_warning_scores` scores them (the silver rows are written directly, so only the score job
+runs: bronze and silver would find nothing). The score job writes gold.deterioration_alerts,
+gold.vitals_features, gold.spo2_scale2_markers and gold.vitals_minutes in the same batch, each a commit before
+gold.early_warning_scores. The whole process group is
 SIGKILLed twice: first once the first score batch is committed, while the next one is in flight (offsets logged,
 no commit); then between a score batch's commits (gold.vitals_features written, gold.early_warning_scores not).
 A third run catches up and stops on SIGTERM. Then the gold tables hold one row per key, one score (and features)
@@ -89,7 +91,7 @@ def start(root: Path, log, *mode: str) -> subprocess.Popen:
     # Steps are 5 min apart: alerts resolve after 8 min out of their level (two steps), so the patterns resolve
     # and reopen episodes, and one step out continues an alert (the hysteresis is crash-tested too).
     env = carelake_env(root, CARELAKE_GOLD__ALERT_RESOLVE_AFTER="8m")
-    return subprocess.Popen(carelake_cmd("run", "all", *mode), env=env,
+    return subprocess.Popen(carelake_cmd("run", SCORES, *mode), env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
