@@ -97,12 +97,27 @@ class StreamingConfig:
     stop_timeout: str
     max_rows_per_batch: int = 500_000
     max_restarts: int = 5
+    max_mb_per_trigger: int = 0
+
+    @property
+    def landing_admission(self) -> tuple[str, int]:
+        """The file source's bound on one bronze micro-batch: ("maxBytesPerTrigger", bytes) or
+        ("maxFilesPerTrigger", files). Spark takes one of the two, never both."""
+        if self.max_mb_per_trigger:
+            return "maxBytesPerTrigger", self.max_mb_per_trigger * 1024 * 1024
+        return "maxFilesPerTrigger", self.max_files_per_trigger
 
     def __post_init__(self) -> None:
         if self.interval_ms < 1:
             raise ConfigError(f"streaming.interval must be positive, got {self.interval!r}")
-        if self.max_files_per_trigger < 1:
-            raise ConfigError(f"streaming.max_files_per_trigger must be at least 1, got {self.max_files_per_trigger}")
+        if self.max_mb_per_trigger < 0:
+            raise ConfigError(f"streaming.max_mb_per_trigger must be 0 (bound by files) or more, got "
+                              f"{self.max_mb_per_trigger}")
+        if self.max_files_per_trigger < 0 or (self.max_files_per_trigger == 0) == (self.max_mb_per_trigger == 0):
+            raise ConfigError(
+                "set exactly one of streaming.max_mb_per_trigger (landing megabytes a bronze batch admits) and"
+                " streaming.max_files_per_trigger (landing files), the other 0; got"
+                f" max_mb_per_trigger={self.max_mb_per_trigger}, max_files_per_trigger={self.max_files_per_trigger}")
         parse_duration_ms(self.stop_timeout, "streaming.stop_timeout")
         if self.max_rows_per_batch < 1:
             raise ConfigError(f"streaming.max_rows_per_batch must be at least 1 row, got {self.max_rows_per_batch}; "

@@ -274,7 +274,7 @@ class Runner:
             folder.mkdir(parents=True, exist_ok=True)
             return (self.spark.readStream.format("binaryFile").schema(LANDING_FILE_SCHEMA)
                     .option("pathGlobFilter", job.source.glob)
-                    .option("maxFilesPerTrigger", self.cfg.streaming.max_files_per_trigger)
+                    .option(*self.cfg.streaming.landing_admission)
                     .load(str(folder)))
         streams = [self._changes(job, table) for table in job.source.tables]
         united = streams[0]

@@ -37,6 +37,35 @@ def totals(store):
     return {r["device_id"]: r["readings"] for r in store.read_arrow("gold.toy_device_totals").to_pylist()}
 
 
+def test_bronze_admits_landing_files_by_bytes_a_backlog_in_several_batches(tmp_path, spark):
+    """streaming.max_mb_per_trigger bounds what one bronze batch reads: 5 files of ~0.4 MB with a 1 MB bound are
+    three batches, none above the bound but a file larger than it, which comes alone; every reading once."""
+    cfg = make_config(tmp_path / "lake", **{"streaming.max_mb_per_trigger": "1"})
+    for k in range(4):
+        ingest(cfg, [readings_file(tmp_path / f"r{k}.jsonl", [f"m{i % 7}" for i in range(6000)])], "devices")
+    big = tmp_path / "big.jsonl"
+    big.write_text(json.dumps({"device_id": "big", "time": "2026-11-21T03:00:00Z", "blob": "x" * 1_500_000}) + "\n")
+    ingest(cfg, [big], "devices")
+    store = open_store(cfg, spark)
+    (summary,) = Runner(cfg, spark, store, load_registry(cfg)).run(["bronze.device_readings"], NOW)
+    assert summary.batches == 3 and summary.rows_out == 4 * 6000 + 1
+    per_batch = store.read("bronze.device_readings").groupBy("ingest_batch_id", "landing_file").count().collect()
+    files = {}
+    for r in per_batch:
+        files.setdefault(r["ingest_batch_id"], set()).add(r["landing_file"])
+    assert sorted(len(v) for v in files.values()) == [1, 2, 2]
+
+
+def test_exactly_one_landing_bound_is_configured(tmp_path):
+    from pipelines.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="set exactly one of streaming.max_mb_per_trigger"):
+        make_config(tmp_path, **{"streaming.max_files_per_trigger": "100"})
+    cfg = make_config(tmp_path, **{"streaming.max_files_per_trigger": "100", "streaming.max_mb_per_trigger": "0"})
+    assert cfg.streaming.landing_admission == ("maxFilesPerTrigger", 100)
+    assert make_config(tmp_path).streaming.landing_admission == ("maxBytesPerTrigger", 128 * 1024 * 1024)
+
+
 def test_available_now_runs_every_job_in_dependency_order(lake, tmp_path):
     cfg, store, runner = lake
     ingest(cfg, [readings_file(tmp_path / "a.jsonl", ["m1", "m2", "m1"])], "devices")
