@@ -11,7 +11,10 @@ import time
 
 import pytest
 
+from pipelines.jobs import load_registry
 from pipelines.landing import ingest
+from pipelines.runner import Runner, Trigger
+from pipelines.store import open_store
 from pipelines.store.deltars import DeltaRsStore
 from tests.conftest import carelake_cmd, carelake_env, make_config
 
@@ -44,7 +47,17 @@ def wait_for(predicate, timeout, proc=None):
     return False
 
 
-def test_kill_9_mid_work_then_restart_loses_and_duplicates_nothing(tmp_path):
+def log_version(store: DeltaRsStore, table: str) -> int:
+    """The table's newest commit, from a listing of its Delta log (cheap to poll)."""
+    log = store.ref(table).path / "_delta_log"
+    names = [p.name[:-5] for p in log.glob("*.json")] if log.is_dir() else []
+    return max((int(n) for n in names if n.isdigit()), default=-1)
+
+
+TABLES = ("bronze.device_readings", "silver.toy_readings", "gold.toy_device_totals")
+
+
+def test_kill_9_mid_work_then_restart_loses_and_duplicates_nothing(tmp_path, spark):
     root = tmp_path / "lake"
     cfg = make_config(root)
     store = DeltaRsStore(cfg)
@@ -64,13 +77,19 @@ def test_kill_9_mid_work_then_restart_loses_and_duplicates_nothing(tmp_path):
                 ingest(cfg, [write_file(src, i)], "devices")
                 time.sleep(0.4)
             assert wait_for(lambda: gold_total() > 0, 180, proc), log_path.read_text()
-            for i in range(FILES // 2, FILES - 2):  # keep landing while it works, then kill mid-flight
+            # keep landing while it works; kill the moment bronze has committed a batch of this second wave,
+            # before the hops behind it can have caught up
+            bronze_before = log_version(store, "bronze.device_readings")
+            for i in range(FILES // 2, FILES - 2):
                 ingest(cfg, [write_file(src, i)], "devices")
-            time.sleep(0.7)
+            assert wait_for(lambda: log_version(store, "bronze.device_readings") > bronze_before, 120, proc)
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        assert gold_total() < FILES * LINES  # the kill really interrupted work
+        # what the kill interrupted: bronze had committed part of the second wave, gold had not counted it all
+        bronze_at_kill = log_version(store, "bronze.device_readings")
+        assert bronze_at_kill > bronze_before
+        assert gold_total() < (FILES - 2) * LINES, "the kill came after all the work was done: it proves nothing"
 
         for i in range(FILES - 2, FILES):
             ingest(cfg, [write_file(src, i)], "devices")
@@ -78,7 +97,6 @@ def test_kill_9_mid_work_then_restart_loses_and_duplicates_nothing(tmp_path):
         try:
             done = wait_for(lambda: gold_total() >= FILES * LINES, 240, proc)
             assert done, log_path.read_text()[-3000:]
-            time.sleep(1.5)  # a batch that would double-count would land now
         finally:
             proc.send_signal(signal.SIGTERM)  # `kill PID`: the runner finishes its batch and stops
             try:
@@ -87,6 +105,11 @@ def test_kill_9_mid_work_then_restart_loses_and_duplicates_nothing(tmp_path):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)  # leftover Python workers, if any
     assert rc == 0, log_path.read_text()[-3000:]
+    # nothing is left to replay: one more run over the same checkpoints commits no version of any table
+    settled = {t: log_version(store, t) for t in TABLES}
+    toy = make_config(root, **{"jobs.modules": "tests.toyjobs"})
+    Runner(toy, spark, open_store(toy, spark), load_registry(toy)).run(list(TABLES), Trigger(available_now=True))
+    assert {t: log_version(store, t) for t in TABLES} == settled
 
     bronze = store.read_arrow("bronze.device_readings").to_pylist()
     keys = [(r["landing_file"], r["landing_position"]) for r in bronze]
