@@ -146,6 +146,35 @@ def test_hl7_without_mllp_framing_is_answered_kept_and_counted(gateway):
                                                                                           b"hello\r\n"])
 
 
+def test_a_big_batch_on_one_connection_does_not_hold_up_another_senders_ack(gateway):
+    """The batch's messages are checked on a worker thread: an ACK on another connection comes back while the
+    batch is still being parsed (a fraction of the batch's own time), not after it."""
+    msgs = b"".join(oru(f"B{i}") for i in range(30_000))
+    batch = b"FHS|^~\\&|MONITOR|ICU\rBHS|^~\\&|MONITOR|ICU\r" + msgs + b"BTS|30000\rFTS|1\r"
+
+    def read_frame(sock) -> bytes:
+        data = b""
+        while not data.endswith(b"\x1c\r"):
+            chunk = sock.recv(1 << 20)
+            assert chunk, "connection closed"
+            data += chunk
+        return data
+
+    with socket.create_connection(gateway.mllp, timeout=60) as big, \
+            socket.create_connection(gateway.mllp, timeout=60) as small:
+        t0 = time.monotonic()
+        big.sendall(frame(batch))
+        time.sleep(0.2)  # the batch is read whole (3 MB on loopback) and being checked when the small one comes
+        small.sendall(frame(oru("SMALL-1")))
+        small_reply = read_frame(small)
+        small_s = time.monotonic() - t0
+        big_reply = read_frame(big)
+        big_s = time.monotonic() - t0
+    assert msa(small_reply[1:-2])[1:3] == ["AA", "SMALL-1"]
+    assert big_reply.count(b"MSA|AA|") == 30_000
+    assert small_s - 0.2 < (big_s - 0.2) / 3, (small_s, big_s)
+
+
 def test_many_concurrent_connections_each_message_landed_once(gateway):
     per_conn, conns = 25, 16
     results: dict[int, list[bytes]] = {}

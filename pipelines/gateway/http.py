@@ -12,6 +12,7 @@ Deeper validation (FHIR structure, units, plausibility) is silver's job: one row
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -59,6 +60,10 @@ def _text(body: bytes) -> str:
     except UnicodeDecodeError as exc:
         raise BadBody(400, "invalid", [f"body is not UTF-8 (byte {exc.start}): FHIR and device JSON must be UTF-8"]
                       ) from None
+
+
+# A body at least this large is checked on a worker thread (see receive).
+OFFLOAD_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -223,7 +228,9 @@ class HttpGateway:
                 limit = self.max_bytes / (1 << 20)
                 raise BadBody(413, "too-costly", [f"body exceeds gateway.max_message_mb ({limit:g} MB); "
                                                   f"split it (the first {len(body):,} bytes were kept)"])
-            checked = ep.check(body, content_type)
+            # Checking a big body parses all of it: on a worker thread, so the other connections are served.
+            checked = await asyncio.to_thread(ep.check, body, content_type) if len(body) >= OFFLOAD_BYTES else \
+                ep.check(body, content_type)
         except BadBody as bad:
             return await self._refuse(request.path, ep, header, body, bad)
         try:

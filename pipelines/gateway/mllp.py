@@ -37,6 +37,9 @@ log = logging.getLogger("carelake.gateway")
 FEED = "hl7"
 # Bytes with no MLLP start block before them: this many (or a whole segment) and they are answered and set aside.
 UNFRAMED_LIMIT = 64 * 1024
+# A frame at least this large is checked and answered on a worker thread, so that one sender's big batch never
+# holds up the ACKs of the others (the event loop keeps serving while the thread parses).
+OFFLOAD_BYTES = 64 * 1024
 RECEIVER_APP = "CARELAKE"
 RECEIVER_FACILITY = "LAKEHOUSE"
 _TEXT = "iso-8859-1"
@@ -306,7 +309,8 @@ class MllpServer:
         pending = []
         counts: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
         for message in frames:
-            reply, verdicts = answer(message)
+            reply, verdicts = await asyncio.to_thread(answer, message) if len(message) >= OFFLOAD_BYTES else \
+                answer(message)
             status, reason = _record_status(verdicts)
             header = {"peer": peer, "protocol": "mllp", "status": status}
             if reason:
