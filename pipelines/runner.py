@@ -397,16 +397,43 @@ class Runner:
             meta["carelake.chunk"] = label.rsplit("#", 1)[1]
         if not (job.expectation_suite and self.cfg.quality.enabled):
             return self._write_frames(job, outputs, txn, meta)
-        # The expectation suite runs on the batch's rows in this process (Great Expectations on pandas): this job's
-        # rows cross the driver once, as Arrow, and are committed from here.
+        return self._validate_and_write(job, outputs, label, at, txn, query_id, meta)
+
+    def _validate_and_write(self, job: Job, outputs: dict[str, DataFrame] | DataFrame, label: str, at: datetime,
+                            txn: Txn, query_id: str, meta: dict[str, str]) -> _ChunkResult:
+        """The validation step, then the commit. The suite is first judged in Spark (pipelines.quality_spark): a
+        batch whose quarantine and fail expectations all pass is written by the executors. Otherwise (rows to
+        quarantine, a failed batch, an expectation Spark cannot judge) the batch is collected once, as Arrow,
+        and Great Expectations judges it exactly, naming the rows it moves; it is then committed from here."""
+        from pipelines import quality_spark
+
+        dq_txn = Txn(f"dq:{job.name}:{query_id}:chunked", txn.version)
+        routed = None
         if isinstance(outputs, dict):
-            arrows = {}
+            frames = {}
             for output in job.outputs:
                 _check_schema(output, outputs[output.table])
-                arrows[output.table] = outputs[output.table].toArrow()
+                frames[output.table] = outputs[output.table]
         else:
-            arrows = _route(job, outputs)
-        self._validate(job, arrows, label, at, Txn(f"dq:{job.name}:{query_id}:chunked", txn.version), meta)
+            routed = outputs.persist()
+            frames = _split_routed(job, routed)
+        main = frames[job.name] = frames[job.name].persist()
+        try:
+            judged = quality_spark.validate_frame(main, self._suite(job), batch=label, job=job.name, at=at)
+            if judged is not None:
+                self._record_validation(job, judged, label, at, dq_txn, meta)
+                written = {o.table: self._write(o, frames[o.table], txn, meta) for o in job.outputs}
+                result = written[job.name]
+                return _ChunkResult(result.rows if result else 0, result.version if result else None,
+                                    skipped=bool(result and result.skipped),
+                                    side={o.table: written[o.table].rows if written[o.table] else 0
+                                          for o in job.side_outputs})
+            arrows = {table: frame.toArrow() for table, frame in frames.items()}
+        finally:
+            main.unpersist()
+            if routed is not None:
+                routed.unpersist()
+        self._validate(job, arrows, label, at, dq_txn, meta)
         written = {output.table: self._write(output, arrows[output.table], txn, meta) for output in job.outputs}
         result = written[job.name]
         return _ChunkResult(arrows[job.name].num_rows, result.version if result else None,
@@ -443,25 +470,35 @@ class Runner:
         done = self.store.txn_version(job.name, f"carelake:{job.name}:{query_id}")
         return done is not None and done >= batch_id
 
-    def _validate(self, job: Job, arrows: dict[str, pa.Table], batch: str, at: datetime, txn: Txn,
-                  meta: dict[str, str]) -> None:
-        """The validation step: run the job's suite on its rows, record the results (silver.dq_results and
-        an HTML report), move quarantine-severity failures to silver.quarantine, stop on fail severity."""
+    def _suite(self, job: Job) -> Any:
         from pipelines import quality
 
         if job.name not in self._suites:
             self._suites[job.name] = quality.load_suite(job.expectation_suite, self.cfg.expectations_dir)
-        q = self.cfg.quality
-        v = quality.validate(arrows[job.name], self._suites[job.name], batch=batch, job=job.name, at=at,
-                             sample_rows=q.sample_rows or None)
+        return self._suites[job.name]
+
+    def _record_validation(self, job: Job, v: Any, batch: str, at: datetime, txn: Txn, meta: dict[str, str]) -> None:
+        """Keep a batch's validation: its results in silver.dq_results, the HTML report, the log."""
+        from pipelines import quality
+
         self.store.append(quality.DQ_RESULTS, v.results, txn=txn, metadata=meta)
-        if q.report:
+        if self.cfg.quality.report:
             report = self.cfg.path("_reports", "dq", f"{job.name}.html")
             report.parent.mkdir(parents=True, exist_ok=True)
             quality.render_html(v.results, report, title=f"carelake data quality: {job.name}, batch {batch}")
         log.info("%s: %s", job.name, v.summary())
         for finding in v.warnings:
             log.warning("%s: data quality warning: %s", job.name, finding.line())
+
+    def _validate(self, job: Job, arrows: dict[str, pa.Table], batch: str, at: datetime, txn: Txn,
+                  meta: dict[str, str]) -> None:
+        """The validation step: run the job's suite on its rows, record the results (silver.dq_results and
+        an HTML report), move quarantine-severity failures to silver.quarantine, stop on fail severity."""
+        from pipelines import quality
+
+        v = quality.validate(arrows[job.name], self._suite(job), batch=batch, job=job.name, at=at,
+                             sample_rows=self.cfg.quality.sample_rows or None)
+        self._record_validation(job, v, batch, at, txn, meta)
         v.raise_for_failures()  # nothing of this batch is written; it replays once the cause is fixed
         if v.quarantine_rows:
             side = next((o for o in job.side_outputs if o.table == QUARANTINE_TABLE), None)
