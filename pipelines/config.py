@@ -70,6 +70,10 @@ class StorageConfig:
     retention_days: Mapping[str, int]
     # PHI at rest: what carelake creates is owner-only, or readable by this OS group too ("" = nobody else).
     group: str = ""
+    # A micro-batch this small (changed rows from a table, or landing megabytes) is written from the driver;
+    # a larger one by the executors. 0 and 0: always the executors.
+    driver_write_max_rows: int = 50_000
+    driver_write_max_mb: int = 32
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -78,6 +82,10 @@ class StorageConfig:
             raise ConfigError(f"storage.commit_retries must be at least 1, got {self.commit_retries}")
         if self.target_file_size_mb < 1:
             raise ConfigError(f"storage.target_file_size_mb must be at least 1, got {self.target_file_size_mb}")
+        if self.driver_write_max_rows < 0 or self.driver_write_max_mb < 0:
+            raise ConfigError("storage.driver_write_max_rows and storage.driver_write_max_mb must be 0 or more, got "
+                              f"{self.driver_write_max_rows} and {self.driver_write_max_mb}; 0 sends every batch "
+                              "to the executors")
         missing = [layer for layer in LAYERS if layer not in self.retention_days]
         unknown = [layer for layer in self.retention_days if layer not in LAYERS]
         if missing or unknown:

@@ -335,10 +335,16 @@ class Runner:
         query_id = self._query_id(job)
         batch_df = batch_df.persist()
         try:
-            stats = batch_df.agg(F.count(F.lit(1)).alias("n"), F.min(self._lag_column(job)).alias("oldest")).first()
+            landing = isinstance(job.source, LandingSource)
+            stats = batch_df.agg(F.count(F.lit(1)).alias("n"), F.min(self._lag_column(job)).alias("oldest"),
+                                 (F.sum("length") if landing else F.lit(0)).alias("bytes")).first()
             rows_in, oldest = int(stats["n"]), stats["oldest"]
+            limits = self.cfg.storage
+            small = (int(stats["bytes"] or 0) <= limits.driver_write_max_mb * 1024 * 1024 if landing
+                     else rows_in <= limits.driver_write_max_rows)
+            via_driver = small and (limits.driver_write_max_rows > 0 or limits.driver_write_max_mb > 0)
             batch = {"batch_id": batch_id, "ingest_batch_id": f"{job.name}/{query_id[:8]}/{batch_id}",
-                     "processed_at": started_at, "read_table": self._read_table,
+                     "processed_at": started_at, "read_table": self._read_table, "via_driver": via_driver,
                      "table_version": self._table_version}
             if rows_in >= SPREAD_ROWS:
                 batch_df = _spread(batch_df)
@@ -395,9 +401,30 @@ class Runner:
         meta = {"carelake.job": job.name, "carelake.batch": str(batch["batch_id"]), "carelake.query": query_id}
         if label != batch["ingest_batch_id"]:
             meta["carelake.chunk"] = label.rsplit("#", 1)[1]
-        if not (job.expectation_suite and self.cfg.quality.enabled):
+        validated = bool(job.expectation_suite and self.cfg.quality.enabled)
+        if batch.get("via_driver"):
+            return self._write_collected(job, outputs, label, at, txn, query_id, meta, validated)
+        if not validated:
             return self._write_frames(job, outputs, txn, meta)
         return self._validate_and_write(job, outputs, label, at, txn, query_id, meta)
+
+    def _write_collected(self, job: Job, outputs: dict[str, DataFrame] | DataFrame, label: str, at: datetime,
+                         txn: Txn, query_id: str, meta: dict[str, str], validated: bool) -> _ChunkResult:
+        """A small batch: collected once as Arrow, validated by Great Expectations, written by delta-rs here."""
+        if isinstance(outputs, dict):
+            arrows = {}
+            for output in job.outputs:
+                _check_schema(output, outputs[output.table])
+                arrows[output.table] = outputs[output.table].toArrow()
+        else:
+            arrows = _route(job, outputs)
+        if validated:
+            self._validate(job, arrows, label, at, Txn(f"dq:{job.name}:{query_id}:chunked", txn.version), meta)
+        written = {output.table: self._write(output, arrows[output.table], txn, meta) for output in job.outputs}
+        result = written[job.name]
+        return _ChunkResult(arrows[job.name].num_rows, result.version if result else None,
+                            skipped=bool(result and result.skipped),
+                            side={o.table: arrows[o.table].num_rows for o in job.side_outputs})
 
     def _validate_and_write(self, job: Job, outputs: dict[str, DataFrame] | DataFrame, label: str, at: datetime,
                             txn: Txn, query_id: str, meta: dict[str, str]) -> _ChunkResult:
@@ -428,17 +455,11 @@ class Runner:
                                     skipped=bool(result and result.skipped),
                                     side={o.table: written[o.table].rows if written[o.table] else 0
                                           for o in job.side_outputs})
-            arrows = {table: frame.toArrow() for table, frame in frames.items()}
+            return self._write_collected(job, frames, label, at, txn, query_id, meta, validated=True)
         finally:
             main.unpersist()
             if routed is not None:
                 routed.unpersist()
-        self._validate(job, arrows, label, at, dq_txn, meta)
-        written = {output.table: self._write(output, arrows[output.table], txn, meta) for output in job.outputs}
-        result = written[job.name]
-        return _ChunkResult(arrows[job.name].num_rows, result.version if result else None,
-                            skipped=bool(result and result.skipped),
-                            side={o.table: arrows[o.table].num_rows for o in job.side_outputs})
 
     def _write_frames(self, job: Job, outputs: dict[str, DataFrame] | DataFrame, txn: Txn,
                       meta: dict[str, str]) -> _ChunkResult:

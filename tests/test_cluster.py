@@ -31,7 +31,9 @@ def _land(root: Path, tmp: Path) -> None:
 
 
 def _submit(root: Path, master: str, zip_path: Path) -> subprocess.CompletedProcess:
-    env = carelake_env(root, CARELAKE_JOBS__MODULES="tests.toyjobs", PYSPARK_PYTHON=sys.executable)
+    # every batch written by the executors, however small (by default small batches are written from the driver)
+    env = carelake_env(root, CARELAKE_JOBS__MODULES="tests.toyjobs", PYSPARK_PYTHON=sys.executable,
+                       CARELAKE_STORAGE__DRIVER_WRITE_MAX_ROWS="0", CARELAKE_STORAGE__DRIVER_WRITE_MAX_MB="0")
     argv = [str(Path(sys.executable).parent / "spark-submit"), "--master", master, "--py-files", str(zip_path),
             "--conf", "spark.executor.memory=768m", "--conf", "spark.cores.max=2",
             "--conf", "spark.driver.maxResultSize=1m",

@@ -31,7 +31,9 @@ def write_file(folder, i):
 
 
 def start(root, log):
-    env = carelake_env(root, CARELAKE_JOBS__MODULES="tests.toyjobs")
+    # the executors write every batch (small ones would go through the driver): kill -9 on the distributed path
+    env = carelake_env(root, CARELAKE_JOBS__MODULES="tests.toyjobs", CARELAKE_STORAGE__DRIVER_WRITE_MAX_ROWS="0",
+                       CARELAKE_STORAGE__DRIVER_WRITE_MAX_MB="0")
     return subprocess.Popen(carelake_cmd("run", "all", "--continuous", "--interval", "500ms"), env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -56,6 +56,56 @@ def test_bronze_admits_landing_files_by_bytes_a_backlog_in_several_batches(tmp_p
     assert sorted(len(v) for v in files.values()) == [1, 2, 2]
 
 
+def test_executor_and_driver_writes_give_the_same_tables(tmp_path, spark):
+    """The toy chain (append, merge) and silver.observations with its suite, once with every batch written by the
+    executors and once from the driver: the same rows in every table, the same quality results. A batch with a row
+    to quarantine takes Great Expectations' exact path on both."""
+    from datetime import UTC, datetime
+
+    def readings(path, start):
+        lines = [json.dumps({"device_id": f"bed-{i % 3}", "patient_mrn": f"MRN{i % 3}", "code": "8867-4",
+                             "unit": "/min", "value": 60.0 + i,
+                             "time": f"2026-11-21T03:{(start + i) % 60:02d}:{i % 60:02d}Z"}) for i in range(40)]
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    late = tmp_path / "future.jsonl"  # a reading from 2099: silver's suite quarantines it (in the future)
+    late.write_text("".join(json.dumps({"device_id": "bed-9", "patient_mrn": "MRN9", "code": "8867-4", "unit": "/min",
+                                        "value": v, "time": t}) + "\n"
+                            for v, t in ((70.0, "2099-01-01T00:00:00Z"), (71.0, now))))
+    jobs = [*TOY_CHAIN, "silver.observations"]
+    tables = {}
+    for way, limit in (("executors", "0"), ("driver", "1000000")):
+        cfg = make_config(tmp_path / way, **{"jobs.modules": "tests.toyjobs", "storage.driver_write_max_rows": limit,
+                                             "storage.driver_write_max_mb": limit,
+                                             "silver.key_secret": "same-secret-for-both-lakehouses-0123456789"})
+        store = open_store(cfg, spark)
+        runner = Runner(cfg, spark, store, load_registry(cfg))
+        ingest(cfg, [readings(tmp_path / "a.jsonl", 0)], "devices")
+        runner.run(jobs, NOW)
+        ingest(cfg, [readings(tmp_path / "b.jsonl", 30), late], "devices")
+        runner.run(jobs, NOW)
+        tables[way] = {
+            "bronze": sorted(r["sha256"] for r in store.read_arrow("bronze.device_readings").to_pylist()),
+            "toy": totals(store),
+            "silver": sorted((r["observation_id"], r["concept"], r["value"], r["patient_key"])
+                             for r in store.read_arrow("silver.observations").to_pylist()),
+            "quarantine": sorted(r["reason"] for r in store.read_arrow("silver.quarantine").to_pylist()),
+            "dq": sorted((r["expectation"], r["success"], r["unexpected_rows"])
+                         for r in store.read_arrow("silver.dq_results").to_pylist()),
+        }
+        # which way the files were written: the executors tag each data file with the process that wrote it (the
+        # batch holding the quarantined reading went Great Expectations' exact way: written from the driver)
+        import pyarrow.parquet as pq
+
+        tagged = [b"carelake.writer" in (pq.read_schema(f).metadata or {})
+                  for f in store.ref("silver.observations").path.glob("*.parquet")]
+        assert (sum(tagged) >= 2) if way == "executors" else (tagged and not any(tagged)), (way, tagged)
+    assert tables["executors"] == tables["driver"]
+    assert len(tables["driver"]["silver"]) == 80 + 1 and "dq_effective_in_future" in tables["driver"]["quarantine"]
+
+
 def test_exactly_one_landing_bound_is_configured(tmp_path):
     from pipelines.errors import ConfigError
 
