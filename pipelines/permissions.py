@@ -33,7 +33,11 @@ def protect(root: Path, group: str = "") -> None:
     if not root.is_dir() or root.stat().st_uid != os.geteuid():
         return  # created later under this umask; someone else's root keeps the mode its owner gave it
     if gid is not None:
-        os.chown(root, -1, gid)
+        try:
+            os.chown(root, -1, gid)
+        except PermissionError:
+            raise ConfigError(f"storage.group {group!r}: this user may not give {root} to that group (it must be "
+                              "one of the user's groups)") from None
         os.chmod(root, 0o2750)
     else:
         os.chmod(root, 0o700)

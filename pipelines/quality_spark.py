@@ -45,8 +45,9 @@ class NotCompiled(Exception):
 
 
 def row_filter_sql(text: str) -> str:
-    """A pandas query (the subset suites use) as Spark SQL with pandas' missing-value semantics: a comparison with
-    a missing value is false, except `!=`, which is true."""
+    """A pandas query (the subset suites use) as Spark SQL with the missing-value semantics `DataFrame.query` has on
+    the frame Great Expectations sees (quality._frame; Arrow-backed strings and NumPy numbers alike, tested): a
+    comparison with a missing value is false, except `!=`, which is true."""
     tokens: list[tuple[str, str]] = []
     pos = 0
     while pos < len(text):
@@ -86,14 +87,15 @@ def row_filter_sql(text: str) -> str:
             i += 2
         elif nxt is not None and nxt[0] == "op" and nxt[1] not in "()" and i + 2 < len(tokens):
             a, op, b = operand(tokens[i]), nxt[1], operand(tokens[i + 2])
+            sql_op = {"==": "="}.get(op, op)
             if op == "!=":
                 out.append(f"(NOT coalesce({a} = {b}, false))")
             else:
-                out.append(f"coalesce({a} {'=' if op == '==' else op} {b}, false)")
+                out.append(f"coalesce({a} {sql_op} {b}, false)")
             i += 3
         else:
             raise NotCompiled(f"row_filter {text!r}: cannot read it at {value!r}")
-    return " ".join(out)
+    return f"coalesce({' '.join(out)}, false)"
 
 
 def _literal(value: Any, params: Mapping[str, Any]) -> Column:
@@ -124,7 +126,7 @@ class Compiled:
 
 def compile_rule(rule: q.Rule, params: Mapping[str, Any], types: Mapping[str, Any]) -> Compiled:
     from pyspark.sql import functions as F
-    from pyspark.sql.types import TimestampNTZType, TimestampType
+    from pyspark.sql.types import DoubleType, FloatType, TimestampNTZType, TimestampType
 
     k = dict(rule.kwargs)
     allowed = {"ExpectColumnValuesToNotBeNull": {"column", "mostly"},
@@ -138,6 +140,8 @@ def compile_rule(rule: q.Rule, params: Mapping[str, Any], types: Mapping[str, An
                                                            "mostly"}}.get(rule.type)
     if allowed is None or set(k) - allowed:
         raise NotCompiled(f"{rule.type} with {sorted(k)}")
+    if any(isinstance(v, dict) for key, v in k.items() if key not in ("min_value", "max_value")):
+        raise NotCompiled(f"{rule.type}: a $PARAMETER outside a Between bound")
     if k.get("ignore_row_if", "either_value_is_missing") != "either_value_is_missing":
         raise NotCompiled(f"ignore_row_if {k['ignore_row_if']!r}")
     for name in (k.get("column"), k.get("column_A"), k.get("column_B")):
@@ -153,15 +157,17 @@ def compile_rule(rule: q.Rule, params: Mapping[str, Any], types: Mapping[str, An
             ok = a >= b if k.get("or_equal") else a > b
         return Compiled(rows, judged, judged & ~F.coalesce(ok, F.lit(False)), F.struct(a.alias("a"), b.alias("b")))
     c = F.col(f"`{k['column']}`")
-    present = rows & c.isNotNull()
+    # pandas counts a NaN as missing; Spark does not
+    missing = c.isNull() | F.isnan(c) if isinstance(types[k["column"]], DoubleType | FloatType) else c.isNull()
+    present = rows & ~missing
     if rule.type == "ExpectColumnValuesToNotBeNull":
-        return Compiled(rows, rows, rows & c.isNull(), c)
+        return Compiled(rows, rows, rows & missing, c)
     if rule.type == "ExpectColumnValuesToBeUnique":
         return Compiled(rows, present, F.lit(False), c, unique=k["column"])
     if rule.type == "ExpectColumnValuesToBeInSet":
         ok = c.isin(list(k["value_set"]))
     elif rule.type == "ExpectColumnValuesToMatchRegex":
-        if not q._PLAIN_REGEX.match(k["regex"]):  # Python's re and Java's regex read plain patterns alike
+        if not q._PLAIN_REGEX.match(k["regex"]):  # Python's, RE2's and Java's regex read plain patterns alike
             raise NotCompiled(f"regex {k['regex']!r}")
         ok = c.cast("string").rlike(k["regex"])
     else:  # Between

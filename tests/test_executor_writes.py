@@ -138,3 +138,50 @@ def test_a_copy_on_write_merge_change_feed_names_only_the_rows_it_changed(rs, sp
 
     coarse = pa.table(DeltaTable(str(rs.ref("silver.cow_test").path)).load_cdf(starting_version=1, ending_version=1))
     assert coarse.num_rows == 10 + 9
+
+
+def test_a_merge_planned_before_a_concurrent_insert_of_its_key_plans_again(rs, spark, cfg, monkeypatch):
+    """Another writer inserts key 7 after the merge read the table and before it commits: the merge's commit must
+    not be rebased past it (that would insert 7 twice); it fails as a conflict and is planned again, as an update."""
+    from pipelines.store import executors as ex
+    from pipelines.store.deltars import DeltaRsStore
+
+    rs.append("silver.race_test", spark.createDataFrame(pa.table({"id": pa.array([1], pa.int64()), "name": ["a"]})))
+    other = DeltaRsStore(cfg)  # another writer (its own snapshots and lock), on the driver path
+    real, calls = ex.write_files, []
+
+    def write_then_race(*args, **kwargs):
+        written = real(*args, **kwargs)
+        if not calls:
+            other.append("silver.race_test", pa.table({"id": pa.array([7], pa.int64()), "name": ["other"]}))
+        calls.append(1)
+        return written
+
+    monkeypatch.setattr(ex, "write_files", write_then_race)
+    src = spark.createDataFrame(pa.table({"id": pa.array([7], pa.int64()), "name": ["mine"]}))
+    r = rs.merge("silver.race_test", src, MergeSpec(keys=("id",)))
+    assert len(calls) == 2  # planned and written twice
+    assert sorted((x["id"], x["name"]) for x in rs.read_arrow("silver.race_test").to_pylist()) == [(1, "a"),
+                                                                                                   (7, "mine")]
+    assert r.metrics["num_target_rows_updated"] == 1
+
+
+def test_vacuum_removes_files_no_version_names_once_past_retention(rs, spark):
+    """A data file written for a commit that never happened (a kill -9 between the write and the commit) is removed
+    by vacuum once it is older than the layer's retention; a file the table still needs is not."""
+    import os
+    import time as clock
+
+    rs.append("ops.vacuum_test", spark.createDataFrame(pa.table({"id": pa.array([1, 2], pa.int64())})))
+    folder = rs.ref("ops.vacuum_test").path
+    orphan = folder / "part-00000-orphan-c000.snappy.parquet"
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": pa.array([99], pa.int64())}), orphan)
+    old = clock.time() - (rs.retention_days("ops.vacuum_test") + 1) * 86400
+    for f in folder.glob("*.parquet"):
+        os.utime(f, (old, old))
+    assert str(orphan.name) in " ".join(rs.vacuum("ops.vacuum_test", dry_run=True))
+    rs.vacuum("ops.vacuum_test")
+    assert not orphan.exists()
+    assert sorted(r["id"] for r in rs.read_arrow("ops.vacuum_test").to_pylist()) == [1, 2]

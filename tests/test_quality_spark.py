@@ -98,15 +98,30 @@ def test_patients_and_encounters_suites_agree_on_clean_batches(spark):
     "concept == 'acvpu' and status != 'deleted'",
     "not (value > 100 or concept.isna())",
     "value <= 80.5",
+    "not (status == 'final')",
+    "status != 'final' or value > 70",
 ])
 def test_row_filters_select_the_rows_pandas_selects_missing_values_included(spark, query):
-    data = pd.DataFrame({"id": range(6), "status": ["final", "deleted", None, "final", "deleted", None],
-                         "concept": ["hr", "acvpu", "acvpu", None, "hr", "rr"],
-                         "value": [80.0, None, 120.0, 60.0, 80.5, None]})
+    import pyarrow as pa
+
+    arrow = pa.table({"id": pa.array(range(6), pa.int64()),
+                      "status": ["final", "deleted", None, "final", "deleted", None],
+                      "concept": ["hr", "acvpu", "acvpu", None, "hr", "rr"],
+                      "value": pa.array([80.0, None, 120.0, 60.0, 80.5, None])})
+    # the frame as Great Expectations sees it (quality._frame): Arrow-backed strings, NumPy floats (null -> NaN)
+    data = arrow.to_pandas(types_mapper={pa.string(): pd.StringDtype("pyarrow")}.get)
     want = sorted(data.query(query, parser="pandas")["id"])
-    frame = spark.createDataFrame(data.astype(object).where(data.notna(), None))
-    got = sorted(r["id"] for r in frame.where(row_filter_sql(query)).collect())
+    got = sorted(r["id"] for r in spark.createDataFrame(arrow).where(
+        row_filter_sql(query)).collect())
     assert got == want
+
+
+def test_a_key_ending_in_a_line_break_is_judged_alike(spark):
+    """`$` before a final line break: Great Expectations' path and Spark's regex agree on it."""
+    suite = load_suite("silver.observations", SUITES)
+    rows = [obs(0), obs(1, observation_id=f"{1:032x}\n")]
+    ge, sp = both(spark, table(rows), suite)
+    assert sp is not None and _results(sp) == _results(ge)
 
 
 def test_a_row_filter_outside_the_subset_is_not_compiled():

@@ -139,8 +139,11 @@ def load_changes(path: str, start_version: int, end_version: int) -> pa.Table:
                 rows = rows.append_column("_commit_version", pa.array([v] * rows.num_rows, pa.int64()))
                 pieces.append(rows.append_column("_commit_timestamp", pa.array([at] * rows.num_rows,
                                                                                  pa.timestamp("ms"))))
-    if not pieces:
-        return pa.table(dt.load_cdf(starting_version=start_version, ending_version=end_version))
+    if not pieces:  # every version was a copy-on-write commit that changed nothing
+        schema = canonical_schema(pa.schema(dt.schema().to_arrow()))
+        return schema.append(pa.field("_change_type", pa.string())).append(
+            pa.field("_commit_version", pa.int64())).append(pa.field("_commit_timestamp", pa.timestamp("ms"))
+                                                            ).empty_table()
     return _concat_changes(pieces)
 
 
@@ -323,13 +326,21 @@ class DeltaRsStore(TableStore):
 
         return self._with_retries(name, txn, op)
 
+    def _executors_can_write(self, name: str, data: Data) -> bool:
+        """A Spark DataFrame into a table the executors' writer handles: new, or unpartitioned without reader
+        features (deletion vectors, column mapping): tables carelake creates. Others are written from the driver."""
+        if not is_spark_frame(data):
+            return False
+        dt = self._current(name)
+        return dt is None or (not dt.metadata().partition_columns and not (dt.protocol().reader_features or []))
+
     def append(self, name, data, *, txn=None, metadata=None) -> WriteResult:
-        if is_spark_frame(data):
+        if self._executors_can_write(name, data):
             return self._write_frame(name, data, None, txn, metadata, overwrite=False)
         return self._write(name, data, "append", None, txn, metadata)
 
     def overwrite(self, name, data, *, predicate=None, txn=None, metadata=None) -> WriteResult:
-        if is_spark_frame(data):
+        if self._executors_can_write(name, data):
             return self._write_frame(name, data, predicate, txn, metadata, overwrite=True)
         return self._write(name, data, "overwrite", predicate, txn, metadata)
 
@@ -357,12 +368,17 @@ class DeltaRsStore(TableStore):
         return table_arrow_schema(dt)
 
     def _commit_files(self, name: str, dt: DeltaTable | None, schema: pa.Schema, adds: list, removes: list,
-                      mode: str, txn: Txn | None, metadata: Mapping[str, str] | None) -> int:
-        """Commit file actions written by the executors as one transaction; the version it made."""
+                      mode: str, txn: Txn | None, metadata: Mapping[str, str] | None, *, strict: bool = False) -> int:
+        """Commit file actions written by the executors as one transaction; the version it made.
+
+        `strict`: the actions were planned from `dt`'s version (a merge, a predicate overwrite). They commit as the
+        very next version or not at all: delta-rs would otherwise rebase them past a concurrent commit it does
+        not see as conflicting (a writer that inserted the same key), so the commit fails as a conflict and
+        `_with_retries` plans the write again on the new version."""
         from deltalake import Schema as DeltaSchema
         from deltalake.transaction import create_table_with_add_actions
 
-        props = _commit_properties(txn, metadata, self.cfg.storage.commit_retries)
+        props = _commit_properties(txn, metadata, 0 if strict else self.cfg.storage.commit_retries)
         if dt is None:
             create_table_with_add_actions(self._path(name), DeltaSchema.from_arrow(schema), adds, mode="append",
                                           name=name, configuration=self.table_properties(name),
@@ -401,7 +417,8 @@ class DeltaRsStore(TableStore):
             if removes:
                 meta.update(ex.change_file_metadata(written))
             mode = "overwrite" if overwrite and predicate is None else "append"
-            version = self._commit_files(name, dt, schema, ex.add_actions(written), removes, mode, txn, meta)
+            version = self._commit_files(name, dt, schema, ex.add_actions(written), removes, mode, txn, meta,
+                                         strict=overwrite)
             added = sum(f.records for f in written if f.kind == "add")
             return WriteResult(name, version, added - kept_rows)
 
@@ -431,7 +448,7 @@ class DeltaRsStore(TableStore):
             for b in facts.bounds.values():
                 if b is not None:
                     sql_literal(b[0])  # refuses a column no engine can bound (e.g. text)
-            if facts.rows == 0 and self.exists(name):
+            if facts.rows == 0 and self.exists(name) and not spec.delete_not_matched_by_source:
                 return WriteResult(name, self.version(name), 0)
 
             def op(dt: DeltaTable | None) -> WriteResult:
@@ -453,7 +470,7 @@ class DeltaRsStore(TableStore):
                 if plan.with_changes:
                     meta.update(ex.change_file_metadata(written))
                 version = self._commit_files(name, dt, schema, ex.add_actions(written),
-                                             ex.remove_actions(plan.rewritten), "append", txn, meta)
+                                             ex.remove_actions(plan.rewritten), "append", txn, meta, strict=True)
                 metrics = {**plan.metrics, "num_source_rows": facts.rows,
                            "num_target_files_added": sum(1 for f in written if f.kind == "add")}
                 return WriteResult(name, version, facts.rows, metrics=metrics)
@@ -463,7 +480,7 @@ class DeltaRsStore(TableStore):
             source.unpersist()
 
     def merge(self, name: str, data: Data, spec: MergeSpec, *, txn=None, metadata=None) -> WriteResult:
-        if is_spark_frame(data):
+        if self._executors_can_write(name, data):
             return self._merge_frame(name, data, spec, txn, metadata)
         source = to_arrow(data)
         missing = [k for k in spec.keys if k not in source.schema.names]
@@ -582,7 +599,11 @@ class DeltaRsStore(TableStore):
         hours = self.check_vacuum_retention(name, retention_hours)
         dt = self._open(name)
         self._sync_properties(name, dt)
-        return self._open(name).vacuum(retention_hours=hours, dry_run=dry_run, enforce_retention_duration=True)
+        # Full mode: also the files no log action names, once older than the retention — data files written for a
+        # commit that never happened (a crash, a conflict) and the change files of copy-on-write commits (their
+        # versions' change feed is gone with the log past the same retention).
+        return self._open(name).vacuum(retention_hours=hours, dry_run=dry_run, enforce_retention_duration=True,
+                                       full=True)
 
     def restore(self, name: str, *, version=None, timestamp=None) -> Mapping[str, Any]:
         if (version is None) == (timestamp is None):

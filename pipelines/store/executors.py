@@ -24,7 +24,14 @@ downstream jobs see the same pre- and post-images a delta-rs MERGE gives. Other 
 actions' coarser (but equivalent) feed: the copied rows as a delete and an insert of the same values.
 
 Files a task wrote for a commit that never happened (a crash, a conflict) are not in the log: readers never
-see them, and vacuum removes them once they are older than the layer's retention.
+see them, and vacuum (full mode) removes them once they are older than the layer's retention.
+
+A protocol caveat: these tables have `delta.enableChangeDataFeed` on, and the Delta protocol expects a writer
+to record an update's or a delete's changes as `cdc` actions, which delta-rs's Python API cannot commit. Readers
+other than carelake's (delta-spark, DuckDB) therefore derive a copy-on-write commit's change feed from its add
+and remove actions: every copied row appears deleted and inserted within the same version, with no order
+between the two. Their net effect is right; a consumer that applies such rows one by one in file order may not
+be. The tables' data (not their change feed) is plain Delta for every reader.
 """
 
 from __future__ import annotations
@@ -186,6 +193,11 @@ class _Roller:
             os.fsync(fd)
         finally:
             os.close(fd)
+        folder = os.open(os.path.dirname(full), os.O_RDONLY)  # ... nor the file's name in its folder
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
         st = os.stat(full)
         row = ("add" if not self.folder else "cdc", self.relative, st.st_size, self.stats.records,
                self.stats.json(), int(st.st_mtime * 1000))
