@@ -144,6 +144,18 @@ def _split_routed(job: Job, routed: DataFrame) -> dict[str, DataFrame]:
             for o in job.outputs}
 
 
+def _output_frames(job: Job, outputs: dict[str, DataFrame] | DataFrame
+                   ) -> tuple[dict[str, DataFrame], DataFrame | None]:
+    """Each output table's DataFrame, checked against its schema; and the routed frame persisted for them (the
+    caller unpersists it), if the transform routed its outputs through one."""
+    if isinstance(outputs, dict):
+        for output in job.outputs:
+            _check_schema(output, outputs[output.table])
+        return {o.table: outputs[o.table] for o in job.outputs}, None
+    routed = outputs.persist()
+    return _split_routed(job, routed), routed
+
+
 def _route(job: Job, routed: DataFrame) -> dict[str, pa.Table]:
     """Compute a routed batch once, on the driver, and split it into each output table's rows and columns."""
     import pyarrow.compute as pc
@@ -435,26 +447,13 @@ class Runner:
         from pipelines import quality_spark
 
         dq_txn = Txn(f"dq:{job.name}:{query_id}:chunked", txn.version)
-        routed = None
-        if isinstance(outputs, dict):
-            frames = {}
-            for output in job.outputs:
-                _check_schema(output, outputs[output.table])
-                frames[output.table] = outputs[output.table]
-        else:
-            routed = outputs.persist()
-            frames = _split_routed(job, routed)
+        frames, routed = _output_frames(job, outputs)
         main = frames[job.name] = frames[job.name].persist()
         try:
             judged = quality_spark.validate_frame(main, self._suite(job), batch=label, job=job.name, at=at)
             if judged is not None:
                 self._record_validation(job, judged, label, at, dq_txn, meta)
-                written = {o.table: self._write(o, frames[o.table], txn, meta) for o in job.outputs}
-                result = written[job.name]
-                return _ChunkResult(result.rows if result else 0, result.version if result else None,
-                                    skipped=bool(result and result.skipped),
-                                    side={o.table: written[o.table].rows if written[o.table] else 0
-                                          for o in job.side_outputs})
+                return self._commit_frames(job, frames, txn, meta)
             return self._write_collected(job, frames, label, at, txn, query_id, meta, validated=True)
         finally:
             main.unpersist()
@@ -464,20 +463,15 @@ class Runner:
     def _write_frames(self, job: Job, outputs: dict[str, DataFrame] | DataFrame, txn: Txn,
                       meta: dict[str, str]) -> _ChunkResult:
         """Commit each output as a Spark DataFrame: the executors write its files, this process commits them."""
-        routed = None
-        if isinstance(outputs, dict):
-            frames = {}
-            for output in job.outputs:
-                _check_schema(output, outputs[output.table])
-                frames[output.table] = outputs[output.table]
-        else:
-            routed = outputs.persist()
-            frames = _split_routed(job, routed)
+        frames, routed = _output_frames(job, outputs)
         try:
-            written = {output.table: self._write(output, frames[output.table], txn, meta) for output in job.outputs}
+            return self._commit_frames(job, frames, txn, meta)
         finally:
             if routed is not None:
                 routed.unpersist()
+
+    def _commit_frames(self, job: Job, frames: dict[str, DataFrame], txn: Txn, meta: dict[str, str]) -> _ChunkResult:
+        written = {output.table: self._write(output, frames[output.table], txn, meta) for output in job.outputs}
         result = written[job.name]
         return _ChunkResult(result.rows if result else 0, result.version if result else None,
                             skipped=bool(result and result.skipped),
