@@ -8,6 +8,7 @@ same bronze and silver transforms into Spark's no-op sink: no Delta writes, no m
 are measured in the same run on the same input; the ratio says how much the storage path costs.
 
 Run: .venv/bin/python benchmarks/silver_observations.py --feed devices [--records 5000000] [--runs 3]
+     [--writes auto|executors|driver]
 """
 
 from __future__ import annotations
@@ -78,13 +79,18 @@ def write_input(feed: str, records: int, folder: Path) -> list[Path]:
     return files
 
 
-def end_to_end(feed: str, files: list[Path], spark) -> float:
+# --writes: who writes the batches' files (storage.driver_write_max_rows / _mb; see docs/architecture.md)
+WRITES = {"auto": {}, "executors": {"storage.driver_write_max_rows": "0", "storage.driver_write_max_mb": "0"},
+          "driver": {"storage.driver_write_max_rows": "1000000000", "storage.driver_write_max_mb": "1000000"}}
+
+
+def end_to_end(feed: str, files: list[Path], spark, writes: str = "auto") -> float:
     from pipelines.jobs import load_registry
     from pipelines.landing import ingest
     from pipelines.runner import Runner, Trigger
     from pipelines.store import open_store
 
-    cfg = temp_config(Path(tempfile.mkdtemp(prefix="carelake-bench-silver-")))
+    cfg = temp_config(Path(tempfile.mkdtemp(prefix="carelake-bench-silver-")), **WRITES[writes])
     store = open_store(cfg, spark)
     runner = Runner(cfg, spark, store, load_registry(cfg))
     t0 = time.perf_counter()
@@ -118,11 +124,13 @@ def main() -> None:
     ap.add_argument("--feed", choices=sorted(GOALS), required=True)
     ap.add_argument("--records", type=int)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--writes", choices=sorted(WRITES), default="auto",
+                    help="auto: small batches from the driver, large ones by the executors (the default config)")
     a = ap.parse_args()
     records = a.records or DEFAULTS[a.feed]
     from pipelines.spark import create_spark
 
-    # Each micro-batch travels through the driver as Arrow on its way to delta-rs: give it room.
+    # With --writes driver each micro-batch travels through the driver as Arrow on its way to delta-rs: give it room.
     cfg = temp_config(**{"spark.driver_memory": "6g"})
     spark = create_spark(cfg.spark)
     files = write_input(a.feed, records, Path(tempfile.mkdtemp(prefix="carelake-bench-input-")))
@@ -130,9 +138,9 @@ def main() -> None:
     e2e, parse = [], []
     for _ in range(a.runs):
         parse.append(records / parse_only(a.feed, files, spark))
-        e2e.append(records / end_to_end(a.feed, files, spark))
+        e2e.append(records / end_to_end(a.feed, files, spark, a.writes))
     unit = {"devices": "readings", "hl7": "messages", "fhir": "resources"}[a.feed]
-    emit({"benchmark": "silver_observations", "feed": a.feed, "records": records, "runs": a.runs,
+    emit({"benchmark": "silver_observations", "feed": a.feed, "records": records, "runs": a.runs, "writes": a.writes,
           "cores": os.cpu_count(), f"end_to_end_{unit}_per_s_median": round(median(e2e)),
           f"parse_only_{unit}_per_s_median": round(median(parse)),
           "ratio_end_to_end_to_parse_only": round(median([e / p for e, p in zip(e2e, parse, strict=True)]), 3),
