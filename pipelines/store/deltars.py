@@ -90,15 +90,16 @@ def _files_since(dt: DeltaTable, table_path: str, column: str, at: datetime,
     if not pa.types.is_timestamp(top.type):
         raise UsageError(f"read since {column}: the column is {top.type}, not a timestamp")
 
-    def bound(t: datetime) -> pa.Scalar:
-        return pa.scalar(t.astimezone(UTC), type=pa.timestamp(top.type.unit, tz="UTC")).cast(top.type)
+    from pipelines.store.executors import bound_scalar
 
+    # A naive time is local time, as Spark gives it back: made aware first (astimezone reads a naive one as local).
+    at, until = at.astimezone(UTC), until.astimezone(UTC) if until is not None else None
     # Delta's statistics keep timestamps to the millisecond, truncated: compare with the millisecond of `at`.
-    keep = pc.or_kleene(pc.is_null(top), pc.greater_equal(top, bound(at.replace(microsecond=at.microsecond // 1000
-                                                                                 * 1000))))
+    keep = pc.or_kleene(pc.is_null(top), pc.greater_equal(top, bound_scalar(at, top.type, floor_ms=True)))
     if until is not None and oldest in actions.column_names:
         bottom = actions[oldest]
-        keep = pc.and_kleene(keep, pc.or_kleene(pc.is_null(bottom), pc.less(bottom, bound(until))))
+        keep = pc.and_kleene(keep, pc.or_kleene(pc.is_null(bottom),
+                                                pc.less(bottom, bound_scalar(until, top.type, floor_ms=False))))
     base = table_path.rstrip("/")
     return [f"{base}/{unquote(p)}" for p in actions.filter(keep)["path"].to_pylist()]
 

@@ -321,7 +321,7 @@ def target_files(dt: DeltaTable, table_path: str, bounds: Mapping[str, tuple[Any
             continue
         lo, hi = b
         low, high = actions[f"min.{column}"], actions[f"max.{column}"]
-        lo_s, hi_s = _bound_scalar(lo, low.type, floor_ms=True), _bound_scalar(hi, low.type, floor_ms=False)
+        lo_s, hi_s = bound_scalar(lo, low.type, floor_ms=True), bound_scalar(hi, low.type, floor_ms=False)
         overlap = pc.and_kleene(pc.or_kleene(pc.is_null(low), pc.less_equal(low, hi_s)),
                                 pc.or_kleene(pc.is_null(high), pc.greater_equal(high, lo_s)))
         keep = pc.and_kleene(keep, overlap)
@@ -331,7 +331,7 @@ def target_files(dt: DeltaTable, table_path: str, bounds: Mapping[str, tuple[Any
             zip(kept["path"].to_pylist(), kept["size_bytes"].to_pylist(), kept["num_records"].to_pylist(), strict=True)]
 
 
-def _bound_scalar(value: Any, stat_type: pa.DataType, *, floor_ms: bool) -> pa.Scalar:
+def bound_scalar(value: Any, stat_type: pa.DataType, *, floor_ms: bool) -> pa.Scalar:
     """A source bound as a scalar comparable with a statistics column. Statistics keep milliseconds, truncated:
     a lower bound is compared at its millisecond."""
     if isinstance(value, datetime) and pa.types.is_timestamp(stat_type):
