@@ -32,6 +32,8 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from pyspark.sql import Column
 from pyspark.sql import functions as F
 
@@ -205,6 +207,103 @@ def sirs(temp, pulse, rr, wbc) -> int | None:
         wbc is not None and (wbc > SIRS_WBC[1] or wbc < SIRS_WBC[0]),
     )
     return sum(met)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NumPy: the same tables and rules over arrays, for the per-person scoring state (gold.scoring), where one batch
+# scores a few points of one person and a recompute scores a person's whole stay. Missing is NaN in a float array
+# (None in an object array of letters); a component that is missing is NaN in the float array it returns.
+
+
+def _units_array(x: np.ndarray, decimals: int) -> np.ndarray:
+    """`_units` over an array: floats holding whole numbers of 10**-decimals, NaN when missing."""
+    x = np.asarray(x, dtype="float64")
+    with np.errstate(invalid="ignore"):
+        u = np.floor(x * float(10**decimals) + 0.5 + _EPSILON)
+    return np.where(np.isfinite(x), u, np.nan)
+
+
+def _chart_array(chart: Chart, x: np.ndarray) -> np.ndarray:
+    """`_chart_points` over an array (NaN when missing)."""
+    bands = chart.unit_bands()
+    bounds = np.array([b for b, _ in bands], dtype="float64")
+    points = np.array([p for _, p in bands], dtype="float64")
+    u = _units_array(x, chart.decimals)
+    idx = np.searchsorted(bounds, np.where(np.isnan(u), 0.0, u), side="left")
+    return np.where(np.isnan(u), np.nan, points[np.minimum(idx, len(points) - 1)])
+
+
+def _letters(acvpu: np.ndarray) -> np.ndarray:
+    """The ACVPU letters of an object array, None where missing or not a letter of the scale."""
+    return np.array([_letter(a) for a in acvpu], dtype=object)
+
+
+def on_oxygen_array(fio2: np.ndarray, o2flow: np.ndarray) -> np.ndarray:
+    """`on_oxygen` over arrays: 1.0 on oxygen, 0.0 on air, NaN when neither input is known."""
+    f, o = (np.asarray(a, dtype="float64") for a in (fio2, o2flow))
+    f, o = np.where(np.isfinite(f), f, np.nan), np.where(np.isfinite(o), o, np.nan)
+    with np.errstate(invalid="ignore"):
+        oxygen = (f > AIR_FIO2_PCT) | (o > 0)
+    return np.where(oxygen, 1.0, np.where(np.isnan(f) & np.isnan(o), np.nan, 0.0))
+
+
+def news2_arrays(rr, spo2, on_o2, sbp, pulse, acvpu, temp, scale2) -> dict[str, np.ndarray]:
+    """`news2` over arrays: the seven COMPONENTS (float, NaN when missing), news2_score (int), news2_band,
+    news2_partial (bool) and news2_missing (a tuple of component names per row). `on_o2` as `on_oxygen_array`
+    gives it; `scale2` a boolean array."""
+    on_o2 = np.asarray(on_o2, dtype="float64")
+    scale2 = np.asarray(scale2, dtype=bool)
+    air = _chart_array(SPO2_SCALE2_AIR_CHART, spo2)
+    oxygen = _chart_array(SPO2_SCALE2_OXYGEN_CHART, spo2)
+    unknown = np.where(air == oxygen, air, np.nan)
+    scale2_points = np.where(np.isnan(on_o2), unknown, np.where(on_o2 == 1.0, oxygen, air))
+    letters = _letters(np.asarray(acvpu, dtype=object))
+    scores = (
+        _chart_array(RESPIRATORY_RATE_CHART, rr),
+        np.where(scale2, scale2_points, _chart_array(SPO2_SCALE1_CHART, spo2)),
+        np.where(np.isnan(on_o2), np.nan, np.where(on_o2 == 1.0, SUPPLEMENTAL_O2_POINTS[True],
+                                                   SUPPLEMENTAL_O2_POINTS[False])),
+        _chart_array(SYSTOLIC_BP_CHART, sbp),
+        _chart_array(PULSE_CHART, pulse),
+        np.array([np.nan if a is None else CONSCIOUSNESS_POINTS[a] for a in letters], dtype="float64"),
+        _chart_array(TEMPERATURE_CHART, temp),
+    )
+    stacked = np.vstack(scores) if len(letters) else np.zeros((len(COMPONENTS), 0))
+    present = np.nan_to_num(stacked, nan=0.0)
+    total = present.sum(axis=0).astype("int64")
+    any_three = (present == 3).any(axis=0)
+    missing_mask = np.isnan(stacked)
+    return {
+        **dict(zip(COMPONENTS, scores, strict=True)),
+        "news2_score": total,
+        "news2_band": np.array([band(int(t), bool(a)) for t, a in zip(total, any_three, strict=True)], dtype=object),
+        "news2_partial": missing_mask.any(axis=0),
+        "news2_missing": [tuple(n for n, m in zip(COMPONENTS, col, strict=True) if m) for col in missing_mask.T],
+    }
+
+
+def qsofa_arrays(rr, sbp, acvpu) -> tuple[np.ndarray, np.ndarray]:
+    """`qsofa` over arrays: (points as int, whether any of the three inputs is missing)."""
+    rr_u, sbp_u = _units_array(rr, 0), _units_array(sbp, 0)
+    letters = _letters(np.asarray(acvpu, dtype=object))
+    altered = np.array([a in ALTERED_MENTATION for a in letters], dtype=bool)
+    with np.errstate(invalid="ignore"):
+        points = (rr_u >= QSOFA_RR_FROM).astype("int64") + (sbp_u <= QSOFA_SBP_UPTO) + altered
+    no_letter = np.array([a is None for a in letters], dtype=bool)
+    return points.astype("int64"), np.isnan(rr_u) | np.isnan(sbp_u) | no_letter
+
+
+def sirs_arrays(temp, pulse, rr, wbc) -> np.ndarray:
+    """`sirs` over arrays: criteria met (float), NaN when none of the four inputs is present."""
+    temp_u, pulse_u, rr_u = _units_array(temp, 1), _units_array(pulse, 0), _units_array(rr, 0)
+    w = np.asarray(wbc, dtype="float64")
+    w = np.where(np.isfinite(w), w, np.nan)
+    low_t, high_t = (_threshold(t, 1) for t in SIRS_TEMP_CEL)
+    with np.errstate(invalid="ignore"):
+        met = ((temp_u > high_t) | (temp_u < low_t)).astype("int64") + (pulse_u > SIRS_PULSE_ABOVE) \
+            + (rr_u > SIRS_RR_ABOVE) + ((w > SIRS_WBC[1]) | (w < SIRS_WBC[0]))
+    none = np.isnan(temp_u) & np.isnan(pulse_u) & np.isnan(rr_u) & np.isnan(w)
+    return np.where(none, np.nan, met.astype("float64"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,246 @@
+"""The scoring kernel (gold.scoring): a person scored batch by batch from a bounded state gives exactly what one
+pass over all of their rows gives, and the NumPy NEWS2/qSOFA/SIRS agree with the Python reference."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gold import news2, scoring
+
+MIN = 60_000_000  # microseconds
+HOUR = 60 * MIN
+T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
+
+SETTINGS = scoring.Settings.from_ms(lookback_ms=30 * 60_000, history_ms=5 * 3_600_000,
+                                    windows_ms=[3_600_000, 4 * 3_600_000], horizon_ms=20 * 60_000,
+                                    resolve_after_ms=30 * 60_000, scale2_codes=["J96.1"])
+
+
+def _row(oid, concept, t, value=None, text=None, *, code=None, status="final", encounter="E1", gone=False):
+    return {"observation_id": oid, "concept": concept, "code": code, "value": value, "value_text": text,
+            "status": status, "t": t, "encounter_key": encounter, "gone": gone}
+
+
+def _stay(seed: int, hours: int = 14) -> list[dict]:
+    """One person's rows: a monitor every ~1-3 min, ward rounds, labs, ACVPU (some not a letter), readings
+    sharing an instant, value-less rows, a scale-2 marker, an encounter change, and a deterioration."""
+    rng = random.Random(seed)
+    rows, n = [], 0
+
+    def add(concept, t, value=None, text=None, **kw):
+        nonlocal n
+        n += 1
+        rows.append(_row(f"o{n:05d}", concept, t, value, text, **kw))
+
+    t = T0
+    sick_from = T0 + rng.randint(3, 8) * HOUR
+    while t < T0 + hours * HOUR:
+        sick = max(0.0, (t - sick_from) / (3 * HOUR))
+        encounter = "E1" if t < T0 + 6 * HOUR else "E2"
+        add("hr", t, round(80 + 40 * sick + rng.gauss(0, 5), 1), encounter=encounter)
+        add("rr", t, round(16 + 10 * sick + rng.gauss(0, 2)), encounter=encounter)
+        add("spo2", t, round(97 - 8 * sick + rng.gauss(0, 1)), encounter=encounter)
+        if rng.random() < 0.3:
+            add("sbp", t, round(125 - 35 * sick + rng.gauss(0, 8)), encounter=encounter)
+            add("dbp", t, round(75 - 15 * sick + rng.gauss(0, 5)), encounter=encounter)
+        if rng.random() < 0.1:
+            add("temp", t, round(37 + 1.8 * sick + rng.gauss(0, 0.3), 1), encounter=encounter)
+        if rng.random() < 0.05:
+            add("acvpu", t, text=rng.choice(["A", "A", "A", "V", "C", "alert?"]), encounter=encounter)
+        if rng.random() < 0.05:
+            add("fio2", t, rng.choice([21.0, 28.0, 40.0]), encounter=encounter)
+        if rng.random() < 0.04:
+            add("hr", t, round(85 + rng.gauss(0, 5), 1), encounter=encounter)  # a second reading at the instant
+        if rng.random() < 0.02:
+            add("rr", t, text="unreadable", encounter=encounter)  # a row with no number
+        if rng.random() < 0.02:
+            add("wbc", t - rng.randint(1, 10) * MIN, round(9 + 8 * sick, 1), encounter=None)
+            add("lactate", t - rng.randint(1, 10) * MIN, round(1 + 3 * sick, 1), encounter=None)
+        t += rng.randint(60, 180) * 1_000_000
+    add("problem", T0 + rng.randint(1, 10) * HOUR, text="J96.1", code="J96.1", encounter=None)
+    return rows
+
+
+def _deliveries(rows: list[dict], seed: int, max_delay_us: int, corrections: bool = True):
+    """(delivered at, row) in delivery order: most rows on time, some late by up to `max_delay_us`; with
+    `corrections`, some rows later corrected (value or time) or retracted, each within `max_delay_us`."""
+    rng = random.Random(seed)
+    out = []
+    for r in rows:
+        late = rng.random() < 0.1
+        out.append((r["t"] + (rng.randint(1, max_delay_us) if late else 0), r))
+    if corrections:
+        for r in rng.sample(rows, len(rows) // 25):
+            at = r["t"] + rng.randint(1, max_delay_us // 2)
+            old = {**r, "gone": True}
+            kind = rng.random()
+            if kind < 0.4:
+                new = {**r, "value": None if r["value"] is None else r["value"] + 7}
+            elif kind < 0.7:
+                new = {**r, "t": r["t"] + rng.randint(-max_delay_us // 4, max_delay_us // 4)}
+            else:
+                new = {**r, "status": "entered-in-error"}
+            out.append((at, old))
+            out.append((at, new))
+    out.sort(key=lambda x: x[0])
+    return out
+
+
+def _stream(deliveries, batch_us: int, person: str = "P1"):
+    """Run the kernel batch by batch; return the score and alert tables the steps' output builds up."""
+    state, scores, alerts, requests = None, {}, {}, []
+    batch, end = [], None
+    for at, r in [*deliveries, (None, None)]:
+        if at is not None and (end is None or at < end):
+            end = end or at + batch_us
+            batch.append(r)
+            continue
+        if batch:
+            out = scoring.step(state, pd.DataFrame(batch, columns=scoring.ROW_COLUMNS), SETTINGS, person=person,
+                               now_us=end)
+            state = scoring.PersonState.loads(out.state.dumps())  # through the bytes the state store keeps
+            for t in out.withdrawn:
+                scores.pop(t, None)
+            for row in out.scores.frame().to_dict("records"):
+                scores[row["scored_at"]] = row
+            for row in out.alerts:
+                alerts[row["alert_id"]] = row
+            if out.recompute:
+                requests.append(out.recompute)
+        if at is None:
+            break
+        batch, end = [r], at + batch_us
+    return scores, alerts, requests, state
+
+
+def _final(deliveries) -> list[dict]:
+    """Each observation as it stands after every correction: what silver holds."""
+    now: dict[str, dict] = {}
+    for _, r in deliveries:
+        if r["gone"]:
+            now.pop(r["observation_id"], None)
+        else:
+            now[r["observation_id"]] = r
+    return list(now.values())
+
+
+def _whole(rows, person: str = "P1"):
+    out = scoring.step(None, pd.DataFrame(rows, columns=scoring.ROW_COLUMNS), SETTINGS, person=person,
+                       now_us=max(r["t"] for r in rows))
+    return {row["scored_at"]: row for row in out.scores.frame().to_dict("records")}, {a["alert_id"]: a for a in out.alerts}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, list | tuple | np.ndarray) or isinstance(b, list | tuple | np.ndarray):
+        return list(a) == list(b)
+    return a == b or (a is None and isinstance(b, float) and math.isnan(b)) or \
+        (b is None and isinstance(a, float) and math.isnan(a))
+
+
+def _assert_tables_equal(got: dict, want: dict, what: str) -> None:
+    assert sorted(got) == sorted(want), f"{what}: keys differ: {sorted(set(got) ^ set(want))[:5]}"
+    for key in want:
+        diff = [c for c in want[key] if not _same(got[key].get(c), want[key][c])]
+        assert not diff, f"{what} {key}: {[(c, got[key].get(c), want[key][c]) for c in diff[:4]]}"
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_batch_by_batch_equals_one_pass_over_all_rows(seed):
+    rows = _stay(seed)
+    deliveries = _deliveries(rows, seed, max_delay_us=15 * MIN)  # inside the 20 min tail
+    scores, alerts, requests, state = _stream(deliveries, batch_us=2 * MIN)
+    want_scores, want_alerts = _whole(_final(deliveries))
+    assert not requests
+    assert state.fold is not None and len(state.tail) < len(rows) / 10  # the state was folded, not kept whole
+    _assert_tables_equal(scores, want_scores, "score")
+    live = {k: a for k, a in alerts.items() if a["status"] != scoring.WITHDRAWN}
+    _assert_tables_equal(live, want_alerts, "alert")
+    assert {a["level"] for a in want_alerts.values()} >= {"news2_medium", "news2_high"}
+    assert any(a["status"] == scoring.RESOLVED for a in want_alerts.values()) or seed != 1
+    assert any(r["spo2_scale"] == 2 for r in want_scores.values())
+    assert any(r["stale_inputs"] for r in want_scores.values())
+
+
+def test_a_change_older_than_the_tail_rescores_the_tail_and_asks_for_the_rest():
+    rows = _stay(7, hours=6)
+    deliveries = _deliveries(rows, 7, max_delay_us=5 * MIN, corrections=False)
+    late = _row("late-1", "temp", T0 + 2 * HOUR + 30_000_000, 40.5)
+    at = T0 + 5 * HOUR
+    deliveries = sorted([*deliveries, (at, late)], key=lambda x: x[0])
+    scores, _, requests, state = _stream(deliveries, batch_us=2 * MIN)
+    assert len(requests) == 1
+    start, end = requests[0]
+    assert start == late["t"] and end <= at - SETTINGS.horizon_us + 3 * MIN and end > late["t"]
+    want, _ = _whole(_final(deliveries))
+    # The stream's rows equal one pass over all rows outside the requested range; inside it the recompute job
+    # replaces them (here: the one-pass rows of the range).
+    merged = {t: r for t, r in scores.items() if not start <= t < end} | \
+        {t: r for t, r in want.items() if start <= t < end}
+    _assert_tables_equal(merged, want, "score")
+    assert not state.inexact
+
+
+def test_retracting_a_value_a_folded_carry_holds_asks_for_a_rebuild():
+    rows = [_row(f"o{i}", "hr", T0 + i * MIN, 80.0 + i) for i in range(60)]
+    state = scoring.step(None, pd.DataFrame(rows, columns=scoring.ROW_COLUMNS), SETTINGS, person="P",
+                         now_us=T0 + HOUR).state
+    assert state.fold is not None
+    newest_folded = max(r["t"] for r in rows if r["t"] < state.fold)
+    gone = next({**r, "gone": True} for r in rows if r["t"] == newest_folded)
+    out = scoring.step(state, pd.DataFrame([gone], columns=scoring.ROW_COLUMNS), SETTINGS, person="P",
+                       now_us=T0 + HOUR)
+    assert out.rebuild and out.recompute == (newest_folded, state.fold)
+    older = next({**r, "gone": True} for r in rows if r["t"] == T0 + MIN)  # no carry or snapshot holds it
+    fresh = scoring.step(None, pd.DataFrame(rows, columns=scoring.ROW_COLUMNS), SETTINGS, person="P",
+                         now_us=T0 + HOUR).state
+    assert not scoring.step(fresh, pd.DataFrame([older], columns=scoring.ROW_COLUMNS), SETTINGS, person="P",
+                            now_us=T0 + HOUR).rebuild
+
+
+def test_a_state_of_another_format_is_rebuilt_not_misread():
+    blob = scoring.PersonState().dumps()
+    assert isinstance(scoring.PersonState.loads(blob), scoring.PersonState)
+    import pickle
+    assert scoring.PersonState.loads(pickle.dumps((scoring.STATE_FORMAT + 1, object()))) is None
+    assert scoring.PersonState.loads(None) is None
+
+
+def test_numpy_news2_qsofa_sirs_agree_with_the_python_reference():
+    rng = random.Random(5)
+
+    def some(lo, hi):
+        return rng.choice([None, math.nan, math.inf, -math.inf, 35.05, 35.04999999999999, 20.5, 20.49, 93, 92.5,
+                           21.0, round(rng.uniform(lo, hi), rng.choice([0, 1, 2]))])
+
+    rows = [dict(rr=some(0, 40), spo2=some(70, 100), fio2=some(15, 60), o2=some(-1, 5), sbp=some(60, 240),
+                 hr=some(30, 160), ac=rng.choice([None, "A", "C", "V", "P", "U", "X"]), t=some(33, 41),
+                 wbc=some(1, 20), s2=rng.random() < 0.5) for _ in range(5000)]
+
+    def col(k):
+        return np.array([math.nan if r[k] is None else r[k] for r in rows], dtype=float)
+
+    letters = np.array([r["ac"] for r in rows], dtype=object)
+    on = news2.on_oxygen_array(col("fio2"), col("o2"))
+    got = news2.news2_arrays(col("rr"), col("spo2"), on, col("sbp"), col("hr"), letters, col("t"),
+                             np.array([r["s2"] for r in rows]))
+    q, q_partial = news2.qsofa_arrays(col("rr"), col("sbp"), letters)
+    sirs = news2.sirs_arrays(col("t"), col("hr"), col("rr"), col("wbc"))
+    for i, r in enumerate(rows):
+        o2 = news2.on_oxygen(r["fio2"], r["o2"])
+        assert (o2 is None and math.isnan(on[i])) or on[i] == float(o2)
+        ref = news2.news2(r["rr"], r["spo2"], o2, r["sbp"], r["hr"], r["ac"], r["t"], scale2=r["s2"])
+        for c in news2.COMPONENTS:
+            value = getattr(ref, c)
+            assert (value is None and math.isnan(got[c][i])) or got[c][i] == value, (c, r)
+        assert (got["news2_score"][i], got["news2_band"][i], bool(got["news2_partial"][i]),
+                got["news2_missing"][i]) == (ref.score, ref.band, ref.partial, ref.missing), r
+        assert (int(q[i]), bool(q_partial[i])) == news2.qsofa(r["rr"], r["sbp"], r["ac"]), r
+        want = news2.sirs(r["t"], r["hr"], r["rr"], r["wbc"])
+        assert (want is None and math.isnan(sirs[i])) or sirs[i] == want, r
