@@ -34,9 +34,10 @@ import copy
 import hashlib
 import math
 import pickle
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -145,18 +146,18 @@ def _empty_rows() -> Table:
                   for n in _KEEP})
 
 
-def _usable(rows: pd.DataFrame) -> np.ndarray:
-    """Rows a score or feature reads: a used concept, a time, a value, not retracted."""
-    status = rows["status"].astype(object).where(rows["status"].notna(), "final")
-    has_value = rows["value"].notna() | rows["value_text"].notna()
-    return (rows["concept"].isin(USED_CONCEPTS) & rows["t"].notna() & has_value
-            & ~status.isin(NOT_MEASURED) & ~rows["gone"].astype(bool)).to_numpy()
-
-
-def _is_marker(rows: pd.DataFrame, codes: frozenset[str]) -> np.ndarray:
+def _is_marker(rows: Table, codes: frozenset[str]) -> np.ndarray:
     if not codes:
         return np.zeros(len(rows), dtype=bool)
-    return (rows["code"].isin(codes) | rows["value_text"].isin(codes)).to_numpy()
+    wanted = list(codes)
+    return np.isin(rows["code"], wanted) | np.isin(rows["value_text"], wanted)
+
+
+def _records(rows: Table) -> Iterator[SimpleNamespace]:
+    """Each row as an object with one attribute per column (the few rows a step handles one by one)."""
+    names = list(rows.cols)
+    for values in zip(*rows.cols.values(), strict=True):
+        yield SimpleNamespace(**dict(zip(names, values, strict=True)))
 
 
 # -- the carries: what the folded rows leave for the points after them ---------------------------------------
@@ -254,41 +255,42 @@ def step(state: PersonState | None, rows: pd.DataFrame, settings: Settings, *, p
     `predict(features) -> (risk, alert, model version)` scores the model, when one is registered.
     """
     state = state or PersonState()
-    rows = rows.loc[:, list(ROW_COLUMNS)].copy()
-    rows["t"] = rows["t"].astype("int64")
+    rows = Table.of(rows, ROW_COLUMNS)
     touched: list[int] = []
     recompute_from: int | None = None
     fold = state.fold if state.fold is not None else np.iinfo("int64").min
+    gone_mask = rows["gone"].astype(bool)
+    measured = ~np.isin(rows["status"], NOT_MEASURED)
 
     # Markers (scale 2 from their time on), whatever their concept.
-    marker = _is_marker(rows, settings.scale2_codes)
-    for r in rows[marker].itertuples(index=False):
-        valid = not r.gone and not (isinstance(r.status, str) and r.status in NOT_MEASURED)
-        before = state.markers.get(r.observation_id)
+    for i in np.flatnonzero(_is_marker(rows, settings.scale2_codes)):
+        oid = rows["observation_id"][i]
+        before = state.markers.pop(oid, None)
         if before is not None:
             touched.append(before)
-            del state.markers[r.observation_id]
-        if valid:
-            state.markers[r.observation_id] = int(r.t)
-            touched.append(int(r.t))
+        if not gone_mask[i] and measured[i]:
+            state.markers[oid] = int(rows["t"][i])
+            touched.append(int(rows["t"][i]))
 
-    used = rows[rows["concept"].isin(USED_CONCEPTS) & rows["t"].notna()]
+    used = np.isin(rows["concept"], list(USED_CONCEPTS))
     # Gone rows first (a correction's old version), then what stands now, each in the tail or the folded past.
-    gone = used[used["gone"].astype(bool)]
-    now = used[~used["gone"].astype(bool)].drop_duplicates("observation_id", keep="last")  # rows in change order
-    ids = list(set(gone["observation_id"]) | set(now["observation_id"]))
-    in_tail = np.isin(state.tail["observation_id"], ids)
+    gone = rows.where(used & gone_mask)
+    now = rows.where(used & ~gone_mask)
+    if len(now):  # of several states of one observation, the last
+        _, last = np.unique(now["observation_id"][::-1].astype(str), return_index=True)
+        now = now.where(np.sort(len(now) - 1 - last))
+    in_tail = np.isin(state.tail["observation_id"], np.concatenate([gone["observation_id"], now["observation_id"]]))
     touched += state.tail["t"][in_tail].tolist()
     state.tail = state.tail.where(~in_tail)
-    for r in gone.itertuples(index=False):
-        touched.append(int(r.t))
-        if r.t < fold:
-            _unfold(state, r)
-    keep = now[_usable(now)]
+    touched += gone["t"].tolist()
+    for r in _records(gone.where(gone["t"] < fold)):
+        _unfold(state, r)
+    has_value = ~np.isnan(now["value"]) | np.array([v is not None for v in now["value_text"]], dtype=bool)
+    keep = now.where(has_value & ~np.isin(now["status"], NOT_MEASURED))
     touched += keep["t"].tolist()
-    for r in keep[keep["t"] < fold].itertuples(index=False):
+    for r in _records(keep.where(keep["t"] < fold)):
         _fold_late(state, r)
-    state.tail = state.tail.append(Table.of(keep[keep["t"] >= fold], _KEEP))
+    state.tail = state.tail.append(Table({k: keep[k] for k in _KEEP}).where(keep["t"] >= fold))
     if not touched and state.points is not None:
         return Step(state, Table({}), [], [])
     start = min(touched) if touched else fold
