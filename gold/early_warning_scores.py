@@ -1,44 +1,46 @@
-"""gold.early_warning_scores and gold.vitals_features: NEWS2, qSOFA, SIRS and model risk each time an input arrives.
+"""gold.early_warning_scores, gold.vitals_features and gold.deterioration_alerts: the stateful score job.
 
-One score row per patient and `scored_at`, the event time of a NEWS2/qSOFA/SIRS input measured for that patient
-(values measured together, e.g. one monitor frame, make one row). Each row scores the newest value of every input
-at that time ("as of"), looking back `gold.lookback` (4 h by default): an older or absent input is missing, the
-row is flagged partial and the missing/stale inputs are named, never treated as normal. The same points get the
-vitals features (gold.features) and, when a model is registered as `champion`, its risk and version.
+One score row per person and `scored_at`, the event time of a NEWS2/qSOFA/SIRS input measured for them, with its
+features row and, when a model is registered as `champion`, its risk; alerts per person, level and episode.
+What each figure means is gold.scoring's docstring; this module runs it on Spark:
 
-How a batch works (pure: the runner passes the changed silver rows and `read_table` for history):
-1. touched: per person, the earliest event time among the batch's changed input observations (new values,
-   corrections and deletions alike, before and after the change: a reading moved to another patient or time
-   touches both);
-2. history: the person's usable inputs from `gold.history` before that time on (silver.observations snapshot),
-   the minutes that hold no scoring point or feature-window edge read from gold.vitals_minutes, a few rows each,
-   which the same batch keeps up to date for the minutes its changes touch (`_history_in_minutes`);
-3. every input time from the touched time on is (re)scored: a late or corrected value changes the rows after
-   it too, and the MERGE on (patient_key, scored_at) makes replays and restarts idempotent; a stored point whose
-   readings are all gone (retracted, deleted, moved) is withdrawn: its score and features rows are deleted;
-4. the touched patients' alert episodes are recomputed from those score rows (gold.deterioration_alerts), in
-   the same batch: an alert commits with the scores that raised it, one micro-batch after the reading.
+1. the silver.observations change feed is the job's stream; each change row is keyed by the **person** it
+   belongs to (silver.patients links: a FHIR `Patient/<id>`, an MRN and an A40-merged identity of one person all
+   score as one), and a change that moves a reading to another person or time is a `gone` row for the old one;
+2. `applyInPandasWithState` groups each micro-batch by person and calls gold.scoring.step with the person's state
+   from Spark's state store (RocksDB, checkpointed with the query): a batch costs what its new readings cost and
+   reads no history back from tables;
+3. the batch's rows (scores, features, withdrawn points, alerts) are committed by the runner like any job's: an
+   alert commits with the scores that raised it, one micro-batch after the reading.
 
-People, not identities: FHIR Observations name `Patient/<id>`, HL7 and monitors the MRN; silver.patients links
-them (`merged_into`, also for A40 merges), and scores use the surviving key, so every feed of one person lands
-in one score stream. Encounter keys resolve the same way through silver.encounters.
+Per-batch facts the executors need (identity links, the model, the batch's time, the silver version) are written
+by the driver before the batch runs (`context`) and read by the stage's Python code: a replay reads the same file.
 
-The as-of values come from one sort per person (forward fill over rows), never from a range join: an ICU
-monitor sends a value every second.
+Rare events read silver itself, on the executor, for one person: a state written by another carelake version, an
+identity linked or unlinked (the person's state is rebuilt from all of their identities' rows), a retraction
+older than the state's tail that a carry held (rebuilt), and a reading older than the tail (the points between it
+and the tail are rescored from silver; their alerts are left as they were: `carelake run
+gold.early_warning_scores --recompute --from ... --to ...` recomputes a range with its alerts).
 """
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+import json
+import os
+import pickle
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
-from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
     ArrayType,
+    BinaryType,
     BooleanType,
     DoubleType,
     IntegerType,
@@ -49,31 +51,23 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
-from gold import deterioration_alerts, features, news2
+from gold import deterioration_alerts, features, news2, scoring
+from gold.scoring import INPUTS, TEXT_INPUTS
 from pipelines import __version__ as CODE_VERSION
 from pipelines import sqltext as sql
 
+# pyspark's own serializer concatenates the frames the stage yields, and pandas 2.x warns when some column of
+# one of them is all null (a person without alerts): that is this job's normal output, not a problem to report.
+warnings.filterwarnings("ignore", message="The behavior of DataFrame concatenation with empty or all-NA entries",
+                        category=FutureWarning)
+
 SCORES = "gold.early_warning_scores"
 FEATURES = "gold.vitals_features"
-# The silver rows that record a hypercapnic target (gold.spo2_scale2_codes), kept by the score job as they stream
-# past, so a batch looks up SpO2 scale 2 in this small table instead of scanning silver.observations.
-SCALE2 = "gold.spo2_scale2_markers"
-# Each patient's usable silver rows per (concept, minute), kept by the score job: a batch reads the hours of
-# history before its points from here, and silver row by row only in the minutes its points and windows probe.
-MINUTES = "gold.vitals_minutes"
+ALERTS = deterioration_alerts.ALERTS
 OBSERVATIONS = "silver.observations"
 PATIENTS = "silver.patients"
 ENCOUNTERS = "silver.encounters"
 OUTPUT = "_output"
-
-# Scoring inputs: silver concept -> the score row's value column.
-INPUTS: Mapping[str, str] = {
-    "rr": "respiratory_rate", "spo2": "spo2", "fio2": "fio2", "o2flow": "o2flow", "sbp": "systolic_bp",
-    "hr": "pulse", "acvpu": "consciousness", "temp": "temperature", "wbc": "wbc",
-}
-TEXT_INPUTS = frozenset({"acvpu"})
-# Observation statuses that are not a valid measurement (FHIR ObservationStatus; HL7 OBX-11 W/X/D).
-NOT_MEASURED = ("deleted", "entered-in-error", "cancelled", "W", "X", "D")
 
 _ID = StructField("patient_key", StringType(), False)
 _KEYS = [_ID, StructField("encounter_key", StringType(), True), StructField("scored_at", TimestampType(), False)]
@@ -92,7 +86,7 @@ SCHEMA = StructType([
     StructField("news2_partial", BooleanType(), True),
     StructField("missing_inputs", ArrayType(StringType()), True),  # NEWS2 components without a usable input
     StructField("stale_inputs", ArrayType(StringType()), True),  # inputs measured, but before the look-back
-    StructField("spo2_scale", IntegerType(), True),  # 1, or 2 for a recorded hypercapnic target
+    StructField("spo2_scale", IntegerType(), True),  # 1, or 2 from a recorded hypercapnic target on
     *[StructField(column, StringType() if concept in TEXT_INPUTS else DoubleType(), True)
       for concept, column in INPUTS.items()],
     StructField("on_oxygen", BooleanType(), True),
@@ -112,51 +106,6 @@ SCHEMA = StructType([
 WITHDRAWAL = "s.silver_version IS NULL"
 
 
-def _emptied(alias: str = "") -> str:
-    """A minute whose readings are all gone (readings 0, no scored row), in SQL over `alias`."""
-    return f"{alias}readings = 0 AND {alias}pick_at IS NULL"
-
-
-# The MERGE deletes the stored row of an emptied minute. The batch sends an emptied minute only where a stored row
-# exists, as it sends a WITHDRAWAL only for a stored row: delta-rs (1.6) fails a MERGE into a table with a change
-# feed when an unmatched source row fails the insert condition, instead of skipping it.
-EMPTIED_MINUTE = _emptied("s.")
-
-
-SCALE2_SCHEMA = StructType([
-    StructField("observation_id", StringType(), False),
-    StructField("patient_key", StringType(), True),  # the identity silver keyed (links are followed on use)
-    StructField("code", StringType(), True),
-    StructField("value_text", StringType(), True),
-    StructField("status", StringType(), True),  # a deleted or entered-in-error marker no longer counts
-    StructField("effective_at", TimestampType(), True),
-    StructField("silver_version", LongType(), True),  # the silver.observations version of this row's state
-    StructField("computed_by", StringType(), True),
-    StructField("computed_at", TimestampType(), True),
-])
-
-
-MINUTES_SCHEMA = StructType([
-    StructField("patient_key", StringType(), False),  # the identity silver keyed (links are followed on use)
-    StructField("concept", StringType(), False),
-    StructField("minute", TimestampType(), False),  # the minute's start
-    StructField("readings", LongType(), True),  # numeric feature readings in the minute (0: only scored rows)
-    StructField("last_at", TimestampType(), True),  # the newest of them (the largest value at a tie)
-    StructField("last_value", DoubleType(), True),
-    StructField("pick_at", TimestampType(), True),  # scores: the newest row (the largest observation id at a tie)
-    StructField("pick_id", StringType(), True),
-    StructField("pick_value", DoubleType(), True),
-    StructField("pick_text", StringType(), True),
-    StructField("valued_at", TimestampType(), True),  # scores: the newest row that has a value
-    StructField("valued_id", StringType(), True),
-    StructField("valued_value", DoubleType(), True),
-    StructField("valued_text", StringType(), True),
-    StructField("encounter_at", TimestampType(), True),  # the newest row naming an encounter (the largest at a tie)
-    StructField("encounter_key", StringType(), True),
-    *_PROVENANCE,
-])
-
-
 def features_schema(windows_ms: Sequence[int]) -> StructType:
     """gold.vitals_features: keys, one column per feature (counts are whole numbers), provenance."""
     cols = [StructField(name, LongType() if "_count_" in name else DoubleType(), True)
@@ -164,34 +113,417 @@ def features_schema(windows_ms: Sequence[int]) -> StructType:
     return StructType([*_KEYS, *cols, *_PROVENANCE])
 
 
-# -- identity resolution ---------------------------------------------------------------------------------------
-# Per lakehouse (the owner of `read_table`: the runner), per (table, version). Weak: a runner gone, its cache too.
-_RESOLVED: weakref.WeakKeyDictionary[Any, dict[tuple[str, int], dict[str, str]]] = weakref.WeakKeyDictionary()
+def _routed_schema(windows_ms: Sequence[int]) -> StructType:
+    """Scores, features and alerts in one row shape, `_output` naming the table of each row."""
+    fields = [*SCHEMA.fields]
+    for more in (features_schema(windows_ms), deterioration_alerts.SCHEMA):
+        names = {f.name for f in fields}
+        fields += [StructField(f.name, f.dataType, True) for f in more.fields if f.name not in names]
+    return StructType([*fields, StructField(OUTPUT, StringType(), False)])
 
 
-def _links(read_table: Callable[[str], DataFrame], table_version: Callable[[str], int | None], table: str,
-           key: str) -> dict[str, str]:
-    """{identity key: surviving key} for the identities of `table` that continue as another (cached per version)."""
-    version = table_version(table)
-    if version is None:
-        return {}
-    cache = _RESOLVED.setdefault(getattr(read_table, "__self__", read_table), {})
-    cache_key = (table, version)
-    if cache_key not in cache:
+def stage_schema(windows_ms: Sequence[int]) -> StructType:
+    """What the stateful stage gives per row: `_kind` (score, withdraw, alert), the routed columns without
+    provenance, the silver version the person's rows came from, and the oldest change's commit time (lag)."""
+    provenance = {f.name for f in _PROVENANCE} | {"scores_version", "code_version", "computed_by", "computed_at"}
+    fields = [StructField(f.name, f.dataType, True) for f in _routed_schema(windows_ms).fields
+              if f.name not in provenance and f.name != OUTPUT]
+    return StructType([StructField("_kind", StringType(), False), *fields,
+                       StructField("_silver_version", LongType(), True),
+                       StructField("_commit_timestamp", TimestampType(), True)])
+
+
+STATE_SCHEMA = StructType([StructField("state", BinaryType(), False)])
+# The silver.observations columns the stage reads from the change feed.
+_CHANGE_COLUMNS = ("observation_id", "patient_key", "encounter_key", "code", "concept", "value", "value_text",
+                   "status", "effective_at", "_change_type", "_commit_version", "_commit_timestamp")
+
+
+# -- the per-batch context: written by the driver, read by the stage on the executors ----------------------------
+class Context:
+    """The driver side: what each batch's stage needs, as <folder>/<batch id>.json (kept if it exists, so a replay
+    sees what the first attempt saw), with the champion model pickled beside it."""
+
+    KEEP = 20  # context files kept (the newest is the running batch's)
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._links: dict[str, tuple[int, dict[str, str]]] = {}  # table -> (version, links)
+
+    def links(self, read_table, table_version, table: str, key: str) -> dict[str, str]:
+        """{identity: the person it continues as} for every identity that continues as another (chains followed;
+        a cycle stops where it closes)."""
+        version = table_version(table)
+        if version is None:
+            return {}
+        if table in self._links and self._links[table][0] == version:
+            return self._links[table][1]
         rows = (read_table(table).where(F.col("merged_into").isNotNull() & (F.col("merged_into") != F.col(key)))
                 .select(key, "merged_into").collect())
         step = {r[0]: r[1] for r in rows}
         resolved = {}
         for start in step:
             seen, current = {start}, step[start]
-            while current in step and step[current] not in seen:  # follow chains; stop on a cycle
+            while current in step and step[current] not in seen:
                 seen.add(current)
                 current = step[current]
             resolved[start] = current
-        for old in [k for k in cache if k[0] == table]:
-            del cache[old]
-        cache[cache_key] = resolved
-    return cache[cache_key]
+        self._links[table] = (version, resolved)
+        return resolved
+
+    def write(self, batch_id: int, facts: Mapping[str, Any], champion: Any) -> dict[str, Any]:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{batch_id}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        model = None
+        if champion is not None:
+            model = self.folder / f"champion-{champion.version}.pkl"
+            if not model.exists():
+                _write_atomically(model, pickle.dumps(champion, protocol=5))
+        doc = {**facts, "batch_id": batch_id, "champion": None if model is None else str(model)}
+        _write_atomically(path, json.dumps(doc).encode())
+        for old in sorted(self.folder.glob("*.json"), key=lambda p: int(p.stem))[:-self.KEEP]:
+            old.unlink(missing_ok=True)
+        return doc
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+_READ: dict[str, tuple[str, dict[str, Any]]] = {}  # per executor process: folder -> (file name, context)
+_MODELS: dict[str, Any] = {}
+
+
+def _batch_context(folder: str) -> dict[str, Any]:
+    """The running batch's context (the newest file: batches run one after another), cached per file."""
+    files = [p for p in Path(folder).glob("*.json")]
+    if not files:
+        raise RuntimeError(f"the score job's batch context is missing under {folder}; the runner writes it before "
+                           "each batch: run the job with `carelake run`")
+    newest = max(files, key=lambda p: int(p.stem))
+    cached = _READ.get(folder)
+    if cached is None or cached[0] != newest.name:
+        doc = json.loads(newest.read_text())
+        cached = (newest.name, doc)
+        _READ[folder] = cached
+    return cached[1]
+
+
+def _champion(doc: Mapping[str, Any]) -> Any:
+    path = doc.get("champion")
+    if path is None:
+        return None
+    if path not in _MODELS:
+        _MODELS.clear()
+        _MODELS[path] = pickle.loads(Path(path).read_bytes())
+    return _MODELS[path]
+
+
+# -- the stage -------------------------------------------------------------------------------------------------
+class ScoreStage:
+    """The score job's stateful stage (pipelines.jobs.StateStage): its plan, and each batch's facts."""
+
+    def __init__(self, settings: scoring.Settings, windows_ms: Sequence[int], champion):
+        self.settings, self.windows_ms, self.champion = settings, tuple(windows_ms), champion
+        self._contexts: dict[str, Context] = {}
+
+    def plan(self, stream: DataFrame, folder: str) -> DataFrame:
+        return plan(stream, folder, settings=self.settings, windows_ms=self.windows_ms)
+
+    def prepare(self, folder: str, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Before a batch runs (driver): write its context; give the transform the batch's facts."""
+        context = self._contexts.setdefault(folder, Context(Path(folder)))
+        read_table, table_version = batch["read_table"], batch["table_version"]
+        links = context.links(read_table, table_version, PATIENTS, "patient_key")
+        silver_version = table_version(OBSERVATIONS)
+        facts = {"links": links, "silver_path": batch["table_path"](OBSERVATIONS),
+                 "silver_version": -1 if silver_version is None else silver_version,
+                 "now_us": utc_micros(batch["processed_at"])}
+        for name, table in (("scores", SCORES), ("alerts", ALERTS)):  # what a rebuild compares with
+            version = table_version(table)
+            facts[f"{name}_path"] = None if version is None else batch["table_path"](table)
+            facts[f"{name}_version"] = version
+        doc = context.write(batch["batch_id"], facts, self.champion())
+        merged = None
+        if table_version(ALERTS) is not None and doc["links"]:
+            merged = deterioration_alerts.open_of_merged(read_table, doc["links"], context)
+        encounters = context.links(read_table, table_version, ENCOUNTERS, "encounter_key")
+        return {"links": doc["links"], "encounter_links": encounters, "open_of_merged": merged}
+
+
+def plan(stream: DataFrame, folder: str, *, settings: scoring.Settings, windows_ms: Sequence[int]) -> DataFrame:
+    """The stateful stage over silver.observations' change feed: one output row per score, withdrawn point and
+    changed alert of the people each batch touches."""
+    resolve_links = F.pandas_udf(lambda keys: _resolve_series(keys, folder), StringType())
+    wanted = (F.col("_change_type").isin("insert", "update_preimage", "update_postimage", "delete")
+              & F.col("patient_key").isNotNull() & F.col("effective_at").isNotNull())
+    changes = stream.where(wanted).select(*_CHANGE_COLUMNS).withColumn("_person", resolve_links(F.col("patient_key")))
+    out_schema = stage_schema(windows_ms)
+
+    def run(key: tuple, frames: Iterator[pd.DataFrame], state) -> Iterator[pd.DataFrame]:
+        yield from _score_person(key[0], frames, state, folder, settings, out_schema)
+
+    from pyspark.sql.streaming.state import GroupStateTimeout
+
+    return changes.groupBy("_person").applyInPandasWithState(
+        run, outputStructType=out_schema, stateStructType=STATE_SCHEMA, outputMode="append",
+        timeoutConf=GroupStateTimeout.NoTimeout)
+
+
+def _resolve_series(keys: pd.Series, folder: str) -> pd.Series:
+    links = _batch_context(folder)["links"]
+    return keys.map(lambda k: links.get(k, k)) if links else keys
+
+
+def _us(times: pd.Series) -> np.ndarray:
+    """Timestamps as microseconds since the epoch."""
+    return pd.to_datetime(times, utc=True).dt.as_unit("us").astype("int64").to_numpy()
+
+
+def _kernel_rows(changes: pd.DataFrame) -> pd.DataFrame:
+    """Change-feed rows in change order as gold.scoring rows (`gone` for a deletion or a correction's old state)."""
+    changes = changes.sort_values("_commit_version", kind="stable")
+    return pd.DataFrame({
+        "observation_id": changes["observation_id"].to_numpy(object),
+        "concept": changes["concept"].to_numpy(object), "code": changes["code"].to_numpy(object),
+        "value": pd.to_numeric(changes["value"], errors="coerce").to_numpy("float64"),
+        "value_text": changes["value_text"].to_numpy(object), "status": changes["status"].to_numpy(object),
+        "t": _us(changes["effective_at"]), "encounter_key": changes["encounter_key"].to_numpy(object),
+        "gone": changes["_change_type"].isin(["update_preimage", "delete"]).to_numpy(bool),
+    })
+
+
+def _silver_rows(doc: Mapping[str, Any], version: int, identities: Sequence[str], since_us: int,
+                 codes: Sequence[str]) -> pd.DataFrame:
+    """One person's usable silver rows from `since_us` on (and every scale-2 marker row), at `version`."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipelines.store.deltars import read_where
+
+    since = pa.scalar(since_us, type=pa.timestamp("us", tz="UTC"))
+    wanted = pc.field("effective_at") >= since
+    if codes:
+        wanted = wanted | pc.field("code").isin(list(codes)) | pc.field("value_text").isin(list(codes))
+    # Markers count from any time: only without scale-2 codes can the files before `since` be skipped.
+    rows = read_where(doc["silver_path"], version, pc.field("patient_key").isin(list(identities)) & wanted,
+                      [c for c in _CHANGE_COLUMNS if not c.startswith("_")],
+                      since=None if codes else ("effective_at", _aware(since_us))).to_pandas()
+    rows["_change_type"], rows["_commit_version"] = "insert", version
+    return _kernel_rows(rows)
+
+
+def _score_person(person: str, frames: Iterator[pd.DataFrame], group_state, folder: str,
+                  settings: scoring.Settings, out_schema: StructType) -> Iterator[pd.DataFrame]:
+    doc = _batch_context(folder)
+    changes = pd.concat(list(frames), ignore_index=True)
+    links = doc["links"]
+    identities = sorted({person, *(k for k, v in links.items() if v == person)})
+    version = int(changes["_commit_version"].max())
+    commit_ts = changes["_commit_timestamp"].min()
+    rows = _kernel_rows(changes)
+    now_us = int(doc["now_us"])
+    champion = _champion(doc)
+    predict = None if champion is None else _predictor(champion)
+    had = group_state.exists
+    state = scoring.PersonState.loads(group_state.get[0]) if had else None
+    known = tuple(state.identities) if state is not None else (person,)
+    if (had and state is None) or known != tuple(identities):
+        # Written by another carelake version, or an identity linked or unlinked: rebuild from silver (a person
+        # who absorbs another identity gets its history; their alert episodes run over all of its points).
+        start = int(rows["t"].min())
+        out = _rebuild(start, doc, version, identities, settings, person, now_us, predict)
+    else:
+        out = scoring.step(state, rows, settings, person=person, now_us=now_us, predict=predict)
+        if out.rebuild or out.recompute is not None:
+            # A change older than the state's tail: the person's points from it on, and their alerts, from silver.
+            start = out.recompute[0] if out.recompute is not None else int(rows["t"].min())
+            out = _rebuild(start, doc, version, identities, settings, person, now_us, predict)
+    out.state.identities = tuple(identities)
+    group_state.update((out.state.dumps(),))
+    parts = [_frame(out.scores, "score", person)]
+    if out.withdrawn:
+        parts.append(pd.DataFrame({"_kind": "withdraw", "patient_key": person,
+                                   "scored_at": pd.to_datetime(out.withdrawn, unit="us", utc=True)}))
+    if out.alerts:
+        parts.append(_alert_frame(out.alerts))
+    frame = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else None
+    if frame is None:
+        return
+    frame["_silver_version"] = int(doc["silver_version"])
+    frame["_commit_timestamp"] = commit_ts
+    yield _conform(frame, out_schema)
+
+
+def _rebuild(start: int, doc: Mapping[str, Any], version: int, identities: Sequence[str],
+             settings: scoring.Settings, person: str, now_us: int, predict) -> scoring.Step:
+    """A fresh state from the person's silver rows at `version` (which hold this batch's changes), and what changes
+    from `start` on against what the tables hold: points rescored or withdrawn, alerts recomputed or withdrawn.
+
+    The rows are read from `history` before `start`, and further back to the opening of any stored alert episode
+    still running then, so an episode is always recomputed from its opening (its id is its opening time)."""
+    stored_alerts = _person_rows(doc.get("alerts_path"), doc.get("alerts_version"), person)
+    since = start - settings.history_us
+    if len(stored_alerts):
+        live = stored_alerts[stored_alerts["status"] != scoring.WITHDRAWN]
+        opened, resolved = _us(live["opened_at"]), live["resolved_at"]
+        ended = np.where(resolved.isna(), np.iinfo("int64").max,
+                         _us(resolved.fillna(pd.Timestamp(0, tz="UTC"))) + settings.resolve_after_us)
+        running = (opened < since) & (ended >= since)
+        if running.any():
+            since = int(opened[running].min())
+    fresh = scoring.step(None, _silver_rows(doc, version, identities, since, sorted(settings.scale2_codes)), settings,
+                         person=person, now_us=now_us, predict=predict)
+    scores = fresh.scores.where(fresh.scores["scored_at"] >= start) if len(fresh.scores) else fresh.scores
+    again = set(scores["scored_at"].tolist()) if len(scores) else set()
+    stored_points = _person_rows(doc.get("scores_path"), doc.get("scores_version"), person, since_us=start)
+    withdrawn = sorted(int(t) for t in _us(stored_points["scored_at"]) if int(t) not in again) \
+        if len(stored_points) else []
+    alerts = [a for a in fresh.alerts if max(a["last_scored_at"], a["resolved_at"] or 0) >= start]
+    found = {a["alert_id"] for a in fresh.alerts}
+    if len(stored_alerts):
+        live = stored_alerts[stored_alerts["status"] != scoring.WITHDRAWN]
+        last = _us(live["last_scored_at"].fillna(live["opened_at"]))
+        for row, at in zip(live.to_dict("records"), last, strict=True):
+            if row["alert_id"] not in found and (row["status"] == scoring.OPEN or at >= start):
+                alerts.append({**{k: row[k] for k in _ALERT_FIELDS}, "status": scoring.WITHDRAWN})
+    return scoring.Step(fresh.state, scores, withdrawn, alerts)
+
+
+# The columns of an alert row the stage sends (the rest is provenance the transform adds).
+_ALERT_FIELDS = ("alert_id", "patient_key", "encounter_key", "level", "status", "opened_at", "resolved_at",
+                 "escalated_at", "escalated_to", "news2_score", "news2_band", "qsofa_score", "model_risk",
+                 "model_version", "observation_ids", "peak_news2_score", "last_scored_at")
+
+
+def _person_rows(path: str | None, version: int | None, person: str, since_us: int | None = None) -> pd.DataFrame:
+    """One person's rows of a gold table at `version` (scored_at from `since_us` on), or none when it has none."""
+    if path is None or version is None:
+        return pd.DataFrame()
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipelines.store.deltars import read_where
+
+    wanted = pc.field("patient_key") == person
+    if since_us is None:
+        return read_where(path, version, wanted).to_pandas()
+    wanted = wanted & (pc.field("scored_at") >= pa.scalar(since_us, type=pa.timestamp("us", tz="UTC")))
+    return read_where(path, version, wanted, since=("scored_at", _aware(since_us))).to_pandas()
+
+
+def _aware(us: int) -> datetime:
+    return datetime.fromtimestamp(us // 1_000_000, tz=UTC).replace(microsecond=us % 1_000_000)
+
+
+def _predictor(champion):
+    names = list(champion.feature_names)
+    version, threshold = str(champion.version), float(champion.threshold)
+
+    def predict(features: pd.DataFrame):
+        missing = [n for n in names if n not in features.columns]
+        if missing:  # the registered model was trained on other windows or concepts than this job computes
+            raise ValueError(f"model {version} needs features {missing[:5]} that gold.vitals_features does not "
+                             "compute with the configured gold.feature_windows; retrain with `carelake train "
+                             "deterioration` or change the windows back")
+        risk = np.asarray(champion.predict(features[names]), dtype="float64") if len(features) else np.zeros(0)
+        return risk, risk >= threshold, version
+
+    return predict
+
+
+def _times(values) -> pd.Series:
+    """Times given as microseconds (the kernel's) or as timestamps (rows read from a table), as UTC timestamps."""
+    def one(v):
+        if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NaT:
+            return pd.NaT
+        if isinstance(v, int | float | np.integer | np.floating):  # a column with gaps makes pandas floats of them
+            return pd.Timestamp(int(v), unit="us", tz="UTC")
+        return pd.Timestamp(v).tz_convert("UTC") if pd.Timestamp(v).tzinfo else pd.Timestamp(v, tz="UTC")
+
+    return pd.Series([one(v) for v in values], dtype="datetime64[us, UTC]")
+
+
+def _frame(scores: scoring.Table, kind: str, person: str) -> pd.DataFrame:
+    if not len(scores):
+        return pd.DataFrame()
+    frame = scores.frame()
+    frame["scored_at"] = pd.to_datetime(frame["scored_at"], unit="us", utc=True)
+    frame.insert(0, "patient_key", person)
+    frame.insert(0, "_kind", kind)
+    return frame
+
+
+def _alert_frame(alerts: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(alerts, dtype=object)
+    for c in ("opened_at", "resolved_at", "escalated_at", "last_scored_at"):
+        frame[c] = _times(frame[c])
+    frame.insert(0, "_kind", "alert")
+    return frame
+
+
+_PANDAS_TYPES = {IntegerType: "Int32", LongType: "Int64", DoubleType: "float64", BooleanType: "boolean"}
+
+
+def _conform(frame: pd.DataFrame, schema: StructType) -> pd.DataFrame:
+    """`frame` with exactly the schema's columns, in order, in dtypes Arrow converts without loss."""
+    out = {}
+    n = len(frame)
+    for f in schema.fields:
+        col = frame[f.name] if f.name in frame.columns else pd.Series([None] * n, dtype=object)
+        kind = type(f.dataType)
+        if kind in _PANDAS_TYPES:
+            col = pd.to_numeric(col, errors="coerce") if kind is not BooleanType else col
+            col = col.astype(_PANDAS_TYPES[kind]) if kind is not BooleanType else \
+                pd.array([None if v is None or (isinstance(v, float) and np.isnan(v)) else bool(v) for v in col],
+                         dtype="boolean")
+        elif kind is TimestampType:
+            col = pd.to_datetime(col, utc=True)
+        elif kind is ArrayType:
+            col = pd.Series([None if v is None or (isinstance(v, float) and np.isnan(v)) else list(v) for v in col],
+                            dtype=object)
+        else:
+            col = pd.Series([None if v is None or (isinstance(v, float) and np.isnan(v)) else v for v in col],
+                            dtype=object)
+        out[f.name] = col.reset_index(drop=True) if hasattr(col, "reset_index") else col
+    return pd.DataFrame(out)
+
+
+# -- the transform: the stage's rows as the job's tables ----------------------------------------------------------
+def early_warning_scores(stage: DataFrame, *, ingest_batch_id: str, processed_at: datetime, windows_ms: Sequence[int],
+                         batch_facts: Mapping[str, Any]) -> DataFrame:
+    """One routed DataFrame (`_output` = gold.early_warning_scores, gold.vitals_features or
+    gold.deterioration_alerts) from the stage's rows: provenance added, encounters resolved, withdrawals sent to
+    both point tables, alerts of identities merged into another person marked `merged`."""
+    encounter_links, open_of_merged = batch_facts["encounter_links"], batch_facts["open_of_merged"]
+    routed = _routed_schema(windows_ms)
+    stamp = [F.lit(CODE_VERSION).alias("code_version"), F.lit(ingest_batch_id).alias("computed_by"),
+             F.lit(processed_at).cast("timestamp").alias("computed_at")]
+    stage = _resolve(stage, "encounter_key", encounter_links)
+    points = stage.where(F.col("_kind") == "score").select(
+        "*", F.col("_silver_version").alias("silver_version"), *stamp,
+        F.explode(F.array(F.lit(SCORES), F.lit(FEATURES))).alias(OUTPUT))
+    gone = stage.where(F.col("_kind") == "withdraw").select(  # no silver_version: a WITHDRAWAL
+        "patient_key", "scored_at", *stamp, F.explode(F.array(F.lit(SCORES), F.lit(FEATURES))).alias(OUTPUT))
+    alerts = stage.where(F.col("_kind") == "alert").select(
+        "*", F.col("_silver_version").alias("scores_version"), *stamp, F.lit(ALERTS).alias(OUTPUT))
+    parts = [_as_routed(p, routed) for p in (points, gone, alerts)]
+    if open_of_merged is not None:
+        kept = [F.lit(deterioration_alerts.MERGED).alias("status") if f.name == "status" else F.col(f.name)
+                for f in deterioration_alerts.SCHEMA.fields if f.name not in ("code_version", "computed_by",
+                                                                                "computed_at")]
+        parts.append(_as_routed(open_of_merged.select(*kept, *stamp, F.lit(ALERTS).alias(OUTPUT)), routed))
+    out = parts[0]
+    for more in parts[1:]:
+        out = out.unionByName(more)
+    return out
 
 
 def _resolve(df: DataFrame, column: str, links: Mapping[str, str]) -> DataFrame:
@@ -203,178 +535,6 @@ def _resolve(df: DataFrame, column: str, links: Mapping[str, str]) -> DataFrame:
     return df.withColumn(column, F.expr(f"coalesce({mapping}[{c}], {c})"))
 
 
-# -- the transform -------------------------------------------------------------------------------------------
-def early_warning_scores(
-    changes: DataFrame, *, read_table: Callable[..., DataFrame], table_version: Callable[[str], int | None],
-    ingest_batch_id: str, processed_at: datetime, lookback_ms: int, history_ms: int, windows_ms: Sequence[int],
-    scale2_codes: Sequence[str], champion: Callable[[], Any], resolve_after_ms: int,
-) -> DataFrame:
-    """Score every touched patient's inputs from the earliest changed one on, and recompute their alerts from
-    those scores; one routed DataFrame (`_output` = gold.early_warning_scores, gold.vitals_features,
-    gold.deterioration_alerts or gold.spo2_scale2_markers)."""
-    spark = changes.sparkSession
-    feature_schema = features_schema(windows_ms)
-    routed_schema = _routed_schema(feature_schema)
-    scores_version = table_version(SCORES)
-    inputs = list(INPUTS)
-    patient_links = _links(read_table, table_version, PATIENTS, "patient_key")
-    now = changes.where(F.col("_change_type").isin("insert", "update_postimage"))
-    stamp = {"computed_by": ingest_batch_id, "computed_at": processed_at}
-    # This batch's scale-2 markers (new, corrected or deleted); the first batch also takes every marker silver
-    # already holds (a lakehouse scored before the markers table existed, or whose job starts late).
-    new_markers = _scale2_markers(now, scale2_codes, F.col("_commit_version"), stamp)
-    if table_version(SCALE2) is None:
-        backfill = _scale2_markers(read_table(OBSERVATIONS), scale2_codes, F.lit(table_version(OBSERVATIONS)), stamp)
-        new_markers = markers = _newest(backfill.unionByName(new_markers))
-    else:  # each marker's newest state, whether kept earlier or in this batch
-        markers = _newest(read_table(SCALE2).unionByName(new_markers))
-    marker_rows = _as_routed(new_markers.select("*", F.lit(SCALE2).alias(OUTPUT)), routed_schema)
-    version = table_version(OBSERVATIONS)
-    if version is None:  # every row records it; a row without it is a WITHDRAWAL
-        raise ValueError(f"{SCORES}: {OBSERVATIONS} has no version; the score job reads its change feed")
-    minutes_version = table_version(MINUTES)
-
-    def read_usable(at: datetime, until: datetime | None = None) -> DataFrame:
-        """Usable rows from `at` on (up to `until`), resolved to people; only the files that may hold them are read."""
-        since = ("effective_at", at) if until is None else ("effective_at", at, until)
-        return _resolve(usable_observations(read_table(OBSERVATIONS, since=since)), "patient_key", patient_links)
-
-    # The minutes this batch changes, before and after each change (a correction may move a reading), recomputed
-    # from silver; a lakehouse scored before gold.vitals_minutes existed gets all of its minutes once.
-    minute_stamp = {"silver_version": version, "ingest_batch_id": ingest_batch_id, "processed_at": processed_at}
-    fresh_minutes = None
-    # (Version 0 is the empty table a first merge creates: a backfill that died after it must run again.)
-    if (minutes_version is None or minutes_version == 0) and scores_version is not None:
-        fresh_minutes = vitals_minutes(read_table(OBSERVATIONS), **minute_stamp)
-    else:
-        moved = (usable_observations(changes, measured_only=False)
-                 .select("patient_key", "concept", _minute_start("effective_at").alias("minute")).distinct())
-        # Read silver in the minutes touched (a lab resulted hours late must not read hours of every monitor).
-        touched_minutes = [_utc(r[0]) for r in moved.select("minute").distinct().limit(_MAX_SLICES + 1).collect()]
-        if touched_minutes:
-            step = timedelta(seconds=MINUTE_SECONDS)
-            slices = ([(min(touched_minutes), max(touched_minutes) + step)] if len(touched_minutes) > _MAX_SLICES
-                      else _merged([(m, m + step) for m in touched_minutes]))
-            rows = _union([read_table(OBSERVATIONS, since=("effective_at", lo, hi)) for lo, hi in slices])
-            stored = None if minutes_version is None else _union(
-                [read_table(MINUTES, since=("minute", lo, hi)) for lo, hi in slices])
-            fresh_minutes = vitals_minutes(rows, only=moved, stored=stored, **minute_stamp)
-    if fresh_minutes is not None:
-        fresh_minutes = fresh_minutes.localCheckpoint(eager=True)
-        marker_rows = marker_rows.unionByName(
-            _as_routed(fresh_minutes.select("*", F.lit(MINUTES).alias(OUTPUT)), routed_schema))
-
-    # Before and after each change: a correction that moves a reading to another patient or time, or retracts or
-    # deletes it, rescores the old patient from the old time too (a point left without readings is withdrawn).
-    changed = (changes.where(F.col("concept").isin(*inputs) & F.col("patient_key").isNotNull()
-                             & F.col("effective_at").isNotNull()))
-    changed = _resolve(changed, "patient_key", patient_links)
-    # Times collected to the driver become aware UTC at once: Spark gives naive local times back, and clock-face
-    # arithmetic on those would be an hour off across a daylight-saving change.
-    touched = changed.groupBy("patient_key").agg(F.min("effective_at").alias("_from"),
-                                                 F.max(F.col("_change_type") != "insert").alias("_corrected"))
-    touched_rows, corrected = [], set()
-    for r in touched.collect():
-        touched_rows.append((r["patient_key"], _utc(r["_from"])))
-        if r["_corrected"]:  # a reading changed or gone: some of its points may be withdrawn
-            corrected.add(r["patient_key"])
-    if not touched_rows:
-        return marker_rows
-    earliest = min(f for _, f in touched_rows)
-    history = timedelta(milliseconds=history_ms)
-
-    # Each touched patient's points run from _from to _to, the newest input time from _from on.
-    starts = spark.createDataFrame(touched_rows, "patient_key string, _from timestamp")
-    ends = (read_usable(earliest).where(F.col("concept").isin(*inputs)).join(F.broadcast(starts), "patient_key")
-            .where(F.col("effective_at") >= F.col("_from")).groupBy("patient_key")
-            .agg(F.max("effective_at").alias("_to")).collect())
-    newest = {r["patient_key"]: _utc(r["_to"]) for r in ends}
-    spans = [(key, at, newest.get(key, at)) for key, at in touched_rows]
-    touched = spark.createDataFrame(spans, "patient_key string, _from timestamp, _to timestamp")
-    if ROLL_UP:
-        stored = None
-        if minutes_version is not None:
-            # Minutes at or after a patient's first point are read row by row: none from the table is needed there.
-            last = _minute_floor(max(f for _, f in touched_rows)) + timedelta(seconds=MINUTE_SECONDS)
-            stored = read_table(MINUTES, since=("minute", _minute_floor(earliest - history), last))
-            stored = stored.select(*MINUTES_SCHEMA.fieldNames())
-        history = _history_in_minutes(
-            read_usable, stored, fresh_minutes, touched, spans, inputs, windows_ms, history_ms, patient_links)
-    else:
-        history = (read_usable(earliest - history).join(F.broadcast(touched), "patient_key")
-                   .where(F.col("effective_at") >= F.col("_from") - F.expr(f"INTERVAL {history_ms} MILLISECONDS"))
-                   .select(*_HISTORY_COLUMNS, *_as_read()))
-    history = _resolve(history, "encounter_key", _links(read_table, table_version, ENCOUNTERS, "encounter_key"))
-    # Every later step groups, windows or joins per patient: one shuffle by patient here serves them all.
-    history = history.repartition(_partitions(spark), "patient_key").persist()
-    try:
-        scale2 = _scale2_patients(markers, touched, patient_links)
-        asof = _as_of(history.where(F.col("_asof")), inputs)
-        # Up to _to: silver may have grown between the `ends` read and this one; later rows score next batch.
-        points = (asof.where((F.col("scored_at") >= F.col("_from")) & (F.col("scored_at") <= F.col("_to")))
-                  .join(scale2, "patient_key", "left"))
-        scores = _score(points, lookback_ms)
-        numeric = history.where(F.col("_feature") & F.col("concept").isin(*features.FEATURE_CONCEPTS))
-        feats = features.vitals_features(numeric, scores.select("patient_key", "scored_at"), windows_ms)
-        names = set(features.feature_columns(windows_ms))
-        feats = feats.selectExpr("patient_key", "scored_at",
-                                 *sql.casts(f for f in feature_schema.fields if f.name in names))
-        both = scores.join(feats, ["patient_key", "scored_at"], "left")
-        both = _with_model(both, champion(), windows_ms)
-        both = both.select("*", F.lit(version).cast("long").alias("silver_version"),
-                           F.lit(CODE_VERSION).alias("code_version"), F.lit(ingest_batch_id).alias("computed_by"),
-                           F.lit(processed_at).cast("timestamp").alias("computed_at"),
-                           F.explode(F.array(F.lit(SCORES), F.lit(FEATURES))).alias(OUTPUT))
-        scored = _as_routed(both, routed_schema).localCheckpoint(eager=True)  # once, while `history` is cached
-    finally:
-        history.unpersist()
-    new_scores = scored.where(F.col(OUTPUT) == SCORES).select(*SCHEMA.fieldNames())
-    redone = F.broadcast(touched.select("patient_key", "_from"))
-
-    def scores_from(since: datetime) -> DataFrame:
-        """Score rows from `since` on as they stand once this batch commits: a touched patient's stored rows from
-        its first point on are replaced by this batch's (the points no longer there are withdrawn)."""
-        if scores_version is None:
-            return new_scores
-        stored = read_table(SCORES, since=("scored_at", since)).select(*SCHEMA.fieldNames())
-        kept = (stored.join(redone, "patient_key", "left")
-                .where(F.col("_from").isNull() | (F.col("scored_at") < F.col("_from"))).drop("_from"))
-        return kept.unionByName(new_scores)
-
-    routed = [scored]
-    # Stored points of a touched patient this batch no longer finds, withdrawn from each table that holds them (a
-    # crash between the two commits may have left a features row whose point was then retracted).
-    for table in (SCORES, FEATURES) if scores_version is not None else ():
-        if table_version(table) is None:
-            continue
-        gone = (read_table(table, since=("scored_at", earliest)).select("patient_key", "scored_at")
-                .join(redone, "patient_key").where(F.col("scored_at") >= F.col("_from"))
-                .join(new_scores.select("patient_key", "scored_at"), ["patient_key", "scored_at"], "left_anti"))
-        routed.append(_as_routed(gone.select(  # no silver_version: a WITHDRAWAL
-            "patient_key", "scored_at", F.lit(CODE_VERSION).alias("code_version"),
-            F.lit(ingest_batch_id).alias("computed_by"), F.lit(processed_at).cast("timestamp").alias("computed_at"),
-            F.lit(table).alias(OUTPUT)), routed_schema))
-
-    alerts = deterioration_alerts.deterioration_alerts(
-        dict(touched_rows), scores_from, read_table=read_table,
-        table_version=table_version, scores_version=scores_version, ingest_batch_id=ingest_batch_id,
-        processed_at=processed_at, resolve_after_ms=resolve_after_ms, corrected=corrected, merged=patient_links)
-    alert_rows = _as_routed(alerts.select("*", F.lit(deterioration_alerts.ALERTS).alias(OUTPUT)), routed_schema)
-    return _union([*routed, alert_rows, marker_rows])
-
-
-def _partitions(spark) -> int:
-    return int(spark.conf.get("spark.sql.shuffle.partitions"))
-
-
-def _routed_schema(feature_schema: StructType) -> StructType:
-    fields = [*SCHEMA.fields]
-    for more in (feature_schema, deterioration_alerts.SCHEMA, SCALE2_SCHEMA, MINUTES_SCHEMA):
-        names = {f.name for f in fields}
-        fields += [StructField(f.name, f.dataType, True) for f in more.fields if f.name not in names]
-    return StructType([*fields, StructField(OUTPUT, StringType(), False)])
-
-
 def _as_routed(df: DataFrame, routed_schema: StructType) -> DataFrame:
     """`df` in the routed schema: its own columns cast to their declared types, the other tables' columns null."""
     have = set(df.columns)
@@ -382,307 +542,6 @@ def _as_routed(df: DataFrame, routed_schema: StructType) -> DataFrame:
                            f"AS {sql.name(f.name)}" for f in routed_schema.fields])
 
 
-def _scale2_markers(observations: DataFrame, codes: Sequence[str], version: Column,
-                    stamp: Mapping[str, Any]) -> DataFrame:
-    """Rows of silver.observations (or of its change feed) that record a hypercapnic target, one per observation
-    (its newest state), whatever their status: a deletion must reach the markers table too."""
-    marked = observations.where(F.col("observation_id").isNotNull()
-                                & (F.col("code").isin(*codes) | F.col("value_text").isin(*codes)) if codes
-                                else F.lit(False))
-    return _newest(marked.select("observation_id", "patient_key", "code", "value_text", "status", "effective_at",
-                                 version.cast("long").alias("silver_version"),
-                                 F.lit(stamp["computed_by"]).alias("computed_by"),
-                                 F.lit(stamp["computed_at"]).cast("timestamp").alias("computed_at")))
-
-
-def _newest(markers: DataFrame) -> DataFrame:
-    """One row per marker: the state of the newest silver version (a kept row may be newer than a replayed one)."""
-    newest = Window.partitionBy("observation_id").orderBy(F.col("silver_version").desc_nulls_last())
-    return markers.select("*", F.row_number().over(newest).alias("_n")).where("_n = 1").drop("_n")
-
-
-def _scale2_patients(markers: DataFrame, touched: DataFrame, links: Mapping[str, str]) -> DataFrame:
-    """Touched patients with a recorded hypercapnic target (any time): (patient_key, _scale2 = true)."""
-    marked = markers.where(~F.coalesce(F.col("status"), F.lit("final")).isin(*NOT_MEASURED))
-    marked = _resolve(marked.select("patient_key"), "patient_key", links)
-    return (marked.join(F.broadcast(touched.select("patient_key")), "patient_key").distinct()
-            .withColumn("_scale2", F.lit(True)))
-
-
-# A patient's history before its batch is read in minutes (gold.vitals_minutes), and row by row only where the
-# batch probes it; False reads every row (tests compare the two).
-ROLL_UP = True
-MINUTE_SECONDS = 60
-_ENCOUNTER = "_encounter"  # the concept of a rolled-up row that carries only the newest encounter
-_HISTORY_COLUMNS = ("patient_key", "encounter_key", "concept", "value", "value_text", "effective_at",
-                    "observation_id", "_from", "_to")
-
-
-def _as_read() -> list[Column]:
-    """The flags of a history row read as it is: it stands for one reading; scores read inputs, features all."""
-    return [F.lit(1).cast("long").alias("_n"), F.col("concept").isin(*INPUTS).alias("_asof"),
-            F.lit(True).alias("_feature")]
-
-
-# More distinct minutes than this in one batch (a backfill chunk): one read from the first to the last.
-_MAX_SLICES = 200
-
-
-def _utc(at: datetime) -> datetime:
-    """A time Spark gave back (naive local time) as aware UTC."""
-    return at.astimezone(UTC)
-
-
-def _union(parts: Sequence[DataFrame]) -> DataFrame:
-    out = parts[0]
-    for part in parts[1:]:
-        out = out.unionByName(part)
-    return out
-
-
-def _minute_index(at: str) -> str:
-    return f"floor(unix_seconds({at}) / {MINUTE_SECONDS})"
-
-
-def _minute_start(column: str) -> Column:
-    return F.expr(f"timestamp_seconds({_minute_index(column)} * {MINUTE_SECONDS})")
-
-
-def _minute_floor(at: datetime) -> datetime:
-    """The start of `at`'s minute (an aware UTC time: the minutes of the SQL side)."""
-    return at.astimezone(UTC).replace(second=0, microsecond=0)
-
-
-def usable_observations(observations: DataFrame, *, measured_only: bool = True) -> DataFrame:
-    """The rows of silver.observations (or of its change feed) that scores and features read: inputs and feature
-    concepts with a patient, a time and a value, not retracted (identities as silver keyed them). With
-    `measured_only=False` retracted and value-less rows too: every row whose minute a change touches."""
-    wanted = sorted({*INPUTS, *features.FEATURE_CONCEPTS})
-    kept = (F.col("concept").isin(*wanted) & F.col("patient_key").isNotNull() & F.col("effective_at").isNotNull())
-    if measured_only:
-        kept = (kept & (F.col("value").isNotNull() | F.col("value_text").isNotNull())
-                & ~F.coalesce(F.col("status"), F.lit("final")).isin(*NOT_MEASURED))
-    return observations.where(kept)
-
-
-def vitals_minutes(observations: DataFrame, *, silver_version: int | None, ingest_batch_id: str,
-                   processed_at: datetime, only: DataFrame | None = None,
-                   stored: DataFrame | None = None) -> DataFrame:
-    """gold.vitals_minutes rows of silver.observations rows: per (patient_key, concept, minute), what a score batch
-    needs of a minute in which none of its points or window edges falls (`_history_in_minutes`). `only`: the
-    (patient_key, concept, minute) keys to recompute, each one getting a row; one with nothing left is an
-    EMPTIED_MINUTE, sent only where `stored` (gold.vitals_minutes rows) has the key: the MERGE deletes it."""
-    keys = ["patient_key", "concept", "minute"]
-    rows = usable_observations(observations).select("*", _minute_start("effective_at").alias("minute"))
-    if only is not None:
-        rows = rows.join(only, keys, "left_semi")
-    minutes = _minute_rows(rows, list(INPUTS))
-    if only is not None:
-        minutes = only.join(minutes, keys, "left")
-    minutes = minutes.select(
-        *[(F.coalesce("readings", F.lit(0)) if f.name == "readings" else F.col(f.name))
-          .cast(sql.type_text(f.dataType)).alias(f.name) for f in MINUTES_SCHEMA.fields[:-len(_PROVENANCE)]],
-        F.lit(silver_version).cast("long").alias("silver_version"), F.lit(CODE_VERSION).alias("code_version"),
-        F.lit(ingest_batch_id).alias("computed_by"), F.lit(processed_at).cast("timestamp").alias("computed_at"))
-    emptied = F.expr(_emptied())
-    if stored is None:
-        return minutes.where(~emptied)
-    return minutes.where(~emptied).unionByName(minutes.where(emptied).join(stored.select(*keys), keys, "left_semi"))
-
-
-def _minute_rows(rows: DataFrame, inputs: Sequence[str]) -> DataFrame:
-    """gold.vitals_minutes rows (without provenance) of usable silver rows with their `minute`: per (patient_key,
-    concept, minute), what a batch needs of the minute when no point or window edge falls in it. Features: the
-    newest numeric reading and how many there were. Scores (`_as_of` reads only the newest row of an input before
-    a patient's first point): the newest row (the largest observation id at that instant), the newest row with a
-    value, the newest encounter."""
-    feature = (f"concept IN ({', '.join(sql.string(c) for c in features.FEATURE_CONCEPTS)}) AND value IS NOT NULL "
-               "AND NOT isnan(value)")
-    scored = f"concept IN ({', '.join(sql.string(c) for c in inputs)})"
-    valued = (f"{scored} AND CASE WHEN concept IN ({', '.join(sql.string(c) for c in TEXT_INPUTS)}) "
-              "THEN value_text IS NOT NULL ELSE value IS NOT NULL END")
-    row = "struct(effective_at AS at, observation_id AS id, CAST(value AS DOUBLE) AS value, value_text AS text)"
-    groups = rows.groupBy("patient_key", "concept", "minute").agg(
-        F.expr(f"count(*) FILTER (WHERE {feature})").alias("readings"),
-        F.expr(f"max(struct(effective_at AS at, CAST(value AS DOUBLE) AS value)) FILTER (WHERE {feature})")
-        .alias("_last"),
-        F.expr(f"max({row}) FILTER (WHERE {scored})").alias("_pick"),
-        F.expr(f"max({row}) FILTER (WHERE {valued})").alias("_valued"),
-        F.expr(f"max(struct(effective_at AS at, encounter_key AS key)) FILTER (WHERE {scored} AND encounter_key "
-               "IS NOT NULL)").alias("_enc"))
-    return groups.selectExpr(
-        "patient_key", "concept", "minute", "readings", "_last.at AS last_at", "_last.value AS last_value",
-        *[f"{p}.{f} AS {name}_{g}" for p, name in (("_pick", "pick"), ("_valued", "valued"))
-          for f, g in (("at", "at"), ("id", "id"), ("value", "value"), ("text", "text"))],
-        "_enc.at AS encounter_at", "_enc.key AS encounter_key")
-
-
-def _merged(slices: Sequence[tuple[datetime, datetime | None]]) -> list[tuple[datetime, datetime | None]]:
-    """Time slices [start, end) (end None: open) merged where they overlap or touch."""
-    out: list[tuple[datetime, datetime | None]] = []
-    for lo, hi in sorted(slices, key=lambda s: s[0]):
-        if out and (out[-1][1] is None or lo <= out[-1][1]):
-            end = out[-1][1]
-            out[-1] = (out[-1][0], None if end is None or hi is None else max(end, hi))
-        else:
-            out.append((lo, hi))
-    return out
-
-
-def _history_in_minutes(read_usable: Callable[..., DataFrame], stored: DataFrame | None,
-                        fresh: DataFrame | None, touched: DataFrame, spans: Sequence[tuple[str, datetime, datetime]],
-                        inputs: Sequence[str], windows_ms: Sequence[int], history_ms: int,
-                        links: Mapping[str, str]) -> DataFrame:
-    """The touched patients' history: silver row by row in the minutes the batch probes, gold.vitals_minutes
-    elsewhere. The same scores and features as reading every row.
-
-    A score needs, per input, only the newest value before the patient's first point (`_from`); a feature needs
-    the readings around each of its probes (at each point, and one window before it) row by row, and between the
-    probes only how many readings there were and the newest one. So silver is read row by row in the minutes from
-    `_from` on, in [_from - w, _to - w] for every window w, and in the minute the history starts; the minutes in
-    between come from gold.vitals_minutes as at most four rows each per concept: for the features the newest
-    reading with `_n` = the readings it stands for; for the scores the newest instant's row, the newest row that
-    has a value, and the newest encounter (an `_encounter` row), only the newest minute's rows of each kind kept.
-    12 h of a monitor that sends a reading a second, ~43,000 readings per vital, become ~720 rows, and silver is
-    read only in a few slices a few minutes wide (data skipping), however many hours the history holds.
-
-    `fresh`: the minutes this batch recomputed (they replace the stored ones). Exact but for two cases: in a minute
-    read from the table, several rows of one input at its newest instant, the one with the largest id without a
-    value (row by row the score carries the value from before that instant forward; here it finds none before it
-    and counts the input missing: partial, never normal); and two encounters named at one instant that links
-    (merges) make one (the larger key before following the link wins).
-
-    Out: _HISTORY_COLUMNS, `_n` (readings a row stands for), `_asof` (scores read it), `_feature` (features do).
-    """
-    step, history = timedelta(seconds=MINUTE_SECONDS), timedelta(milliseconds=history_ms)
-    windows = [timedelta(milliseconds=int(w)) for w in windows_ms]
-    first, last_from, last_to = min(s[1] for s in spans), max(s[1] for s in spans), max(s[2] for s in spans)
-    slices = [(_minute_floor(first), None), (_minute_floor(first - history), _minute_floor(last_from - history) + step),
-              *[(_minute_floor(first - w), _minute_floor(last_to - w) + step) for w in windows]]
-    rows = _union([read_usable(lo, hi) for lo, hi in _merged(slices)])
-    start = f"_from - INTERVAL {int(history_ms)} MILLISECONDS"
-
-    def probed(minute: str) -> str:
-        edges = [f"{minute} >= {_minute_index('_from')}", f"{minute} = {_minute_index(start)}"]
-        for w in windows_ms:
-            back = f"INTERVAL {int(w)} MILLISECONDS"
-            edges.append(f"({minute} BETWEEN {_minute_index(f'_from - {back}')} AND {_minute_index(f'_to - {back}')})")
-        return " OR ".join(edges)
-
-    raw = (rows.join(F.broadcast(touched), "patient_key")
-           .where(f"effective_at >= {start} AND ({probed(_minute_index('effective_at'))})")
-           .select(*_HISTORY_COLUMNS, *_as_read()))
-    minutes = stored
-    if fresh is not None:
-        fresh = fresh.select(*MINUTES_SCHEMA.fieldNames())
-        minutes = fresh if stored is None else stored.join(
-            fresh.select("patient_key", "concept", "minute"), ["patient_key", "concept", "minute"], "left_anti"
-        ).unionByName(fresh)
-    if minutes is None:
-        return raw
-    here = _minute_index("minute")
-    minutes = (_resolve(minutes, "patient_key", links).join(F.broadcast(touched), "patient_key")
-               .where(f"{here} > {_minute_index(start)} AND NOT ({probed(here)})"))
-
-    def entry(kind: int, at: str, concept: str, value: str, text: str, oid: str, enc: str, n: str) -> str:
-        return (f"named_struct('_kind', {kind}, 'effective_at', {at}, 'concept', {concept}, "
-                f"'value', CAST({value} AS DOUBLE), 'value_text', CAST({text} AS STRING), "
-                f"'observation_id', CAST({oid} AS STRING), 'encounter_key', CAST({enc} AS STRING), "
-                f"'_n', CAST({n} AS BIGINT))")
-
-    entries = [entry(0, "last_at", "concept", "last_value", "NULL", "NULL", "NULL", "readings"),
-               *[entry(k, f"{p}_at", "concept", f"{p}_value", f"{p}_text", f"{p}_id", "NULL", "1")
-                 for k, p in ((1, "pick"), (2, "valued"))],
-               entry(3, "encounter_at", sql.string(_ENCOUNTER), "NULL", "NULL", "NULL", "encounter_key", "1")]
-    rolled = minutes.selectExpr("patient_key", "_from", "_to", f"inline(array({', '.join(entries)}))").where(
-        "effective_at IS NOT NULL")
-    # A feature keeps every minute's row (its counts); a score only the newest minute's rows of each kind.
-    # Ties (a person's identities at one instant, after links): the largest id, as `_as_of` picks; the largest
-    # encounter.
-    newest = Window.partitionBy("patient_key", "concept", "_kind").orderBy(
-        F.col("effective_at").desc(), F.col("observation_id").desc_nulls_last(),
-        F.col("encounter_key").desc_nulls_last())
-    rolled = rolled.select("*", F.when(F.col("_kind") == 0, F.lit(1)).otherwise(F.row_number().over(newest))
-                           .alias("_rank")).where("_rank = 1")
-    return raw.unionByName(rolled.select(*_HISTORY_COLUMNS, "_n", (F.col("_kind") > 0).alias("_asof"),
-                                         (F.col("_kind") == 0).alias("_feature")))
-
-
-def _as_of(history: DataFrame, inputs: Sequence[str]) -> DataFrame:
-    """One row per (patient, input time) with the newest value, time and observation of every input so far."""
-    aggs = ["max(encounter_key) AS _enc", "first(_from) AS _from", "first(_to) AS _to"]
-    for c in inputs:
-        value = "value_text" if c in TEXT_INPUTS else "value"
-        here = f"concept = {sql.string(c)}"
-        aggs += [f"max_by(CASE WHEN {here} THEN {value} END, CASE WHEN {here} THEN observation_id END) AS _v_{c}",
-                 f"max(CASE WHEN {here} THEN observation_id END) AS _id_{c}"]
-    per_time = history.groupBy("patient_key", "effective_at").agg(*[F.expr(a) for a in aggs])
-    so_far = "OVER (PARTITION BY patient_key ORDER BY effective_at ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)"
-    filled = [f"last(_enc, true) {so_far} AS encounter_key"]
-    for c in inputs:
-        filled += [f"last(_v_{c}, true) {so_far} AS _v_{c}",
-                   f"last(CASE WHEN _v_{c} IS NOT NULL THEN effective_at END, true) {so_far} AS _t_{c}",
-                   f"last(_id_{c}, true) {so_far} AS _id_{c}"]
-    return per_time.selectExpr("patient_key", "effective_at AS scored_at", "_from", "_to", *filled)
-
-
-def _score(points: DataFrame, lookback_ms: int) -> DataFrame:
-    """NEWS2, qSOFA and SIRS from the as-of inputs, inputs older than the look-back treated as missing.
-
-    Three selects: the usable inputs as plain columns, then the NEWS2 components over those names, then totals
-    and bands over the components, so each expression stays small (planning is a per-batch cost in a stream).
-    """
-    fresh, stale, ids = [], [], []
-    for c, column in INPUTS.items():
-        ok = f"_t_{c} >= scored_at - INTERVAL {lookback_ms // 1000} SECONDS"
-        fresh.append(f"CASE WHEN {ok} THEN _v_{c} END AS {column}")
-        stale.append(f"CASE WHEN _v_{c} IS NOT NULL AND NOT ({ok}) THEN {sql.string(column)} END")
-        ids.append(f"CASE WHEN {ok} THEN _id_{c} END")
-    inputs = points.selectExpr(
-        "patient_key", "encounter_key", "scored_at", *fresh,
-        f"filter(array({', '.join(stale)}), x -> x IS NOT NULL) AS stale_inputs",
-        f"filter(array({', '.join(ids)}), x -> x IS NOT NULL) AS input_observation_ids",
-        "coalesce(_scale2, false) AS _scale2")
-    inputs = inputs.selectExpr("*", f"{news2.on_oxygen_sql('fio2', 'o2flow')} AS on_oxygen")
-    components = news2.news2_component_sql("respiratory_rate", "spo2", "on_oxygen", "systolic_bp", "pulse",
-                                           "consciousness", "temperature", "_scale2")
-    q = news2.qsofa_sql("respiratory_rate", "systolic_bp", "consciousness")
-    scored = inputs.selectExpr(
-        "*", *[f"{expr} AS {name}" for name, expr in components.items()],
-        f"{q['qsofa_score']} AS qsofa_score", f"{q['qsofa_partial']} AS qsofa_partial",
-        f"{news2.sirs_sql('temperature', 'pulse', 'respiratory_rate', 'wbc')} AS sirs_count")
-    n = news2.news2_summary_sql({name: name for name in news2.COMPONENTS})
-    return scored.selectExpr(
-        "patient_key", "encounter_key", "scored_at",
-        f"{n['news2_score']} AS news2_score", f"{n['news2_band']} AS news2_band", *news2.COMPONENTS,
-        f"{n['news2_partial']} AS news2_partial", f"{n['news2_missing']} AS missing_inputs",
-        "stale_inputs", "CASE WHEN _scale2 THEN 2 ELSE 1 END AS spo2_scale",
-        *INPUTS.values(), "on_oxygen", "input_observation_ids", "qsofa_score", "qsofa_partial", "sirs_count")
-
-
-def _with_model(df: DataFrame, champion: Any, windows_ms: Sequence[int]) -> DataFrame:
-    """Add model_risk / model_version / model_alert from the champion model (null columns without one)."""
-    if champion is None:
-        return df.select("*", F.lit(None).cast("double").alias("model_risk"),
-                         F.lit(None).cast("string").alias("model_version"),
-                         F.lit(None).cast("boolean").alias("model_alert"))
-    names = list(champion.feature_names)
-    missing = [n for n in names if n not in df.columns]
-    if missing:  # the registered model was trained on other windows or concepts than this job computes
-        raise ValueError(f"model {champion.version} needs features {missing[:5]} that gold.vitals_features "
-                         f"does not compute with gold.feature_windows={list(windows_ms)}; retrain with "
-                         f"`carelake train deterioration` or change the windows back")
-    out_schema = StructType([*df.schema.fields, StructField("model_risk", DoubleType(), True),
-                             StructField("model_version", StringType(), True),
-                             StructField("model_alert", BooleanType(), True)])
-    version, threshold = str(champion.version), float(champion.threshold)
-
-    def predict(frames):
-        for frame in frames:
-            risk = champion.predict(frame[names]) if len(frame) else []
-            frame = frame.assign(model_risk=pd.Series(risk, index=frame.index, dtype="float64"),
-                                 model_version=version)
-            frame["model_alert"] = frame["model_risk"] >= threshold
-            yield frame
-
-    return df.mapInPandas(predict, out_schema)
+def utc_micros(at: datetime) -> int:
+    """An aware time as microseconds since the epoch."""
+    return int(at.astimezone(UTC).timestamp()) * 1_000_000 + at.microsecond

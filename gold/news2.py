@@ -33,7 +33,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
 from pyspark.sql import Column
 from pyspark.sql import functions as F
 

@@ -42,7 +42,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from gold import news2
+from gold import features, news2
 from gold.features import FEATURE_CONCEPTS, window_name
 
 # Scoring inputs: silver concept -> the score row's value column.
@@ -216,6 +216,7 @@ class PersonState:
     emitted: dict[str, dict] = field(default_factory=dict)  # alert rows that the tail can still change
     inexact: bool = False  # a folded carry or snapshot lost its value: rebuild from silver
     newest: int | None = None
+    identities: tuple[str, ...] = ()  # the identity keys whose rows the state holds (the caller keeps it)
 
     def dumps(self) -> bytes:
         return pickle.dumps((STATE_FORMAT, self), protocol=5)
@@ -426,7 +427,8 @@ def _score_points(state: PersonState, s: Settings, start: int,
         "encounter_key": _as_of_encounter(inputs, state.encounter, points),
         "news2_score": scored["news2_score"], "news2_band": scored["news2_band"],
         **{c: scored[c] for c in news2.COMPONENTS},
-        "news2_partial": scored["news2_partial"], "missing_inputs": _objects([list(m) for m in scored["news2_missing"]]),
+        "news2_partial": scored["news2_partial"],
+        "missing_inputs": _objects([list(m) for m in scored["news2_missing"]]),
         "stale_inputs": _objects(stale), "spo2_scale": np.where(scale2, 2, 1),
         **values,
         "on_oxygen": np.array([None if math.isnan(x) else bool(x) for x in on_o2], dtype=object),
@@ -503,14 +505,8 @@ def _as_of_encounter(inputs: Table, carry: tuple[int | None, str | None], points
 
 # -- features ------------------------------------------------------------------------------------------------
 def feature_columns(windows_us: Sequence[int]) -> list[str]:
-    """The feature names in model input order: per concept, last and age, then change, slope, count per window."""
-    names = [window_name(w // 1000) for w in windows_us]
-    columns: list[str] = []
-    for c in FEATURE_CONCEPTS:
-        columns += [f"{c}_last", f"{c}_age_s"]
-        for w in names:
-            columns += [f"{c}_change_{w}", f"{c}_slope_{w}", f"{c}_count_{w}"]
-    return columns
+    """gold.features.feature_columns for windows in microseconds."""
+    return features.feature_columns([w // 1000 for w in windows_us])
 
 
 def _readings(rows: Table, concept: str) -> tuple[np.ndarray, np.ndarray]:
@@ -650,13 +646,13 @@ def _alerts(state: PersonState, s: Settings, person: str) -> list[dict]:
     """The alert rows the tail's points give, against what was emitted before: changed and withdrawn ones."""
     points = state.points
     episodes: list[dict] = []
-    if points is not None and len(points):
-        flags = _in_level(points)
-        for level in LEVELS:
-            machine = copy.deepcopy(state.machines[level])  # the state at the fold line stays as it was
+    flags = _in_level(points) if points is not None and len(points) else None
+    for level in LEVELS:
+        machine = copy.deepcopy(state.machines[level])  # the state at the fold line stays as it was
+        if flags is not None:
             _run(machine, level, points, flags[level], s.resolve_after_us, person, episodes)
-            if machine.episode is not None:
-                episodes.append(machine.episode)
+        if machine.episode is not None:
+            episodes.append(machine.episode)
     rows = {ep["alert_id"]: _finish(ep) for ep in episodes}
     changed = [row for aid, row in rows.items() if state.emitted.get(aid) != row]
     gone = [{**row, "status": WITHDRAWN} for aid, row in state.emitted.items() if aid not in rows]

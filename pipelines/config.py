@@ -25,12 +25,12 @@ LAYERS = ("bronze", "silver", "gold", "ops")
 LOG_LEVELS = ("ERROR", "WARN", "INFO", "DEBUG")
 _ENV_PREFIX = "CARELAKE_"
 _ENV_RESERVED = {"CARELAKE_ENV", "CARELAKE_CONF_DIR"}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _FEED = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 def parse_duration_ms(value: Any, key: str) -> int:
-    """'500ms', '5s', '2m', '1h' (or a bare number of milliseconds) -> milliseconds."""
+    """'500ms', '5s', '2m', '1h', '7d' (or a bare number of milliseconds) -> milliseconds."""
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected a duration like 500ms, 5s or 2m, got {value!r}")
     if isinstance(value, int | float):
@@ -38,7 +38,7 @@ def parse_duration_ms(value: Any, key: str) -> int:
     m = _DURATION.match(str(value))
     if not m:
         raise ConfigError(f"{key}: expected a duration like 500ms, 5s or 2m, got {value!r}")
-    scale = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}[m.group(2)]
+    scale = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}[m.group(2)]
     return int(float(m.group(1)) * scale)
 
 
@@ -168,6 +168,21 @@ class GatewayConfig:
     idle_timeout: str
     ack_timeout: str
     send_retries: int
+    # Slow and hostile senders: how long a request head, an HTTP body and an MLLP frame may take to arrive, and how
+    # long a stop may take. Refused traffic: what of an oversized body is kept, and how much the rejects area holds.
+    header_timeout: str
+    body_timeout: str
+    frame_timeout: str
+    shutdown_timeout: str
+    max_batch_messages: int
+    reject_keep_kb: int
+    rejects_max_mb: int
+    rejects_max_age: str
+
+    _DURATIONS = ("group_commit", "segment_age", "idle_timeout", "ack_timeout", "header_timeout", "body_timeout",
+                  "frame_timeout", "shutdown_timeout", "rejects_max_age")
+    _POSITIVE = ("segment_age", "idle_timeout", "ack_timeout", "header_timeout", "body_timeout", "frame_timeout",
+                 "shutdown_timeout", "rejects_max_age")
 
     def __post_init__(self) -> None:
         for name in ("mllp_port", "http_port"):
@@ -179,10 +194,24 @@ class GatewayConfig:
                 raise ConfigError(f"gateway.{name} must be at least 1, got {getattr(self, name)}")
         if self.send_retries < 0:
             raise ConfigError(f"gateway.send_retries must be 0 or more, got {self.send_retries}")
-        for name in ("group_commit", "segment_age", "idle_timeout", "ack_timeout"):
+        for name in self._DURATIONS:
             parse_duration_ms(getattr(self, name), f"gateway.{name}")
-        if self.segment_age_s <= 0 or self.ack_timeout_s <= 0 or self.idle_timeout_s <= 0:
-            raise ConfigError("gateway.segment_age, gateway.ack_timeout and gateway.idle_timeout must be positive")
+        for name in self._POSITIVE:
+            if self._seconds(name) <= 0:
+                raise ConfigError(f"gateway.{name} must be a positive duration (like 500ms, 10s or 2m), got "
+                                  f"{getattr(self, name)!r}")
+        self._check_limits()
+
+    def _check_limits(self) -> None:
+        if self.max_batch_messages < 1:
+            raise ConfigError(f"gateway.max_batch_messages must be at least 1 message, got {self.max_batch_messages}; "
+                              "an FHS/BHS batch with more messages is refused (AR) and must be sent split")
+        if not 0 <= self.reject_keep_kb <= self.max_message_mb * 1024:
+            raise ConfigError(f"gateway.reject_keep_kb must be 0 (keep only the header) to gateway.max_message_mb in "
+                              f"KiB ({self.max_message_mb * 1024}), got {self.reject_keep_kb}")
+        if self.rejects_max_mb < 1:
+            raise ConfigError(f"gateway.rejects_max_mb must be at least 1 MB, got {self.rejects_max_mb}; the oldest "
+                              "sealed reject segments are deleted once landing/_rejects holds more")
 
     def _seconds(self, name: str) -> float:
         return parse_duration_ms(getattr(self, name), f"gateway.{name}") / 1000
@@ -202,6 +231,26 @@ class GatewayConfig:
     @property
     def ack_timeout_s(self) -> float:
         return self._seconds("ack_timeout")
+
+    @property
+    def header_timeout_s(self) -> float:
+        return self._seconds("header_timeout")
+
+    @property
+    def body_timeout_s(self) -> float:
+        return self._seconds("body_timeout")
+
+    @property
+    def frame_timeout_s(self) -> float:
+        return self._seconds("frame_timeout")
+
+    @property
+    def shutdown_timeout_s(self) -> float:
+        return self._seconds("shutdown_timeout")
+
+    @property
+    def rejects_max_age_s(self) -> float:
+        return self._seconds("rejects_max_age")
 
 
 SIMULATOR_FEEDS = ("hl7", "fhir", "devices", "dicom", "claims")
@@ -342,8 +391,15 @@ class GoldConfig:
     spo2_scale2_codes: tuple[str, ...]
     history: str
     alert_resolve_after: str
+    state_horizon: str
 
     def __post_init__(self) -> None:
+        if self.state_horizon_ms < 0:
+            raise ConfigError(f"gold.state_horizon must be a duration like 10m, got {self.state_horizon!r}")
+        bad = [w for w in self.feature_windows if parse_duration_ms(w, "gold.feature_windows[]") % 12]
+        if bad:
+            raise ConfigError(f"gold.feature_windows: {bad} cannot be cut into 12 grid steps of whole milliseconds; "
+                              "use durations like 1h, 4h, 12h")
         if self.alert_resolve_after_ms < 0:
             raise ConfigError(f"gold.alert_resolve_after must be a duration like 1h (0s: resolve at the first score "
                               f"out of the level), got {self.alert_resolve_after!r}")
@@ -364,6 +420,10 @@ class GoldConfig:
     @property
     def history_ms(self) -> int:
         return parse_duration_ms(self.history, "gold.history")
+
+    @property
+    def state_horizon_ms(self) -> int:
+        return parse_duration_ms(self.state_horizon, "gold.state_horizon")
 
     @property
     def alert_resolve_after_ms(self) -> int:

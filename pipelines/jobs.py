@@ -10,7 +10,7 @@ import importlib
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pipelines.config import Config
 from pipelines.errors import ConfigError, SchemaEvolutionError, UsageError
@@ -26,8 +26,8 @@ ROUTE_COLUMN = "_output"
 # the current snapshot of a table as a DataFrame (the history a gold job scores new rows against; with
 # `since=(column, time)` only the rows, and files, from that time on; `(column, time, until)` a slice), and
 # `table_version(name)` its version,
-# for provenance.
-BATCH_PARAMETERS = ("batch_id", "ingest_batch_id", "processed_at", "read_table", "table_version")
+# for provenance; `batch_facts` what a job's StateStage prepared for the batch.
+BATCH_PARAMETERS = ("batch_id", "ingest_batch_id", "processed_at", "read_table", "table_version", "batch_facts")
 
 
 class Deferred:
@@ -78,6 +78,20 @@ class TableSource:
         return " + ".join(self.tables)
 
 
+class StateStage(Protocol):
+    """A keyed, stateful step between a job's source and its batches (e.g. the score job's per-person state).
+
+    `plan(stream, folder)` builds it into the streaming query (Spark keeps its state in the query's checkpoint).
+    Before each batch runs, the runner calls `prepare(folder, batch)` on the driver: the stage writes under
+    `folder` what its code on the executors needs of this batch (kept for a replay), and returns the facts the
+    transform gets as `batch_facts`.
+    """
+
+    def plan(self, stream: DataFrame, folder: str) -> DataFrame: ...
+
+    def prepare(self, folder: str, batch: Mapping[str, Any]) -> dict[str, Any]: ...
+
+
 @dataclass(frozen=True)
 class Output:
     """A side table a job also writes from each of its batches (e.g. silver.quarantine).
@@ -114,6 +128,7 @@ class Job:
     side_outputs: tuple[Output, ...] = ()
     # Tables the transform looks up with read_table (not streamed): their jobs run first in available-now order.
     reads: tuple[str, ...] = ()
+    state: StateStage | None = None
 
     def __post_init__(self) -> None:
         split_table_name(self.name)
@@ -273,9 +288,9 @@ def builtin_jobs(cfg: Config) -> list[Job]:
 
 
 def gold_jobs(cfg: Config) -> list[Job]:
-    """Early-warning scores (+ model risk), with deterioration alerts, vitals features, scale-2 markers and the
-    per-minute history as side outputs of the same batch."""
-    from gold import deterioration_alerts, early_warning_scores
+    """Early-warning scores (+ model risk), with deterioration alerts and vitals features as side outputs of the same
+    batch, computed per person from the state the job keeps (gold.scoring)."""
+    from gold import deterioration_alerts, early_warning_scores, scoring
 
     g = cfg.gold
     score_key = MergeSpec(keys=("patient_key", "scored_at"), latest_by=("computed_at",), prune_by=("scored_at",),
@@ -283,34 +298,23 @@ def gold_jobs(cfg: Config) -> list[Job]:
                           insert_when=f"NOT ({early_warning_scores.WITHDRAWAL})")
     features = Output(early_warning_scores.FEATURES, "merge", score_key,
                       early_warning_scores.features_schema(g.feature_windows_ms))
-    newer = "s.silver_version >= t.silver_version"
-    markers = Output(early_warning_scores.SCALE2, "merge",
-                     MergeSpec(keys=("observation_id",), latest_by=("silver_version",), update_when=newer),
-                     early_warning_scores.SCALE2_SCHEMA)
     alerts = Output(deterioration_alerts.ALERTS, "merge",
                     MergeSpec(keys=("alert_id",), latest_by=("computed_at",), prune_by=("opened_at",)),
                     deterioration_alerts.SCHEMA)
-    # A minute's row is replaced by one computed from the same or a newer silver version (a replay recomputes it);
-    # a minute left without readings is deleted.
-    emptied = early_warning_scores.EMPTIED_MINUTE
-    minutes = Output(early_warning_scores.MINUTES, "merge",
-                     MergeSpec(keys=("patient_key", "concept", "minute"), latest_by=("silver_version",),
-                               update_when=newer, delete_when=f"{emptied} AND {newer}",
-                               insert_when=f"NOT ({emptied})", prune_by=("minute",)),
-                     early_warning_scores.MINUTES_SCHEMA)
+    settings = scoring.Settings.from_ms(lookback_ms=g.lookback_ms, history_ms=g.history_ms,
+                                        windows_ms=g.feature_windows_ms, horizon_ms=g.state_horizon_ms,
+                                        resolve_after_ms=g.alert_resolve_after_ms, scale2_codes=g.spo2_scale2_codes)
+    stage = early_warning_scores.ScoreStage(settings, g.feature_windows_ms, _champion_loader(cfg))
     return [
         Job(name=early_warning_scores.SCORES, source=TableSource("silver.observations"),
             transform=early_warning_scores.early_warning_scores, write="merge", merge=score_key,
-            schema=early_warning_scores.SCHEMA, side_outputs=(alerts, features, markers, minutes),
+            schema=early_warning_scores.SCHEMA, side_outputs=(alerts, features), state=stage,
             reads=(early_warning_scores.PATIENTS, early_warning_scores.ENCOUNTERS),
-            options={"lookback_ms": g.lookback_ms, "history_ms": g.history_ms, "windows_ms": g.feature_windows_ms,
-                     "scale2_codes": g.spo2_scale2_codes, "champion": _champion_loader(cfg),
-                     "resolve_after_ms": g.alert_resolve_after_ms},
+            options={"windows_ms": g.feature_windows_ms},
             description="NEWS2 (components, band, partial), qSOFA, SIRS and model risk each time a vital sign "
-                        "arrives; in the same batch the deterioration alerts (gold.deterioration_alerts: one per "
-                        "patient, level and episode, opened, escalated, resolved), the vitals features "
-                        "(gold.vitals_features), and what it looks up: the SpO2 scale-2 markers "
-                        "(gold.spo2_scale2_markers) and each patient's readings per minute (gold.vitals_minutes)"),
+                        "arrives, from each person's state; in the same batch the deterioration alerts "
+                        "(gold.deterioration_alerts: one per patient, level and episode, opened, escalated, "
+                        "resolved) and the vitals features (gold.vitals_features)"),
     ]
 
 

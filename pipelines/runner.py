@@ -292,7 +292,15 @@ class Runner:
         united = streams[0]
         for more in streams[1:]:
             united = united.unionByName(more, allowMissingColumns=True)
+        if job.state is not None:
+            return job.state.plan(united, self._state_folder(job))
         return united
+
+    def _state_folder(self, job: Job) -> str:
+        """Where a stateful job's stage keeps what each batch's executors read (beside the query's checkpoint)."""
+        folder = self.cfg.path("_checkpoints") / f"{job.name}.context"
+        folder.mkdir(parents=True, exist_ok=True)
+        return str(folder)
 
     def _changes(self, job: Job, upstream: str) -> DataFrame:
         """The change feed of one upstream table, as a stream."""
@@ -345,6 +353,11 @@ class Runner:
 
         started_at, t0 = utcnow(), time.monotonic()
         query_id = self._query_id(job)
+        batch = {"batch_id": batch_id, "ingest_batch_id": f"{job.name}/{query_id[:8]}/{batch_id}",
+                 "processed_at": started_at, "read_table": self._read_table, "table_version": self._table_version,
+                 "table_path": lambda name: str(self.store.ref(name).path)}
+        if job.state is not None:  # before anything runs the batch's plan: its stage reads what this writes
+            batch["batch_facts"] = job.state.prepare(self._state_folder(job), batch)
         batch_df = batch_df.persist()
         try:
             landing = isinstance(job.source, LandingSource)
@@ -354,10 +367,7 @@ class Runner:
             limits = self.cfg.storage
             small = (int(stats["bytes"] or 0) <= limits.driver_write_max_mb * 1024 * 1024 if landing
                      else rows_in <= limits.driver_write_max_rows)
-            via_driver = small and (limits.driver_write_max_rows > 0 or limits.driver_write_max_mb > 0)
-            batch = {"batch_id": batch_id, "ingest_batch_id": f"{job.name}/{query_id[:8]}/{batch_id}",
-                     "processed_at": started_at, "read_table": self._read_table, "via_driver": via_driver,
-                     "table_version": self._table_version}
+            batch["via_driver"] = small and (limits.driver_write_max_rows > 0 or limits.driver_write_max_mb > 0)
             if rows_in >= SPREAD_ROWS:
                 batch_df = _spread(batch_df)
             if summary.batches == 0 and self._committed_before_chunking(job, query_id, batch_id):

@@ -62,6 +62,13 @@ def session_settings(cfg: SparkConfig, tmp_dir: str | None = None) -> dict[str, 
         # streaming plans, gold's wide projections) evict each other, and a score batch recompiled 10-27 classes
         # (0.4-0.9 s) every time; with room for them all it compiles about one per batch.
         "spark.sql.codegen.cache.maxEntries": "2000",
+        # The score job's per-person state (gold.scoring): RocksDB keeps it off the JVM heap, and with changelog
+        # checkpointing a batch writes what it changed instead of a snapshot of every state; a query with state
+        # runs no empty batches between data (they cost a state-store round trip and change nothing here).
+        "spark.sql.streaming.stateStore.providerClass":
+            "org.apache.spark.sql.execution.streaming.state.RocksDBStateStoreProvider",
+        "spark.sql.streaming.stateStore.rocksdb.changelogCheckpointing.enabled": "true",
+        "spark.sql.streaming.noDataMicroBatches.enabled": "false",
         "spark.driver.extraJavaOptions": driver_opts,
         "spark.executor.extraJavaOptions": java_opts,
     }

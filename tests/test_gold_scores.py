@@ -206,9 +206,6 @@ def test_readings_retracted_or_moved_to_another_patient_withdraw_the_old_score_a
         ("news2_medium", "open", None), ("qsofa", "open", None)]
     assert not [r for r in lake.store.read_arrow(FEATURES).to_pylist()
                 if (r["patient_key"], r["scored_at"]) == ("p1", T0 + timedelta(minutes=30))]
-    from gold.early_warning_scores import MINUTES
-    assert {(r["patient_key"], r["minute"].minute) for r in lake.store.read_arrow(MINUTES).to_pylist()} == {
-        ("p1", 0), ("p2", 0), ("p2", 31), ("p3", 0), ("p3", 20)}  # emptied minutes (p1 10:30, p3 11:30) are deleted
 
 
 def test_feeds_of_one_person_score_together_and_scale2(lake):
@@ -227,7 +224,8 @@ def test_feeds_of_one_person_score_together_and_scale2(lake):
 
 def test_an_identity_merged_into_another_person_closes_its_open_alerts_as_merged(lake):
     """ADT A40 / FHIR replaced-by: the merged identity's open alerts become `merged` in the next batch, its score
-    rows stay, and its readings score under the survivor, whose own alert carries the finding on."""
+    rows stay, and its readings score under the survivor, whose own alerts carry the finding on from when the
+    person (under either identity) first showed it."""
     bad = dict(rr=26, spo2=90, fio2=21, sbp=88, hr=135, acvpu="A", temp=38.5)  # NEWS2 13 (high), qSOFA 2
     lake.add(vitals("x1", 0, **bad) + vitals("x2", 0, **bad))
     lake.run()
@@ -241,7 +239,7 @@ def test_an_identity_merged_into_another_person_closes_its_open_alerts_as_merged
     s = lake.scores("p7")
     assert (s[5]["news2_band"], s[5]["respiratory_rate"], s[5]["pulse"]) == ("high", 26.0, 136.0)
     assert {(a["level"], a["status"], minutes(a["opened_at"])) for a in lake.alerts("p7")} == {
-        (level, "open", 5) for level in levels}
+        (level, "open", 0) for level in levels}
     assert {a["level"]: a["status"] for a in lake.alerts("x2")} == dict.fromkeys(levels, "open")
     lake.link("x2", "p8")  # a later merge: found though x1 was already cleared
     lake.add(vitals("p7", 6, hr=137))  # later batches leave the merged identity alone
@@ -251,50 +249,30 @@ def test_an_identity_merged_into_another_person_closes_its_open_alerts_as_merged
     assert sorted(lake.scores("x1")) == [0] and len(lake.alerts("p7")) == 3
 
 
-def test_scale2_marker_from_its_own_batch_counts_later_and_stops_when_entered_in_error(lake):
-    """The score job keeps hypercapnic-target markers as silver rows stream past (gold.spo2_scale2_markers), so a
-    marker that came in a batch without any vital sign still sets scale 2 later, and its retraction ends it."""
-    from gold.early_warning_scores import SCALE2
+def test_scale2_applies_from_the_marker_on_also_when_it_arrives_late_and_ends_with_its_retraction(lake):
+    """SpO2 scale 2 holds from the time of a recorded hypercapnic target on: a marker that arrives later than the
+    readings after it (in a batch of its own, with nothing to score) rescores them, and its retraction rescores
+    them back to scale 1."""
+    from pipelines.store.base import MergeSpec
 
     base = dict(rr=16, fio2=21, sbp=120, hr=70, acvpu="A", temp=37.0)
     lake.add(vitals("p5", 0, spo2=88, **base))
     lake.run()
     assert lake.scores("p5")[0]["spo2_scale"] == 1  # no marker yet: scale 1, SpO2 88 scores 3
     marker = obs("p5", "problem", "J96.12", -60, code="11450-4")
-    lake.add([marker])  # a batch of its own: nothing to score in it
+    lake.add([marker])  # a batch of its own, dated an hour before the reading
     lake.run()
-    kept = [r for r in lake.store.read_arrow(SCALE2).to_pylist() if r["patient_key"] == "p5"]
-    assert [(r["observation_id"], r["status"]) for r in kept] == [(marker["observation_id"], "final")]
+    assert (lake.scores("p5")[0]["spo2_scale"], lake.scores("p5")[0]["news2_spo2"]) == (2, 0)
     lake.add(vitals("p5", 10, spo2=88, **base))
     lake.run()
-    s = lake.scores("p5")
-    assert (s[10]["spo2_scale"], s[10]["news2_spo2"]) == (2, 0)
-    lake.add([{**marker, "status": "entered-in-error", "source_version": "2"}])  # silver appends the retraction
+    assert (lake.scores("p5")[10]["spo2_scale"], lake.scores("p5")[10]["news2_spo2"]) == (2, 0)
+    lake.store.merge(OBSERVATIONS, pa.Table.from_pylist([{**marker, "status": "entered-in-error",
+                                                          "source_version": "2"}], schema=lake.arrow_schema),
+                     MergeSpec(keys=("observation_id",)))
     lake.add(vitals("p5", 20, spo2=88, **base))
     lake.run()
     s = lake.scores("p5")
-    assert (s[20]["spo2_scale"], s[20]["news2_spo2"]) == (1, 3)
-    assert [r["status"] for r in lake.store.read_arrow(SCALE2).to_pylist()] == ["entered-in-error"]
-
-
-def test_recompute_from_reaches_back_to_running_episodes_also_when_two_open_at_once():
-    from gold.deterioration_alerts import _recompute_from
-
-    at = [T0 + timedelta(minutes=m) for m in range(6)]
-    # Two levels opened at the same instant (medium and qsofa): one still open, one resolved. Regression: sorting
-    # the (opened, resolved) pairs compared None with a time and failed the alert job in the demo.
-    known = [{"patient_key": "p", "opened_at": at[1], "resolved_at": None},
-             {"patient_key": "p", "opened_at": at[1], "resolved_at": at[2]},
-             {"patient_key": "q", "opened_at": at[0], "resolved_at": at[1]},  # over before q's change
-             {"patient_key": "r", "opened_at": at[0], "resolved_at": at[4]},  # running at r's change, and
-             {"patient_key": "r", "opened_at": at[3], "resolved_at": None}]   # so is this one, opened later
-    starts = _recompute_from({"p": at[3], "q": at[3], "r": at[3] + timedelta(seconds=30)}, known, timedelta(0))
-    assert starts == {"p": at[1], "q": at[3], "r": at[0]}
-    # q's episode resolved 2 min before its change: within a 5 min resolve_after a row back in the level would
-    # continue it, so it is recomputed whole; within 1 min it stays over.
-    changed = {"p": at[3], "q": at[3], "r": at[3]}
-    assert _recompute_from(changed, known, timedelta(minutes=5))["q"] == at[0]
-    assert _recompute_from(changed, known, timedelta(minutes=1))["q"] == at[3]
+    assert [(m, s[m]["spo2_scale"], s[m]["news2_spo2"]) for m in (0, 10, 20)] == [(0, 1, 3), (10, 1, 3), (20, 1, 3)]
 
 
 def test_alert_hysteresis_one_alert_for_a_finding_that_flickers(lake):
@@ -311,194 +289,3 @@ def test_alert_hysteresis_one_alert_for_a_finding_that_flickers(lake):
     assert [(minutes(a["opened_at"]), minutes(a["last_scored_at"]), a["status"], minutes(a["resolved_at"]))
             for a in medium] == [(10, 50, "resolved", 60), (200, 200, "open", None)]
     assert medium[0]["alert_id"] != medium[1]["alert_id"] and medium[0]["peak_news2_score"] == 6
-
-
-def test_history_read_in_minutes_gives_exactly_the_scores_features_and_alerts_of_every_row(
-        tmp_path, spark, monkeypatch):
-    """A monitor's history before the batch is read from gold.vitals_minutes, which the score job keeps: the same
-    gold rows as reading silver row by row, at window edges, ties, an encounter change, a retraction, a late
-    reading, a retraction in a minute that only a later batch reads back, and a person charted under two linked
-    identities."""
-    from pyspark.sql.pandas.types import to_arrow_schema
-
-    from gold import early_warning_scores as ews
-    from gold.features import FEATURE_CONCEPTS
-    from pipelines.jobs import load_registry
-    from pipelines.runner import Runner, Trigger
-    from pipelines.store import MergeSpec, open_store
-    from tests.conftest import make_config
-
-    def rows_until(first: float, last: float, every_s: int, patient: str, enc_switch: float | None = None,
-                   encounter: bool = True):
-        out, t = [], first * 60
-        while t < last * 60:
-            m = t / 60
-            values = {"hr": 80 + (t % 17), "rr": 16 + (t % 9), "spo2": 93 + (t % 5), "sbp": 100 + (t % 40),
-                      "temp": 37 + (t % 3) / 2, "fio2": 21}
-            rows = [obs(patient, c, v, m) for c, v in values.items()]
-            if t % 60 == 0:
-                rows.append(obs(patient, "acvpu", "A" if t % 600 else "V", m))
-            if t % 180 == 0:
-                rows.append(obs(patient, "lactate", 1.5 + (t % 7) / 10, m))
-            for r in rows:
-                r["encounter_key"] = (None if not encounter else f"enc-{patient}-b"
-                                      if enc_switch is not None and m >= enc_switch else r["encounter_key"])
-            out += rows
-            t += every_s
-        return out
-
-    def tied(patient: str, concept: str, value, minutes: float, tag: str, **changes):
-        row = {**obs(patient, concept, value, minutes), **changes}
-        row["observation_id"] = hashlib.sha256(f"{row['observation_id']}|{tag}".encode()).hexdigest()[:32]
-        return row
-
-    # Batch 2 scores p1 and p3 from 40:00 (p2 from its late reading at 25:00) with windows 5 and 15 min: for p1
-    # the minutes 25-28, 35-38 and 40 on hold probes (read row by row); 20-24, 29-34 and 39 come from the table.
-    # p2 is also charted under a FHIR identity linked to it (silver.patients), at other instants: one person.
-    history = [*rows_until(0, 40, 7, "p1", enc_switch=22.5), *rows_until(0, 40, 120, "p2"),
-               *rows_until(0.75, 40, 300, "p2-fhir"), *rows_until(0, 40, 30, "p3", encounter=False)]
-    extra = [
-        tied("p1", "hr", 131, 31.5, "a"), tied("p1", "hr", 60, 31.5, "b"),  # ties in a rolled-up minute
-        tied("p1", "hr", 129, 35, "a"), tied("p1", "temp", 39.4, 35, "a"),  # ties at a 5-min probe instant
-        obs("p1", "rr", 30, 32, status="entered-in-error"),  # a retraction in a rolled-up minute
-        # p3 carries no encounter but at 21:00, where two inputs name two: the larger is carried forward.
-        tied("p3", "hr", 90, 21, "x", encounter_key="enc-x1"), tied("p3", "rr", 18, 21, "x", encounter_key="enc-x2"),
-    ]
-    tail = [*rows_until(40, 43, 7, "p1", enc_switch=22.5), *rows_until(40, 42, 120, "p2"),
-            *rows_until(40.75, 42, 300, "p2-fhir"), *rows_until(40, 41, 30, "p3", encounter=False),
-            obs("p2", "hr", 140, 25)]
-    # Batch 2 also retracts p3's lactate at 33:00 (no score input: nothing is rescored for it, but p3's later
-    # 15-min windows count one reading less), and brings p3 a late heart rate at 34:10, p1 a late temperature.
-    retracted = [obs("p3", "lactate", 1.5 + (33 * 60 % 7) / 10, 33, status="entered-in-error")]
-    late = [{**obs("p3", "hr", 150, 34 + 1 / 6), "encounter_key": None}, obs("p1", "temp", 38.9, 31.2)]
-    # Batch 3: p3 is scored from 41:00; its minutes 28-35 come from the table, as batch 2 left them.
-    tail2 = [*rows_until(41, 42, 30, "p3", encounter=False), *rows_until(43, 44, 7, "p1", enc_switch=22.5)]
-    seen: list[int] = []
-    as_of = ews._as_of
-
-    def spy(history_rows, inputs):
-        seen.append(history_rows.count())
-        return as_of(history_rows, inputs)
-
-    monkeypatch.setattr(ews, "_as_of", spy)
-
-    def gold(roll_up: bool, root) -> dict[str, list]:
-        monkeypatch.setattr(ews, "ROLL_UP", roll_up)
-        cfg = make_config(root, **{"gold.feature_windows": ["5m", "15m"], "gold.history": "20m",
-                                   "gold.lookback": "10m", "gold.alert_resolve_after": "5m"})
-        store = open_store(cfg, spark)
-        runner = Runner(cfg, spark, store, load_registry(cfg))
-        schema = to_arrow_schema(OBS_SCHEMA)
-        link = {"patient_key": "p2-fhir", "identity_kind": "fhir-patient", "merged_into": "p2", "ingested_at": T0}
-        store.append(PATIENTS, pa.Table.from_pylist([link], schema=to_arrow_schema(PATIENT_SCHEMA)))
-        for n, batch in enumerate(([*history, *extra], [*tail, *late], tail2)):
-            if n == 1:
-                store.merge(OBSERVATIONS, pa.Table.from_pylist(retracted, schema=schema),
-                            MergeSpec(keys=("observation_id",)))
-            store.append(OBSERVATIONS, pa.Table.from_pylist(batch, schema=schema))
-            runner.run([SCORES], Trigger(available_now=True))
-        provenance = {"silver_version", "scores_version", "code_version", "computed_by", "computed_at"}
-
-        def comparable(row: dict) -> tuple:
-            return tuple(sorted((k, round(v, 9) if isinstance(v, float) else tuple(v) if isinstance(v, list) else v)
-                                for k, v in row.items() if k not in provenance))
-
-        out = {t: sorted(map(comparable, store.read_arrow(t).to_pylist()), key=repr)
-               for t in (SCORES, FEATURES, ALERTS)}
-        out["minutes"] = store.read_arrow(ews.MINUTES).to_pylist()
-        return out
-
-    rolled, row_by_row = gold(True, tmp_path / "rolled"), gold(False, tmp_path / "rows")
-    assert len(seen) == 6
-    # The later batches read their history in minutes (batch 2 rescores p1 from 31:12, so most of it row by row).
-    assert seen[1] < seen[4] and seen[2] < 0.75 * seen[5], seen
-    rows = {r["observation_id"]: r for r in [*history, *extra, *tail, *late, *tail2]}
-    rows.update({r["observation_id"]: r for r in retracted})
-    points = {(r["patient_key"].removesuffix("-fhir"), r["effective_at"]) for r in rows.values()
-              if r["status"] == "final"}
-    assert len(rolled[SCORES]) == len(points)
-    p3 = [dict(r) for r in rolled[SCORES] if dict(r)["patient_key"] == "p3"]
-    assert {r["encounter_key"] for r in p3 if minutes(r["scored_at"]) >= 40} == {"enc-x2"}
-    p2 = {minutes(dict(r)["scored_at"]): dict(r) for r in rolled[SCORES] if dict(r)["patient_key"] == "p2"}
-    assert p2[40.75]["encounter_key"] == "enc-p2-fhir" and p2[40]["encounter_key"] == "enc-p2"  # both feeds, one row
-    assert not [r for r in rolled[SCORES] if dict(r)["patient_key"] == "p2-fhir"]
-    assert {a for r in rolled[ALERTS] for k, a in r if k == "level"}  # alerts were raised to compare
-    for table in (SCORES, FEATURES, ALERTS):
-        assert rolled[table] == row_by_row[table], table
-    # The table holds each minute's readings as silver holds them now: the retracted lactate no longer counts.
-    counts: dict[tuple, int] = {}
-    for r in rows.values():
-        if r["status"] == "final" and r["concept"] in FEATURE_CONCEPTS:
-            key = (r["patient_key"], r["concept"], r["effective_at"].replace(second=0, microsecond=0))
-            counts[key] = counts.get(key, 0) + 1
-    kept = {(r["patient_key"], r["concept"], r["minute"].replace(tzinfo=UTC)): r["readings"]
-            for r in rolled["minutes"] if r["readings"]}
-    assert kept == counts
-    assert not [r for r in rolled["minutes"]  # its minute held nothing else: the row is gone
-                if (r["patient_key"], r["concept"], r["minute"].minute) == ("p3", "lactate", 33)]
-    assert all(r["readings"] or r["pick_at"] for r in rolled["minutes"])
-
-
-def test_a_lakehouse_scored_before_the_minutes_table_gets_all_its_minutes_once(lake, tmp_path, spark):
-    """An upgrade: scores exist, gold.vitals_minutes does not. The next batch fills it from all of silver, so the
-    features of its points count the readings of every earlier minute."""
-    import shutil
-
-    from gold.early_warning_scores import MINUTES
-    from pipelines.jobs import load_registry
-    from pipelines.runner import Runner, Trigger
-    from pipelines.store import open_store
-    from tests.conftest import make_config
-
-    for m in range(0, 30, 3):
-        lake.add(vitals("p1", m, hr=80 + m, rr=16) + vitals("p2", m + 1, hr=90))
-    lake.run()
-    # The lakehouse as an earlier release left it: everything but the minutes table (a copy: delta-rs remembers
-    # the tables this process has read).
-    root = tmp_path / "upgraded"
-    shutil.copytree(lake.cfg.root, root, ignore=lambda folder, names: ["vitals_minutes"] if "gold" in folder else [])
-    cfg = make_config(root)
-    store = open_store(cfg, spark)
-    assert not store.exists(MINUTES) and store.exists(SCORES)
-    store.append(OBSERVATIONS, pa.Table.from_pylist(vitals("p1", 100, hr=70), schema=lake.arrow_schema))
-    Runner(cfg, spark, store, load_registry(cfg)).run([SCORES], Trigger(available_now=True))
-
-    kept = {(r["patient_key"], r["concept"], int(minutes(r["minute"].replace(tzinfo=UTC)))): r["readings"]
-            for r in store.read_arrow(MINUTES).to_pylist()}
-    expected = {**{("p1", c, m): 1 for m in range(0, 30, 3) for c in ("hr", "rr")},
-                **{("p2", "hr", m + 1): 1 for m in range(0, 30, 3)}, ("p1", "hr", 100): 1}
-    assert kept == expected
-    at100 = next(r for r in store.read_arrow(FEATURES).to_pylist()
-                 if r["patient_key"] == "p1" and minutes(r["scored_at"]) == 100)
-    assert (at100["hr_count_4h"], at100["hr_count_1h"], at100["hr_last"]) == (11, 1, 70.0)
-    scores = store.read_arrow(SCORES).to_pylist()
-    last = max(r["computed_at"] for r in scores)  # the upgraded job went on from its checkpoint: one new point
-    assert [(r["patient_key"], minutes(r["scored_at"])) for r in scores if r["computed_at"] == last] == [("p1", 100)]
-
-
-def test_times_collected_across_a_daylight_saving_change_come_back_as_the_same_utc_instants(spark):
-    """Spark hands timestamps to Python as naive local times; the score job makes them aware UTC at once
-    (`_utc`). Under a zone with daylight saving, the hour that happens twice (01:00-02:00 BST then GMT on
-    2026-10-25 in London) must not fold into one, and minute arithmetic must stay in UTC."""
-    import os
-    import time
-
-    from gold import early_warning_scores as ews
-
-    before = os.environ.get("TZ")
-    os.environ["TZ"] = "Europe/London"
-    time.tzset()
-    try:
-        instants = [datetime(2026, 10, 25, 0, 15, 30, tzinfo=UTC) + timedelta(minutes=20 * k) for k in range(8)]
-        rows = spark.createDataFrame([(t,) for t in instants], "at timestamp").orderBy("at").collect()
-        back = [ews._utc(r["at"]) for r in rows]
-        assert back == instants and len(set(back)) == len(instants)
-        floors = [ews._minute_floor(t) for t in back]
-        assert [(f.hour, f.minute, f.second) for f in floors] == [(t.hour, t.minute, 0) for t in instants]
-        assert all(f.tzinfo == UTC for f in floors)
-    finally:
-        if before is None:
-            del os.environ["TZ"]
-        else:
-            os.environ["TZ"] = before
-        time.tzset()

@@ -132,7 +132,8 @@ def _final(deliveries) -> list[dict]:
 def _whole(rows, person: str = "P1"):
     out = scoring.step(None, pd.DataFrame(rows, columns=scoring.ROW_COLUMNS), SETTINGS, person=person,
                        now_us=max(r["t"] for r in rows))
-    return {row["scored_at"]: row for row in out.scores.frame().to_dict("records")}, {a["alert_id"]: a for a in out.alerts}
+    scores = {row["scored_at"]: row for row in out.scores.frame().to_dict("records")}
+    return scores, {a["alert_id"]: a for a in out.alerts}
 
 
 def _same(a, b) -> bool:
