@@ -14,6 +14,10 @@ CONF = REPO / "conf"
 def test_base_and_overlay_resolve_with_published_defaults(tmp_path):
     cfg = load_config(env="local", conf_dir=CONF, environ={})
     assert cfg.storage.engine == "auto" and cfg.env == "local"
+    g = cfg.gateway
+    assert (g.header_timeout_s, g.body_timeout_s, g.frame_timeout_s, g.shutdown_timeout_s) == (10, 60, 60, 10)
+    assert (g.max_batch_messages, g.reject_keep_kb, g.rejects_max_mb, g.rejects_max_age_s) == (
+        100_000, 64, 1024, 14 * 86_400)
     assert cfg.storage.retention_days["silver"] == 2555
     assert cfg.landing.feeds == ("hl7", "fhir", "devices", "dicom", "claims")
     test = load_config(env="test", conf_dir=CONF, environ={})
@@ -40,6 +44,12 @@ def test_precedence_flag_over_env_over_file(tmp_path):
     ({"landing.feeds": "HL7!"}, "not a valid feed name"),
     ({"storage.retention_days.silver": "0"}, "retention_days.silver must be at least 1 day"),
     ({"spark.ui": "maybe"}, "spark.ui must be true or false"),
+    ({"gateway.body_timeout": "0s"}, "gateway.body_timeout must be a positive duration"),
+    ({"gateway.header_timeout": "soon"}, "gateway.header_timeout: expected a duration like 500ms"),
+    ({"gateway.max_batch_messages": "0"}, "gateway.max_batch_messages must be at least 1 message"),
+    ({"gateway.reject_keep_kb": "-1"}, "gateway.reject_keep_kb must be 0"),
+    ({"gateway.reject_keep_kb": "20000"}, "to gateway.max_message_mb in KiB"),
+    ({"gateway.rejects_max_mb": "0"}, "gateway.rejects_max_mb must be at least 1 MB"),
 ])
 def test_wrong_values_name_the_key_and_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
@@ -68,6 +78,7 @@ def test_config_is_frozen():
         cfg.root = "/elsewhere"
 
 
-@pytest.mark.parametrize(("text", "ms"), [("500ms", 500), ("5s", 5000), ("2m", 120000), ("1.5s", 1500), (250, 250)])
+@pytest.mark.parametrize(("text", "ms"), [("500ms", 500), ("5s", 5000), ("2m", 120000), ("1.5s", 1500), (250, 250),
+                                         ("14d", 14 * 86_400_000)])
 def test_durations(text, ms):
     assert parse_duration_ms(text, "k") == ms

@@ -207,7 +207,7 @@ def test_oversized_frame_is_refused_kept_in_rejects_and_the_connection_closed(tm
         assert (code, control) == ("AR", "BIG-1") and "exceeds gateway.max_message_mb (1 MB)" in text
         gw.stop()
         (record,) = [r for _, r in landed(gw.root, "hl7", rejected=True)]
-        assert big.startswith(record.body) and len(record.body) == 1 << 20
+        assert big.startswith(record.body) and len(record.body) == 64 << 10  # gateway.reject_keep_kb of it
         assert landed(gw.root, "hl7") == []
 
 

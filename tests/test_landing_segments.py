@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
+import re
 import threading
 
 import pytest
 
-from bronze.hl7_wire import split_messages
+from bronze import hl7_wire
+from bronze.hl7_wire import count_messages, split_messages
 from bronze.records import FILE_MAGIC, SegmentFormatError, encode_record, scan
 from pipelines.gateway.segments import SegmentLog, recover
 
@@ -106,3 +109,33 @@ def test_split_messages_handles_terminators_bom_batches_and_leading_garbage():
     assert pieces == [b"MSH|^~\\&|A|||||||1\rPID|1\n", b"MSH|^~\\&|B|||||||2\r\nOBX|1\r\n"]
     junk = b"junk\rMSH|x\r"
     assert [junk[o:o + n] for o, n in split_messages(junk)] == [b"junk\r", b"MSH|x\r"]
+
+
+def _reference_split(data: bytes) -> list[tuple[int, int]]:
+    """split_messages as it was written with regular expressions (before the windowed scan)."""
+    starts = [m.start() for m in re.finditer(rb"(?:^|(?<=[\r\n]))MSH", data, re.MULTILINE)]
+    cuts = sorted({*starts, *(m.start() for m in re.finditer(rb"(?:^|(?<=[\r\n]))(?:FHS|BHS|BTS|FTS)", data)),
+                   len(data)})
+    lead = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    bounds = [lead, *[c for c in cuts if c > lead]]
+    out = []
+    for begin, end in zip(bounds, bounds[1:], strict=False):
+        if data[begin:begin + 3] in (b"FHS", b"BHS", b"BTS", b"FTS"):
+            brk = re.compile(rb"\r\n|\r|\n").search(data, begin, end)
+            begin = brk.end() if brk else end
+        if begin < end and data[begin:end].strip(b"\r\n\t \x00"):
+            out.append((begin, end - begin))
+    return out
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 5, 1 << 20])
+def test_split_and_count_scan_in_windows_and_find_what_the_line_start_patterns_found(monkeypatch, window):
+    """The scan goes a window at a time (each C call short, so a gateway thread splitting a 16 MB batch never holds
+    the GIL for long); matches across a window's edge are found once, as the regular expressions found them."""
+    monkeypatch.setattr(hl7_wire, "_SCAN_WINDOW", window)
+    parts = [b"MSH", b"FHS", b"BHS", b"BTS", b"FTS", b"\r", b"\n", b"\r\n", b"|", b"x", b"\xef\xbb\xbf", b"MS", b"H"]
+    rng = random.Random(window)
+    for _ in range(3000):
+        data = b"".join(rng.choice(parts) for _ in range(rng.randint(0, 25)))
+        assert split_messages(data) == _reference_split(data), data
+        assert count_messages(data) == len(re.findall(rb"(?:^|(?<=[\r\n]))MSH", data, re.MULTILINE)), data

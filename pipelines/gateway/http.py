@@ -8,6 +8,12 @@ kept in the rejects area, so nothing sent is lost. A batch with some bad lines o
 whole and answered 202 with a warning issue per bad part: one garbled reading never holds back the
 vital signs sent with it, and bronze marks the bad part so silver quarantines it with its reason.
 Deeper validation (FHIR structure, units, plausibility) is silver's job: one row, not a batch.
+
+A sender cannot make the gateway read or hold more than it will take: a declared Content-Length over
+the limit is refused (413) before any of the body is read, a chunked body is read only until it passes
+the limit, and the whole body must arrive within `gateway.body_timeout` (408). Each of these answers
+closes the connection, so nothing more of that body is read, and only a prefix of it is kept. A client
+gone mid-body is one log line and a count, never a traceback.
 """
 
 from __future__ import annotations
@@ -180,65 +186,192 @@ class Endpoint:
     noun: str
 
 
+@dataclass(frozen=True)
+class Body:
+    """What a request's body read came to: its bytes (only a prefix when it is not taken) and how it ended."""
+
+    data: bytes
+    size: int  # bytes received
+    ending: str  # whole, too_big, timeout, shutdown, disconnected, malformed
+    detail: str = ""
+
+
 class HttpGateway:
-    def __init__(self, landing: LandingZone, metrics: Metrics, *, max_bytes: int):
+    def __init__(self, landing: LandingZone, metrics: Metrics, *, max_bytes: int, body_timeout_s: float,
+                 keep_bytes: int):
         self.landing = landing
         self.metrics = metrics
         self.max_bytes = max_bytes
+        self.body_timeout_s = body_timeout_s
+        self.keep_bytes = keep_bytes  # of a body refused as too large or cut off, this prefix is kept
         self.started = time.monotonic()
+        self._reads: set[asyncio.Timeout] = set()  # the deadline of each body being read
+        self._cut_at: float | None = None  # loop time at which bodies still arriving are cut off (set by stop)
+        self._busy: set[asyncio.Task] = set()  # receive() calls in progress
 
     def app(self) -> web.Application:
         # The size limit is enforced while streaming the body (below), so the prefix can still be kept.
         app = web.Application(client_max_size=self.max_bytes + 1)
         fhir = Endpoint(FHIR_FEED, check_fhir, "resource(s)")
         devices = Endpoint(DEVICE_FEED, check_readings, "reading(s)")
-        app.router.add_post("/fhir", lambda r: self.receive(r, fhir))
-        app.router.add_post("/devices", lambda r: self.receive(r, devices))
+        app.router.add_post("/fhir", lambda r: self.receive(r, fhir), expect_handler=self._expect_continue)
+        app.router.add_post("/devices", lambda r: self.receive(r, devices), expect_handler=self._expect_continue)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_text)
         return app
 
-    def _reply(self, path: str, status: int, doc: dict) -> web.Response:
-        self.metrics.inc("carelake_gateway_http_responses_total", path=path, status=str(status))
-        return web.json_response(doc, status=status, content_type="application/fhir+json")
+    def declared_too_big(self, request: web.BaseRequest) -> bool:
+        return request.content_length is not None and request.content_length > self.max_bytes
 
-    async def _read(self, request: web.Request) -> tuple[bytes, bool]:
-        """The body, up to the limit; True when it was longer (the rest is read and dropped)."""
-        chunks, size, too_big = [], 0, False
-        async for chunk in request.content.iter_chunked(1 << 16):
-            if too_big:
-                continue
-            size += len(chunk)
-            if size > self.max_bytes:
-                chunks.append(chunk[: len(chunk) - (size - self.max_bytes)])
-                too_big = True
-            else:
-                chunks.append(chunk)
-        return b"".join(chunks), too_big
+    async def _expect_continue(self, request: web.Request) -> None:
+        """Answer `Expect: 100-continue` as aiohttp does, except for a body declared too large: no 100 Continue,
+        so the client sends none of it and reads the 413 that `receive` answers."""
+        if self.declared_too_big(request):
+            return
+        expect = request.headers.get("Expect", "")
+        if expect.lower() != "100-continue":
+            raise web.HTTPExpectationFailed(text=f"unknown Expect: {expect}; only 100-continue is understood")
+        if request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    # -- stopping ------------------------------------------------------------------------------
+    def cut_reads(self, at: float) -> None:
+        """Bodies still arriving at loop time `at` are cut off (503, nothing landed); complete ones go on."""
+        self._cut_at = at
+        for timer in self._reads:
+            if timer.when() is None or timer.when() > at:
+                timer.reschedule(at)
+
+    async def drain(self, until: float) -> None:
+        """Wait until every request being received has been answered, or loop time `until`; then cancel the rest."""
+        pending = [t for t in self._busy if not t.done()]
+        if pending:
+            _done, late = await asyncio.wait(pending, timeout=max(0.0, until - asyncio.get_running_loop().time()))
+            for task in late:
+                task.cancel()
+
+    # -- receiving -----------------------------------------------------------------------------
+    def _reply(self, path: str, status: int, doc: dict, *, close: bool = False) -> web.Response:
+        self.metrics.inc("carelake_gateway_http_responses_total", path=path, status=str(status))
+        resp = web.json_response(doc, status=status, content_type="application/fhir+json")
+        if close:  # the rest of the body is never read: the connection cannot carry another request
+            resp.force_close()
+        return resp
+
+    def _prefix(self, chunks: list[bytes]) -> bytes:
+        out, size = [], 0
+        for chunk in chunks:
+            if size >= self.keep_bytes:
+                break
+            out.append(chunk[: self.keep_bytes - size])
+            size += len(out[-1])
+        return b"".join(out)
+
+    async def _read(self, request: web.Request) -> Body:
+        """The body if it is whole within the size limit and the body timeout; else how far it got."""
+        loop = asyncio.get_running_loop()
+        limit = loop.time() + self.body_timeout_s
+        chunks: list[bytes] = []
+        size = 0
+        self.metrics.inc("carelake_gateway_receiving", protocol="http")
+        try:
+            async with asyncio.timeout_at(limit if self._cut_at is None else min(limit, self._cut_at)) as timer:
+                self._reads.add(timer)
+                try:
+                    async for chunk in request.content.iter_chunked(1 << 16):
+                        size += len(chunk)
+                        chunks.append(chunk)
+                        if size > self.max_bytes:  # stop here: nothing more of this body is read
+                            return Body(self._prefix(chunks), size, "too_big")
+                finally:
+                    self._reads.discard(timer)
+        except TimeoutError:
+            ending = "shutdown" if self._cut_at is not None and loop.time() < limit else "timeout"
+            return Body(self._prefix(chunks), size, ending)
+        except ConnectionError as exc:
+            return Body(b"", size, "disconnected", str(exc) or type(exc).__name__)
+        except web.RequestPayloadError as exc:  # e.g. a broken chunked encoding
+            return Body(self._prefix(chunks), size, "malformed", str(exc))
+        finally:
+            self.metrics.inc("carelake_gateway_receiving", -1, protocol="http")
+        return Body(b"".join(chunks), size, "whole")
+
+    def _not_whole(self, body: Body, request: web.Request) -> BadBody:
+        """Why a body that did not arrive whole is refused."""
+        limit = f"gateway.max_message_mb ({self.max_bytes / (1 << 20):g} MB)"
+        kept = f"the first {len(body.data):,} bytes are kept" if body.data else "none of it is kept"
+        if body.detail == "declared":
+            return BadBody(413, "too-costly", [f"Content-Length {request.content_length:,} exceeds {limit}; split "
+                                               f"the body (refused before reading it; {kept})"])
+        if body.ending == "too_big":
+            return BadBody(413, "too-costly", [f"body exceeds {limit}; split it (reading stopped at "
+                                               f"{body.size:,} bytes; {kept})"])
+        if body.ending == "timeout":
+            return BadBody(408, "timeout", [f"body not complete within gateway.body_timeout ({self.body_timeout_s:g} "
+                                            f"s): {body.size:,} bytes arrived; send it faster or in smaller parts "
+                                            f"({kept})"])
+        return BadBody(400, "structure", [f"body framing is broken ({body.detail}); nothing was accepted ({kept})"])
 
     async def receive(self, request: web.Request, ep: Endpoint) -> web.Response:
+        task = asyncio.current_task()
+        self._busy.add(task)
+        try:
+            return await self._receive(request, ep)
+        finally:
+            self._busy.discard(task)
+
+    async def _receive(self, request: web.Request, ep: Endpoint) -> web.Response:
         peer = f"{request.remote}"
         content_type = request.content_type.lower() if request.headers.get("Content-Type") else ""
-        body, too_big = await self._read(request)
-        self.metrics.inc("carelake_gateway_received_total", feed=ep.feed, protocol="http")
-        self.metrics.inc("carelake_gateway_bytes_total", len(body), feed=ep.feed)
         header = {"peer": peer, "protocol": "http", "content_type": content_type, "path": request.path}
+        if self.declared_too_big(request):
+            # Refused before reading: keep only what already sits in the buffer (usually nothing).
+            header["content_length"] = request.content_length
+            try:
+                early = request.content.read_nowait(self.keep_bytes) if self.keep_bytes else b""
+            except (ConnectionError, web.RequestPayloadError):
+                early = b""
+            body = Body(early, len(early), "too_big", "declared")
+        else:
+            body = await self._read(request)
+        if body.ending == "disconnected":
+            self.metrics.inc("carelake_gateway_disconnects_total", protocol="http")
+            log.info("http %s %s: client closed the connection after %d byte(s) of the body (%s); nothing "
+                     "acknowledged", peer, request.path, body.size, body.detail)
+            return web.Response(status=400)  # nobody is there to read it
+        self.metrics.inc("carelake_gateway_received_total", feed=ep.feed, protocol="http")
+        self.metrics.inc("carelake_gateway_bytes_total", body.size, feed=ep.feed)
+        if body.ending == "shutdown":
+            self.metrics.inc("carelake_gateway_timeouts_total", protocol="http", stage="shutdown")
+            log.info("http %s %s: the gateway is stopping; cut off a body still arriving after %d byte(s)",
+                     peer, request.path, body.size)
+            return self._reply(request.path, 503, outcome("error", "transient", [
+                "the gateway is stopping: this body was still arriving; nothing was accepted, send it again"]),
+                close=True)
+        if body.ending != "whole":
+            if body.ending == "timeout":
+                self.metrics.inc("carelake_gateway_timeouts_total", protocol="http", stage="body")
+            return await self._refuse(request.path, ep, header, body.data, self._not_whole(body, request), close=True)
+        self.metrics.inc("carelake_gateway_in_flight", protocol="http")
         try:
-            if too_big:
-                limit = self.max_bytes / (1 << 20)
-                raise BadBody(413, "too-costly", [f"body exceeds gateway.max_message_mb ({limit:g} MB); "
-                                                  f"split it (the first {len(body):,} bytes were kept)"])
+            return await self._take(request.path, ep, header, body.data)
+        finally:
+            self.metrics.inc("carelake_gateway_in_flight", -1, protocol="http")
+
+    async def _take(self, path: str, ep: Endpoint, header: dict, body: bytes) -> web.Response:
+        """Check a whole body, land it, answer 202 (or refuse it: 4xx, kept in the rejects)."""
+        try:
             # Checking a big body parses all of it: on a worker thread, so the other connections are served.
-            checked = await asyncio.to_thread(ep.check, body, content_type) if len(body) >= OFFLOAD_BYTES else \
-                ep.check(body, content_type)
+            checked = await asyncio.to_thread(ep.check, body, header["content_type"]) if len(body) >= OFFLOAD_BYTES \
+                else ep.check(body, header["content_type"])
         except BadBody as bad:
-            return await self._refuse(request.path, ep, header, body, bad)
+            return await self._refuse(path, ep, header, body, bad)
         try:
             place = await self.landing.land(ep.feed, {**header, "status": "accepted"}, body)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # a write error, or the gateway is past its stop deadline
             self.metrics.inc("carelake_gateway_write_errors_total")
-            log.error("http %s: cannot land %s body: %s", peer, ep.feed, exc)
-            return self._reply(request.path, 503, outcome("error", "transient", [
+            log.error("http %s: cannot land %s body: %s", header["peer"], ep.feed, exc)
+            return self._reply(path, 503, outcome("error", "transient", [
                 f"the gateway cannot store the body ({exc}); nothing was accepted, send it again later"]))
         self.metrics.inc("carelake_gateway_landed_total", feed=ep.feed, status="accepted")
         doc = outcome("information", "informational", [
@@ -248,17 +381,18 @@ class HttpGateway:
         if checked.warnings:
             self.metrics.inc("carelake_gateway_partly_bad_total", feed=ep.feed)
             doc["issue"] += outcome("warning", "invalid", checked.warnings)["issue"]
-        return self._reply(request.path, 202, doc)
+        return self._reply(path, 202, doc)
 
-    async def _refuse(self, path: str, ep: Endpoint, header: dict, body: bytes, bad: BadBody) -> web.Response:
+    async def _refuse(self, path: str, ep: Endpoint, header: dict, body: bytes, bad: BadBody, *,
+                      close: bool = False) -> web.Response:
         reason = "; ".join(bad.problems[:3]) + (f" (+{len(bad.problems) - 3} more)" if len(bad.problems) > 3 else "")
         self.metrics.inc("carelake_gateway_rejected_total", feed=ep.feed, reason=bad.code)
         try:
             await self.landing.reject(ep.feed, {**header, "http_status": bad.status, "reason": reason}, body)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
             log.error("http: refused %s body could not be kept in the rejects area: %s", ep.feed, exc)
         log.info("http %s %s: %d %s", header["peer"], path, bad.status, reason)
-        return self._reply(path, bad.status, outcome("error", bad.code, bad.problems))
+        return self._reply(path, bad.status, outcome("error", bad.code, bad.problems), close=close)
 
     async def health(self, request: web.Request) -> web.Response:
         failed = self.landing.failed

@@ -2,9 +2,9 @@
 
 Accepted traffic (and HL7 messages answered AE/AR, which bronze keeps and silver quarantines) goes
 to `<root>/landing/<feed>/`. HTTP bodies refused with 4xx go to `<root>/landing/_rejects/<feed>/`,
-outside what bronze reads, so nothing a sender sent is lost and nothing malformed reaches a table
-unannounced. Opening the zone takes an exclusive lock on the root, recovers segments a crashed gateway
-left open, and starts the writer threads.
+outside what bronze reads, so nothing malformed reaches a table unannounced; that area is bounded by size
+and age (`rejects.py`), the accepted feeds never are. Opening the zone takes an exclusive lock on the root,
+recovers segments a crashed gateway left open, and starts the writer threads.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 from pipelines.config import Config
 from pipelines.errors import UsageError
 from pipelines.gateway.metrics import Metrics
+from pipelines.gateway.rejects import RejectsJanitor
 from pipelines.gateway.segments import Landed, Recovered, SegmentLog, recover
 
 REJECTS = "_rejects"
@@ -52,6 +53,9 @@ class LandingZone:
         self._lock_fd: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.recovered: list[Recovered] = []
+        g = cfg.gateway
+        self.janitor = RejectsJanitor(self.root / REJECTS, metrics, max_bytes=g.rejects_max_mb << 20,
+                                      max_age_s=g.rejects_max_age_s)
 
     def folder(self, feed: str, *, rejected: bool = False) -> Path:
         return self.root / REJECTS / feed if rejected else self.root / feed
@@ -79,13 +83,17 @@ class LandingZone:
                     segment_age_s=g.segment_age_s, group_commit_s=g.group_commit_s,
                     on_fsync=lambda s, _n, _b, feed=feed: self.metrics.observe_fsync(feed, s),
                     deliver=self._deliver,
+                    on_seal=(lambda _path: self.janitor.check()) if rejected else None,
                 ).start()
+        # Old rejects go by age even when nothing is refused any more: check a few times per age bound (<= 1/min).
+        self.janitor.start(every_s=min(60.0, max(0.05, g.rejects_max_age_s / 10)))
         return self
 
     def close(self) -> None:
         for log in self._logs.values():
             log.close()
         self._logs.clear()
+        self.janitor.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -22,7 +22,22 @@ _HELP = {
                                                  "new start block began mid-frame (never acked)."),
     "carelake_gateway_unframed_total": ("counter", "Bytes received outside an MLLP frame (set aside, never acked)."),
     "carelake_gateway_write_errors_total": ("counter", "Landing writes that failed (nothing acknowledged)."),
+    "carelake_gateway_timeouts_total": ("counter", "Uploads cut off unacknowledged, by protocol and stage: an HTTP "
+                                        "body or MLLP frame not whole within its timeout (body, frame), or still "
+                                        "arriving when a stop's grace ran out (shutdown)."),
+    "carelake_gateway_disconnects_total": ("counter", "HTTP clients that closed the connection mid-body (nothing "
+                                           "acknowledged)."),
+    "carelake_gateway_rejects_deleted_total": ("counter", "Sealed reject segments deleted to keep landing/_rejects "
+                                               "within gateway.rejects_max_mb (reason=size) or rejects_max_age "
+                                               "(reason=age)."),
+    "carelake_gateway_rejects_deleted_bytes_total": ("counter", "Bytes of the reject segments deleted, by reason."),
+    "carelake_gateway_rejects_bytes": ("gauge", "Bytes in landing/_rejects (open and sealed segments) at the last "
+                                       "check."),
     "carelake_gateway_open_connections": ("gauge", "Open MLLP connections."),
+    "carelake_gateway_receiving": ("gauge", "Uploads under way: HTTP bodies being read, MLLP frames begun and not "
+                                   "ended yet, by protocol (slow senders show here)."),
+    "carelake_gateway_in_flight": ("gauge", "Whole messages or bodies received and not answered yet (being checked "
+                                   "or landed), by protocol."),
 }
 
 

@@ -6,6 +6,12 @@ its status, and gets `AE` (the header names the message but a required field is 
 usable MSH at all) with an ERR segment saying what is wrong. FHS/BHS batches land as one record and
 are answered with a batch of acknowledgements, one per message. A connection that closes mid-frame
 is logged and counted; that message was never acknowledged, so its sender resends it.
+
+No sender holds up the others: a big frame is checked and answered on a worker thread (what stays on
+the event loop is constant per frame, and a partial frame is searched only in the bytes that arrived
+since the last read), a batch of more than `gateway.max_batch_messages` is refused whole (AR under its
+batch envelope, kept in the rejects), and a frame must end within `gateway.frame_timeout` of its start
+block or it is set aside unacknowledged and the connection closed.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import logging
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -25,6 +32,7 @@ from bronze.hl7_wire import (
     MLLP_START,
     Header,
     Hl7HeaderError,
+    count_messages,
     frame,
     parse_header,
     split_messages,
@@ -135,92 +143,181 @@ def build_ack(verdict: Verdict) -> bytes:
     return ("\r".join([msh, sep.join(msa), *segments]) + "\r").encode(_TEXT, errors="replace")
 
 
-def answer(message: bytes) -> tuple[bytes, list[Verdict]]:
-    """The reply to one MLLP frame (an ACK, or a batch of ACKs) and the verdict on each message in it."""
-    verdict = judge(message)
-    head = verdict.header
-    if head is None or head.segment == "MSH":
-        return build_ack(verdict), [verdict]
-    # FHS/BHS batch: one ACK per message inside, wrapped in the batch's own envelope.
-    verdicts = [judge(message[o:o + n]) for o, n in split_messages(message)]
-    if not verdicts:
-        verdicts = [Verdict(None, "AR", "100", f"{head.segment} batch holds no messages")]
+@dataclass(frozen=True)
+class Reply:
+    """The answer to one frame and what becomes of the frame. Counts rather than per-message verdicts: a batch of
+    100,000 messages must not leave 100,000 objects for the event loop to walk (or the garbage collector to scan)."""
+
+    data: bytes  # an ACK, or a batch of ACKs
+    codes: dict[str, int]  # how many ACKs of each code (AA, AE, AR) it holds
+    status: str  # the landed record's status: accepted, error or rejected (the worst message's)
+    reason: str | None = None
+    refused: bool = False  # kept in landing/_rejects instead of landed (a batch over gateway.max_batch_messages)
+
+
+def _batch_reply(head: Header, acks: list[bytes]) -> bytes:
+    """ACK messages wrapped in the batch's own envelope (FHS/BHS ... BTS/FTS)."""
     sep, enc = head.field_separator, head.encoding_characters
     envelope = sep.join([head.segment, enc, RECEIVER_APP, RECEIVER_FACILITY, head.sending_application,
                          head.sending_facility, _now_ts()])
-    body = b"".join(build_ack(v) for v in verdicts)
-    trailers = [f"BTS{sep}{len(verdicts)}"] + ([f"FTS{sep}1"] if head.segment == "FHS" else [])
+    trailers = [f"BTS{sep}{len(acks)}"] + ([f"FTS{sep}1"] if head.segment == "FHS" else [])
     opening = [envelope] + ([envelope.replace("FHS", "BHS", 1)] if head.segment == "FHS" else [])
-    reply = ("\r".join(opening) + "\r").encode(_TEXT) + body + ("\r".join(trailers) + "\r").encode(_TEXT)
-    return reply, verdicts
+    head, tail = ("\r".join(opening) + "\r").encode(_TEXT), ("\r".join(trailers) + "\r").encode(_TEXT)
+    return b"".join([head, *acks, tail])
 
 
-def _record_status(verdicts: list[Verdict]) -> tuple[str, str | None]:
-    worst = max(verdicts, key=lambda v: ("AA", "AE", "AR").index(v.code)) if verdicts else None
+_SEVERITY = {"AA": 0, "AE": 1, "AR": 2}
+
+
+def answer(message: bytes, max_batch: int) -> Reply:
+    """The reply to one MLLP frame: an ACK, or for an FHS/BHS batch one ACK per message in the batch's envelope.
+    A batch of more than `max_batch` messages is refused whole, with one AR saying so."""
+    verdict = judge(message)
+    head = verdict.header
+    if head is None or head.segment == "MSH":
+        return Reply(build_ack(verdict), {verdict.code: 1}, verdict.status, verdict.reason)
+    if (count := count_messages(message)) > max_batch:  # counted without splitting: a refusal costs next to nothing
+        reason = (f"{head.segment} batch holds {count:,} messages, more than gateway.max_batch_messages "
+                  f"({max_batch:,}); send it split into smaller batches")
+        refusal = build_ack(Verdict(None, "AR", "207", reason))
+        return Reply(_batch_reply(head, [refusal]), {"AR": 1}, "rejected", reason, refused=True)
+    parts = split_messages(message)
+    codes: Counter[str] = Counter()
+    worst: Verdict | None = None
+    acks = []
+    for o, n in parts:
+        v = judge(message[o:o + n])
+        if worst is None or _SEVERITY[v.code] > _SEVERITY[worst.code]:
+            worst = v
+        codes[v.code] += 1
+        acks.append(build_ack(v))
     if worst is None:
-        return "rejected", "batch holds no messages"
-    return worst.status, worst.reason
+        worst = Verdict(None, "AR", "100", f"{head.segment} batch holds no messages")
+        codes[worst.code] += 1
+        acks.append(build_ack(worst))
+    return Reply(_batch_reply(head, acks), dict(codes), worst.status, worst.reason)
+
+
+def cannot_store(message: bytes, reason: str) -> Reply:
+    """AE for every message of a frame that could not be landed: the sender must resend it later."""
+    verdict = judge(message)
+    head = verdict.header
+    verdicts = [verdict]
+    if head is not None and head.segment != "MSH":
+        verdicts = [judge(message[o:o + n]) for o, n in split_messages(message)] or [Verdict(None, "AR")]
+    data = b"".join(build_ack(Verdict(v.header, "AE", "207", reason)) for v in verdicts)
+    return Reply(data, {"AE": len(verdicts)}, "error", reason)
+
+
+async def _off_loop(fn: Callable[..., Reply], message: bytes, *args: object) -> Reply:
+    """fn(message, *args), on a worker thread when the message is big enough for the parse to be felt."""
+    return await asyncio.to_thread(fn, message, *args) if len(message) >= OFFLOAD_BYTES else fn(message, *args)
+
+
+class _Connection:
+    """One MLLP connection's receive state between reads."""
+
+    def __init__(self, peer: str, writer: asyncio.StreamWriter):
+        self.peer = peer
+        self.writer = writer
+        self.buf = bytearray()
+        self.consumed = 0  # bytes cut off the front of buf so far: buf[0] sits at this offset of the stream
+        self.searched = 0  # of a partial frame at buf[0], the bytes already searched for its end
+        self.frame_at: int | None = None  # stream offset of the open (unfinished) frame's start block
+        self.frame_since = 0.0  # loop time its start block arrived
+        self.timer: asyncio.Timeout | None = None  # the deadline of the read in progress
+
+    def note_partial(self, now: float) -> None:
+        """After cutting frames: remember when the frame now left unfinished at buf[0] began."""
+        if not self.buf.startswith(MLLP_START):
+            self.frame_at = None
+        elif self.frame_at != self.consumed:
+            self.frame_at, self.frame_since = self.consumed, now
 
 
 class MllpServer:
     """asyncio protocol handler: many concurrent connections, one landing log."""
 
-    def __init__(self, landing: LandingZone, metrics: Metrics, *, max_bytes: int, idle_timeout_s: float):
+    def __init__(self, landing: LandingZone, metrics: Metrics, *, max_bytes: int, idle_timeout_s: float,
+                 frame_timeout_s: float, max_batch: int, keep_bytes: int):
         self.landing = landing
         self.metrics = metrics
         self.max_bytes = max_bytes
         self.idle_timeout_s = idle_timeout_s
+        self.frame_timeout_s = frame_timeout_s
+        self.max_batch = max_batch
+        self.keep_bytes = keep_bytes  # of a frame refused as too large or cut off, this prefix is kept in the rejects
         self.connections = 0
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._conns: set[_Connection] = set()
         self._handlers: set[asyncio.Task] = set()
+        self._cut_at: float | None = None  # loop time at which frames still arriving are cut off (set by stop)
 
-    async def close_connections(self, timeout_s: float = 10) -> None:
-        """On shutdown, after everything received has landed and been answered: close, let handlers end."""
-        for writer in list(self._writers):
-            writer.close()
-        if self._handlers:
-            await asyncio.wait(list(self._handlers), timeout=timeout_s)
+    # -- stopping ------------------------------------------------------------------------------
+    def cut_reads(self, at: float) -> None:
+        """Stop: a connection between frames ends now; a frame still arriving at loop time `at` is cut off."""
+        self._cut_at = at
+        now = asyncio.get_running_loop().time()
+        for conn in self._conns:
+            if conn.timer is not None:
+                conn.timer.reschedule(now if conn.frame_at is None else min(at, conn.timer.when() or at))
+
+    async def drain(self, until: float) -> None:
+        """Wait until every connection has answered what it received and closed, or loop time `until`; then close
+        the rest and end their handlers (what they had not answered yet is never acknowledged)."""
+        pending = [t for t in self._handlers if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=max(0.0, until - asyncio.get_running_loop().time()))
+        for conn in list(self._conns):
+            conn.writer.close()
+        late = [t for t in self._handlers if not t.done()]
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+
+    # -- one connection ------------------------------------------------------------------------
+    def _deadline(self, conn: _Connection, now: float) -> float:
+        """When the next read gives up: idle too long, the open frame too slow, or the gateway stopping."""
+        at = now + self.idle_timeout_s
+        if conn.frame_at is not None:
+            at = min(at, conn.frame_since + self.frame_timeout_s)
+        if self._cut_at is not None:
+            at = min(at, self._cut_at if conn.frame_at is not None else now)
+        return at
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer_addr = writer.get_extra_info("peername")
-        peer = f"{peer_addr[0]}:{peer_addr[1]}" if peer_addr else "unknown"
+        conn = _Connection(f"{peer_addr[0]}:{peer_addr[1]}" if peer_addr else "unknown", writer)
+        loop = asyncio.get_running_loop()
         self.connections += 1
-        self._writers.add(writer)
+        self._conns.add(conn)
         task = asyncio.current_task()
         if task is not None:
             self._handlers.add(task)
         self.metrics.set("carelake_gateway_open_connections", self.connections)
-        buf = bytearray()
         try:
             while True:
                 try:
-                    async with asyncio.timeout(self.idle_timeout_s):
+                    async with asyncio.timeout_at(self._deadline(conn, loop.time())) as conn.timer:
                         data = await reader.read(1 << 16)
                 except TimeoutError:
-                    log.info("mllp %s: idle for %.0f s, closing", peer, self.idle_timeout_s)
+                    await self._timed_out(conn)
                     break
+                finally:
+                    conn.timer = None
                 if not data:
-                    if bytes(buf).strip(b"\r\n\t \x00"):
+                    if bytes(conn.buf).strip(b"\r\n\t \x00"):
                         self.metrics.inc("carelake_gateway_incomplete_frames_total")
                         log.warning("mllp %s: connection closed mid-frame; %d byte(s) never acknowledged "
-                                    "(the sender must resend)", peer, len(buf))
+                                    "(the sender must resend)", conn.peer, len(conn.buf))
                     break
-                buf += data
-                frames, aside, overflow, unframed = self._frames(buf)
-                if aside:
-                    await self._set_aside(aside, peer, unframed=unframed)
-                if frames:
-                    await self._answer(frames, peer, writer)
-                if unframed:
-                    await self._refuse_unframed(aside[-1], peer, writer)
-                    break
-                if overflow is not None:
-                    await self._refuse_oversized(overflow, peer, writer)
+                if not await self._received(conn, data, loop.time()):
                     break
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            log.info("mllp %s: connection lost: %s", peer, exc)
+            log.info("mllp %s: connection lost: %s", conn.peer, exc)
         finally:
-            self._writers.discard(writer)
+            if conn.frame_at is not None:
+                self.metrics.inc("carelake_gateway_receiving", -1, protocol="mllp")
+            self._conns.discard(conn)
             self._handlers.discard(task)
             self.connections -= 1
             self.metrics.set("carelake_gateway_open_connections", self.connections)
@@ -230,16 +327,67 @@ class MllpServer:
             except (ConnectionError, OSError):
                 pass
 
-    def _frames(self, buf: bytearray) -> tuple[list[bytes], list[bytes], bytes | None, bool]:
-        """Cut every complete frame out of `buf`.
+    async def _received(self, conn: _Connection, data: bytes, now: float) -> bool:
+        """Take in one read: set aside what can never be a message, answer every whole frame. False: close."""
+        conn.buf += data
+        before = len(conn.buf)
+        frames, aside, overflow, unframed = self._frames(conn)
+        conn.consumed += before - len(conn.buf)
+        was_open = conn.frame_at is not None
+        conn.note_partial(now)
+        if (conn.frame_at is not None) != was_open:
+            self.metrics.inc("carelake_gateway_receiving", -1 if was_open else 1, protocol="mllp")
+        if aside:
+            await self._set_aside(aside, conn.peer, unframed=unframed)
+        if frames:
+            await self._answer(frames, conn.peer, conn.writer)
+        if unframed:
+            await self._refuse_unframed(aside[-1], conn.peer, conn.writer)
+            return False
+        if overflow is not None:
+            await self._refuse_oversized(overflow, conn.peer, conn.writer)
+            return False
+        return True
+
+    async def _timed_out(self, conn: _Connection) -> None:
+        """A read gave up: close an idle connection; set aside a frame that did not end in time (never acked)."""
+        if conn.frame_at is None:
+            if self._cut_at is None:
+                log.info("mllp %s: idle for %.0f s, closing", conn.peer, self.idle_timeout_s)
+            return
+        size = len(conn.buf)
+        if self._cut_at is not None and conn.frame_since + self.frame_timeout_s > self._cut_at:
+            self.metrics.inc("carelake_gateway_timeouts_total", protocol="mllp", stage="shutdown")
+            log.warning("mllp %s: the gateway is stopping; cut off a frame still arriving after %d byte(s), never "
+                        "acknowledged (the sender must resend it)", conn.peer, size)
+            return
+        self.metrics.inc("carelake_gateway_timeouts_total", protocol="mllp", stage="frame")
+        self.metrics.inc("carelake_gateway_incomplete_frames_total")
+        reason = (f"incomplete MLLP frame: not ended within gateway.frame_timeout ({self.frame_timeout_s:g} s) of its "
+                  f"start block ({size:,} bytes arrived); never acknowledged, the sender must resend it")
+        kept = bytes(conn.buf[:self.keep_bytes])
+        try:
+            await self.landing.reject(FEED, {"peer": conn.peer, "protocol": "mllp", "reason": reason}, kept)
+        except (OSError, RuntimeError) as exc:
+            log.error("mllp %s: %s; it could not be kept: %s", conn.peer, reason, exc)
+            return
+        log.warning("mllp %s: %s (%d byte(s) kept in landing/_rejects/%s); closing the connection", conn.peer,
+                    reason, len(kept), FEED)
+
+    def _frames(self, conn: _Connection) -> tuple[list[bytes], list[bytes], bytes | None, bool]:
+        """Cut every complete frame out of `conn.buf`.
 
         Returns (frames, set_aside, oversized, unframed): `set_aside` are parts that can never be a message: a frame
         cut off by a new start block (the block MLLP forbids inside a message ends the unfinished frame) and bytes
         before a start block; `oversized` an oversized partial frame; `unframed` whether the last of set_aside is a
         message sent without MLLP framing (no start block at all, a whole segment or 64 KiB of it received): the
-        sender is waiting for an answer that framing would have given."""
+        sender is waiting for an answer that framing would have given. A partial frame left at buf[0] is searched
+        again only in the bytes that arrived since (`conn.searched`): a big frame costs its length once, not per read.
+        """
+        buf = conn.buf
         frames: list[bytes] = []
         aside: list[bytes] = []
+        searched, conn.searched = conn.searched, 0
         while True:
             start = buf.find(MLLP_START)
             if start < 0:
@@ -251,10 +399,13 @@ class MllpServer:
                     del buf[:]
                     return frames, aside, None, True
                 return frames, aside, None, False
-            if start and bytes(buf[:start]).strip(b"\r\n\t \x00"):
-                aside.append(bytes(buf[:start]))
-            end = buf.find(MLLP_END, start + 1)
-            restart = buf.find(MLLP_START, start + 1, end if end >= 0 else len(buf))
+            if start:
+                searched = 0
+                if bytes(buf[:start]).strip(b"\r\n\t \x00"):
+                    aside.append(bytes(buf[:start]))
+            end = buf.find(MLLP_END, max(start + 1, searched - len(MLLP_END) + 1))
+            restart = buf.find(MLLP_START, max(start + 1, searched), end if end >= 0 else len(buf))
+            searched = 0
             if restart >= 0:  # a new frame began before this one ended: this one is incomplete
                 aside.append(bytes(buf[start:restart]))
                 del buf[:restart]
@@ -264,8 +415,10 @@ class MllpServer:
             if end < 0:
                 if start:
                     del buf[:start]
+                conn.searched = len(buf)
                 return frames, aside, None, False
-            frames.append(bytes(buf[start + 1:end]))
+            with memoryview(buf) as view:  # one copy of a big frame, not two
+                frames.append(bytes(view[start + 1:end]))
             del buf[:end + len(MLLP_END)]
 
     async def _set_aside(self, parts: list[bytes], peer: str, *, unframed: bool) -> None:
@@ -305,50 +458,68 @@ class MllpServer:
         await writer.drain()
 
     async def _answer(self, frames: list[bytes], peer: str, writer: asyncio.StreamWriter) -> None:
+        self.metrics.inc("carelake_gateway_in_flight", len(frames), protocol="mllp")
+        try:
+            await self._land_and_ack(frames, peer, writer)
+        finally:
+            self.metrics.inc("carelake_gateway_in_flight", -len(frames), protocol="mllp")
+
+    async def _land_and_ack(self, frames: list[bytes], peer: str, writer: asyncio.StreamWriter) -> None:
         # Land every frame that arrived together first (one group commit), then acknowledge in order.
         pending = []
         counts: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
         for message in frames:
-            reply, verdicts = await asyncio.to_thread(answer, message) if len(message) >= OFFLOAD_BYTES else \
-                answer(message)
-            status, reason = _record_status(verdicts)
-            header = {"peer": peer, "protocol": "mllp", "status": status}
-            if reason:
-                header["reason"] = reason
-            pending.append((reply, verdicts, status, self.landing.land(FEED, header, message)))
+            reply = await _off_loop(answer, message, self.max_batch)
+            header = {"peer": peer, "protocol": "mllp", "status": reply.status}
+            if reply.reason:
+                header["reason"] = reply.reason
+            if reply.refused:  # refused whole: only its prefix is kept, in the rejects area
+                header["size"] = len(message)
+                stored = self.landing.reject(FEED, header, message[:self.keep_bytes])
+            else:
+                stored = self.landing.land(FEED, header, message)
+            pending.append((reply, message, stored))
         counts["carelake_gateway_received_total", (("feed", FEED), ("protocol", "mllp"))] += len(frames)
         counts["carelake_gateway_bytes_total", (("feed", FEED),)] += sum(len(m) for m in frames)
-        for reply, verdicts, status, landing in pending:
+        for reply, message, stored in pending:
             try:
-                await landing
+                await stored
             except (OSError, RuntimeError) as exc:
-                # Not on disk (a write error, or the gateway is shutting down): never acknowledge positively.
-                # AE with 207 "cannot store" tells the sender to resend later.
-                counts["carelake_gateway_write_errors_total", ()] += 1
-                reply = b"".join(build_ack(Verdict(v.header, "AE", "207", f"gateway cannot store the message: {exc}"))
-                                 for v in verdicts)
-                verdicts = [Verdict(v.header, "AE") for v in verdicts]
+                if reply.refused:
+                    log.error("mllp %s: refused batch could not be kept in the rejects area: %s", peer, exc)
+                else:
+                    # Not on disk (a write error, or the gateway is shutting down): never acknowledge positively.
+                    # AE with 207 "cannot store" tells the sender to resend later.
+                    counts["carelake_gateway_write_errors_total", ()] += 1
+                    reply = await _off_loop(cannot_store, message, f"gateway cannot store the message: {exc}")
             else:
-                counts["carelake_gateway_landed_total", (("feed", FEED), ("status", status))] += 1
-                if status != "accepted":
-                    counts["carelake_gateway_rejected_total", (("feed", FEED), ("reason", status))] += 1
-            for v in verdicts:
-                counts["carelake_gateway_acks_total", (("code", v.code),)] += 1
-            writer.write(frame(reply))
+                if reply.refused:
+                    counts["carelake_gateway_rejected_total", (("feed", FEED), ("reason", "too_many_messages"))] += 1
+                    log.warning("mllp %s: %s; refused (AR), first %d byte(s) kept in landing/_rejects/%s", peer,
+                                reply.reason, min(len(message), self.keep_bytes), FEED)
+                else:
+                    counts["carelake_gateway_landed_total", (("feed", FEED), ("status", reply.status))] += 1
+                    if reply.status != "accepted":
+                        counts["carelake_gateway_rejected_total", (("feed", FEED), ("reason", reply.status))] += 1
+            for code, n in reply.codes.items():
+                counts["carelake_gateway_acks_total", (("code", code),)] += n
+            writer.write(frame(reply.data))
         self.metrics.add(counts)
         await writer.drain()
 
     async def _refuse_oversized(self, partial: bytes, peer: str, writer: asyncio.StreamWriter) -> None:
         limit_mb = self.max_bytes / (1 << 20)
-        reason = f"frame exceeds gateway.max_message_mb ({limit_mb:g} MB); first {len(partial):,} bytes kept"
+        kept = partial[:self.keep_bytes]
+        reason = (f"frame exceeds gateway.max_message_mb ({limit_mb:g} MB); reading stopped there, first "
+                  f"{len(kept):,} bytes kept")
         try:
             header = parse_header(partial)
         except Hl7HeaderError as exc:
             header = exc.header
         verdict = Verdict(header, "AR", "207", reason)
         try:
-            await self.landing.reject(FEED, {"peer": peer, "protocol": "mllp", "reason": reason}, partial)
-        except OSError as exc:
+            await self.landing.reject(FEED, {"peer": peer, "protocol": "mllp", "reason": reason}, kept)
+        except (OSError, RuntimeError) as exc:
             log.error("mllp %s: oversized frame could not be kept: %s", peer, exc)
         self.metrics.inc("carelake_gateway_rejected_total", feed=FEED, reason="too_large")
         self.metrics.inc("carelake_gateway_acks_total", code="AR")

@@ -69,8 +69,11 @@ Done = Callable[["Landed | None", "BaseException | None"], None]
 
 @dataclass
 class _Pending:
-    data: bytes
+    header: Mapping[str, Any]
+    body: bytes
     done: Done
+    data: bytes = b""  # the encoded record: made on the writer thread, so a 16 MB body's copy and CRC never run on
+                       # the caller's (the gateway's event loop)
 
 
 def _future_done(future: Future) -> Done:
@@ -113,6 +116,7 @@ class SegmentLog:
         group_commit_s: float = 0.0,
         on_fsync: Callable[[float, int, int], None] | None = None,
         deliver: Callable[[list[Callable[[], None]]], None] = _run_now,
+        on_seal: Callable[[Path], None] | None = None,
     ):
         self.folder = folder
         self.feed = feed
@@ -123,6 +127,7 @@ class SegmentLog:
         self.on_fsync = on_fsync  # (seconds, records, bytes) per group commit, for metrics
         # Runs each group commit's completions; an event loop passes one call_soon_threadsafe for them all.
         self.deliver = deliver
+        self.on_seal = on_seal  # told each sealed segment's path, on the writer thread (the rejects bound uses it)
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._segment: _OpenSegment | None = None
         self._thread: threading.Thread | None = None
@@ -148,8 +153,9 @@ class SegmentLog:
 
     # -- the caller's side -------------------------------------------------------------------
     def append(self, header: Mapping[str, Any], body: bytes, done: Done | None = None) -> Future | None:
-        """Queue one record. Without `done`, return a future of its `Landed` place once it is on disk;
-        with `done`, call it instead (through `deliver`, once the record's group commit is over)."""
+        """Queue one record (the header is encoded later, on the writer thread: do not change it after).
+        Without `done`, return a future of its `Landed` place once it is on disk; with `done`, call it
+        instead (through `deliver`, once the record's group commit is over)."""
         future: Future | None = None
         if done is None:
             future = Future()
@@ -157,7 +163,7 @@ class SegmentLog:
         if self._closed:
             done(None, RuntimeError("landing log is closed (the gateway is shutting down)"))
             return future
-        self._queue.put(_Pending(encode_record(header, body), done))
+        self._queue.put(_Pending(header, body, done))
         return future
 
     # -- the writer thread -------------------------------------------------------------------
@@ -189,7 +195,7 @@ class SegmentLog:
             timeout = None if seg is None else max(0.0, seg.opened + self.segment_age_s - time.monotonic())
             batch = self._take(timeout)
             stopping = None in batch
-            items = [p for p in batch if p is not None]
+            items = self._encode([p for p in batch if p is not None])
             while items:  # fill the open segment up to its size limit, seal it, go on in a new one
                 room = self.segment_bytes - (self._segment.size if self._segment else len(FILE_MAGIC))
                 n, size = 1, len(items[0].data)
@@ -204,6 +210,20 @@ class SegmentLog:
             if seg is not None and (stopping or seg.size >= self.segment_bytes
                                     or time.monotonic() - seg.opened >= self.segment_age_s):
                 self._seal()
+
+    def _encode(self, items: list[_Pending]) -> list[_Pending]:
+        """Encode each record; one that cannot be (a header JSON cannot hold) fails alone, the rest go on."""
+        ready, failed = [], []
+        for item in items:
+            try:
+                item.data = encode_record(item.header, item.body)
+            except (TypeError, ValueError) as exc:
+                failed.append(functools.partial(item.done, None, exc))
+                continue
+            ready.append(item)
+        if failed:
+            self.deliver(failed)
+        return ready
 
     def _write(self, items: list[_Pending]) -> None:
         try:
@@ -256,6 +276,9 @@ class SegmentLog:
         except OSError as exc:  # the records are durable under the open name; recover() seals them later
             log.error("landing %s: cannot seal %s: %s", self.feed, seg.path.name, exc)
             self.failed = exc
+            return
+        if self.on_seal is not None:
+            self.on_seal(self.folder / seg.name)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,10 @@
 `Gateway` is usable from tests and benchmarks (start on port 0, read the chosen ports, stop); `serve`
 is what `carelake gateway` runs: it prints the ports on its first line of output, runs until SIGINT
 or SIGTERM, then stops accepting, lets in-flight messages finish landing, and seals open segments.
+
+A stop is bounded by `gateway.shutdown_timeout` whatever the clients do: uploads and frames still
+arriving get the first half of it, then are cut off unacknowledged (a slow sender cannot hold the
+stop, as it held aiohttp's default 60 s); what arrived whole lands and is answered in the second half.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from pipelines.gateway.metrics import Metrics
 log = logging.getLogger("carelake.gateway")
 
 SWITCH_INTERVAL_S = 0.0002
+# How a stop spends gateway.shutdown_timeout: uploads still arriving may finish in the first share; what arrived
+# whole is landed and answered by the end of the second; aiohttp's own shutdown (idle connections) gets the rest.
+SHUTDOWN_SHARES = (0.5, 0.4, 0.1)
 FEEDS = (mllp.FEED, http.FHIR_FEED, http.DEVICE_FEED)
 
 
@@ -51,10 +58,12 @@ class Gateway:
                 raise UsageError(f"{name} must be a TCP port 0-65535 (0 = pick a free one), got {port}")
         self.metrics = Metrics()
         self.landing = LandingZone(cfg, FEEDS, self.metrics)
-        max_bytes = g.max_message_mb << 20
-        self.mllp = mllp.MllpServer(self.landing, self.metrics, max_bytes=max_bytes,
-                                    idle_timeout_s=g.idle_timeout_s)
-        self.http = http.HttpGateway(self.landing, self.metrics, max_bytes=max_bytes)
+        max_bytes, keep_bytes = g.max_message_mb << 20, g.reject_keep_kb << 10
+        self.mllp = mllp.MllpServer(self.landing, self.metrics, max_bytes=max_bytes, idle_timeout_s=g.idle_timeout_s,
+                                    frame_timeout_s=g.frame_timeout_s, max_batch=g.max_batch_messages,
+                                    keep_bytes=keep_bytes)
+        self.http = http.HttpGateway(self.landing, self.metrics, max_bytes=max_bytes, body_timeout_s=g.body_timeout_s,
+                                     keep_bytes=keep_bytes)
         self._mllp_server: asyncio.Server | None = None
         self._runner: web.AppRunner | None = None
 
@@ -66,7 +75,16 @@ class Gateway:
         try:
             self._mllp_server = await asyncio.start_server(self.mllp.handle, self.host, self.mllp_port,
                                                            limit=1 << 20)
-            self._runner = web.AppRunner(self.http.app(), access_log=None, handle_signals=False)
+            g = self.cfg.gateway
+            self._runner = web.AppRunner(
+                self.http.app(), access_log=None, handle_signals=False,
+                # aiohttp's keep-alive timer runs from a connection's opening (or its last answer) until a request
+                # head is whole, bytes arriving or not: the header timeout (and the idle keep-alive bound).
+                keepalive_timeout=g.header_timeout_s,
+                # Never "linger" reading and dropping the rest of a refused body (aiohttp's default: 10 s of it).
+                lingering_time=0,
+                # By the time aiohttp shuts down (stop, below), every request in progress has been answered.
+                shutdown_timeout=g.shutdown_timeout_s * SHUTDOWN_SHARES[2])
             await self._runner.setup()
             site = web.TCPSite(self._runner, self.host, self.http_port)
             await site.start()
@@ -80,15 +98,26 @@ class Gateway:
         return Addresses(self.host, mllp_port, http_port)
 
     async def stop(self) -> None:
+        """Stop accepting, answer what arrived whole, cut off what is still arriving, seal: within shutdown_timeout."""
+        loop = asyncio.get_running_loop()
+        bound = self.cfg.gateway.shutdown_timeout_s
+        began = loop.time()
+        cut_at, answered_by = began + bound * SHUTDOWN_SHARES[0], began + bound * sum(SHUTDOWN_SHARES[:2])
         if self._mllp_server is not None:
             self._mllp_server.close()
+        if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()
+        self.http.cut_reads(cut_at)
+        self.mllp.cut_reads(cut_at)
+        await asyncio.gather(self.http.drain(answered_by), self.mllp.drain(answered_by))
+        if self._runner is not None:
+            await self._runner.cleanup()  # closes the idle keep-alive connections
+            self._runner = None
+        if self._mllp_server is not None:
             await self._mllp_server.wait_closed()
             self._mllp_server = None
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        await asyncio.get_running_loop().run_in_executor(None, self.landing.close)
-        await self.mllp.close_connections()
+        await loop.run_in_executor(None, self.landing.close)
 
 
 def serve(cfg: Config, *, host: str | None = None, mllp_port: int | None = None,
@@ -111,7 +140,10 @@ def serve(cfg: Config, *, host: str | None = None, mllp_port: int | None = None,
             await stop.wait()
         finally:
             log.info("stopping: no new connections; landing what is in flight and sealing segments")
+            began = loop.time()
             await gateway.stop()
+            log.info("stopped in %.2f s (gateway.shutdown_timeout %s)", loop.time() - began,
+                     cfg.gateway.shutdown_timeout)
         m = gateway.metrics
         received = sum(m.get("carelake_gateway_received_total", feed=f, protocol=p)
                        for f in FEEDS for p in ("mllp", "http"))
