@@ -55,6 +55,7 @@ from gold import deterioration_alerts, features, news2, scoring
 from gold.scoring import INPUTS, TEXT_INPUTS
 from pipelines import __version__ as CODE_VERSION
 from pipelines import sqltext as sql
+from pipelines.errors import UsageError
 
 # pyspark's own serializer concatenates the frames the stage yields, and pandas 2.x warns when some column of
 # one of them is all null (a person without alerts): that is this job's normal output, not a problem to report.
@@ -256,6 +257,93 @@ class ScoreStage:
             merged = deterioration_alerts.open_of_merged(read_table, doc["links"], context)
         encounters = context.links(read_table, table_version, ENCOUNTERS, "encounter_key")
         return {"links": doc["links"], "encounter_links": encounters, "open_of_merged": merged}
+
+
+    def recompute(self, batch: Mapping[str, Any], start: datetime, end: datetime) -> DataFrame:
+        """The job's rows for the points in [start, end] recomputed from silver, as one batch (the routed frame
+        its transform gives): every person's rows from `history` before `start` (and back to the opening of any
+        alert episode still running then) to the newest, one fresh gold.scoring pass per person. Points in the
+        range no longer found are withdrawn; alert episodes that run at or after `start` are recomputed whole,
+        and stored ones no longer found are withdrawn. Links as they stand now: a merged identity's points in the
+        range score under the person it continues as."""
+        read_table, table_version = batch["read_table"], batch["table_version"]
+        if table_version(OBSERVATIONS) is None:
+            raise UsageError(f"--recompute: {OBSERVATIONS} does not exist yet; nothing to recompute from")
+        context = Context(Path("."))  # links only: nothing is written
+        links = context.links(read_table, table_version, PATIENTS, "patient_key")
+        encounters = context.links(read_table, table_version, ENCOUNTERS, "encounter_key")
+        s = self.settings
+        start_us, end_us = utc_micros(start), utc_micros(end)
+        since_us = start_us - s.history_us
+        have_alerts = table_version(ALERTS) is not None
+        if have_alerts:  # episodes running at the start of the history are recomputed from their opening
+            since = _aware(since_us)
+            row = (read_table(ALERTS).where(
+                (F.col("status") != scoring.WITHDRAWN) & (F.col("opened_at") < F.lit(since))
+                & (F.col("resolved_at").isNull()
+                   | (F.col("resolved_at") >= F.lit(_aware(since_us - s.resolve_after_us)))))
+                .agg(F.min("opened_at")).first())
+            if row[0] is not None:
+                since_us = min(since_us, utc_micros(row[0]))
+        codes = sorted(s.scale2_codes)
+        rows = read_table(OBSERVATIONS, since=("effective_at", _aware(since_us)))
+        if codes:  # a marker counts from its time on, however long ago
+            markers = read_table(OBSERVATIONS).where(
+                (F.col("effective_at") < F.lit(_aware(since_us))) & (F.col("code").isin(*codes)
+                                                                      | F.col("value_text").isin(*codes)))
+            rows = rows.unionByName(markers)
+        rows = rows.where(F.col("patient_key").isNotNull() & F.col("effective_at").isNotNull())
+        rows = _resolve(rows.select(*[c for c in _CHANGE_COLUMNS if not c.startswith("_")],
+                                    F.col("patient_key").alias("_person")), "_person", links)
+        version = table_version(OBSERVATIONS)
+        out_schema = stage_schema(self.windows_ms)
+        champion = self.champion()
+        settings, now_us = s, utc_micros(batch["processed_at"])
+
+        def one_person(frame: pd.DataFrame) -> pd.DataFrame:
+            person = frame["_person"].iat[0]
+            frame = frame.assign(_change_type="insert", _commit_version=version)
+            out = scoring.step(None, _kernel_rows(frame), settings, person=person, now_us=now_us,
+                               predict=None if champion is None else _predictor(champion))
+            parts = []
+            if len(out.scores):
+                at = out.scores["scored_at"]
+                parts.append(_frame(out.scores.where((at >= start_us) & (at <= end_us)), "score", person))
+            alerts = [a for a in out.alerts if max(a["last_scored_at"], a["resolved_at"] or 0) >= start_us]
+            if alerts:
+                parts.append(_alert_frame(alerts))
+            parts = [p for p in parts if len(p)]
+            if not parts:
+                return _conform(pd.DataFrame({"_kind": []}), out_schema)
+            frame = pd.concat(parts, ignore_index=True)
+            frame["_silver_version"] = version
+            return _conform(frame, out_schema)
+
+        stage = rows.groupBy("_person").applyInPandas(one_person, schema=out_schema).persist()
+        stored = read_table(SCORES, since=("scored_at", start, end)) if table_version(SCORES) is not None else None
+        parts = [stage]
+        if stored is not None:  # `since` reads [start, end): the end instant itself is read apart
+            stored = stored.where((F.col("scored_at") >= F.lit(start)) & (F.col("scored_at") <= F.lit(end)))
+            gone = (stored.select("patient_key", "scored_at")
+                    .join(stage.where(F.col("_kind") == "score").select("patient_key", "scored_at"),
+                          ["patient_key", "scored_at"], "left_anti"))
+            parts.append(gone.select(F.lit("withdraw").alias("_kind"), "*"))
+        if have_alerts:
+            found = stage.where(F.col("_kind") == "alert").select("alert_id")
+            lost = (read_table(ALERTS).where(
+                ~F.col("status").isin(scoring.WITHDRAWN, deterioration_alerts.MERGED)
+                & ((F.col("status") == scoring.OPEN) | (F.coalesce("resolved_at", "last_scored_at") >= F.lit(start))
+                   | (F.col("last_scored_at") >= F.lit(start))))
+                .join(found, "alert_id", "left_anti"))
+            parts.append(lost.select(F.lit("alert").alias("_kind"), *[c for c in _ALERT_FIELDS if c != "status"],
+                                     F.lit(scoring.WITHDRAWN).alias("status"),
+                                     F.lit(version).cast("long").alias("_silver_version")))
+        united = parts[0]
+        for more in parts[1:]:
+            united = united.unionByName(more, allowMissingColumns=True)
+        return early_warning_scores(united, ingest_batch_id=batch["ingest_batch_id"],
+                                    processed_at=batch["processed_at"], windows_ms=self.windows_ms,
+                                    batch_facts={"encounter_links": encounters, "open_of_merged": None})
 
 
 def plan(stream: DataFrame, folder: str, *, settings: scoring.Settings, windows_ms: Sequence[int]) -> DataFrame:

@@ -78,11 +78,30 @@ def cmd_run(ctx: Context) -> int:
     interval = parse_duration_ms(a.interval, "--interval") if a.interval else ctx.cfg.streaming.interval_ms
     trigger = Trigger(available_now=not a.continuous, interval_ms=interval)
     runner = Runner(ctx.cfg, ctx.spark, ctx.store(need_spark=True), registry)
+    if a.recompute or a.start or a.end:
+        return _recompute(runner, names, a)
     jobs = registry.order(names)
     log.info("running %d job(s) %s: %s", len(jobs), trigger.describe(), ", ".join(j.name for j in jobs))
     summaries = runner.run([j.name for j in jobs], trigger, on_summary=lambda s: print(s.line(), flush=True))
     total = sum(s.rows_out for s in summaries)
     print(f"done: {len(summaries)} job(s), {total:,} rows written under {ctx.cfg.root}")
+    return 0
+
+
+def _recompute(runner, names: list[str] | None, a) -> int:
+    from pipelines.timeutil import parse_timestamp
+
+    if not a.recompute:
+        raise UsageError("--from and --to go with --recompute: carelake run gold.early_warning_scores --recompute "
+                         "--from 2026-01-05T00:00Z --to 2026-01-06T00:00Z")
+    if names is None or len(names) != 1 or a.continuous:
+        raise UsageError("--recompute redoes one job's rows for a time range as one batch: name one job (e.g. "
+                         "gold.early_warning_scores), without --continuous")
+    if not (a.start and a.end):
+        raise UsageError("--recompute needs --from and --to (ISO-8601 event times, UTC unless a zone is given)")
+    start, end = parse_timestamp(a.start), parse_timestamp(a.end)
+    summary = runner.recompute(names[0], start, end)
+    print(summary.line(), flush=True)
     return 0
 
 
@@ -257,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--available-now", action="store_true", help="process what is there, then stop (default)")
     mode.add_argument("--continuous", action="store_true", help="keep running; a micro-batch every --interval")
     r.add_argument("--interval", help="micro-batch interval with --continuous, e.g. 500ms, 5s (default from conf)")
+    r.add_argument("--recompute", action="store_true",
+                   help="redo the job's rows for event times --from .. --to from its upstream tables, as one batch")
+    r.add_argument("--from", dest="start", metavar="TIME", help="with --recompute: first event time (ISO-8601)")
+    r.add_argument("--to", dest="end", metavar="TIME", help="with --recompute: last event time (ISO-8601)")
     r.set_defaults(func=cmd_run)
 
     sub.add_parser("jobs", help="list the registered jobs").set_defaults(func=cmd_jobs)
