@@ -83,7 +83,7 @@ class LandingZone:
                     segment_age_s=g.segment_age_s, group_commit_s=g.group_commit_s,
                     on_fsync=lambda s, _n, _b, feed=feed: self.metrics.observe_fsync(feed, s),
                     deliver=self._deliver,
-                    on_seal=(lambda _path: self.janitor.check()) if rejected else None,
+                    on_seal=self.janitor.sealed if rejected else None,
                 ).start()
         # Old rejects go by age even when nothing is refused any more: check a few times per age bound (<= 1/min).
         self.janitor.start(every_s=min(60.0, max(0.05, g.rejects_max_age_s / 10)))

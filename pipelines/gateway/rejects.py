@@ -6,8 +6,8 @@ the area is bounded by total size (`gateway.rejects_max_mb`) and age (`gateway.r
 sealed reject segments are deleted first. An open segment (still being written, hidden name) is never deleted,
 nor anything outside `_rejects`: the accepted feeds belong to bronze. Each deletion is logged once and counted.
 
-The check runs after every sealed reject segment (so a burst of refusals is trimmed within one segment age)
-and on a timer (so old segments go even when nothing is refused any more).
+The bounds are applied after every sealed reject segment (so a burst of refusals is trimmed within one segment
+age) and on a timer (so old segments go even when nothing is refused any more).
 """
 
 from __future__ import annotations
@@ -75,7 +75,11 @@ def plan(found: list[Segment], *, max_bytes: int, max_age_s: float, now: float) 
 
 
 class RejectsJanitor:
-    """Applies `plan` to the rejects area; safe to call from any thread (the writer threads call it after a seal)."""
+    """Applies `plan` to the rejects area; safe from any thread (the writer threads report each seal).
+
+    A seal adds one known segment and applies the bounds without listing the area (a long refusal storm can leave
+    tens of thousands of small segments: a listing per seal would cost more than the refusals); the timer lists
+    the whole area, which also picks up what changed behind the janitor's back."""
 
     def __init__(self, area: Path, metrics: Metrics, *, max_bytes: int, max_age_s: float):
         self.area = area
@@ -83,30 +87,52 @@ class RejectsJanitor:
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
         self._lock = threading.Lock()
+        self._sealed: dict[Path, Segment] = {}  # oldest first
+        self._open: list[Segment] = []  # as of the last listing
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def check(self) -> list[Deletion]:
+    def rescan(self) -> list[Deletion]:
+        """List the area and apply the bounds."""
         with self._lock:
             try:
                 found = segments(self.area)
             except OSError as exc:
                 log.error("rejects: cannot list %s to keep it within its bounds: %s", self.area, exc)
                 return []
-            done = []
-            for d in plan(found, max_bytes=self.max_bytes, max_age_s=self.max_age_s, now=time.time()):
-                try:
-                    os.unlink(d.segment.path)
-                except FileNotFoundError:
-                    continue
-                except OSError as exc:
-                    log.error("rejects: cannot delete %s: %s", d.segment.path, exc)
-                    continue
+            self._sealed = {s.path: s for s in found if s.sealed}
+            self._open = [s for s in found if not s.sealed]
+            return self._apply()
+
+    def sealed(self, path: Path) -> list[Deletion]:
+        """A writer has just sealed `path`: count it in and apply the bounds."""
+        with self._lock:
+            try:
+                st = path.stat()
+            except OSError:
+                return []
+            self._sealed[path] = Segment(path, st.st_size, st.st_mtime)
+            self._open = [s for s in self._open if s.path.name != f"{OPEN_PREFIX}{path.name}"]
+            return self._apply()
+
+    def _apply(self) -> list[Deletion]:
+        done = []
+        for d in plan([*self._sealed.values(), *self._open], max_bytes=self.max_bytes, max_age_s=self.max_age_s,
+                      now=time.time()):
+            try:
+                os.unlink(d.segment.path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.error("rejects: cannot delete %s: %s", d.segment.path, exc)
+                continue
+            else:
                 done.append(d)
                 self._report(d)
-            remaining = sum(s.size for s in found) - sum(d.segment.size for d in done)
-            self.metrics.set("carelake_gateway_rejects_bytes", remaining)
-            return done
+            del self._sealed[d.segment.path]
+        total = sum(s.size for s in self._sealed.values()) + sum(s.size for s in self._open)
+        self.metrics.set("carelake_gateway_rejects_bytes", total)
+        return done
 
     def _report(self, d: Deletion) -> None:
         seg = d.segment
@@ -119,11 +145,11 @@ class RejectsJanitor:
 
     def start(self, every_s: float) -> RejectsJanitor:
         """Check now and then every `every_s` seconds on a thread of its own, until `close`."""
-        self.check()
+        self.rescan()
 
         def run() -> None:
             while not self._stop.wait(every_s):
-                self.check()
+                self.rescan()
 
         self._thread = threading.Thread(target=run, name="rejects-janitor", daemon=True)
         self._thread.start()
