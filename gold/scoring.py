@@ -54,6 +54,10 @@ TEXT_INPUTS = frozenset({"acvpu"})
 # Observation statuses that are not a valid measurement (FHIR ObservationStatus; HL7 OBX-11 W/X/D).
 NOT_MEASURED = ("deleted", "entered-in-error", "cancelled", "W", "X", "D")
 USED_CONCEPTS = frozenset({*INPUTS, *FEATURE_CONCEPTS})
+# The tail stores a concept as its index here (one byte a row instead of a string).
+CONCEPTS = tuple(sorted(USED_CONCEPTS))
+CODE = {c: i for i, c in enumerate(CONCEPTS)}
+_IS_INPUT = np.array([c in INPUTS for c in CONCEPTS], dtype=bool)  # indexed by concept code
 GRID_STEPS = 12  # a feature window's start moves on a grid of window / GRID_STEPS
 
 LEVELS = ("news2_medium", "news2_high", "qsofa", "model")
@@ -74,6 +78,7 @@ class Settings:
     horizon_us: int
     resolve_after_us: int
     scale2_codes: frozenset[str] = frozenset()
+    tail_rows: int = 500  # the tail keeps at least this many of the newest rows (within `history`)
 
     def __post_init__(self) -> None:
         if self.lookback_us <= 0 or self.horizon_us < 0 or self.resolve_after_us < 0:
@@ -86,9 +91,13 @@ class Settings:
 
     @classmethod
     def from_ms(cls, *, lookback_ms: int, history_ms: int, windows_ms: Sequence[int], horizon_ms: int,
-                resolve_after_ms: int, scale2_codes: Iterable[str] = ()) -> Settings:
+                resolve_after_ms: int, scale2_codes: Iterable[str] = (), tail_rows: int = 500) -> Settings:
         return cls(lookback_ms * 1000, history_ms * 1000, tuple(int(w) * 1000 for w in windows_ms), horizon_ms * 1000,
-                   resolve_after_ms * 1000, frozenset(scale2_codes))
+                   resolve_after_ms * 1000, frozenset(scale2_codes), tail_rows)
+
+    @property
+    def window_names(self) -> tuple[str, ...]:
+        return tuple(window_name(w // 1000) for w in self.windows_us)
 
     def grid(self, window_us: int) -> int:
         return window_us // GRID_STEPS
@@ -142,8 +151,69 @@ _KEEP = ("observation_id", "concept", "value", "value_text", "t", "encounter_key
 
 
 def _empty_rows() -> Table:
-    return Table({n: np.zeros(0, dtype="int64" if n == "t" else "float64" if n == "value" else object)
-                  for n in _KEEP})
+    dtypes = {"t": "int64", "value": "float64", "concept": "int8"}
+    return Table({n: np.zeros(0, dtype=dtypes.get(n, object)) for n in _KEEP})
+
+
+class _View:
+    """Rows (the tail, or the rows being folded) sorted once: each concept's rows by time, then value."""
+
+    def __init__(self, rows: Table):
+        self.rows = rows
+        codes = rows["concept"]
+        self._order = np.lexsort((rows["value"], rows["t"], codes))
+        self._bounds = np.searchsorted(codes[self._order], np.arange(len(CONCEPTS) + 1))
+
+    def of(self, concept: str) -> np.ndarray:
+        k = CODE[concept]
+        return self._order[self._bounds[k]:self._bounds[k + 1]]
+
+    def readings(self, concept: str) -> tuple[np.ndarray, np.ndarray]:
+        """A concept's numeric readings by (time, value): the last of an instant is its largest value."""
+        idx = self.of(concept)
+        t, v = self.rows["t"][idx], self.rows["value"][idx]
+        ok = ~np.isnan(v)
+        return t[ok], v[ok]
+
+    def instants(self, concept: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per instant of an input's rows, ascending: (time, the largest id, that row's value, whether it has one)."""
+        idx = self.of(concept)
+        t = self.rows["t"][idx]
+        if len(t) > 1 and np.any(t[1:] == t[:-1]):  # rows sharing an instant: the one with the largest id counts
+            ids = self.rows["observation_id"][idx]
+            best: dict[int, int] = {}
+            for k, (at, oid) in enumerate(zip(t.tolist(), ids, strict=True)):
+                if at not in best or oid > ids[best[at]]:
+                    best[at] = k
+            idx = idx[sorted(best.values())]
+            t = self.rows["t"][idx]
+        obs = self.rows["observation_id"][idx]
+        if concept in TEXT_INPUTS:
+            value = self.rows["value_text"][idx]
+            valued = np.array([x is not None for x in value], dtype=bool)
+        else:
+            value = self.rows["value"][idx]
+            valued = ~np.isnan(value)
+        return t, obs, value, valued
+
+    def encounters(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per instant of the input rows that name an encounter, ascending: (time, the largest key)."""
+        idx = np.concatenate([self.of(c) for c in INPUTS])
+        idx = idx[pd.notna(self.rows["encounter_key"][idx])]
+        if not len(idx):
+            return np.zeros(0, "int64"), np.zeros(0, object)
+        idx = idx[np.argsort(self.rows["t"][idx], kind="stable")]
+        t, enc = self.rows["t"][idx], self.rows["encounter_key"][idx]
+        last = np.append(t[1:] != t[:-1], True)
+        out_t, out_enc = t[last], enc[last]
+        shared = ~last[:-1] & (enc[1:] != enc[:-1]) if len(t) > 1 else np.zeros(0, bool)
+        if shared.any():  # different encounters named at one instant (rare): the largest key
+            best: dict[int, str] = {}
+            for at, e in zip(t.tolist(), enc, strict=True):
+                if at not in best or e > best[at]:
+                    best[at] = e
+            out_enc = np.array([best[at] for at in out_t.tolist()], dtype=object)
+        return out_t, out_enc
 
 
 def _is_marker(rows: Table, codes: frozenset[str]) -> np.ndarray:
@@ -291,7 +361,9 @@ def step(state: PersonState | None, rows: pd.DataFrame, settings: Settings, *, p
     touched += keep["t"].tolist()
     for r in _records(keep.where(keep["t"] < fold)):
         _fold_late(state, r)
-    state.tail = state.tail.append(Table({k: keep[k] for k in _KEEP}).where(keep["t"] >= fold))
+    fresh = Table({k: keep[k] for k in _KEEP}).where(keep["t"] >= fold)
+    fresh.cols["concept"] = np.array([CODE[c] for c in fresh["concept"]], dtype="int8")
+    state.tail = state.tail.append(fresh)
     if not touched and state.points is not None:
         return Step(state, Table({}), [], [])
     start = min(touched) if touched else fold
@@ -396,8 +468,8 @@ def _score_points(state: PersonState, s: Settings, start: int,
                   predict: Callable[[pd.DataFrame], tuple[np.ndarray, np.ndarray, str]] | None) -> Table:
     """Score rows (with features) of the tail's points from `start` on."""
     tail = state.tail
-    inputs = tail.where(np.isin(tail["concept"], list(INPUTS)))
-    points = np.unique(inputs["t"])
+    view = _View(tail)
+    points = np.unique(tail["t"][_IS_INPUT[tail["concept"]]])
     points = points[points >= start]
     n = len(points)
     if not n:
@@ -409,7 +481,7 @@ def _score_points(state: PersonState, s: Settings, start: int,
     fresh_from = points - (s.lookback_us // 1_000_000) * 1_000_000
     absent_before = points - s.history_us
     for c, column in INPUTS.items():
-        v, v_t, obs = _as_of_input(inputs.where(inputs["concept"] == c), state.inputs[c], points, c in TEXT_INPUTS)
+        v, v_t, obs = _as_of_input(view, c, state.inputs[c], points)
         known = (v_t >= 0) & (v_t >= absent_before)
         fresh = known & (v_t >= fresh_from)
         values[column] = np.where(fresh, v, None if c in TEXT_INPUTS else np.nan)
@@ -424,7 +496,7 @@ def _score_points(state: PersonState, s: Settings, start: int,
                                 values["pulse"], values["consciousness"], values["temperature"], scale2)
     q, q_partial = news2.qsofa_arrays(values["respiratory_rate"], values["systolic_bp"], values["consciousness"])
     out.update({
-        "encounter_key": _as_of_encounter(inputs, state.encounter, points),
+        "encounter_key": _as_of_encounter(view, state.encounter, points),
         "news2_score": scored["news2_score"], "news2_band": scored["news2_band"],
         **{c: scored[c] for c in news2.COMPONENTS},
         "news2_partial": scored["news2_partial"],
@@ -436,7 +508,7 @@ def _score_points(state: PersonState, s: Settings, start: int,
         "sirs_count": news2.sirs_arrays(values["temperature"], values["pulse"], values["respiratory_rate"],
                                         values["wbc"]),
     })
-    feats = _features(state, s, points)
+    feats = _features(state, view, s, points)
     out.update(feats)
     if predict is not None:
         risk, alert, version = predict(pd.DataFrame(feats))
@@ -457,48 +529,30 @@ def _objects(items: list) -> np.ndarray:
     return out
 
 
-def _instants(rows: Table, text: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per instant of an input's rows: (time, the largest id, that row's value), ascending by time."""
-    if not len(rows):
-        return np.zeros(0, "int64"), np.zeros(0, object), np.zeros(0, object)
-    t, obs = rows["t"], rows["observation_id"]
-    order = np.lexsort((obs.astype(str), t))
-    t, obs = t[order], obs[order]
-    value = (rows["value_text"] if text else rows["value"].astype(object))[order]
-    last = np.append(t[1:] != t[:-1], True)
-    return t[last], obs[last], value[last]
-
-
 def _missing(x) -> bool:
     return x is None or (isinstance(x, float) and math.isnan(x))
 
 
-def _as_of_input(rows: Table, carry: _InputCarry, points: np.ndarray, text: bool):
+def _as_of_input(view: _View, concept: str, carry: _InputCarry, points: np.ndarray):
     """Each point's newest value of one input (value, its time or -1, the newest instant's largest id)."""
-    t, obs, v = _instants(rows, text)
-    valued = np.array([not _missing(x) for x in v], dtype=bool)
+    t, obs, v, valued = view.instants(concept)
     vt, vv = t[valued], v[valued]
     i = np.searchsorted(t, points, side="right") - 1
     j = np.searchsorted(vt, points, side="right") - 1
     obs_out = np.where(i >= 0, obs[np.maximum(i, 0)] if len(obs) else None, carry.obs_id)
     carry_t = -1 if carry.value_t is None else carry.value_t
     value_t = np.where(j >= 0, vt[np.maximum(j, 0)] if len(vt) else -1, carry_t)
-    value = np.where(j >= 0, vv[np.maximum(j, 0)] if len(vv) else None, carry.value)
-    if not text:
-        value = np.array([np.nan if x is None else float(x) for x in value], dtype="float64")
+    if concept in TEXT_INPUTS:
+        value = np.where(j >= 0, vv[np.maximum(j, 0)] if len(vv) else None, carry.value)
+    else:
+        carried = np.nan if carry.value is None else float(carry.value)
+        value = np.where(j >= 0, vv[np.maximum(j, 0)] if len(vv) else np.nan, carried).astype("float64")
     return value, value_t.astype("int64"), obs_out
 
 
-def _as_of_encounter(inputs: Table, carry: tuple[int | None, str | None], points: np.ndarray) -> np.ndarray:
+def _as_of_encounter(view: _View, carry: tuple[int | None, str | None], points: np.ndarray) -> np.ndarray:
     """Each point's newest encounter (the largest key at an instant), carried over instants without one."""
-    named = inputs.where(np.array([e is not None for e in inputs["encounter_key"]], dtype=bool))
-    if len(named):
-        order = np.lexsort((named["encounter_key"].astype(str), named["t"]))
-        t, enc = named["t"][order], named["encounter_key"][order]
-        last = np.append(t[1:] != t[:-1], True)
-        t, enc = t[last], enc[last]
-    else:
-        t, enc = np.zeros(0, "int64"), np.zeros(0, object)
+    t, enc = view.encounters()
     i = np.searchsorted(t, points, side="right") - 1
     return np.where(i >= 0, enc[np.maximum(i, 0)] if len(enc) else None, carry[1])
 
@@ -507,16 +561,6 @@ def _as_of_encounter(inputs: Table, carry: tuple[int | None, str | None], points
 def feature_columns(windows_us: Sequence[int]) -> list[str]:
     """gold.features.feature_columns for windows in microseconds."""
     return features.feature_columns([w // 1000 for w in windows_us])
-
-
-def _readings(rows: Table, concept: str) -> tuple[np.ndarray, np.ndarray]:
-    """A concept's numeric readings, ordered by (time, value): the last of an instant is its largest value."""
-    mine = rows["concept"] == concept
-    t, v = rows["t"][mine], rows["value"][mine]
-    ok = ~np.isnan(v)
-    t, v = t[ok], v[ok]
-    order = np.lexsort((v, t))
-    return t[order], v[order]
 
 
 def _as_of_reading(t: np.ndarray, v: np.ndarray, carry: _FeatureCarry, at: np.ndarray):
@@ -529,20 +573,19 @@ def _as_of_reading(t: np.ndarray, v: np.ndarray, carry: _FeatureCarry, at: np.nd
     return last_t.astype("int64"), last_v.astype("float64"), carry.n + i
 
 
-def _features(state: PersonState, s: Settings, points: np.ndarray) -> dict[str, np.ndarray]:
+def _features(state: PersonState, view: _View, s: Settings, points: np.ndarray) -> dict[str, np.ndarray]:
     cols: dict[str, np.ndarray] = {}
     fold = state.fold
     oldest = points - s.history_us
     for c in FEATURE_CONCEPTS:
-        t, v = _readings(state.tail, c)
+        t, v = view.readings(c)
         carry = state.features[c]
         last_t, last_v, n_now = _as_of_reading(t, v, carry, points)
         usable = (last_t >= 0) & (last_t >= oldest)
         last_v = np.where(usable, last_v, np.nan)
         cols[f"{c}_last"] = last_v
         cols[f"{c}_age_s"] = np.where(usable, (points - last_t) / 1e6, np.nan)
-        for w in s.windows_us:
-            name = window_name(w // 1000)
+        for w, name in zip(s.windows_us, s.window_names, strict=True):
             starts = s.window_start(points, w)
             st_t, st_v, st_n = _as_of_reading(t, v, carry, starts)
             if fold is not None:
@@ -661,16 +704,29 @@ def _alerts(state: PersonState, s: Settings, person: str) -> list[dict]:
 
 
 # -- folding -------------------------------------------------------------------------------------------------
+def _fold_line(state: PersonState, s: Settings, now_us: int) -> int | None:
+    """Where the tail should start: `horizon` behind the newest reading (never past `now_us`: a clock set a year
+    ahead must not fold everyone's tail), or earlier to keep the newest `tail_rows` rows (a ward patient's few
+    readings stay row by row for hours), but not more than `history` back."""
+    newest = min(state.newest, now_us)
+    line = newest - s.horizon_us
+    t = state.tail["t"]
+    if np.count_nonzero(t >= line) < s.tail_rows and len(t):
+        kept = np.sort(t)[-s.tail_rows:]
+        line = max(min(line, int(kept[0])), newest - s.history_us)
+    return line
+
+
 def _advance_fold(state: PersonState, s: Settings, now_us: int, person: str) -> None:
-    """Move the fold line to `horizon` behind the newest reading (never past `now_us`) and fold what falls behind."""
+    """Move the fold line forward (`_fold_line`) and fold what falls behind it into carries and snapshots."""
     if state.newest is None:
         return
-    line = min(state.newest, now_us) - s.horizon_us
+    line = _fold_line(state, s, now_us)
     old = state.fold
     if old is not None and line <= old:
         return
     tail = state.tail
-    going = tail.where(tail["t"] < line)
+    going = _View(tail.where(tail["t"] < line))
     # Snapshots at the grid boundaries a point at or after the new line may ask for.
     for w in s.windows_us:
         g = s.grid(w)
@@ -680,33 +736,32 @@ def _advance_fold(state: PersonState, s: Settings, now_us: int, person: str) -> 
         lo = first_needed if old is None else max(first_needed, -((-old) // g) * g)
         new_bounds = np.arange(lo, line, g, dtype="int64") if lo < line else np.zeros(0, "int64")
         new_bounds = new_bounds[~np.isin(new_bounds, snaps.bounds[keep])]
-        bounds = np.concatenate([snaps.bounds[keep], new_bounds])
-        fresh = _Snapshots(bounds=bounds)
+        if not len(new_bounds) and keep.all() and w in state.snapshots:
+            continue  # no grid boundary crossed: the snapshots stand
+        fresh = _Snapshots(bounds=np.concatenate([snaps.bounds[keep], new_bounds]))
         for c in FEATURE_CONCEPTS:
-            t, v = _readings(going, c)
+            t, v = going.readings(c)
             lt, lv, n = _as_of_reading(t, v, state.features[c], new_bounds)
             fresh.last_t[c] = np.concatenate([snaps.last_t.get(c, np.zeros(0, "int64"))[keep], lt])
             fresh.last_v[c] = np.concatenate([snaps.last_v.get(c, np.zeros(0, "float64"))[keep], lv])
             fresh.n[c] = np.concatenate([snaps.n.get(c, np.zeros(0, "int64"))[keep], n])
         state.snapshots[w] = fresh
     for c in FEATURE_CONCEPTS:
-        t, v = _readings(going, c)
+        t, v = going.readings(c)
         if len(t):
             carry = state.features[c]
             carry.last_t, carry.last_v, carry.n = int(t[-1]), float(v[-1]), carry.n + len(t)
-    inputs = going.where(np.isin(going["concept"], list(INPUTS)))
     for c in INPUTS:
-        t, obs, v = _instants(inputs.where(inputs["concept"] == c), c in TEXT_INPUTS)
+        t, obs, v, valued = going.instants(c)
         if len(t):
             carry = state.inputs[c]
             carry.id_t, carry.obs_id = int(t[-1]), obs[-1]
-            valued = [k for k, x in enumerate(v) if not _missing(x)]
-            if valued:
-                carry.value_t, carry.value = int(t[valued[-1]]), v[valued[-1]]
-    named = inputs.where(np.array([e is not None for e in inputs["encounter_key"]], dtype=bool))
-    if len(named):
-        newest_t = int(named["t"].max())
-        state.encounter = (newest_t, max(named["encounter_key"][named["t"] == newest_t]))
+            if valued.any():
+                k = int(np.flatnonzero(valued)[-1])
+                carry.value_t, carry.value = int(t[k]), v[k].item() if isinstance(v[k], np.generic) else v[k]
+    enc_t, enc = going.encounters()
+    if len(enc_t):
+        state.encounter = (int(enc_t[-1]), enc[-1])
     # Alert machines past the folded points; alert rows of episodes that ended before the line are final.
     if state.points is not None and len(state.points):
         past = state.points.where(state.points["scored_at"] < line)

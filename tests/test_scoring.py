@@ -18,7 +18,7 @@ T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z
 
 SETTINGS = scoring.Settings.from_ms(lookback_ms=30 * 60_000, history_ms=5 * 3_600_000,
                                     windows_ms=[3_600_000, 4 * 3_600_000], horizon_ms=20 * 60_000,
-                                    resolve_after_ms=30 * 60_000, scale2_codes=["J96.1"])
+                                    resolve_after_ms=30 * 60_000, scale2_codes=["J96.1"], tail_rows=40)
 
 
 def _row(oid, concept, t, value=None, text=None, *, code=None, status="final", encounter="E1", gone=False):
