@@ -245,3 +245,38 @@ def test_numpy_news2_qsofa_sirs_agree_with_the_python_reference():
         assert (int(q[i]), bool(q_partial[i])) == news2.qsofa(r["rr"], r["sbp"], r["ac"]), r
         want = news2.sirs(r["t"], r["hr"], r["rr"], r["wbc"])
         assert (want is None and math.isnan(sirs[i])) or sirs[i] == want, r
+
+
+def test_a_ward_patients_readings_stay_in_the_tail_for_hours_so_a_late_one_rescores_from_the_state():
+    settings = scoring.Settings.from_ms(lookback_ms=4 * 3_600_000, history_ms=12 * 3_600_000,
+                                        windows_ms=[3_600_000], horizon_ms=5 * 60_000, resolve_after_ms=3_600_000,
+                                        tail_rows=50)
+    rows = [_row(f"o{h}-{c}", c, T0 + h * HOUR, v) for h in range(8) for c, v in (("hr", 80.0 + h), ("rr", 16.0))]
+    state = scoring.step(None, pd.DataFrame(rows, columns=scoring.ROW_COLUMNS), settings, person="W",
+                         now_us=T0 + 8 * HOUR).state
+    assert len(state.tail) == len(rows)  # 16 rows over 7 h: all kept, nothing folded out of reach
+    late = _row("late", "sbp", T0 + 2 * HOUR + MIN, 85.0)  # charted 5 h late
+    out = scoring.step(state, pd.DataFrame([late], columns=scoring.ROW_COLUMNS), settings, person="W",
+                       now_us=T0 + 8 * HOUR)
+    assert out.recompute is None and not out.rebuild
+    rescored = out.scores.frame().set_index("scored_at")
+    assert rescored.loc[T0 + 2 * HOUR + MIN, "news2_systolic_bp"] == 3
+    assert rescored.loc[T0 + 3 * HOUR, "systolic_bp"] == 85.0  # carried forward to the points after it
+
+
+def test_a_retraction_that_leaves_the_tail_without_points_keeps_the_running_alert_open():
+    settings = scoring.Settings.from_ms(lookback_ms=4 * 3_600_000, history_ms=12 * 3_600_000,
+                                        windows_ms=[3_600_000], horizon_ms=5 * 60_000, resolve_after_ms=3_600_000,
+                                        tail_rows=1)
+    high = [_row(f"a-{c}", c, T0, v) for c, v in (("rr", 26.0), ("spo2", 90.0), ("hr", 135.0))]
+    state = scoring.step(None, pd.DataFrame(high, columns=scoring.ROW_COLUMNS), settings, person="R",
+                         now_us=T0).state
+    calm = _row("b-hr", "hr", T0 + 20 * MIN, 80.0)  # 20 min later: folds the first point away
+    first = scoring.step(state, pd.DataFrame([calm], columns=scoring.ROW_COLUMNS), settings, person="R",
+                         now_us=T0 + 20 * MIN)
+    assert first.state.fold > T0 and {a["status"] for a in first.alerts} <= {scoring.OPEN}
+    gone = {**calm, "gone": True}
+    out = scoring.step(first.state, pd.DataFrame([gone], columns=scoring.ROW_COLUMNS), settings, person="R",
+                       now_us=T0 + 20 * MIN)
+    assert out.withdrawn == [calm["t"]]
+    assert not [a for a in out.alerts if a["status"] == scoring.WITHDRAWN]  # the episode from T0 still runs
