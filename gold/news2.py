@@ -4,20 +4,20 @@ Inputs are silver's canonical units (silver/vitals.py): respiratory rate and pul
 concentration in %, O2 flow in L/min, systolic BP in mm[Hg], temperature in Cel, WBC in 10*3/uL, consciousness as
 one ACVPU letter ('A', 'C', 'V', 'P', 'U'). The chart lives once, as data (the *_CHART tables below), and is read
 by both implementations that give the same answer on the same inputs: `news2`, `qsofa`, `sirs`, `on_oxygen` (pure
-Python, the reference) and `news2_sql`, `qsofa_sql`, `sirs_sql`, `on_oxygen_sql` (Spark SQL expressions, no UDFs;
-`*_columns` wrap them as Columns).
+Python, the reference) and `news2_arrays`, `qsofa_arrays`, `sirs_arrays`, `on_oxygen_array` (NumPy, what the
+scoring kernel gold.scoring runs over a person's points).
 
 Rounding rule: the chart prints whole numbers (temperature: one decimal), so a value between two printed numbers
 is first rounded half-up to the chart's precision and then banded: respiratory rate, SpO2, systolic BP and pulse
 to whole numbers (20.5 -> 21, 20.49 -> 20), temperature to one decimal (35.05 -> 35.1, 38.04 -> 38.0). Half-up
-is computed as floor(x * 10**d + 0.5 + 1e-9) in units of 10**-d, the same double operations in Python and Spark,
+is computed as floor(x * 10**d + 0.5 + 1e-9) in units of 10**-d, the same double operations in Python and NumPy,
 so a binary float a few ulps under a half (35.04999999999999, what arithmetic such as a unit conversion can leave
 of 35.05) still rounds up; the rounded integer is compared with the chart bound in the same units, never a float
 with a float. qSOFA and SIRS round respiratory
 rate, systolic BP, pulse and temperature by the same rule (one reading gives one answer in every score); WBC, FiO2
 and O2 flow are compared as given.
 
-Missing inputs: None (null in Spark), NaN and +-infinity are missing, as is a consciousness value that is not an
+Missing inputs: None (NaN in an array), NaN and +-infinity are missing, as is a consciousness value that is not an
 ACVPU letter. A component whose input is missing is None; the total and band are computed from the components
 present and flagged `partial`, with the missing component names in `missing` (never silently scored as normal).
 Oxygen: on oxygen when FiO2 > 21 % or O2 flow > 0 L/min; either one saying oxygen is enough; unknown when neither
@@ -29,14 +29,10 @@ missing.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from pyspark.sql import Column
-from pyspark.sql import functions as F
-
-from pipelines import sqltext as sql
 
 INF = math.inf
 
@@ -303,173 +299,3 @@ def sirs_arrays(temp, pulse, rr, wbc) -> np.ndarray:
             + (rr_u > SIRS_RR_ABOVE) + ((w > SIRS_WBC[1]) | (w < SIRS_WBC[0]))
     none = np.isnan(temp_u) & np.isnan(pulse_u) & np.isnan(rr_u) & np.isnan(w)
     return np.where(none, np.nan, met.astype("float64"))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Spark: the same tables and rules as Spark SQL expressions (text), and as Columns built from that text
-#
-# The scorer puts these in selectExpr: a streaming job plans them every micro-batch, and one SQL string per output
-# column costs one JVM call where the same tree built from Column objects costs hundreds. The arguments are SQL
-# expressions over the input row, usually column names.
-
-
-def _value_sql(x: str) -> str:
-    """x as a double, null when missing (null, NaN, +-infinity): Spark orders NaN above +infinity."""
-    return f"CASE WHEN abs(CAST(({x}) AS DOUBLE)) < {sql.double(INF)} THEN CAST(({x}) AS DOUBLE) END"
-
-
-def _units_sql(x: str, decimals: int) -> str:
-    """`_units` in SQL: the same double operations, then floor (bigint); null when missing."""
-    return f"floor(({_value_sql(x)}) * {sql.double(10**decimals)} + {sql.double(0.5)} + {sql.double(_EPSILON)})"
-
-
-def _count_sql(conditions: Iterable[str]) -> str:
-    """How many of the conditions are true (a null condition counts as not met), as an int."""
-    return "CAST(" + " + ".join(f"(CASE WHEN {c} THEN 1 ELSE 0 END)" for c in conditions) + " AS INT)"
-
-
-def _letter_sql(acvpu: str) -> str:
-    """The ACVPU letter, null when missing or not a letter of the scale."""
-    return f"CASE WHEN ({acvpu}) IN ({sql.strings(CONSCIOUSNESS_POINTS)}) THEN ({acvpu}) END"
-
-
-def _intervals(charts: Sequence[Chart]) -> list[tuple[int | float, tuple[int, ...]]]:
-    """The union of the charts' bounds (in units), each with every chart's points up to it, ascending."""
-    bands = [chart.unit_bands() for chart in charts]
-    bounds = sorted({b for chart_bands in bands for b, _ in chart_bands})
-    return [(b, tuple(next(p for cb, p in chart_bands if b <= cb) for chart_bands in bands)) for b in bounds]
-
-
-def _banded_sql(x: str, charts: Sequence[Chart], points: Callable[[tuple[int, ...]], str]) -> str:
-    """One CASE over the rounded value for charts of one precision; `points` picks from the charts' points."""
-    u = _units_sql(x, charts[0].decimals)
-    *bounded, (_, top) = _intervals(charts)
-    branches = " ".join(f"WHEN {u} <= {bound} THEN {points(p)}" for bound, p in bounded)
-    return f"CAST(CASE WHEN {u} IS NULL THEN NULL {branches} ELSE {points(top)} END AS INT)"
-
-
-def _chart_sql(chart: Chart, x: str) -> str:
-    """`_chart_points` in SQL (int, null when missing)."""
-    return _banded_sql(x, (chart,), lambda p: str(p[0]))
-
-
-def _spo2_sql(spo2: str, on_o2: str, scale2: str) -> str:
-    """`_spo2_points` in SQL: scale 2 is one CASE that reads the oxygen status where air and oxygen differ."""
-
-    def air_or_oxygen(p: tuple[int, ...]) -> str:
-        air, oxygen = p
-        return str(air) if air == oxygen else f"(CASE WHEN {on_o2} THEN {oxygen} WHEN NOT ({on_o2}) THEN {air} END)"
-
-    scale2_points = _banded_sql(spo2, (SPO2_SCALE2_AIR_CHART, SPO2_SCALE2_OXYGEN_CHART), air_or_oxygen)
-    return (f"CASE WHEN coalesce({scale2}, false) THEN {scale2_points} "
-            f"ELSE {_chart_sql(SPO2_SCALE1_CHART, spo2)} END")
-
-
-def _lookup_sql(points: Mapping, key: str) -> str:
-    """points[key] in SQL (int), null when the key is null or absent."""
-    def literal(k) -> str:
-        return ("true" if k else "false") if isinstance(k, bool) else sql.string(k)
-
-    branches = " ".join(f"WHEN ({key}) = {literal(k)} THEN {p}" for k, p in points.items())
-    return f"CAST(CASE WHEN ({key}) IS NULL THEN NULL {branches} END AS INT)"
-
-
-def on_oxygen_sql(fio2: str, o2flow: str) -> str:
-    """`on_oxygen` in SQL (boolean): true if either says oxygen, null if neither is known, else false."""
-    f, o = _value_sql(fio2), _value_sql(o2flow)
-    return (f"CASE WHEN ({f}) IS NULL AND ({o}) IS NULL THEN CAST(NULL AS BOOLEAN) "
-            f"ELSE coalesce(({f}) > {sql.double(AIR_FIO2_PCT)}, false)"
-            f" OR coalesce(({o}) > {sql.double(0.0)}, false) END")
-
-
-def news2_component_sql(rr: str, spo2: str, on_o2: str, sbp: str, pulse: str, acvpu: str, temp: str,
-                        scale2: str | None = None) -> dict[str, str]:
-    """The seven NEWS2 COMPONENTS in SQL (int, null when the input is missing).
-
-    on_o2 is a boolean expression (see `on_oxygen_sql`); a null scale2 (or none given) means SpO2 scale 1.
-    """
-    o2 = f"CAST(({on_o2}) AS BOOLEAN)"
-    s2 = "false" if scale2 is None else f"CAST(({scale2}) AS BOOLEAN)"
-    scores = (
-        _chart_sql(RESPIRATORY_RATE_CHART, rr),
-        _spo2_sql(spo2, o2, s2),
-        _lookup_sql(SUPPLEMENTAL_O2_POINTS, o2),
-        _chart_sql(SYSTOLIC_BP_CHART, sbp),
-        _chart_sql(PULSE_CHART, pulse),
-        _lookup_sql(CONSCIOUSNESS_POINTS, _letter_sql(acvpu)),
-        _chart_sql(TEMPERATURE_CHART, temp),
-    )
-    return dict(zip(COMPONENTS, scores, strict=True))
-
-
-def news2_summary_sql(components: Mapping[str, str]) -> dict[str, str]:
-    """news2_score (int), news2_band, news2_partial, news2_missing (array<string>) from the seven components
-    (SQL expressions, e.g. the names of columns holding `news2_component_sql`)."""
-    present = [f"coalesce(({components[name]}), 0)" for name in COMPONENTS]
-    total = "CAST(" + " + ".join(present) + " AS INT)"
-    any_three = f"greatest({', '.join(present)}) = 3"
-    # The band from a literal table of band(t, any_three) for t = 0..HIGH_FROM, indexed once: the total is not
-    # repeated in each branch of a CASE. Totals above HIGH_FROM band as HIGH_FROM does.
-    table = f"array({sql.strings(band(t, a) for t in range(HIGH_FROM + 1) for a in (False, True))})"
-    index = f"least({total}, {HIGH_FROM}) * 2 + (CASE WHEN {any_three} THEN 1 ELSE 0 END) + 1"
-    missing = ", ".join(f"CASE WHEN ({components[name]}) IS NULL THEN {sql.string(name)} END" for name in COMPONENTS)
-    return {
-        "news2_score": total,
-        "news2_band": f"element_at({table}, {index})",
-        "news2_partial": "(" + " OR ".join(f"({components[name]}) IS NULL" for name in COMPONENTS) + ")",
-        "news2_missing": f"CAST(array_compact(array({missing})) AS ARRAY<STRING>)",
-    }
-
-
-def news2_sql(rr: str, spo2: str, on_o2: str, sbp: str, pulse: str, acvpu: str, temp: str,
-              scale2: str | None = None) -> dict[str, str]:
-    """`news2` in SQL: the 7 COMPONENTS, news2_score, news2_band, news2_partial, news2_missing, self-contained."""
-    components = news2_component_sql(rr, spo2, on_o2, sbp, pulse, acvpu, temp, scale2)
-    return {**components, **news2_summary_sql(components)}
-
-
-def qsofa_sql(rr: str, sbp: str, acvpu: str) -> dict[str, str]:
-    """`qsofa` in SQL: qsofa_score (int) and qsofa_partial (boolean)."""
-    rr_u, sbp_u, letter = _units_sql(rr, 0), _units_sql(sbp, 0), _letter_sql(acvpu)
-    met = (f"({rr_u}) >= {QSOFA_RR_FROM}", f"({sbp_u}) <= {QSOFA_SBP_UPTO}",
-           f"({letter}) IN ({sql.strings(ALTERED_MENTATION)})")
-    return {
-        "qsofa_score": _count_sql(met),
-        "qsofa_partial": "(" + " OR ".join(f"({x}) IS NULL" for x in (rr_u, sbp_u, letter)) + ")",
-    }
-
-
-def sirs_sql(temp: str, pulse: str, rr: str, wbc: str) -> str:
-    """`sirs` in SQL: int, null when none of the four inputs is present."""
-    temp_u, pulse_u, rr_u, w = _units_sql(temp, 1), _units_sql(pulse, 0), _units_sql(rr, 0), _value_sql(wbc)
-    low_t, high_t = (_threshold(t, 1) for t in SIRS_TEMP_CEL)
-    met = (
-        f"(({temp_u}) > {high_t} OR ({temp_u}) < {low_t})",
-        f"({pulse_u}) > {SIRS_PULSE_ABOVE}",
-        f"({rr_u}) > {SIRS_RR_ABOVE}",
-        f"(({w}) > {sql.double(SIRS_WBC[1])} OR ({w}) < {sql.double(SIRS_WBC[0])})",
-    )
-    any_present = " OR ".join(f"({x}) IS NOT NULL" for x in (temp_u, pulse_u, rr_u, w))
-    return f"CAST(CASE WHEN {any_present} THEN {_count_sql(met)} END AS INT)"
-
-
-# Columns, for DataFrame code that prefers them: the SQL above, parsed once each.
-def on_oxygen_column(fio2: str, o2flow: str) -> Column:
-    """`on_oxygen_sql` as a Column."""
-    return F.expr(on_oxygen_sql(fio2, o2flow))
-
-
-def news2_columns(rr: str, spo2: str, on_o2: str, sbp: str, pulse: str, acvpu: str, temp: str,
-                  scale2: str | None = None) -> dict[str, Column]:
-    """`news2_sql` as Columns."""
-    return {name: F.expr(sql) for name, sql in news2_sql(rr, spo2, on_o2, sbp, pulse, acvpu, temp, scale2).items()}
-
-
-def qsofa_columns(rr: str, sbp: str, acvpu: str) -> dict[str, Column]:
-    """`qsofa_sql` as Columns."""
-    return {name: F.expr(sql) for name, sql in qsofa_sql(rr, sbp, acvpu).items()}
-
-
-def sirs_column(temp: str, pulse: str, rr: str, wbc: str) -> Column:
-    """`sirs_sql` as a Column."""
-    return F.expr(sirs_sql(temp, pulse, rr, wbc))

@@ -1,21 +1,13 @@
 """gold.news2: every chart edge, the rounding rule, bands, missing inputs, qSOFA, SIRS, [degF] through silver, and
-the Spark columns equal to the Python reference."""
+the NumPy arrays the scoring kernel uses equal to the Python reference."""
 
 from __future__ import annotations
 
 import math
 import random
 
+import numpy as np
 import pytest
-from pyspark.sql.types import (
-    ArrayType,
-    BooleanType,
-    DoubleType,
-    IntegerType,
-    StringType,
-    StructField,
-    StructType,
-)
 
 from gold.news2 import (
     BANDS,
@@ -30,13 +22,13 @@ from gold.news2 import (
     News2,
     band,
     news2,
-    news2_columns,
+    news2_arrays,
     on_oxygen,
-    on_oxygen_column,
+    on_oxygen_array,
     qsofa,
-    qsofa_columns,
+    qsofa_arrays,
     sirs,
-    sirs_column,
+    sirs_arrays,
 )
 from silver.vitals import LOINC, normalize
 
@@ -236,23 +228,7 @@ def test_charts_are_validated():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Spark against the Python reference: one DataFrame with every case above plus random readings, collected once.
-
-INPUT_SCHEMA = StructType([
-    StructField("id", IntegerType(), False),
-    *(StructField(name, DoubleType()) for name in ("rr", "spo2", "fio2", "o2flow", "sbp", "pulse")),
-    StructField("acvpu", StringType()),
-    StructField("temp", DoubleType()),
-    StructField("wbc", DoubleType()),
-    StructField("scale2", BooleanType()),
-])
-FIELDS = [f.name for f in INPUT_SCHEMA.fields[1:]]
-DOUBLES = {f.name for f in INPUT_SCHEMA.fields if f.dataType == DoubleType()}
-
-
-def spark_row(i: int, r: dict) -> tuple:
-    """A reading as an INPUT_SCHEMA row (the cases write whole numbers as ints)."""
-    return (i, *(float(r[f]) if f in DOUBLES and r[f] is not None else r[f] for f in FIELDS))
+# NumPy against the Python reference: every case above plus random readings, as arrays at once.
 
 
 def _near(rng: random.Random, chart: Chart) -> float:
@@ -304,50 +280,37 @@ EDGE_READINGS = _edge_readings()
 RANDOM_READINGS = random_readings(400)
 
 
-@pytest.fixture(scope="module")
-def spark_results(spark):
-    """(schema, {id: row dict}) of every output column over EDGE_READINGS + RANDOM_READINGS."""
-    readings = EDGE_READINGS + RANDOM_READINGS
-    df = spark.createDataFrame([spark_row(i, r) for i, r in enumerate(readings)], INPUT_SCHEMA)
-    df = df.withColumn("on_o2", on_oxygen_column("fio2", "o2flow"))
-    out = df.select(
-        "id", "on_o2",
-        *(c.alias(name) for name, c in news2_columns("rr", "spo2", "on_o2", "sbp", "pulse", "acvpu", "temp",
-                                                     "scale2").items()),
-        *(c.alias(name) for name, c in qsofa_columns("rr", "sbp", "acvpu").items()),
-        sirs_column("temp", "pulse", "rr", "wbc").alias("sirs_count"),
-        news2_columns("rr", "spo2", "on_o2", "sbp", "pulse", "acvpu", "temp")["news2_spo2"].alias("spo2_no_scale2"),
-    )
-    rows = {row["id"]: row.asDict() for row in out.collect()}
-    return out.schema, rows
+def numpy_results(readings: list[dict], scale2: bool | None = None) -> list[dict]:
+    """Every output of the NumPy implementation, one dict per reading, in python_result's shape."""
+    def col(name):
+        return np.array([math.nan if r[name] is None else float(r[name]) for r in readings], dtype="float64")
+
+    letters = np.array([r["acvpu"] for r in readings], dtype=object)
+    on = on_oxygen_array(col("fio2"), col("o2flow"))
+    marked = np.array([bool(r["scale2"]) if scale2 is None else scale2 for r in readings], dtype=bool)
+    n = news2_arrays(col("rr"), col("spo2"), on, col("sbp"), col("pulse"), letters, col("temp"), marked)
+    q, q_partial = qsofa_arrays(col("rr"), col("sbp"), letters)
+    sirs_count = sirs_arrays(col("temp"), col("pulse"), col("rr"), col("wbc"))
+
+    def plain(x):
+        return None if isinstance(x, float) and math.isnan(x) else int(x)
+
+    return [{"on_o2": None if math.isnan(on[i]) else bool(on[i]),
+             **{c: plain(float(n[c][i])) for c in COMPONENTS}, "news2_score": int(n["news2_score"][i]),
+             "news2_band": n["news2_band"][i], "news2_partial": bool(n["news2_partial"][i]),
+             "news2_missing": list(n["news2_missing"][i]), "qsofa_score": int(q[i]),
+             "qsofa_partial": bool(q_partial[i]), "sirs_count": plain(float(sirs_count[i]))}
+            for i in range(len(readings))]
 
 
-def _outputs(row: dict) -> dict:
-    """A collected row without the id and the no-scale2 probe: the python_result keys."""
-    return {k: v for k, v in row.items() if k not in ("id", "spo2_no_scale2")}
+def test_numpy_equals_python_on_every_edge_case():
+    for r, got in zip(EDGE_READINGS, numpy_results(EDGE_READINGS), strict=True):
+        assert got == python_result(r), r
 
 
-def test_spark_column_types(spark_results):
-    schema, _ = spark_results
-    types = {f.name: f.dataType for f in schema.fields}
-    assert types == {"id": IntegerType(), "on_o2": BooleanType(), **dict.fromkeys(COMPONENTS, IntegerType()),
-                     "news2_score": IntegerType(), "news2_band": StringType(), "news2_partial": BooleanType(),
-                     "news2_missing": ArrayType(StringType(), True), "qsofa_score": IntegerType(),
-                     "qsofa_partial": BooleanType(), "sirs_count": IntegerType(), "spo2_no_scale2": IntegerType()}
-
-
-def test_spark_equals_python_on_every_edge_case(spark_results):
-    _, rows = spark_results
-    for i, r in enumerate(EDGE_READINGS):
-        assert _outputs(rows[i]) == python_result(r), r
-
-
-def test_spark_equals_python_on_random_readings(spark_results):
-    _, rows = spark_results
-    offset = len(EDGE_READINGS)
-    for i, r in enumerate(RANDOM_READINGS):
-        assert _outputs(rows[offset + i]) == python_result(r), r
+def test_numpy_equals_python_on_random_readings():
     results = [python_result(r) for r in RANDOM_READINGS]
+    assert numpy_results(RANDOM_READINGS) == results
     # the random readings reach every band, both partial and complete, and every qSOFA score
     assert {x["news2_band"] for x in results} == set(BANDS)
     assert {x["news2_partial"] for x in results} == {True, False}
@@ -355,8 +318,7 @@ def test_spark_equals_python_on_random_readings(spark_results):
     assert {x["sirs_count"] for x in results} >= {0, 1, 2, 3}
 
 
-def test_spark_without_scale2_is_scale1(spark_results):
-    _, rows = spark_results
+def test_numpy_without_scale2_is_scale1():
     readings = EDGE_READINGS + RANDOM_READINGS
-    assert [rows[i]["spo2_no_scale2"] for i in range(len(readings))] == [
+    assert [r["news2_spo2"] for r in numpy_results(readings, scale2=False)] == [
         score(r | {"scale2": False}).news2_spo2 for r in readings]
