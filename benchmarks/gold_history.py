@@ -74,9 +74,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     args = p.parse_args()
     g = load_config(env="local", root="/tmp/carelake-bench-unused", environ={}).gold
-    settings = scoring.Settings.from_ms(lookback_ms=g.lookback_ms, history_ms=g.history_ms,
-                                        windows_ms=g.feature_windows_ms, horizon_ms=g.state_horizon_ms,
-                                        resolve_after_ms=g.alert_resolve_after_ms, scale2_codes=g.spo2_scale2_codes)
+    settings = scoring.Settings.of(g)
     figures: dict = {"benchmark": "gold_history", "steps": args.steps, "state_horizon": g.state_horizon}
     per = {}
     for hours in args.hours:

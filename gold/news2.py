@@ -67,8 +67,56 @@ PULSE_CHART = Chart(0, ((40, 3), (50, 1), (90, 0), (110, 1), (130, 2), (INF, 3))
 TEMPERATURE_CHART = Chart(1, ((35.0, 3), (36.0, 1), (38.0, 0), (39.0, 1), (INF, 2)))
 SUPPLEMENTAL_O2_POINTS: Mapping[bool, int] = {True: 2, False: 0}
 CONSCIOUSNESS_POINTS: Mapping[str, int] = {"A": 0, "C": 3, "V": 3, "P": 3, "U": 3}
+
+
+@dataclass(frozen=True)
+class Charts:
+    """The NEWS2 chart a hospital scores with: each numeric parameter's bands, the points for supplemental oxygen
+    and for any altered consciousness (C, V, P, U), and where the total's medium and high bands start. RCP_2017
+    (the defaults) is the published chart; `gold.news2` in the configuration may adjust it (a local variation
+    must be a clinical governance decision, recorded there)."""
+
+    respiratory_rate: Chart = RESPIRATORY_RATE_CHART
+    spo2_scale1: Chart = SPO2_SCALE1_CHART
+    spo2_scale2_air: Chart = SPO2_SCALE2_AIR_CHART
+    spo2_scale2_oxygen: Chart = SPO2_SCALE2_OXYGEN_CHART
+    systolic_bp: Chart = SYSTOLIC_BP_CHART
+    pulse: Chart = PULSE_CHART
+    temperature: Chart = TEMPERATURE_CHART
+    supplemental_o2: int = SUPPLEMENTAL_O2_POINTS[True]
+    altered_consciousness: int = CONSCIOUSNESS_POINTS["C"]
+    medium_from: int = 5
+    high_from: int = 7
+
+    def __post_init__(self) -> None:
+        if not 0 < self.medium_from < self.high_from:
+            raise ValueError(f"medium_from ({self.medium_from}) must be positive and below high_from "
+                             f"({self.high_from})")
+
+    @classmethod
+    def of(cls, settings: Mapping[str, object]) -> Charts:
+        """Charts from configuration: a parameter as [[upper bound, points], ...] (ascending, the last bound
+        .inf), keeping the default chart's precision; the other keys as whole numbers."""
+        fields = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(settings) - fields)
+        if unknown:
+            raise ValueError(f"unknown NEWS2 chart keys {unknown}; known: {sorted(fields)}")
+        kw: dict[str, object] = {}
+        for name, value in settings.items():
+            default = getattr(cls, name)
+            if isinstance(default, Chart):
+                try:
+                    kw[name] = Chart(default.decimals, tuple((float(b), int(p)) for b, p in value))
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"{name}: expected [[upper bound, points], ...] ascending and ending with .inf "
+                                     f"({exc})") from None
+            else:
+                kw[name] = int(value)
+        return cls(**kw)
+
+
+RCP_2017 = Charts()
 AIR_FIO2_PCT = 21.0       # on oxygen when FiO2 is above this
-MEDIUM_FROM, HIGH_FROM = 5, 7  # total score bands; below MEDIUM_FROM a single 3 makes it low-medium
 
 QSOFA_RR_FROM = 22        # /min, inclusive
 QSOFA_SBP_UPTO = 100      # mm[Hg], inclusive
@@ -137,11 +185,11 @@ def _chart_points(chart: Chart, x: float | None) -> int | None:
     return None if u is None else next(p for b, p in chart.unit_bands() if u <= b)
 
 
-def _spo2_points(spo2: float | None, on_o2: bool | None, scale2: bool) -> int | None:
+def _spo2_points(spo2: float | None, on_o2: bool | None, scale2: bool, charts: Charts) -> int | None:
     """SpO2 points on scale 1, or on scale 2 where oxygen matters only when air and oxygen score differently."""
     if not scale2:
-        return _chart_points(SPO2_SCALE1_CHART, spo2)
-    air, oxygen = _chart_points(SPO2_SCALE2_AIR_CHART, spo2), _chart_points(SPO2_SCALE2_OXYGEN_CHART, spo2)
+        return _chart_points(charts.spo2_scale1, spo2)
+    air, oxygen = _chart_points(charts.spo2_scale2_air, spo2), _chart_points(charts.spo2_scale2_oxygen, spo2)
     if on_o2 is None:
         return air if air == oxygen else None
     return oxygen if on_o2 else air
@@ -155,30 +203,35 @@ def on_oxygen(fio2: float | None, o2flow: float | None) -> bool | None:
     return None if fio2 is None and o2flow is None else False
 
 
-def band(total: int, any_three: bool) -> str:
+def band(total: int, any_three: bool, charts: Charts = RCP_2017) -> str:
     """The NEWS2 clinical risk band of a total score (any_three: some single parameter scored 3)."""
-    if total >= HIGH_FROM:
+    if total >= charts.high_from:
         return "high"
-    if total >= MEDIUM_FROM:
+    if total >= charts.medium_from:
         return "medium"
     return "low-medium" if any_three else "low"
 
 
-def news2(rr, spo2, on_o2, sbp, pulse, acvpu, temp, *, scale2: bool = False) -> News2:
-    """NEWS2 from one set of observations (the Python reference for `news2_columns`)."""
+def _consciousness(letter: str, charts: Charts) -> int:
+    return 0 if letter == "A" else charts.altered_consciousness
+
+
+def news2(rr, spo2, on_o2, sbp, pulse, acvpu, temp, *, scale2: bool = False, charts: Charts = RCP_2017) -> News2:
+    """NEWS2 from one set of observations (the Python reference for `news2_arrays`)."""
     scores = (
-        _chart_points(RESPIRATORY_RATE_CHART, rr),
-        _spo2_points(spo2, on_o2, bool(scale2)),
-        None if on_o2 is None else SUPPLEMENTAL_O2_POINTS[bool(on_o2)],
-        _chart_points(SYSTOLIC_BP_CHART, sbp),
-        _chart_points(PULSE_CHART, pulse),
-        None if _letter(acvpu) is None else CONSCIOUSNESS_POINTS[acvpu],
-        _chart_points(TEMPERATURE_CHART, temp),
+        _chart_points(charts.respiratory_rate, rr),
+        _spo2_points(spo2, on_o2, bool(scale2), charts),
+        None if on_o2 is None else (charts.supplemental_o2 if on_o2 else 0),
+        _chart_points(charts.systolic_bp, sbp),
+        _chart_points(charts.pulse, pulse),
+        None if _letter(acvpu) is None else _consciousness(acvpu, charts),
+        _chart_points(charts.temperature, temp),
     )
     present = [s for s in scores if s is not None]
     missing = tuple(name for name, s in zip(COMPONENTS, scores, strict=True) if s is None)
     total = sum(present)
-    return News2(*scores, score=total, band=band(total, 3 in present), partial=bool(missing), missing=missing)
+    return News2(*scores, score=total, band=band(total, 3 in present, charts), partial=bool(missing),
+                 missing=missing)
 
 
 def qsofa(rr, sbp, acvpu) -> tuple[int, bool]:
@@ -242,26 +295,26 @@ def on_oxygen_array(fio2: np.ndarray, o2flow: np.ndarray) -> np.ndarray:
     return np.where(oxygen, 1.0, np.where(np.isnan(f) & np.isnan(o), np.nan, 0.0))
 
 
-def news2_arrays(rr, spo2, on_o2, sbp, pulse, acvpu, temp, scale2) -> dict[str, np.ndarray]:
+def news2_arrays(rr, spo2, on_o2, sbp, pulse, acvpu, temp, scale2,
+                 charts: Charts = RCP_2017) -> dict[str, np.ndarray]:
     """`news2` over arrays: the seven COMPONENTS (float, NaN when missing), news2_score (int), news2_band,
     news2_partial (bool) and news2_missing (a tuple of component names per row). `on_o2` as `on_oxygen_array`
     gives it; `scale2` a boolean array."""
     on_o2 = np.asarray(on_o2, dtype="float64")
     scale2 = np.asarray(scale2, dtype=bool)
-    air = _chart_array(SPO2_SCALE2_AIR_CHART, spo2)
-    oxygen = _chart_array(SPO2_SCALE2_OXYGEN_CHART, spo2)
+    air = _chart_array(charts.spo2_scale2_air, spo2)
+    oxygen = _chart_array(charts.spo2_scale2_oxygen, spo2)
     unknown = np.where(air == oxygen, air, np.nan)
     scale2_points = np.where(np.isnan(on_o2), unknown, np.where(on_o2 == 1.0, oxygen, air))
     letters = _letters(np.asarray(acvpu, dtype=object))
     scores = (
-        _chart_array(RESPIRATORY_RATE_CHART, rr),
-        np.where(scale2, scale2_points, _chart_array(SPO2_SCALE1_CHART, spo2)),
-        np.where(np.isnan(on_o2), np.nan, np.where(on_o2 == 1.0, SUPPLEMENTAL_O2_POINTS[True],
-                                                   SUPPLEMENTAL_O2_POINTS[False])),
-        _chart_array(SYSTOLIC_BP_CHART, sbp),
-        _chart_array(PULSE_CHART, pulse),
-        np.array([np.nan if a is None else CONSCIOUSNESS_POINTS[a] for a in letters], dtype="float64"),
-        _chart_array(TEMPERATURE_CHART, temp),
+        _chart_array(charts.respiratory_rate, rr),
+        np.where(scale2, scale2_points, _chart_array(charts.spo2_scale1, spo2)),
+        np.where(np.isnan(on_o2), np.nan, np.where(on_o2 == 1.0, float(charts.supplemental_o2), 0.0)),
+        _chart_array(charts.systolic_bp, sbp),
+        _chart_array(charts.pulse, pulse),
+        np.array([np.nan if a is None else _consciousness(a, charts) for a in letters], dtype="float64"),
+        _chart_array(charts.temperature, temp),
     )
     stacked = np.vstack(scores) if len(letters) else np.zeros((len(COMPONENTS), 0))
     present = np.nan_to_num(stacked, nan=0.0)
@@ -271,7 +324,8 @@ def news2_arrays(rr, spo2, on_o2, sbp, pulse, acvpu, temp, scale2) -> dict[str, 
     return {
         **dict(zip(COMPONENTS, scores, strict=True)),
         "news2_score": total,
-        "news2_band": np.array([band(int(t), bool(a)) for t, a in zip(total, any_three, strict=True)], dtype=object),
+        "news2_band": np.array([band(int(t), bool(a), charts) for t, a in zip(total, any_three, strict=True)],
+                               dtype=object),
         "news2_partial": missing_mask.any(axis=0),
         "news2_missing": [tuple(n for n, m in zip(COMPONENTS, col, strict=True) if m) for col in missing_mask.T],
     }

@@ -44,6 +44,7 @@ import pandas as pd
 
 from gold import features, news2
 from gold.features import FEATURE_CONCEPTS, window_name
+from pipelines.config import ALERT_LEVELS as LEVELS
 
 # Scoring inputs: silver concept -> the score row's value column.
 INPUTS: Mapping[str, str] = {
@@ -60,7 +61,6 @@ CODE = {c: i for i, c in enumerate(CONCEPTS)}
 _IS_INPUT = np.array([c in INPUTS for c in CONCEPTS], dtype=bool)  # indexed by concept code
 GRID_STEPS = 12  # a feature window's start moves on a grid of window / GRID_STEPS
 
-LEVELS = ("news2_medium", "news2_high", "qsofa", "model")
 OPEN, RESOLVED, WITHDRAWN = "open", "resolved", "withdrawn"
 STATE_FORMAT = 1  # bump when PersonState changes shape: a state of another format is rebuilt, never misread
 
@@ -79,6 +79,9 @@ class Settings:
     resolve_after_us: int
     scale2_codes: frozenset[str] = frozenset()
     tail_rows: int = 500  # the tail keeps at least this many of the newest rows (within `history`)
+    charts: news2.Charts = news2.RCP_2017
+    levels: tuple[str, ...] = LEVELS  # the alert levels raised
+    qsofa_from: int = 2  # the qsofa level: qSOFA at least this
 
     def __post_init__(self) -> None:
         if self.lookback_us <= 0 or self.horizon_us < 0 or self.resolve_after_us < 0:
@@ -91,9 +94,17 @@ class Settings:
 
     @classmethod
     def from_ms(cls, *, lookback_ms: int, history_ms: int, windows_ms: Sequence[int], horizon_ms: int,
-                resolve_after_ms: int, scale2_codes: Iterable[str] = (), tail_rows: int = 500) -> Settings:
+                resolve_after_ms: int, scale2_codes: Iterable[str] = (), **more) -> Settings:
         return cls(lookback_ms * 1000, history_ms * 1000, tuple(int(w) * 1000 for w in windows_ms), horizon_ms * 1000,
-                   resolve_after_ms * 1000, frozenset(scale2_codes), tail_rows)
+                   resolve_after_ms * 1000, frozenset(scale2_codes), **more)
+
+    @classmethod
+    def of(cls, gold) -> Settings:
+        """The settings of a configuration's `gold` section (pipelines.config.GoldConfig)."""
+        return cls.from_ms(lookback_ms=gold.lookback_ms, history_ms=gold.history_ms,
+                           windows_ms=gold.feature_windows_ms, horizon_ms=gold.state_horizon_ms,
+                           resolve_after_ms=gold.alert_resolve_after_ms, scale2_codes=gold.spo2_scale2_codes,
+                           charts=gold.charts, levels=tuple(gold.alert_levels), qsofa_from=gold.qsofa_alert_from)
 
     @property
     def window_names(self) -> tuple[str, ...]:
@@ -493,7 +504,7 @@ def _score_points(state: PersonState, s: Settings, start: int,
     scale2 = np.searchsorted(marker_times, points, side="right") > 0
     on_o2 = news2.on_oxygen_array(values["fio2"], values["o2flow"])
     scored = news2.news2_arrays(values["respiratory_rate"], values["spo2"], on_o2, values["systolic_bp"],
-                                values["pulse"], values["consciousness"], values["temperature"], scale2)
+                                values["pulse"], values["consciousness"], values["temperature"], scale2, s.charts)
     q, q_partial = news2.qsofa_arrays(values["respiratory_rate"], values["systolic_bp"], values["consciousness"])
     out.update({
         "encounter_key": _as_of_encounter(view, state.encounter, points),
@@ -612,14 +623,16 @@ def _features(state: PersonState, view: _View, s: Settings, points: np.ndarray) 
 
 
 # -- alerts --------------------------------------------------------------------------------------------------
-def _in_level(points: Table) -> dict[str, np.ndarray]:
+def _in_level(points: Table, s: Settings) -> dict[str, np.ndarray]:
+    """Each raised level's condition over score rows (gold.deterioration_alerts has the table)."""
     band = points["news2_band"]
-    return {
-        "news2_medium": np.isin(band, ["medium", "high"]),
-        "news2_high": band == "high",
-        "qsofa": points["qsofa_score"] >= 2,
-        "model": np.array([x is True or x is np.True_ for x in points["model_alert"]], dtype=bool),
+    every = {
+        "news2_medium": lambda: np.isin(band, ["medium", "high"]),
+        "news2_high": lambda: band == "high",
+        "qsofa": lambda: points["qsofa_score"] >= s.qsofa_from,
+        "model": lambda: np.array([x is True or x is np.True_ for x in points["model_alert"]], dtype=bool),
     }
+    return {level: every[level]() for level in s.levels}
 
 
 def alert_id(person: str, level: str, opened_at_us: int) -> str:
@@ -689,8 +702,8 @@ def _alerts(state: PersonState, s: Settings, person: str) -> list[dict]:
     """The alert rows the tail's points give, against what was emitted before: changed and withdrawn ones."""
     points = state.points
     episodes: list[dict] = []
-    flags = _in_level(points) if points is not None and len(points) else None
-    for level in LEVELS:
+    flags = _in_level(points, s) if points is not None and len(points) else None
+    for level in s.levels:
         machine = copy.deepcopy(state.machines[level])  # the state at the fold line stays as it was
         if flags is not None:
             _run(machine, level, points, flags[level], s.resolve_after_us, person, episodes)
@@ -766,8 +779,8 @@ def _advance_fold(state: PersonState, s: Settings, now_us: int, person: str) -> 
     if state.points is not None and len(state.points):
         past = state.points.where(state.points["scored_at"] < line)
         if len(past):
-            flags = _in_level(past)
-            for level in LEVELS:
+            flags = _in_level(past, s)
+            for level in s.levels:
                 _run(state.machines[level], level, past, flags[level], s.resolve_after_us, person, [])
             running = {m.episode["alert_id"] for m in state.machines.values() if m.episode is not None}
             state.emitted = {aid: row for aid, row in state.emitted.items()

@@ -392,8 +392,23 @@ class GoldConfig:
     history: str
     alert_resolve_after: str
     state_horizon: str
+    news2: Mapping[str, Any]
+    alert_levels: tuple[str, ...]
+    qsofa_alert_from: int
 
     def __post_init__(self) -> None:
+        from gold.news2 import Charts
+
+        try:
+            Charts.of(self.news2)
+        except ValueError as exc:
+            raise ConfigError(f"gold.news2: {exc}; conf/base.yaml holds the RCP 2017 chart to start from") from None
+        unknown = [lv for lv in self.alert_levels if lv not in ALERT_LEVELS]
+        if unknown or not self.alert_levels:
+            raise ConfigError(f"gold.alert_levels must list some of {list(ALERT_LEVELS)}, got "
+                              f"{list(self.alert_levels)}")
+        if self.qsofa_alert_from not in (1, 2, 3):
+            raise ConfigError(f"gold.qsofa_alert_from must be 1, 2 or 3 (qSOFA points), got {self.qsofa_alert_from}")
         if self.state_horizon_ms < 0:
             raise ConfigError(f"gold.state_horizon must be a duration like 10m, got {self.state_horizon!r}")
         bad = [w for w in self.feature_windows if parse_duration_ms(w, "gold.feature_windows[]") % 12]
@@ -422,6 +437,13 @@ class GoldConfig:
         return parse_duration_ms(self.history, "gold.history")
 
     @property
+    def charts(self):
+        """The NEWS2 chart (gold.news2.Charts) this configuration scores with."""
+        from gold.news2 import Charts
+
+        return Charts.of(self.news2)
+
+    @property
     def state_horizon_ms(self) -> int:
         return parse_duration_ms(self.state_horizon, "gold.state_horizon")
 
@@ -434,6 +456,8 @@ class GoldConfig:
         return tuple(parse_duration_ms(w, "gold.feature_windows[]") for w in self.feature_windows)
 
 
+# gold.deterioration_alerts' levels (its docstring has their conditions).
+ALERT_LEVELS = ("news2_medium", "news2_high", "qsofa", "model")
 LABEL_EVENTS = ("peak_time", "onset_time")  # truth/deteriorations.csv columns
 
 
@@ -597,6 +621,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
         value_hint = typing.get_args(hint)[1]
         return types.MappingProxyType({str(k): _coerce(v, value_hint, f"{key}.{k}") for k, v in value.items()})
+    if hint is Any:  # free-form: the owning section checks it
+        return value
     raise ConfigError(f"{key}: unsupported configuration type {hint!r}")
 
 

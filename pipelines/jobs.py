@@ -301,10 +301,7 @@ def gold_jobs(cfg: Config) -> list[Job]:
     alerts = Output(deterioration_alerts.ALERTS, "merge",
                     MergeSpec(keys=("alert_id",), latest_by=("computed_at",), prune_by=("opened_at",)),
                     deterioration_alerts.SCHEMA)
-    settings = scoring.Settings.from_ms(lookback_ms=g.lookback_ms, history_ms=g.history_ms,
-                                        windows_ms=g.feature_windows_ms, horizon_ms=g.state_horizon_ms,
-                                        resolve_after_ms=g.alert_resolve_after_ms, scale2_codes=g.spo2_scale2_codes)
-    stage = early_warning_scores.ScoreStage(settings, g.feature_windows_ms, _champion_loader(cfg))
+    stage = early_warning_scores.ScoreStage(scoring.Settings.of(g), g.feature_windows_ms, _champion_loader(cfg))
     return [
         Job(name=early_warning_scores.SCORES, source=TableSource("silver.observations"),
             transform=early_warning_scores.early_warning_scores, write="merge", merge=score_key,

@@ -82,3 +82,18 @@ def test_config_is_frozen():
                                          ("14d", 14 * 86_400_000)])
 def test_durations(text, ms):
     assert parse_duration_ms(text, "k") == ms
+
+
+def test_the_configured_news2_chart_is_the_rcp_2017_chart_and_a_variation_is_checked():
+    from gold.news2 import RCP_2017
+
+    cfg = load_config(env="test", conf_dir=CONF, environ={})
+    assert cfg.gold.charts == RCP_2017 and cfg.gold.alert_levels == ("news2_medium", "news2_high", "qsofa", "model")
+    local = load_config(env="test", conf_dir=CONF, environ={}, overrides={"gold.news2.high_from": 6})
+    assert local.gold.charts.high_from == 6 and local.gold.charts.pulse == RCP_2017.pulse
+    for overrides, message in [({"gold.news2.pulse": [[130, 2], [40, 3]]}, "gold.news2: pulse"),
+                               ({"gold.news2.high_from": 4}, "medium_from .5. must be positive and below high_from"),
+                               ({"gold.alert_levels": ["news2_high", "sepsis"]}, "gold.alert_levels must list"),
+                               ({"gold.qsofa_alert_from": 4}, "gold.qsofa_alert_from must be 1, 2 or 3")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(env="test", conf_dir=CONF, environ={}, overrides=overrides)

@@ -246,3 +246,21 @@ def test_a_retraction_that_leaves_the_tail_without_points_keeps_the_running_aler
                        now_us=T0 + 20 * MIN)
     assert out.withdrawn == [calm["t"]]
     assert not [a for a in out.alerts if a["status"] == scoring.WITHDRAWN]  # the episode from T0 still runs
+
+
+def test_a_local_chart_and_the_raised_levels_come_from_the_settings():
+    from gold import news2
+
+    rows = [_row(f"x-{c}", c, T0, v) for c, v in (("rr", 22.0), ("spo2", 95.0), ("sbp", 105.0), ("hr", 95.0),
+                                                    ("temp", 38.5), ("fio2", 21.0))]
+    rows.append(_row("x-acvpu", "acvpu", T0, text="A"))
+    frame = pd.DataFrame(rows, columns=scoring.ROW_COLUMNS)
+    rcp = scoring.step(None, frame, SETTINGS, person="L", now_us=T0)
+    first = rcp.scores.frame().iloc[0]
+    assert (first["news2_score"], first["news2_band"], first["qsofa_score"]) == (6, "medium", 1)
+    assert {a["level"] for a in rcp.alerts} == {"news2_medium"}
+    local = scoring.Settings(**{**SETTINGS.__dict__, "charts": news2.Charts.of({"high_from": 6}),
+                                "levels": ("news2_high", "qsofa"), "qsofa_from": 1})
+    out = scoring.step(None, frame, local, person="L", now_us=T0)
+    assert out.scores.frame().iloc[0]["news2_band"] == "high"
+    assert {a["level"] for a in out.alerts} == {"news2_high", "qsofa"}  # no medium alert: not raised here
