@@ -274,6 +274,24 @@ def test_a_client_that_disconnects_mid_body_is_one_log_line_and_a_count(tmp_path
     assert landed(gw.root, "devices") == [] and landed(gw.root, "devices", rejected=True) == []
 
 
+def test_a_request_that_cannot_be_parsed_is_a_400_one_log_line_and_a_count(tmp_path):
+    """A broken chunked body and a header line over aiohttp's limit: before the fix each logged aiohttp's
+    "Error handling request" with a traceback; bytes that are not HTTP at all are counted without a line."""
+    malformed = [post_head(Transfer_Encoding="chunked") + b"5\r\nabcde\r\nZZZ\r\n",
+                 b"POST /devices HTTP/1.1\r\nX-Long: " + b"a" * 10_000 + b"\r\n\r\n",
+                 b"\x16\x03\x01\x02\x00 a TLS hello on the plain port\r\n\r\n"]
+    with GatewayProcess(tmp_path / "lake") as gw:
+        for request in malformed:
+            with socket.create_connection(http_address(gw), timeout=10) as sock:
+                sock.sendall(request)
+                assert response(until_closed(sock))[0] == 400
+        assert metric(gw, "carelake_gateway_bad_requests_total") == 3
+        gw.stop()
+    lines = [line for line in gw.stderr.splitlines() if "Error handling request" in line]
+    assert len(lines) == 2 and "answered 400, Invalid character in chunk size" in lines[0]
+    assert "Traceback" not in gw.stderr
+
+
 def test_an_mllp_frame_that_trickles_is_set_aside_after_frame_timeout(tmp_path):
     """A start block and then a byte every 50 ms, never the end block: after frame_timeout the partial frame is kept
     in the rejects and the connection closed, never acked (before the fix only the 10-minute idle timeout, which

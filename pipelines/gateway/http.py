@@ -21,11 +21,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from pipelines.gateway.landing import LandingZone
 from pipelines.gateway.metrics import Metrics
@@ -194,6 +196,29 @@ class Body:
     size: int  # bytes received
     ending: str  # whole, too_big, timeout, shutdown, disconnected, malformed
     detail: str = ""
+
+
+class ServerLog(logging.LoggerAdapter):
+    """aiohttp's server log. A request aiohttp cannot parse (a broken chunked body, a header line too long, not HTTP
+    at all) is the sender's doing: one line and a count, not aiohttp's traceback. Any other exception keeps its
+    traceback, because that one is a bug here."""
+
+    def __init__(self, metrics: Metrics):
+        super().__init__(logging.getLogger("aiohttp.server"), {})
+        self.metrics = metrics
+
+    def exception(self, msg, *args, exc_info=True, **kwargs) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if isinstance(exc, HttpProcessingError):
+            self.metrics.inc("carelake_gateway_bad_requests_total")
+            log.info("http: %s: answered %d, %s", msg % args, exc.code, " ".join(str(exc.message).split()))
+            return
+        self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)
+
+    def debug(self, msg, *args, **kwargs) -> None:
+        if isinstance(kwargs.get("exc_info"), HttpProcessingError):  # not HTTP at all (TLS, a port scan): no line
+            self.metrics.inc("carelake_gateway_bad_requests_total")
+        self.logger.debug(msg, *args, **kwargs)
 
 
 class HttpGateway:

@@ -25,6 +25,8 @@ _HELP = {
     "carelake_gateway_timeouts_total": ("counter", "Uploads cut off unacknowledged, by protocol and stage: an HTTP "
                                         "body or MLLP frame not whole within its timeout (body, frame), or still "
                                         "arriving when a stop's grace ran out (shutdown)."),
+    "carelake_gateway_bad_requests_total": ("counter", "HTTP requests that could not be parsed (a broken chunked "
+                                            "body, an oversized header line, not HTTP): answered 400, one log line."),
     "carelake_gateway_disconnects_total": ("counter", "HTTP clients that closed the connection mid-body (nothing "
                                            "acknowledged)."),
     "carelake_gateway_rejects_deleted_total": ("counter", "Sealed reject segments deleted to keep landing/_rejects "

@@ -31,6 +31,10 @@ SWITCH_INTERVAL_S = 0.0002
 # How a stop spends gateway.shutdown_timeout: uploads still arriving may finish in the first share; what arrived
 # whole is landed and answered by the end of the second; aiohttp's own shutdown (idle connections) gets the rest.
 SHUTDOWN_SHARES = (0.5, 0.4, 0.1)
+# Connections the kernel may hold for each listener before the gateway accepts them (capped by net.core.somaxconn).
+# With asyncio's 100 and aiohttp's 128, a burst of a few hundred connects (slow clients arriving together) filled the
+# queue, and a well-behaved client's connect was dropped and retried by TCP a second later.
+LISTEN_BACKLOG = 1024
 FEEDS = (mllp.FEED, http.FHIR_FEED, http.DEVICE_FEED)
 
 
@@ -74,10 +78,10 @@ class Gateway:
                         r.torn_bytes)
         try:
             self._mllp_server = await asyncio.start_server(self.mllp.handle, self.host, self.mllp_port,
-                                                           limit=1 << 20)
+                                                           limit=1 << 20, backlog=LISTEN_BACKLOG)
             g = self.cfg.gateway
             self._runner = web.AppRunner(
-                self.http.app(), access_log=None, handle_signals=False,
+                self.http.app(), access_log=None, handle_signals=False, logger=http.ServerLog(self.metrics),
                 # aiohttp's keep-alive timer runs from a connection's opening (or its last answer) until a request
                 # head is whole, bytes arriving or not: the header timeout (and the idle keep-alive bound).
                 keepalive_timeout=g.header_timeout_s,
@@ -86,7 +90,7 @@ class Gateway:
                 # By the time aiohttp shuts down (stop, below), every request in progress has been answered.
                 shutdown_timeout=g.shutdown_timeout_s * SHUTDOWN_SHARES[2])
             await self._runner.setup()
-            site = web.TCPSite(self._runner, self.host, self.http_port)
+            site = web.TCPSite(self._runner, self.host, self.http_port, backlog=LISTEN_BACKLOG)
             await site.start()
         except OSError as exc:
             await self.stop()
