@@ -37,7 +37,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from _common import emit, percentile
+from _common import emit, percentile, temp_config
 from gold_latency import Proc, epoch, first_inserts, table_path
 
 from bronze.hl7_wire import MLLP_END, frame, parse_header
@@ -386,15 +386,13 @@ def check_landing(root: Path, http: Http, mllp: Mllp) -> dict:
 
 def bronze_lag(root: Path, readings: int, timeout: float, runner: Proc) -> dict:
     """Wait for bronze to hold every landed reading, then each row's lag: received -> its first bronze commit."""
-    from _common import temp_config
+    from deltalake import DeltaTable
 
     cfg = temp_config(root)
     path = table_path(cfg, "bronze.device_readings")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and runner.proc.poll() is None:
         try:
-            from deltalake import DeltaTable
-
             if DeltaTable(str(path)).to_pyarrow_dataset().count_rows() >= readings:
                 break
         except Exception:  # noqa: BLE001 - the table may not exist yet
