@@ -305,19 +305,11 @@ class ScoreStage:
             frame = frame.assign(_change_type="insert", _commit_version=version)
             out = scoring.step(None, _kernel_rows(frame), settings, person=person, now_us=now_us,
                                predict=None if champion is None else _predictor(champion))
-            parts = []
-            if len(out.scores):
-                at = out.scores["scored_at"]
-                parts.append(_frame(out.scores.where((at >= start_us) & (at <= end_us)), "score", person))
+            at = out.scores["scored_at"] if len(out.scores) else np.zeros(0, "int64")
+            scores = out.scores.where((at >= start_us) & (at <= end_us)) if len(at) else out.scores
             alerts = [a for a in out.alerts if max(a["last_scored_at"], a["resolved_at"] or 0) >= start_us]
-            if alerts:
-                parts.append(_alert_frame(alerts))
-            parts = [p for p in parts if len(p)]
-            if not parts:
-                return _conform(pd.DataFrame({"_kind": []}), out_schema)
-            frame = pd.concat(parts, ignore_index=True)
-            frame["_silver_version"] = version
-            return _conform(frame, out_schema)
+            parts = list(_parts(person, scores, [], alerts, out_schema, silver_version=version, commit_ts=None))
+            return pd.concat(parts, ignore_index=True) if parts else _empty(out_schema)
 
         stage = rows.groupBy("_person").applyInPandas(one_person, schema=out_schema).persist()
         stored = read_table(SCORES, since=("scored_at", start, end)) if table_version(SCORES) is not None else None
@@ -436,18 +428,8 @@ def _score_person(person: str, frames: Iterator[pd.DataFrame], group_state, fold
             out = _rebuild(start, doc, version, identities, settings, person, now_us, predict)
     out.state.identities = tuple(identities)
     group_state.update((out.state.dumps(),))
-    parts = [_frame(out.scores, "score", person)]
-    if out.withdrawn:
-        parts.append(pd.DataFrame({"_kind": "withdraw", "patient_key": person,
-                                   "scored_at": pd.to_datetime(out.withdrawn, unit="us", utc=True)}))
-    if out.alerts:
-        parts.append(_alert_frame(out.alerts))
-    frame = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else None
-    if frame is None:
-        return
-    frame["_silver_version"] = int(doc["silver_version"])
-    frame["_commit_timestamp"] = commit_ts
-    yield _conform(frame, out_schema)
+    yield from _parts(person, out.scores, out.withdrawn, out.alerts, out_schema,
+                      silver_version=int(doc["silver_version"]), commit_ts=commit_ts)
 
 
 def _rebuild(start: int, doc: Mapping[str, Any], version: int, identities: Sequence[str],
@@ -539,49 +521,45 @@ def _times(values) -> pd.Series:
     return pd.Series([one(v) for v in values], dtype="datetime64[us, UTC]")
 
 
-def _frame(scores: scoring.Table, kind: str, person: str) -> pd.DataFrame:
-    if not len(scores):
-        return pd.DataFrame()
-    frame = scores.frame()
-    frame["scored_at"] = pd.to_datetime(frame["scored_at"], unit="us", utc=True)
-    frame.insert(0, "patient_key", person)
-    frame.insert(0, "_kind", kind)
-    return frame
+def _empty(schema: StructType) -> pd.DataFrame:
+    return _conform({}, 0, schema)
 
 
-def _alert_frame(alerts: list[dict]) -> pd.DataFrame:
-    frame = pd.DataFrame(alerts, dtype=object)
-    for c in ("opened_at", "resolved_at", "escalated_at", "last_scored_at"):
-        frame[c] = _times(frame[c])
-    frame.insert(0, "_kind", "alert")
-    return frame
+def _parts(person: str, scores: scoring.Table, withdrawn: list[int], alerts: list[dict], schema: StructType, *,
+           silver_version: int, commit_ts) -> Iterator[pd.DataFrame]:
+    """The stage's output frames for one person: score rows, withdrawn points, alert rows."""
+    extra = {"_silver_version": silver_version, "_commit_timestamp": commit_ts}
+    if len(scores):
+        n = len(scores)
+        yield _conform({**scores.cols, "_kind": "score", "patient_key": person, **extra}, n, schema)
+    if withdrawn:
+        yield _conform({"_kind": "withdraw", "patient_key": person, "scored_at": np.array(withdrawn, "int64"),
+                        **extra}, len(withdrawn), schema)
+    if alerts:
+        columns = {name: scoring.objects([a.get(name) for a in alerts]) for name in _ALERT_FIELDS}
+        yield _conform({**columns, "_kind": "alert", **extra}, len(alerts), schema)
 
 
-_PANDAS_TYPES = {IntegerType: "Int32", LongType: "Int64", DoubleType: "float64", BooleanType: "boolean"}
-
-
-def _conform(frame: pd.DataFrame, schema: StructType) -> pd.DataFrame:
-    """`frame` with exactly the schema's columns, in order, in dtypes Arrow converts without loss."""
+def _conform(columns: Mapping[str, Any], n: int, schema: StructType) -> pd.DataFrame:
+    """`n` rows in exactly the schema's columns and order, from arrays (a scalar is repeated). Arrow takes NaN in a
+    float array as null for an integer or boolean column, so numbers stay the kernel's NumPy arrays; times become
+    UTC timestamps; a column the rows do not have is null."""
     out = {}
-    n = len(frame)
     for f in schema.fields:
-        col = frame[f.name] if f.name in frame.columns else pd.Series([None] * n, dtype=object)
+        value = columns.get(f.name)
         kind = type(f.dataType)
-        if kind in _PANDAS_TYPES:
-            col = pd.to_numeric(col, errors="coerce") if kind is not BooleanType else col
-            col = col.astype(_PANDAS_TYPES[kind]) if kind is not BooleanType else \
-                pd.array([None if v is None or (isinstance(v, float) and np.isnan(v)) else bool(v) for v in col],
-                         dtype="boolean")
-        elif kind is TimestampType:
-            col = pd.to_datetime(col, utc=True)
-        elif kind is ArrayType:
-            col = pd.Series([None if v is None or (isinstance(v, float) and np.isnan(v)) else list(v) for v in col],
-                            dtype=object)
-        else:
-            col = pd.Series([None if v is None or (isinstance(v, float) and np.isnan(v)) else v for v in col],
-                            dtype=object)
-        out[f.name] = col.reset_index(drop=True) if hasattr(col, "reset_index") else col
-    return pd.DataFrame(out)
+        if value is None:
+            value = np.full(n, np.nan) if kind in (IntegerType, LongType, DoubleType) else np.full(n, None, object)
+        elif np.isscalar(value) or isinstance(value, pd.Timestamp):
+            value = np.full(n, value, dtype=object if isinstance(value, str) else None)
+        dtype_kind = np.asarray(value).dtype.kind
+        if kind is TimestampType:
+            value = (_times(value) if dtype_kind == "O" else pd.to_datetime(np.asarray(value), unit="us", utc=True)
+                     if dtype_kind in "iu" else pd.to_datetime(value, utc=True))
+        elif kind is BooleanType and dtype_kind != "b":
+            value = pd.array([None if pd.isna(v) else bool(v) for v in value], dtype="boolean")
+        out[f.name] = value
+    return pd.DataFrame(out, copy=False)
 
 
 # -- the transform: the stage's rows as the job's tables ----------------------------------------------------------

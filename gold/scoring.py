@@ -511,11 +511,11 @@ def _score_points(state: PersonState, s: Settings, start: int,
         "news2_score": scored["news2_score"], "news2_band": scored["news2_band"],
         **{c: scored[c] for c in news2.COMPONENTS},
         "news2_partial": scored["news2_partial"],
-        "missing_inputs": _objects([list(m) for m in scored["news2_missing"]]),
-        "stale_inputs": _objects(stale), "spo2_scale": np.where(scale2, 2, 1),
+        "missing_inputs": objects([list(m) for m in scored["news2_missing"]]),
+        "stale_inputs": objects(stale), "spo2_scale": np.where(scale2, 2, 1),
         **values,
         "on_oxygen": np.array([None if math.isnan(x) else bool(x) for x in on_o2], dtype=object),
-        "input_observation_ids": _objects(ids), "qsofa_score": q, "qsofa_partial": q_partial,
+        "input_observation_ids": objects(ids), "qsofa_score": q, "qsofa_partial": q_partial,
         "sirs_count": news2.sirs_arrays(values["temperature"], values["pulse"], values["respiratory_rate"],
                                         values["wbc"]),
     })
@@ -533,7 +533,7 @@ def _score_points(state: PersonState, s: Settings, start: int,
     return Table(out)
 
 
-def _objects(items: list) -> np.ndarray:
+def objects(items: list) -> np.ndarray:
     """A list of lists as a one-dimensional object array (NumPy would make a 2-D array of equal-length lists)."""
     out = np.empty(len(items), dtype=object)
     out[:] = items
