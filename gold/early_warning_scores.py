@@ -231,8 +231,9 @@ def _champion(doc: Mapping[str, Any]) -> Any:
 class ScoreStage:
     """The score job's stateful stage (pipelines.jobs.StateStage): its plan, and each batch's facts."""
 
-    def __init__(self, settings: scoring.Settings, windows_ms: Sequence[int], champion):
+    def __init__(self, settings: scoring.Settings, windows_ms: Sequence[int], champion, *, partitions: int = 2):
         self.settings, self.windows_ms, self.champion = settings, tuple(windows_ms), champion
+        self.partitions = partitions
         self._contexts: dict[str, Context] = {}
 
     def plan(self, stream: DataFrame, folder: str) -> DataFrame:

@@ -31,8 +31,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 INF = math.inf
 
@@ -260,11 +262,15 @@ def sirs(temp, pulse, rr, wbc) -> int | None:
 # ---------------------------------------------------------------------------------------------------------------
 # NumPy: the same tables and rules over arrays, for the per-person scoring state (gold.scoring), where one batch
 # scores a few points of one person and a recompute scores a person's whole stay. Missing is NaN in a float array
-# (None in an object array of letters); a component that is missing is NaN in the float array it returns.
+# (None in an object array of letters); a component that is missing is NaN in the float array it returns. NumPy is
+# imported in each function, not with the module: every carelake process (the gateway too) reads this module's
+# charts through its configuration, and most have no other use for NumPy.
 
 
 def _units_array(x: np.ndarray, decimals: int) -> np.ndarray:
     """`_units` over an array: floats holding whole numbers of 10**-decimals, NaN when missing."""
+    import numpy as np
+
     x = np.asarray(x, dtype="float64")
     with np.errstate(invalid="ignore"):
         u = np.floor(x * float(10**decimals) + 0.5 + _EPSILON)
@@ -273,6 +279,8 @@ def _units_array(x: np.ndarray, decimals: int) -> np.ndarray:
 
 def _chart_array(chart: Chart, x: np.ndarray) -> np.ndarray:
     """`_chart_points` over an array (NaN when missing)."""
+    import numpy as np
+
     bands = chart.unit_bands()
     bounds = np.array([b for b, _ in bands], dtype="float64")
     points = np.array([p for _, p in bands], dtype="float64")
@@ -283,11 +291,15 @@ def _chart_array(chart: Chart, x: np.ndarray) -> np.ndarray:
 
 def _letters(acvpu: np.ndarray) -> np.ndarray:
     """The ACVPU letters of an object array, None where missing or not a letter of the scale."""
+    import numpy as np
+
     return np.array([_letter(a) for a in acvpu], dtype=object)
 
 
 def on_oxygen_array(fio2: np.ndarray, o2flow: np.ndarray) -> np.ndarray:
     """`on_oxygen` over arrays: 1.0 on oxygen, 0.0 on air, NaN when neither input is known."""
+    import numpy as np
+
     f, o = (np.asarray(a, dtype="float64") for a in (fio2, o2flow))
     f, o = np.where(np.isfinite(f), f, np.nan), np.where(np.isfinite(o), o, np.nan)
     with np.errstate(invalid="ignore"):
@@ -300,6 +312,8 @@ def news2_arrays(rr, spo2, on_o2, sbp, pulse, acvpu, temp, scale2,
     """`news2` over arrays: the seven COMPONENTS (float, NaN when missing), news2_score (int), news2_band,
     news2_partial (bool) and news2_missing (a tuple of component names per row). `on_o2` as `on_oxygen_array`
     gives it; `scale2` a boolean array."""
+    import numpy as np
+
     on_o2 = np.asarray(on_o2, dtype="float64")
     scale2 = np.asarray(scale2, dtype=bool)
     air = _chart_array(charts.spo2_scale2_air, spo2)
@@ -333,6 +347,8 @@ def news2_arrays(rr, spo2, on_o2, sbp, pulse, acvpu, temp, scale2,
 
 def qsofa_arrays(rr, sbp, acvpu) -> tuple[np.ndarray, np.ndarray]:
     """`qsofa` over arrays: (points as int, whether any of the three inputs is missing)."""
+    import numpy as np
+
     rr_u, sbp_u = _units_array(rr, 0), _units_array(sbp, 0)
     letters = _letters(np.asarray(acvpu, dtype=object))
     altered = np.array([a in ALTERED_MENTATION for a in letters], dtype=bool)
@@ -344,6 +360,8 @@ def qsofa_arrays(rr, sbp, acvpu) -> tuple[np.ndarray, np.ndarray]:
 
 def sirs_arrays(temp, pulse, rr, wbc) -> np.ndarray:
     """`sirs` over arrays: criteria met (float), NaN when none of the four inputs is present."""
+    import numpy as np
+
     temp_u, pulse_u, rr_u = _units_array(temp, 1), _units_array(pulse, 0), _units_array(rr, 0)
     w = np.asarray(wbc, dtype="float64")
     w = np.where(np.isfinite(w), w, np.nan)

@@ -395,8 +395,11 @@ class GoldConfig:
     news2: Mapping[str, Any]
     alert_levels: tuple[str, ...]
     qsofa_alert_from: int
+    state_partitions: int
 
     def __post_init__(self) -> None:
+        if self.state_partitions < 1:
+            raise ConfigError(f"gold.state_partitions must be at least 1, got {self.state_partitions}")
         from gold.news2 import Charts
 
         try:

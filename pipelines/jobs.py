@@ -87,6 +87,8 @@ class StateStage(Protocol):
     transform gets as `batch_facts`.
     """
 
+    partitions: int  # the state's partitions (shuffle partitions of the query), fixed by its first checkpoint
+
     def plan(self, stream: DataFrame, folder: str) -> DataFrame: ...
 
     def prepare(self, folder: str, batch: Mapping[str, Any]) -> dict[str, Any]: ...
@@ -301,7 +303,8 @@ def gold_jobs(cfg: Config) -> list[Job]:
     alerts = Output(deterioration_alerts.ALERTS, "merge",
                     MergeSpec(keys=("alert_id",), latest_by=("computed_at",), prune_by=("opened_at",)),
                     deterioration_alerts.SCHEMA)
-    stage = early_warning_scores.ScoreStage(scoring.Settings.of(g), g.feature_windows_ms, _champion_loader(cfg))
+    stage = early_warning_scores.ScoreStage(scoring.Settings.of(g), g.feature_windows_ms, _champion_loader(cfg),
+                                            partitions=g.state_partitions)
     return [
         Job(name=early_warning_scores.SCORES, source=TableSource("silver.observations"),
             transform=early_warning_scores.early_warning_scores, write="merge", merge=score_key,

@@ -588,6 +588,14 @@ class Runner:
         writer = (self._source(job).writeStream.queryName(job.name.replace(".", "_"))
                   .option("checkpointLocation", self.checkpoint(job))
                   .foreachBatch(self._batch_handler(job, summary)))
+        if job.state is not None:
+            return self._start_with(job, trigger, writer, summary,
+                                    {"spark.sql.shuffle.partitions": str(job.state.partitions)})
+        return self._start_with(job, trigger, writer, summary, {})
+
+    def _start_with(self, job: Job, trigger: Trigger, writer, summary: JobSummary, conf: dict[str, str]) -> _Running:
+        """Start the query with `conf` set for it alone: a query plans its batches in a copy of the session taken
+        when it starts, so the session's own settings are put back at once."""
         if trigger.available_now:
             writer = writer.trigger(availableNow=True)
         else:
@@ -596,7 +604,18 @@ class Runner:
             ms = parse_duration_ms(job.interval, f"job {job.name} interval") if job.interval else trigger.interval_ms
             writer = writer.trigger(processingTime=f"{ms} milliseconds")
         log.info("%s: started (%s, source %s)", job.name, trigger.describe(), job.source.describe())
-        return _Running(job, writer.start(), summary)
+        before = {key: self.spark.conf.get(key, None) for key in conf}
+        for key, value in conf.items():
+            self.spark.conf.set(key, value)
+        try:
+            query = writer.start()
+        finally:
+            for key, value in before.items():
+                if value is None:
+                    self.spark.conf.unset(key)
+                else:
+                    self.spark.conf.set(key, value)
+        return _Running(job, query, summary)
 
     def _stop_gracefully(self, running: _Running) -> None:
         deadline = time.monotonic() + self.cfg.streaming.stop_timeout_s

@@ -97,3 +97,14 @@ def test_the_configured_news2_chart_is_the_rcp_2017_chart_and_a_variation_is_che
                                ({"gold.qsofa_alert_from": 4}, "gold.qsofa_alert_from must be 1, 2 or 3")]:
         with pytest.raises(ConfigError, match=message):
             load_config(env="test", conf_dir=CONF, environ={}, overrides=overrides)
+
+
+def test_reading_the_configuration_loads_neither_numpy_nor_pandas():
+    """Every carelake process reads it, the gateway too (its memory is bounded and measured)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipelines.config import load_config; load_config(env='local', root='/tmp/x', "
+            "environ={}); print(sorted(m for m in ('numpy', 'pandas', 'pyspark') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

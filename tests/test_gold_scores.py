@@ -386,3 +386,23 @@ def test_streaming_scores_equal_a_recompute_of_the_same_silver(lake, tmp_path, s
     assert any(r["spo2_scale"] == 2 for r in scores.values())
     alerts = table(lake.store, ALERTS, ("alert_id",)).values()
     assert {a["level"] for a in alerts} >= {"news2_medium", "news2_high"}
+
+
+def test_the_score_state_has_its_own_partitions_and_the_session_keeps_its_own(tmp_path, spark):
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    from pipelines.jobs import load_registry
+    from pipelines.runner import Runner, Trigger
+    from pipelines.store import open_store
+    from tests.conftest import make_config
+
+    cfg = make_config(tmp_path / "lake", **{"gold.state_partitions": 3})
+    store = open_store(cfg, spark)
+    store.append(OBSERVATIONS, pa.Table.from_pylist(vitals("p1", 0, rr=16, hr=70) + vitals("p2", 0, hr=120),
+                                                    schema=to_arrow_schema(OBS_SCHEMA)))
+    before = spark.conf.get("spark.sql.shuffle.partitions")
+    Runner(cfg, spark, store, load_registry(cfg)).run([SCORES], Trigger(available_now=True))
+    assert spark.conf.get("spark.sql.shuffle.partitions") == before == "2"
+    state = cfg.path("_checkpoints", SCORES, "state", "0")
+    assert sorted(p.name for p in state.iterdir() if p.name.isdigit()) == ["0", "1", "2"]
+    assert {r["patient_key"] for r in store.read_arrow(SCORES).to_pylist()} == {"p1", "p2"}
