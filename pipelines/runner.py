@@ -278,7 +278,17 @@ class Runner:
         # Spark 4.0's shaded Hadoop), so this folder is what keeps the checkpoints (and, with state, PHI) closed.
         folder = self.cfg.path("_checkpoints")
         folder.mkdir(parents=True, exist_ok=True)
-        return str(folder / job.name)
+        here = folder / job.name
+        if job.state is not None and (here / "commits").is_dir() and any((here / "commits").iterdir()) \
+                and not (here / "state").is_dir():
+            # Written by a carelake whose job kept no state: Spark cannot add a state store to a running query's
+            # checkpoint. Set it aside; the job reads its source from the start again, and its MERGE on the row
+            # keys makes that idempotent.
+            aside = folder / f"{job.name}.before-state-{utcnow().strftime('%Y%m%dT%H%M%S')}"
+            here.rename(aside)
+            log.warning("%s: its checkpoint was written before the job kept state; moved to %s, and the job "
+                        "starts again from the first version of its source", job.name, aside.name)
+        return str(here)
 
     def _source(self, job: Job) -> DataFrame:
         if isinstance(job.source, LandingSource):

@@ -406,3 +406,15 @@ def test_the_score_state_has_its_own_partitions_and_the_session_keeps_its_own(tm
     state = cfg.path("_checkpoints", SCORES, "state", "0")
     assert sorted(p.name for p in state.iterdir() if p.name.isdigit()) == ["0", "1", "2"]
     assert {r["patient_key"] for r in store.read_arrow(SCORES).to_pylist()} == {"p1", "p2"}
+
+
+def test_a_checkpoint_from_before_the_job_kept_state_is_set_aside_and_the_job_starts_over(lake):
+    lake.add(vitals("p1", 0, rr=16, hr=70))
+    old = lake.cfg.path("_checkpoints", SCORES)
+    (old / "commits").mkdir(parents=True)
+    (old / "commits" / "0").write_text("v1\n{}\n")  # what a stateless query's checkpoint holds, no state/
+    (old / "metadata").write_text('{"id":"00000000-0000-0000-0000-000000000000"}\n')
+    lake.run()
+    assert sorted(lake.scores("p1")) == [0]
+    aside = [p.name for p in lake.cfg.path("_checkpoints").iterdir() if p.name.startswith(f"{SCORES}.before-state-")]
+    assert len(aside) == 1 and (lake.cfg.path("_checkpoints", SCORES) / "state").is_dir()
