@@ -120,3 +120,53 @@ def test_kill_9_mid_work_then_restart_loses_and_duplicates_nothing(tmp_path, spa
     assert len(silver) == len({(r["landing_file"], r["landing_position"]) for r in silver}) == FILES * LINES
     assert gold_total() == FILES * LINES
     assert "stopped" in log_path.read_text()
+
+
+def test_kill_9_in_a_backlog_of_large_bodies_then_restart_lands_every_record_once(tmp_path):
+    """Issue 22: a backlog the gateway accepted (bodies of several MB, one JSON line of 10 MB) is taken by bronze in
+    batches bounded by bytes; a kill -9 in the middle of it, and a restart, leave every landed record in bronze
+    exactly once, the huge line as a row like any other."""
+    root = tmp_path / "lake"
+    cfg = make_config(root, **{"streaming.max_mb_per_trigger": "2"})
+    store = DeltaRsStore(cfg)
+    src = tmp_path / "src"
+    src.mkdir()
+    expected = 0
+    for i in range(8):  # ~1.2 MB of ordinary readings each
+        path = src / f"body-{i}.jsonl"
+        lines = [json.dumps({"device_id": f"bed-{j % 40}", "time": "2026-11-21T03:00:00Z", "code": "8867-4",
+                             "value": j, "note": "n" * 60}) for j in range(12_000)]
+        path.write_text("\n".join(lines) + "\n")
+        expected += len(lines)
+        ingest(cfg, [path], "devices")
+    huge = src / "huge.jsonl"
+    huge.write_text(json.dumps({"device_id": "bed-x", "time": "2026-11-21T03:00:00Z", "blob": "x" * 10_000_000}) + "\n")
+    ingest(cfg, [huge], "devices")
+    expected += 1
+
+    def rows() -> int:
+        return store.row_count("bronze.device_readings") if store.exists("bronze.device_readings") else 0
+
+    log_path = tmp_path / "run.log"
+    env = carelake_env(root, CARELAKE_STREAMING__MAX_MB_PER_TRIGGER="2")
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(carelake_cmd("run", "bronze.device_readings", "--continuous", "--interval", "200ms"),
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            assert wait_for(lambda: log_version(store, "bronze.device_readings") >= 2, 240, proc), \
+                log_path.read_text()[-3000:]
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    at_kill = rows()
+    assert 0 < at_kill < expected, f"the kill came after the whole backlog ({at_kill} rows): it proves nothing"
+    done = subprocess.run(carelake_cmd("run", "bronze.device_readings", "--available-now"), env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    bronze = store.read_arrow("bronze.device_readings").select(["landing_file", "landing_position"]).to_pylist()
+    keys = [(r["landing_file"], r["landing_position"]) for r in bronze]
+    assert len(keys) == len(set(keys)) == expected
+    settled = log_version(store, "bronze.device_readings")
+    again = subprocess.run(carelake_cmd("run", "bronze.device_readings", "--available-now"), env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and log_version(store, "bronze.device_readings") == settled
