@@ -77,9 +77,12 @@ def cmd_run(ctx: Context) -> int:
         raise UsageError("--interval only applies with --continuous")
     interval = parse_duration_ms(a.interval, "--interval") if a.interval else ctx.cfg.streaming.interval_ms
     trigger = Trigger(available_now=not a.continuous, interval_ms=interval)
-    runner = Runner(ctx.cfg, ctx.spark, ctx.store(need_spark=True), registry)
     if a.recompute or a.start or a.end:
-        return _recompute(runner, names, a)
+        name, start, end = _recompute_args(registry, names, a)
+        runner = Runner(ctx.cfg, ctx.spark, ctx.store(need_spark=True), registry)
+        print(runner.recompute(name, start, end).line(), flush=True)
+        return 0
+    runner = Runner(ctx.cfg, ctx.spark, ctx.store(need_spark=True), registry)
     jobs = registry.order(names)
     log.info("running %d job(s) %s: %s", len(jobs), trigger.describe(), ", ".join(j.name for j in jobs))
     summaries = runner.run([j.name for j in jobs], trigger, on_summary=lambda s: print(s.line(), flush=True))
@@ -88,7 +91,9 @@ def cmd_run(ctx: Context) -> int:
     return 0
 
 
-def _recompute(runner, names: list[str] | None, a) -> int:
+def _recompute_args(registry, names: list[str] | None, a):
+    """(job, from, to) of `run JOB --recompute --from T1 --to T2`, checked before Spark starts."""
+    from pipelines.runner import check_recompute
     from pipelines.timeutil import parse_timestamp
 
     if not a.recompute:
@@ -100,9 +105,8 @@ def _recompute(runner, names: list[str] | None, a) -> int:
     if not (a.start and a.end):
         raise UsageError("--recompute needs --from and --to (ISO-8601 event times, UTC unless a zone is given)")
     start, end = parse_timestamp(a.start), parse_timestamp(a.end)
-    summary = runner.recompute(names[0], start, end)
-    print(summary.line(), flush=True)
-    return 0
+    check_recompute(registry.get(names[0]), start, end)
+    return names[0], start, end
 
 
 def cmd_jobs(ctx: Context) -> int:

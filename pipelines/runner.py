@@ -262,6 +262,15 @@ def _spread(batch_df: DataFrame) -> DataFrame:
     return spread
 
 
+def check_recompute(job: Job, start: datetime, end: datetime) -> None:
+    """A recompute needs a job that keeps state per key and a time range."""
+    if job.state is None or not hasattr(job.state, "recompute"):
+        raise UsageError(f"--recompute applies to jobs that keep state per key, e.g. gold.early_warning_scores; "
+                         f"{job.name} reads its source afresh on every run: reset its checkpoint instead")
+    if start >= end:
+        raise UsageError(f"--recompute: --from ({start.isoformat()}) must be before --to ({end.isoformat()})")
+
+
 class Runner:
     """Runs jobs from the registry on one SparkSession and one table store."""
 
@@ -573,11 +582,7 @@ class Runner:
         (e.g. after a correction older than the scores' state keeps); the streaming query and its state are
         left alone. Its commits carry no streaming transaction: running it again computes and merges again."""
         job = self.registry.get(name)
-        if job.state is None or not hasattr(job.state, "recompute"):
-            raise UsageError(f"--recompute applies to jobs that keep state per key, e.g. gold.early_warning_scores; "
-                             f"{job.name} reads its source afresh on every run: reset its checkpoint instead")
-        if start >= end:
-            raise UsageError(f"--recompute: --from ({start.isoformat()}) must be before --to ({end.isoformat()})")
+        check_recompute(job, start, end)
         started_at, t0 = utcnow(), time.monotonic()
         label = f"{job.name}/recompute/{started_at.strftime('%Y%m%dT%H%M%S')}"
         batch = {"batch_id": 0, "ingest_batch_id": label, "processed_at": started_at,

@@ -45,6 +45,15 @@ def test_help_does_not_import_spark_or_delta():
                                    "silver.observations, silver.patients as a side output; run one of them"),
     (("--set", "storage.engine=duckdb", "tables"), "storage.engine must be one of"),
     (("restore", "silver.x"), "restore needs exactly one of --version N or --timestamp TS"),
+    (("run", "gold.early_warning_scores", "--from", "2026-01-01"), "--from and --to go with --recompute"),
+    (("run", "all", "--recompute", "--from", "2026-01-01", "--to", "2026-01-02"), "name one job"),
+    (("run", "gold.early_warning_scores", "--recompute", "--from", "2026-01-01"), "--recompute needs --from and --to"),
+    (("run", "gold.early_warning_scores", "--recompute", "--from", "2026-01-02", "--to", "2026-01-01"),
+     "must be before --to"),
+    (("run", "gold.early_warning_scores", "--recompute", "--from", "soon", "--to", "2026-01-01"),
+     "'soon' is not a timestamp"),
+    (("run", "silver.observations", "--recompute", "--from", "2026-01-01", "--to", "2026-01-02"),
+     "--recompute applies to jobs that keep state per key"),
 ])
 def test_errors_are_one_line_with_nonzero_exit(tmp_path, args, message):
     proc = run_cli(tmp_path / "lake", *args, check=False)
