@@ -152,25 +152,13 @@ class Context:
         self._links: dict[str, tuple[int, dict[str, str]]] = {}  # table -> (version, links)
 
     def links(self, read_table, table_version, table: str, key: str) -> dict[str, str]:
-        """{identity: the person it continues as} for every identity that continues as another (chains followed;
-        a cycle stops where it closes)."""
+        """`resolved_links` of the table, read again only when it has a new version."""
         version = table_version(table)
         if version is None:
             return {}
-        if table in self._links and self._links[table][0] == version:
-            return self._links[table][1]
-        rows = (read_table(table).where(F.col("merged_into").isNotNull() & (F.col("merged_into") != F.col(key)))
-                .select(key, "merged_into").collect())
-        step = {r[0]: r[1] for r in rows}
-        resolved = {}
-        for start in step:
-            seen, current = {start}, step[start]
-            while current in step and step[current] not in seen:
-                seen.add(current)
-                current = step[current]
-            resolved[start] = current
-        self._links[table] = (version, resolved)
-        return resolved
+        if table not in self._links or self._links[table][0] != version:
+            self._links[table] = (version, resolved_links(read_table(table), key))
+        return self._links[table][1]
 
     def write(self, batch_id: int, facts: Mapping[str, Any], champion: Any) -> dict[str, Any]:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -187,6 +175,22 @@ class Context:
         for old in sorted(self.folder.glob("*.json"), key=lambda p: int(p.stem))[:-self.KEEP]:
             old.unlink(missing_ok=True)
         return doc
+
+
+def resolved_links(identities: DataFrame, key: str) -> dict[str, str]:
+    """{identity: the person it continues as} for every row of silver.patients (or .encounters) that continues as
+    another (`merged_into`): chains followed, a cycle stopped where it closes."""
+    rows = (identities.where(F.col("merged_into").isNotNull() & (F.col("merged_into") != F.col(key)))
+            .select(key, "merged_into").collect())
+    step = {r[0]: r[1] for r in rows}
+    resolved = {}
+    for start in step:
+        seen, current = {start}, step[start]
+        while current in step and step[current] not in seen:
+            seen.add(current)
+            current = step[current]
+        resolved[start] = current
+    return resolved
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -270,9 +274,8 @@ class ScoreStage:
         read_table, table_version = batch["read_table"], batch["table_version"]
         if table_version(OBSERVATIONS) is None:
             raise UsageError(f"--recompute: {OBSERVATIONS} does not exist yet; nothing to recompute from")
-        context = Context(Path("."))  # links only: nothing is written
-        links = context.links(read_table, table_version, PATIENTS, "patient_key")
-        encounters = context.links(read_table, table_version, ENCOUNTERS, "encounter_key")
+        links, encounters = ({} if table_version(table) is None else resolved_links(read_table(table), key)
+                             for table, key in ((PATIENTS, "patient_key"), (ENCOUNTERS, "encounter_key")))
         s = self.settings
         start_us, end_us = utc_micros(start), utc_micros(end)
         since_us = start_us - s.history_us

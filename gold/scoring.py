@@ -540,10 +540,6 @@ def objects(items: list) -> np.ndarray:
     return out
 
 
-def _missing(x) -> bool:
-    return x is None or (isinstance(x, float) and math.isnan(x))
-
-
 def _as_of_input(view: _View, concept: str, carry: _InputCarry, points: np.ndarray):
     """Each point's newest value of one input (value, its time or -1, the newest instant's largest id)."""
     t, obs, v, valued = view.instants(concept)
