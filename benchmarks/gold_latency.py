@@ -283,6 +283,7 @@ def measure(cfg, measure_from: datetime, upto: str = "gold") -> dict:
                 **stats(readings["sealed"] - readings["received"], "hop_landing"),
                 **stats(readings["bronze_committed"] - readings["sealed"], "hop_bronze"),
                 **stats(readings["silver_committed"] - readings["bronze_committed"], "hop_silver"),
+                **stats(readings["silver_committed"] - readings["sealed"], "hop_sealed_to_silver"),
                 **stats(readings["silver_committed"] - readings["received"], "received_to_silver")}
 
     scores = first_inserts(table_path(cfg, "gold.early_warning_scores"), ["patient_key", "scored_at"],
@@ -324,6 +325,8 @@ def measure(cfg, measure_from: datetime, upto: str = "gold") -> dict:
         **stats(readings["bronze_committed"] - readings["sealed"], "hop_bronze"),
         **stats(readings["bronze_committed"] - readings["received"], "hop_landing_plus_bronze"),
         **stats(readings["silver_committed"] - readings["bronze_committed"], "hop_silver"),
+        # With streaming.fuse, silver commits inside the bronze batch (before bronze): this is that one hop.
+        **stats(readings["silver_committed"] - readings["sealed"], "hop_sealed_to_silver"),
         **stats(points["score_committed"] - points["silver_committed"], "hop_gold"),
         **stats(alert_hop, "hop_alert"),
     }
@@ -351,15 +354,14 @@ def batch_summary(log: Path, offset: int) -> dict:
 
 def bottleneck(f: dict, batches: dict, interval_ms: int) -> str:
     hops = {"landing (receipt -> segment sealed)": f.get("hop_landing_p50_s"),
-            "bronze (sealed -> bronze commit)": f.get("hop_bronze_p50_s"),
-            "silver (bronze -> silver commit)": f.get("hop_silver_p50_s"),
+            "bronze+silver (sealed -> silver commit)": f.get("hop_sealed_to_silver_p50_s"),
             "gold (silver -> score commit)": f.get("hop_gold_p50_s")}
     hops = {k: v for k, v in hops.items() if v is not None}
     if not hops:
         return "no figures"
     total = sum(max(0.0, v) for v in hops.values()) or 1.0
     name, worst = max(hops.items(), key=lambda kv: kv[1])
-    job = {"bronze": "bronze.device_readings", "silver": "silver.observations", "gold": "gold.early_warning_scores",
+    job = {"bronze+silver": "bronze.device_readings", "gold": "gold.early_warning_scores",
            "landing": None}[name.split()[0]]
     text = f"{name}: p50 {worst:.2f} s of {total:.2f} s summed hop p50s ({worst / total:.0%})"
     if job and job in batches:

@@ -106,6 +106,21 @@ class StreamingConfig:
     max_rows_per_batch: int = 500_000
     max_restarts: int = 5
     max_mb_per_trigger: int = 0
+    # "upstream > downstream" job pairs: the downstream's transform runs inside the upstream's batches (see fused).
+    fuse: tuple[str, ...] = ()
+
+    @property
+    def fused(self) -> tuple[tuple[str, str], ...]:
+        """streaming.fuse as (upstream job, downstream job) pairs: a bronze job whose batches also write a silver
+        job's tables, so a reading reaches silver in the micro-batch that lands it in bronze."""
+        pairs = []
+        for item in self.fuse:
+            up, sep, down = item.partition(">")
+            if not sep or not up.strip() or not down.strip() or ">" in down:
+                raise ConfigError(f"streaming.fuse entries are 'upstream > downstream' (e.g. 'bronze.device_readings >"
+                                  f" silver.observations'), got {item!r}")
+            pairs.append((up.strip(), down.strip()))
+        return tuple(pairs)
 
     @property
     def landing_admission(self) -> tuple[str, int]:
@@ -133,6 +148,10 @@ class StreamingConfig:
         if self.max_restarts < 0:
             raise ConfigError(f"streaming.max_restarts must be 0 or more, got {self.max_restarts}; 0 fails the run at "
                               "a job's first error")
+        ups = [up for up, _ in self.fused]
+        if len(set(ups)) != len(ups):
+            raise ConfigError(f"streaming.fuse names a job twice as upstream ({', '.join(self.fuse)}); a bronze job's "
+                              "batches carry at most one downstream job")
 
     @property
     def interval_ms(self) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pipelines.config import Config
@@ -131,6 +131,9 @@ class Job:
     # Tables the transform looks up with read_table (not streamed): their jobs run first in available-now order.
     reads: tuple[str, ...] = ()
     state: StateStage | None = None
+    # Jobs whose transform runs on this job's own rows inside its batches (streaming.fuse, see `fuse`); their
+    # tables commit with the batch's transaction, before this job's own table.
+    fused: tuple[Job, ...] = ()
 
     def __post_init__(self) -> None:
         split_table_name(self.name)
@@ -149,6 +152,11 @@ class Job:
     @property
     def upstream(self) -> tuple[str, ...]:
         return self.source.tables if isinstance(self.source, TableSource) else ()
+
+    @property
+    def fused_tables(self) -> tuple[str, ...]:
+        """The tables the fused jobs write in this job's batches."""
+        return tuple(o.table for down in self.fused for o in down.outputs)
 
     @property
     def outputs(self) -> tuple[Output, ...]:
@@ -195,6 +203,10 @@ class Registry:
     def names(self) -> list[str]:
         return [j.name for j in self.order()]
 
+    def _fusers(self, name: str) -> list[str]:
+        """The jobs whose batches carry job `name` (streaming.fuse)."""
+        return sorted(j.name for j in self._jobs.values() if any(d.name == name for d in j.fused))
+
     def _writers(self, table: str) -> list[str]:
         """The jobs that write `table`: its own job, else every job that has it as a side output."""
         if table in self._jobs:
@@ -229,6 +241,8 @@ class Registry:
             for up in (*self._jobs[name].upstream, *self._jobs[name].reads):
                 for writer in self._writers(up):
                     visit(writer)
+                    for carrier in self._fusers(writer):  # a fused job's rows also come from its carriers' batches
+                        visit(carrier)
             visiting.pop()
             done[name] = self._jobs[name]
 
@@ -344,8 +358,39 @@ def _observation_update(schema: StructType) -> dict[str, str]:
             for f in schema.fields if f.name != "observation_id"}
 
 
+def fuse(jobs: list[Job], pairs: Iterable[tuple[str, str]]) -> list[Job]:
+    """Apply streaming.fuse: for each (upstream, downstream) pair, the downstream job's transform runs on the
+    upstream bronze job's rows inside its batches, and the downstream's own stream leaves the upstream table out.
+
+    Only a job that reads a landing feed can carry one, and only a stateless job that reads its table can be
+    carried: a keyed state lives in one query's checkpoint.
+    """
+    by_name = {j.name: j for j in jobs}
+    carried: dict[str, list[str]] = {}
+    for up, down in pairs:
+        for name in (up, down):
+            if name not in by_name:
+                raise ConfigError(f"streaming.fuse: no job writes {name!r}; jobs: {', '.join(sorted(by_name))}")
+        if not isinstance(by_name[up].source, LandingSource):
+            raise ConfigError(f"streaming.fuse: {up} reads {by_name[up].source.describe()}; only a job that reads a "
+                              "landing feed (a bronze job) can carry another job in its batches")
+        if up not in by_name[down].upstream or by_name[down].state is not None:
+            why = "keeps keyed state, which lives in its own query" if by_name[down].state else f"does not read {up}"
+            raise ConfigError(f"streaming.fuse: {down} {why}, so it cannot run inside {up}'s batches")
+        carried.setdefault(down, []).append(up)
+    replaced: dict[str, Job] = {}
+    for down, ups in carried.items():
+        rest = [t for t in by_name[down].upstream if t not in ups]
+        if not rest:
+            raise ConfigError(f"streaming.fuse: every table {down} reads ({', '.join(ups)}) is fused; leave at least "
+                              f"one of them to its own stream, so `carelake run {down}` still has a source")
+        replaced[down] = replace(by_name[down], source=TableSource(*rest))
+    carriers = {up: replace(by_name[up], fused=(*by_name[up].fused, replaced[down])) for up, down in pairs}
+    return [carriers.get(j.name) or replaced.get(j.name) or j for j in jobs]
+
+
 def load_registry(cfg: Config) -> Registry:
-    """Built-in jobs plus those of every module in jobs.modules."""
+    """Built-in jobs plus those of every module in jobs.modules, with streaming.fuse applied."""
     jobs = [*builtin_jobs(cfg), *gold_jobs(cfg)]
     for module_name in cfg.jobs.modules:
         try:
@@ -361,4 +406,4 @@ def load_registry(cfg: Config) -> Registry:
     for job in jobs:
         if isinstance(job.source, LandingSource) and job.source.feed not in cfg.landing.feeds:
             raise ConfigError(f"job {job.name} reads feed {job.source.feed!r}, which landing.feeds does not list")
-    return Registry(jobs)
+    return Registry(fuse(jobs, cfg.streaming.fused))

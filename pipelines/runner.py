@@ -408,7 +408,11 @@ class Runner:
         summary.replayed += int(replayed)
         summary.rows_in += rows_in
         summary.rows_out += rows_out
-        side = "".join(f", {sum(c.side.get(o.table, 0) for c in chunks):,} to {o.table}" for o in job.side_outputs)
+        for down in job.fused:  # a fused job's part of the batch, in ops.metrics under its own name
+            self._record_metrics(down, query_id, batch_id, started_at, finished_at, rows_in,
+                                 sum(c.side.get(down.name, 0) for c in chunks if not c.skipped), lag_ms, None, replayed)
+        tables = [*(o.table for o in job.side_outputs), *dict.fromkeys(job.fused_tables)]
+        side = "".join(f", {sum(c.side.get(t, 0) for c in chunks):,} to {t}" for t in tables)
         unit = "file(s)" if isinstance(job.source, LandingSource) else "change(s)"
         parts = f" in {len(chunks)} chunks" if len(chunks) > 1 else ""
         log.info("%s batch %d: %s %s in -> %s rows %s%s%s in %.2f s, lag %.1f s, %s v%s", job.name, batch_id,
@@ -439,6 +443,36 @@ class Runner:
                      at: datetime) -> _ChunkResult:
         """Transform, validate and commit one chunk of a batch (every output with the chunk's transaction)."""
         outputs = job.apply(rows, batch)
+        if job.fused:
+            return self._write_carrying(job, outputs, batch, label, txn, query_id, at)
+        return self._write_outputs(job, outputs, batch, label, txn, query_id, at)
+
+    def _write_carrying(self, job: Job, outputs: dict[str, DataFrame] | DataFrame, batch: dict[str, Any], label: str,
+                        txn: Txn, query_id: str, at: datetime) -> _ChunkResult:
+        """A chunk of a job that carries fused jobs (streaming.fuse): each fused job's transform runs on this job's
+        rows, as the inserts its change feed would have shown, and commits its tables (validated, quarantine
+        included) with this chunk's transaction; this job's own table commits last, so a replay that finds it
+        committed finds every fused table committed too, and one that does not redoes only what is missing."""
+        from pyspark.sql import functions as F
+
+        if not isinstance(outputs, dict) or job.side_outputs:
+            raise SchemaEvolutionError(f"{job.name}: a job that carries fused jobs writes its own table only")
+        own = outputs[job.name].persist()  # computed once for its own table and for each fused job
+        try:
+            side: dict[str, int] = {}
+            for down in job.fused:
+                changes = own.withColumn("_change_type", F.lit("insert"))
+                result = self._write_outputs(down, down.apply(changes, batch), batch, label, txn, query_id, at)
+                side[down.name] = result.rows
+                side.update(result.side)
+            mine = self._write_outputs(job, {job.name: own}, batch, label, txn, query_id, at)
+            return _ChunkResult(mine.rows, mine.version, mine.skipped, {**mine.side, **side})
+        finally:
+            own.unpersist()
+
+    def _write_outputs(self, job: Job, outputs: dict[str, DataFrame] | DataFrame, batch: dict[str, Any], label: str,
+                       txn: Txn, query_id: str, at: datetime) -> _ChunkResult:
+        """Validate and commit a chunk's computed outputs: through the driver when it is small, else the executors."""
         meta = {"carelake.job": job.name, "carelake.batch": str(batch["batch_id"]), "carelake.query": query_id}
         if label != batch["ingest_batch_id"]:
             meta["carelake.chunk"] = label.rsplit("#", 1)[1]

@@ -128,13 +128,16 @@ def test_available_now_runs_every_job_in_dependency_order(lake, tmp_path):
     by_name = {s.job: s for s in summaries}
     # Jobs reading only HL7/FHIR (nothing landed there) are skipped; everything else ran.
     assert all(s.status == "done" or (s.status == "skipped" and "has no data yet" in s.detail) for s in summaries)
-    assert by_name["silver.toy_readings"].status == by_name["silver.observations"].status == "done"
+    assert by_name["silver.toy_readings"].status == "done"
+    # silver.observations' own stream reads FHIR only (devices and HL7 are fused into their bronze batches).
+    assert by_name["silver.observations"].status == "skipped"
     assert by_name["bronze.hl7_messages"].batches == by_name["bronze.fhir_resources"].batches == 0  # ran, nothing
     assert store.row_count("bronze.device_readings") == 4
     assert totals(store) == {"m1": 2, "m2": 2}
     metrics = store.read_arrow(METRICS_TABLE).to_pylist()
-    assert {m["job"] for m in metrics} == {s.job for s in summaries if s.batches}
-    # The built-in silver job read the same readings: they name no patient, so all four are quarantined.
+    assert {m["job"] for m in metrics} == {s.job for s in summaries if s.batches} | {"silver.observations"}
+    # The bronze batches computed silver.observations from the same readings: they name no patient, so all four
+    # are quarantined.
     assert [q["reason"] for q in store.read_arrow("silver.quarantine").to_pylist()] == ["missing_patient"] * 4
     assert all(m["rows_out"] >= 0 and m["duration_ms"] >= 0 for m in metrics)
 

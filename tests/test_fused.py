@@ -1,0 +1,130 @@
+"""streaming.fuse: silver.observations computed inside the bronze batches of the hot feeds (devices, HL7).
+
+The fused path must write exactly what the separate silver job writes, commit silver before bronze with the
+batch's transaction (so a crash between the two commits replays without duplicates), and refuse a fuse
+configuration that cannot work with a message that names the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipelines.errors import ConfigError
+from pipelines.jobs import load_registry
+from pipelines.landing import ingest
+from pipelines.runner import JobFailed, Runner, Trigger
+from pipelines.store import open_store
+from silver.observations import OBSERVATIONS
+from silver.quarantine import QUARANTINE
+from tests.conftest import make_config
+from tests.test_silver_observations import FHIR_SPO2, oru, reading
+
+BRONZE = ("bronze.hl7_messages", "bronze.fhir_resources", "bronze.device_readings")
+# What differs between two lakehouses fed the same bytes: when each row was written, and the ids hashed from the
+# landing file's full path (its root differs) or the query's id.
+VARIES = {"ingested_at", "quarantined_at", "quarantine_id", "ingest_batch_id"}
+
+
+def _feeds(src: Path) -> dict[str, list[Path]]:
+    src.mkdir()
+    (src / "a.hl7").write_bytes(oru("C-1", "20261121100100+0000", "72") + b"garbage\r")
+    (src / "b.hl7").write_bytes(oru("C-2", "20261121101500+0000", "75", status="C"))
+    future = reading(time="2099-01-01T00:00:00.000Z", value=70.0)
+    (src / "m.jsonl").write_text("\n".join([reading(), reading(), reading(value=64.0, time="2026-11-21T09:00:00Z"),
+                                            future, "{broken", reading(value="x")]) + "\n")
+    (src / "o.ndjson").write_text(json.dumps({**FHIR_SPO2, "meta": {"versionId": "1"}}) + "\n")
+    return {"hl7": [src / "a.hl7", src / "b.hl7"], "devices": [src / "m.jsonl"], "fhir": [src / "o.ndjson"]}
+
+
+def _lake(tmp_path: Path, spark, name: str, **overrides):
+    cfg = make_config(tmp_path / name, **overrides)
+    store = open_store(cfg, spark)
+    return cfg, store, Runner(cfg, spark, store, load_registry(cfg))
+
+
+def _rows(cfg, store, table: str) -> list[str]:
+    rows = [{k: v for k, v in r.items() if k not in VARIES} for r in store.read_arrow(table).to_pylist()]
+    for r in rows:  # a data-quality detail quotes the row's ingested_at
+        r["detail"] = re.sub(r"\(value: .*\)$", "", r.get("detail") or "")
+    return sorted(json.dumps(r, sort_keys=True, default=str).replace(str(cfg.root), "<root>") for r in rows)
+
+
+def test_fused_bronze_batches_write_the_silver_the_separate_job_writes(tmp_path, spark):
+    feeds = _feeds(tmp_path / "src")
+    same = {"silver.key_secret": "a-shared-test-secret"}  # the same patient keys in both lakehouses
+    fused = _lake(tmp_path, spark, "fused", **same)
+    separate = _lake(tmp_path, spark, "separate", **same, **{"streaming.fuse": []})
+    for feed, files in feeds.items():
+        ingest(fused[0], files, feed)
+    shutil.copytree(fused[0].path("landing"), separate[0].path("landing"))  # the same landed bytes, times, names
+    # The fused lakehouse's device and HL7 readings reach silver with their bronze jobs alone.
+    fused[2].run(["bronze.device_readings", "bronze.hl7_messages"], Trigger(available_now=True))
+    assert {r["source_feed"] for r in fused[1].read_arrow(OBSERVATIONS).to_pylist()} == {"devices", "hl7"}
+    for _cfg, _store, runner in (fused, separate):
+        runner.run([*BRONZE, OBSERVATIONS], Trigger(available_now=True))
+
+    for table in (OBSERVATIONS, QUARANTINE, *BRONZE):
+        a, b = _rows(fused[0], fused[1], table), _rows(separate[0], separate[1], table)
+        assert a == b, (table, sorted(set(a) - set(b)), sorted(set(b) - set(a)))
+    observed = fused[1].read_arrow(OBSERVATIONS).to_pylist()
+    assert {r["source_feed"] for r in observed} == {"devices", "hl7", "fhir"}
+    reasons = {q["reason"] for q in fused[1].read_arrow(QUARANTINE).to_pylist()}
+    assert {"invalid_json", "bad_value", "dq_effective_in_future"} <= reasons  # the suite ran on the fused rows
+    # Each fused batch is in ops.metrics under silver.observations too, beside its carrier's row.
+    metrics = fused[1].read_arrow("ops.metrics").to_pylist()
+    carriers = {(m["query_id"], m["batch_id"]) for m in metrics if m["job"] in ("bronze.device_readings",
+                                                                               "bronze.hl7_messages")}
+    carried = {(m["query_id"], m["batch_id"]): m["rows_out"] for m in metrics if m["job"] == OBSERVATIONS}
+    assert carriers and carriers <= set(carried) and all(carried[c] > 0 for c in carriers)
+
+
+def test_a_crash_after_the_fused_commit_replays_bronze_without_writing_silver_twice(tmp_path, spark, monkeypatch):
+    cfg, store, runner = _lake(tmp_path, spark, "lake")
+    ingest(cfg, _feeds(tmp_path / "src")["devices"], "devices")
+    write = Runner._write
+
+    def crash_on_bronze(self, output, data, txn, meta):
+        if output.table == "bronze.device_readings":
+            raise OSError("disk gone between the silver commit and the bronze commit")
+        return write(self, output, data, txn, meta)
+
+    monkeypatch.setattr(Runner, "_write", crash_on_bronze)
+    with pytest.raises(JobFailed, match="disk gone"):
+        runner.run(["bronze.device_readings"], Trigger(available_now=True))
+    assert not store.exists("bronze.device_readings")
+    silver_version, silver = store.version(OBSERVATIONS), store.read_arrow(OBSERVATIONS).num_rows
+    assert silver == 2  # two distinct good readings (one was sent twice); the other lines are quarantined
+
+    monkeypatch.setattr(Runner, "_write", write)
+    Runner(cfg, spark, store, load_registry(cfg)).run(["bronze.device_readings"], Trigger(available_now=True))
+    assert store.read_arrow("bronze.device_readings").num_rows == 6
+    assert store.version(OBSERVATIONS) == silver_version  # the replay found silver committed and skipped it
+    assert store.read_arrow(OBSERVATIONS).num_rows == silver
+
+
+@pytest.mark.parametrize(("fuse", "message"), [
+    (["bronze.device_readings silver.observations"], "'upstream > downstream'"),
+    (["bronze.device_readings > silver.nothing"], "no job writes 'silver.nothing'"),
+    (["silver.observations > gold.early_warning_scores"], "only a job that reads a landing feed"),
+    (["bronze.fhir_resources > silver.observations", "bronze.device_readings > silver.observations",
+      "bronze.hl7_messages > silver.observations"], "leave at least one of them to its own stream"),
+    (["bronze.device_readings > silver.patients"], "silver.patients does not read bronze.device_readings"),
+    (["bronze.hl7_messages > silver.patients", "bronze.hl7_messages > silver.observations"], "at most one"),
+])
+def test_a_fuse_that_cannot_work_is_refused_with_the_fix(tmp_path, fuse, message):
+    with pytest.raises(ConfigError, match=message):
+        load_registry(make_config(tmp_path, **{"streaming.fuse": fuse}))
+
+
+def test_fused_jobs_run_before_what_reads_their_tables(tmp_path):
+    registry = load_registry(make_config(tmp_path))
+    order = registry.names()
+    assert order.index("bronze.device_readings") < order.index("gold.early_warning_scores")
+    assert order.index("bronze.hl7_messages") < order.index("gold.early_warning_scores")
+    assert registry.get(OBSERVATIONS).upstream == ("bronze.fhir_resources",)
+    assert [j.name for j in registry.get("bronze.device_readings").fused] == [OBSERVATIONS]
