@@ -308,3 +308,30 @@ def test_non_empty_out_is_refused(tmp_path):
                           env=carelake_env(tmp_path / "lake"), capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 2 and "is not empty" in proc.stderr and "--force" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_dbldatagen_gets_a_session_that_writes_the_current_arrow_key():
+    """dbldatagen sets Spark's deprecated `spark.sql.execution.arrow.enabled` on Spark 4 (a warning in the output):
+    the session the simulator hands it writes the current key, and passes everything else through."""
+    from pipelines.simulator.population import _CurrentArrowKey
+
+    class Conf:
+        def __init__(self):
+            self.values = {}
+
+        def set(self, key, value):
+            self.values[key] = value
+
+        def get(self, key, default=None):
+            return self.values.get(key, default)
+
+    class Session:
+        version = "4.0.1"
+        conf = Conf()
+
+    wrapped = _CurrentArrowKey(Session())
+    wrapped.conf.set("spark.sql.execution.arrow.enabled", "true")
+    wrapped.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", 100)
+    assert Session.conf.values == {"spark.sql.execution.arrow.pyspark.enabled": "true",
+                                   "spark.sql.execution.arrow.maxRecordsPerBatch": 100}
+    assert wrapped.version == "4.0.1" and wrapped.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch") == 100

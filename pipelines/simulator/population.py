@@ -133,6 +133,34 @@ class Census:
         return [e for e in self.encounters if e.cancelled_s is None]
 
 
+# dbldatagen 0.4 turns Arrow on with `spark.sql.execution.arrow.enabled` on any Spark that is not 3.x: a key Spark
+# deprecated in 3.0, which Spark 4 answers with a deprecation warning in the simulator's output. The session it is
+# handed writes the current key instead; everything else passes through.
+_DEPRECATED_CONF = {"spark.sql.execution.arrow.enabled": "spark.sql.execution.arrow.pyspark.enabled"}
+
+
+class _CurrentConf:
+    def __init__(self, conf):
+        self._conf = conf
+
+    def set(self, key: str, value) -> None:
+        self._conf.set(_DEPRECATED_CONF.get(key, key), value)
+
+    def __getattr__(self, name: str):
+        return getattr(self._conf, name)
+
+
+class _CurrentArrowKey:
+    """A SparkSession whose `conf.set` writes the current name of a deprecated key (see _DEPRECATED_CONF)."""
+
+    def __init__(self, spark: SparkSession):
+        self._spark = spark
+        self.conf = _CurrentConf(spark.conf)
+
+    def __getattr__(self, name: str):
+        return getattr(self._spark, name)
+
+
 def person_draws(spark: SparkSession, params: SimParams) -> DataFrame:
     """One seeded row of random attributes per person (dbldatagen; partitions fixed for reproducibility)."""
     import dbldatagen as dg
@@ -140,8 +168,8 @@ def person_draws(spark: SparkSession, params: SimParams) -> DataFrame:
     uniforms = ("u_census", "u_admit", "u_los", "u_det", "u_kind", "u_onset", "u_recover", "u_plateau",
                 "u_recovery", "u_icu", "u_cancel", "u_dup", "u_update", "u_fhir", "u_imaging", "u_imaging_at",
                 "u_ward", "u_merge", "u_cadence", "u_misc")
-    spec = (dg.DataGenerator(spark, name="carelake_people", rows=params.patients, partitions=params.partitions,
-                             randomSeedMethod="hash_fieldname", randomSeed=params.seed)
+    spec = (dg.DataGenerator(_CurrentArrowKey(spark), name="carelake_people", rows=params.patients,
+                             partitions=params.partitions, randomSeedMethod="hash_fieldname", randomSeed=params.seed)
             .withColumn("sex", "string", values=["F", "M"], random=True)
             .withColumn("given_no", "int", minValue=0, maxValue=len(FEMALE) - 1, random=True)
             .withColumn("middle_no", "int", minValue=0, maxValue=25, random=True)
