@@ -26,6 +26,11 @@ updates the carries and snapshots exactly where it can (an insert always can; a 
 or snapshot holds cannot: the state asks to be rebuilt from silver), rescores the tail, and asks the recompute job
 for the points between the change and the tail (`Step.recompute`). Nothing is lost either way: the request names
 the range, and the caller makes sure someone runs it.
+
+A person idle for long (discharged) need not keep all that: with no alert episode running, `PersonState.asleep`
+keeps only what a point more than `history` after their newest reading can still see (the newest encounter, the
+scale-2 markers). From such a state, rows that late step exactly as from the full one; anything earlier (a late
+reading, a retraction) is the caller's to rebuild from silver (`PersonState.wakes_exactly`).
 """
 
 from __future__ import annotations
@@ -298,8 +303,31 @@ class PersonState:
     inexact: bool = False  # a folded carry or snapshot lost its value: rebuild from silver
     newest: int | None = None
     identities: tuple[str, ...] = ()  # the identity keys whose rows the state holds (the caller keeps it)
+    sleeping: bool = False  # `asleep`: only what outlives `history` is kept
+
+    def can_sleep(self) -> bool:
+        """No alert episode running and nothing owed to a rebuild: nothing of the past beyond the newest encounter and
+        the markers can change a point more than `history` after the newest reading."""
+        return not self.inexact and all(m.episode is None for m in self.machines.values())
+
+    def asleep(self) -> PersonState:
+        """What a point more than `history` after `newest` still reads of this state (see `can_sleep`)."""
+        if not self.can_sleep():
+            raise ValueError("a person with an alert episode running, or owed a rebuild, keeps their whole state")
+        return PersonState(encounter=self.encounter, markers=dict(self.markers), newest=self.newest,
+                           identities=self.identities, sleeping=True)
+
+    def wakes_exactly(self, rows: pd.DataFrame, s: Settings) -> bool:
+        """Whether `step` may take `rows` from this state: always when it is whole; when it sleeps, only inserts
+        more than `history` after the newest reading, which no point of theirs can see (anything else reads the
+        person's past from silver)."""
+        if not self.sleeping or self.newest is None or not len(rows):
+            return True
+        return not rows["gone"].astype(bool).any() and int(rows["t"].min()) > self.newest + s.history_us
 
     def dumps(self) -> bytes:
+        if self.sleeping:  # only its own fields: a sleeping state is stored by the million, at ~150 bytes each
+            return pickle.dumps((STATE_FORMAT, (self.encounter, self.markers, self.newest, self.identities)), protocol=5)
         return pickle.dumps((STATE_FORMAT, self), protocol=5)
 
     @staticmethod
@@ -308,7 +336,13 @@ class PersonState:
         if not blob:
             return None
         fmt, state = pickle.loads(blob)
-        return state if fmt == STATE_FORMAT else None
+        if fmt != STATE_FORMAT:
+            return None
+        if isinstance(state, tuple):
+            encounter, markers, newest, identities = state
+            return PersonState(encounter=encounter, markers=markers, newest=newest, identities=identities,
+                               sleeping=True)
+        return state
 
 
 @dataclass
@@ -337,6 +371,11 @@ def step(state: PersonState | None, rows: pd.DataFrame, settings: Settings, *, p
     `predict(features) -> (risk, alert, model version)` scores the model, when one is registered.
     """
     state = state or PersonState()
+    if state.sleeping:
+        if not state.wakes_exactly(rows, settings):
+            raise ValueError("a sleeping state takes only inserts later than `history` after its newest reading; "
+                             "rebuild the person from silver for anything else")
+        state.sleeping = False
     rows = Table.of(rows, ROW_COLUMNS)
     touched: list[int] = []
     recompute_from: int | None = None

@@ -264,3 +264,56 @@ def test_a_local_chart_and_the_raised_levels_come_from_the_settings():
     out = scoring.step(None, frame, local, person="L", now_us=T0)
     assert out.scores.frame().iloc[0]["news2_band"] == "high"
     assert {a["level"] for a in out.alerts} == {"news2_high", "qsofa"}  # no medium alert: not raised here
+
+
+def _vitals(start: int, minutes: int, *, high_from: int, high_to: int, prefix: str, encounter) -> list[dict]:
+    """A monitor every minute: normal, then high (RR 26, SpO2 90, HR 135) for [high_from, high_to) minutes."""
+    rows = []
+    for m in range(minutes):
+        high = high_from <= m < high_to
+        for concept, calm, sick in (("rr", 16.0, 26.0), ("spo2", 97.0, 90.0), ("hr", 80.0, 135.0)):
+            rows.append(_row(f"{prefix}{m:04d}{concept}", concept, start + m * MIN, sick if high else calm,
+                             encounter=encounter))
+    return rows
+
+
+def test_a_sleeping_state_scores_a_returning_person_as_one_pass_over_all_their_rows():
+    first = _vitals(T0, 180, high_from=60, high_to=120, prefix="a", encounter="E1")
+    first.append(_row("marker", "problem", T0 + 10 * MIN, text="J96.1", code="J96.1", encounter=None))
+    state = scoring.step(None, pd.DataFrame(first, columns=scoring.ROW_COLUMNS), SETTINGS, person="P",
+                         now_us=T0 + 180 * MIN).state
+    assert state.can_sleep()  # the episode resolved 30 min after the person left the level
+    asleep = scoring.PersonState.loads(state.asleep().dumps())
+    assert len(asleep.dumps()) < len(state.dumps()) / 20 and asleep.sleeping
+
+    back = state.newest + SETTINGS.history_us + MIN  # readmitted: no encounter on the monitor's rows this time
+    second = _vitals(back, 90, high_from=30, high_to=60, prefix="b", encounter=None)
+    rows = pd.DataFrame(second, columns=scoring.ROW_COLUMNS)
+    assert asleep.wakes_exactly(rows, SETTINGS)
+    woke = scoring.step(asleep, rows, SETTINGS, person="P", now_us=back + 90 * MIN)
+    want_scores, want_alerts = _whole(first + second, person="P")
+    got = {row["scored_at"]: row for row in woke.scores.frame().to_dict("records")}
+    _assert_tables_equal(got, {t: r for t, r in want_scores.items() if t >= back}, "score")
+    assert all(r["spo2_scale"] == 2 and r["encounter_key"] == "E1" for r in got.values())  # what sleep kept
+    _assert_tables_equal({a["alert_id"]: a for a in woke.alerts},
+                         {k: a for k, a in want_alerts.items() if a["opened_at"] >= back}, "alert")
+    assert woke.alerts and not woke.state.sleeping
+
+
+def test_a_sleeping_state_refuses_what_it_cannot_score_exactly():
+    rows = _vitals(T0, 90, high_from=30, high_to=200, prefix="a", encounter="E1")
+    state = scoring.step(None, pd.DataFrame(rows, columns=scoring.ROW_COLUMNS), SETTINGS, person="P",
+                         now_us=T0 + 90 * MIN).state
+    assert not state.can_sleep()  # an episode is running: it must see the next points
+    with pytest.raises(ValueError, match="keeps their whole state"):
+        state.asleep()
+    state = scoring.step(None, pd.DataFrame(rows[:30], columns=scoring.ROW_COLUMNS), SETTINGS, person="P",
+                         now_us=T0 + 10 * MIN).state.asleep()
+    early = pd.DataFrame([_row("late", "hr", state.newest + SETTINGS.history_us, 88.0)],  # its point sees newest
+                         columns=scoring.ROW_COLUMNS)
+    gone = pd.DataFrame([{**rows[0], "gone": True, "t": state.newest + SETTINGS.history_us + MIN}],
+                        columns=scoring.ROW_COLUMNS)
+    for batch in (early, gone):
+        assert not state.wakes_exactly(batch, SETTINGS)
+        with pytest.raises(ValueError, match="rebuild the person from silver"):
+            scoring.step(state, batch, SETTINGS, person="P", now_us=T0 + 20 * HOUR)
