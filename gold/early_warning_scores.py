@@ -235,13 +235,18 @@ def _champion(doc: Mapping[str, Any]) -> Any:
 class ScoreStage:
     """The score job's stateful stage (pipelines.jobs.StateStage): its plan, and each batch's facts."""
 
-    def __init__(self, settings: scoring.Settings, windows_ms: Sequence[int], champion, *, partitions: int = 2):
+    # The shape of the state in the query's checkpoint: a checkpoint of another layout is set aside by the runner (and
+    # the job replays silver). 2: per-person state with processing-time timeouts (gold.state_idle).
+    layout = "per-person-2"
+
+    def __init__(self, settings: scoring.Settings, windows_ms: Sequence[int], champion, *, partitions: int = 2,
+                 idle_ms: int = 0):
         self.settings, self.windows_ms, self.champion = settings, tuple(windows_ms), champion
-        self.partitions = partitions
+        self.partitions, self.idle_ms = partitions, idle_ms
         self._contexts: dict[str, Context] = {}
 
     def plan(self, stream: DataFrame, folder: str) -> DataFrame:
-        return plan(stream, folder, settings=self.settings, windows_ms=self.windows_ms)
+        return plan(stream, folder, settings=self.settings, windows_ms=self.windows_ms, idle_ms=self.idle_ms)
 
     def prepare(self, folder: str, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Before a batch runs (driver): write its context; give the transform the batch's facts."""
@@ -342,9 +347,11 @@ class ScoreStage:
                                     batch_facts={"encounter_links": encounters, "open_of_merged": None})
 
 
-def plan(stream: DataFrame, folder: str, *, settings: scoring.Settings, windows_ms: Sequence[int]) -> DataFrame:
+def plan(stream: DataFrame, folder: str, *, settings: scoring.Settings, windows_ms: Sequence[int],
+         idle_ms: int = 0) -> DataFrame:
     """The stateful stage over silver.observations' change feed: one output row per score, withdrawn point and
-    changed alert of the people each batch touches."""
+    changed alert of the people each batch touches. A person without changes for `idle_ms` of processing time
+    (0: never) is put to sleep when a later batch runs (`_sleep`)."""
     resolve_links = F.pandas_udf(lambda keys: _resolve_series(keys, folder), StringType())
     wanted = (F.col("_change_type").isin("insert", "update_preimage", "update_postimage", "delete")
               & F.col("patient_key").isNotNull() & F.col("effective_at").isNotNull())
@@ -352,13 +359,26 @@ def plan(stream: DataFrame, folder: str, *, settings: scoring.Settings, windows_
     out_schema = stage_schema(windows_ms)
 
     def run(key: tuple, frames: Iterator[pd.DataFrame], state) -> Iterator[pd.DataFrame]:
+        if state.hasTimedOut:
+            _sleep(state)
+            return
         yield from _score_person(key[0], frames, state, folder, settings, out_schema)
+        if idle_ms:
+            state.setTimeoutDuration(idle_ms)
 
     from pyspark.sql.streaming.state import GroupStateTimeout
 
     return changes.groupBy("_person").applyInPandasWithState(
         run, outputStructType=out_schema, stateStructType=STATE_SCHEMA, outputMode="append",
-        timeoutConf=GroupStateTimeout.NoTimeout)
+        timeoutConf=GroupStateTimeout.ProcessingTimeTimeout)
+
+
+def _sleep(group_state) -> None:
+    """A person idle for gold.state_idle (discharged, most often): keep only what outlives `history`, unless an
+    alert episode of theirs is still running (it must see their next points) or a rebuild is owed."""
+    state = scoring.PersonState.loads(group_state.get[0]) if group_state.exists else None
+    if state is not None and not state.sleeping and state.can_sleep():
+        group_state.update((state.asleep().dumps(),))
 
 
 def _resolve_series(keys: pd.Series, folder: str) -> pd.Series:
@@ -419,9 +439,11 @@ def _score_person(person: str, frames: Iterator[pd.DataFrame], group_state, fold
     had = group_state.exists
     state = scoring.PersonState.loads(group_state.get[0]) if had else None
     known = tuple(state.identities) if state is not None else (person,)
-    if (had and state is None) or known != tuple(identities):
-        # Written by another carelake version, or an identity linked or unlinked: rebuild from silver (a person
-        # who absorbs another identity gets its history; their alert episodes run over all of its points).
+    if (had and state is None) or known != tuple(identities) or \
+            (state is not None and not state.wakes_exactly(rows, settings)):
+        # Written by another carelake version, an identity linked or unlinked, or a sleeping person's change that
+        # their past can see: rebuild from silver (a person who absorbs another identity gets its history; their
+        # alert episodes run over all of its points).
         start = int(rows["t"].min())
         out = _rebuild(start, doc, version, identities, settings, person, now_us, predict)
     else:

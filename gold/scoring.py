@@ -327,7 +327,8 @@ class PersonState:
 
     def dumps(self) -> bytes:
         if self.sleeping:  # only its own fields: a sleeping state is stored by the million, at ~150 bytes each
-            return pickle.dumps((STATE_FORMAT, (self.encounter, self.markers, self.newest, self.identities)), protocol=5)
+            kept = (self.encounter, self.markers, self.newest, self.identities)
+            return pickle.dumps((STATE_FORMAT, kept), protocol=5)
         return pickle.dumps((STATE_FORMAT, self), protocol=5)
 
     @staticmethod

@@ -415,8 +415,12 @@ class GoldConfig:
     alert_levels: tuple[str, ...]
     qsofa_alert_from: int
     state_partitions: int
+    state_idle: str = "24h"
 
     def __post_init__(self) -> None:
+        if self.state_idle_ms < 0:
+            raise ConfigError(f"gold.state_idle must be a duration like 24h (0s: keep every person's state in full), "
+                              f"got {self.state_idle!r}")
         if self.state_partitions < 1:
             raise ConfigError(f"gold.state_partitions must be at least 1, got {self.state_partitions}")
         from gold.news2 import Charts
@@ -464,6 +468,10 @@ class GoldConfig:
         from gold.news2 import Charts
 
         return Charts.of(self.news2)
+
+    @property
+    def state_idle_ms(self) -> int:
+        return parse_duration_ms(self.state_idle, "gold.state_idle")
 
     @property
     def state_horizon_ms(self) -> int:

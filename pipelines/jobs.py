@@ -88,6 +88,7 @@ class StateStage(Protocol):
     """
 
     partitions: int  # the state's partitions (shuffle partitions of the query), fixed by its first checkpoint
+    layout: str  # the state's shape in the checkpoint: a checkpoint of another layout is set aside, and replayed
 
     def plan(self, stream: DataFrame, folder: str) -> DataFrame: ...
 
@@ -318,7 +319,7 @@ def gold_jobs(cfg: Config) -> list[Job]:
                     MergeSpec(keys=("alert_id",), latest_by=("computed_at",), prune_by=("opened_at",)),
                     deterioration_alerts.SCHEMA)
     stage = early_warning_scores.ScoreStage(scoring.Settings.of(g), g.feature_windows_ms, _champion_loader(cfg),
-                                            partitions=g.state_partitions)
+                                            partitions=g.state_partitions, idle_ms=g.state_idle_ms)
     return [
         Job(name=early_warning_scores.SCORES, source=TableSource("silver.observations"),
             transform=early_warning_scores.early_warning_scores, write="merge", merge=score_key,

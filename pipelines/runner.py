@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("carelake.runner")
 
 METRICS_TABLE = "ops.metrics"
+# Beside a stateful job's checkpoint: the layout of the state it holds (StateStage.layout).
+STATE_LAYOUT_FILE = "carelake-state-layout"
 QUARANTINE_TABLE = "silver.quarantine"
 # Spark's binaryFile source columns: one row per landing file.
 LANDING_FILE_SCHEMA = "path STRING, modificationTime TIMESTAMP, length BIGINT, content BINARY"
@@ -288,15 +290,23 @@ class Runner:
         folder = self.cfg.path("_checkpoints")
         folder.mkdir(parents=True, exist_ok=True)
         here = folder / job.name
-        if job.state is not None and (here / "commits").is_dir() and any((here / "commits").iterdir()) \
-                and not (here / "state").is_dir():
-            # Written by a carelake whose job kept no state: Spark cannot add a state store to a running query's
-            # checkpoint. Set it aside; the job reads its source from the start again, and its MERGE on the row
-            # keys makes that idempotent.
+        if job.state is None:
+            return str(here)
+        layout = here / STATE_LAYOUT_FILE
+        written = layout.read_text().strip() if layout.is_file() else None
+        if (here / "commits").is_dir() and any((here / "commits").iterdir()) and written != job.state.layout:
+            # Written by a carelake whose job kept no state, or a state of another shape: Spark cannot change the
+            # state of a running query's checkpoint. Set it aside; the job reads its source from the start again,
+            # and its MERGE on the row keys makes that idempotent.
             aside = folder / f"{job.name}.before-state-{utcnow().strftime('%Y%m%dT%H%M%S')}"
             here.rename(aside)
-            log.warning("%s: its checkpoint was written before the job kept state; moved to %s, and the job "
-                        "starts again from the first version of its source", job.name, aside.name)
+            log.warning("%s: its checkpoint holds %s, not this carelake's (%s); moved to %s, and the job starts "
+                        "again from the first version of its source", job.name,
+                        f"state layout {written}" if written else "no state layout", job.state.layout, aside.name)
+            written = None
+        if written is None:
+            here.mkdir(parents=True, exist_ok=True)
+            layout.write_text(job.state.layout + "\n")
         return str(here)
 
     def _source(self, job: Job) -> DataFrame:

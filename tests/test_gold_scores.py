@@ -44,6 +44,10 @@ def vitals(patient: str, minutes: float, **values) -> list[dict]:
 
 @pytest.fixture
 def lake(tmp_path, spark):
+    return make_lake(tmp_path, spark)
+
+
+def make_lake(tmp_path, spark, **overrides):
     from pyspark.sql.pandas.types import to_arrow_schema
 
     from pipelines.jobs import load_registry
@@ -51,7 +55,7 @@ def lake(tmp_path, spark):
     from pipelines.store import open_store
     from tests.conftest import make_config
 
-    cfg = make_config(tmp_path / "lake")
+    cfg = make_config(tmp_path / "lake", **overrides)
     store = open_store(cfg, spark)
     runner = Runner(cfg, spark, store, load_registry(cfg))
 
@@ -323,11 +327,7 @@ def test_streaming_scores_equal_a_recompute_of_the_same_silver(lake, tmp_path, s
     equal a recompute over the same silver rows in a fresh lakehouse, row for row."""
     import random
 
-    from pipelines.jobs import load_registry
-    from pipelines.runner import Runner
-    from pipelines.store import open_store
     from pipelines.store.base import MergeSpec
-    from tests.conftest import make_config
 
     lake.link("fhir-pa", "pa")
     rows = (_stay_rows("pa", 1, 10, alias="fhir-pa") + _stay_rows("pb", 2, 10) + _stay_rows("pc", 3, 6)
@@ -356,11 +356,28 @@ def test_streaming_scores_equal_a_recompute_of_the_same_silver(lake, tmp_path, s
                              MergeSpec(keys=("observation_id",)))
         lake.run()
 
+    table = _assert_stream_equals_recompute(lake, tmp_path, spark)
+    scores = table(lake.store, SCORES, ("patient_key", "scored_at"))
+    assert {k[0] for k in scores} == {"pa", "pb", "pc"} and len(scores) > 500
+    assert any(r["spo2_scale"] == 2 for r in scores.values())
+    alerts = table(lake.store, ALERTS, ("alert_id",)).values()
+    assert {a["level"] for a in alerts} >= {"news2_medium", "news2_high"}
+
+
+def _assert_stream_equals_recompute(lake, tmp_path, spark):
+    """Every score, feature and alert row the stream wrote equals a recompute of the same silver rows in a fresh
+    lakehouse (withdrawn alerts aside); returns the table reader for further checks."""
+    from pipelines.jobs import load_registry
+    from pipelines.runner import Runner
+    from pipelines.store import open_store
+    from tests.conftest import make_config
+
     # A fresh lakehouse with the same silver rows, recomputed in one pass.
     cfg2 = make_config(tmp_path / "again")
     store2 = open_store(cfg2, spark)
     store2.append(OBSERVATIONS, lake.store.read_arrow(OBSERVATIONS))
-    store2.append(PATIENTS, lake.store.read_arrow(PATIENTS))
+    if lake.store.exists(PATIENTS):
+        store2.append(PATIENTS, lake.store.read_arrow(PATIENTS))
     Runner(cfg2, spark, store2, load_registry(cfg2)).recompute(SCORES, T0 - timedelta(days=1), T0 + timedelta(days=1))
 
     provenance = {"silver_version", "scores_version", "code_version", "computed_by", "computed_at"}
@@ -381,11 +398,7 @@ def test_streaming_scores_equal_a_recompute_of_the_same_silver(lake, tmp_path, s
                   if streamed[k][c] != recomputed[k][c] and not (streamed[k][c] != streamed[k][c]
                                                                   and recomputed[k][c] != recomputed[k][c])]
         assert not differ, (name, differ[:5])
-    scores = table(lake.store, SCORES, ("patient_key", "scored_at"))
-    assert {k[0] for k in scores} == {"pa", "pb", "pc"} and len(scores) > 500
-    assert any(r["spo2_scale"] == 2 for r in scores.values())
-    alerts = table(lake.store, ALERTS, ("alert_id",)).values()
-    assert {a["level"] for a in alerts} >= {"news2_medium", "news2_high"}
+    return table
 
 
 def test_the_score_state_has_its_own_partitions_and_the_session_keeps_its_own(tmp_path, spark):
@@ -418,3 +431,48 @@ def test_a_checkpoint_from_before_the_job_kept_state_is_set_aside_and_the_job_st
     assert sorted(lake.scores("p1")) == [0]
     aside = [p.name for p in lake.cfg.path("_checkpoints").iterdir() if p.name.startswith(f"{SCORES}.before-state-")]
     assert len(aside) == 1 and (lake.cfg.path("_checkpoints", SCORES) / "state").is_dir()
+
+
+def test_an_idle_person_sleeps_and_wakes_exactly_or_is_rebuilt(tmp_path, spark):
+    """gold.state_idle: a person without changes that long keeps ~150 bytes of state (their alert episode over);
+    a late reading that their past can see rebuilds them from silver; readmitted more than `history` after their
+    newest reading, they score from the sleeping state. Either way the stream equals a recompute."""
+    import time
+
+    from gold import scoring
+
+    lake = make_lake(tmp_path, spark, **{"gold.state_idle": "1s"})
+    calm, sick = {"rr": 16, "spo2": 97, "hr": 80, "sbp": 120}, {"rr": 26, "spo2": 90, "hr": 135, "sbp": 95}
+
+    def stay(start: int, end: int, sick_from: int, sick_to: int) -> list[dict]:
+        return [r for m in range(start, end, 5)
+                for r in vitals("p1", m, **(sick if sick_from <= m < sick_to else calm))]
+
+    def states() -> dict[str, tuple[int, scoring.PersonState]]:
+        rows = spark.read.format("statestore").load(str(lake.cfg.path("_checkpoints", SCORES))).collect()
+        blobs = {r["key"]["_person"]: bytes(r["value"]["groupState"]["state"]) for r in rows}
+        return {person: (len(blob), scoring.PersonState.loads(blob)) for person, blob in blobs.items()}
+
+    def idle_then_someone_else(minute: int) -> None:
+        time.sleep(1.5)
+        lake.add(vitals("p2", minute, **calm))  # p1's timeout fires in the next batch that runs
+        lake.run()
+
+    lake.add(stay(0, 240, 60, 120) + vitals("p2", 0, **calm))
+    lake.run()
+    idle_then_someone_else(5)
+    size, p1 = states()["p1"]
+    assert p1.sleeping and size < 300 and not states()["p2"][1].sleeping
+
+    lake.add(vitals("p1", 200, hr=95))  # late, inside what p1's past can see: rebuilt from silver
+    lake.run()
+    assert not states()["p1"][1].sleeping and 200 in lake.scores("p1")
+    idle_then_someone_else(10)
+    assert states()["p1"][1].sleeping
+
+    back = 235 + 12 * 60 + 5  # readmitted more than gold.history (12 h) after their newest reading
+    lake.add(stay(back, back + 60, back + 20, back + 60))
+    lake.run()
+    assert not states()["p1"][1].sleeping and back in lake.scores("p1")
+    assert [minutes(a["opened_at"]) for a in lake.alerts("p1") if a["level"] == "news2_high"] == [60, back + 20]
+    _assert_stream_equals_recompute(lake, tmp_path, spark)
