@@ -230,7 +230,8 @@ def cmd_gateway(ctx: Context) -> int:
     from pipelines.gateway.server import serve
 
     a = ctx.args
-    return serve(ctx.cfg, host=a.host, mllp_port=a.mllp_port, http_port=a.http_port)
+    return serve(ctx.cfg, host=a.host, mllp_port=a.mllp_port, http_port=a.http_port, dicom_port=a.dicom_port,
+                 ae_title=a.ae_title)
 
 
 def cmd_send(ctx: Context) -> int:
@@ -311,10 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--feed", required=True, help="feed name, e.g. devices, hl7, fhir (landing.feeds in conf)")
     i.set_defaults(func=cmd_ingest)
 
-    g = sub.add_parser("gateway", help="receive HL7 v2 over MLLP and FHIR/device JSON over HTTP into landing")
+    g = sub.add_parser("gateway", help="receive HL7 v2 over MLLP, FHIR/device JSON and DICOMweb STOW-RS over HTTP, "
+                                       "and DICOM C-STORE, into landing")
     g.add_argument("--host", help="listen address (gateway.host in conf; default 127.0.0.1)")
     g.add_argument("--mllp-port", type=int, help="MLLP port (gateway.mllp_port; 0 picks a free one)")
     g.add_argument("--http-port", type=int, help="HTTP port (gateway.http_port; 0 picks a free one)")
+    g.add_argument("--dicom-port", type=int, help="serve DICOM C-STORE on this port (gateway.dicom.port when "
+                                                  "gateway.dicom.enabled; 0 picks a free one)")
+    g.add_argument("--ae-title", help="the gateway's DICOM AE title (gateway.dicom.ae_title; default CARELAKE)")
     g.set_defaults(func=cmd_gateway)
 
     d = sub.add_parser("send", help="replay files into a gateway: HL7 over MLLP, FHIR/devices over HTTP")
