@@ -248,7 +248,7 @@ def silver_options(cfg: Config) -> dict[str, Any]:
 
 def builtin_jobs(cfg: Config) -> list[Job]:
     """carelake's own jobs."""
-    from bronze import device_readings, fhir_resources, hl7_messages
+    from bronze import device_readings, dicom_instances, fhir_resources, hl7_messages
     from silver import encounters, observations, patients, quarantine
 
     def bronze_job(module, description: str) -> Job:
@@ -269,6 +269,8 @@ def builtin_jobs(cfg: Config) -> list[Job]:
         bronze_job(hl7_messages, "HL7 v2 messages exactly as received (MLLP or file drop), with header keys"),
         bronze_job(fhir_resources, "FHIR R4 resources exactly as received (HTTP or file drop), Bundles exploded"),
         bronze_job(device_readings, "Bedside-device JSON lines exactly as received, with lineage and cheap keys"),
+        bronze_job(dicom_instances, "DICOM instances (C-STORE, STOW-RS or file drop): header as DICOM JSON, UIDs, "
+                                    "the stored file's URI and sha256, parse status"),
         silver_job(observations.OBSERVATIONS, TableSource(*clinical.tables, "bronze.device_readings"),
                    observations.observations,
                    MergeSpec(keys=("observation_id",), update=_observation_update(observations.SCHEMA),
