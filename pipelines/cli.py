@@ -239,7 +239,7 @@ def cmd_send(ctx: Context) -> int:
 
     a = ctx.args
     report = send(ctx.cfg, a.to, a.paths, rate=a.rate, connections=a.connections, batch=a.batch,
-                  ack_log=a.ack_log, on_progress=lambda line: log.info("%s", line))
+                  ack_log=a.ack_log, on_progress=lambda line: log.info("%s", line), ae_title=a.ae_title)
     print(report.summary())
     return 0 if report.complete else 1
 
@@ -322,13 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ae-title", help="the gateway's DICOM AE title (gateway.dicom.ae_title; default CARELAKE)")
     g.set_defaults(func=cmd_gateway)
 
-    d = sub.add_parser("send", help="replay files into a gateway: HL7 over MLLP, FHIR/devices over HTTP")
+    d = sub.add_parser("send", help="replay files into a gateway: HL7 over MLLP, FHIR/devices over HTTP, DICOM over "
+                                    "C-STORE")
     d.add_argument("paths", nargs="+", help="files or folders (simulator output or real files)")
     d.add_argument("--to", required=True,
-                   help="HOST:PORT (or mllp://HOST:PORT) for HL7 over MLLP; http://HOST:PORT for FHIR and devices")
+                   help="HOST:PORT (or mllp://HOST:PORT) for HL7 over MLLP; http://HOST:PORT for FHIR and devices; "
+                        "dicom://HOST:PORT[/CALLED_AE] for DICOM C-STORE")
+    d.add_argument("--ae-title", default="CARELAKE_SEND",
+                   help="DICOM: the calling AE title this sender presents (default CARELAKE_SEND)")
     d.add_argument("--rate", type=float, help="at most this many messages (MLLP) or readings/resources (HTTP) a second")
     d.add_argument("--connections", type=int, default=1,
-                   help="parallel MLLP connections (default 1, which keeps the files' message order)")
+                   help="parallel MLLP connections or DICOM associations (default 1, which keeps the files' order)")
     d.add_argument("--batch", type=int, default=1000, help="JSON lines per HTTP POST (default 1000)")
     d.add_argument("--ack-log", help="append one line per answered message (answer, MSH-10, file:offset)")
     d.set_defaults(func=cmd_send)

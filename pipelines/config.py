@@ -173,6 +173,7 @@ class DicomGatewayConfig:
     port: int
     ae_title: str
     calling_ae_titles: tuple[str, ...]
+    any_sop_class: bool
     max_instance_mb: int
     max_associations: int
     store_timeout: str

@@ -8,6 +8,8 @@ blocks until the segment's group commit has been fsynced, and only then answers 
 Out of Resources: the modality keeps the instance and sends it again. The handler never raises, and pynetdicom
 keeps every association's errors to that association, so a bad peer never takes the gateway down.
 
+The SCP accepts every standard storage SOP class in the transfer syntaxes below; with `gateway.dicom.any_sop_class`
+also private and unknown SOP classes (vendor raw data), in the first transfer syntax the sender proposes.
 An allow-list of calling AE titles (`gateway.dicom.calling_ae_titles`) makes pynetdicom reject other peers'
 associations (A-ASSOCIATE-RJ, "calling AE title not recognised"); an empty list accepts any calling AE title.
 """
@@ -20,7 +22,7 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
 
 from pipelines.gateway.landing import LandingZone
@@ -55,6 +57,7 @@ TRANSFER_SYNTAXES = (
 class DicomSettings:
     ae_title: str
     calling_ae_titles: tuple[str, ...]
+    any_sop_class: bool  # also private/unknown SOP classes, in the first transfer syntax proposed
     max_instance_bytes: int
     max_associations: int
     store_timeout_s: float  # how long a C-STORE waits for its fsync before answering Out of Resources
@@ -81,6 +84,7 @@ class DicomServer:
 
     def _application_entity(self) -> AE:
         s = self.settings
+        _config.UNRESTRICTED_STORAGE_SERVICE = s.any_sop_class  # pynetdicom reads it per association (process-wide)
         ae = AE(ae_title=s.ae_title)
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, list(TRANSFER_SYNTAXES))

@@ -58,7 +58,7 @@ def _dicom_settings(cfg: Config, ae_title: str | None) -> dicom.DicomSettings:
         title = check_ae_title(d.ae_title if ae_title is None else ae_title, "--ae-title")
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    return dicom.DicomSettings(ae_title=title, calling_ae_titles=d.calling_ae_titles,
+    return dicom.DicomSettings(ae_title=title, calling_ae_titles=d.calling_ae_titles, any_sop_class=d.any_sop_class,
                                max_instance_bytes=d.max_instance_mb << 20, max_associations=d.max_associations,
                                store_timeout_s=d.store_timeout_s)
 
