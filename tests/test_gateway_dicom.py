@@ -1,0 +1,183 @@
+"""DICOM into the gateway: C-STORE (Success only after fsync, 0xA700 when the store fails, AE allow-list), and
+`carelake send` over C-STORE, checked on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from bronze.records import SEGMENT_SUFFIX, scan
+from tests.conftest import make_config
+from tests.gatewayproc import GatewayProcess, landed
+
+
+def ct_slice(rows: int = 64, cols: int = 64) -> Dataset:
+    """A small CT image, uncompressed, with fresh UIDs."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.Modality = "Test^Patient", "MRN-1", "CT"
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = rows, cols, 16, 12, 11
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
+    ds.PixelData = bytes(rows * cols * 2)
+    return ds
+
+
+def scu(calling: str = "CT_SCANNER_1") -> AE:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    return ae
+
+
+def store(address: tuple[str, int], *datasets: Dataset, calling: str = "CT_SCANNER_1") -> list[int]:
+    assoc = scu(calling).associate(*address, ae_title="CARELAKE")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def landed_instances(root: Path) -> dict[str, bytes]:
+    """SOP instance UID -> landed Part 10 bytes, from every whole record in landing/dicom."""
+    return {r.header["sop_instance_uid"]: r.body for _, r in landed(root, "dicom")}
+
+
+def dataset_bytes(ds: Dataset) -> bytes:
+    """The data set as it goes on the wire in explicit VR little endian (no preamble, no file meta)."""
+    from pynetdicom.dsutils import encode
+
+    return encode(ds, False, True)
+
+
+# -- an in-process gateway, for faults injected into its own process ------------------------------------------
+@contextlib.contextmanager
+def gateway_in_process(root: Path, **overrides):
+    from pipelines.gateway.server import Gateway
+
+    cfg = make_config(root, **overrides)
+    loop = asyncio.new_event_loop()
+    ready: dict = {}
+    stop = asyncio.Event()
+
+    async def main() -> None:
+        gw = Gateway(cfg, mllp_port=0, http_port=0, dicom_port=0)
+        ready["addresses"] = await gw.start()
+        ready["gateway"] = gw
+        started.set()
+        await stop.wait()
+        await gw.stop()
+
+    started = threading.Event()
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert started.wait(30), "gateway did not start"
+    try:
+        yield ready["gateway"], ready["addresses"]
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(30)
+
+
+def test_a_failed_fsync_answers_out_of_resources_and_nothing_half_written_is_visible(tmp_path, monkeypatch):
+    real_fsync = os.fsync
+    failing = threading.Event()
+
+    def fsync(fd: int) -> None:
+        if failing.is_set() and "/landing/dicom" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(5, "Input/output error (injected)")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    root = tmp_path / "lake"
+    first, second = ct_slice(), ct_slice()
+    with gateway_in_process(root) as (gw, addresses):
+        address = (addresses.host, addresses.dicom_port)
+        failing.set()
+        assert store(address, first) == [0xA700]  # Out of Resources: the modality keeps it and resends
+        assert gw.metrics.get("carelake_gateway_write_errors_total") == 1
+        # Nothing visible to bronze: no sealed segment, only the abandoned hidden one
+        assert list((root / "landing" / "dicom").glob(f"[!.]*{SEGMENT_SUFFIX}")) == []
+        failing.clear()
+        assert store(address, first, second) == [0x0000, 0x0000]  # the resend and the next one land
+        seen = landed_instances(root)
+        assert set(seen) >= {first.SOPInstanceUID, second.SOPInstanceUID}
+    sealed = sorted((root / "landing" / "dicom").glob(f"[!.]*{SEGMENT_SUFFIX}"))
+    bodies = [r.body for p in sealed for r in scan(p.read_bytes()).records]
+    assert any(b.endswith(dataset_bytes(second)) for b in bodies)
+
+
+def test_success_only_after_the_instance_is_on_disk(tmp_path, monkeypatch):
+    """Every Success answer comes after an fsync of the segment that holds the instance."""
+    real_fsync = os.fsync
+    synced: list[int] = []  # bytes of the dicom segment known durable, in fsync order
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        if "/landing/dicom/" in os.readlink(f"/proc/self/fd/{fd}"):
+            synced.append(os.fstat(fd).st_size)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    root = tmp_path / "lake"
+    with gateway_in_process(root) as (_gw, addresses):
+        assoc = scu().associate(addresses.host, addresses.dicom_port, ae_title="CARELAKE")
+        for _ in range(5):
+            ds = ct_slice()
+            assert int(assoc.send_c_store(ds).Status) == 0
+            [(name, record)] = [(n, r) for n, r in landed(root, "dicom") if r.header["sop_instance_uid"] ==
+                                ds.SOPInstanceUID]
+            end = record.body_offset + len(record.body) + 4  # + the record's CRC
+            assert synced and max(synced) >= end, f"{name}: Success before the fsync that covers byte {end}"
+            assert record.body.endswith(dataset_bytes(ds))
+        assoc.release()
+
+
+def test_calling_ae_allow_list_rejects_unknown_modalities(tmp_path):
+    with GatewayProcess(tmp_path / "lake", "--dicom-port", "0", "--ae-title", "CARELAKE",
+                        CARELAKE_GATEWAY__DICOM__CALLING_AE_TITLES="CT_SCANNER_1,MR_SCANNER_2") as gw:
+        assert gw.dicom is not None
+        intruder = scu("INTRUDER").associate(*gw.dicom, ae_title="CARELAKE")
+        assert intruder.is_rejected and not intruder.is_established
+        allowed = scu("CT_SCANNER_1").associate(*gw.dicom, ae_title="CARELAKE")
+        assert allowed.is_established
+        assert int(allowed.send_c_echo().Status) == 0
+        ds = ct_slice()
+        assert int(allowed.send_c_store(ds).Status) == 0
+        allowed.release()
+        # a peer that speaks garbage does not hurt the gateway
+        import socket
+
+        with socket.create_connection(gw.dicom, timeout=5) as sock:
+            sock.sendall(b"\x01\x00\x00\x00\xff\xff" + os.urandom(300))
+        assert store(gw.dicom, ct_slice()) == [0]
+        assert gw.stop() == 0
+    instances = landed_instances(gw.root)
+    assert ds.SOPInstanceUID in instances and len(instances) == 2
+    header = next(r.header for _, r in landed(gw.root, "dicom") if r.header["sop_instance_uid"] == ds.SOPInstanceUID)
+    assert header["calling_ae"] == "CT_SCANNER_1" and header["protocol"] == "dimse"
+    assert header["transfer_syntax_uid"] == ExplicitVRLittleEndian
+
+
+def test_bad_dicom_settings_are_one_clear_error(tmp_path):
+    from pipelines.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"gateway.dicom.calling_ae_titles\[1\] must be a DICOM AE title"):
+        make_config(tmp_path, **{"gateway.dicom.calling_ae_titles": ["CT_1", "A_TITLE_LONGER_THAN_16"]})
+    with pytest.raises(ConfigError, match="gateway.dicom.max_instance_mb must be 1-2047"):
+        make_config(tmp_path, **{"gateway.dicom.max_instance_mb": 4096})
+    with pytest.raises(ConfigError, match="gateway.dicom.port must be a TCP port"):
+        make_config(tmp_path, **{"gateway.dicom.port": 70000})
