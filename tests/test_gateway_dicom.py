@@ -181,3 +181,77 @@ def test_bad_dicom_settings_are_one_clear_error(tmp_path):
         make_config(tmp_path, **{"gateway.dicom.max_instance_mb": 4096})
     with pytest.raises(ConfigError, match="gateway.dicom.port must be a TCP port"):
         make_config(tmp_path, **{"gateway.dicom.port": 70000})
+
+
+# -- DICOMweb STOW-RS -----------------------------------------------------------------------------------------
+def part10(ds: Dataset) -> bytes:
+    from io import BytesIO
+
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def multipart(boundary: str, *parts: tuple[str, bytes]) -> bytes:
+    out = b""
+    for content_type, data in parts:
+        out += f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode() + data + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def stow_post(url: str, body: bytes, content_type: str) -> tuple[int, dict, list[str]]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type,
+                                                                         "Accept": "application/dicom+json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read()), resp.headers.get_all("Warning") or []
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}"), err.headers.get_all("Warning") or []
+
+
+def _uids(items: dict, tag: str) -> list[str | None]:
+    return [item["00081155"].get("Value", [None])[0] for item in items.get(tag, {}).get("Value", [])]
+
+
+def test_stow_rs_lands_each_good_part_and_names_each_broken_one(tmp_path):
+    good, other_study = ct_slice(), ct_slice()
+    broken = part10(ct_slice())[:100]  # cut inside the preamble: no DICM, no meta
+    study = good.StudyInstanceUID
+    with GatewayProcess(tmp_path / "lake") as gw:
+        kind = 'multipart/related; type="application/dicom"; boundary=XyZ'
+        body = multipart("XyZ", ("application/dicom", part10(good)), ("application/dicom", broken),
+                         ("application/dicom", part10(other_study)), ("text/plain", b"hello"))
+        status, doc, warnings = stow_post(f"{gw.http}/dicomweb/studies/{study}", body, kind)
+        assert status == 202  # some stored, some not
+        assert _uids(doc, "00081199") == [good.SOPInstanceUID]
+        assert doc["00081199"]["Value"][0]["00081150"] == {"vr": "UI", "Value": [CTImageStorage]}
+        failed = doc["00081198"]["Value"]
+        assert [f["00081197"]["Value"][0] for f in failed] == [0xC000, 0xA900, 0xC000]
+        assert _uids(doc, "00081198") == [None, other_study.SOPInstanceUID, None]
+        assert len(warnings) == 3 and "part 2: not a DICOM Part 10 file" in warnings[0]
+        assert "part 3: Study Instance UID" in warnings[1] and "part 4: content type 'text/plain'" in warnings[2]
+        all_ok, doc, _ = stow_post(f"{gw.http}/dicomweb/studies", multipart("b2", ("application/dicom",
+                                                                                   part10(other_study))), kind
+                                   .replace("XyZ", "b2"))
+        assert all_ok == 200 and _uids(doc, "00081199") == [other_study.SOPInstanceUID] and "00081198" not in doc
+        none_ok, doc, _ = stow_post(f"{gw.http}/dicomweb/studies", multipart("b3", ("application/dicom", b"x")),
+                                    kind.replace("XyZ", "b3"))
+        assert none_ok == 409 and "00081199" not in doc
+        cut, doc, _ = stow_post(f"{gw.http}/dicomweb/studies", multipart("b4", ("application/dicom",
+                                                                                part10(good)))[:-10],
+                                kind.replace("XyZ", "b4"))
+        assert cut == 400 and "cut short" in doc["issue"][0]["diagnostics"]
+        wrong, doc, _ = stow_post(f"{gw.http}/dicomweb/studies", b"{}", "application/json")
+        assert wrong == 415 and "multipart/related" in doc["issue"][0]["diagnostics"]
+        assert gw.stop() == 0
+    stored = {r.header["sop_instance_uid"]: r for _, r in landed(gw.root, "dicom")}
+    assert set(stored) == {good.SOPInstanceUID, other_study.SOPInstanceUID}
+    assert stored[good.SOPInstanceUID].body == part10(good)  # the part byte for byte
+    assert stored[good.SOPInstanceUID].header["protocol"] == "dicomweb"
+    rejects = [r for _, r in landed(gw.root, "dicom", rejected=True)]
+    assert len(rejects) == 6  # 3 bad parts, the only part of the 409, the cut body, the wrong type
+    assert broken in [r.body for r in rejects]
