@@ -1,0 +1,135 @@
+"""DICOM C-STORE with durable Success (fsync before 0x0000), 4 associations: instances/s and response latency;
+then the landed instances' headers -> bronze.dicom_instances: instances/s (goal >= 500 C-STOREs/s of 512x512 CT).
+
+The gateway runs as its own process (`carelake gateway --dicom-port 0`, production settings, fsync on); each
+association is its own client process (spawn), storing 512x512 16-bit CT slices (~513 KB each) one after another,
+each waiting for its response. The bronze half runs `bronze.dicom_instances` available-now through the runner over
+the instances one C-STORE run landed (hard-linked into a fresh lakehouse per run), in a warm SparkSession.
+
+Run: .venv/bin/python benchmarks/dicom_cstore.py [--instances 2000] [--associations 4] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from _common import emit, median, percentile, temp_config
+
+from tests.gatewayproc import GatewayProcess, landed
+
+
+def slice_template(size: int = 512):
+    from tests.test_gateway_dicom import ct_slice
+
+    ds = ct_slice(size, size)
+    ds.PixelData = os.urandom(size * size * 2)  # incompressible, as real noise is
+    return ds
+
+
+def association(address: tuple[str, int], count: int, start_at: float, out) -> None:
+    """One modality: `count` C-STOREs on one association; puts (latencies ms, failures) on `out`."""
+    from pydicom.uid import generate_uid
+
+    from tests.test_gateway_dicom import scu
+
+    ds = slice_template()
+    latencies, failures = [], 0
+    try:
+        assoc = scu(f"BENCH_{os.getpid() % 10000}").associate(*address, ae_title="CARELAKE")
+        time.sleep(max(0.0, start_at - time.time()))
+        for _ in range(count):
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            t0 = time.perf_counter()
+            status = getattr(assoc.send_c_store(ds), "Status", None)
+            latencies.append((time.perf_counter() - t0) * 1000)
+            failures += status != 0
+        assoc.release()
+    except Exception as exc:  # noqa: BLE001 - report it to the parent, which fails the run naming it
+        out.put((latencies, f"{type(exc).__name__}: {exc}", time.time()))
+        return
+    out.put((latencies, failures, time.time()))
+
+
+def cstore_run(total: int, associations: int) -> dict:
+    root = Path(tempfile.mkdtemp(prefix="carelake-bench-dicom-"))
+    per = total // associations
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    with GatewayProcess(root, "--dicom-port", "0") as gw:
+        start_at = time.time() + 4  # every client connected and its template built before the clock starts
+        procs = [ctx.Process(target=association, args=(gw.dicom, per, start_at, out)) for _ in range(associations)]
+        for p in procs:
+            p.start()
+        results = [out.get(timeout=600) for _ in procs]
+        for p in procs:
+            p.join()
+        seconds = max(end for _, _, end in results) - start_at
+        gw.stop()
+    errors = [f for _, f, _ in results if isinstance(f, str)]
+    assert not errors, f"an association failed: {errors}"
+    latencies = [x for lat, _, _ in results for x in lat]
+    failures = sum(f for _, f, _ in results)
+    landed_count = len(landed(root, "dicom"))
+    assert failures == 0 and landed_count == per * associations, (failures, landed_count)
+    return {"root": root, "instances": per * associations, "seconds": seconds,
+            "per_s": per * associations / seconds, "p50_ms": percentile(latencies, 0.5),
+            "p99_ms": percentile(latencies, 0.99)}
+
+
+def bronze_run(spark, landing: Path, instances: int) -> float:
+    """bronze.dicom_instances available-now over a copy (hard links) of `landing`: instances/s."""
+    from pipelines.jobs import load_registry
+    from pipelines.runner import Runner, Trigger
+    from pipelines.store import open_store
+
+    cfg = temp_config(Path(tempfile.mkdtemp(prefix="carelake-bench-dicom-bronze-")))
+    shutil.copytree(landing, cfg.path("landing", "dicom"), copy_function=os.link)
+    store = open_store(cfg, spark)
+    runner = Runner(cfg, spark, store, load_registry(cfg))
+    t0 = time.perf_counter()
+    runner.run(["bronze.dicom_instances"], Trigger(available_now=True))
+    seconds = time.perf_counter() - t0
+    rows = store.read_arrow("bronze.dicom_instances")
+    assert len(rows) == instances and set(rows.column("parse_status").to_pylist()) == {"ok"}
+    shutil.rmtree(cfg.root)
+    return instances / seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--instances", type=int, default=2000)
+    ap.add_argument("--associations", type=int, default=4)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--no-bronze", action="store_true", help="only the C-STORE half")
+    a = ap.parse_args()
+    runs = [cstore_run(a.instances, a.associations) for _ in range(a.runs)]
+    figures = {
+        "benchmark": "dicom_cstore", "associations": a.associations, "fsync": True, "runs": a.runs,
+        "cores": os.cpu_count(), "instances_per_run": runs[0]["instances"], "instance_kb": 513,
+        "cstore_per_s_median": round(median([r["per_s"] for r in runs])),
+        "response_p50_ms_median": round(median([r["p50_ms"] for r in runs]), 2),
+        "response_p99_ms_median": round(median([r["p99_ms"] for r in runs]), 2),
+        "cstore_per_s_runs": [round(r["per_s"]) for r in runs], "goal_cstore_per_s": 500,
+    }
+    if not a.no_bronze:
+        from pipelines.spark import create_spark
+
+        spark = create_spark(temp_config().spark)
+        landing = runs[-1]["root"] / "landing" / "dicom"
+        bronze_run(spark, landing, runs[-1]["instances"])  # warm the JVM and Python workers outside the figures
+        bronze = [bronze_run(spark, landing, runs[-1]["instances"]) for _ in range(a.runs)]
+        figures.update(bronze_instances_per_s_median=round(median(bronze)), bronze_runs=[round(x) for x in bronze])
+        spark.stop()
+    for r in runs:
+        shutil.rmtree(r["root"], ignore_errors=True)
+    emit(figures)
+
+
+if __name__ == "__main__":
+    main()
