@@ -15,6 +15,7 @@ import argparse
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,10 +43,14 @@ def association(address: tuple[str, int], count: int, start_at: float, out) -> N
     latencies, failures = [], 0
     try:
         assoc = scu(f"BENCH_{os.getpid() % 10000}").associate(*address, ae_title="CARELAKE")
+        if not assoc.is_established:
+            raise RuntimeError(f"no association: rejected={assoc.is_rejected} aborted={assoc.is_aborted}")
         time.sleep(max(0.0, start_at - time.time()))
         for _ in range(count):
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
             t0 = time.perf_counter()
+            if not assoc.is_established:
+                raise RuntimeError(f"association lost after {len(latencies)} C-STOREs (aborted={assoc.is_aborted})")
             status = getattr(assoc.send_c_store(ds), "Status", None)
             latencies.append((time.perf_counter() - t0) * 1000)
             failures += status != 0
@@ -71,6 +76,8 @@ def cstore_run(total: int, associations: int) -> dict:
             p.join()
         seconds = max(end for _, _, end in results) - start_at
         gw.stop()
+    if any(isinstance(f, str) for _, f, _ in results):
+        print(gw.stderr[-3000:], file=sys.stderr)
     errors = [f for _, f, _ in results if isinstance(f, str)]
     assert not errors, f"an association failed: {errors}"
     latencies = [x for lat, _, _ in results for x in lat]

@@ -249,7 +249,7 @@ def silver_options(cfg: Config) -> dict[str, Any]:
 def builtin_jobs(cfg: Config) -> list[Job]:
     """carelake's own jobs."""
     from bronze import device_readings, dicom_instances, fhir_resources, hl7_messages
-    from silver import encounters, observations, patients, quarantine
+    from silver import encounters, imaging_studies, observations, patients, quarantine
 
     def bronze_job(module, description: str) -> Job:
         return Job(name=module.TABLE, source=LandingSource(module.FEED), transform=module.TRANSFORM,
@@ -288,6 +288,10 @@ def builtin_jobs(cfg: Config) -> list[Job]:
                    MergeSpec(keys=("encounter_key",), update=encounters.UPDATE, update_when=encounters.UPDATE_WHEN),
                    encounters.SCHEMA,
                    "One row per encounter identity: ADT lifecycle and FHIR Encounter versions by event time"),
+        silver_job(imaging_studies.STUDIES, TableSource(imaging_studies.BRONZE), imaging_studies.imaging_studies,
+                   MergeSpec(keys=("study_instance_uid",), latest_by=("last_received_at",)), imaging_studies.SCHEMA,
+                   "One row per DICOM study: series and instance counts, modality, body part, study time (UTC), "
+                   "accession, referring physician, patient key; unreadable instances quarantined"),
     ]
 
 
