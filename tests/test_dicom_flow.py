@@ -71,12 +71,12 @@ def test_every_real_dicom_file_is_stored_or_says_why_and_lands_in_bronze(tmp_pat
 
     # silver: every unusable instance quarantined with its reason, every study of the usable ones a row
     run_cli(gw.root, "run", "silver.imaging_studies", "--available-now")
-    store = DeltaRsStore(make_config(gw.root))
+    tables = DeltaRsStore(make_config(gw.root))
     quarantined = {(q["landing_file"], q["landing_position"]): q["reason"]
-                   for q in store.read_arrow("silver.quarantine").to_pylist() if q["job"] == "silver.imaging_studies"}
+                   for q in tables.read_arrow("silver.quarantine").to_pylist() if q["job"] == "silver.imaging_studies"}
     assert quarantined == {(r["landing_file"], r["landing_position"]): f"dicom_{r['parse_status']}"
                            for r in rows if r["parse_status"] != "ok"}
-    studies = {s["study_instance_uid"]: s for s in store.read_arrow("silver.imaging_studies").to_pylist()}
+    studies = {s["study_instance_uid"]: s for s in tables.read_arrow("silver.imaging_studies").to_pylist()}
     assert set(studies) == {r["study_instance_uid"] for r in rows if r["parse_status"] == "ok"}
     ct = studies[next(r["study_instance_uid"] for r in rows if r["stored_uri"].endswith("-CT_small.dcm"))]
     assert ct["modality"] == "CT" and ct["series_count"] == 1 and ct["instance_count"] == 1  # sent and dropped: once
