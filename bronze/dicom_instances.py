@@ -23,6 +23,7 @@ from bronze.landed import Unit, landed_units, lineage_fields
 
 FEED = "dicom"
 TABLE = "bronze.dicom_instances"
+READ_CONTENT = False  # the job reads each landing file itself, mapped (LandingSource(content=False))
 
 KEYS = StructType([
     StructField("stored_uri", StringType(), True),
@@ -68,6 +69,7 @@ def stored_uri(landing_file: str, position: int, size: int, whole_file: bool) ->
 
 def instance(body: bytes, meta: Mapping[str, Any]) -> list[Unit]:
     """A record body or dropped file is one instance (an empty one too: it lands as not_dicom)."""
+    body = body if isinstance(body, bytes) else bytes(body)  # a mapped dropped file: this one instance in memory
     path, position = str(meta.get("landing_file", "")), int(meta.get("landing_position", 0))
     protocol = meta.get("protocol")
     uri = stored_uri(path, position, len(body), whole_file=protocol is None)

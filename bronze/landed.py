@@ -12,10 +12,14 @@ row holding the unreadable bytes with `landing_status = 'corrupt'`: kept, never 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import mmap
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -191,24 +195,46 @@ def _segment_units(out: _Columns, path: str, content: bytes, modified: datetime,
             out.add(path, item.valid_end, modified, None, "corrupt", item.problem, content[item.valid_end:], _NONE)
 
 
+def _file_units(out: _Columns, split: Splitter, path: str, modified: datetime, content: bytes | mmap.mmap) -> None:
+    modified = modified if modified.tzinfo else modified.replace(tzinfo=UTC)
+    if is_segment(content):
+        try:
+            _segment_units(out, path, content, modified, split)
+            return
+        except SegmentFormatError:
+            pass
+    _units(out, split, path, 0, modified, None, "accepted", None, content,
+           {"landing_file": path, "landing_position": 0})
+
+
+@contextlib.contextmanager
+def _mapped(uri: str) -> Iterator[bytes | mmap.mmap]:
+    """A landing file's bytes, mapped rather than read: only the records being parsed are ever in memory."""
+    with open(unquote(urlsplit(uri).path), "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            yield b""
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            yield mapped
+
+
 def explode(split: Splitter, schema: pa.Schema, extra: tuple[str, ...] = ()
             ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """A mapInArrow function: binaryFile rows -> one row per unit (landed columns + extra keys)."""
+    """A mapInArrow function: binaryFile rows -> one row per unit (landed columns + extra keys). Rows without
+    `content` (LandingSource(content=False)) are read here, from their path, one file at a time."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             out = _Columns(schema, extra)
             cols = batch.to_pydict()
-            for path, modified, content in zip(cols["path"], cols["modificationTime"], cols["content"], strict=True):
-                modified = modified if modified.tzinfo else modified.replace(tzinfo=UTC)
-                if is_segment(content):
-                    try:
-                        _segment_units(out, path, content, modified, split)
-                        continue
-                    except SegmentFormatError:
-                        pass
-                _units(out, split, path, 0, modified, None, "accepted", None, content,
-                       {"landing_file": path, "landing_position": 0})
+            for i, (path, modified) in enumerate(zip(cols["path"], cols["modificationTime"], strict=True)):
+                if "content" in cols:
+                    _file_units(out, split, path, modified, cols["content"][i])
+                    continue
+                with _mapped(path) as content:
+                    _file_units(out, split, path, modified, content)
+                    yield from out.batches()  # before the mapping closes: rows of one file at a time
+                    out = _Columns(schema, extra)
             yield from out.batches()
 
     return run
@@ -223,4 +249,5 @@ def landed_units(files: DataFrame, split: Splitter, extra: StructType | None = N
     out_schema = StructType(landed + (extra.fields if extra else []))
     arrow = to_arrow_schema(out_schema)
     names = tuple(f.name for f in extra.fields) if extra else ()
-    return files.select("path", "modificationTime", "content").mapInArrow(explode(split, arrow, names), out_schema)
+    read = [c for c in ("path", "modificationTime", "content") if c in files.columns]
+    return files.select(*read).mapInArrow(explode(split, arrow, names), out_schema)

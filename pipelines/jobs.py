@@ -46,10 +46,15 @@ class Deferred:
 
 @dataclass(frozen=True)
 class LandingSource:
-    """Files under <root>/landing/<feed>/, read once each by Spark's file source."""
+    """Files under <root>/landing/<feed>/, read once each by Spark's file source.
+
+    content=False: Spark lists the files but does not read them (no `content` column); the transform reads each
+    file on the executors itself (`bronze.landed` maps it), so a batch of large files (DICOM instances of hundreds
+    of MB) never passes through the JVM or a cached batch whole."""
 
     feed: str
     glob: str = "*"
+    content: bool = True
 
     def describe(self) -> str:
         return f"landing/{self.feed}"
@@ -252,7 +257,8 @@ def builtin_jobs(cfg: Config) -> list[Job]:
     from silver import encounters, imaging_studies, observations, patients, quarantine
 
     def bronze_job(module, description: str) -> Job:
-        return Job(name=module.TABLE, source=LandingSource(module.FEED), transform=module.TRANSFORM,
+        source = LandingSource(module.FEED, content=getattr(module, "READ_CONTENT", True))
+        return Job(name=module.TABLE, source=source, transform=module.TRANSFORM,
                    schema=module.SCHEMA, description=description)
 
     quarantine_output = Output(quarantine.QUARANTINE, "merge",

@@ -69,6 +69,22 @@ def test_gateway_records_and_dropped_files_become_rows_that_point_at_their_bytes
 
 
 @pytest.mark.realdata
+def test_files_read_from_their_paths_give_the_same_rows_as_their_content(spark, realdata, tmp_path):
+    """LandingSource(content=False): Spark lists the files, the job maps each one itself."""
+    ct = (realdata / DICOM / "CT_small.dcm").read_bytes()
+    segment = FILE_MAGIC + encode_record({"received_at": "2026-12-06T04:00:00Z", "protocol": "dimse"}, ct)
+    files = {"seg.clrec": segment + b"CR\x00", "drop.dcm": ct, "empty.dcm": b""}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    listed = [(f"file:{tmp_path / name}", datetime(2026, 12, 6, 4, 0), len(data)) for name, data in files.items()]
+    by_path = dicom_instances(spark.createDataFrame(listed, "path STRING, modificationTime TIMESTAMP, length BIGINT"),
+                              ingest_batch_id="b-1").collect()
+    by_content = _bronze(spark, *((path, files[path.rsplit("/", 1)[1]]) for path, _, _ in listed))
+    assert sorted(by_path, key=lambda r: (r.landing_file, r.landing_position)) == by_content
+    assert [r.parse_status for r in by_content] == ["ok", "not_dicom", "ok", "corrupt_landing_record"]
+
+
+@pytest.mark.realdata
 @pytest.mark.parametrize("name, charset, patient_name", [
     ("charset/chrJapMulti.dcm", "\\ISO 2022 IR 87", {"Alphabetic": "やまだ^たろう"}),
     ("charset/chrX1.dcm", "ISO_IR 192", {"Alphabetic": "Wang^XiaoDong", "Ideographic": "王^小東"}),
