@@ -255,3 +255,22 @@ def test_stow_rs_lands_each_good_part_and_names_each_broken_one(tmp_path):
     rejects = [r for _, r in landed(gw.root, "dicom", rejected=True)]
     assert len(rejects) == 6  # 3 bad parts, the only part of the 409, the cut body, the wrong type
     assert broken in [r.body for r in rejects]
+
+
+def test_dicom_flag_errors_are_one_clear_line(tmp_path):
+    import subprocess
+
+    from tests.conftest import REPO, carelake_cmd, carelake_env
+
+    def run(*args: str) -> str:
+        proc = subprocess.run(carelake_cmd(*args), env=carelake_env(tmp_path / "lake"), capture_output=True,
+                              text=True, timeout=60, cwd=REPO)
+        assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "Traceback" not in proc.stderr
+        return proc.stderr
+
+    assert "--dicom-port must be a TCP port 0-65535" in run("gateway", "--dicom-port", "70000")
+    assert "--ae-title must be a DICOM AE title" in run("gateway", "--dicom-port", "0", "--ae-title", "BAD\\TITLE")
+    assert "expected dicom://HOST:PORT" in run("send", "--to", "dicom://nowhere", str(tmp_path))
+    assert "the called AE title in --to must be a DICOM AE title" in run(
+        "send", "--to", "dicom://127.0.0.1:104/THIS_TITLE_IS_TOO_LONG", str(tmp_path))
