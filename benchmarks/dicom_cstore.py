@@ -35,7 +35,13 @@ def slice_template(size: int = 512):
 
 def association(address: tuple[str, int], count: int, start_at: float, out) -> None:
     """One modality: `count` C-STOREs on one association; puts (latencies ms, failures) on `out`."""
+    import logging
+
     from pydicom.uid import generate_uid
+
+    library = logging.getLogger("pynetdicom")  # why an association ends, if it does, on this process's stderr
+    library.setLevel(logging.WARNING)
+    library.addHandler(logging.StreamHandler())
 
     from tests.test_gateway_dicom import scu
 

@@ -29,6 +29,7 @@ import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -96,15 +97,21 @@ def _text(value: object) -> str | None:
     return text.strip().rstrip("\x00").strip() or None
 
 
-def read_meta(data: bytes) -> Meta:
-    """The file meta's SOP class/instance and transfer syntax (and the study UID); DicomFormatError if unusable."""
-    if not is_part10(data):
-        raise DicomFormatError("not_dicom" if MAGIC not in data[:PREAMBLE_BYTES + 4] else "no_file_meta",
-                               "not a DICOM Part 10 file: no 'DICM' after the 128-byte preamble")
+def read_meta(data: bytes | Path) -> Meta:
+    """The file meta's SOP class/instance and transfer syntax (and the study UID); DicomFormatError if unusable.
+    Given a path, only the header is read from the file (a multi-frame instance can be hundreds of MB)."""
+    if isinstance(data, Path):
+        with open(data, "rb") as f:
+            start = f.read(PREAMBLE_BYTES + len(MAGIC))
+    else:
+        start = data[:PREAMBLE_BYTES + len(MAGIC)]
+    if not is_part10(start):
+        raise DicomFormatError("not_dicom", "not a DICOM Part 10 file: no 'DICM' after the 128-byte preamble")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
+            source = str(data) if isinstance(data, Path) else io.BytesIO(data)
+            ds = pydicom.dcmread(source, stop_before_pixels=True,
                                  specific_tags=[Tag(0x0020, 0x000D), Tag(0x0008, 0x0016), Tag(0x0008, 0x0018)])
     except (InvalidDicomError, OSError, ValueError, KeyError, NotImplementedError, EOFError) as exc:
         raise DicomFormatError("unreadable", f"the header cannot be read: {_reason(exc)}") from None

@@ -49,7 +49,7 @@ def plan_dicom(files: Iterable[Path]) -> DicomPlan:
     items, unsendable = [], []
     for path in files:
         try:
-            meta = read_meta(path.read_bytes())
+            meta = read_meta(path)
         except DicomFormatError as exc:
             unsendable.append(f"{path}: {exc} (not sent; land it with carelake ingest --feed dicom)")
             continue

@@ -82,8 +82,17 @@ class DicomServer:
         self._idle = threading.Condition()
         self._stopping = False
 
+    @staticmethod
+    def _route_pynetdicom_log() -> None:
+        """pynetdicom's own warnings and errors (an association aborted, a PDU it cannot decode) into the gateway's
+        log, where an operator looks; its per-message info lines stay out."""
+        library = logging.getLogger("pynetdicom")
+        library.setLevel(logging.WARNING)
+        library.parent = log
+
     def _application_entity(self) -> AE:
         s = self.settings
+        self._route_pynetdicom_log()
         _config.UNRESTRICTED_STORAGE_SERVICE = s.any_sop_class  # pynetdicom reads it per association (process-wide)
         ae = AE(ae_title=s.ae_title)
         for context in AllStoragePresentationContexts:
