@@ -274,3 +274,14 @@ def test_dicom_flag_errors_are_one_clear_line(tmp_path):
     assert "expected dicom://HOST:PORT" in run("send", "--to", "dicom://nowhere", str(tmp_path))
     assert "the called AE title in --to must be a DICOM AE title" in run(
         "send", "--to", "dicom://127.0.0.1:104/THIS_TITLE_IS_TOO_LONG", str(tmp_path))
+
+
+def test_a_lakehouse_without_the_dicom_feed_serves_the_others_and_refuses_c_store_clearly(tmp_path):
+    from pipelines.errors import UsageError
+    from pipelines.gateway.server import Gateway
+
+    cfg = make_config(tmp_path / "lake", **{"landing.feeds": ["hl7", "fhir", "devices"]})
+    gw = Gateway(cfg, mllp_port=0, http_port=0)
+    assert gw.feeds == ("hl7", "fhir", "devices") and not gw.http.stow  # no STOW route, no dicom folder
+    with pytest.raises(UsageError, match="--dicom-port needs the dicom feed in landing.feeds"):
+        Gateway(cfg, mllp_port=0, http_port=0, dicom_port=0)

@@ -228,8 +228,9 @@ class ServerLog(logging.LoggerAdapter):
 
 class HttpGateway:
     def __init__(self, landing: LandingZone, metrics: Metrics, *, max_bytes: int, body_timeout_s: float,
-                 keep_bytes: int):
+                 keep_bytes: int, stow: bool = True):
         self.landing = landing
+        self.stow = stow  # serve POST /dicomweb/studies (the zone lands the dicom feed)
         self.metrics = metrics
         self.max_bytes = max_bytes
         self.body_timeout_s = body_timeout_s
@@ -246,9 +247,10 @@ class HttpGateway:
         devices = Endpoint(DEVICE_FEED, check_readings, "reading(s)")
         app.router.add_post("/fhir", lambda r: self.receive(r, fhir), expect_handler=self._expect_continue)
         app.router.add_post("/devices", lambda r: self.receive(r, devices), expect_handler=self._expect_continue)
-        stow = Endpoint(DICOM_FEED, None, "instance(s)", self._stow)
-        for route in ("/dicomweb/studies", "/dicomweb/studies/{study}"):
-            app.router.add_post(route, lambda r: self.receive(r, stow), expect_handler=self._expect_continue)
+        if self.stow:
+            stow = Endpoint(DICOM_FEED, None, "instance(s)", self._stow)
+            for route in ("/dicomweb/studies", "/dicomweb/studies/{study}"):
+                app.router.add_post(route, lambda r: self.receive(r, stow), expect_handler=self._expect_continue)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_text)
         return app

@@ -39,6 +39,14 @@ LISTEN_BACKLOG = 1024
 FEEDS = (mllp.FEED, http.FHIR_FEED, http.DEVICE_FEED, dicom.FEED)
 
 
+def served_feeds(cfg: Config, dicom_on: bool) -> tuple[str, ...]:
+    """The feeds this gateway lands: DICOM (STOW-RS, and C-STORE when on) when landing.feeds lists it; C-STORE
+    asked for without it is a configuration error."""
+    if dicom_on and dicom.FEED not in cfg.landing.feeds:
+        raise UsageError("--dicom-port needs the dicom feed in landing.feeds (conf/base.yaml lists it by default)")
+    return tuple(f for f in FEEDS if f != dicom.FEED or f in cfg.landing.feeds)
+
+
 @dataclass(frozen=True)
 class Addresses:
     host: str
@@ -78,13 +86,14 @@ class Gateway:
             if not 0 <= port <= 65535:
                 raise UsageError(f"{name} must be a TCP port 0-65535 (0 = pick a free one), got {port}")
         self.metrics = Metrics()
-        self.landing = LandingZone(cfg, FEEDS, self.metrics)
+        self.feeds = served_feeds(cfg, self.dicom_port is not None)
+        self.landing = LandingZone(cfg, self.feeds, self.metrics)
         max_bytes, keep_bytes = g.max_message_mb << 20, g.reject_keep_kb << 10
         self.mllp = mllp.MllpServer(self.landing, self.metrics, max_bytes=max_bytes, idle_timeout_s=g.idle_timeout_s,
                                     frame_timeout_s=g.frame_timeout_s, max_batch=g.max_batch_messages,
                                     keep_bytes=keep_bytes)
         self.http = http.HttpGateway(self.landing, self.metrics, max_bytes=max_bytes, body_timeout_s=g.body_timeout_s,
-                                     keep_bytes=keep_bytes)
+                                     keep_bytes=keep_bytes, stow=dicom.FEED in self.feeds)
         self.dicom = None if self.dicom_port is None else dicom.DicomServer(
             self.landing, self.metrics, _dicom_settings(cfg, ae_title))
         self._mllp_server: asyncio.Server | None = None
@@ -177,7 +186,7 @@ def serve(cfg: Config, *, host: str | None = None, mllp_port: int | None = None,
                      cfg.gateway.shutdown_timeout)
         m = gateway.metrics
         received = sum(m.get("carelake_gateway_received_total", feed=f, protocol=p)
-                       for f in FEEDS for p in ("mllp", "http", "dimse"))
+                       for f in gateway.feeds for p in ("mllp", "http", "dimse"))
         print(f"carelake gateway stopped: {received:,.0f} message(s)/bodies received", flush=True)
 
     asyncio.run(main())
