@@ -285,3 +285,18 @@ def test_a_lakehouse_without_the_dicom_feed_serves_the_others_and_refuses_c_stor
     assert gw.feeds == ("hl7", "fhir", "devices") and not gw.http.stow  # no STOW route, no dicom folder
     with pytest.raises(UsageError, match="--dicom-port needs the dicom feed in landing.feeds"):
         Gateway(cfg, mllp_port=0, http_port=0, dicom_port=0)
+
+
+def test_a_stop_lands_what_was_answered_and_aborts_open_associations(tmp_path):
+    import time
+
+    gw = GatewayProcess(tmp_path / "lake", "--dicom-port", "0").start()
+    assoc = scu().associate(*gw.dicom, ae_title="CARELAKE")
+    ds = ct_slice()
+    assert int(assoc.send_c_store(ds).Status) == 0
+    began = time.monotonic()
+    assert gw.stop() == 0  # SIGTERM with the association still open
+    assert time.monotonic() - began < 10  # gateway.shutdown_timeout
+    assert assoc.is_aborted and not assoc.is_established
+    assert list((gw.root / "landing" / "dicom").glob(".open-*")) == []  # sealed
+    assert set(landed_instances(gw.root)) == {ds.SOPInstanceUID}
