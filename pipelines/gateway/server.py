@@ -22,7 +22,7 @@ from aiohttp import web
 
 from pipelines.config import Config, check_ae_title
 from pipelines.errors import ConfigError, UsageError
-from pipelines.gateway import dicom, http, mllp
+from pipelines.gateway import http, mllp
 from pipelines.gateway.landing import LandingZone
 from pipelines.gateway.metrics import Metrics
 
@@ -36,15 +36,15 @@ SHUTDOWN_SHARES = (0.5, 0.4, 0.1)
 # With asyncio's 100 and aiohttp's 128, a burst of a few hundred connects (slow clients arriving together) filled the
 # queue, and a well-behaved client's connect was dropped and retried by TCP a second later.
 LISTEN_BACKLOG = 1024
-FEEDS = (mllp.FEED, http.FHIR_FEED, http.DEVICE_FEED, dicom.FEED)
+FEEDS = (mllp.FEED, http.FHIR_FEED, http.DEVICE_FEED, http.DICOM_FEED)
 
 
 def served_feeds(cfg: Config, dicom_on: bool) -> tuple[str, ...]:
     """The feeds this gateway lands: DICOM (STOW-RS, and C-STORE when on) when landing.feeds lists it; C-STORE
     asked for without it is a configuration error."""
-    if dicom_on and dicom.FEED not in cfg.landing.feeds:
+    if dicom_on and http.DICOM_FEED not in cfg.landing.feeds:
         raise UsageError("--dicom-port needs the dicom feed in landing.feeds (conf/base.yaml lists it by default)")
-    return tuple(f for f in FEEDS if f != dicom.FEED or f in cfg.landing.feeds)
+    return tuple(f for f in FEEDS if f != http.DICOM_FEED or f in cfg.landing.feeds)
 
 
 @dataclass(frozen=True)
@@ -60,15 +60,19 @@ class Addresses:
                 f"dicom={served} landing={landing}")
 
 
-def _dicom_settings(cfg: Config, ae_title: str | None) -> dicom.DicomSettings:
+def _dicom_server(cfg: Config, ae_title: str | None, landing: LandingZone, metrics: Metrics):
+    """The Storage SCP (pynetdicom and pydicom are imported only by a gateway that serves C-STORE)."""
+    from pipelines.gateway import dicom
+
     d = cfg.gateway.dicom
     try:
         title = check_ae_title(d.ae_title if ae_title is None else ae_title, "--ae-title")
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    return dicom.DicomSettings(ae_title=title, calling_ae_titles=d.calling_ae_titles, any_sop_class=d.any_sop_class,
-                               max_instance_bytes=d.max_instance_mb << 20, max_associations=d.max_associations,
-                               store_timeout_s=d.store_timeout_s)
+    settings = dicom.DicomSettings(ae_title=title, calling_ae_titles=d.calling_ae_titles,
+                                   any_sop_class=d.any_sop_class, max_instance_bytes=d.max_instance_mb << 20,
+                                   max_associations=d.max_associations, store_timeout_s=d.store_timeout_s)
+    return dicom.DicomServer(landing, metrics, settings)
 
 
 class Gateway:
@@ -93,9 +97,8 @@ class Gateway:
                                     frame_timeout_s=g.frame_timeout_s, max_batch=g.max_batch_messages,
                                     keep_bytes=keep_bytes)
         self.http = http.HttpGateway(self.landing, self.metrics, max_bytes=max_bytes, body_timeout_s=g.body_timeout_s,
-                                     keep_bytes=keep_bytes, stow=dicom.FEED in self.feeds)
-        self.dicom = None if self.dicom_port is None else dicom.DicomServer(
-            self.landing, self.metrics, _dicom_settings(cfg, ae_title))
+                                     keep_bytes=keep_bytes, stow=http.DICOM_FEED in self.feeds)
+        self.dicom = None if self.dicom_port is None else _dicom_server(cfg, ae_title, self.landing, self.metrics)
         self._mllp_server: asyncio.Server | None = None
         self._runner: web.AppRunner | None = None
 
