@@ -19,13 +19,13 @@ from pathlib import Path
 
 from bronze.dicom_wire import DicomFormatError, read_meta
 from pipelines.config import Config
+from pipelines.send import _BACKOFF_S  # the same resend schedule as MLLP and HTTP
 
 log = logging.getLogger("carelake.send")
 
 # pynetdicom accepts at most 128 presentation contexts in one association request (PS3.8: 8-bit context ids).
 MAX_CONTEXTS = 128
 MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"  # a DICOMDIR: an index of files on a medium, not an instance to store
-_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 # Status categories (PS3.4 Annex B.2.3 and C.4.2.1.4 for the common codes).
 _WARNINGS = (0x0001, 0xB000, 0xB006, 0xB007)
 
