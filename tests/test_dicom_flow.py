@@ -5,6 +5,7 @@ with a parse status, and nothing crashes the gateway or the job. Plus kill -9 of
 from __future__ import annotations
 
 import hashlib
+import json
 import signal
 import threading
 import time
@@ -81,6 +82,12 @@ def test_every_real_dicom_file_is_stored_or_says_why_and_lands_in_bronze(tmp_pat
     ct = studies[next(r["study_instance_uid"] for r in rows if r["stored_uri"].endswith("-CT_small.dcm"))]
     assert ct["modality"] == "CT" and ct["series_count"] == 1 and ct["instance_count"] == 1  # sent and dropped: once
     assert ct["patient_key"] and ct["study_time_utc"] is not None
+    run_cli(gw.root, "run", "silver.imaging_studies", "--available-now")  # nothing new: nothing changes
+    assert len(DeltaRsStore(make_config(gw.root)).read_arrow("silver.imaging_studies")) == len(studies)
+    out = run_cli(gw.root, "sql", "select modality, count(*) as n from silver.imaging_studies group by modality "
+                  "order by modality", "--format", "json").stdout
+    by_modality = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert sum(r["n"] for r in by_modality) == len(studies) and {"modality": "CT", "n": 4} in by_modality
 
 
 def test_kill_9_during_a_c_store_burst_keeps_every_instance_that_got_success(tmp_path):
