@@ -164,6 +164,12 @@ def test_calling_ae_allow_list_rejects_unknown_modalities(tmp_path):
         with socket.create_connection(gw.dicom, timeout=5) as sock:
             sock.sendall(b"\x01\x00\x00\x00\xff\xff" + os.urandom(300))
         assert store(gw.dicom, ct_slice()) == [0]
+        import urllib.request
+
+        metrics = urllib.request.urlopen(f"{gw.http}/metrics", timeout=10).read().decode()
+        assert 'carelake_gateway_dicom_associations_total{outcome="rejected"} 1' in metrics
+        assert 'carelake_gateway_dicom_associations_total{outcome="accepted"} 2' in metrics
+        assert 'carelake_gateway_landed_total{feed="dicom",status="accepted"} 2' in metrics
         assert gw.stop() == 0
     instances = landed_instances(gw.root)
     assert ds.SOPInstanceUID in instances and len(instances) == 2

@@ -104,7 +104,8 @@ class DicomServer:
         return ae
 
     def start(self, host: str, port: int) -> int:
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected)]
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected),
+                    (evt.EVT_ACCEPTED, self._count("accepted")), (evt.EVT_ABORTED, self._count("aborted"))]
         self._server = self.ae.start_server((host, port), block=False, evt_handlers=handlers)
         return self._server.server_address[1]
 
@@ -121,7 +122,14 @@ class DicomServer:
         self._server = None
 
     # -- handlers (association threads) -------------------------------------------------------
+    def _count(self, outcome: str):
+        def count(_event) -> None:
+            self.metrics.inc("carelake_gateway_dicom_associations_total", outcome=outcome)
+
+        return count
+
     def _on_rejected(self, event) -> None:
+        self.metrics.inc("carelake_gateway_dicom_associations_total", outcome="rejected")
         address, calling, _called = _peer(event)
         self.metrics.inc("carelake_gateway_rejected_total", feed=FEED, reason="association")
         log.info("dicom %s: association from calling AE %r rejected (not in gateway.dicom.calling_ae_titles)",
