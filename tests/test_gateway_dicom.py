@@ -306,3 +306,15 @@ def test_a_stop_lands_what_was_answered_and_aborts_open_associations(tmp_path):
     assert assoc.is_aborted and not assoc.is_established
     assert list((gw.root / "landing" / "dicom").glob(".open-*")) == []  # sealed
     assert set(landed_instances(gw.root)) == {ds.SOPInstanceUID}
+
+
+def test_a_stow_body_with_more_parts_than_the_batch_bound_is_refused_whole(tmp_path):
+    with GatewayProcess(tmp_path / "lake", CARELAKE_GATEWAY__MAX_BATCH_MESSAGES="3") as gw:
+        kind = 'multipart/related; type="application/dicom"; boundary=b'
+        parts = [("application/dicom", part10(ct_slice(4, 4))) for _ in range(4)]
+        status, doc, _ = stow_post(f"{gw.http}/dicomweb/studies", multipart("b", *parts), kind)
+        assert status == 413 and "more than gateway.max_batch_messages (3)" in doc["issue"][0]["diagnostics"]
+        ok, _, _ = stow_post(f"{gw.http}/dicomweb/studies", multipart("b", *parts[:3]), kind)
+        assert ok == 200
+        assert gw.stop() == 0
+    assert len(landed(gw.root, "dicom")) == 3 and len(landed(gw.root, "dicom", rejected=True)) == 1

@@ -228,9 +228,10 @@ class ServerLog(logging.LoggerAdapter):
 
 class HttpGateway:
     def __init__(self, landing: LandingZone, metrics: Metrics, *, max_bytes: int, body_timeout_s: float,
-                 keep_bytes: int, stow: bool = True):
+                 keep_bytes: int, stow: bool = True, max_parts: int = 100_000):
         self.landing = landing
         self.stow = stow  # serve POST /dicomweb/studies (the zone lands the dicom feed)
+        self.max_parts = max_parts  # STOW-RS parts in one body (gateway.max_batch_messages)
         self.metrics = metrics
         self.max_bytes = max_bytes
         self.body_timeout_s = body_timeout_s
@@ -429,6 +430,10 @@ class HttpGateway:
         try:
             boundary, part_type = stow.boundary_of(request.headers.get("Content-Type", ""))
             parts = stow.split_parts(body, boundary, part_type)
+            if len(parts) > self.max_parts:
+                raise BadBody(413, "too-costly", [
+                    f"{len(parts):,} parts in one body, more than gateway.max_batch_messages ({self.max_parts:,}); "
+                    "send the instances in several requests (nothing of this body was stored)"])
         except BadBody as bad:
             return await self._refuse(request.path, ep, header, body, bad)
         study = request.match_info.get("study")

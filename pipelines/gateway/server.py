@@ -97,7 +97,8 @@ class Gateway:
                                     frame_timeout_s=g.frame_timeout_s, max_batch=g.max_batch_messages,
                                     keep_bytes=keep_bytes)
         self.http = http.HttpGateway(self.landing, self.metrics, max_bytes=max_bytes, body_timeout_s=g.body_timeout_s,
-                                     keep_bytes=keep_bytes, stow=http.DICOM_FEED in self.feeds)
+                                     keep_bytes=keep_bytes, stow=http.DICOM_FEED in self.feeds,
+                                     max_parts=g.max_batch_messages)
         self.dicom = None if self.dicom_port is None else _dicom_server(cfg, ae_title, self.landing, self.metrics)
         self._mllp_server: asyncio.Server | None = None
         self._runner: web.AppRunner | None = None
