@@ -24,40 +24,65 @@ from _common import emit, median, percentile, temp_config
 
 from tests.gatewayproc import GatewayProcess, landed
 
-
-def slice_template(size: int = 512):
-    from tests.test_gateway_dicom import ct_slice
-
-    ds = ct_slice(size, size)
-    ds.PixelData = os.urandom(size * size * 2)  # incompressible, as real noise is
-    return ds
+UID_DIGITS = 20  # the instance UID's counter: this many digits (no leading zero), so every UID has the same length
 
 
-def association(address: tuple[str, int], count: int, start_at: float, out) -> None:
-    """One modality: `count` C-STOREs on one association; puts (latencies ms, failures) on `out`."""
+class SliceFile:
+    """A 512x512 CT slice as a Part 10 file whose SOP Instance UID is rewritten in place before each send: the
+    client sends the file's bytes (pynetdicom's chunked send) and never encodes a data set, so the client costs
+    the gateway's two cores as little as a modality would."""
+
+    def __init__(self, folder: Path, prefix: str, size: int = 512):
+        from tests.test_gateway_dicom import ct_slice
+
+        self.prefix = prefix
+        ds = ct_slice(size, size)
+        ds.PixelData = os.urandom(size * size * 2)  # incompressible, as real noise is
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = self.uid(0)
+        self.path = folder / f"{prefix}.dcm"
+        ds.save_as(self.path, enforce_file_format=True)
+        data = self.path.read_bytes()
+        first = data.find(self.uid(0).encode())
+        self.offsets = (first, data.find(self.uid(0).encode(), first + 1))
+        assert -1 not in self.offsets, "the template UID must appear in the file meta and the data set"
+
+    def uid(self, n: int) -> str:
+        return f"{self.prefix}.{10 ** (UID_DIGITS - 1) + n}"
+
+    def next(self, n: int) -> str:
+        uid = self.uid(n)
+        with open(self.path, "r+b") as f:
+            for offset in self.offsets:
+                os.pwrite(f.fileno(), uid.encode(), offset)
+        return uid
+
+
+def association(address: tuple[str, int], count: int, start_at: float, folder: str, out) -> None:
+    """One modality: `count` C-STOREs on one association; puts (latencies ms, failures, end time) on `out`."""
     import logging
 
-    from pydicom.uid import generate_uid
+    from pynetdicom import _config
 
     library = logging.getLogger("pynetdicom")  # why an association ends, if it does, on this process's stderr
     library.setLevel(logging.WARNING)
     library.addHandler(logging.StreamHandler())
+    _config.STORE_SEND_CHUNKED_DATASET = True  # the file's bytes on the wire, as `carelake send` does
 
     from tests.test_gateway_dicom import scu
 
-    ds = slice_template()
+    template = SliceFile(Path(folder), f"2.25.{os.getpid()}{time.time_ns() % 10**9}")
     latencies, failures = [], 0
     try:
         assoc = scu(f"BENCH_{os.getpid() % 10000}").associate(*address, ae_title="CARELAKE")
         if not assoc.is_established:
             raise RuntimeError(f"no association: rejected={assoc.is_rejected} aborted={assoc.is_aborted}")
         time.sleep(max(0.0, start_at - time.time()))
-        for _ in range(count):
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        for n in range(1, count + 1):
+            template.next(n)
             t0 = time.perf_counter()
             if not assoc.is_established:
                 raise RuntimeError(f"association lost after {len(latencies)} C-STOREs (aborted={assoc.is_aborted})")
-            status = getattr(assoc.send_c_store(ds), "Status", None)
+            status = getattr(assoc.send_c_store(template.path), "Status", None)
             latencies.append((time.perf_counter() - t0) * 1000)
             failures += status != 0
         assoc.release()
@@ -74,7 +99,9 @@ def cstore_run(total: int, associations: int) -> dict:
     out = ctx.Queue()
     with GatewayProcess(root, "--dicom-port", "0") as gw:
         start_at = time.time() + 4  # every client connected and its template built before the clock starts
-        procs = [ctx.Process(target=association, args=(gw.dicom, per, start_at, out)) for _ in range(associations)]
+        work = tempfile.mkdtemp(prefix="carelake-bench-dicom-client-")
+        procs = [ctx.Process(target=association, args=(gw.dicom, per, start_at, work, out))
+                 for _ in range(associations)]
         for p in procs:
             p.start()
         results = [out.get(timeout=600) for _ in procs]
@@ -82,6 +109,7 @@ def cstore_run(total: int, associations: int) -> dict:
             p.join()
         seconds = max(end for _, _, end in results) - start_at
         gw.stop()
+        shutil.rmtree(work, ignore_errors=True)
     if any(isinstance(f, str) for _, f, _ in results):
         print(gw.stderr[-3000:], file=sys.stderr)
     errors = [f for _, f, _ in results if isinstance(f, str)]
