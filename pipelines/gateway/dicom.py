@@ -31,6 +31,8 @@ from pipelines.gateway.metrics import Metrics
 log = logging.getLogger("carelake.gateway")
 
 FEED = "dicom"
+# The largest PDU we tell peers to send: a 512x512 CT slice in one, far fewer PDUs than pynetdicom's 16 KB default.
+MAX_PDU_BYTES = 4 << 20
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 # The transfer syntaxes accepted for every storage SOP class: uncompressed (implicit/explicit little endian,
@@ -100,7 +102,7 @@ class DicomServer:
         ae.add_supported_context(Verification)  # C-ECHO: how a modality tests the connection
         ae.require_calling_aet = list(s.calling_ae_titles)
         ae.maximum_associations = s.max_associations
-        ae.maximum_pdu_size = 0  # no limit on the PDUs we receive: fewer, larger reads
+        ae.maximum_pdu_size = MAX_PDU_BYTES
         return ae
 
     def start(self, host: str, port: int) -> int:
