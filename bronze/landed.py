@@ -12,9 +12,14 @@ row holding the unreadable bytes with `landing_status = 'corrupt'`: kept, never 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import mmap
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +38,10 @@ LANDED_SCHEMA = StructType([
     StructField("landing_reason", StringType(), True),
     StructField("payload", BinaryType(), False),
 ])
+
+# In place of `payload`, for feeds whose bytes stay in the landing zone (DICOM): the bytes' digest and size.
+DIGEST_FIELDS = [StructField("payload_sha256", StringType(), False), StructField("payload_bytes", LongType(), False)]
+
 
 def lineage_fields() -> list[StructField]:
     """The columns every bronze table starts with: where the bytes came from, and the bytes."""
@@ -110,12 +119,14 @@ class _Columns:
     def __init__(self, schema: pa.Schema, extra: tuple[str, ...]):
         self.schema = schema
         self.extra = extra
+        self.digest = "payload" not in schema.names  # keep the bytes' sha256 and size instead of the bytes
         self.cols: dict[str, list] = {f.name: [] for f in schema}
         self.done: list[pa.RecordBatch] = []
 
     def add(self, path: str, pos: int, at: datetime, peer: str | None, status: str, reason: str | None,
             payload: bytes, keys: Mapping[str, Any]) -> None:
-        for name, value in zip(self.cols, (path, pos, at, peer, status, reason, payload), strict=False):
+        data = (hashlib.sha256(payload).hexdigest(), len(payload)) if self.digest else (payload,)
+        for name, value in zip(self.cols, (path, pos, at, peer, status, reason, *data), strict=False):
             self.cols[name].append(value)
         for name in self.extra:
             self.cols[name].append(keys.get(name))
@@ -178,36 +189,65 @@ def _segment_units(out: _Columns, path: str, content: bytes, modified: datetime,
             h = item.header
             at, peer = _received(h, modified), h.get("peer")
             status, reason = str(h.get("status", "accepted")), h.get("reason")
-            _units(out, split, path, item.body_offset, at, peer, status, reason, item.body, h)
+            meta = {**h, "landing_file": path, "landing_position": item.body_offset}
+            _units(out, split, path, item.body_offset, at, peer, status, reason, item.body, meta)
         elif isinstance(item, Scan) and item.problem is not None and item.torn_bytes:
             out.add(path, item.valid_end, modified, None, "corrupt", item.problem, content[item.valid_end:], _NONE)
 
 
+def _file_units(out: _Columns, split: Splitter, path: str, modified: datetime, content: bytes | mmap.mmap) -> None:
+    modified = modified if modified.tzinfo else modified.replace(tzinfo=UTC)
+    if is_segment(content):
+        try:
+            _segment_units(out, path, content, modified, split)
+            return
+        except SegmentFormatError:
+            pass
+    _units(out, split, path, 0, modified, None, "accepted", None, content,
+           {"landing_file": path, "landing_position": 0})
+
+
+@contextlib.contextmanager
+def _mapped(uri: str) -> Iterator[bytes | mmap.mmap]:
+    """A landing file's bytes, mapped rather than read: only the records being parsed are ever in memory."""
+    with open(unquote(urlsplit(uri).path), "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            yield b""
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            yield mapped
+
+
 def explode(split: Splitter, schema: pa.Schema, extra: tuple[str, ...] = ()
             ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """A mapInArrow function: binaryFile rows -> one row per unit (landed columns + extra keys)."""
+    """A mapInArrow function: binaryFile rows -> one row per unit (landed columns + extra keys). Rows without
+    `content` (LandingSource(content=False)) are read here, from their path, one file at a time."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             out = _Columns(schema, extra)
             cols = batch.to_pydict()
-            for path, modified, content in zip(cols["path"], cols["modificationTime"], cols["content"], strict=True):
-                modified = modified if modified.tzinfo else modified.replace(tzinfo=UTC)
-                if is_segment(content):
-                    try:
-                        _segment_units(out, path, content, modified, split)
-                        continue
-                    except SegmentFormatError:
-                        pass
-                _units(out, split, path, 0, modified, None, "accepted", None, content, {"landing_file": path})
+            for i, (path, modified) in enumerate(zip(cols["path"], cols["modificationTime"], strict=True)):
+                if "content" in cols:
+                    _file_units(out, split, path, modified, cols["content"][i])
+                    continue
+                with _mapped(path) as content:
+                    _file_units(out, split, path, modified, content)
+                    yield from out.batches()  # before the mapping closes: rows of one file at a time
+                    out = _Columns(schema, extra)
             yield from out.batches()
 
     return run
 
 
-def landed_units(files: DataFrame, split: Splitter, extra: StructType | None = None) -> DataFrame:
-    """binaryFile rows (path, modificationTime, length, content) -> one row per unit: LANDED_SCHEMA + extra."""
-    out_schema = StructType(LANDED_SCHEMA.fields + (extra.fields if extra else []))
+def landed_units(files: DataFrame, split: Splitter, extra: StructType | None = None, *,
+                 keep_payload: bool = True) -> DataFrame:
+    """binaryFile rows (path, modificationTime, length, content) -> one row per unit: LANDED_SCHEMA + extra.
+
+    With keep_payload=False, `payload` is replaced by DIGEST_FIELDS (for bytes that stay in the landing zone)."""
+    landed = LANDED_SCHEMA.fields if keep_payload else [*LANDED_SCHEMA.fields[:-1], *DIGEST_FIELDS]
+    out_schema = StructType(landed + (extra.fields if extra else []))
     arrow = to_arrow_schema(out_schema)
     names = tuple(f.name for f in extra.fields) if extra else ()
-    return files.select("path", "modificationTime", "content").mapInArrow(explode(split, arrow, names), out_schema)
+    read = [c for c in ("path", "modificationTime", "content") if c in files.columns]
+    return files.select(*read).mapInArrow(explode(split, arrow, names), out_schema)

@@ -230,7 +230,8 @@ def cmd_gateway(ctx: Context) -> int:
     from pipelines.gateway.server import serve
 
     a = ctx.args
-    return serve(ctx.cfg, host=a.host, mllp_port=a.mllp_port, http_port=a.http_port)
+    return serve(ctx.cfg, host=a.host, mllp_port=a.mllp_port, http_port=a.http_port, dicom_port=a.dicom_port,
+                 ae_title=a.ae_title)
 
 
 def cmd_send(ctx: Context) -> int:
@@ -238,7 +239,7 @@ def cmd_send(ctx: Context) -> int:
 
     a = ctx.args
     report = send(ctx.cfg, a.to, a.paths, rate=a.rate, connections=a.connections, batch=a.batch,
-                  ack_log=a.ack_log, on_progress=lambda line: log.info("%s", line))
+                  ack_log=a.ack_log, on_progress=lambda line: log.info("%s", line), ae_title=a.ae_title)
     print(report.summary())
     return 0 if report.complete else 1
 
@@ -311,19 +312,27 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--feed", required=True, help="feed name, e.g. devices, hl7, fhir (landing.feeds in conf)")
     i.set_defaults(func=cmd_ingest)
 
-    g = sub.add_parser("gateway", help="receive HL7 v2 over MLLP and FHIR/device JSON over HTTP into landing")
+    g = sub.add_parser("gateway", help="receive HL7 v2 over MLLP, FHIR/device JSON and DICOMweb STOW-RS over HTTP, "
+                                       "and DICOM C-STORE, into landing")
     g.add_argument("--host", help="listen address (gateway.host in conf; default 127.0.0.1)")
     g.add_argument("--mllp-port", type=int, help="MLLP port (gateway.mllp_port; 0 picks a free one)")
     g.add_argument("--http-port", type=int, help="HTTP port (gateway.http_port; 0 picks a free one)")
+    g.add_argument("--dicom-port", type=int, help="serve DICOM C-STORE on this port (gateway.dicom.port when "
+                                                  "gateway.dicom.enabled; 0 picks a free one)")
+    g.add_argument("--ae-title", help="the gateway's DICOM AE title (gateway.dicom.ae_title; default CARELAKE)")
     g.set_defaults(func=cmd_gateway)
 
-    d = sub.add_parser("send", help="replay files into a gateway: HL7 over MLLP, FHIR/devices over HTTP")
+    d = sub.add_parser("send", help="replay files into a gateway: HL7 over MLLP, FHIR/devices over HTTP, DICOM over "
+                                    "C-STORE")
     d.add_argument("paths", nargs="+", help="files or folders (simulator output or real files)")
     d.add_argument("--to", required=True,
-                   help="HOST:PORT (or mllp://HOST:PORT) for HL7 over MLLP; http://HOST:PORT for FHIR and devices")
+                   help="HOST:PORT (or mllp://HOST:PORT) for HL7 over MLLP; http://HOST:PORT for FHIR and devices; "
+                        "dicom://HOST:PORT[/CALLED_AE] for DICOM C-STORE")
+    d.add_argument("--ae-title", default="CARELAKE_SEND",
+                   help="DICOM: the calling AE title this sender presents (default CARELAKE_SEND)")
     d.add_argument("--rate", type=float, help="at most this many messages (MLLP) or readings/resources (HTTP) a second")
     d.add_argument("--connections", type=int, default=1,
-                   help="parallel MLLP connections (default 1, which keeps the files' message order)")
+                   help="parallel MLLP connections or DICOM associations (default 1, which keeps the files' order)")
     d.add_argument("--batch", type=int, default=1000, help="JSON lines per HTTP POST (default 1000)")
     d.add_argument("--ack-log", help="append one line per answered message (answer, MSH-10, file:offset)")
     d.set_defaults(func=cmd_send)

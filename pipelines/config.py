@@ -175,6 +175,48 @@ class LandingConfig:
                 raise ConfigError(f"landing.feeds: {feed!r} is not a valid feed name (lowercase letters, digits, _)")
 
 
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: 16 characters, no backslash or controls
+
+
+def check_ae_title(value: str, key: str) -> str:
+    """An AE title as DICOM allows it (1-16 printable ASCII characters, not only spaces, no backslash)."""
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ConfigError(f"{key} must be a DICOM AE title: 1-16 printable ASCII characters, not only spaces, no "
+                          f"backslash; got {value!r}")
+    return value.strip()
+
+
+@dataclass(frozen=True)
+class DicomGatewayConfig:
+    enabled: bool
+    port: int
+    ae_title: str
+    calling_ae_titles: tuple[str, ...]
+    any_sop_class: bool
+    max_instance_mb: int
+    max_associations: int
+    store_timeout: str
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"gateway.dicom.port must be a TCP port 0-65535 (0 = pick a free one), got {self.port}")
+        check_ae_title(self.ae_title, "gateway.dicom.ae_title")
+        for i, title in enumerate(self.calling_ae_titles):
+            check_ae_title(title, f"gateway.dicom.calling_ae_titles[{i}]")
+        if not 1 <= self.max_instance_mb <= 2047:
+            raise ConfigError(f"gateway.dicom.max_instance_mb must be 1-2047 (bronze reads a landing file as one "
+                              f"value, at most 2 GB), got {self.max_instance_mb}")
+        if self.max_associations < 1:
+            raise ConfigError(f"gateway.dicom.max_associations must be at least 1, got {self.max_associations}")
+        if parse_duration_ms(self.store_timeout, "gateway.dicom.store_timeout") <= 0:
+            raise ConfigError(f"gateway.dicom.store_timeout must be a positive duration (like 30s), got "
+                              f"{self.store_timeout!r}")
+
+    @property
+    def store_timeout_s(self) -> float:
+        return parse_duration_ms(self.store_timeout, "gateway.dicom.store_timeout") / 1000
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     host: str
@@ -197,6 +239,7 @@ class GatewayConfig:
     reject_keep_kb: int
     rejects_max_mb: int
     rejects_max_age: str
+    dicom: DicomGatewayConfig
 
     _DURATIONS = ("group_commit", "segment_age", "idle_timeout", "ack_timeout", "header_timeout", "body_timeout",
                   "frame_timeout", "shutdown_timeout", "rejects_max_age")

@@ -46,10 +46,15 @@ class Deferred:
 
 @dataclass(frozen=True)
 class LandingSource:
-    """Files under <root>/landing/<feed>/, read once each by Spark's file source."""
+    """Files under <root>/landing/<feed>/, read once each by Spark's file source.
+
+    content=False: Spark lists the files but does not read them (no `content` column); the transform reads each
+    file on the executors itself (`bronze.landed` maps it), so a batch of large files (DICOM instances of hundreds
+    of MB) never passes through the JVM or a cached batch whole."""
 
     feed: str
     glob: str = "*"
+    content: bool = True
 
     def describe(self) -> str:
         return f"landing/{self.feed}"
@@ -263,11 +268,12 @@ def silver_options(cfg: Config) -> dict[str, Any]:
 
 def builtin_jobs(cfg: Config) -> list[Job]:
     """carelake's own jobs."""
-    from bronze import device_readings, fhir_resources, hl7_messages
-    from silver import encounters, observations, patients, quarantine
+    from bronze import device_readings, dicom_instances, fhir_resources, hl7_messages
+    from silver import encounters, imaging_studies, observations, patients, quarantine
 
     def bronze_job(module, description: str) -> Job:
-        return Job(name=module.TABLE, source=LandingSource(module.FEED), transform=module.TRANSFORM,
+        source = LandingSource(module.FEED, content=getattr(module, "READ_CONTENT", True))
+        return Job(name=module.TABLE, source=source, transform=module.TRANSFORM,
                    schema=module.SCHEMA, description=description)
 
     quarantine_output = Output(quarantine.QUARANTINE, "merge",
@@ -284,6 +290,8 @@ def builtin_jobs(cfg: Config) -> list[Job]:
         bronze_job(hl7_messages, "HL7 v2 messages exactly as received (MLLP or file drop), with header keys"),
         bronze_job(fhir_resources, "FHIR R4 resources exactly as received (HTTP or file drop), Bundles exploded"),
         bronze_job(device_readings, "Bedside-device JSON lines exactly as received, with lineage and cheap keys"),
+        bronze_job(dicom_instances, "DICOM instances (C-STORE, STOW-RS or file drop): header as DICOM JSON, UIDs, "
+                                    "the stored file's URI and sha256, parse status"),
         silver_job(observations.OBSERVATIONS, TableSource(*clinical.tables, "bronze.device_readings"),
                    observations.observations,
                    MergeSpec(keys=("observation_id",), update=_observation_update(observations.SCHEMA),
@@ -301,6 +309,10 @@ def builtin_jobs(cfg: Config) -> list[Job]:
                    MergeSpec(keys=("encounter_key",), update=encounters.UPDATE, update_when=encounters.UPDATE_WHEN),
                    encounters.SCHEMA,
                    "One row per encounter identity: ADT lifecycle and FHIR Encounter versions by event time"),
+        silver_job(imaging_studies.STUDIES, TableSource(imaging_studies.BRONZE), imaging_studies.imaging_studies,
+                   MergeSpec(keys=("study_instance_uid",), latest_by=("last_received_at",)), imaging_studies.SCHEMA,
+                   "One row per DICOM study: series and instance counts, modality, body part, study time (UTC), "
+                   "accession, referring physician, patient key; unreadable instances quarantined"),
     ]
 
 

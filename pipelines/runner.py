@@ -313,10 +313,12 @@ class Runner:
         if isinstance(job.source, LandingSource):
             folder = self.cfg.path("landing", job.source.feed)
             folder.mkdir(parents=True, exist_ok=True)
-            return (self.spark.readStream.format("binaryFile").schema(LANDING_FILE_SCHEMA)
-                    .option("pathGlobFilter", job.source.glob)
-                    .option(*self.cfg.streaming.landing_admission)
-                    .load(str(folder)))
+            files = (self.spark.readStream.format("binaryFile").schema(LANDING_FILE_SCHEMA)
+                     .option("pathGlobFilter", job.source.glob)
+                     .option(*self.cfg.streaming.landing_admission)
+                     .load(str(folder)))
+            # Without `content` selected, Spark's binaryFile source lists the files and never reads them.
+            return files if job.source.content else files.select("path", "modificationTime", "length")
         streams = [self._changes(job, table) for table in job.source.tables]
         united = streams[0]
         for more in streams[1:]:

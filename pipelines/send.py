@@ -1,7 +1,8 @@
 """`carelake send`: replay simulator output or real files into a running gateway.
 
 HL7 v2 files go over MLLP, one message per frame, each waiting for its ACK; FHIR JSON / NDJSON and
-device JSON lines go over HTTP. A message that is not answered (timeout, connection lost, gateway
+device JSON lines go over HTTP; DICOM files over C-STORE to a `dicom://` target (`pipelines.send_dicom`).
+A message that is not answered (timeout, connection lost, gateway
 restarting, or a negative ACK that says the gateway could not store it) is sent again with backoff, so
 everything the gateway acknowledged is in its landing zone and the rest is retried; a resend may land
 twice, which silver deduplicates. A negative answer about the content itself (AE/AR, HTTP 4xx) is not
@@ -21,8 +22,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from bronze.hl7_wire import HEADER_SEGMENTS, MLLP_END, Hl7HeaderError, frame, parse_header, segments, split_messages
-from pipelines.config import Config
-from pipelines.errors import UsageError
+from pipelines.config import Config, check_ae_title
+from pipelines.errors import ConfigError, UsageError
 
 log = logging.getLogger("carelake.send")
 
@@ -34,15 +35,34 @@ _BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 @dataclass(frozen=True)
 class Target:
-    kind: str  # "mllp" or "http"
+    kind: str  # "mllp", "http" or "dicom"
     host: str
     port: int
     url: str = ""  # http base URL (no trailing slash)
-    path: str = ""  # a fixed endpoint path when the URL names one (/fhir or /devices)
+    path: str = ""  # a fixed endpoint path when the URL names one (/fhir or /devices); dicom: the called AE title
 
 
-def parse_target(to: str) -> Target:
-    """HOST:PORT or mllp://HOST:PORT -> MLLP; http(s)://HOST:PORT[/fhir|/devices] -> HTTP."""
+def _dicom_target(to: str, default_called: str) -> Target:
+    parts = urlsplit(to)
+    called = parts.path.strip("/") or default_called
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None:
+        raise UsageError(f"--to {to!r}: expected dicom://HOST:PORT or dicom://HOST:PORT/CALLED_AE_TITLE")
+    try:
+        check_ae_title(called, "the called AE title in --to")
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    return Target("dicom", parts.hostname, port, path=called.strip())
+
+
+def parse_target(to: str, default_called: str = "CARELAKE") -> Target:
+    """HOST:PORT or mllp://HOST:PORT -> MLLP; http(s)://HOST:PORT[/fhir|/devices] -> HTTP;
+    dicom://HOST:PORT[/CALLED_AE] -> C-STORE."""
+    if to.startswith("dicom://"):
+        return _dicom_target(to, default_called)
     if to.startswith(("http://", "https://")):
         parts = urlsplit(to)
         path = parts.path.rstrip("/")
@@ -124,7 +144,7 @@ def plan(paths: Iterable[str], target: Target, batch: int) -> Plan:
     for path in _files(paths):
         suffix = path.suffix.lower()
         if suffix in (".dcm", ".dicom") or "dicom" in path.parent.parts:
-            out.skipped["DICOM (no network endpoint: carelake ingest --feed dicom)"] += 1
+            out.skipped["DICOM (send to the gateway's C-STORE port: --to dicom://HOST:PORT)"] += 1
             continue
         if "claims" in path.parent.parts:
             out.skipped["claims files (carelake ingest --feed claims)"] += 1
@@ -375,9 +395,46 @@ async def _deliver(items: list[Item], target: Target, cfg: Config, *, rate: floa
         report.seconds = time.monotonic() - started
 
 
+def _send_dicom(cfg: Config, target: Target, to: str, paths: Iterable[str], *, connections: int, calling: str,
+                on_answer: OnAnswer | None) -> Report:
+    """Every file under `paths` over C-STORE; one outcome per file (its status, or why it was not sent)."""
+    from pipelines.send_dicom import deliver_dicom, plan_dicom
+
+    try:
+        calling = check_ae_title(calling, "--ae-title")
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    work = plan_dicom(_files(paths))
+    report = Report(to)
+    report.problems.extend(work.unsendable)
+    if work.unsendable:
+        report.skipped["not DICOM Part 10 files with a usable file meta (carelake ingest --feed dicom)"] = \
+            len(work.unsendable)
+    if not work.items:
+        raise UsageError(f"nothing to send to {to}: {len(work.unsendable)} file(s), none a DICOM Part 10 file with a "
+                         "usable file meta" + (f" (first: {work.unsendable[0]})" if work.unsendable else ""))
+
+    def answered(item, answer: str) -> None:
+        report.answers[answer] += 1
+        report.items += 1
+        report.units += 1
+        if on_answer is not None:
+            on_answer(Item(str(item.path), b"", "dicom", control_id=item.sop_instance_uid), answer)
+
+    def retried() -> None:
+        report.retries += 1
+
+    started = time.monotonic()
+    report.failed = deliver_dicom(cfg, work.items, host=target.host, port=target.port, called=target.path,
+                                  calling=calling, connections=connections, on_answer=answered,
+                                  on_problem=report.problems.append, on_retry=retried)
+    report.seconds = time.monotonic() - started
+    return report
+
+
 def send(cfg: Config, to: str, paths: Iterable[str], *, rate: float | None = None, connections: int = 1,
          batch: int = 1000, on_answer: OnAnswer | None = None, ack_log: str | Path | None = None,
-         on_progress: Callable[[str], None] | None = None) -> Report:
+         on_progress: Callable[[str], None] | None = None, ae_title: str = "CARELAKE_SEND") -> Report:
     """Deliver every sendable file under `paths` to the gateway at `to`; the report says what happened.
 
     `ack_log`, when given, receives one line per answered item (answer, MSH-10, file:offset), written
@@ -389,12 +446,13 @@ def send(cfg: Config, to: str, paths: Iterable[str], *, rate: float | None = Non
         raise UsageError(f"--batch must be at least 1, got {batch}")
     if rate is not None and rate <= 0:
         raise UsageError(f"--rate must be positive, got {rate}")
-    target = parse_target(to)
-    work = plan(paths, target, batch)
-    report = Report(to, skipped=work.skipped)
-    if not work.items:
+    target = parse_target(to, cfg.gateway.dicom.ae_title)
+    work = plan(paths, target, batch) if target.kind != "dicom" else None
+    if work is not None and not work.items:
         reasons = "; ".join(f"{n} {r}" for r, n in work.skipped.items()) or "no files"
         raise UsageError(f"nothing to send to {to}: {reasons}")
+    if target.kind == "dicom" and rate is not None:
+        raise UsageError("--rate is not supported for dicom:// targets; use --connections to bound the load")
     log_file = open(ack_log, "a", encoding="utf-8", buffering=1) if ack_log else None  # noqa: SIM115
     callback = on_answer
     if log_file is not None:
@@ -403,6 +461,9 @@ def send(cfg: Config, to: str, paths: Iterable[str], *, rate: float | None = Non
             if on_answer is not None:
                 on_answer(item, answer)
     try:
+        if work is None:
+            return _send_dicom(cfg, target, to, paths, connections=connections, calling=ae_title, on_answer=callback)
+        report = Report(to, skipped=work.skipped)
         asyncio.run(_deliver(work.items, target, cfg, rate=rate, connections=connections, report=report,
                              on_answer=callback, on_progress=on_progress))
     finally:

@@ -22,6 +22,7 @@ class GatewayProcess:
         self.proc: subprocess.Popen | None = None
         self.mllp: tuple[str, int] = ("", 0)
         self.http = ""
+        self.dicom: tuple[str, int] | None = None  # when started with --dicom-port
         self.stdout = ""
 
     def start(self, timeout: float = 30) -> GatewayProcess:
@@ -37,6 +38,9 @@ class GatewayProcess:
         host, port = fields["mllp"].rsplit(":", 1)
         self.mllp = (host, int(port))
         self.http = fields["http"]
+        if fields.get("dicom", "off") != "off":
+            host, port = fields["dicom"].rsplit(":", 1)
+            self.dicom = (host, int(port))
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:

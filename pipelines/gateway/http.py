@@ -1,4 +1,5 @@
-"""FHIR and device readings over HTTP: POST /fhir, POST /devices, GET /health, GET /metrics.
+"""FHIR and device readings over HTTP: POST /fhir, POST /devices, GET /health, GET /metrics; and DICOM instances
+over DICOMweb STOW-RS, POST /dicomweb/studies (one record per part: `pipelines.gateway.stow`).
 
 A body is checked just enough to know it is what the endpoint takes (well-formed JSON with a
 resourceType; JSON lines of readings with a device id and a time), then landed byte for byte and
@@ -23,7 +24,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -36,6 +37,8 @@ log = logging.getLogger("carelake.gateway")
 
 FHIR_FEED = "fhir"
 DEVICE_FEED = "devices"
+DICOM_FEED = "dicom"
+MAX_WARNINGS = 20  # STOW-RS: Warning header lines, one per part not stored
 _JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
 _NDJSON_TYPES = ("application/fhir+ndjson", "application/ndjson", "application/x-ndjson", "application/jsonl",
                  "application/jsonlines", "application/x-jsonlines")
@@ -184,8 +187,10 @@ def check_readings(body: bytes, content_type: str) -> Checked:
 @dataclass(frozen=True)
 class Endpoint:
     feed: str
-    check: Callable[[bytes, str], Checked]
+    check: Callable[[bytes, str], Checked] | None
     noun: str
+    # Lands a whole body itself and answers (STOW-RS: one record per part); None = check, land whole, answer 202.
+    take: Callable[[web.Request, dict, bytes], Awaitable[web.Response]] | None = None
 
 
 @dataclass(frozen=True)
@@ -223,8 +228,10 @@ class ServerLog(logging.LoggerAdapter):
 
 class HttpGateway:
     def __init__(self, landing: LandingZone, metrics: Metrics, *, max_bytes: int, body_timeout_s: float,
-                 keep_bytes: int):
+                 keep_bytes: int, stow: bool = True, max_parts: int = 100_000):
         self.landing = landing
+        self.stow = stow  # serve POST /dicomweb/studies (the zone lands the dicom feed)
+        self.max_parts = max_parts  # STOW-RS parts in one body (gateway.max_batch_messages)
         self.metrics = metrics
         self.max_bytes = max_bytes
         self.body_timeout_s = body_timeout_s
@@ -241,6 +248,10 @@ class HttpGateway:
         devices = Endpoint(DEVICE_FEED, check_readings, "reading(s)")
         app.router.add_post("/fhir", lambda r: self.receive(r, fhir), expect_handler=self._expect_continue)
         app.router.add_post("/devices", lambda r: self.receive(r, devices), expect_handler=self._expect_continue)
+        if self.stow:
+            stow = Endpoint(DICOM_FEED, None, "instance(s)", self._stow)
+            for route in ("/dicomweb/studies", "/dicomweb/studies/{study}"):
+                app.router.add_post(route, lambda r: self.receive(r, stow), expect_handler=self._expect_continue)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_text)
         return app
@@ -379,6 +390,8 @@ class HttpGateway:
             return await self._refuse(request.path, ep, header, body.data, self._not_whole(body, request), close=True)
         self.metrics.inc("carelake_gateway_in_flight", protocol="http")
         try:
+            if ep.take is not None:
+                return await ep.take(request, header, body.data)
             return await self._take(request.path, ep, header, body.data)
         finally:
             self.metrics.inc("carelake_gateway_in_flight", -1, protocol="http")
@@ -407,6 +420,67 @@ class HttpGateway:
             self.metrics.inc("carelake_gateway_partly_bad_total", feed=ep.feed)
             doc["issue"] += outcome("warning", "invalid", checked.warnings)["issue"]
         return self._reply(path, 202, doc)
+
+    async def _stow(self, request: web.Request, header: dict, body: bytes) -> web.Response:
+        """STOW-RS: each Part 10 part landed (fsync) before the answer, each bad part kept in the rejects; the answer
+        lists both (pipelines.gateway.stow)."""
+        from pipelines.gateway import stow  # pydicom is imported on the first STOW request, not at gateway start
+
+        ep = Endpoint(DICOM_FEED, None, "instance(s)")
+        try:
+            boundary, part_type = stow.boundary_of(request.headers.get("Content-Type", ""))
+            parts = stow.split_parts(body, boundary, part_type)
+            if len(parts) > self.max_parts:
+                raise BadBody(413, "too-costly", [
+                    f"{len(parts):,} parts in one body, more than gateway.max_batch_messages ({self.max_parts:,}); "
+                    "send the instances in several requests (nothing of this body was stored)"])
+        except BadBody as bad:
+            return await self._refuse(request.path, ep, header, body, bad)
+        study = request.match_info.get("study")
+        verdicts = await asyncio.to_thread(lambda: [stow.judge(p, study) for p in parts]) \
+            if len(body) >= OFFLOAD_BYTES else [stow.judge(p, study) for p in parts]
+        verdicts = await self._land_parts(header, verdicts)
+        status, doc = stow.response(verdicts)
+        self.metrics.inc("carelake_gateway_http_responses_total", path="/dicomweb/studies", status=str(status))
+        resp = web.json_response(doc, status=status, content_type="application/dicom+json")
+        for v in [v for v in verdicts if v.failure is not None][:MAX_WARNINGS]:
+            resp.headers.add("Warning", '299 carelake "{}"'.format(v.why.replace('"', "'")))
+        return resp
+
+    async def _land_parts(self, header: dict, verdicts: list) -> list:
+        """Land the parts that may be stored (one group commit), keep the others in the rejects; the final verdicts."""
+        from dataclasses import replace
+
+        from pipelines.gateway.stow import OUT_OF_RESOURCES
+
+        good = [v for v in verdicts if v.failure is None]
+        def record(v) -> dict:
+            return {**header, "protocol": "dicomweb", "status": "accepted", "part": v.part.number,
+                    "sop_class_uid": v.sop_class_uid, "sop_instance_uid": v.sop_instance_uid,
+                    "transfer_syntax_uid": v.transfer_syntax_uid}
+
+        landed = await asyncio.gather(*(self.landing.land(DICOM_FEED, record(v), v.part.data) for v in good),
+                                      return_exceptions=True)
+        outcome_of = {}
+        for v, result in zip(good, landed, strict=True):
+            if isinstance(result, BaseException):
+                self.metrics.inc("carelake_gateway_write_errors_total")
+                log.error("http %s: cannot land STOW part %d: %s", header["peer"], v.part.number, result)
+                why = f"part {v.part.number}: the gateway cannot store it ({result}); send it again later"
+                outcome_of[v.part.number] = replace(v, failure=OUT_OF_RESOURCES, why=why)
+            else:
+                self.metrics.inc("carelake_gateway_landed_total", feed=DICOM_FEED, status="accepted")
+        final = [outcome_of.get(v.part.number, v) for v in verdicts]
+        for v in final:
+            if v.failure is not None and v.failure != OUT_OF_RESOURCES:
+                self.metrics.inc("carelake_gateway_rejected_total", feed=DICOM_FEED, reason=f"0x{v.failure:04X}")
+                log.info("http %s %s: STOW %s", header["peer"], header["path"], v.why)
+                try:
+                    await self.landing.reject(DICOM_FEED, {**header, "part": v.part.number, "reason": v.why},
+                                              v.part.data)
+                except (OSError, RuntimeError) as exc:
+                    log.error("http: a refused STOW part could not be kept in the rejects area: %s", exc)
+        return final
 
     async def _refuse(self, path: str, ep: Endpoint, header: dict, body: bytes, bad: BadBody, *,
                       close: bool = False) -> web.Response:

@@ -10,6 +10,7 @@ recovers segments a crashed gateway left open, and starts the writer threads.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import fcntl
 import os
 import time
@@ -117,8 +118,12 @@ class LandingZone:
         return [f"{feed}{' rejects' if rej else ''}: {log.failed}" for (feed, rej), log in self._logs.items()
                 if log.failed is not None]
 
+    @staticmethod
+    def _full(feed: str, header: Mapping[str, Any]) -> dict[str, Any]:
+        return {"received_at": received_now(), "feed": feed, **header}
+
     def _append(self, feed: str, rejected: bool, header: Mapping[str, Any], body: bytes) -> asyncio.Future[Landed]:
-        full = {"received_at": received_now(), "feed": feed, **header}
+        full = self._full(feed, header)
         future = self._loop.create_future()
 
         def done(place: Landed | None, exc: BaseException | None) -> None:
@@ -135,6 +140,12 @@ class LandingZone:
     def land(self, feed: str, header: Mapping[str, Any], body: bytes) -> asyncio.Future[Landed]:
         """Durably append to the feed's landing folder; await before acknowledging."""
         return self._append(feed, False, header, body)
+
+    def land_from_thread(self, feed: str, header: Mapping[str, Any], body: bytes
+                         ) -> concurrent.futures.Future[Landed]:
+        """`land` for a thread other than the event loop's (the DICOM SCP's association threads): the future
+        resolves once the record is fsynced, or fails with the write error."""
+        return self._logs[(feed, False)].append(self._full(feed, header), body)
 
     def reject(self, feed: str, header: Mapping[str, Any], body: bytes) -> asyncio.Future[Landed]:
         """Durably keep a refused body in the rejects area; it never reaches bronze."""

@@ -36,6 +36,8 @@ _HELP = {
     "carelake_gateway_rejects_bytes": ("gauge", "Bytes in landing/_rejects (open and sealed segments) at the last "
                                        "check."),
     "carelake_gateway_open_connections": ("gauge", "Open MLLP connections."),
+    "carelake_gateway_dicom_associations_total": ("counter", "DICOM associations by outcome: accepted, rejected "
+                                                  "(calling AE title not allowed, too many at once), aborted."),
     "carelake_gateway_receiving": ("gauge", "Uploads under way: HTTP bodies being read, MLLP frames begun and not "
                                    "ended yet, by protocol (slow senders show here)."),
     "carelake_gateway_in_flight": ("gauge", "Whole messages or bodies received and not answered yet (being checked "

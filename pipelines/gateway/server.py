@@ -15,12 +15,13 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from pipelines.config import Config
-from pipelines.errors import UsageError
+from pipelines.config import Config, check_ae_title
+from pipelines.errors import ConfigError, UsageError
 from pipelines.gateway import http, mllp
 from pipelines.gateway.landing import LandingZone
 from pipelines.gateway.metrics import Metrics
@@ -35,7 +36,15 @@ SHUTDOWN_SHARES = (0.5, 0.4, 0.1)
 # With asyncio's 100 and aiohttp's 128, a burst of a few hundred connects (slow clients arriving together) filled the
 # queue, and a well-behaved client's connect was dropped and retried by TCP a second later.
 LISTEN_BACKLOG = 1024
-FEEDS = (mllp.FEED, http.FHIR_FEED, http.DEVICE_FEED)
+FEEDS = (mllp.FEED, http.FHIR_FEED, http.DEVICE_FEED, http.DICOM_FEED)
+
+
+def served_feeds(cfg: Config, dicom_on: bool) -> tuple[str, ...]:
+    """The feeds this gateway lands: DICOM (STOW-RS, and C-STORE when on) when landing.feeds lists it; C-STORE
+    asked for without it is a configuration error."""
+    if dicom_on and http.DICOM_FEED not in cfg.landing.feeds:
+        raise UsageError("--dicom-port needs the dicom feed in landing.feeds (conf/base.yaml lists it by default)")
+    return tuple(f for f in FEEDS if f != http.DICOM_FEED or f in cfg.landing.feeds)
 
 
 @dataclass(frozen=True)
@@ -43,31 +52,54 @@ class Addresses:
     host: str
     mllp_port: int
     http_port: int
+    dicom_port: int | None = None  # None: the Storage SCP is off
 
     def line(self, landing: str) -> str:
+        served = "off" if self.dicom_port is None else f"{self.host}:{self.dicom_port}"
         return (f"carelake gateway: mllp={self.host}:{self.mllp_port} http=http://{self.host}:{self.http_port} "
-                f"landing={landing}")
+                f"dicom={served} landing={landing}")
+
+
+def _dicom_server(cfg: Config, ae_title: str | None, landing: LandingZone, metrics: Metrics):
+    """The Storage SCP (pynetdicom and pydicom are imported only by a gateway that serves C-STORE)."""
+    from pipelines.gateway import dicom
+
+    d = cfg.gateway.dicom
+    try:
+        title = check_ae_title(d.ae_title if ae_title is None else ae_title, "--ae-title")
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    settings = dicom.DicomSettings(ae_title=title, calling_ae_titles=d.calling_ae_titles,
+                                   any_sop_class=d.any_sop_class, max_instance_bytes=d.max_instance_mb << 20,
+                                   max_associations=d.max_associations, store_timeout_s=d.store_timeout_s)
+    return dicom.DicomServer(landing, metrics, settings)
 
 
 class Gateway:
     def __init__(self, cfg: Config, *, host: str | None = None, mllp_port: int | None = None,
-                 http_port: int | None = None):
+                 http_port: int | None = None, dicom_port: int | None = None, ae_title: str | None = None):
         g = cfg.gateway
         self.cfg = cfg
         self.host = host or g.host
         self.mllp_port = g.mllp_port if mllp_port is None else mllp_port
         self.http_port = g.http_port if http_port is None else http_port
-        for name, port in (("--mllp-port", self.mllp_port), ("--http-port", self.http_port)):
+        # --dicom-port turns the Storage SCP on; without it, gateway.dicom.enabled decides.
+        self.dicom_port = dicom_port if dicom_port is not None else g.dicom.port if g.dicom.enabled else None
+        ports = [("--mllp-port", self.mllp_port), ("--http-port", self.http_port)]
+        for name, port in ports + ([("--dicom-port", self.dicom_port)] if self.dicom_port is not None else []):
             if not 0 <= port <= 65535:
                 raise UsageError(f"{name} must be a TCP port 0-65535 (0 = pick a free one), got {port}")
         self.metrics = Metrics()
-        self.landing = LandingZone(cfg, FEEDS, self.metrics)
+        self.feeds = served_feeds(cfg, self.dicom_port is not None)
+        self.landing = LandingZone(cfg, self.feeds, self.metrics)
         max_bytes, keep_bytes = g.max_message_mb << 20, g.reject_keep_kb << 10
         self.mllp = mllp.MllpServer(self.landing, self.metrics, max_bytes=max_bytes, idle_timeout_s=g.idle_timeout_s,
                                     frame_timeout_s=g.frame_timeout_s, max_batch=g.max_batch_messages,
                                     keep_bytes=keep_bytes)
         self.http = http.HttpGateway(self.landing, self.metrics, max_bytes=max_bytes, body_timeout_s=g.body_timeout_s,
-                                     keep_bytes=keep_bytes)
+                                     keep_bytes=keep_bytes, stow=http.DICOM_FEED in self.feeds,
+                                     max_parts=g.max_batch_messages)
+        self.dicom = None if self.dicom_port is None else _dicom_server(cfg, ae_title, self.landing, self.metrics)
         self._mllp_server: asyncio.Server | None = None
         self._runner: web.AppRunner | None = None
 
@@ -92,14 +124,16 @@ class Gateway:
             await self._runner.setup()
             site = web.TCPSite(self._runner, self.host, self.http_port, backlog=LISTEN_BACKLOG)
             await site.start()
+            dicom_port = None if self.dicom is None else self.dicom.start(self.host, self.dicom_port)
         except OSError as exc:
             await self.stop()
-            raise UsageError(f"cannot listen on {self.host} (mllp {self.mllp_port}, http {self.http_port}): "
-                             f"{exc.strerror or exc}; choose free ports with --mllp-port/--http-port "
-                             "(0 picks one)") from None
+            dicom_part = "" if self.dicom is None else f", dicom {self.dicom_port}"
+            raise UsageError(f"cannot listen on {self.host} (mllp {self.mllp_port}, http {self.http_port}"
+                             f"{dicom_part}): {exc.strerror or exc}; choose free ports with --mllp-port/--http-port"
+                             f"{'/--dicom-port' if dicom_part else ''} (0 picks one)") from None
         mllp_port = self._mllp_server.sockets[0].getsockname()[1]
         http_port = self._runner.addresses[0][1]
-        return Addresses(self.host, mllp_port, http_port)
+        return Addresses(self.host, mllp_port, http_port, dicom_port)
 
     async def stop(self) -> None:
         """Stop accepting, answer what arrived whole, cut off what is still arriving, seal: within shutdown_timeout."""
@@ -114,7 +148,12 @@ class Gateway:
                 await site.stop()
         self.http.cut_reads(cut_at)
         self.mllp.cut_reads(cut_at)
+        # The SCP's association threads land through this loop: it keeps running while they finish.
+        dicom_stop = None if self.dicom is None else loop.run_in_executor(
+            None, self.dicom.stop, time.monotonic() + (answered_by - loop.time()))
         await asyncio.gather(self.http.drain(answered_by), self.mllp.drain(answered_by))
+        if dicom_stop is not None:
+            await dicom_stop
         if self._runner is not None:
             await self._runner.cleanup()  # closes the idle keep-alive connections
             self._runner = None
@@ -125,7 +164,7 @@ class Gateway:
 
 
 def serve(cfg: Config, *, host: str | None = None, mllp_port: int | None = None,
-          http_port: int | None = None) -> int:
+          http_port: int | None = None, dicom_port: int | None = None, ae_title: str | None = None) -> int:
     """Run the gateway until SIGINT/SIGTERM; print the chosen ports on the first output line."""
 
     # The landing writer threads hand each fsync result back through the GIL; Python's default 5 ms
@@ -133,7 +172,8 @@ def serve(cfg: Config, *, host: str | None = None, mllp_port: int | None = None,
     sys.setswitchinterval(SWITCH_INTERVAL_S)
 
     async def main() -> None:
-        gateway = Gateway(cfg, host=host, mllp_port=mllp_port, http_port=http_port)
+        gateway = Gateway(cfg, host=host, mllp_port=mllp_port, http_port=http_port, dicom_port=dicom_port,
+                          ae_title=ae_title)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -150,7 +190,7 @@ def serve(cfg: Config, *, host: str | None = None, mllp_port: int | None = None,
                      cfg.gateway.shutdown_timeout)
         m = gateway.metrics
         received = sum(m.get("carelake_gateway_received_total", feed=f, protocol=p)
-                       for f in FEEDS for p in ("mllp", "http"))
+                       for f in gateway.feeds for p in ("mllp", "http", "dimse"))
         print(f"carelake gateway stopped: {received:,.0f} message(s)/bodies received", flush=True)
 
     asyncio.run(main())
