@@ -373,6 +373,41 @@ class SilverConfig:
         return self.system_aliases.get(system, system)
 
 
+X12_VALIDATION = ("envelope", "implementation_guide")
+_X12_VERSION = re.compile(r"^00[45]010X\d{3}(A\d)?$")
+_ICD10_PREFIX = re.compile(r"^[A-TV-Z][0-9][0-9A-Z]?(\.[0-9A-Z]{0,4})?$")
+_PROCEDURE = re.compile(r"^([0-9]{4}[0-9A-Z]|[A-V][0-9]{4})$")
+
+
+@dataclass(frozen=True)
+class ClaimsConfig:
+    x12_versions: tuple[str, ...]
+    x12_validation: str
+    part2_diagnosis_prefixes: tuple[str, ...]
+    part2_procedure_codes: tuple[str, ...]
+    part2_drgs: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        bad = [v for v in self.x12_versions if not _X12_VERSION.match(v)]
+        if bad or not self.x12_versions:
+            raise ConfigError(f"claims.x12_versions must list X12 implementation guide versions as GS08 writes them "
+                              f"(e.g. 005010X222A1), got {list(bad or self.x12_versions) or '(none)'}")
+        if self.x12_validation not in X12_VALIDATION:
+            raise ConfigError(f"claims.x12_validation must be one of {', '.join(X12_VALIDATION)}, got "
+                              f"{self.x12_validation!r}")
+        bad = [c for c in self.part2_diagnosis_prefixes if not _ICD10_PREFIX.match(c)]
+        if bad:
+            raise ConfigError(f"claims.part2_diagnosis_prefixes must be ICD-10-CM codes or prefixes like F10 or "
+                              f"O99.32, got {bad}")
+        bad = [c for c in self.part2_procedure_codes if not _PROCEDURE.match(c)]
+        if bad:
+            raise ConfigError(f"claims.part2_procedure_codes must be CPT (5 characters, e.g. 99408) or HCPCS Level II "
+                              f"(a letter and 4 digits, e.g. H0020) codes, got {bad}")
+        bad = [d for d in self.part2_drgs if not (d.isdigit() and len(d) == 3)]
+        if bad:
+            raise ConfigError(f"claims.part2_drgs must be 3-digit MS-DRG codes written as text, e.g. \"894\", got {bad}")
+
+
 @dataclass(frozen=True)
 class QualityConfig:
     enabled: bool
@@ -504,6 +539,7 @@ class Config:
     gateway: GatewayConfig
     simulator: SimulatorConfig
     silver: SilverConfig
+    claims: ClaimsConfig
     quality: QualityConfig
     gold: GoldConfig
     models: ModelsConfig

@@ -46,13 +46,22 @@ class Deferred:
 
 @dataclass(frozen=True)
 class LandingSource:
-    """Files under <root>/landing/<feed>/, read once each by Spark's file source."""
+    """Files under <root>/landing/<feed>/, read once each by Spark's file source.
+
+    `more` feeds are read as one stream with the first (bronze.claim_files keeps the x12 and claims feeds); each
+    landing file's path names its feed.
+    """
 
     feed: str
     glob: str = "*"
+    more: tuple[str, ...] = ()
+
+    @property
+    def feeds(self) -> tuple[str, ...]:
+        return (self.feed, *self.more)
 
     def describe(self) -> str:
-        return f"landing/{self.feed}"
+        return " + ".join(f"landing/{f}" for f in self.feeds)
 
 
 @dataclass(frozen=True)
@@ -265,7 +274,7 @@ def builtin_jobs(cfg: Config) -> list[Job]:
                    description=description)
 
     clinical = TableSource("bronze.hl7_messages", "bronze.fhir_resources")
-    return [
+    return [*claims_jobs(cfg, quarantine_output),
         bronze_job(hl7_messages, "HL7 v2 messages exactly as received (MLLP or file drop), with header keys"),
         bronze_job(fhir_resources, "FHIR R4 resources exactly as received (HTTP or file drop), Bundles exploded"),
         bronze_job(device_readings, "Bedside-device JSON lines exactly as received, with lineage and cheap keys"),
@@ -286,6 +295,42 @@ def builtin_jobs(cfg: Config) -> list[Job]:
                    MergeSpec(keys=("encounter_key",), update=encounters.UPDATE, update_when=encounters.UPDATE_WHEN),
                    encounters.SCHEMA,
                    "One row per encounter identity: ADT lifecycle and FHIR Encounter versions by event time"),
+    ]
+
+
+def claims_jobs(cfg: Config, quarantine_output: Output) -> list[Job]:
+    """bronze.claim_files (the x12 and claims feeds) and the silver claims model, written by one job per batch."""
+    from bronze import claim_files
+    from silver import claim_codes
+    from silver import claims as c
+
+    def merge(schema, keys: tuple[str, ...], version: str, **more) -> MergeSpec:
+        return MergeSpec(keys=keys, update=c.newest_fills(schema, keys, version), latest_by=(version,),
+                         update_when=c.changed(schema, keys, version), **more)
+
+    line_keys = ("claim_key", "line_number")
+    lines = Output(c.CLAIM_LINES, "merge", merge(
+        c.LINES_SCHEMA, line_keys, "claim_version",
+        delete_when=f"s.line_status = '{c.REMOVED}' AND s.claim_version > t.claim_version",
+        insert_when=f"s.line_status IS NULL OR s.line_status <> '{c.REMOVED}'"), c.LINES_SCHEMA)
+    providers = Output(c.PROVIDERS, "merge", merge(c.PROVIDERS_SCHEMA, ("provider_key",), "source_version"),
+                       c.PROVIDERS_SCHEMA)
+    members = Output(c.MEMBERS, "merge", merge(c.MEMBERS_SCHEMA, ("member_key",), "source_version"),
+                     c.MEMBERS_SCHEMA)
+    k = cfg.claims
+    part2 = claim_codes.Part2Codes.of(k.part2_diagnosis_prefixes, k.part2_procedure_codes, k.part2_drgs)
+    return [
+        Job(name=claim_files.TABLE, source=LandingSource(claim_files.FEEDS[0], more=claim_files.FEEDS[1:]),
+            transform=claim_files.TRANSFORM, schema=claim_files.SCHEMA,
+            description="Claims files exactly as received (X12 837/835, FHIR Claim/EOB/Coverage, CMS RIF, CSV), "
+                        "one row per file, with the sniffed format"),
+        Job(name=c.CLAIMS, source=TableSource(claim_files.TABLE), transform=c.claims, write="merge",
+            merge=merge(c.SCHEMA, ("claim_key",), "claim_version"), schema=c.SCHEMA,
+            side_outputs=(lines, providers, members, quarantine_output), expectation_suite=c.CLAIMS,
+            options={**silver_options(cfg), "x12_versions": k.x12_versions, "x12_validation": k.x12_validation,
+                     "part2": part2},
+            description="One row per claim (originals, replacements and voids resolved, remittances applied), with "
+                        "its lines (silver.claim_lines), providers (silver.providers) and members (silver.members)"),
     ]
 
 
@@ -359,6 +404,9 @@ def load_registry(cfg: Config) -> Registry:
             raise ConfigError(f"jobs.modules: {module_name} must define JOBS as a list of pipelines.jobs.Job")
         jobs.extend(extra)
     for job in jobs:
-        if isinstance(job.source, LandingSource) and job.source.feed not in cfg.landing.feeds:
-            raise ConfigError(f"job {job.name} reads feed {job.source.feed!r}, which landing.feeds does not list")
+        missing = [f for f in job.source.feeds if f not in cfg.landing.feeds] \
+            if isinstance(job.source, LandingSource) else []
+        if missing:
+            raise ConfigError(f"job {job.name} reads feed(s) {missing}, which landing.feeds does not list; add them "
+                              "to landing.feeds in conf/")
     return Registry(jobs)

@@ -301,12 +301,11 @@ class Runner:
 
     def _source(self, job: Job) -> DataFrame:
         if isinstance(job.source, LandingSource):
-            folder = self.cfg.path("landing", job.source.feed)
-            folder.mkdir(parents=True, exist_ok=True)
-            return (self.spark.readStream.format("binaryFile").schema(LANDING_FILE_SCHEMA)
-                    .option("pathGlobFilter", job.source.glob)
-                    .option(*self.cfg.streaming.landing_admission)
-                    .load(str(folder)))
+            files = [self._landing_files(feed, job.source.glob) for feed in job.source.feeds]
+            united = files[0]
+            for more in files[1:]:
+                united = united.unionByName(more)
+            return united
         streams = [self._changes(job, table) for table in job.source.tables]
         united = streams[0]
         for more in streams[1:]:
@@ -314,6 +313,15 @@ class Runner:
         if job.state is not None:
             return job.state.plan(united, self._state_folder(job))
         return united
+
+    def _landing_files(self, feed: str, glob: str) -> DataFrame:
+        """One feed's landing folder as a stream of whole files (Spark's file source)."""
+        folder = self.cfg.path("landing", feed)
+        folder.mkdir(parents=True, exist_ok=True)
+        return (self.spark.readStream.format("binaryFile").schema(LANDING_FILE_SCHEMA)
+                .option("pathGlobFilter", glob)
+                .option(*self.cfg.streaming.landing_admission)
+                .load(str(folder)))
 
     def _state_folder(self, job: Job) -> str:
         """Where a stateful job's stage keeps what each batch's executors read (beside the query's checkpoint)."""
