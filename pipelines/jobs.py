@@ -309,10 +309,7 @@ def claims_jobs(cfg: Config, quarantine_output: Output) -> list[Job]:
                          update_when=c.changed(schema, keys, version), **more)
 
     line_keys = ("claim_key", "line_number")
-    lines = Output(c.CLAIM_LINES, "merge", merge(
-        c.LINES_SCHEMA, line_keys, "claim_version",
-        delete_when=f"s.line_status = '{c.REMOVED}' AND s.claim_version > t.claim_version",
-        insert_when=f"s.line_status IS NULL OR s.line_status <> '{c.REMOVED}'"), c.LINES_SCHEMA)
+    lines = Output(c.CLAIM_LINES, "merge", merge(c.LINES_SCHEMA, line_keys, "claim_version"), c.LINES_SCHEMA)
     providers = Output(c.PROVIDERS, "merge", merge(c.PROVIDERS_SCHEMA, ("provider_key",), "source_version"),
                        c.PROVIDERS_SCHEMA)
     members = Output(c.MEMBERS, "merge", merge(c.MEMBERS_SCHEMA, ("member_key",), "source_version"),

@@ -12,9 +12,10 @@ into silver.claim_docs objects, then checks, keys and routes them here, once for
 - versions: `claim_version` = creation time | frequency rank (original < replacement < void) | control numbers.
   Per column the newest version that sent a value wins (in the batch and in the MERGE), and a value is never blanked
   by a document that does not carry it: an 835 adds paid and allowed amounts to its 837 claim, a replacement (CLM05-3
-  = 7) overwrites what it restates, a void (8) marks the claim `status = 'void'`. A replacement or void also removes
-  the earlier version's lines it does not restate (line tombstones up to the format's line limit), so a replaced
-  claim counts once with its current lines.
+  = 7) overwrites what it restates, a void (8) marks the claim `status = 'void'`. A replacement or void also marks
+  every line number it does not restate `line_status = 'removed'` (up to the format's line limit: 50 for 837P, 999
+  for 837I), and these rows stay, so an older version resent later cannot bring a withdrawn line back: a replaced
+  claim counts once, and its current lines are those not removed.
 - checks: the billing NPI must pass the Luhn check (else the claim is quarantined, claim_bad_npi, as a payer's
   front end rejects it); another role's bad NPI is dropped and quarantined as a part; diagnoses must be shaped like
   ICD-10-CM (or ICD-9-CM in files that say so), procedure codes like CPT/HCPCS, NDCs like an NDC (silver.claim_codes).
@@ -106,7 +107,8 @@ SCHEMA = StructType([
 LINES_SCHEMA = StructType([
     StructField("claim_key", StringType(), False),
     StructField("line_number", IntegerType(), False),
-    StructField("line_status", StringType(), True),  # active | void; null: known only from a remittance
+    StructField("line_status", StringType(), True),  # active | void | removed (withdrawn by a replacement or void);
+    # null: known only from a remittance
     StructField("procedure_code", StringType(), True),
     StructField("procedure_system", StringType(), True),  # CPT/HCPCS, HCPCS, ...
     StructField("modifiers", ArrayType(StringType()), True),
@@ -387,7 +389,7 @@ def _line(out: ClaimRows, src: dict, doc: ClaimDoc, ln: Line, key: str, version:
 
 
 def _tombstones(out: ClaimRows, doc: ClaimDoc, key: str, version: str, kept: set[int]) -> None:
-    """A replacement or void: every line number it does not restate, up to the format's limit, is removed."""
+    """A replacement or void: every line number it does not restate, up to the format's limit, is marked removed."""
     for n in range(1, doc.max_lines + 1):
         if n not in kept:
             out.add(CLAIM_LINES, {"claim_key": key, "line_number": n, "line_status": REMOVED, "claim_version": version,
