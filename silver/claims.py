@@ -215,6 +215,12 @@ def _party_id(party: Party, scope: str) -> str | None:
     return party.npi or (f"{scope}:{party.other_id}" if party.other_id else None)
 
 
+def claim_key(secret: str, doc: ClaimDoc) -> str:
+    """The claim's key: its id within the CMS scope, or within its billing provider (NPI, else the sender's id)."""
+    scope = doc.key_scope or _party_id(doc.billing, doc.source_format.split("-")[0])
+    return identity_key(secret, CLAIM, scope, doc.claim_id)
+
+
 def member_key(secret: str, m: Member) -> str:
     ident = m.member_id
     if m.relationship == "dependent":
@@ -284,7 +290,7 @@ def emit(out: ClaimRows, src: dict, doc: ClaimDoc, s: Settings, tz: tzinfo) -> N
         out.problem(src, Problem(doc.item, codes.BAD_NPI, "the billing provider has no usable NPI or other id, so "
                                                           "the claim cannot be keyed; the sender must correct it"))
         return
-    key = identity_key(out.p.secret, CLAIM, doc.key_scope or billing_id, doc.claim_id)
+    key = claim_key(out.p.secret, doc)
     version = claim_version(doc, tz)
     diagnoses = _diagnoses(out, src, doc)
     roles = {p.role: _checked_npi(out, src, doc.item, p.role, p.npi) for p in reversed(doc.parties)}
