@@ -405,7 +405,8 @@ class ClaimsConfig:
                               f"(a letter and 4 digits, e.g. H0020) codes, got {bad}")
         bad = [d for d in self.part2_drgs if not (d.isdigit() and len(d) == 3)]
         if bad:
-            raise ConfigError(f"claims.part2_drgs must be 3-digit MS-DRG codes written as text, e.g. \"894\", got {bad}")
+            raise ConfigError(f"claims.part2_drgs must be 3-digit MS-DRG codes written as text, e.g. \"894\", "
+                              f"got {bad}")
 
 
 @dataclass(frozen=True)

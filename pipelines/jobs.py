@@ -115,6 +115,10 @@ class Output:
     write: Literal["append", "merge"] = "append"
     merge: MergeSpec | None = None
     schema: StructType | None = None
+    # The side table's own expectation suite (expectations/<name>.json), run on its rows of every batch like the
+    # job's; its quarantine rows go to silver.quarantine, named by `quarantine_item` (the columns that say which row).
+    expectation_suite: str | None = None
+    quarantine_item: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         split_table_name(self.table)
@@ -140,6 +144,8 @@ class Job:
     # Tables the transform looks up with read_table (not streamed): their jobs run first in available-now order.
     reads: tuple[str, ...] = ()
     state: StateStage | None = None
+    # The columns naming a row its suite quarantines (silver.quarantine `item`); empty: `source_id`.
+    quarantine_item: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         split_table_name(self.name)
@@ -162,8 +168,14 @@ class Job:
     @property
     def outputs(self) -> tuple[Output, ...]:
         """Every table a batch writes: the side outputs, then the job's own table (committed last)."""
-        own = Output(self.name, self.write, self.merge, self.schema)
+        own = Output(self.name, self.write, self.merge, self.schema, self.expectation_suite, self.quarantine_item)
         return (*self.side_outputs, own)
+
+    @property
+    def validated_outputs(self) -> tuple[Output, ...]:
+        """The outputs with an expectation suite: the job's own table first, then side tables that have one."""
+        own = self.outputs[-1]
+        return tuple(o for o in (own, *self.side_outputs) if o.expectation_suite)
 
     def apply(self, df: DataFrame, batch: Mapping[str, Any]) -> dict[str, DataFrame] | DataFrame:
         """Run the transform with the batch parameters and options it declares.
@@ -309,11 +321,12 @@ def claims_jobs(cfg: Config, quarantine_output: Output) -> list[Job]:
                          update_when=c.changed(schema, keys, version), **more)
 
     line_keys = ("claim_key", "line_number")
-    lines = Output(c.CLAIM_LINES, "merge", merge(c.LINES_SCHEMA, line_keys, "claim_version"), c.LINES_SCHEMA)
+    lines = Output(c.CLAIM_LINES, "merge", merge(c.LINES_SCHEMA, line_keys, "claim_version"), c.LINES_SCHEMA,
+                   c.CLAIM_LINES, line_keys)
     providers = Output(c.PROVIDERS, "merge", merge(c.PROVIDERS_SCHEMA, ("provider_key",), "source_version"),
-                       c.PROVIDERS_SCHEMA)
+                       c.PROVIDERS_SCHEMA, c.PROVIDERS, ("provider_key",))
     members = Output(c.MEMBERS, "merge", merge(c.MEMBERS_SCHEMA, ("member_key",), "source_version"),
-                     c.MEMBERS_SCHEMA)
+                     c.MEMBERS_SCHEMA, c.MEMBERS, ("member_key",))
     k = cfg.claims
     part2 = claim_codes.Part2Codes.of(k.part2_diagnosis_prefixes, k.part2_procedure_codes, k.part2_drgs)
     return [
@@ -324,6 +337,7 @@ def claims_jobs(cfg: Config, quarantine_output: Output) -> list[Job]:
         Job(name=c.CLAIMS, source=TableSource(claim_files.TABLE), transform=c.claims, write="merge",
             merge=merge(c.SCHEMA, ("claim_key",), "claim_version"), schema=c.SCHEMA,
             side_outputs=(lines, providers, members, quarantine_output), expectation_suite=c.CLAIMS,
+            quarantine_item=("claim_key",),
             options={**silver_options(cfg), "x12_versions": k.x12_versions, "x12_validation": k.x12_validation,
                      "part2": part2},
             description="One row per claim (originals, replacements and voids resolved, remittances applied), with "

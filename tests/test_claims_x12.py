@@ -34,8 +34,9 @@ def claim_837p(claim_id: str, *, frequency: str = "1", lines: tuple[tuple[str, s
                bht_time: str = "1200") -> list[str]:
     """The segments of one 837P transaction body (ST..SE), subscriber is the patient."""
     total = sum(float(c) for _, c in lines)
-    segs = [f"BHT*0019*00*{claim_id}*20261201*{bht_time}*CH", "NM1*41*2*SUBMITTER*****46*S1", "NM1*40*2*PAYER*****46*P1",
-            "HL*1**20*1", f"NM1*85*2*CLINIC*****XX*{billing}", "N4*TOWN*ST*12345", "REF*EI*123456789",
+    segs = [f"BHT*0019*00*{claim_id}*20261201*{bht_time}*CH", "NM1*41*2*SUBMITTER*****46*S1",
+            "NM1*40*2*PAYER*****46*P1", "HL*1**20*1", f"NM1*85*2*CLINIC*****XX*{billing}", "N4*TOWN*ST*12345",
+            "REF*EI*123456789",
             f"HL*2*{hl_parent}*22*0", "SBR*P*18*******CI", "NM1*IL*1*DOE*JANE****MI*M123", "DMG*D8*19800101*F",
             "NM1*PR*2*ACME HEALTH*****PI*PAYER1",
             f"CLM*{claim_id}*{total:.2f}***11:B:{frequency}*Y*A*Y*Y"]
@@ -154,7 +155,8 @@ def test_implementation_guide_validation_names_a_version_pyx12_has_no_map_for():
 
 
 def test_replacement_and_void_carry_frequency_status_and_line_limit():
-    text = interchange("000000011", [claim_837p("R1", frequency="7", ref_f8="PAYER-9"), claim_837p("V1", frequency="8")])
+    text = interchange("000000011", [claim_837p("R1", frequency="7", ref_f8="PAYER-9"),
+                                     claim_837p("V1", frequency="8")])
     replacement, void = docs(text)
     assert (replacement.frequency_code, replacement.status, replacement.payer_claim_id, replacement.max_lines) == (
         "7", "active", "PAYER-9", 50)
