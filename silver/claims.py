@@ -190,18 +190,29 @@ class ClaimRows(RoutedRows):
         super().__init__(p, processed_at)
         self.schema = schema
         self.current_lineage: dict[str, Any] | None = None  # the bronze file being read
+        self.parties: dict[str, dict[str, Any]] = {}  # providers and members of the batch, by key, folded
 
     def add(self, table: str, row: dict[str, Any], version: str) -> None:
         key = "|".join(str(row[k]) for k in _TABLES[table][1])
-        self.rows.append({OUTPUT: table, **row, _GROUP: f"{table}|{key}", _VERSION: version,
-                          "ingested_at": self.processed_at})
+        full = {OUTPUT: table, **row, _GROUP: f"{table}|{key}", _VERSION: version, "ingested_at": self.processed_at}
+        if table not in (PROVIDERS, MEMBERS):
+            self.rows.append(full)
+            return
+        # Every claim names its providers and member again: fold them here, so a batch carries one row for each.
+        seen = self.parties.get(full[_GROUP])
+        if seen is None:
+            self.parties[full[_GROUP]] = full
+        elif version >= seen[_VERSION]:
+            self.parties[full[_GROUP]] = fold_rows([seen, full])
+        else:
+            self.parties[full[_GROUP]] = fold_rows([full, seen])
 
     def problem(self, src: dict[str, Any], problem: Problem) -> None:
         self.quarantine(src, problem.item, problem.reason, problem.detail)
         self.rows[-1].update({_GROUP: f"{QUARANTINE}|{self.rows[-1]['quarantine_id']}", _VERSION: ""})
 
     def batch(self) -> pa.RecordBatch:
-        return pa.RecordBatch.from_pylist(self.rows, schema=self.schema)
+        return pa.RecordBatch.from_pylist([*self.rows, *self.parties.values()], schema=self.schema)
 
 
 def claim_version(doc: ClaimDoc, tz: tzinfo) -> str:
