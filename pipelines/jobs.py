@@ -313,6 +313,7 @@ def builtin_jobs(cfg: Config) -> list[Job]:
 def claims_jobs(cfg: Config, quarantine_output: Output) -> list[Job]:
     """bronze.claim_files (the x12 and claims feeds) and the silver claims model, written by one job per batch."""
     from bronze import claim_files
+    from gold import claims_fraud
     from silver import claim_codes
     from silver import claims as c
 
@@ -329,6 +330,12 @@ def claims_jobs(cfg: Config, quarantine_output: Output) -> list[Job]:
                      c.MEMBERS_SCHEMA, c.MEMBERS, ("member_key",))
     k = cfg.claims
     part2 = claim_codes.Part2Codes.of(k.part2_diagnosis_prefixes, k.part2_procedure_codes, k.part2_drgs)
+    scores = Job(name=claims_fraud.SCORES, source=TableSource(c.CLAIMS), transform=claims_fraud.claims_fraud_scores,
+                 write="merge", merge=MergeSpec(keys=("claim_key",), delete_when=f"s.band = '{claims_fraud.WITHDRAWN}'",
+                                                insert_when=f"s.band <> '{claims_fraud.WITHDRAWN}'"),
+                 schema=claims_fraud.SCHEMA, reads=(c.CLAIM_LINES,), options={"rules": claims_fraud.Rules.of(k)},
+                 description="Claims fraud rules: one row per current claim with a score, a band and reason codes "
+                             "(duplicate, unbundling, impossible volume); void and Part 2 claims have none")
     return [
         Job(name=claim_files.TABLE, source=LandingSource(claim_files.FEEDS[0], more=claim_files.FEEDS[1:]),
             transform=claim_files.TRANSFORM, schema=claim_files.SCHEMA,
@@ -342,6 +349,7 @@ def claims_jobs(cfg: Config, quarantine_output: Output) -> list[Job]:
                      "part2": part2},
             description="One row per claim (originals, replacements and voids resolved, remittances applied), with "
                         "its lines (silver.claim_lines), providers (silver.providers) and members (silver.members)"),
+        scores,
     ]
 
 
