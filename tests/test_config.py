@@ -55,6 +55,10 @@ def test_precedence_flag_over_env_over_file(tmp_path):
     ({"claims.part2_diagnosis_prefixes": ["10F"]}, "claims.part2_diagnosis_prefixes must be ICD-10-CM codes"),
     ({"claims.part2_procedure_codes": ["H20"]}, "claims.part2_procedure_codes must be CPT"),
     ({"claims.part2_drgs": ["89"]}, "claims.part2_drgs must be 3-digit MS-DRG codes"),
+    ({"claims.fraud_weights.duplicate": 150}, "claims.fraud_weights needs a weight 0-100"),
+    ({"claims.fraud_medium_from": 70}, "claims.fraud_medium_from and fraud_high_from must satisfy"),
+    ({"claims.unbundling_pairs": [["85025"]]}, "claims.unbundling_pairs rows are a comprehensive"),
+    ({"claims.timed_minutes": ["99291=74"]}, "claims.timed_minutes entries are CODE:MINUTES"),
 ])
 def test_wrong_values_name_the_key_and_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
