@@ -156,7 +156,7 @@ def _output_frames(job: Job, outputs: dict[str, DataFrame] | DataFrame
     return _split_routed(job, routed), routed
 
 
-def _dq_txn(job: Job, table: str, query_id: str, version: int) -> Txn:
+def _dq_txn(table: str, query_id: str, version: int) -> Txn:
     """The transaction of one table's validation results in a batch (one per validated table, replays skip it)."""
     return Txn(f"dq:{table}:{query_id}:chunked", version)
 
@@ -488,7 +488,7 @@ class Runner:
         and Great Expectations judges it exactly, naming the rows it moves; it is then committed from here."""
         from pipelines import quality_spark
 
-        dq_txn = _dq_txn(job, job.name, query_id, txn.version)
+        dq_txn = _dq_txn(job.name, query_id, txn.version)
         frames, routed = _output_frames(job, outputs)
         if len(job.validated_outputs) > 1:  # side tables with suites of their own: judged exactly, on the driver
             try:
@@ -565,7 +565,7 @@ class Runner:
         for output in job.validated_outputs:
             results.append((output, self._validate_one(job, output, arrows, batch, at)))
         for output, v in results:
-            self._record_validation(job, v, batch, at, _dq_txn(job, output.table, query_id, version), meta,
+            self._record_validation(job, v, batch, at, _dq_txn(output.table, query_id, version), meta,
                                     output.table)
         for _, v in results:
             v.raise_for_failures()
