@@ -309,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("ingest", help="durably copy files into the landing zone of a feed")
     i.add_argument("paths", nargs="+", help="files or folders (folders are read recursively)")
-    i.add_argument("--feed", required=True, help="feed name, e.g. devices, hl7, fhir (landing.feeds in conf)")
+    i.add_argument("--feed", required=True, help="feed name, e.g. devices, hl7, fhir, x12 (837/835), claims (FHIR "
+                   "Claim/EOB/Coverage, CMS RIF, CSV) (landing.feeds in conf)")
     i.set_defaults(func=cmd_ingest)
 
     g = sub.add_parser("gateway", help="receive HL7 v2 over MLLP, FHIR/device JSON and DICOMweb STOW-RS over HTTP, "

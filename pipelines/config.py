@@ -435,6 +435,79 @@ class SilverConfig:
         return self.system_aliases.get(system, system)
 
 
+X12_VALIDATION = ("envelope", "implementation_guide")
+FRAUD_RULES = ("duplicate", "unbundling", "impossible_volume")
+_X12_VERSION = re.compile(r"^00[45]010X\d{3}(A\d)?$")
+_ICD10_PREFIX = re.compile(r"^[A-TV-Z][0-9][0-9A-Z]?(\.[0-9A-Z]{0,4})?$")
+_PROCEDURE = re.compile(r"^([0-9]{4}[0-9A-Z]|[A-V][0-9]{4})$")
+_TIMED = re.compile(r"([0-9]{4}[0-9A-Z]|[A-V][0-9]{4}):[1-9][0-9]{0,3}")
+
+
+@dataclass(frozen=True)
+class ClaimsConfig:
+    x12_versions: tuple[str, ...]
+    x12_validation: str
+    part2_diagnosis_prefixes: tuple[str, ...]
+    part2_procedure_codes: tuple[str, ...]
+    part2_drgs: tuple[str, ...]
+    part2_in_gold: bool = False
+    fraud_weights: Mapping[str, int] = field(default_factory=dict)
+    fraud_medium_from: int = 30
+    fraud_high_from: int = 60
+    unbundling_pairs: tuple[tuple[str, ...], ...] = ()
+    timed_minutes: tuple[str, ...] = ()
+    fraud_max_minutes_per_day: int = 1440
+
+    def __post_init__(self) -> None:
+        self._check_codes()
+        self._check_fraud()
+
+    def _check_codes(self) -> None:
+        bad = [v for v in self.x12_versions if not _X12_VERSION.match(v)]
+        if bad or not self.x12_versions:
+            raise ConfigError(f"claims.x12_versions must list X12 implementation guide versions as GS08 writes them "
+                              f"(e.g. 005010X222A1), got {list(bad or self.x12_versions) or '(none)'}")
+        if self.x12_validation not in X12_VALIDATION:
+            raise ConfigError(f"claims.x12_validation must be one of {', '.join(X12_VALIDATION)}, got "
+                              f"{self.x12_validation!r}")
+        bad = [c for c in self.part2_diagnosis_prefixes if not _ICD10_PREFIX.match(c)]
+        if bad:
+            raise ConfigError(f"claims.part2_diagnosis_prefixes must be ICD-10-CM codes or prefixes like F10 or "
+                              f"O99.32, got {bad}")
+        bad = [c for c in self.part2_procedure_codes if not _PROCEDURE.match(c)]
+        if bad:
+            raise ConfigError(f"claims.part2_procedure_codes must be CPT (5 characters, e.g. 99408) or HCPCS Level II "
+                              f"(a letter and 4 digits, e.g. H0020) codes, got {bad}")
+        bad = [d for d in self.part2_drgs if not (d.isdigit() and len(d) == 3)]
+        if bad:
+            raise ConfigError(f"claims.part2_drgs must be 3-digit MS-DRG codes written as text, e.g. \"894\", "
+                              f"got {bad}")
+
+    def _check_fraud(self) -> None:
+        unknown = sorted(set(self.fraud_weights) ^ set(FRAUD_RULES))
+        if unknown or any(not 0 <= w <= 100 for w in self.fraud_weights.values()):
+            raise ConfigError(f"claims.fraud_weights needs a weight 0-100 for exactly {', '.join(FRAUD_RULES)}; got "
+                              f"{dict(self.fraud_weights)}")
+        if not 0 < self.fraud_medium_from < self.fraud_high_from <= 100:
+            raise ConfigError("claims.fraud_medium_from and fraud_high_from must satisfy 0 < medium < high <= 100, got "
+                              f"{self.fraud_medium_from} and {self.fraud_high_from}")
+        bad = [row for row in self.unbundling_pairs if len(row) < 2 or not all(_PROCEDURE.match(c) for c in row)]
+        if bad:
+            raise ConfigError("claims.unbundling_pairs rows are a comprehensive CPT/HCPCS code, then the components "
+                              f"it covers, e.g. [\"85025\", \"85027\"]; wrong: {[list(r) for r in bad]}")
+        bad = [t for t in self.timed_minutes if not _TIMED.fullmatch(t)]
+        if bad:
+            raise ConfigError(f"claims.timed_minutes entries are CODE:MINUTES, e.g. \"99291:74\"; wrong: {bad}")
+        if self.fraud_max_minutes_per_day < 1:
+            raise ConfigError(f"claims.fraud_max_minutes_per_day must be at least 1 minute, got "
+                              f"{self.fraud_max_minutes_per_day}")
+
+    @property
+    def minutes(self) -> dict[str, int]:
+        """timed_minutes as {code: minutes per unit}."""
+        return {code: int(m) for code, m in (t.split(":") for t in self.timed_minutes)}
+
+
 @dataclass(frozen=True)
 class QualityConfig:
     enabled: bool
@@ -574,6 +647,7 @@ class Config:
     gateway: GatewayConfig
     simulator: SimulatorConfig
     silver: SilverConfig
+    claims: ClaimsConfig
     quality: QualityConfig
     gold: GoldConfig
     models: ModelsConfig

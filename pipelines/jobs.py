@@ -48,16 +48,25 @@ class Deferred:
 class LandingSource:
     """Files under <root>/landing/<feed>/, read once each by Spark's file source.
 
+    `more` feeds are read as one stream with the first (bronze.claim_files keeps the x12 and claims feeds); each
+    landing file's path names its feed.
+
     content=False: Spark lists the files but does not read them (no `content` column); the transform reads each
     file on the executors itself (`bronze.landed` maps it), so a batch of large files (DICOM instances of hundreds
-    of MB) never passes through the JVM or a cached batch whole."""
+    of MB) never passes through the JVM or a cached batch whole.
+    """
 
     feed: str
     glob: str = "*"
+    more: tuple[str, ...] = ()
     content: bool = True
 
+    @property
+    def feeds(self) -> tuple[str, ...]:
+        return (self.feed, *self.more)
+
     def describe(self) -> str:
-        return f"landing/{self.feed}"
+        return " + ".join(f"landing/{f}" for f in self.feeds)
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,10 @@ class Output:
     write: Literal["append", "merge"] = "append"
     merge: MergeSpec | None = None
     schema: StructType | None = None
+    # The side table's own expectation suite (expectations/<name>.json), run on its rows of every batch like the
+    # job's; its quarantine rows go to silver.quarantine, named by `quarantine_item` (the columns that say which row).
+    expectation_suite: str | None = None
+    quarantine_item: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         split_table_name(self.table)
@@ -140,6 +153,8 @@ class Job:
     # Jobs whose transform runs on this job's own rows inside its batches (streaming.fuse, see `fuse`); their
     # tables commit with the batch's transaction, before this job's own table.
     fused: tuple[Job, ...] = ()
+    # The columns naming a row its suite quarantines (silver.quarantine `item`); empty: `source_id`.
+    quarantine_item: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         split_table_name(self.name)
@@ -167,8 +182,14 @@ class Job:
     @property
     def outputs(self) -> tuple[Output, ...]:
         """Every table a batch writes: the side outputs, then the job's own table (committed last)."""
-        own = Output(self.name, self.write, self.merge, self.schema)
+        own = Output(self.name, self.write, self.merge, self.schema, self.expectation_suite, self.quarantine_item)
         return (*self.side_outputs, own)
+
+    @property
+    def validated_outputs(self) -> tuple[Output, ...]:
+        """The outputs with an expectation suite: the job's own table first, then side tables that have one."""
+        own = self.outputs[-1]
+        return tuple(o for o in (own, *self.side_outputs) if o.expectation_suite)
 
     def apply(self, df: DataFrame, batch: Mapping[str, Any]) -> dict[str, DataFrame] | DataFrame:
         """Run the transform with the batch parameters and options it declares.
@@ -286,7 +307,7 @@ def builtin_jobs(cfg: Config) -> list[Job]:
                    description=description)
 
     clinical = TableSource("bronze.hl7_messages", "bronze.fhir_resources")
-    return [
+    return [*claims_jobs(cfg, quarantine_output),
         bronze_job(hl7_messages, "HL7 v2 messages exactly as received (MLLP or file drop), with header keys"),
         bronze_job(fhir_resources, "FHIR R4 resources exactly as received (HTTP or file drop), Bundles exploded"),
         bronze_job(device_readings, "Bedside-device JSON lines exactly as received, with lineage and cheap keys"),
@@ -313,6 +334,49 @@ def builtin_jobs(cfg: Config) -> list[Job]:
                    MergeSpec(keys=("study_instance_uid",), latest_by=("last_received_at",)), imaging_studies.SCHEMA,
                    "One row per DICOM study: series and instance counts, modality, body part, study time (UTC), "
                    "accession, referring physician, patient key; unreadable instances quarantined"),
+    ]
+
+
+def claims_jobs(cfg: Config, quarantine_output: Output) -> list[Job]:
+    """bronze.claim_files (the x12 and claims feeds) and the silver claims model, written by one job per batch."""
+    from bronze import claim_files
+    from gold import claims_fraud
+    from silver import claim_codes
+    from silver import claims as c
+
+    def merge(schema, keys: tuple[str, ...], version: str, **more) -> MergeSpec:
+        return MergeSpec(keys=keys, update=c.newest_fills(schema, keys, version), latest_by=(version,),
+                         update_when=c.changed(schema, keys, version), **more)
+
+    line_keys = ("claim_key", "line_number")
+    lines = Output(c.CLAIM_LINES, "merge", merge(c.LINES_SCHEMA, line_keys, "claim_version"), c.LINES_SCHEMA,
+                   c.CLAIM_LINES, line_keys)
+    providers = Output(c.PROVIDERS, "merge", merge(c.PROVIDERS_SCHEMA, ("provider_key",), "source_version"),
+                       c.PROVIDERS_SCHEMA, c.PROVIDERS, ("provider_key",))
+    members = Output(c.MEMBERS, "merge", merge(c.MEMBERS_SCHEMA, ("member_key",), "source_version"),
+                     c.MEMBERS_SCHEMA, c.MEMBERS, ("member_key",))
+    k = cfg.claims
+    part2 = claim_codes.Part2Codes.of(k.part2_diagnosis_prefixes, k.part2_procedure_codes, k.part2_drgs)
+    scores = Job(name=claims_fraud.SCORES, source=TableSource(c.CLAIMS), transform=claims_fraud.claims_fraud_scores,
+                 write="merge", merge=MergeSpec(keys=("claim_key",), delete_when=f"s.band = '{claims_fraud.WITHDRAWN}'",
+                                                insert_when=f"s.band <> '{claims_fraud.WITHDRAWN}'"),
+                 schema=claims_fraud.SCHEMA, reads=(c.CLAIM_LINES,), options={"rules": claims_fraud.Rules.of(k)},
+                 description="Claims fraud rules: one row per current claim with a score, a band and reason codes "
+                             "(duplicate, unbundling, impossible volume); void and Part 2 claims have none")
+    return [
+        Job(name=claim_files.TABLE, source=LandingSource(claim_files.FEEDS[0], more=claim_files.FEEDS[1:]),
+            transform=claim_files.TRANSFORM, schema=claim_files.SCHEMA,
+            description="Claims files exactly as received (X12 837/835, FHIR Claim/EOB/Coverage, CMS RIF, CSV), "
+                        "one row per file, with the sniffed format"),
+        Job(name=c.CLAIMS, source=TableSource(claim_files.TABLE), transform=c.claims, write="merge",
+            merge=merge(c.SCHEMA, ("claim_key",), "claim_version"), schema=c.SCHEMA,
+            side_outputs=(lines, providers, members, quarantine_output), expectation_suite=c.CLAIMS,
+            quarantine_item=("claim_key",),
+            options={**silver_options(cfg), "x12_versions": k.x12_versions, "x12_validation": k.x12_validation,
+                     "part2": part2},
+            description="One row per claim (originals, replacements and voids resolved, remittances applied), with "
+                        "its lines (silver.claim_lines), providers (silver.providers) and members (silver.members)"),
+        scores,
     ]
 
 
@@ -417,6 +481,9 @@ def load_registry(cfg: Config) -> Registry:
             raise ConfigError(f"jobs.modules: {module_name} must define JOBS as a list of pipelines.jobs.Job")
         jobs.extend(extra)
     for job in jobs:
-        if isinstance(job.source, LandingSource) and job.source.feed not in cfg.landing.feeds:
-            raise ConfigError(f"job {job.name} reads feed {job.source.feed!r}, which landing.feeds does not list")
+        missing = [f for f in job.source.feeds if f not in cfg.landing.feeds] \
+            if isinstance(job.source, LandingSource) else []
+        if missing:
+            raise ConfigError(f"job {job.name} reads feed(s) {missing}, which landing.feeds does not list; add them "
+                              "to landing.feeds in conf/")
     return Registry(fuse(jobs, cfg.streaming.fused))

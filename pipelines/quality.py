@@ -774,7 +774,8 @@ def split_quarantined(table: pa.Table, validation: Validation, *, to_quarantine_
     return table.filter(mask), pa.Table.from_pylist(rows, schema=quarantine_schema)
 
 
-def lineage_quarantine_row(job: str, at: datetime, *, item_column: str = "source_id") -> QuarantineRowFn:
+def lineage_quarantine_row(job: str, at: datetime, *, item_column: str | tuple[str, ...] = "source_id"
+                           ) -> QuarantineRowFn:
     """A to_quarantine_row for silver tables carrying `source_feed` and a `source_record` struct (bronze lineage).
 
     One silver.quarantine row per quarantined input row: reason = its first reason code, detail = every reason
@@ -784,7 +785,8 @@ def lineage_quarantine_row(job: str, at: datetime, *, item_column: str = "source
 
     def convert(row: dict[str, Any], q: QuarantinedRow) -> dict[str, Any]:
         src = row.get("source_record") or {}
-        item = f"dq:{row.get(item_column) or ''}"
+        columns = (item_column,) if isinstance(item_column, str) else item_column
+        item = "dq:" + "/".join(str(row.get(c) if row.get(c) is not None else "") for c in columns)
         table, file, position = src.get("table") or "", src.get("landing_file") or "", src.get("landing_position")
         return {"quarantine_id": quarantine_id(job, table, file, position if position is not None else -1, item,
                                                q.reasons[0]),

@@ -158,6 +158,11 @@ def _output_frames(job: Job, outputs: dict[str, DataFrame] | DataFrame
     return _split_routed(job, routed), routed
 
 
+def _dq_txn(table: str, query_id: str, version: int) -> Txn:
+    """The transaction of one table's validation results in a batch (one per validated table, replays skip it)."""
+    return Txn(f"dq:{table}:{query_id}:chunked", version)
+
+
 def _route(job: Job, routed: DataFrame) -> dict[str, pa.Table]:
     """Compute a routed batch once, on the driver, and split it into each output table's rows and columns."""
     import pyarrow.compute as pc
@@ -311,14 +316,12 @@ class Runner:
 
     def _source(self, job: Job) -> DataFrame:
         if isinstance(job.source, LandingSource):
-            folder = self.cfg.path("landing", job.source.feed)
-            folder.mkdir(parents=True, exist_ok=True)
-            files = (self.spark.readStream.format("binaryFile").schema(LANDING_FILE_SCHEMA)
-                     .option("pathGlobFilter", job.source.glob)
-                     .option(*self.cfg.streaming.landing_admission)
-                     .load(str(folder)))
+            files = [self._landing_files(feed, job.source.glob) for feed in job.source.feeds]
+            united = files[0]
+            for more in files[1:]:
+                united = united.unionByName(more)
             # Without `content` selected, Spark's binaryFile source lists the files and never reads them.
-            return files if job.source.content else files.select("path", "modificationTime", "length")
+            return united if job.source.content else united.select("path", "modificationTime", "length")
         streams = [self._changes(job, table) for table in job.source.tables]
         united = streams[0]
         for more in streams[1:]:
@@ -326,6 +329,15 @@ class Runner:
         if job.state is not None:
             return job.state.plan(united, self._state_folder(job))
         return united
+
+    def _landing_files(self, feed: str, glob: str) -> DataFrame:
+        """One feed's landing folder as a stream of whole files (Spark's file source)."""
+        folder = self.cfg.path("landing", feed)
+        folder.mkdir(parents=True, exist_ok=True)
+        return (self.spark.readStream.format("binaryFile").schema(LANDING_FILE_SCHEMA)
+                .option("pathGlobFilter", glob)
+                .option(*self.cfg.streaming.landing_admission)
+                .load(str(folder)))
 
     def _state_folder(self, job: Job) -> str:
         """Where a stateful job's stage keeps what each batch's executors read (beside the query's checkpoint)."""
@@ -488,7 +500,7 @@ class Runner:
         meta = {"carelake.job": job.name, "carelake.batch": str(batch["batch_id"]), "carelake.query": query_id}
         if label != batch["ingest_batch_id"]:
             meta["carelake.chunk"] = label.rsplit("#", 1)[1]
-        validated = bool(job.expectation_suite and self.cfg.quality.enabled)
+        validated = bool(job.validated_outputs and self.cfg.quality.enabled)
         if batch.get("via_driver"):
             return self._write_collected(job, outputs, label, at, txn, query_id, meta, validated)
         if not validated:
@@ -506,7 +518,7 @@ class Runner:
         else:
             arrows = _route(job, outputs)
         if validated:
-            self._validate(job, arrows, label, at, Txn(f"dq:{job.name}:{query_id}:chunked", txn.version), meta)
+            self._validate(job, arrows, label, at, query_id, txn.version, meta)
         written = {output.table: self._write(output, arrows[output.table], txn, meta) for output in job.outputs}
         result = written[job.name]
         return _ChunkResult(arrows[job.name].num_rows, result.version if result else None,
@@ -521,11 +533,18 @@ class Runner:
         and Great Expectations judges it exactly, naming the rows it moves; it is then committed from here."""
         from pipelines import quality_spark
 
-        dq_txn = Txn(f"dq:{job.name}:{query_id}:chunked", txn.version)
+        dq_txn = _dq_txn(job.name, query_id, txn.version)
         frames, routed = _output_frames(job, outputs)
+        if len(job.validated_outputs) > 1:  # side tables with suites of their own: judged exactly, on the driver
+            try:
+                return self._write_collected(job, frames, label, at, txn, query_id, meta, validated=True)
+            finally:
+                if routed is not None:
+                    routed.unpersist()
         main = frames[job.name] = frames[job.name].persist()
         try:
-            judged = quality_spark.validate_frame(main, self._suite(job), batch=label, job=job.name, at=at)
+            judged = quality_spark.validate_frame(main, self._suite(job.expectation_suite), batch=label, job=job.name,
+                                                  at=at)
             if judged is not None:
                 self._record_validation(job, judged, label, at, dq_txn, meta)
                 return self._commit_frames(job, frames, txn, meta)
@@ -560,45 +579,63 @@ class Runner:
         done = self.store.txn_version(job.name, f"carelake:{job.name}:{query_id}")
         return done is not None and done >= batch_id
 
-    def _suite(self, job: Job) -> Any:
+    def _suite(self, name: str) -> Any:
         from pipelines import quality
 
-        if job.name not in self._suites:
-            self._suites[job.name] = quality.load_suite(job.expectation_suite, self.cfg.expectations_dir)
-        return self._suites[job.name]
+        if name not in self._suites:
+            self._suites[name] = quality.load_suite(name, self.cfg.expectations_dir)
+        return self._suites[name]
 
-    def _record_validation(self, job: Job, v: Any, batch: str, at: datetime, txn: Txn, meta: dict[str, str]) -> None:
-        """Keep a batch's validation: its results in silver.dq_results, the HTML report, the log."""
+    def _record_validation(self, job: Job, v: Any, batch: str, at: datetime, txn: Txn, meta: dict[str, str],
+                           table: str | None = None) -> None:
+        """Keep a batch's validation of one table: its results in silver.dq_results, the HTML report, the log."""
         from pipelines import quality
 
+        table = table or job.name
         self.store.append(quality.DQ_RESULTS, v.results, txn=txn, metadata=meta)
         if self.cfg.quality.report:
-            report = self.cfg.path("_reports", "dq", f"{job.name}.html")
+            report = self.cfg.path("_reports", "dq", f"{table}.html")
             report.parent.mkdir(parents=True, exist_ok=True)
-            quality.render_html(v.results, report, title=f"carelake data quality: {job.name}, batch {batch}")
-        log.info("%s: %s", job.name, v.summary())
+            quality.render_html(v.results, report, title=f"carelake data quality: {table}, batch {batch}")
+        log.info("%s: %s", table, v.summary())
         for finding in v.warnings:
-            log.warning("%s: data quality warning: %s", job.name, finding.line())
+            log.warning("%s: data quality warning: %s", table, finding.line())
 
-    def _validate(self, job: Job, arrows: dict[str, pa.Table], batch: str, at: datetime, txn: Txn,
-                  meta: dict[str, str]) -> None:
-        """The validation step: run the job's suite on its rows, record the results (silver.dq_results and
-        an HTML report), move quarantine-severity failures to silver.quarantine, stop on fail severity."""
+    def _validate(self, job: Job, arrows: dict[str, pa.Table], batch: str, at: datetime, query_id: str,
+                  version: int, meta: dict[str, str]) -> None:
+        """The validation step: run each suite (the job's, and a side table's own) on its table's rows, record the
+        results (silver.dq_results and an HTML report), move quarantine-severity failures to silver.quarantine, stop
+        on fail severity (nothing of the batch is written; it replays once the cause is fixed)."""
+        results = []
+        for output in job.validated_outputs:
+            results.append((output, self._validate_one(job, output, arrows, batch, at)))
+        for output, v in results:
+            self._record_validation(job, v, batch, at, _dq_txn(output.table, query_id, version), meta,
+                                    output.table)
+        for _, v in results:
+            v.raise_for_failures()
+        for output, v in results:
+            self._quarantine_failed(job, output, v, arrows, at)
+
+    def _validate_one(self, job: Job, output: Output, arrows: dict[str, pa.Table], batch: str, at: datetime) -> Any:
         from pipelines import quality
 
-        v = quality.validate(arrows[job.name], self._suite(job), batch=batch, job=job.name, at=at,
-                             sample_rows=self.cfg.quality.sample_rows or None)
-        self._record_validation(job, v, batch, at, txn, meta)
-        v.raise_for_failures()  # nothing of this batch is written; it replays once the cause is fixed
+        return quality.validate(arrows[output.table], self._suite(output.expectation_suite), batch=batch,
+                                job=job.name, at=at, sample_rows=self.cfg.quality.sample_rows or None)
+
+    def _quarantine_failed(self, job: Job, output: Output, v: Any, arrows: dict[str, pa.Table], at: datetime) -> None:
+        """Move the rows a suite quarantined from their table's batch to silver.quarantine's."""
+        from pipelines import quality
+
         if v.quarantine_rows:
             side = next((o for o in job.side_outputs if o.table == QUARANTINE_TABLE), None)
             if side is None:
                 raise SchemaEvolutionError(f"{job.name}: its suite quarantines rows, but the job has no "
                                            f"{QUARANTINE_TABLE} side output to put them in")
-            kept, moved = quality.split_quarantined(
-                arrows[job.name], v, to_quarantine_row=quality.lineage_quarantine_row(job.name, at),
-                quarantine_schema=arrows[QUARANTINE_TABLE].schema)
-            arrows[job.name] = kept
+            convert = quality.lineage_quarantine_row(job.name, at, item_column=output.quarantine_item or "source_id")
+            kept, moved = quality.split_quarantined(arrows[output.table], v, to_quarantine_row=convert,
+                                                    quarantine_schema=arrows[QUARANTINE_TABLE].schema)
+            arrows[output.table] = kept
             arrows[QUARANTINE_TABLE] = pa.concat_tables([arrows[QUARANTINE_TABLE], moved.cast(
                 arrows[QUARANTINE_TABLE].schema)])
 

@@ -19,7 +19,7 @@ def test_base_and_overlay_resolve_with_published_defaults(tmp_path):
     assert (g.max_batch_messages, g.reject_keep_kb, g.rejects_max_mb, g.rejects_max_age_s) == (
         100_000, 64, 1024, 14 * 86_400)
     assert cfg.storage.retention_days["silver"] == 2555
-    assert cfg.landing.feeds == ("hl7", "fhir", "devices", "dicom", "claims")
+    assert cfg.landing.feeds == ("hl7", "fhir", "devices", "dicom", "claims", "x12")
     test = load_config(env="test", conf_dir=CONF, environ={})
     assert test.spark.master == "local[2]" and test.streaming.interval_ms == 500
 
@@ -50,6 +50,15 @@ def test_precedence_flag_over_env_over_file(tmp_path):
     ({"gateway.reject_keep_kb": "-1"}, "gateway.reject_keep_kb must be 0"),
     ({"gateway.reject_keep_kb": "20000"}, "to gateway.max_message_mb in KiB"),
     ({"gateway.rejects_max_mb": "0"}, "gateway.rejects_max_mb must be at least 1 MB"),
+    ({"claims.x12_validation": "strict"}, "claims.x12_validation must be one of envelope, implementation_guide"),
+    ({"claims.x12_versions": ["5010"]}, "claims.x12_versions must list X12 implementation guide versions"),
+    ({"claims.part2_diagnosis_prefixes": ["10F"]}, "claims.part2_diagnosis_prefixes must be ICD-10-CM codes"),
+    ({"claims.part2_procedure_codes": ["H20"]}, "claims.part2_procedure_codes must be CPT"),
+    ({"claims.part2_drgs": ["89"]}, "claims.part2_drgs must be 3-digit MS-DRG codes"),
+    ({"claims.fraud_weights.duplicate": 150}, "claims.fraud_weights needs a weight 0-100"),
+    ({"claims.fraud_medium_from": 70}, "claims.fraud_medium_from and fraud_high_from must satisfy"),
+    ({"claims.unbundling_pairs": [["85025"]]}, "claims.unbundling_pairs rows are a comprehensive"),
+    ({"claims.timed_minutes": ["99291=74"]}, "claims.timed_minutes entries are CODE:MINUTES"),
 ])
 def test_wrong_values_name_the_key_and_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):

@@ -1,5 +1,5 @@
-"""FHIR and device readings over HTTP: POST /fhir, POST /devices, GET /health, GET /metrics; and DICOM instances
-over DICOMweb STOW-RS, POST /dicomweb/studies (one record per part: `pipelines.gateway.stow`).
+"""FHIR, device readings and X12 over HTTP: POST /fhir, POST /devices, POST /x12, GET /health, GET /metrics; and
+DICOM instances over DICOMweb STOW-RS, POST /dicomweb/studies (one record per part: `pipelines.gateway.stow`).
 
 A body is checked just enough to know it is what the endpoint takes (well-formed JSON with a
 resourceType; JSON lines of readings with a device id and a time), then landed byte for byte and
@@ -39,6 +39,9 @@ FHIR_FEED = "fhir"
 DEVICE_FEED = "devices"
 DICOM_FEED = "dicom"
 MAX_WARNINGS = 20  # STOW-RS: Warning header lines, one per part not stored
+X12_FEED = "x12"
+_X12_TYPES = ("application/edi-x12", "application/x12", "text/plain", "application/octet-stream", "")
+_ISA_LENGTH = 106
 _JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
 _NDJSON_TYPES = ("application/fhir+ndjson", "application/ndjson", "application/x-ndjson", "application/jsonl",
                  "application/jsonlines", "application/x-jsonlines")
@@ -184,6 +187,27 @@ def check_readings(body: bytes, content_type: str) -> Checked:
     return _check_lines(body, _reading_problem, "readings")
 
 
+def check_x12(body: bytes, content_type: str) -> Checked:
+    """Interchanges in an X12 body (837/835 and the rest: silver decides what it takes); BadBody when the body is
+    not X12 at all. Delimiters come from the first ISA segment; an interchange without its IEA trailer is a warning
+    (landed whole: silver quarantines that interchange with pyx12's finding)."""
+    if content_type not in _X12_TYPES:
+        raise BadBody(415, "not-supported", [f"content type {content_type!r} is not accepted here: send "
+                                             "application/edi-x12 (one or more interchanges, ISA..IEA)"])
+    data = body.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not data.startswith(b"ISA") or len(data) < _ISA_LENGTH:
+        raise BadBody(400, "structure", ["body is not X12: an interchange starts with a 106-character ISA segment"])
+    if not data.isascii():
+        raise BadBody(400, "invalid", ["body is not ASCII: X12 uses the basic and extended character sets"])
+    sep, term = data[3:4], data[_ISA_LENGTH - 1:_ISA_LENGTH]
+    segments = [s.strip() for s in data.split(term)]
+    starts = sum(1 for s in segments if s.startswith(b"ISA" + sep))
+    ends = sum(1 for s in segments if s.startswith(b"IEA" + sep))
+    warnings = [f"{starts - ends} interchange(s) lack their IEA trailer (ISA16/segment terminator "
+                f"{term.decode()!r}); silver quarantines them"] if ends < starts else []
+    return Checked(starts, warnings)
+
+
 @dataclass(frozen=True)
 class Endpoint:
     feed: str
@@ -252,6 +276,8 @@ class HttpGateway:
             stow = Endpoint(DICOM_FEED, None, "instance(s)", self._stow)
             for route in ("/dicomweb/studies", "/dicomweb/studies/{study}"):
                 app.router.add_post(route, lambda r: self.receive(r, stow), expect_handler=self._expect_continue)
+        x12 = Endpoint(X12_FEED, check_x12, "interchange(s)")
+        app.router.add_post("/x12", lambda r: self.receive(r, x12), expect_handler=self._expect_continue)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_text)
         return app

@@ -36,7 +36,7 @@ SHUTDOWN_SHARES = (0.5, 0.4, 0.1)
 # With asyncio's 100 and aiohttp's 128, a burst of a few hundred connects (slow clients arriving together) filled the
 # queue, and a well-behaved client's connect was dropped and retried by TCP a second later.
 LISTEN_BACKLOG = 1024
-FEEDS = (mllp.FEED, http.FHIR_FEED, http.DEVICE_FEED, http.DICOM_FEED)
+FEEDS = (mllp.FEED, http.FHIR_FEED, http.DEVICE_FEED, http.DICOM_FEED, http.X12_FEED)
 
 
 def served_feeds(cfg: Config, dicom_on: bool) -> tuple[str, ...]:

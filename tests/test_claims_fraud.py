@@ -1,0 +1,90 @@
+"""gold.claims_fraud_scores: duplicate, unbundling and impossible-volume rules with their reasons; void and Part 2
+claims get no score; a batch rescores the claims sharing a rule's group with the ones it changed."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from decimal import Decimal
+
+import pytest
+
+from gold.claims_fraud import WITHDRAWN, Rules, claims_fraud_scores
+from silver.claims import LINES_SCHEMA, SCHEMA
+from tests.conftest import make_config
+
+DAY = date(2026, 1, 7)
+AT = datetime(2026, 1, 20, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def rules(tmp_path_factory):
+    return Rules.of(make_config(tmp_path_factory.mktemp("fraud")).claims)
+
+
+def claim(key: str, *, member: str = "m1", provider: str = "1234567893", version: str = "2026-01-08|1|a",
+          status: str = "active", part2: bool = False, rendering: str | None = None) -> dict:
+    row = {f.name: None for f in SCHEMA.fields}
+    row.update(claim_key=key, claim_id=key.upper(), status=status, member_key=member, billing_provider_key=provider,
+               billing_npi=provider, rendering_npi=rendering, service_from=DAY, service_to=DAY, part2=part2,
+               claim_version=version, billed_amount=Decimal("100.00"), ingested_at=AT)
+    return row
+
+
+def line(key: str, n: int, code: str, units: float = 1.0, rendering: str | None = None) -> dict:
+    row = {f.name: None for f in LINES_SCHEMA.fields}
+    row.update(claim_key=key, line_number=n, line_status="active", procedure_code=code, units=float(units),
+               service_from=DAY, service_to=DAY, rendering_npi=rendering, claim_version="v", ingested_at=AT)
+    return row
+
+
+def run(spark, rules, claims: list[dict], lines: list[dict], changed: list[str]) -> dict[str, dict]:
+    tables = {"silver.claims": spark.createDataFrame(claims, SCHEMA),
+              "silver.claim_lines": spark.createDataFrame(lines, LINES_SCHEMA)}
+    changes = spark.createDataFrame([(k, "update_postimage") for k in changed], "claim_key string, _change_type string")
+    out = claims_fraud_scores(changes, processed_at=AT, read_table=lambda name, **_: tables[name],
+                              table_version=lambda name: 3, rules=rules)
+    return {r["claim_key"]: r.asDict(recursive=True) for r in out.collect()}
+
+
+def codes(row: dict) -> list[str]:
+    return sorted(r["code"] for r in row["reasons"] or [])
+
+
+def test_each_rule_fires_with_its_reason_and_clean_claims_score_zero(spark, rules):
+    claims = [claim("a"), claim("a2", version="2026-01-20|1|b"),  # a2 repeats a, submitted later
+              claim("u", member="m2"), claim("v", member="m3", rendering="1245319599"), claim("ok", member="m4")]
+    lines = [line("a", 1, "99223"), line("a", 2, "85025"), line("a2", 1, "99223"), line("a2", 2, "85025"),
+             line("u", 1, "99232"), line("u", 2, "85027"), line("u", 3, "85004"),
+             line("v", 1, "99291", rendering="1245319599"), line("v", 2, "99292", units=50, rendering="1245319599"),
+             line("ok", 1, "99232")]
+    scores = run(spark, rules, claims, lines, ["a", "a2", "u", "v", "ok"])
+    assert {k: codes(r) for k, r in scores.items()} == {"a": [], "a2": ["duplicate"], "u": ["unbundling"],
+                                                        "v": ["impossible_volume"], "ok": []}
+    assert (scores["a2"]["score"], scores["a2"]["band"]) == (60, "high")
+    assert scores["a2"]["reasons"][0]["detail"].startswith("duplicate of claim A:")
+    assert scores["a2"]["reasons"][0]["lines"] == [1, 2]
+    assert (scores["u"]["score"], scores["u"]["band"]) == (30, "medium")
+    assert scores["u"]["reasons"][0]["detail"] == "85004 + 85027 billed on 2026-01-07: together they are 85025 " \
+                                                  "(comprehensive code)"
+    assert scores["u"]["reasons"][0]["lines"] == [2, 3]
+    assert "1,574 minutes" in scores["v"]["reasons"][0]["detail"]  # 74 + 50 x 30
+    assert (scores["ok"]["score"], scores["ok"]["band"], scores["ok"]["silver_claims_version"]) == (0, "none", 3)
+
+
+def test_void_and_part2_claims_are_withdrawn_and_neighbours_rescored(spark, rules):
+    claims = [claim("x", status="void"), claim("p", part2=True, member="m9"),
+              claim("d1", member="m5", rendering="1245319599"), claim("d2", member="m6", rendering="1245319599")]
+    lines = [line("x", 1, "99232"), line("p", 1, "H0020"),
+             line("d1", 1, "99292", units=30, rendering="1245319599"),
+             line("d2", 1, "99292", units=20, rendering="1245319599")]
+    scores = run(spark, rules, claims, lines, ["x", "p", "d2"])
+    assert {k: r["band"] for k, r in scores.items() if r["band"] == WITHDRAWN} == {"x": WITHDRAWN, "p": WITHDRAWN}
+    # d2 pushed the provider's day to 1,500 minutes: d1, unchanged in this batch, is rescored with it.
+    assert {k: codes(r) for k, r in scores.items() if r["band"] != WITHDRAWN} == {
+        "d1": ["impossible_volume"], "d2": ["impossible_volume"]}
+
+
+def test_removed_lines_do_not_count(spark, rules):
+    removed = {**line("r", 2, "85004"), "line_status": "removed"}
+    scores = run(spark, rules, [claim("r")], [line("r", 1, "85027"), removed], ["r"])
+    assert codes(scores["r"]) == []
