@@ -303,9 +303,12 @@ class Runner:
         if isinstance(job.source, LandingSource):
             folder = self.cfg.path("landing", job.source.feed)
             folder.mkdir(parents=True, exist_ok=True)
+            streaming = self.cfg.streaming
+            admission = streaming.landing_admission if job.source.content \
+                else ("maxFilesPerTrigger", streaming.max_mapped_files_per_trigger)
             files = (self.spark.readStream.format("binaryFile").schema(LANDING_FILE_SCHEMA)
                      .option("pathGlobFilter", job.source.glob)
-                     .option(*self.cfg.streaming.landing_admission)
+                     .option(*admission)
                      .load(str(folder)))
             # Without `content` selected, Spark's binaryFile source lists the files and never reads them.
             return files if job.source.content else files.select("path", "modificationTime", "length")
