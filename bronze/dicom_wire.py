@@ -152,7 +152,7 @@ def _overrun(data: bytes) -> str | None:
     for w in caught:
         if "End of file reached" in str(w.message):
             return f"the bytes end inside an element: {w.message}"
-    raw = ds._dict.get(_PIXEL_DATA)
+    raw = ds.get_item(_PIXEL_DATA, keep_deferred=True)  # the raw element: its deferred value is not read
     tell, length = getattr(raw, "value_tell", None), getattr(raw, "length", None)
     if tell is not None and length not in (None, _UNDEFINED_LENGTH) and tell + length > len(data):
         return (f"(7FE0,0010) Pixel Data declares {length:,} bytes at byte {tell:,}, but only "

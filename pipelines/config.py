@@ -106,6 +106,7 @@ class StreamingConfig:
     max_rows_per_batch: int = 500_000
     max_restarts: int = 5
     max_mb_per_trigger: int = 0
+    max_mapped_files_per_trigger: int = 1000
     # "upstream > downstream" job pairs: the downstream's transform runs inside the upstream's batches (see fused).
     fuse: tuple[str, ...] = ()
 
@@ -145,6 +146,9 @@ class StreamingConfig:
         if self.max_rows_per_batch < 1:
             raise ConfigError(f"streaming.max_rows_per_batch must be at least 1 row, got {self.max_rows_per_batch}; "
                               "a larger batch is written in chunks of at most this many rows")
+        if self.max_mapped_files_per_trigger < 1:
+            raise ConfigError(f"streaming.max_mapped_files_per_trigger must be at least 1 file, got "
+                              f"{self.max_mapped_files_per_trigger}")
         if self.max_restarts < 0:
             raise ConfigError(f"streaming.max_restarts must be 0 or more, got {self.max_restarts}; 0 fails the run at "
                               "a job's first error")

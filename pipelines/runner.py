@@ -316,7 +316,12 @@ class Runner:
 
     def _source(self, job: Job) -> DataFrame:
         if isinstance(job.source, LandingSource):
-            files = [self._landing_files(feed, job.source.glob) for feed in job.source.feeds]
+            streaming = self.cfg.streaming
+            # A source the transform reads itself (content=False) is admitted by files: its batches cost no memory
+            # here, whatever the files' sizes.
+            admission = streaming.landing_admission if job.source.content \
+                else ("maxFilesPerTrigger", streaming.max_mapped_files_per_trigger)
+            files = [self._landing_files(feed, job.source.glob, admission) for feed in job.source.feeds]
             united = files[0]
             for more in files[1:]:
                 united = united.unionByName(more)
@@ -330,13 +335,13 @@ class Runner:
             return job.state.plan(united, self._state_folder(job))
         return united
 
-    def _landing_files(self, feed: str, glob: str) -> DataFrame:
+    def _landing_files(self, feed: str, glob: str, admission: tuple[str, int]) -> DataFrame:
         """One feed's landing folder as a stream of whole files (Spark's file source)."""
         folder = self.cfg.path("landing", feed)
         folder.mkdir(parents=True, exist_ok=True)
         return (self.spark.readStream.format("binaryFile").schema(LANDING_FILE_SCHEMA)
                 .option("pathGlobFilter", glob)
-                .option(*self.cfg.streaming.landing_admission)
+                .option(*admission)
                 .load(str(folder)))
 
     def _state_folder(self, job: Job) -> str:
