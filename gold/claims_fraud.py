@@ -42,9 +42,10 @@ SCORES = "gold.claims_fraud_scores"
 CLAIMS, LINES = "silver.claims", "silver.claim_lines"
 WITHDRAWN = "withdrawn"  # a claim voided (or no longer scored): its score row is deleted
 
+# Nested fields are nullable: delta-rs checks a non-null nested field even where its parent (reasons) is null.
 REASON = StructType([
-    StructField("code", StringType(), False),  # duplicate | unbundling | impossible_volume
-    StructField("detail", StringType(), False),  # what was found, in words an analyst can check
+    StructField("code", StringType(), True),  # duplicate | unbundling | impossible_volume
+    StructField("detail", StringType(), True),  # what was found, in words an analyst can check
     StructField("lines", ArrayType(IntegerType()), True),  # the claim's line numbers that drive it
 ])
 
