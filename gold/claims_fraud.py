@@ -42,9 +42,10 @@ SCORES = "gold.claims_fraud_scores"
 CLAIMS, LINES = "silver.claims", "silver.claim_lines"
 WITHDRAWN = "withdrawn"  # a claim voided (or no longer scored): its score row is deleted
 
+# Nested fields are nullable: delta-rs checks a non-null nested field even where its parent (reasons) is null.
 REASON = StructType([
-    StructField("code", StringType(), False),  # duplicate | unbundling | impossible_volume
-    StructField("detail", StringType(), False),  # what was found, in words an analyst can check
+    StructField("code", StringType(), True),  # duplicate | unbundling | impossible_volume
+    StructField("detail", StringType(), True),  # what was found, in words an analyst can check
     StructField("lines", ArrayType(IntegerType()), True),  # the claim's line numbers that drive it
 ])
 
@@ -199,7 +200,10 @@ def claims_fraud_scores(changes: DataFrame, *, processed_at: datetime, read_tabl
     groups = reasons.join(touched, "claim_key").select("group").distinct()
     affected = touched.unionByName(reasons.join(groups, "group").select("claim_key")).distinct()
     scored = score_rows(claims.join(affected, "claim_key"), reasons.drop("group"), rules)
-    gone = touched.join(claims, "claim_key", "left_anti").select(
+    # A withdrawal deletes a stored score; one for a claim never scored would be a row the merge neither matches nor
+    # inserts (delta-rs still checks it against the table's NOT NULL columns), so only stored scores are withdrawn.
+    stored = read_table(SCORES).select("claim_key") if table_version(SCORES) is not None else touched.limit(0)
+    gone = touched.join(claims, "claim_key", "left_anti").join(stored, "claim_key", "left_semi").select(
         "claim_key", *[F.lit(None).cast(f.dataType).alias(f.name) for f in SCHEMA.fields
                        if f.name not in ("claim_key", "score", "band", "scored_at", "silver_claims_version",
                                          "silver_claim_lines_version")],

@@ -169,6 +169,7 @@ _TABLES = {CLAIMS: (SCHEMA, ("claim_key",), "claim_version"),
            PROVIDERS: (PROVIDERS_SCHEMA, ("provider_key",), "source_version"),
            MEMBERS: (MEMBERS_SCHEMA, ("member_key",), "source_version")}
 _GROUP, _VERSION = "_group", "_version"
+FLUSH_ROWS = 20_000  # routed rows a Python worker holds before it hands them to Spark as one Arrow batch
 ROUTED = StructType([*routed_schema(StructType([
     *{f.name: f for s in (SCHEMA, LINES_SCHEMA, PROVIDERS_SCHEMA, MEMBERS_SCHEMA) for f in s.fields}.values()])).fields,
     StructField(_GROUP, StringType(), True), StructField(_VERSION, StringType(), True)])
@@ -211,11 +212,22 @@ class ClaimRows(RoutedRows):
         self.quarantine(src, problem.item, problem.reason, problem.detail)
         self.rows[-1].update({_GROUP: f"{QUARANTINE}|{self.rows[-1]['quarantine_id']}", _VERSION: ""})
 
+    def take(self, final: bool = False) -> pa.RecordBatch:
+        """The rows so far as an Arrow batch, and a fresh start (the folded providers and members only when final):
+        a partition's rows never pile up as Python objects, whose garbage collection would grow with them."""
+        rows, self.rows = self.rows, []
+        if final:
+            rows, self.parties = [*rows, *self.parties.values()], {}
+        return self._arrow(rows)
+
     def batch(self) -> pa.RecordBatch:
-        """The rows as one Arrow batch, built per output table from that table's columns only (a row of one table
+        return self._arrow([*self.rows, *self.parties.values()])
+
+    def _arrow(self, rows: list[dict[str, Any]]) -> pa.RecordBatch:
+        """Rows as one Arrow batch, built per output table from that table's columns only (a row of one table
         leaves most routed columns null; converting them one by one costs more than the parse)."""
         by_table: dict[str, list[dict[str, Any]]] = {}
-        for row in [*self.rows, *self.parties.values()]:
+        for row in rows:
             by_table.setdefault(row[OUTPUT], []).append(row)
         parts = [self._part(rows) for rows in by_table.values()]
         table = pa.concat_tables(parts) if parts else self.schema.empty_table()
@@ -450,12 +462,15 @@ def parsed(changes: DataFrame, p: Params, s: Settings, processed_at: datetime) -
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         tz = ZoneInfo(p.timezone)
+        out = ClaimRows(p, processed_at, arrow_schema)
         for batch in batches:
-            out = ClaimRows(p, processed_at, arrow_schema)
-            for src in batch.to_pylist():
+            for n in range(batch.num_rows):  # one file at a time: its payload and rows are freed before the next
+                src = batch.slice(n, 1).to_pylist()[0]
                 src["table"] = BRONZE
                 _file(out, src, src.pop("payload"), s, tz)
-            yield out.batch()
+                if len(out.rows) >= FLUSH_ROWS:
+                    yield out.take()
+        yield out.take(final=True)
 
     return inserted.select(*cols).mapInArrow(run, ROUTED)
 

@@ -41,6 +41,7 @@ def run(spark, rules, claims: list[dict], lines: list[dict], changed: list[str])
     tables = {"silver.claims": spark.createDataFrame(claims, SCHEMA),
               "silver.claim_lines": spark.createDataFrame(lines, LINES_SCHEMA)}
     changes = spark.createDataFrame([(k, "update_postimage") for k in changed], "claim_key string, _change_type string")
+    tables["gold.claims_fraud_scores"] = spark.createDataFrame([(k,) for k in changed], "claim_key string")
     out = claims_fraud_scores(changes, processed_at=AT, read_table=lambda name, **_: tables[name],
                               table_version=lambda name: 3, rules=rules)
     return {r["claim_key"]: r.asDict(recursive=True) for r in out.collect()}
@@ -88,3 +89,28 @@ def test_removed_lines_do_not_count(spark, rules):
     removed = {**line("r", 2, "85004"), "line_status": "removed"}
     scores = run(spark, rules, [claim("r")], [line("r", 1, "85027"), removed], ["r"])
     assert codes(scores["r"]) == []
+
+
+def test_scores_merge_into_the_table_and_a_void_withdraws_its_row(spark, rules, cfg):
+    from pipelines.jobs import load_registry
+    from pipelines.store.deltars import DeltaRsStore
+
+    job, store = load_registry(cfg).get("gold.claims_fraud_scores"), DeltaRsStore(cfg, spark)
+
+    def write(claims, changed):
+        tables = {"silver.claims": spark.createDataFrame(claims, SCHEMA),
+                  "silver.claim_lines": spark.createDataFrame([line("a", 1, "85027"), line("a", 2, "85004"),
+                                                               line("b", 1, "99232")], LINES_SCHEMA)}
+        changes = spark.createDataFrame([(k, "insert") for k in changed], "claim_key string, _change_type string")
+        if store.exists(job.name):
+            tables[job.name] = store.read(job.name)
+        store.merge(job.name, claims_fraud_scores(changes, processed_at=AT, read_table=lambda n, **_: tables[n],
+                                                  table_version=lambda n: store.version(n) if store.exists(n)
+                                                  else None, rules=rules).toArrow(), job.merge)
+        return {r["claim_key"]: (r["band"], [x["code"] for x in r["reasons"] or []])
+                for r in store.read_arrow(job.name).to_pylist()}
+
+    # The first batch voids a claim that was never scored: nothing to withdraw (and no invalid row for the merge).
+    assert write([claim("a"), claim("b", member="m2"), claim("x", status="void")], ["a", "b", "x"]) == {
+        "a": ("medium", ["unbundling"]), "b": ("none", [])}
+    assert write([claim("a", status="void"), claim("b", member="m2")], ["a"]) == {"b": ("none", [])}
