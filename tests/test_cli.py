@@ -39,10 +39,11 @@ def test_help_does_not_import_spark_or_delta():
     (("ingest", "README.md", "--feed", "vitals"), "unknown feed 'vitals'; known feeds: hl7"),
     (("history", "platinum.x"), "is not a table name"),
     (("history", "silver.missing"), "table silver.missing does not exist yet"),
-    (("run", "silver.nope"), "no job writes 'silver.nope'; jobs: bronze.device_readings"),
+    (("run", "silver.nope"), "no job writes 'silver.nope'; jobs: bronze.claim_files, bronze.device_readings"),
     (("run", "all", "silver.observations"), "'all' runs every job: name the jobs to run, or 'all' alone"),
-    (("run", "silver.quarantine"), "silver.quarantine is written by the jobs silver.encounters, "
-                                   "silver.observations, silver.patients as a side output; run one of them"),
+    (("run", "silver.quarantine"), "silver.quarantine is written by the jobs silver.claims, silver.encounters, "
+                                   "silver.imaging_studies, silver.observations, silver.patients as a side output; "
+                                   "run one of them"),
     (("--set", "storage.engine=duckdb", "tables"), "storage.engine must be one of"),
     (("restore", "silver.x"), "restore needs exactly one of --version N or --timestamp TS"),
     (("run", "gold.early_warning_scores", "--from", "2026-01-01"), "--from and --to go with --recompute"),

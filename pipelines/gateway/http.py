@@ -252,9 +252,10 @@ class ServerLog(logging.LoggerAdapter):
 
 class HttpGateway:
     def __init__(self, landing: LandingZone, metrics: Metrics, *, max_bytes: int, body_timeout_s: float,
-                 keep_bytes: int, stow: bool = True, max_parts: int = 100_000):
+                 keep_bytes: int, stow: bool = True, x12: bool = True, max_parts: int = 100_000):
         self.landing = landing
         self.stow = stow  # serve POST /dicomweb/studies (the zone lands the dicom feed)
+        self.x12 = x12  # serve POST /x12 (the zone lands the x12 feed)
         self.max_parts = max_parts  # STOW-RS parts in one body (gateway.max_batch_messages)
         self.metrics = metrics
         self.max_bytes = max_bytes
@@ -276,8 +277,9 @@ class HttpGateway:
             stow = Endpoint(DICOM_FEED, None, "instance(s)", self._stow)
             for route in ("/dicomweb/studies", "/dicomweb/studies/{study}"):
                 app.router.add_post(route, lambda r: self.receive(r, stow), expect_handler=self._expect_continue)
-        x12 = Endpoint(X12_FEED, check_x12, "interchange(s)")
-        app.router.add_post("/x12", lambda r: self.receive(r, x12), expect_handler=self._expect_continue)
+        if self.x12:
+            x12 = Endpoint(X12_FEED, check_x12, "interchange(s)")
+            app.router.add_post("/x12", lambda r: self.receive(r, x12), expect_handler=self._expect_continue)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_text)
         return app

@@ -39,12 +39,16 @@ LISTEN_BACKLOG = 1024
 FEEDS = (mllp.FEED, http.FHIR_FEED, http.DEVICE_FEED, http.DICOM_FEED, http.X12_FEED)
 
 
+# Feeds served only when landing.feeds lists them (a lakehouse without imaging or claims keeps its gateway).
+OPTIONAL_FEEDS = (http.DICOM_FEED, http.X12_FEED)
+
+
 def served_feeds(cfg: Config, dicom_on: bool) -> tuple[str, ...]:
-    """The feeds this gateway lands: DICOM (STOW-RS, and C-STORE when on) when landing.feeds lists it; C-STORE
-    asked for without it is a configuration error."""
+    """The feeds this gateway lands: DICOM (STOW-RS, and C-STORE when on) and X12 (POST /x12) when landing.feeds
+    lists them; C-STORE asked for without the dicom feed is a configuration error."""
     if dicom_on and http.DICOM_FEED not in cfg.landing.feeds:
         raise UsageError("--dicom-port needs the dicom feed in landing.feeds (conf/base.yaml lists it by default)")
-    return tuple(f for f in FEEDS if f != http.DICOM_FEED or f in cfg.landing.feeds)
+    return tuple(f for f in FEEDS if f not in OPTIONAL_FEEDS or f in cfg.landing.feeds)
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,7 @@ class Gateway:
                                     keep_bytes=keep_bytes)
         self.http = http.HttpGateway(self.landing, self.metrics, max_bytes=max_bytes, body_timeout_s=g.body_timeout_s,
                                      keep_bytes=keep_bytes, stow=http.DICOM_FEED in self.feeds,
+                                     x12=http.X12_FEED in self.feeds,
                                      max_parts=g.max_batch_messages)
         self.dicom = None if self.dicom_port is None else _dicom_server(cfg, ae_title, self.landing, self.metrics)
         self._mllp_server: asyncio.Server | None = None
