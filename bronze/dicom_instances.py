@@ -25,21 +25,12 @@ FEED = "dicom"
 TABLE = "bronze.dicom_instances"
 READ_CONTENT = False  # the job reads each landing file itself, mapped (LandingSource(content=False))
 
-KEYS = StructType([
-    StructField("stored_uri", StringType(), True),
-    StructField("source", StringType(), True),
-    StructField("calling_ae", StringType(), True),
-    StructField("sop_class_uid", StringType(), True),
-    StructField("sop_instance_uid", StringType(), True),
-    StructField("series_instance_uid", StringType(), True),
-    StructField("study_instance_uid", StringType(), True),
-    StructField("transfer_syntax_uid", StringType(), True),
-    StructField("modality", StringType(), True),
-    StructField("specific_character_set", StringType(), True),
-    StructField("header_json", StringType(), True),
-    StructField("instance_status", StringType(), True),
-    StructField("instance_detail", StringType(), True),
-])
+# What the header gives, in both the parsed keys and the table (text, null when absent).
+_HEADER_KEYS = ("sop_class_uid", "sop_instance_uid", "series_instance_uid", "study_instance_uid",
+                "transfer_syntax_uid", "modality", "specific_character_set", "header_json")
+
+KEYS = StructType([StructField(name, StringType(), True) for name in (
+    "stored_uri", "source", "calling_ae", *_HEADER_KEYS, "instance_status", "instance_detail")])
 
 SCHEMA = StructType([
     *(f for f in lineage_fields() if f.name != "payload"),  # the bytes stay in the landing zone: stored_uri
@@ -48,14 +39,8 @@ SCHEMA = StructType([
     StructField("source", StringType(), False),  # dimse (C-STORE) | dicomweb (STOW-RS) | file (carelake ingest)
     StructField("peer", StringType(), True),  # the sender's address:port (gateway only)
     StructField("calling_ae", StringType(), True),  # C-STORE: the modality's calling AE title
-    StructField("sop_class_uid", StringType(), True),
-    StructField("sop_instance_uid", StringType(), True),
-    StructField("series_instance_uid", StringType(), True),
-    StructField("study_instance_uid", StringType(), True),
-    StructField("transfer_syntax_uid", StringType(), True),
-    StructField("modality", StringType(), True),
-    StructField("specific_character_set", StringType(), True),
-    StructField("header_json", StringType(), True),  # DICOM JSON model of the data set (no pixel data)
+    # header_json: the DICOM JSON model of the data set (no pixel data)
+    *(StructField(name, StringType(), True) for name in _HEADER_KEYS),
     StructField("landing_status", StringType(), False),
     StructField("parse_status", StringType(), False),  # ok | no_file_meta | bad_file_meta | missing_uids | ...
     StructField("parse_detail", StringType(), True),
