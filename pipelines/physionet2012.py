@@ -294,7 +294,7 @@ def outcome_rows(outcomes: list[dict], *, secret: str, mrn_system: str, imported
 
 
 def write_outcomes(store: TableStore, rows: list[dict]) -> None:
-    """MERGE the outcome labels on patient_key (an import run again updates, never duplicates)."""
+    """MERGE the outcome labels (of the imported records only) on patient_key (an import run again updates, never duplicates)."""
     import pyarrow as pa
 
     from pipelines.store.base import MergeSpec
@@ -316,7 +316,7 @@ def import_records(cfg: Config, store: TableStore | None, folder: Path, *, outco
     seen = Counter(r.record_id for r in records)
     if dup := [rid for rid, n in seen.items() if n > 1]:
         raise UsageError(f"RecordID {dup[0]} appears in {seen[dup[0]]} files of {folder}; import each record once")
-    labels = parse_outcomes(outcomes) if outcomes is not None else []
+    labels = [o for o in parse_outcomes(outcomes) if o["record_id"] in seen] if outcomes is not None else []
     counts: Counter = Counter()
     with tempfile.TemporaryDirectory(prefix="carelake-physionet-") as tmp:
         fhir, devices = [], []
