@@ -294,7 +294,7 @@ def outcome_rows(outcomes: list[dict], *, secret: str, mrn_system: str, imported
 
 
 def write_outcomes(store: TableStore, rows: list[dict]) -> None:
-    """MERGE the outcome labels (of the imported records only) on patient_key (an import run again updates, never duplicates)."""
+    """MERGE outcome labels on patient_key: an import run again updates them, never duplicates."""
     import pyarrow as pa
 
     from pipelines.store.base import MergeSpec
@@ -322,7 +322,8 @@ def import_records(cfg: Config, store: TableStore | None, folder: Path, *, outco
         fhir, devices = [], []
         for rec in records:
             admitted = admission_time(rec.record_id, anchor)
-            fhir += [json.dumps(patient_resource(rec, admitted, cfg.silver.mrn_system)), json.dumps(encounter_resource(rec, admitted))]
+            resources = (patient_resource(rec, admitted, cfg.silver.mrn_system), encounter_resource(rec, admitted))
+            fhir += [json.dumps(r) for r in resources]
             devices += device_lines(rec, admitted, counts)
         landed = ingest(cfg, [_write(Path(tmp), f"{SOURCE}-fhir.ndjson", fhir)], "fhir")
         if devices:
