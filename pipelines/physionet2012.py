@@ -48,6 +48,7 @@ ICU_TYPES = {"1": "Coronary Care Unit", "2": "Cardiac Surgery Recovery Unit", "3
              "4": "Surgical ICU"}
 OUTCOME_COLUMNS = ("RecordID", "SAPS-I", "SOFA", "Length_of_stay", "Survival", "In-hospital_death")
 OUTCOMES_TABLE = "silver.outcomes"
+RECORDS_PER_FILE = 250  # ~12 MB of device lines per landed file for set-a
 
 
 @dataclass(frozen=True)
@@ -318,18 +319,24 @@ def import_records(cfg: Config, store: TableStore | None, folder: Path, *, outco
         raise UsageError(f"RecordID {dup[0]} appears in {seen[dup[0]]} files of {folder}; import each record once")
     labels = [o for o in parse_outcomes(outcomes) if o["record_id"] in seen] if outcomes is not None else []
     counts: Counter = Counter()
+    resources = 0
     with tempfile.TemporaryDirectory(prefix="carelake-physionet-") as tmp:
-        fhir, devices = [], []
-        for rec in records:
-            admitted = admission_time(rec.record_id, anchor)
-            resources = (patient_resource(rec, admitted, cfg.silver.mrn_system), encounter_resource(rec, admitted))
-            fhir += [json.dumps(r) for r in resources]
-            devices += device_lines(rec, admitted, counts)
-        landed = ingest(cfg, [_write(Path(tmp), f"{SOURCE}-fhir.ndjson", fhir)], "fhir")
-        if devices:
-            landed += ingest(cfg, [_write(Path(tmp), f"{SOURCE}-devices.jsonl", devices)], "devices")
+        fhir, devices = [], []  # files: devices in chunks of RECORDS_PER_FILE records, so no landed file is huge
+        for start in range(0, len(records), RECORDS_PER_FILE):
+            chunk = records[start:start + RECORDS_PER_FILE]
+            admitted = {r.record_id: admission_time(r.record_id, anchor) for r in chunk}
+            fhir.append(_write(Path(tmp), f"{SOURCE}-{start // RECORDS_PER_FILE:04d}-fhir.ndjson", (
+                json.dumps(x) for r in chunk for x in (patient_resource(r, admitted[r.record_id],
+                                                                        cfg.silver.mrn_system),
+                                                       encounter_resource(r, admitted[r.record_id])))))
+            resources += 2 * len(chunk)
+            lines = (line for r in chunk for line in device_lines(r, admitted[r.record_id], counts))
+            devices.append(_write(Path(tmp), f"{SOURCE}-{start // RECORDS_PER_FILE:04d}-devices.jsonl", lines))
+        landed = ingest(cfg, fhir, "fhir")
+        sent = [f for f in devices if f.stat().st_size]
+        landed += ingest(cfg, sent, "devices") if sent else []
     if labels and store is not None:
         write_outcomes(store, outcome_rows(labels, secret=key_secret(cfg),
                                            mrn_system=cfg.silver.mrn_system,
                                            imported_at=datetime.now(tz=UTC)))
-    return ImportSummary(len(records), len(fhir), dict(counts), len(labels), sum(f.bytes for f in landed))
+    return ImportSummary(len(records), resources, dict(counts), len(labels), sum(f.bytes for f in landed))
