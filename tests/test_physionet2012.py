@@ -255,3 +255,9 @@ def test_set_a_records_land_in_silver_or_quarantine(tmp_path, realdata):
     labels = _sql(root, "select count(*) as n, count(distinct patient_key) as k from silver.outcomes o "
                         "where exists (select 1 from silver.patients p where p.patient_key = o.patient_key)")
     assert labels == [{"n": len(records), "k": len(records)}]
+
+
+def test_bad_flag_is_named(tmp_path):
+    proc = run_cli(tmp_path / "lake", "import", "physionet2012", str(tmp_path), "--bogus", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "carelake: error: unrecognized arguments: --bogus")
