@@ -188,6 +188,29 @@ def cmd_ingest(ctx: Context) -> int:
     return 0
 
 
+def cmd_import_physionet2012(ctx: Context) -> int:
+    from pathlib import Path
+
+    from pipelines.physionet2012 import OUTCOMES_TABLE, import_records, parse_anchor
+
+    a = ctx.args
+    anchor = parse_anchor(a.anchor)
+    store = ctx.store(need_spark=False) if a.outcomes else None
+    s = import_records(ctx.cfg, store, Path(a.dir), outcomes=Path(a.outcomes) if a.outcomes else None,
+                       anchor=anchor)
+    sent = {k: v for k, v in s.lines.items() if not k.startswith("skipped:")}
+    skipped = {k.removeprefix("skipped:"): v for k, v in s.lines.items() if k.startswith("skipped:")}
+    print(f"imported {s.records:,} record(s): {s.resources:,} FHIR resources and {sum(sent.values()):,} device "
+          f"readings ({s.landed_bytes:,} bytes) landed; run `carelake run all --available-now` to process them")
+    print("readings per parameter: " + ", ".join(f"{k} {v:,}" for k, v in sorted(sent.items())))
+    if skipped:
+        print(f"not sent (no LOINC code in silver): {sum(skipped.values()):,} values of "
+              + ", ".join(sorted(skipped)))
+    if a.outcomes:
+        print(f"{s.outcomes:,} outcome label(s) merged into {OUTCOMES_TABLE}")
+    return 0
+
+
 def cmd_simulate(ctx: Context) -> int:
     from pipelines.simulator.params import resolve_params
     from pipelines.simulator.run import simulate
@@ -312,6 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--feed", required=True, help="feed name, e.g. devices, hl7, fhir, x12 (837/835), claims (FHIR "
                    "Claim/EOB/Coverage, CMS RIF, CSV) (landing.feeds in conf)")
     i.set_defaults(func=cmd_ingest)
+
+    im = sub.add_parser("import", help="import a public data set through the feeds (landing -> bronze -> silver)")
+    isub = im.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    ph = isub.add_parser("physionet2012", help="PhysioNet/CinC Challenge 2012 ICU records: patients, ICU "
+                         "encounters, device readings; outcomes into silver.outcomes")
+    ph.add_argument("dir", help="folder of record files (<RecordID>.txt), e.g. set-a/")
+    ph.add_argument("--outcomes", help="Outcomes-a.txt: labels merged into silver.outcomes")
+    ph.add_argument("--anchor", help="ISO-8601 time admissions are anchored at (default 2020-01-01T00:00:00Z; each "
+                    "record adds a fixed offset under 365 days)")
+    ph.set_defaults(func=cmd_import_physionet2012)
 
     g = sub.add_parser("gateway", help="receive HL7 v2 over MLLP, FHIR/device JSON and DICOMweb STOW-RS over HTTP, "
                                        "and DICOM C-STORE, into landing")

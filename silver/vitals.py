@@ -58,6 +58,11 @@ VITALS: tuple[Vital, ...] = (
     Vital("8480-6", "sbp", "Systolic blood pressure", "mm[Hg]", 20, 300),
     Vital("8462-4", "dbp", "Diastolic blood pressure", "mm[Hg]", 10, 250),
     Vital("8478-0", "map", "Mean blood pressure", "mm[Hg]", 15, 250),
+    # Arterial-line pressures keep their own codes (a method difference a reader must see) and share the concept:
+    # NEWS2 scores a systolic pressure however it was measured.
+    Vital("76215-0", "sbp", "Invasive Systolic blood pressure", "mm[Hg]", 20, 300),
+    Vital("76213-5", "dbp", "Invasive Diastolic blood pressure", "mm[Hg]", 10, 250),
+    Vital("76214-3", "map", "Invasive Mean blood pressure", "mm[Hg]", 15, 250),
     Vital("8310-5", "temp", "Body temperature", "Cel", 25, 45),
     Vital("3150-0", "fio2", "Inhaled oxygen concentration", "%", 21, 100),
     Vital("3151-8", "o2flow", "Inhaled oxygen flow rate", "L/min", 0, 80),
