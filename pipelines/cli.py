@@ -411,6 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="deterioration onsets: the simulator's DIR/truth/deteriorations.csv")
     tr.add_argument("--tracking-uri", help="MLflow tracking URI (models.tracking_uri; default sqlite under the root)")
     tr.set_defaults(func=cmd_train)
+
+    from pipelines.audit_cli import add_parser as add_audit_parser
+
+    add_audit_parser(sub)
     return p
 
 

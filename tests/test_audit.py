@@ -1,0 +1,129 @@
+"""`carelake audit`: an alert walks back to the landing bytes it came from, verified; a tampered byte is a mismatch.
+
+One tiny lakehouse for the module: an HL7 ORU (all seven NEWS2 inputs, NEWS2 6 -> a news2_medium alert) landed
+as the gateway lands it (a segment, behind another message, so its offset is not 0), then bronze (fused with
+silver.observations) and the score job.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from bronze.records import FILE_MAGIC, SEGMENT_SUFFIX, encode_record
+from tests.conftest import REPO, make_config
+
+OBX = "OBX|{n}|{t}|{code}^{name}^LN||{value}|{unit}^{unit}^UCUM|||||F|||20261121100000+0000"
+VITALS = [("9279-1", "RR", "22", "/min"), ("8867-4", "HR", "95", "/min"), ("59408-5", "SpO2", "95", "%"),
+          ("3150-0", "FiO2", "21", "%"), ("8480-6", "SBP", "105", "mm[Hg]"), ("8310-5", "Temp", "38.5", "Cel")]
+
+
+def oru(control_id: str, mrn: str) -> bytes:
+    obx = [OBX.format(n=i + 1, t="NM", code=c, name=n, value=v, unit=u) for i, (c, n, v, u) in enumerate(VITALS)]
+    obx.append("OBX|7|CWE|67775-7^Level of responsiveness^LN||A^Alert^ACVPU||||||F|||20261121100000+0000")
+    return ("\r".join([
+        f"MSH|^~\\&|WARD|GENERAL|CARELAKE|CARELAKE|20261121100100+0000||ORU^R01^ORU_R01|{control_id}|P|2.5",
+        f"PID|1||{mrn}^^^CARELAKE^MR||Roe^Sam||19470312|M",
+        f"PV1|1|I|6N^12^1^GENERAL||||||||||||||||V{mrn}^^^CARELAKE^VN",
+        "OBR|1|P1|F1|vitals^Vital signs|||20261121100000+0000", *obx]) + "\r").encode()
+
+
+def land_segment(folder: Path, bodies: list[bytes]) -> Path:
+    """A sealed landing segment as the MLLP gateway writes it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    header = {"received_at": datetime.now(UTC).isoformat(), "peer": "10.0.0.5:40000", "feed": "hl7",
+              "protocol": "mllp", "content_type": "x-application/hl7-v2+er7", "status": "accepted"}
+    path = folder / f"20261121T100100000000Z-hl7-0123456789ab{SEGMENT_SUFFIX}"
+    path.write_bytes(FILE_MAGIC + b"".join(encode_record(header, b) for b in bodies))
+    return path
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory, spark):
+    from pipelines.jobs import load_registry
+    from pipelines.runner import Runner, Trigger
+    from pipelines.store import open_store
+
+    root = tmp_path_factory.mktemp("audit") / "lake"
+    cfg = make_config(root)
+    # The first message is well (no alert); the second raises the alert.
+    segment = land_segment(cfg.path("landing", "hl7"), [oru("A-0", "MRN3000").replace(b"|22|", b"|16|"),
+                                                         oru("A-1", "MRN3001")])
+    store = open_store(cfg, spark)
+    registry = load_registry(cfg)
+    names = [j.name for j in registry.order(["bronze.hl7_messages", "gold.early_warning_scores"])]
+    Runner(cfg, spark, store, registry).run(names, Trigger(available_now=True))
+    return cfg, store, segment
+
+
+def cli(cfg, *args: str) -> int:
+    from pipelines.cli import main
+
+    return main(["--root", str(cfg.root), "--env", "test", "--conf-dir", str(REPO / "conf"), *args])
+
+
+def the_alert(store) -> dict:
+    (alert,) = store.read_arrow("gold.deterioration_alerts").to_pylist()
+    return alert
+
+
+def test_explain_walks_an_alert_back_to_the_landing_bytes_and_verifies_them(lake, capsys):
+    cfg, store, segment = lake
+    alert = the_alert(store)
+    assert cli(cfg, "audit", "explain", alert["alert_id"], "--json") == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["verdict"] == "verified" and r["alert"]["alert_id"] == alert["alert_id"]
+    assert r["score"]["scored_at"] == "2026-11-21T10:00:00+00:00" and r["score"]["news2_score"] == 6
+    assert r["code_version"] == "0.1.0" and r["model_version"] is None  # no model registered in this lake
+    assert r["tables_read"]["silver.observations"] == r["score"]["silver_version"]
+    obs = r["observations"]
+    assert len(obs) == 7 and {o["observation_id"] for o in obs} == set(alert["observation_ids"])
+    assert {o["source_id"].split("#")[0] for o in obs} == {"A-1"}  # MSH-10 of the second message
+    # Every observation came from the second message of the segment: its exact bytes, at its offset.
+    body = oru("A-1", "MRN3001")
+    data = segment.read_bytes()
+    offset = data.index(body)
+    assert offset > len(FILE_MAGIC) + len(oru("A-0", "MRN3000"))
+    for o in obs:
+        assert (o["landing"]["file"], o["landing"]["offset"], o["landing"]["bytes"]) == (str(segment), offset,
+                                                                                        len(body))
+        assert o["landing"]["status"] == "verified" and o["bronze"]["table"] == "bronze.hl7_messages"
+    import hashlib
+
+    assert {o["landing"]["sha256_read"] for o in obs} == {hashlib.sha256(body).hexdigest()}
+    # The same chain by the score row's key, as text; and both lookups are in ops.audit_log.
+    key = f"{alert['patient_key']}@2026-11-21T10:00:00Z"
+    assert cli(cfg, "audit", "explain", key) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"audit explain {alert['patient_key']}@2026-11-21T10:00:00+00:00: verified")
+    assert text.count(f"offset {offset}") == 7 and "MISMATCH" not in text
+    log = [e for e in store.read_arrow("ops.audit_log").to_pylist() if e["action"] == "explain"]
+    assert {(e["outcome"], e["detail"]) for e in log} >= {("allowed", "verified")}
+
+
+def test_a_tampered_landing_byte_is_reported_as_a_mismatch(lake, capsys):
+    cfg, store, segment = lake
+    alert = the_alert(store)
+    data = segment.read_bytes()
+    at = data.index(b"MRN3001")
+    try:
+        segment.write_bytes(data[:at] + b"X" + data[at + 1:])  # one byte of the received message changed
+        assert cli(cfg, "audit", "explain", alert["alert_id"]) == 3
+        text = capsys.readouterr().out
+        assert text.splitlines()[0].endswith(": MISMATCH")
+        assert text.count("MISMATCH (the bytes in the landing file are not the bytes received)") == 7
+    finally:
+        segment.write_bytes(data)
+
+
+def test_explain_names_what_is_missing(lake, capsys):
+    cfg, store, _ = lake
+    assert cli(cfg, "audit", "explain", "no-such-alert") == 1
+    assert "no alert 'no-such-alert' in gold.deterioration_alerts" in capsys.readouterr().err
+    assert cli(cfg, "audit", "explain", "@2026") == 2
+    assert "a score row is PATIENT_KEY@SCORED_AT" in capsys.readouterr().err
+    failed = [e for e in store.read_arrow("ops.audit_log").to_pylist() if e["outcome"] == "failed"]
+    assert [e["statement"] for e in failed] == ["carelake audit explain no-such-alert"]
