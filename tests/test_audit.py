@@ -127,3 +127,66 @@ def test_explain_names_what_is_missing(lake, capsys):
     assert "a score row is PATIENT_KEY@SCORED_AT" in capsys.readouterr().err
     failed = [e for e in store.read_arrow("ops.audit_log").to_pylist() if e["outcome"] == "failed"]
     assert [e["statement"] for e in failed] == ["carelake audit explain no-such-alert"]
+
+
+@pytest.fixture
+def probe(tmp_path):
+    """ops.diff_probe: v0 k=1,2,3; v1 k=2 changed, k=4 added; v2 k=3 deleted."""
+    import pyarrow as pa
+
+    from pipelines.store import MergeSpec, open_store
+
+    cfg = make_config(tmp_path / "lake")
+    store = open_store(cfg)
+    rows = lambda *kv: pa.table({"k": [k for k, _ in kv], "v": [v for _, v in kv]})  # noqa: E731
+    store.append("ops.diff_probe", rows((1, 10), (2, 20), (3, 30)))
+    store.merge("ops.diff_probe", rows((2, 21), (4, 40)), MergeSpec(keys=("k",)))
+    store.merge("ops.diff_probe", rows((3, -1)), MergeSpec(keys=("k",), delete_when="s.v < 0", insert=False))
+    return cfg, store
+
+
+def test_diff_lists_rows_added_changed_and_removed_by_key(probe, capsys):
+    cfg, store = probe
+    assert cli(cfg, "audit", "diff", "ops.diff_probe", "0", "2", "--key", "k", "--json") == 0
+    summary, *changes = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {k: summary[k] for k in ("added", "changed", "removed", "key")} == {
+        "added": 1, "changed": 1, "removed": 1, "key": ["k"]}
+    assert changes == [{"change": "added", "key": {"k": 4}, "after": {"k": 4, "v": 40}},
+                       {"change": "changed", "key": {"k": 2}, "columns": ["v"], "before": {"v": 20},
+                        "after": {"v": 21}},
+                       {"change": "removed", "key": {"k": 3}, "before": {"k": 3, "v": 30}}]
+    # Without a key every row is compared whole: the changed row is one removed and one added.
+    assert cli(cfg, "audit", "diff", "ops.diff_probe", "0", "1") == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[0].startswith("ops.diff_probe v0 -> v1 (whole rows (no key)): 2 added, 0 changed, "
+                                           "1 removed")
+    assert cli(cfg, "audit", "diff", "ops.diff_probe", "0", "1", "--key", "nope") == 2
+    assert "has no column(s) ['nope'] to key the diff on" in capsys.readouterr().err
+    assert cli(cfg, "audit", "diff", "ops.diff_probe", "0", "9", "--key", "k") == 1
+    assert "version 9 does not exist" in capsys.readouterr().err
+
+
+def test_as_of_a_version_or_a_time(probe, capsys):
+    cfg, store = probe
+    commits = {c.version: c.timestamp for c in store.history("ops.diff_probe")}
+    assert cli(cfg, "audit", "as-of", "ops.diff_probe", "1", "--json") == 0
+    head, *rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (head["version"], head["rows"], head["operation"]) == (1, 4, "MERGE")
+    assert sorted((r["k"], r["v"]) for r in rows) == [(1, 10), (2, 21), (3, 30), (4, 40)]
+    assert cli(cfg, "audit", "as-of", "ops.diff_probe", commits[0].isoformat(), "--limit", "1") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ops.diff_probe as of ") and ": version 0," in out and "3 rows" in out
+    assert "(1 of 3 rows shown" in out
+    assert cli(cfg, "audit", "as-of", "ops.diff_probe", "2001-01-01T00:00Z") == 1
+    assert "did not exist at 2001-01-01" in capsys.readouterr().err
+    actions = [e["action"] for e in store.read_arrow("ops.audit_log").to_pylist()]
+    assert sorted(actions) == ["as_of", "as_of"]  # what failed to resolve reads nothing
+
+
+def test_diff_keys_a_table_by_its_jobs_merge_keys(lake, capsys):
+    cfg, store, _ = lake
+    latest = store.version("gold.early_warning_scores")
+    assert cli(cfg, "audit", "diff", "gold.early_warning_scores", "0", str(latest), "--json") == 0
+    summary, *changes = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert summary["key"] == ["patient_key", "scored_at"] and summary["added"] == 2 == len(changes)
+    assert {c["after"]["news2_score"] for c in changes} == {4, 6}
