@@ -168,3 +168,29 @@ def _change_line(ch: dict[str, Any]) -> str:
         return f"  changed  {key}  {cols}"
     row = ch.get("after") or ch.get("before")
     return f"  {ch['change']:<8} {key or json.dumps(jsonable(row), ensure_ascii=False)[:200]}"
+
+
+def audited_restore(store, table: str, version: int | None, timestamp: str | None, reason: str) -> dict[str, Any]:
+    """A restore whose reason and actor go into its commit and into ops.audit_log, whether it works or fails."""
+    from pipelines.audit_log import os_actor, record
+    from pipelines.errors import UsageError
+
+    reason = reason.strip()
+    if not reason:
+        raise UsageError("restore --reason must say why (e.g. --reason \"INC-4411: scores from a bad model\"); it is "
+                         "recorded in the table's history and in ops.audit_log")
+    actor = os_actor()
+    target = f"--version {version}" if version is not None else f"--timestamp {timestamp}"
+    statement = f"carelake restore {table} {target}"
+    try:
+        out = dict(store.restore(table, version=version, timestamp=timestamp,
+                                 metadata={"carelake.reason": reason, "carelake.actor": actor}))
+    except Exception as exc:
+        record(store, actor=actor, action="restore", outcome="failed", statement=statement, tables={table: version},
+               detail=f"{reason} | {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        raise
+    changed = bool(out.get("changed"))
+    record(store, actor=actor, action="restore", outcome="allowed", statement=statement,
+           tables={table: store.version(table)}, rows=None,
+           detail=reason if changed else f"{reason} | already at version {out.get('restored_to')}: nothing committed")
+    return out

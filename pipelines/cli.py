@@ -144,8 +144,9 @@ def cmd_history(ctx: Context) -> int:
         written = c.metrics.get("num_added_rows", c.metrics.get("num_output_rows", c.metrics.get("numOutputRows", "")))
         job = c.metadata.get("carelake.job", "")
         batch = c.metadata.get("carelake.batch", "")
-        rows.append((c.version, c.timestamp, c.operation, written, f"{job} #{batch}" if batch else job))
-    print_table(["version", "committed (UTC)", "operation", "rows", "job / batch"], rows)
+        rows.append((c.version, c.timestamp, c.operation, written, f"{job} #{batch}" if batch else job,
+                     c.metadata.get("carelake.reason", "")))
+    print_table(["version", "committed (UTC)", "operation", "rows", "job / batch", "reason"], rows)
     return 0
 
 
@@ -240,10 +241,12 @@ def cmd_vacuum(ctx: Context) -> int:
 
 
 def cmd_restore(ctx: Context) -> int:
+    from pipelines.audit_cli import audited_restore
+
     a = ctx.args
     if (a.version is None) == (a.timestamp is None):
         raise UsageError("restore needs exactly one of --version N or --timestamp TS")
-    out = ctx.store(need_spark=False).restore(a.table, version=a.version, timestamp=a.timestamp)
+    out = audited_restore(ctx.store(need_spark=False), a.table, a.version, a.timestamp, a.reason)
     state = "restored" if out.get("changed") else "already at"
     print(f"{a.table}: {state} version {out.get('restored_to', a.version)} (a new commit; history keeps the rest)")
     return 0
@@ -385,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("table")
     s.add_argument("--version", type=int)
     s.add_argument("--timestamp")
+    s.add_argument("--reason", required=True, help="why (recorded in the commit, `carelake history` and ops.audit_log)")
     s.set_defaults(func=cmd_restore)
 
     e = sub.add_parser("demo", help="end to end: simulate a hospital, gateway, every job, train the model, report "

@@ -190,3 +190,27 @@ def test_diff_keys_a_table_by_its_jobs_merge_keys(lake, capsys):
     summary, *changes = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert summary["key"] == ["patient_key", "scored_at"] and summary["added"] == 2 == len(changes)
     assert {c["after"]["news2_score"] for c in changes} == {4, 6}
+
+
+def test_restore_records_its_reason_in_the_commit_history_and_audit_log(probe, capsys):
+    cfg, store = probe
+    with pytest.raises(SystemExit) as exc:
+        cli(cfg, "restore", "ops.diff_probe", "--version", "0")
+    assert exc.value.code == 2 and "the following arguments are required: --reason" in capsys.readouterr().err
+    assert cli(cfg, "restore", "ops.diff_probe", "--version", "0", "--reason", "  ") == 2
+    assert "restore --reason must say why" in capsys.readouterr().err
+    assert store.version("ops.diff_probe") == 2  # nothing restored without a reason
+
+    assert cli(cfg, "restore", "ops.diff_probe", "--version", "0", "--reason", "INC-7: rows from a bad load") == 0
+    capsys.readouterr()
+    newest = store.history("ops.diff_probe", limit=1)[0]
+    assert (newest.version, newest.operation) == (3, "RESTORE")
+    assert newest.metadata["carelake.reason"] == "INC-7: rows from a bad load" and newest.metadata["carelake.actor"]
+    assert cli(cfg, "history", "ops.diff_probe", "--limit", "1") == 0
+    assert "RESTORE" in (line := capsys.readouterr().out.splitlines()[-1]) and "INC-7: rows from a bad load" in line
+    assert cli(cfg, "restore", "ops.diff_probe", "--version", "99", "--reason", "typo") == 1
+    capsys.readouterr()
+    log = [(e["action"], e["outcome"], e["tables"], e["detail"].split(" | ")[0])
+           for e in sorted(store.read_arrow("ops.audit_log").to_pylist(), key=lambda e: e["at_utc"])]
+    assert log == [("restore", "allowed", [{"name": "ops.diff_probe", "version": 3}], "INC-7: rows from a bad load"),
+                   ("restore", "failed", [{"name": "ops.diff_probe", "version": 99}], "typo")]

@@ -261,8 +261,9 @@ class TableStore(ABC):
     def vacuum(self, name: str, *, retention_hours: int | None = None, dry_run: bool = False) -> list[str]: ...
 
     @abstractmethod
-    def restore(self, name: str, *, version: int | None = None,
-                timestamp: datetime | str | None = None) -> Mapping[str, Any]: ...
+    def restore(self, name: str, *, version: int | None = None, timestamp: datetime | str | None = None,
+                metadata: Mapping[str, str] | None = None) -> Mapping[str, Any]:
+        """Make an old version current again as a new commit carrying `metadata` (e.g. carelake.reason)."""
 
     @abstractmethod
     def txn_version(self, name: str, app_id: str) -> int | None:
