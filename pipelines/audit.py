@@ -99,10 +99,17 @@ def find_rows(store: TableStore, name: str, version: int | None, match: Mapping[
     files = dt.file_uris() if since is None else _files_since(dt, path, *since)
     where = _match(match, schema)
     out: list[dict] = []
-    for uri in files:
-        if probe is not None and not _file_may_match(uri, probe, match[probe], schema):
-            continue
-        out += _read_file(uri, schema).filter(where).to_pylist()
+    try:
+        for uri in files:
+            if probe is not None and not _file_may_match(uri, probe, match[probe], schema):
+                continue
+            out += _read_file(uri, schema).filter(where).to_pylist()
+    except FileNotFoundError as exc:
+        from pipelines.errors import VersionNotFound
+
+        raise VersionNotFound(f"{name} version {dt.version()} can no longer be read: a data file it needs was "
+                              f"vacuumed ({exc.filename or exc}); storage.retention_days.audit keeps what audits "
+                              "need") from exc
     return out
 
 

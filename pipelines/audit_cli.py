@@ -194,3 +194,26 @@ def audited_restore(store, table: str, version: int | None, timestamp: str | Non
            tables={table: store.version(table)}, rows=None,
            detail=reason if changed else f"{reason} | already at version {out.get('restored_to')}: nothing committed")
     return out
+
+
+def cmd_vacuum_all(ctx: Context) -> int:
+    """`carelake vacuum --all`: every table and landing feed within its retention; one line each, one audit row."""
+    from pipelines.output import print_table
+    from pipelines.retention import vacuum_all
+
+    store = ctx.store(need_spark=False)
+    dry = ctx.args.dry_run
+    statement = "carelake vacuum --all" + (" --dry-run" if dry else "")
+    try:
+        swept = vacuum_all(store, ctx.cfg, dry_run=dry)
+    except Exception as exc:
+        _record(store, "vacuum", statement, "failed", {}, None, str(exc).splitlines()[0] if str(exc) else repr(exc))
+        raise
+    total = sum(s.removed for s in swept)
+    tables = [(s.what, None) for s in swept if s.removed and not s.what.startswith("landing/")]
+    _record(store, "vacuum", statement, "allowed", tables, total,
+            "; ".join(f"{s.what}: {s.removed} file(s) past {s.kept_days} d" for s in swept if s.removed) or None)
+    print_table(["table / landing feed", "kept (days)", "would remove" if dry else "removed"],
+                [(s.what, s.kept_days, s.removed) for s in swept])
+    print(f"vacuum --all: {'would remove' if dry else 'removed'} {total} file(s) past their retention")
+    return 0

@@ -234,6 +234,13 @@ def cmd_optimize(ctx: Context) -> int:
 
 def cmd_vacuum(ctx: Context) -> int:
     a = ctx.args
+    if a.all == bool(a.table) or (a.all and a.retain_hours is not None):
+        raise UsageError("vacuum takes a table, or --all (every table and landing feed, each within its configured "
+                         "retention: storage.retention_days; --retain-hours goes with one table)")
+    if a.all:
+        from pipelines.audit_cli import cmd_vacuum_all
+
+        return cmd_vacuum_all(ctx)
     removed = ctx.store(need_spark=False).vacuum(a.table, retention_hours=a.retain_hours, dry_run=a.dry_run)
     verb = "would remove" if a.dry_run else "removed"
     print(f"vacuum {a.table}: {verb} {len(removed)} file(s) no version inside the retention window needs")
@@ -379,7 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.set_defaults(func=cmd_optimize)
 
     v = sub.add_parser("vacuum", help="delete files no version inside the retention window needs")
-    v.add_argument("table")
+    v.add_argument("table", nargs="?")
+    v.add_argument("--all", action="store_true", help="every table and landing feed within its retention (cron it: "
+                   "docs/operations.md)")
     v.add_argument("--retain-hours", type=int, help="keep at least this long (never below the layer's retention)")
     v.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
     v.set_defaults(func=cmd_vacuum)

@@ -214,3 +214,68 @@ def test_restore_records_its_reason_in_the_commit_history_and_audit_log(probe, c
            for e in sorted(store.read_arrow("ops.audit_log").to_pylist(), key=lambda e: e["at_utc"])]
     assert log == [("restore", "allowed", [{"name": "ops.diff_probe", "version": 3}], "INC-7: rows from a bad load"),
                    ("restore", "failed", [{"name": "ops.diff_probe", "version": 99}], "typo")]
+
+
+def age_lake(root: Path, days: int) -> None:
+    """Make everything under root `days` older: commit, removal and file times in the Delta logs, and every file's
+    modification time (what vacuum and landing retention judge age by)."""
+    import os
+
+    shift_ms = days * 86_400_000
+    for log in root.rglob("_delta_log/*.json"):
+        actions = []
+        for line in log.read_text().splitlines():
+            action = json.loads(line)
+            for kind, field in (("commitInfo", "timestamp"), ("remove", "deletionTimestamp"),
+                                ("add", "modificationTime")):
+                if kind in action and action[kind].get(field):
+                    action[kind][field] -= shift_ms
+            actions.append(json.dumps(action))
+        log.write_text("\n".join(actions) + "\n")
+    for path in root.rglob("*"):
+        if path.is_file():
+            st = path.stat()
+            os.utime(path, (st.st_atime - days * 86400, st.st_mtime - days * 86400))
+
+
+def test_an_alert_older_than_the_layers_retention_but_inside_the_audit_retention_stays_explainable(lake, capsys):
+    """Runs last in this module: it vacuums the module's lakehouse."""
+    import pyarrow as pa
+
+    from pipelines.store import MergeSpec
+
+    cfg, store, segment = lake
+    alert = the_alert(store)
+    # A correction rewrites the silver file the score read (copy-on-write): only the score's version needs it now.
+    row = store.read_arrow("silver.observations").slice(0, 1).to_pylist()[0]
+    fixed = pa.Table.from_pylist([{**row, "source_version": row["source_version"] + "~1"}],
+                                 schema=store.read_arrow("silver.observations").schema)
+    store.merge("silver.observations", fixed, MergeSpec(keys=("observation_id",)))
+    age_lake(cfg.root, 40)  # the alert is now 40 days old: past a 30-day layer retention
+    layers = [f"storage.retention_days.{k}=30" for k in ("bronze", "silver", "gold", "landing")]
+    flags = [x for s in layers for x in ("--set", s)]
+
+    assert cli(cfg, *flags, "--set", "storage.retention_days.audit=400", "vacuum", "--all") == 0
+    swept = vacuumed(capsys.readouterr().out)
+    assert swept["silver.observations"] == swept["landing/hl7"] == (400, 0)
+    assert swept["ops.metrics"][0] == 90 and swept["gold.vitals_features"][0] == 30  # not walked by audits
+    first = sum(n for _, n in swept.values())
+    assert cli(cfg, "audit", "explain", alert["alert_id"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith(": verified")
+
+    # With the audit retention at 30 days too, vacuum takes what the alert's chain needs: the explanation says so.
+    assert cli(cfg, *flags, "--set", "storage.retention_days.audit=30", "vacuum", "--all") == 0
+    swept = vacuumed(capsys.readouterr().out)
+    assert swept["silver.observations"][1] >= 1 and swept["landing/hl7"] == (30, 1), swept
+    assert not segment.exists()
+    assert cli(cfg, "audit", "explain", alert["alert_id"]) == 1
+    assert "silver.observations version" in capsys.readouterr().err
+    vacuums = [e for e in store.read_arrow("ops.audit_log").to_pylist() if e["action"] == "vacuum"]
+    assert [e["rows"] for e in sorted(vacuums, key=lambda e: e["at_utc"])] == [first,
+                                                                              sum(n for _, n in swept.values())]
+
+
+def vacuumed(out: str) -> dict[str, tuple[int, int]]:
+    """`vacuum --all`'s table: {table or landing feed: (days kept, files removed)}."""
+    rows = [line.split() for line in out.splitlines()[2:] if line and not line.startswith("vacuum")]
+    return {r[0]: (int(r[1]), int(r[2])) for r in rows}

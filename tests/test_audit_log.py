@@ -42,3 +42,26 @@ def test_a_malformed_event_is_refused(tmp_path, kw, message):
     with pytest.raises(UsageError, match=message):
         record(store, **{"action": "restore", "outcome": "allowed", **kw})
     assert not store.exists(AUDIT_LOG)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"storage.retention_days.audit": "0"}, "storage.retention_days.audit must be at least 1 day, got 0"),
+    ({"storage.retention_days.landing": "-3"}, "storage.retention_days.landing must be at least 1 day"),
+    ({"storage.retention_days.archive": "9"}, "unknown configuration key 'storage.retention_days.archive'"),
+])
+def test_retention_settings_are_checked(tmp_path, overrides, message):
+    from pipelines.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        make_config(tmp_path, **overrides)
+
+
+def test_the_audit_retention_is_a_floor_for_what_audits_walk_and_the_audit_log(tmp_path):
+    from pipelines.retention import landing_retention_days, table_retention_days
+
+    cfg = make_config(tmp_path, **{f"storage.retention_days.{k}": "30" for k in ("silver", "gold", "landing")},
+                      **{"storage.retention_days.audit": "400", "storage.retention_days.ops": "90"})
+    assert [table_retention_days(cfg, t) for t in ("silver.observations", "gold.deterioration_alerts",
+                                                   "gold.claims_fraud_scores", "ops.metrics", "ops.audit_log")] == [
+        400, 400, 30, 90, 400]
+    assert (landing_retention_days(cfg, "devices"), landing_retention_days(cfg, "x12")) == (400, 30)
