@@ -285,6 +285,45 @@ def cmd_train(ctx: Context) -> int:
     return 0
 
 
+def cmd_sql_server(ctx: Context) -> int:
+    from pipelines.sqlserver.server import serve
+
+    a = ctx.args
+    return serve(ctx.cfg, host=a.host, port=a.port, no_auth=a.no_auth)
+
+
+def cmd_sql_user(ctx: Context) -> int:
+    from pipelines.sqlserver import users
+
+    a = ctx.args
+    path = users.users_file(ctx.cfg)
+    if a.action == "list":
+        print_table(["user", "role"], [(u.name, u.role) for u in users.read_users(path).values()])
+        return 0
+    if not a.name:
+        raise UsageError(f"sql-user {a.action} needs a user name: carelake sql-user {a.action} NAME")
+    if a.action == "remove":
+        users.remove_user(path, a.name)
+        print(f"removed {a.name} from {path}")
+        return 0
+    if not a.role:
+        raise UsageError("sql-user add needs --role analyst, engineer or auditor")
+    replaced = users.add_user(path, a.name, a.role, _read_password(a.password_stdin))
+    print(f"{'updated' if replaced else 'added'} {a.name} ({a.role}) in {path}")
+    return 0
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    import getpass
+
+    first, second = getpass.getpass("password: "), getpass.getpass("again: ")
+    if first != second:
+        raise UsageError("the two passwords differ; nothing was written")
+    return first
+
+
 # -- parser ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="carelake", description="carelake: a healthcare lakehouse on Spark and Delta.")
@@ -411,6 +450,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="deterioration onsets: the simulator's DIR/truth/deteriorations.csv")
     tr.add_argument("--tracking-uri", help="MLflow tracking URI (models.tracking_uri; default sqlite under the root)")
     tr.set_defaults(func=cmd_train)
+
+    ss = sub.add_parser("sql-server", help="serve every table over JDBC/ODBC (HiveServer2) for BI tools, with "
+                                           "logins, roles and the audit log")
+    ss.add_argument("--host", help="listen address (sql_server.host; default 127.0.0.1)")
+    ss.add_argument("--port", type=int, help="port (sql_server.port; default 10000; 0 picks a free one)")
+    ss.add_argument("--no-auth", action="store_true",
+                    help="no login, everyone reads everything: local development on loopback only")
+    ss.set_defaults(func=cmd_sql_server)
+
+    su = sub.add_parser("sql-user", help="add, remove or list the SQL server's users (scrypt-hashed passwords)")
+    su.add_argument("action", choices=["add", "remove", "list"])
+    su.add_argument("name", nargs="?")
+    su.add_argument("--role", choices=["analyst", "engineer", "auditor"])
+    su.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    su.set_defaults(func=cmd_sql_user)
     return p
 
 
