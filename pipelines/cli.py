@@ -155,6 +155,8 @@ def cmd_sql(ctx: Context) -> int:
     a = ctx.args
     if a.as_of_version is not None and a.as_of_timestamp is not None:
         raise UsageError("give --as-of-version or --as-of-timestamp, not both")
+    if not a.local and _sql_through_server(ctx):
+        return 0
     text, refs = rewrite(a.query)
     spark = ctx.spark
     store = ctx.store(need_spark=True)
@@ -175,6 +177,20 @@ def cmd_sql(ctx: Context) -> int:
             message = message.replace(f"`{ref.view}`", ref.table).replace(ref.view, ref.table)
         raise UsageError(f"SQL error: {message}") from exc
     return 0
+
+
+def _sql_through_server(ctx: Context) -> bool:
+    """Answer `carelake sql` from a running `carelake sql-server` of this lakehouse; False when there is none."""
+    from pipelines.sqlrefs import pin
+    from pipelines.sqlserver.client import query, running_server
+
+    a = ctx.args
+    info = running_server(ctx.cfg)
+    if info is None:
+        return False
+    log.debug("answering through the SQL server at %s", info["url"])
+    query(info, pin(a.query, version=a.as_of_version, timestamp=a.as_of_timestamp), a.format, a.limit, sys.stdout)
+    return True
 
 
 def cmd_ingest(ctx: Context) -> int:
@@ -367,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--as-of-version", type=int, help="read every referenced table as of this version")
     q.add_argument("--as-of-timestamp", help="read every referenced table as of this time (ISO-8601, UTC default)")
     q.add_argument("--limit", type=int, help="at most N rows (table format shows 200 unless told)")
+    q.add_argument("--local", action="store_true",
+                   help="start Spark here even when a `carelake sql-server` of this lakehouse is running")
     q.set_defaults(func=cmd_sql)
 
     i = sub.add_parser("ingest", help="durably copy files into the landing zone of a feed")
