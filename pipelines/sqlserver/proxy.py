@@ -269,10 +269,10 @@ def serve_connection(server, sock: socket.socket, backend_host: str, backend_por
     try:
         user, password = trans.handshake()
         login = server.login(user, password)
-        if login is None:
-            trans.send_status(BAD, b"carelake sql-server: wrong username or password")
+        if login is None:  # recorded before the answer, so the client's next step already finds it
             server.audit(user or "(none)", None, (), None, "refused", "login failed: wrong username or password",
                          action="login")
+            trans.send_status(BAD, b"carelake sql-server: wrong username or password")
             return
         trans.send_status(COMPLETE)
         backend, backend_trans = backend_client(backend_host, backend_port, login.user)

@@ -88,12 +88,6 @@ class SqlServer:
 
     def start(self, host: str, port: int) -> str:
         """Start serving; the JDBC URL."""
-        if self.no_auth and not _is_loopback(host):
-            raise UsageError(f"--no-auth serves every table without a login: it listens on loopback only, not "
-                             f"{host}; drop --no-auth (users: carelake sql-user add) or use --host 127.0.0.1")
-        if not self.no_auth and not self.users.path.exists():
-            raise ConfigError(f"no users file at {self.users.path}: add one with `carelake sql-user add NAME --role "
-                              "analyst` (or set sql_server.users_file), or run with --no-auth on loopback")
         self._create_views()
         jvm = self.spark._jvm  # noqa: SLF001 - Spark's Thrift server has no Python API
         self._thrift = jvm.org.apache.spark.sql.hive.thriftserver.HiveThriftServer2.startWithContext(
@@ -143,6 +137,19 @@ class SqlServer:
             self._thrift.stop()
 
 
+def check_start(cfg: Config, host: str, no_auth: bool) -> None:
+    """Refuse, before Spark starts, a server nobody could log in to or everyone could read without one."""
+    if no_auth and not _is_loopback(host):
+        raise UsageError(f"--no-auth serves every table without a login: it listens on loopback only, not {host}; "
+                         "drop --no-auth (users: carelake sql-user add) or use --host 127.0.0.1")
+    path = users_file(cfg)
+    if not no_auth and not path.exists():
+        raise ConfigError(f"no users file at {path}: add a user with `carelake sql-user add NAME --role analyst` "
+                          "(or set sql_server.users_file), or run with --no-auth on loopback")
+    if not no_auth:
+        Directory(path).login("", "")  # a malformed or readable-by-others file fails now, naming the fix
+
+
 def serve(cfg: Config, *, host: str | None, port: int | None, no_auth: bool) -> int:
     """`carelake sql-server`: serve until SIGINT/SIGTERM."""
     import signal
@@ -152,6 +159,7 @@ def serve(cfg: Config, *, host: str | None, port: int | None, no_auth: bool) -> 
 
     host = host or cfg.sql_server.host
     port = cfg.sql_server.port if port is None else port
+    check_start(cfg, host, no_auth)
     if no_auth:
         print("carelake sql-server: WARNING: --no-auth: no login; every client reads every table (PHI included) "
               "as auditor. Local development only, never with real patient data.", file=sys.stderr, flush=True)
