@@ -114,7 +114,7 @@ def test_write_records_formats():
     assert out.getvalue() == '{"a": 1}\n{"a": 2}\n'
     out = io.StringIO()
     assert write_records(["a"], iter([(1,), (2,), (3,)]), "table", 2, out) == 2
-    assert out.getvalue().splitlines()[-1] == "(2 rows) (more rows not shown: use --limit, or --format csv/json for all)"
+    assert out.getvalue().splitlines()[-1].startswith("(2 rows) (more rows not shown")
 
 
 @pytest.mark.parametrize("sql, refused", [
