@@ -52,6 +52,49 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+class GroupCommit:
+    """Audit events from many connections, appended to ops.audit_log together: each caller waits until the commit
+    holding its event is done (nothing answered is unrecorded), and concurrent callers share one commit."""
+
+    def __init__(self, store):
+        self.store = store
+        self._cond = threading.Condition()
+        self._pending = _Batch()
+        self._committing = False
+
+    def write(self, row) -> None:
+        import pyarrow as pa
+
+        from pipelines.audit_log import AUDIT_LOG
+
+        with self._cond:
+            batch = self._pending
+            batch.append(row)
+            while not batch.done and (self._committing or batch is not self._pending):
+                self._cond.wait()
+            if batch.done:  # another caller committed the batch holding this event
+                if batch.error is not None:
+                    raise batch.error
+                return
+            self._pending, self._committing = _Batch(), True
+        try:
+            self.store.append(AUDIT_LOG, pa.concat_tables(batch), metadata={"carelake.op": "audit.query"})
+        except Exception as exc:
+            batch.error = exc
+            raise
+        finally:
+            with self._cond:
+                batch.done, self._committing = True, False
+                self._cond.notify_all()
+
+
+class _Batch(list):
+    """Events committed together."""
+
+    done: bool = False
+    error: Exception | None = None
+
+
 class SqlServer:
     """One running server: its Spark, catalog, users, listener and audit log."""
 
@@ -63,7 +106,7 @@ class SqlServer:
         self.catalog = Catalog(spark, store, load_views(views_dir(cfg), values))
         self._thrift = None
         self._listener: Listener | None = None
-        self._audit_lock = threading.Lock()
+        self._audit = GroupCommit(store)
 
     def login(self, user: str, password: str) -> Login | None:
         """The login's role, or None when the credentials are wrong."""
@@ -77,12 +120,13 @@ class SqlServer:
 
     def audit(self, actor: str, statement: str | None, reads, rows: int | None, outcome: str, detail: str | None,
               action: str = "query") -> None:
-        from pipelines.audit_log import record
+        """Record one event in ops.audit_log; returns once it is committed."""
+        from pipelines.audit_log import event
 
+        row = event(actor=actor, action=action, outcome=outcome, statement=statement, tables=list(reads), rows=rows,
+                    detail=detail)
         try:
-            with self._audit_lock:
-                record(self.store, actor=actor, action=action, outcome=outcome, statement=statement,
-                       tables=list(reads), rows=rows, detail=detail)
+            self._audit.write(row)
         except Exception:  # the statement has run; the failure must be seen, not hidden
             log.exception("could not record a %s by %s in ops.audit_log", action, actor)
 
