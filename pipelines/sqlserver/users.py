@@ -8,6 +8,7 @@ server reads it again when it changes, so adding or removing a user needs no res
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import os
@@ -111,6 +112,11 @@ def remove_user(path: Path, name: str) -> None:
     write_users(path, users)
 
 
+@functools.cache
+def _unknown_user_hash() -> str:
+    return hash_password(secrets.token_urlsafe(16))
+
+
 class Directory:
     """The users file, read again whenever it changes; `login` answers a role or None."""
 
@@ -132,6 +138,6 @@ class Directory:
         """The user's role when the password matches, else None."""
         user = self._current().get(name)
         if user is None:
-            verify_password(hash_password("x" * MIN_PASSWORD), password)  # same cost: no user-name probing by time
+            verify_password(_unknown_user_hash(), password)  # the same cost: no probing for user names by time
             return None
         return user.role if verify_password(user.hash, password) else None
