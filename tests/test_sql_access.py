@@ -162,3 +162,61 @@ def test_catalog_resolves_each_statement_at_the_latest_version(spark, cfg):
     assert view.reads == (("gold.big_things", None), ("gold.things", 1))
     with pytest.raises(TableNotFound, match="carelake run gold.nothing"):
         catalog.resolve("select * from gold.nothing")
+
+
+def test_audit_events_group_committed_each_writer_waits_for_its_commit():
+    import threading
+    import time
+
+    from pipelines.audit_log import event
+    from pipelines.sqlserver.server import GroupCommit
+
+    committed: list[str] = []
+
+    class SlowStore:
+        def append(self, name, rows, metadata=None):
+            assert name == "ops.audit_log"
+            time.sleep(0.05)
+            committed.extend(rows["actor"].to_pylist())
+
+    group = GroupCommit(SlowStore())
+    seen_after_return: dict[str, bool] = {}
+
+    def write(actor: str) -> None:
+        group.write(event(actor=actor, action="query", outcome="allowed"))
+        seen_after_return[actor] = actor in committed
+
+    threads = [threading.Thread(target=write, args=(f"u{i}",)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(committed) == sorted(f"u{i}" for i in range(12))
+    assert all(seen_after_return.values()) and len(seen_after_return) == 12
+
+
+def test_audit_commit_failure_reaches_every_writer_of_the_batch():
+    from pipelines.audit_log import event
+    from pipelines.sqlserver.server import GroupCommit
+
+    class BrokenStore:
+        def append(self, name, rows, metadata=None):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        GroupCommit(BrokenStore()).write(event(actor="a", action="query", outcome="allowed"))
+
+
+def test_a_stale_discovery_file_means_no_server(cfg):
+    import json
+
+    from pipelines.sqlserver.client import running_server
+    from pipelines.sqlserver.server import discovery_file
+
+    path = discovery_file(cfg)
+    path.parent.mkdir(parents=True)
+    assert running_server(cfg) is None
+    path.write_text(json.dumps({"pid": 2**22 + 12345, "host": "127.0.0.1", "port": 1, "token": "t", "url": "u"}))
+    assert running_server(cfg) is None  # its process is gone: carelake sql starts Spark itself
+    path.write_text(json.dumps({"pid": os.getpid(), "host": "127.0.0.1", "port": 1, "token": "t", "url": "u"}))
+    assert running_server(cfg)["port"] == 1
