@@ -290,11 +290,11 @@ def _client(uri: str) -> MlflowClient:
         raise ConfigError(f"MLflow tracking store {uri} cannot be opened: {str(exc).splitlines()[0]}") from None
 
 
-def _experiment_id(client: MlflowClient, uri: str) -> str:
-    experiment = client.get_experiment_by_name(EXPERIMENT)
+def _experiment_id(client: MlflowClient, uri: str, name: str = EXPERIMENT) -> str:
+    experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(EXPERIMENT, artifact_location=_artifact_location(uri))
+    return client.create_experiment(name, artifact_location=_artifact_location(uri))
 
 
 # -- training ------------------------------------------------------------------------------------
