@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from models.evaluation import auroc_interval
 from pipelines.errors import UsageError
 
 MODEL_NAME = EXPERIMENT = "carelake-mortality"
@@ -255,31 +256,13 @@ def _figures(y: np.ndarray, probability: Mapping[str, np.ndarray], flagged: Mapp
         out[f"{w}_ppv"] = tp / max(1.0, float(flagged[w].sum()))
         out[f"{w}_hosmer_lemeshow_h"] = hosmer_lemeshow(y, p)
         out[f"{w}_brier"] = brier_score_loss(y, p)
-        out[f"{w}_auroc_ci_low"], out[f"{w}_auroc_ci_high"] = _bootstrap_auroc(y, ranked, None, seed, bootstraps)
+        out[f"{w}_auroc_ci_low"], out[f"{w}_auroc_ci_high"] = auroc_interval(y, ranked, seed=seed,
+                                                                            resamples=bootstraps)
     saps = np.nan_to_num(raw["saps_i"], nan=np.nanmin(raw["saps_i"]) - 1 if np.isfinite(raw["saps_i"]).any() else 0)
-    low, high = _bootstrap_auroc(y, probability["model"], saps, seed, bootstraps)
+    low, high = auroc_interval(y, probability["model"], minus=saps, seed=seed, resamples=bootstraps)
     out["model_minus_saps_i_auroc"] = out["model_auroc"] - out["saps_i_auroc"]
     out["model_minus_saps_i_auroc_ci_low"], out["model_minus_saps_i_auroc_ci_high"] = low, high
     return out
-
-
-def _bootstrap_auroc(y: np.ndarray, score: np.ndarray, minus: np.ndarray | None, seed: int,
-                     bootstraps: int) -> tuple[float, float]:
-    """95 % percentile interval of AUROC(score) (minus AUROC(minus) on the same resample, when given)."""
-    from sklearn.metrics import roc_auc_score
-
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(bootstraps):
-        i = rng.integers(0, len(y), len(y))
-        if y[i].min() == y[i].max():
-            continue
-        v = roc_auc_score(y[i], score[i])
-        values.append(v - roc_auc_score(y[i], minus[i]) if minus is not None else v)
-    if not values:
-        return math.nan, math.nan
-    low, high = np.percentile(values, [2.5, 97.5])
-    return float(low), float(high)
 
 
 def is_champion(metrics: Mapping[str, float]) -> bool:

@@ -66,17 +66,19 @@ def print_training(result, requested_rate: float, uri: str) -> None:
             for label, key, digits in (("AUROC", "auroc", 3), ("AUPRC", "auprc", 3),
                                        ("median lead time before the event (h)", "median_lead_time_h", 1),
                                        ("deteriorating patients alerted in time", "detected_fraction", 2),
+                                       ("PPV of an alerting point", "ppv", 3),
                                        ("alert episodes per 100 patient-days", "alerts_per_100_patient_days", 1))]
     print_table(["held-out patients", "model", "NEWS2 >= 5"], rows)
     basis = "models.alert_rate_per_100_patient_days" if requested_rate else "NEWS2 >= 5 on the training patients"
     print(f"threshold: risk >= {result.threshold:.4f}, for {m['target_alerts_per_100_patient_days']:.1f} alert "
           f"episodes per 100 patient-days (as {basis})")
+    print(f"AUROC 95% CI (patient bootstrap): model {m['model_auroc_ci_low']:.3f}-{m['model_auroc_ci_high']:.3f}, "
+          f"NEWS2 {m['news2_auroc_ci_low']:.3f}-{m['news2_auroc_ci_high']:.3f}")
+    where = f"run {result.run_id} at {uri} (model card: model_card.md)"
     if result.champion:
-        print(f"registered carelake-deterioration version {result.version} as champion (beats NEWS2 AUROC); "
-              f"run {result.run_id} at {uri}")
+        print(f"{result.decision}: registered carelake-deterioration version {result.version}; {where}")
     else:
-        print(f"not registered: the model's AUROC does not beat NEWS2's, the champion is unchanged; "
-              f"run {result.run_id} at {uri}")
+        print(f"{result.decision}; the registered champion is unchanged; {where}")
 
 
 # -- in-hospital mortality (PhysioNet/CinC Challenge 2012) -------------------------------------------
