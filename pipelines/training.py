@@ -21,8 +21,24 @@ FEATURES, SCORES = "gold.vitals_features", "gold.early_warning_scores"
 
 def train_deterioration(cfg: Config, store: TableStore, labels_path: str | Path, *, tracking_uri: str | None = None):
     """Train and (if it beats NEWS2) register the deterioration model; returns (TrainResult, tracking URI)."""
+    from models.deterioration import default_tracking_uri, train
+
+    frame, names = deterioration_frame(cfg, store, labels_path)
+    uri = tracking_uri or default_tracking_uri(cfg)
+    log.info("training on %s points from %s and %s; tracking at %s", f"{len(frame):,}", FEATURES, SCORES, uri)
+    provenance = {f"{t}.version": store.version(t) for t in (FEATURES, SCORES)}
+    result = train(frame, tracking_uri=uri, seed=cfg.models.seed, test_fraction=cfg.models.test_fraction,
+                   alert_rate_per_100_patient_days=cfg.models.alert_rate_per_100_patient_days,
+                   feature_names=names, params={**provenance, "horizon": cfg.models.horizon,
+                                                "feature_windows": ",".join(cfg.gold.feature_windows),
+                                                "labels": str(labels_path)})
+    return result, uri
+
+
+def deterioration_frame(cfg: Config, store: TableStore, labels_path: str | Path):
+    """The labelled frame train_deterioration trains on (gold features + NEWS2 + labels) and the feature names."""
     from gold.features import feature_columns
-    from models.deterioration import default_tracking_uri, labels_from_truth, train, training_frame
+    from models.deterioration import labels_from_truth, training_frame
     from pipelines.secrets import key_secret
     from silver.identity import PATIENT, identity_key
 
@@ -38,16 +54,7 @@ def train_deterioration(cfg: Config, store: TableStore, labels_path: str | Path,
         raise UsageError(f"{FEATURES} has no rows: load observations and run `carelake run "
                          "gold.early_warning_scores` first")
     scores = _read_columns(store, SCORES, ["patient_key", "scored_at", "news2_score"])
-    frame = training_frame(features, scores, labels, cfg.models.horizon_ms)
-    uri = tracking_uri or default_tracking_uri(cfg)
-    log.info("training on %s points from %s and %s; tracking at %s", f"{len(frame):,}", FEATURES, SCORES, uri)
-    provenance = {f"{t}.version": store.version(t) for t in (FEATURES, SCORES)}
-    result = train(frame, tracking_uri=uri, seed=cfg.models.seed, test_fraction=cfg.models.test_fraction,
-                   alert_rate_per_100_patient_days=cfg.models.alert_rate_per_100_patient_days,
-                   feature_names=names, params={**provenance, "horizon": cfg.models.horizon,
-                                                "feature_windows": ",".join(cfg.gold.feature_windows),
-                                                "labels": str(labels_path)})
-    return result, uri
+    return training_frame(features, scores, labels, cfg.models.horizon_ms), names
 
 
 def _read_columns(store: TableStore, table: str, columns: list[str]):
@@ -89,23 +96,30 @@ OUTCOMES, ENCOUNTERS, PATIENTS, OBSERVATIONS = ("silver.outcomes", "silver.encou
 def train_mortality(cfg: Config, store: TableStore, *, tracking_uri: str | None = None, folds: int = 5):
     """Cross-validated mortality model on the imported ICU stays (models.mortality); returns (result, uri)."""
     from models.deterioration import default_tracking_uri
-    from models.mortality import stay_frame, train
+    from models.mortality import train
 
-    missing = [t for t in (OUTCOMES, ENCOUNTERS, PATIENTS, OBSERVATIONS, SCORES) if not store.exists(t)]
-    if missing:
-        raise UsageError(f"{', '.join(missing)} not found under {cfg.root}: import the records with "
-                         "`carelake import physionet2012 DIR --outcomes FILE`, then `carelake run all --available-now`")
-    frame = stay_frame(
-        _stays(store),
-        store.read_arrow(OBSERVATIONS, columns=["patient_key", "code", "value", "value_text", "effective_at",
-                                                "status"]).to_pandas(),
-        store.read_arrow(SCORES, columns=["patient_key", "scored_at", "news2_score", "qsofa_score"]).to_pandas(),
-        store.read_arrow(OUTCOMES, columns=["patient_key", "in_hospital_death", "saps_i", "sofa"]).to_pandas())
+    frame = mortality_frame(cfg, store)
     uri = tracking_uri or default_tracking_uri(cfg)
     log.info("cross-validating on %s ICU stays (%s deaths); tracking at %s", f"{len(frame):,}",
              f"{int(frame['in_hospital_death'].sum()):,}", uri)
     provenance = {f"{t}.version": store.version(t) for t in (OUTCOMES, OBSERVATIONS, SCORES)}
     return train(frame, tracking_uri=uri, seed=cfg.models.seed, folds=folds, params=provenance), uri
+
+
+def mortality_frame(cfg: Config, store: TableStore):
+    """One row per imported ICU stay with an outcome: the features and labels train_mortality uses."""
+    from models.mortality import stay_frame
+
+    missing = [t for t in (OUTCOMES, ENCOUNTERS, PATIENTS, OBSERVATIONS, SCORES) if not store.exists(t)]
+    if missing:
+        raise UsageError(f"{', '.join(missing)} not found under {cfg.root}: import the records with "
+                         "`carelake import physionet2012 DIR --outcomes FILE`, then `carelake run all --available-now`")
+    return stay_frame(
+        _stays(store),
+        store.read_arrow(OBSERVATIONS, columns=["patient_key", "code", "value", "value_text", "effective_at",
+                                                "status"]).to_pandas(),
+        store.read_arrow(SCORES, columns=["patient_key", "scored_at", "news2_score", "qsofa_score"]).to_pandas(),
+        store.read_arrow(OUTCOMES, columns=["patient_key", "in_hospital_death", "saps_i", "sofa"]).to_pandas())
 
 
 def _stays(store: TableStore):

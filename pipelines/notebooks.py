@@ -1,0 +1,245 @@
+"""Executed notebooks: `notebooks/NN_*.py` (Jupytext percent scripts) are the source, `.ipynb` files with outputs
+are generated from them by running every cell on a Jupyter kernel of this interpreter (the project's .venv).
+
+`./dev notebooks [NAME ...] [--set NAME=VALUE ...]` regenerates them; the tests run the same scripts in-process
+(`run_in_process`) with tiny parameters. A notebook's first code cell is tagged `parameters`; `--set` adds a cell
+after it that overrides those names (papermill's convention). A cell that cannot go on (its data is absent) raises
+`NotebookStop`: the run ends there cleanly, the message is the last output, and the later cells stay unexecuted.
+
+The helpers below are what more than one notebook does with the CLI's own functions (simulate, land, run jobs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipelines.errors import CarelakeError, UsageError
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from pipelines.config import Config
+    from pipelines.runner import JobSummary
+    from pipelines.store import TableStore
+
+FOLDER = Path(__file__).resolve().parents[1] / "notebooks"
+KERNEL = {"name": "python3", "display_name": "Python 3 (carelake .venv)", "language": "python"}
+PARAMETERS_TAG, INJECTED_TAG = "parameters", "injected-parameters"
+MAX_BYTES = 1_500_000  # an executed notebook is committed: outputs stay small (downsampled plots, short tables)
+SIMULATED_FEEDS = {"hl7": "*.hl7", "fhir": "*.json", "devices": "*.jsonl"}  # fhir/ndjson is a bulk-export copy
+
+
+class NotebookStop(CarelakeError):
+    """A notebook ends here on purpose (e.g. its data folder is absent); the message says why and what to do."""
+
+
+class NotebookFailed(CarelakeError):
+    """A cell raised: the notebook, the cell and the error."""
+
+
+# -- reading and parameters ----------------------------------------------------------------------------
+def notebook_paths(names: Sequence[str] = ()) -> list[Path]:
+    """notebooks/NN_*.py, all of them or those named (by file name, stem or number prefix)."""
+    every = sorted(p for p in FOLDER.glob("[0-9][0-9]_*.py"))
+    if not names:
+        return every
+    chosen = []
+    for name in names:
+        hits = [p for p in every if name in (p.name, p.stem, p.stem.split("_", 1)[0])]
+        if not hits:
+            raise UsageError(f"no notebook {name!r}: choose from {', '.join(p.stem for p in every)}")
+        chosen += hits
+    return list(dict.fromkeys(chosen))
+
+
+def read(path: Path):
+    """The notebook (nbformat) of a Jupytext percent script."""
+    import jupytext
+
+    if not path.is_file():
+        raise UsageError(f"notebook script {path} does not exist")
+    return jupytext.read(path, fmt="py:percent")
+
+
+def parameter_names(nb) -> list[str]:
+    """The names the notebook's `parameters` cell assigns."""
+    cells = [c for c in nb.cells if c.cell_type == "code" and PARAMETERS_TAG in c.metadata.get("tags", [])]
+    if len(cells) != 1:
+        raise UsageError(f"a notebook needs exactly one code cell tagged {PARAMETERS_TAG!r} (found {len(cells)}): "
+                         'start it with `# %% tags=["parameters"]`')
+    tree = ast.parse(cells[0].source)
+    return [t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+            if isinstance(t, ast.Name)]
+
+
+def with_parameters(nb, params: Mapping[str, Any]):
+    """The notebook with a cell after its parameters cell that sets `params` (each must be a parameter)."""
+    import nbformat
+
+    known = parameter_names(nb)
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise UsageError(f"unknown notebook parameter(s) {unknown}: this notebook takes {', '.join(known)}")
+    if not params:
+        return nb
+    index = next(i for i, c in enumerate(nb.cells) if PARAMETERS_TAG in c.metadata.get("tags", []))
+    source = "# Parameters set for this run\n" + "\n".join(f"{k} = {v!r}" for k, v in params.items())
+    nb.cells.insert(index + 1, nbformat.v4.new_code_cell(source, metadata={"tags": [INJECTED_TAG]}))
+    return nb
+
+
+def parse_setting(text: str) -> tuple[str, Any]:
+    """NAME=VALUE with VALUE a Python literal (a bare word is a string): --set PATIENTS=40 --set ROOT=/tmp/x."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip().isidentifier():
+        raise UsageError(f"--set expects NAME=VALUE with NAME a notebook parameter (e.g. --set PATIENTS=40), "
+                         f"got {text!r}")
+    try:
+        return name.strip(), ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name.strip(), value
+
+
+# -- running -------------------------------------------------------------------------------------------
+def run_in_process(path: Path, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Run the script's cells in this process (its SparkSession is joined); returns the namespace.
+
+    A NotebookStop ends the run cleanly: its message is printed and `namespace["stopped"]` holds it."""
+    nb = with_parameters(read(path), params or {})
+    namespace: dict[str, Any] = {"__name__": "__main__", "__file__": str(path)}
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        try:
+            exec(compile(cell.source, f"{path.name}[cell {index}]", "exec"), namespace)  # noqa: S102
+        except NotebookStop as stop:
+            print(str(stop))
+            namespace["stopped"] = str(stop)
+            break
+    return namespace
+
+
+def _kernel_manager():
+    """A kernel on this very interpreter (the project's .venv), whatever kernelspecs the machine has."""
+    from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
+    from jupyter_client.manager import KernelManager
+
+    spec = KernelSpec(argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                      display_name=KERNEL["display_name"], language="python", resource_dir=str(FOLDER))
+
+    class ThisInterpreter(KernelSpecManager):
+        def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+            return spec
+
+    return KernelManager(kernel_name=KERNEL["name"], kernel_spec_manager=ThisInterpreter())
+
+
+def execute(path: Path, out: Path, params: Mapping[str, Any] | None = None, *, timeout: int = 1800) -> str | None:
+    """Run the script on a Jupyter kernel and write the .ipynb with its outputs; returns the NotebookStop message
+    when the notebook ended early on purpose, None when every cell ran. Any other error raises NotebookFailed."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    nb = with_parameters(read(path), params or {})
+    nb.metadata["kernelspec"] = dict(KERNEL)
+    nb.metadata.pop("jupytext", None)
+    client = NotebookClient(nb, km=_kernel_manager(), timeout=timeout, record_timing=False,
+                            resources={"metadata": {"path": str(FOLDER.parent)}})
+    stopped = None
+    with client.setup_kernel():
+        for index, cell in enumerate(nb.cells):
+            if cell.cell_type != "code":
+                continue
+            try:
+                client.execute_cell(cell, index)
+            except CellExecutionError as exc:
+                if exc.ename != NotebookStop.__name__:
+                    raise NotebookFailed(f"{path.name}, cell {index}: {exc.ename}: {exc.evalue}\n"
+                                         f"{cell.source[:300]}") from None
+                stopped = exc.evalue
+                cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=f"{stopped}\n")]
+                break
+    out.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, out)
+    return stopped
+
+
+# -- what the notebooks share: the CLI's functions, called from Python ------------------------------------
+def simulate_and_land(cfg: Config, spark: SparkSession, out: Path, *, patients: int, hours: int,
+                      seed: int) -> Path:
+    """`carelake simulate` (HL7, FHIR, monitors) then `carelake ingest` of each feed; returns the output folder."""
+    from pipelines.landing import ingest
+    from pipelines.simulator.params import resolve_params
+    from pipelines.simulator.run import simulate
+
+    params = resolve_params(cfg.simulator, out, patients=patients, hours=hours, seed=seed,
+                            feeds=",".join(SIMULATED_FEEDS))
+    print(simulate(spark, params).text())
+    for feed, pattern in SIMULATED_FEEDS.items():
+        files = sorted((params.out / feed).glob(pattern))
+        if files:
+            landed = ingest(cfg, files, feed)
+            print(f"landed {len(landed)} {feed} file(s), {sum(f.bytes for f in landed):,} bytes")
+    return params.out
+
+
+def run_jobs(cfg: Config, spark: SparkSession, store: TableStore,
+             names: Sequence[str] | None = None) -> list[JobSummary]:
+    """`carelake run all --available-now` (or the named jobs): each job's summary line as it finishes."""
+    from pipelines.jobs import load_registry
+    from pipelines.runner import Runner, Trigger
+
+    registry = load_registry(cfg)
+    jobs = [j.name for j in registry.order(list(names) if names else None)]
+    runner = Runner(cfg, spark, store, registry)
+    return runner.run(jobs, Trigger(available_now=True), on_summary=lambda s: print(s.line(), flush=True))
+
+
+def require_folder(folder: str | Path, what: str, hint: str) -> Path:
+    """The folder, or a NotebookStop saying it is absent and how to get it."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise NotebookStop(f"{what} not found at {path.resolve()}: {hint}. The notebook stops here.")
+    return path
+
+
+# -- `./dev notebooks` ---------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="./dev notebooks", description="Execute notebooks/NN_*.py and write "
+                                 "notebooks/NN_*.ipynb with their outputs (on a kernel of this interpreter).")
+    ap.add_argument("names", nargs="*", help="notebooks to run (e.g. 01 or 02_deterioration_model); default all")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="override a parameter of the notebook(s) run, e.g. --set PATIENTS=40")
+    ap.add_argument("--out", help="folder for the .ipynb files (default: beside the scripts)")
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds one cell may take (default 1800)")
+    a = ap.parse_args(argv)
+    try:
+        params = dict(parse_setting(s) for s in a.set)
+        failures = 0
+        for path in notebook_paths(a.names):
+            out = (Path(a.out) if a.out else path.parent) / f"{path.stem}.ipynb"
+            began = time.monotonic()
+            print(f"{path.name}: running ...", flush=True)
+            stopped = execute(path, out, params, timeout=a.timeout)
+            size = out.stat().st_size
+            how = f"stopped early: {stopped}" if stopped else "every cell ran"
+            print(f"{path.name} -> {out} ({size / 1024:.0f} KiB) in {time.monotonic() - began:.0f} s; {how}")
+            if size > MAX_BYTES:
+                failures += 1
+                print(f"{out.name} is {size / 1e6:.1f} MB, over {MAX_BYTES / 1e6:.1f} MB: keep committed outputs "
+                      "small (fewer plot points, head() of tables)", file=sys.stderr)
+        return 1 if failures else 0
+    except CarelakeError as exc:
+        print(f"carelake notebooks: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
