@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -125,8 +126,9 @@ def run_in_process(path: Path, params: Mapping[str, Any] | None = None) -> dict[
     return namespace
 
 
-def _kernel_manager():
-    """A kernel on this very interpreter (the project's .venv), whatever kernelspecs the machine has."""
+def _kernel_manager(sockets: Path):
+    """A kernel on this very interpreter (the project's .venv), whatever kernelspecs the machine has; its
+    connection file and IPC sockets live in `sockets` (a private temporary folder), not unencrypted TCP."""
     from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
     from jupyter_client.manager import KernelManager
 
@@ -137,7 +139,8 @@ def _kernel_manager():
         def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
             return spec
 
-    return KernelManager(kernel_name=KERNEL["name"], kernel_spec_manager=ThisInterpreter())
+    return KernelManager(kernel_name=KERNEL["name"], kernel_spec_manager=ThisInterpreter(), transport="ipc",
+                         connection_file=str(sockets / "kernel.json"))
 
 
 def execute(path: Path, out: Path, params: Mapping[str, Any] | None = None, *, timeout: int = 1800) -> str | None:
@@ -145,14 +148,24 @@ def execute(path: Path, out: Path, params: Mapping[str, Any] | None = None, *, t
     when the notebook ended early on purpose, None when every cell ran. Any other error raises NotebookFailed."""
     import nbformat
     from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
 
     nb = with_parameters(read(path), params or {})
     nb.metadata["kernelspec"] = dict(KERNEL)
     nb.metadata.pop("jupytext", None)
-    client = NotebookClient(nb, km=_kernel_manager(), timeout=timeout, record_timing=False,
-                            resources={"metadata": {"path": str(FOLDER.parent)}})
-    stopped = None
+    with tempfile.TemporaryDirectory(prefix="carelake-kernel-") as sockets:
+        client = NotebookClient(nb, km=_kernel_manager(Path(sockets)), timeout=timeout, record_timing=False,
+                                resources={"metadata": {"path": str(FOLDER.parent)}})
+        stopped = _run_cells(client, nb, path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, out)
+    return stopped
+
+
+def _run_cells(client, nb, path: Path) -> str | None:
+    """Execute the code cells in order; stop at a NotebookStop (its message becomes the cell's output)."""
+    import nbformat
+    from nbclient.exceptions import CellExecutionError
+
     with client.setup_kernel():
         for index, cell in enumerate(nb.cells):
             if cell.cell_type != "code":
@@ -163,12 +176,9 @@ def execute(path: Path, out: Path, params: Mapping[str, Any] | None = None, *, t
                 if exc.ename != NotebookStop.__name__:
                     raise NotebookFailed(f"{path.name}, cell {index}: {exc.ename}: {exc.evalue}\n"
                                          f"{cell.source[:300]}") from None
-                stopped = exc.evalue
-                cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=f"{stopped}\n")]
-                break
-    out.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, out)
-    return stopped
+                cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=f"{exc.evalue}\n")]
+                return exc.evalue
+    return None
 
 
 # -- what the notebooks share: the CLI's functions, called from Python ------------------------------------
