@@ -1,21 +1,170 @@
-"""Notebooks run: they are thin wrappers over the same functions as the CLI."""
+"""Notebooks execute: their scripts run in-process with tiny parameters (joining the session's SparkSession), and
+`./dev notebooks` runs them on a kernel of this interpreter, writing .ipynb files with outputs."""
 
 from __future__ import annotations
 
-import runpy
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
 
-import pyarrow as pa
+import pytest
 
-from tests.conftest import REPO
+from pipelines.errors import UsageError
+from pipelines.notebooks import (
+    FOLDER,
+    NotebookFailed,
+    execute,
+    notebook_paths,
+    parse_setting,
+    read,
+    run_in_process,
+    with_parameters,
+)
+
+TOUR, MODEL, MORTALITY = (FOLDER / f"{n}.py" for n in ("01_lakehouse_tour", "02_deterioration_model",
+                                                      "03_icu_mortality_physionet2012"))
+# A hospital small enough for the suite, with enough deteriorations for a patient split to hold both outcomes.
+TINY_HOSPITAL = {"ENV": "test", "PATIENTS": 24, "HOURS": 8, "SEED": 7,
+                 "SETTINGS": {"simulator.icu_cadence_min_s": 60, "simulator.icu_cadence_max_s": 60,
+                              "simulator.deterioration_fraction": 0.45}}
 
 
-def test_explore_notebook_runs_against_a_lakehouse(cfg, spark, monkeypatch, capsys):
-    from pipelines.store.deltars import DeltaRsStore
+def _run(path: Path, params: dict) -> tuple[dict, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        namespace = run_in_process(path, params)
+    return namespace, out.getvalue()
 
-    DeltaRsStore(cfg).append("silver.demo_rows", pa.table({"id": [1, 2, 3]}))
-    monkeypatch.setenv("CARELAKE_ROOT", str(cfg.root))
-    monkeypatch.setenv("CARELAKE_ENV", "test")
-    monkeypatch.chdir(REPO)
-    runpy.run_path(str(REPO / "notebooks" / "explore_lakehouse.py"), run_name="__main__")
-    out = capsys.readouterr().out
-    assert "silver.demo_rows" in out and "3 rows" in out
+
+# -- parameters and selection ------------------------------------------------------------------------------------
+def test_every_notebook_has_a_parameters_cell_and_overrides_land_after_it():
+    assert [p.stem for p in notebook_paths()] == [TOUR.stem, MODEL.stem, MORTALITY.stem]
+    nb = with_parameters(read(MODEL), {"PATIENTS": 3, "ROOT": "/tmp/x"})
+    first = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    injected = nb.cells[first + 1]
+    assert injected.metadata["tags"] == ["injected-parameters"]
+    assert "PATIENTS = 3" in injected.source and "ROOT = '/tmp/x'" in injected.source
+
+
+def test_unknown_parameter_and_unknown_notebook_are_named():
+    with pytest.raises(UsageError, match=r"unknown notebook parameter\(s\) \['PATIENT'\]: this notebook takes "
+                                         r"ROOT, ENV, PATIENTS, HOURS, SEED, SETTINGS"):
+        with_parameters(read(MODEL), {"PATIENT": 3})
+    with pytest.raises(UsageError, match="no notebook '04': choose from 01_lakehouse_tour, 02_deterioration_model"):
+        notebook_paths(["04"])
+    assert notebook_paths(["03", "01_lakehouse_tour"]) == [MORTALITY, TOUR]
+
+
+def test_settings_are_python_literals_or_words():
+    assert parse_setting("PATIENTS=40") == ("PATIENTS", 40)
+    assert parse_setting("ROOT=/tmp/lake") == ("ROOT", "/tmp/lake")
+    assert parse_setting("SETTINGS={'a': 1}") == ("SETTINGS", {"a": 1})
+    with pytest.raises(UsageError, match="--set expects NAME=VALUE"):
+        parse_setting("PATIENTS")
+
+
+def test_mortality_notebook_says_its_data_is_absent_and_stops(tmp_path):
+    namespace, out = _run(MORTALITY, {"DATA": str(tmp_path / "nowhere")})
+    assert namespace["stopped"] == out.strip()
+    assert f"not found at {tmp_path / 'nowhere'}: set DATA to the folder holding set-a/ and Outcomes-a.txt" in out
+    assert "spark" not in namespace  # it stopped before starting anything
+
+
+# -- on a Jupyter kernel ------------------------------------------------------------------------------------------
+SCRIPT = '''# %% [markdown]
+# A tiny notebook.
+
+# %% tags=["parameters"]
+WHAT = "nothing"
+
+# %%
+import sys
+print(sys.executable, WHAT)
+
+# %%
+from pipelines.notebooks import NotebookStop
+if WHAT == "stop":
+    raise NotebookStop("the data is absent: set WHAT")
+raise ValueError("boom")
+
+# %%
+print("after")
+'''
+
+
+@pytest.mark.slow
+def test_kernel_is_this_interpreter_and_a_stop_ends_the_run_cleanly(tmp_path):
+    script = tmp_path / "09_tiny.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / "out" / "09_tiny.ipynb"
+    assert execute(script, out, {"WHAT": "stop"}) == "the data is absent: set WHAT"
+    nb = json.loads(out.read_text())
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert "".join(code[2]["outputs"][0]["text"]) == f"{sys.executable} stop\n"  # the project's .venv Python
+    assert code[3]["outputs"] == [{"name": "stdout", "output_type": "stream", "text": "the data is absent: set WHAT\n"}]
+    assert code[4]["outputs"] == [] and code[4]["execution_count"] is None  # never ran
+
+    with pytest.raises(NotebookFailed, match=r"09_tiny.py, cell \d+: ValueError: boom"):
+        execute(script, tmp_path / "out" / "failed.ipynb")
+
+
+# -- the notebooks themselves, tiny ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_run(spark, tmp_path_factory):
+    root = tmp_path_factory.mktemp("nb-model") / "lake"
+    namespace, out = _run(MODEL, {**TINY_HOSPITAL, "ROOT": str(root)})
+    return root, namespace, out
+
+
+@pytest.mark.slow
+def test_deterioration_notebook_trains_decides_and_shows_the_card(model_run):
+    root, ns, out = model_run
+    result = ns["result"]
+    assert "stopped" not in ns
+    assert f"Decision: {result.decision}" in out
+    assert result.decision.startswith(("champion: AUROC difference", "not champion: AUROC difference"))
+    assert ("NEWS2 >= 5 stays the alerting rule." in out) != result.champion
+    m = result.metrics
+    assert (f"AUROC difference (model - NEWS2): {m['model_auroc'] - m['news2_auroc']:+.3f}, 95% CI "
+            f"{m['model_minus_news2_auroc_ci_low']:+.3f} to {m['model_minus_news2_auroc_ci_high']:+.3f}") in out
+    # the card shown is the one MLflow holds for the run, with the decision in it
+    assert ns["card"] == result.card and f"## Decision\n{result.decision}." in ns["card"]
+    assert f"AUROC recomputed {m['model_auroc']:.3f} (logged {m['model_auroc']:.3f})" in out
+    table = ns["table"]
+    assert list(table["held-out patients"])[:2] == ["AUROC", "AUPRC"]
+    assert table.loc[0, "95% CI (model)"] == f"{m['model_auroc_ci_low']:.3f}-{m['model_auroc_ci_high']:.3f}"
+    assert ns["held_out"]["patient_key"].nunique() == result.counts["test_patients"]
+
+
+@pytest.mark.slow
+def test_tour_notebook_reads_layers_travels_in_time_and_traces_a_score(model_run):
+    root, _, _ = model_run
+    ns, out = _run(TOUR, {"ROOT": str(root), "ENV": "test"})
+    tables = set(ns["tables"]["name"])
+    assert {"bronze.hl7_messages", "silver.observations", "silver.quarantine", "gold.early_warning_scores"} <= tables
+    as_of = ns["as_of"]
+    assert as_of["version"].tolist() == ns["earlier"] and as_of["score rows"].iloc[0] <= as_of["score rows"].iloc[-1]
+    row, inputs = ns["row"], ns["inputs"]
+    assert len(inputs) == len(row["input_observation_ids"]) > 0  # every input found in the version it read
+    assert f"{len(inputs)} of its {len(inputs)} input observation(s) found in that version" in out
+    assert ns["chain"]["verdict"] == "verified" and "audit explain " in out and ": verified" in out
+    assert row["patient_key"] not in out  # pseudonymous keys are shortened in what is shown
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_mortality_notebook_on_a_sample_of_set_a(spark, realdata, tmp_path):
+    ns, out = _run(MORTALITY, {"DATA": str(realdata / "physionet2012"), "SAMPLE": 30, "FOLDS": 3, "ENV": "test",
+                               "ROOT": str(tmp_path / "lake")})
+    assert "stopped" not in ns
+    assert "imported 30 record(s): 60 FHIR resources" in out
+    assert "records: 30 imported -> 30 patients with their RecordID as MRN" in out
+    challenge = ns["challenge"].set_index("predictor")
+    assert list(challenge.index) == ["carelake model", "SAPS-I", "SOFA", "max NEWS2 (carelake)"]
+    m = ns["result"].metrics
+    assert challenge.loc["SAPS-I", "Event 1"] == m["saps_i_event1"] and 0 <= m["saps_i_event1"] <= 1
+    assert "in-hospital mortality, 3-fold cross-validation on 30 ICU stays" in out
+    assert f"AUROC recomputed {m['model_auroc']:.3f}" in out
