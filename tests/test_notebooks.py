@@ -104,7 +104,8 @@ def test_kernel_is_this_interpreter_and_a_stop_ends_the_run_cleanly(tmp_path):
     assert nb["metadata"]["kernelspec"]["name"] == "python3"
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert "".join(code[2]["outputs"][0]["text"]) == f"{sys.executable} stop\n"  # the project's .venv Python
-    assert [(o["name"], "".join(o["text"])) for o in code[3]["outputs"]] == [("stdout", "the data is absent: set WHAT\n")]
+    stop = [(o["name"], "".join(o["text"])) for o in code[3]["outputs"]]
+    assert stop == [("stdout", "the data is absent: set WHAT\n")]
     assert code[4]["outputs"] == [] and code[4]["execution_count"] is None  # never ran
 
     with pytest.raises(NotebookFailed, match=r"09_tiny.py, cell \d+: ValueError: boom"):
