@@ -224,3 +224,17 @@ def test_tokens_are_hashed_at_rest_and_bad_files_are_named(tmp_path, pki):
                                        "gateway.security.tls_key": str(pki / "server.key")})
     with pytest.raises(ConfigError, match="gateway.security.tls_cert/tls_key: cannot load"):
         Policy.of(missing.gateway.security, "127.0.0.1", environ={})
+
+
+@pytest.mark.slow
+def test_mutual_tls_required_refuses_an_mllp_sender_without_a_certificate_of_the_ca(tmp_path, pki):
+    env = tls_env(pki, CARELAKE_GATEWAY__SECURITY__CLIENT_CA=str(pki / "ca.pem"),
+                  CARELAKE_GATEWAY__SECURITY__REQUIRE_CLIENT_CERT="true")
+    with GatewayProcess(tmp_path / "lake", "--mllp-port", "0", "--http-port", "0", **env) as gw:
+        for cert in (None, "stranger"):  # no certificate; one signed by a CA the gateway does not trust
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                tls_exchange(gw.mllp, oru(f"NO-{cert}"), client(pki, cert=cert))
+        assert msa(tls_exchange(gw.mllp, oru("MTLS-1"), client(pki, cert="ward7")))[1:3] == ["AA", "MTLS-1"]
+        expected = {'carelake_gateway_auth_failures_total{protocol="mllp",reason="tls_handshake"}': 2}
+        assert metric(gw, client(pki, cert="ward7"), "carelake_gateway_auth_failures_total", expected) == expected
+    assert [(r.body, r.header["sender"]) for _, r in landed(gw.root, "hl7")] == [(oru("MTLS-1"), "ward7-interface")]

@@ -39,7 +39,7 @@ from bronze.hl7_wire import (
 )
 from pipelines.gateway.landing import LandingZone
 from pipelines.gateway.metrics import Metrics
-from pipelines.gateway.security import OPEN, Policy
+from pipelines.gateway.security import OPEN, Policy, certificate_sender
 
 log = logging.getLogger("carelake.gateway")
 
@@ -505,9 +505,12 @@ class MllpServer:
         # Land every frame that arrived together first (one group commit), then acknowledge in order.
         pending = []
         counts: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
+        sender = certificate_sender(writer.get_extra_info("peercert")) if self.policy.client_certs else None
         for message in frames:
             reply = await _off_loop(answer, message, self.max_batch, self.policy)
             header = {"peer": peer, "protocol": "mllp", "status": reply.status}
+            if sender:
+                header["sender"] = sender  # the CN of the sender's verified certificate (mutual TLS)
             if reply.reason:
                 header["reason"] = reply.reason
             if reply.refused:  # refused whole: only its prefix is kept, in the rejects area
