@@ -150,15 +150,19 @@ class Policy:
     @classmethod
     def of(cls, sec: GatewaySecurityConfig, host: str, environ: Mapping[str, str] | None = None) -> Policy:
         server_context(sec)  # the files load, or the gateway does not start
-        policy = cls(sec, Tokens.load(sec, environ), bool(sec.client_ca),
-                     frozenset(f.strip() for f in sec.sending_facilities))
-        if policy.tokens.hashes and not policy.tls and host not in ("127.0.0.1", "localhost", "::1"):
+        return cls(sec, Tokens.load(sec, environ), bool(sec.client_ca),
+                   frozenset(f.strip() for f in sec.sending_facilities))
+
+    def warn(self, host: str) -> None:
+        """Say what is open, once the gateway listens: loudly off the loopback interface."""
+        loopback = host in ("127.0.0.1", "localhost", "::1")
+        if self.tokens.hashes and not self.tls and not loopback:
             log.warning("gateway: bearer tokens over plain HTTP on %s can be read off the network; set "
                         "gateway.security.tls_cert and tls_key", host)
-        if not policy.http_auth:
-            log.warning("gateway: HTTP senders are NOT authenticated (no gateway.security.tokens_file, %s or "
-                        "client_ca); anyone who can reach the port can land data", sec.tokens_env or "tokens_env")
-        return policy
+        if not self.http_auth:
+            log.log(logging.INFO if loopback else logging.WARNING,
+                    "gateway: HTTP senders are NOT authenticated (no gateway.security.tokens_file, %s or client_ca); "
+                    "anyone who can reach %s can land data", self.sec.tokens_env or "tokens_env", host)
 
     @property
     def tls(self) -> bool:

@@ -143,6 +143,7 @@ class Gateway:
             raise UsageError(f"cannot listen on {self.host} (mllp {self.mllp_port}, http {self.http_port}"
                              f"{dicom_part}): {exc.strerror or exc}; choose free ports with --mllp-port/--http-port"
                              f"{'/--dicom-port' if dicom_part else ''} (0 picks one)") from None
+        self.policy.warn(self.host)
         mllp_port = self._mllp_server.sockets[0].getsockname()[1]
         http_port = self._runner.addresses[0][1]
         return Addresses(self.host, mllp_port, http_port, dicom_port, tls=self.policy.tls)
