@@ -179,8 +179,8 @@ def test_as_of_a_version_or_a_time(probe, capsys):
     assert "(1 of 3 rows shown" in out
     assert cli(cfg, "audit", "as-of", "ops.diff_probe", "2001-01-01T00:00Z") == 1
     assert "did not exist at 2001-01-01" in capsys.readouterr().err
-    actions = [e["action"] for e in store.read_arrow("ops.audit_log").to_pylist()]
-    assert sorted(actions) == ["as_of", "as_of"]  # what failed to resolve reads nothing
+    events = sorted((e["action"], e["outcome"]) for e in store.read_arrow("ops.audit_log").to_pylist())
+    assert events == [("as_of", "allowed"), ("as_of", "allowed"), ("as_of", "failed")]
 
 
 def test_diff_keys_a_table_by_its_jobs_merge_keys(lake, capsys):
