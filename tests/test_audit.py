@@ -279,3 +279,12 @@ def vacuumed(out: str) -> dict[str, tuple[int, int]]:
     """`vacuum --all`'s table: {table or landing feed: (days kept, files removed)}."""
     rows = [line.split() for line in out.splitlines()[2:] if line and not line.startswith("vacuum")]
     return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+
+def test_vacuum_takes_a_table_or_all(probe, capsys):
+    cfg, _ = probe
+    for args in (("vacuum",), ("vacuum", "ops.diff_probe", "--all"), ("vacuum", "--all", "--retain-hours", "900")):
+        assert cli(cfg, *args) == 2
+        assert "vacuum takes a table, or --all" in capsys.readouterr().err
+    assert cli(cfg, "vacuum", "--all", "--dry-run") == 0
+    assert "vacuum --all: would remove 0 file(s)" in capsys.readouterr().out

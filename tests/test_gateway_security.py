@@ -230,3 +230,24 @@ def test_mutual_tls_required_refuses_an_mllp_sender_without_a_certificate_of_the
         expected = {'carelake_gateway_auth_failures_total{protocol="mllp",reason="tls_handshake"}': 2}
         assert metric(gw, client(pki, cert="ward7"), "carelake_gateway_auth_failures_total", expected) == expected
     assert [(r.body, r.header["sender"]) for _, r in landed(gw.root, "hl7")] == [(oru("MTLS-1"), "ward7-interface")]
+
+
+def test_send_credentials_are_checked_before_anything_is_sent(tmp_path, pki):
+    from pipelines.errors import UsageError
+    from pipelines.send import send
+
+    cfg = make_config(tmp_path / "lake")
+    (tmp_path / "a.hl7").write_bytes(oru("A"))
+    (tmp_path / "empty").write_text("\n")
+    cases = [
+        ("localhost:1", {"token_file": str(tmp_path / "empty")}, "--token-file authenticates HTTP senders"),
+        ("http://localhost:1", {"token_file": str(tmp_path / "empty")}, "is empty: put the token on its first line"),
+        ("http://localhost:1", {"token_file": str(tmp_path / "none")}, "--token-file"),
+        ("localhost:1", {"tls_ca": str(pki / "ca.pem"), "tls_cert": str(pki / "ward7.pem")},
+         "--tls-cert and --tls-key go together"),
+        ("localhost:1", {"tls_ca": str(tmp_path / "none.pem")}, "cannot load"),
+        ("dicom://localhost:1/X", {"tls_ca": str(pki / "ca.pem")}, "DICOM senders are allowed by their calling AE"),
+    ]
+    for to, kw, message in cases:
+        with pytest.raises(UsageError, match=message):
+            send(cfg, to, [str(tmp_path / "a.hl7")], **kw)
