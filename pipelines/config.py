@@ -678,6 +678,27 @@ class JobsConfig:
 
 
 @dataclass(frozen=True)
+class SqlServerConfig:
+    """`carelake sql-server`: where it listens, who may log in, how the masked views coarsen dates."""
+
+    host: str = "127.0.0.1"
+    port: int = 10000
+    users_file: str = ""  # "" = <root>/_secrets/sql_users
+    mask_date_unit: str = "month"
+    views_dir: str = ""  # "" = sql/views beside the conf/ folder
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"sql_server.port must be 0 (a free port) to 65535, got {self.port}")
+        if self.mask_date_unit not in MASK_DATE_UNITS:
+            raise ConfigError(f"sql_server.mask_date_unit must be one of {', '.join(MASK_DATE_UNITS)}, got "
+                              f"{self.mask_date_unit!r}")
+
+
+MASK_DATE_UNITS = ("year", "quarter", "month", "week", "day")
+
+
+@dataclass(frozen=True)
 class Config:
     root: Path
     spark: SparkConfig
@@ -694,6 +715,7 @@ class Config:
     jobs: JobsConfig
     env: str = "local"
     conf_dir: Path = Path("conf")
+    sql_server: SqlServerConfig = field(default_factory=SqlServerConfig)
 
     def path(self, *parts: str) -> Path:
         """A path below the lakehouse root."""
