@@ -210,8 +210,7 @@ def test_audit_commit_failure_reaches_every_writer_of_the_batch():
 def test_a_stale_discovery_file_means_no_server(cfg):
     import json
 
-    from pipelines.sqlserver.client import running_server
-    from pipelines.sqlserver.server import discovery_file
+    from pipelines.sqlserver.client import discovery_file, running_server
 
     path = discovery_file(cfg)
     path.parent.mkdir(parents=True)

@@ -16,12 +16,11 @@ from pathlib import Path
 from pipelines.config import Config
 from pipelines.errors import ConfigError, UsageError
 from pipelines.sqlserver.catalog import Catalog, load_views
+from pipelines.sqlserver.client import LOCAL_PREFIX, discovery_file
 from pipelines.sqlserver.proxy import Listener, Login
 from pipelines.sqlserver.users import Directory, users_file
 
 log = logging.getLogger("carelake.sqlserver")
-DISCOVERY = ("_sqlserver", "server.json")
-LOCAL_PREFIX = "local:"  # `carelake sql` on the server's machine logs in as local:<os user> with the file's token
 BACKEND_HOST = "127.0.0.1"
 
 
@@ -39,10 +38,6 @@ def spark_settings(cfg: Config) -> dict[str, str]:
 
 def views_dir(cfg: Config) -> Path:
     return Path(cfg.sql_server.views_dir) if cfg.sql_server.views_dir else cfg.conf_dir.parent / "sql" / "views"
-
-
-def discovery_file(cfg: Config) -> Path:
-    return cfg.path(*DISCOVERY)
 
 
 def _is_loopback(host: str) -> bool:
