@@ -24,7 +24,7 @@ import threading
 from dataclasses import dataclass, field
 
 from thrift.protocol import TBinaryProtocol
-from thrift.transport import TSocket, TTransport
+from thrift.transport import TTransport
 
 from pipelines.errors import CarelakeError
 from pipelines.sqlrefs import rewrite
@@ -105,17 +105,42 @@ class SaslPlainServerTransport(TTransport.TTransportBase):
         self.sock.close()
 
 
-def backend_client(host: str, port: int, username: str):
-    """A TCLIService client on the Spark Thrift server (SASL PLAIN, as its NONE authentication expects)."""
-    import thrift_sasl
-    from pyhive.hive import get_installed_sasl
-    from TCLIService import TCLIService
+class JvmBackend:
+    """Spark's Thrift service called inside its own JVM through py4j: each request crosses as Thrift bytes, is
+    decoded there into Hive's request class, handled by the same code a network client reaches, and the response
+    comes back as bytes. Spark's Thrift server then needs no open port (the server closes it after start)."""
 
-    sock = TSocket.TSocket(host, port)
-    transport = thrift_sasl.TSaslClientTransport(
-        lambda: get_installed_sasl(host=host, sasl_auth="PLAIN", username=username, password="-"), "PLAIN", sock)
-    transport.open()
-    return TCLIService.Client(TBinaryProtocol.TBinaryProtocol(transport)), transport
+    def __init__(self, spark, service):
+        self._jvm = spark._jvm  # noqa: SLF001 - py4j is the only way into Spark's Thrift service
+        self._service = service
+        self._local = threading.local()
+
+    def _codec(self):
+        """A serializer and deserializer for this thread (Thrift's are not thread-safe)."""
+        codec = getattr(self._local, "codec", None)
+        if codec is None:
+            thrift = self._jvm.org.apache.thrift
+            factory = thrift.protocol.TBinaryProtocol.Factory()
+            codec = self._local.codec = (thrift.TSerializer(factory), thrift.TDeserializer(factory))
+        return codec
+
+    def __getattr__(self, name: str):
+        if not name[:1].isupper():
+            raise AttributeError(name)
+        from TCLIService import ttypes
+
+        def call(req):
+            serializer, deserializer = self._codec()
+            buf = TTransport.TMemoryBuffer()
+            req.write(TBinaryProtocol.TBinaryProtocol(buf))
+            jreq = getattr(self._jvm.org.apache.hive.service.rpc.thrift, f"T{name}Req")()
+            deserializer.deserialize(jreq, bytearray(buf.getvalue()))
+            out = serializer.serialize(getattr(self._service, name)(jreq))
+            resp = getattr(ttypes, f"T{name}Resp")()
+            resp.read(TBinaryProtocol.TBinaryProtocol(TTransport.TMemoryBuffer(bytes(out))))
+            return resp
+
+        return call
 
 
 @dataclass
@@ -164,6 +189,7 @@ class Handler:
     backend: object
     login: Login
     ops: dict[bytes, Operation] = field(default_factory=dict)
+    sessions: dict[bytes, object] = field(default_factory=dict)  # open session handles, closed if the client leaves
 
     def __getattr__(self, name: str):
         return getattr(self.backend, name)
@@ -171,7 +197,10 @@ class Handler:
     def OpenSession(self, req):  # noqa: N802 - Thrift's names
         req.username, req.password = self.login.user, "-"
         req.configuration = {k: v for k, v in (req.configuration or {}).items() if k == "use:database"}
-        return self.backend.OpenSession(req)
+        resp = self.backend.OpenSession(req)
+        if resp.sessionHandle is not None:
+            self.sessions[resp.sessionHandle.sessionId.guid] = resp.sessionHandle
+        return resp
 
     def ExecuteStatement(self, req):  # noqa: N802
         from TCLIService import ttypes
@@ -238,7 +267,8 @@ class Handler:
         return resp
 
     def CloseSession(self, req):  # noqa: N802
-        self.finish()
+        self._finish_operations()
+        self.sessions.pop(req.sessionHandle.sessionId.guid, None)
         return self.backend.CloseSession(req)
 
     def GetTables(self, req):  # noqa: N802
@@ -253,19 +283,30 @@ class Handler:
         rows = op.rows if op.outcome == "allowed" else None
         self.server.audit(self.login.actor, op.statement, op.reads, rows, op.outcome, op.detail)
 
-    def finish(self) -> None:
+    def _finish_operations(self) -> None:
         """Record every statement not yet recorded (the client closed the session or went away)."""
         for key in list(self.ops):
             self._record(self.ops.pop(key))
 
+    def finish(self) -> None:
+        """The client went away: record its statements, close the sessions it left open."""
+        from TCLIService import ttypes
 
-def serve_connection(server, sock: socket.socket, backend_host: str, backend_port: int) -> None:
+        self._finish_operations()
+        for handle in list(self.sessions.values()):
+            try:
+                self.backend.CloseSession(ttypes.TCloseSessionReq(sessionHandle=handle))
+            except Exception:  # closing what is left is best effort; Spark expires idle sessions too
+                log.debug("closing a session the client left failed", exc_info=True)
+        self.sessions.clear()
+
+
+def serve_connection(server, sock: socket.socket, backend: JvmBackend) -> None:
     """One client connection: SASL login, then Thrift calls until it closes."""
     from TCLIService import TCLIService
 
     trans = SaslPlainServerTransport(sock)
     handler = None
-    backend_trans = None
     try:
         user, password = trans.handshake()
         login = server.login(user, password)
@@ -275,7 +316,6 @@ def serve_connection(server, sock: socket.socket, backend_host: str, backend_por
             trans.send_status(BAD, b"carelake sql-server: wrong username or password")
             return
         trans.send_status(COMPLETE)
-        backend, backend_trans = backend_client(backend_host, backend_port, login.user)
         handler = Handler(server, backend, login)
         processor = TCLIService.Processor(handler)
         proto = TBinaryProtocol.TBinaryProtocol(trans)
@@ -288,15 +328,13 @@ def serve_connection(server, sock: socket.socket, backend_host: str, backend_por
     finally:
         if handler is not None:
             handler.finish()
-        if backend_trans is not None:
-            backend_trans.close()
         sock.close()
 
 
 class Listener(threading.Thread):
     """Accepts clients on (host, port); one thread per connection."""
 
-    def __init__(self, server, host: str, port: int, backend: tuple[str, int]):
+    def __init__(self, server, host: str, port: int, backend: JvmBackend):
         super().__init__(name="carelake-sql-listener", daemon=True)
         self.server = server
         self.backend = backend
@@ -310,7 +348,7 @@ class Listener(threading.Thread):
                 conn, _ = self.sock.accept()
             except OSError:
                 break
-            threading.Thread(target=serve_connection, args=(self.server, conn, *self.backend),
+            threading.Thread(target=serve_connection, args=(self.server, conn, self.backend),
                              name="carelake-sql-client", daemon=True).start()
 
     def stop(self) -> None:

@@ -17,7 +17,7 @@ from pipelines.config import Config
 from pipelines.errors import ConfigError, UsageError
 from pipelines.sqlserver.catalog import Catalog, load_views
 from pipelines.sqlserver.client import LOCAL_PREFIX, discovery_file
-from pipelines.sqlserver.proxy import Listener, Login
+from pipelines.sqlserver.proxy import JvmBackend, Listener, Login
 from pipelines.sqlserver.users import Directory, users_file
 
 log = logging.getLogger("carelake.sqlserver")
@@ -131,13 +131,35 @@ class SqlServer:
         jvm = self.spark._jvm  # noqa: SLF001 - Spark's Thrift server has no Python API
         self._thrift = jvm.org.apache.spark.sql.hive.thriftserver.HiveThriftServer2.startWithContext(
             self.spark._jsparkSession.sqlContext())  # noqa: SLF001
-        backend_port = next(s.getPortNumber() for s in self._thrift.getServices()
-                            if s.getName() == "ThriftBinaryCLIService")
-        self._listener = Listener(self, host, port, (BACKEND_HOST, backend_port))
+        self._listener = Listener(self, host, port, JvmBackend(self.spark, self._close_backend_port()))
         self._listener.start()
         shown = BACKEND_HOST if host in ("0.0.0.0", "::", "") else host
         self._write_discovery(shown, self._listener.port)
         return f"jdbc:hive2://{shown}:{self._listener.port}/default"
+
+    def _close_backend_port(self):
+        """Stop the Thrift service's own listener (the proxy calls the service in-process), wait until its port
+        refuses connections, and refuse to serve if anyone opened a session on it in the meantime."""
+        import socket
+        import time
+
+        service = next(s for s in self._thrift.getServices() if s.getName() == "ThriftBinaryCLIService")
+        port = service.getPortNumber()
+        service.stop()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((BACKEND_HOST, port), timeout=1).close()
+            except OSError:
+                break
+            time.sleep(0.05)
+        else:
+            raise ConfigError(f"Spark's Thrift service kept listening on {BACKEND_HOST}:{port} after it was stopped")
+        cli = next(s for s in self._thrift.getServices() if s.getName() == "CLIService")
+        if cli.getSessionManager().getOpenSessionCount():
+            raise ConfigError(f"a client opened a session on Spark's internal port {port} before it closed: "
+                              "another user on this machine may be probing it; not serving")
+        return service
 
     def _create_views(self) -> None:
         """Register the repository's views now, so a bad definition fails the start, not an analyst's query."""
