@@ -113,6 +113,7 @@ def server(lake):
     err = s.stop()
     assert s.proc.returncode == 0, err[-3000:]
     assert not (lake / "_sqlserver" / "server.json").exists(), "the discovery file outlived the server"
+    assert (lake / "_sqlserver" / "derby.log").exists() and not (REPO / "derby.log").exists()
 
 
 def audit_rows(root: Path) -> list[dict]:

@@ -129,6 +129,10 @@ class SqlServer:
         """Start serving; the JDBC URL."""
         self._create_views()
         jvm = self.spark._jvm  # noqa: SLF001 - Spark's Thrift server has no Python API
+        # Its execution Hive boots an embedded Derby (in the JVM's scratch folder), whose log defaults to the CWD.
+        log_dir = self.cfg.path("_sqlserver")
+        log_dir.mkdir(parents=True, exist_ok=True)
+        jvm.java.lang.System.setProperty("derby.stream.error.file", str(log_dir / "derby.log"))
         self._thrift = jvm.org.apache.spark.sql.hive.thriftserver.HiveThriftServer2.startWithContext(
             self.spark._jsparkSession.sqlContext())  # noqa: SLF001
         self._listener = Listener(self, host, port, JvmBackend(self.spark, self._close_backend_port()))
