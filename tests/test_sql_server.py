@@ -244,3 +244,30 @@ def test_refuses_to_start_without_users_or_open_without_auth(tmp_path, capsys):
     assert "--no-auth serves every table without a login" in capsys.readouterr().err
     assert main(["--env", "test", "--root", root, "sql-server"]) == 2
     assert "carelake sql-user add NAME --role analyst" in capsys.readouterr().err
+
+
+def _metadata(server, user: str, call: str, **req) -> list[tuple]:
+    """A JDBC DatabaseMetaData call (GetSchemas, GetTables, GetColumns) through PyHive's Thrift client."""
+    from TCLIService import ttypes
+
+    conn = server.connect(user)
+    try:
+        resp = getattr(conn.client, call)(getattr(ttypes, f"T{call}Req")(sessionHandle=conn.sessionHandle, **req))
+        assert resp.status.statusCode == ttypes.TStatusCode.SUCCESS_STATUS, resp.status
+        cur = conn.cursor()
+        cur._state, cur._operationHandle = cur._STATE_RUNNING, resp.operationHandle  # noqa: SLF001 - no DB-API call
+        return cur.fetchall()
+    finally:
+        conn.close()
+
+
+def test_catalog_browsing_shows_what_the_role_may_read(server):
+    assert _metadata(server, "ana", "GetSchemas") == [("gold", "spark")]
+    assert [r[0] for r in _metadata(server, "eng", "GetSchemas")] == ["gold", "silver"]  # ops.audit_log: auditors
+    tables = {(r[1], r[2], r[3]) for r in _metadata(server, "ana", "GetTables", schemaName="gold", tableName="%")}
+    assert ("gold", "early_warning_scores", "TABLE") in tables and ("gold", "patients_masked", "VIEW") in tables
+    assert not any(schema != "gold" for schema, _, _ in tables)
+    columns = _metadata(server, "ana", "GetColumns", schemaName="gold", tableName="patients_masked")
+    assert [(r[3], r[4], r[5]) for r in columns][:3] == [("patient_key", 12, "STRING"), ("sex", 12, "STRING"),
+                                                          ("birth_period", 91, "DATE")]
+    assert not _metadata(server, "ana", "GetColumns", schemaName="silver", tableName="patients")

@@ -10,8 +10,8 @@ call is forwarded unchanged except:
   refusal answers an error naming the reason and is recorded in ops.audit_log;
 - FetchResults counts the rows returned; CloseOperation/CloseSession (or the connection ending) records the
   statement with its tables, versions and rows in ops.audit_log;
-- catalog browsing (GetTables, GetColumns) answers from the empty `default` schema: the server's views are
-  internal names; write SQL against gold.x, silver.x, ...
+- catalog browsing (GetSchemas, GetTables, GetColumns) answers with the lakehouse names the user's role may
+  read (pipelines.sqlserver.metadata), never the server's internal view names.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from thrift.protocol import TBinaryProtocol
 from thrift.transport import TTransport
 
-from pipelines.errors import CarelakeError
+from pipelines.errors import CarelakeError, TableNotFound
 from pipelines.sqlrefs import rewrite
 from pipelines.sqlserver.guard import StatementRefused, check_statement
 from pipelines.sqlserver.policy import refusal
@@ -271,13 +271,50 @@ class Handler:
         self.sessions.pop(req.sessionHandle.sessionId.guid, None)
         return self.backend.CloseSession(req)
 
+    def GetSchemas(self, req):  # noqa: N802
+        from TCLIService import ttypes
+
+        from pipelines.sqlserver import metadata
+
+        sql = metadata.schemas_query(self._readable(), req.schemaName)
+        return self._answer(ttypes.TGetSchemasResp, req.sessionHandle, sql)
+
     def GetTables(self, req):  # noqa: N802
-        req.schemaName = "default"
-        return self.backend.GetTables(req)
+        from TCLIService import ttypes
+
+        from pipelines.sqlserver import metadata
+
+        sql = metadata.tables_query(self._readable(), self.server.catalog.views, req.schemaName, req.tableName,
+                                    req.tableTypes)
+        return self._answer(ttypes.TGetTablesResp, req.sessionHandle, sql)
 
     def GetColumns(self, req):  # noqa: N802
-        req.schemaName = "default"
-        return self.backend.GetColumns(req)
+        from TCLIService import ttypes
+
+        from pipelines.sqlserver import metadata
+
+        schema, table = metadata.like(req.schemaName), metadata.like(req.tableName)
+        wanted = [t for t in self._readable() if schema.fullmatch(t.split(".")[0]) and table.fullmatch(t.split(".")[1])]
+        schemas = {}
+        for t in wanted:
+            try:
+                schemas[t] = self.server.catalog.schema(t)
+            except TableNotFound:  # a view whose tables are not written yet
+                continue
+        return self._answer(ttypes.TGetColumnsResp, req.sessionHandle, metadata.columns_query(schemas, req.columnName))
+
+    def _readable(self) -> list[str]:
+        from pipelines.sqlserver.metadata import readable
+
+        return readable(self.login.role, self.server.catalog.names(), self.server.catalog.views)
+
+    def _answer(self, resp_type, session, sql: str):
+        """A metadata call answered by running `sql` (rows computed here) on Spark: the client fetches them as usual."""
+        from TCLIService import ttypes
+
+        resp = self.backend.ExecuteStatement(ttypes.TExecuteStatementReq(sessionHandle=session, statement=sql,
+                                                                         runAsync=False))
+        return resp_type(status=resp.status, operationHandle=resp.operationHandle)
 
     def _record(self, op: Operation) -> None:
         rows = op.rows if op.outcome == "allowed" else None
