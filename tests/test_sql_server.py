@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import signal
+import socket
 import subprocess
 import time
 from datetime import UTC, datetime
@@ -244,6 +245,16 @@ def test_refuses_to_start_without_users_or_open_without_auth(tmp_path, capsys):
     assert "--no-auth serves every table without a login" in capsys.readouterr().err
     assert main(["--env", "test", "--root", root, "sql-server"]) == 2
     assert "carelake sql-user add NAME --role analyst" in capsys.readouterr().err
+    assert main(["--env", "test", "--root", root, "--set", "sql_server.views_dir=/nowhere", "sql-server",
+                 "--no-auth"]) == 2
+    assert "sql_server.views_dir '/nowhere' is not a folder" in capsys.readouterr().err
+    busy = socket.create_server(("127.0.0.1", 0))
+    try:
+        assert main(["--env", "test", "--root", root, "sql-server", "--no-auth", "--port",
+                     str(busy.getsockname()[1])]) == 2
+    finally:
+        busy.close()
+    assert "cannot listen on 127.0.0.1:" in capsys.readouterr().err
 
 
 def _metadata(server, user: str, call: str, **req) -> list[tuple]:

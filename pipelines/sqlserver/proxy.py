@@ -375,7 +375,9 @@ class Listener(threading.Thread):
         super().__init__(name="carelake-sql-listener", daemon=True)
         self.server = server
         self.backend = backend
-        self.sock = socket.create_server((host, port), reuse_port=False)
+        from pipelines.sqlserver.server import listen
+
+        self.sock = listen(host, port)
         self.port = self.sock.getsockname()[1]
         self._stopping = threading.Event()
 

@@ -213,6 +213,20 @@ def check_start(cfg: Config, host: str, no_auth: bool) -> None:
                           "(or set sql_server.users_file), or run with --no-auth on loopback")
     if not no_auth:
         Directory(path).login("", "")  # a malformed or readable-by-others file fails now, naming the fix
+    if cfg.sql_server.views_dir and not views_dir(cfg).is_dir():
+        raise ConfigError(f"sql_server.views_dir {cfg.sql_server.views_dir!r} is not a folder: point it at the "
+                          'analyst views (<layer>.<name>.sql files), or set it to "" for sql/views beside conf/')
+
+
+def listen(host: str, port: int):
+    """A listening socket on (host, port), or an error naming the fix."""
+    import socket
+
+    try:
+        return socket.create_server((host, port))
+    except OSError as exc:
+        raise UsageError(f"the SQL server cannot listen on {host}:{port}: {exc.strerror or exc}; choose another "
+                         "--port (0 picks a free one) or --host") from None
 
 
 def serve(cfg: Config, *, host: str | None, port: int | None, no_auth: bool) -> int:
@@ -225,6 +239,7 @@ def serve(cfg: Config, *, host: str | None, port: int | None, no_auth: bool) -> 
     host = host or cfg.sql_server.host
     port = cfg.sql_server.port if port is None else port
     check_start(cfg, host, no_auth)
+    listen(host, port).close()  # a port in use fails now, not after Spark has started
     if no_auth:
         print("carelake sql-server: WARNING: --no-auth: no login; every client reads every table (PHI included) "
               "as auditor. Local development only, never with real patient data.", file=sys.stderr, flush=True)
