@@ -131,6 +131,12 @@ def test_write_records_formats():
     ("SELECT java_method('java.lang.Runtime', 'getRuntime')", "java_method is not available"),
     ("SELECT x.f() FROM global_temp.a", "x.f is not available"),
     ("SELECT 1; SELECT 2", "SQL syntax error"),
+    ("SELECT * FROM IDENTIFIER('global_temp.b')", "IDENTIFIER"),
+    ("SELECT * FROM global_temp.a WHERE id = (SELECT 1 FROM IDENTIFIER('global_temp.b'))", "IDENTIFIER"),
+    ("SELECT IDENTIFIER('reflect')('java.lang.System', 'getenv', 'HOME')", "IDENTIFIER"),
+    ("EXECUTE IMMEDIATE 'SELECT * FROM global_temp.b'", "EXECUTE IMMEDIATE"),
+    ("DECLARE VARIABLE v INT", "only queries"),
+    ("SELECT * FROM global_temp.b |> WHERE id > 1", "global_temp.b is not a table"),
 ])
 def test_guard(spark, sql, refused):
     from pipelines.sqlserver.guard import StatementRefused, check_statement

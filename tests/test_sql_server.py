@@ -204,6 +204,11 @@ def test_statements_outside_the_served_tables_are_refused(server, sql, reason):
     assert reason in refusal(refused)
 
 
+def test_variables_are_not_substituted(server):
+    assert server.query("eng", "SELECT '${env:HOME}', '${system:user.name}'") == [("${env:HOME}",
+                                                                                  "${system:user.name}")]
+
+
 def test_wrong_password_is_refused_and_audited(server, lake):
     from thrift.transport.TTransport import TTransportException
 

@@ -33,6 +33,9 @@ def spark_settings(cfg: Config) -> dict[str, str]:
         "spark.sql.catalogImplementation": "in-memory",
         # The views are the only tables: a statement never reads files by path (the guard refuses those too).
         "spark.sql.runSQLOnFiles": "false",
+        # ${env:X} / ${system:x} in a statement stay text: substitution would put the server's environment (and
+        # secrets in it) into a query after the guard has read it.
+        "spark.sql.variable.substitute": "false",
     }
 
 
