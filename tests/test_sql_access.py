@@ -136,6 +136,7 @@ def test_write_records_formats():
     ("SELECT IDENTIFIER('reflect')('java.lang.System', 'getenv', 'HOME')", "IDENTIFIER"),
     ("EXECUTE IMMEDIATE 'SELECT * FROM global_temp.b'", "EXECUTE IMMEDIATE"),
     ("DECLARE VARIABLE v INT", "only queries"),
+    ("SELECT xpath_string('<a>x</a>', 'a')", "xpath_string is not available"),
     ("SELECT * FROM global_temp.b |> WHERE id > 1", "global_temp.b is not a table"),
 ])
 def test_guard(spark, sql, refused):

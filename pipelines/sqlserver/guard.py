@@ -14,8 +14,10 @@ from collections.abc import Iterable
 
 from pipelines.errors import CarelakeError
 
-# Functions that reach outside SQL: they call Java methods by name.
-_DENIED_FUNCTIONS = frozenset({"reflect", "java_method", "try_reflect"})
+# Functions that reach outside SQL: they call Java methods by name, or parse XML (whose entities can name files).
+_DENIED_FUNCTIONS = frozenset({"reflect", "java_method", "try_reflect", "from_xml", "schema_of_xml", "xpath",
+                               *(f"xpath_{t}" for t in ("boolean", "double", "float", "int", "long", "number",
+                                                        "short", "string"))})
 # Table-valued functions that only generate rows (no storage, no other tables).
 _ALLOWED_TVFS = frozenset({"range", "explode", "explode_outer", "inline", "inline_outer", "posexplode",
                            "posexplode_outer", "stack", "json_tuple"})
