@@ -136,6 +136,9 @@ def test_write_records_formats():
     ("SELECT IDENTIFIER('reflect')('java.lang.System', 'getenv', 'HOME')", "IDENTIFIER"),
     ("EXECUTE IMMEDIATE 'SELECT * FROM global_temp.b'", "EXECUTE IMMEDIATE"),
     ("DECLARE VARIABLE v INT", "only queries"),
+    ("CALL sys.some_procedure()", "only queries"),
+    ("MERGE INTO global_temp.a t USING global_temp.a s ON t.id = s.id WHEN MATCHED THEN DELETE", "only queries"),
+    ("INSERT OVERWRITE DIRECTORY '/tmp/x' SELECT * FROM global_temp.a", "only queries"),
     ("SELECT xpath_string('<a>x</a>', 'a')", "xpath_string is not available"),
     ("SELECT * FROM global_temp.b |> WHERE id > 1", "global_temp.b is not a table"),
 ])

@@ -72,7 +72,8 @@ def check_statement(spark, text: str, allowed: Iterable[str], schema: str = "glo
             continue
         p = plans.pop()
         cls = _name(p)
-        if command.isInstance(p) or cls.endswith("Statement") or cls.endswith(".InsertIntoDir"):
+        if (command.isInstance(p) or cls.endswith("Statement") or cls.endswith(".InsertIntoDir")
+                or cls.endswith(".Call") or "Procedure" in cls):
             kind = cls.rsplit(".", 1)[-1]
             raise StatementRefused(f"only queries run through the SQL server (SELECT, WITH ...); this statement is "
                                    f"{kind}")
