@@ -36,6 +36,7 @@ START, OK, BAD, ERROR, COMPLETE = 1, 2, 3, 4, 5
 # Drivers send `USE default` on connect (PyHive, some ODBC drivers): passed on, reads nothing, not audited.
 _USE_DEFAULT = re.compile(r"^\s*use\s+`?default`?\s*;?\s*$", re.IGNORECASE)
 MAX_FRAME = 256 * 1024 * 1024
+LOGIN_TIMEOUT_S = 30
 
 
 class SaslPlainServerTransport(TTransport.TTransportBase):
@@ -345,7 +346,9 @@ def serve_connection(server, sock: socket.socket, backend: JvmBackend) -> None:
     trans = SaslPlainServerTransport(sock)
     handler = None
     try:
+        sock.settimeout(LOGIN_TIMEOUT_S)  # a client that connects and says nothing does not hold a thread for long
         user, password = trans.handshake()
+        sock.settimeout(None)
         login = server.login(user, password)
         if login is None:  # recorded before the answer, so the client's next step already finds it
             server.audit(user or "(none)", None, (), None, "refused", "login failed: wrong username or password",
@@ -371,10 +374,12 @@ def serve_connection(server, sock: socket.socket, backend: JvmBackend) -> None:
 class Listener(threading.Thread):
     """Accepts clients on (host, port); one thread per connection."""
 
-    def __init__(self, server, host: str, port: int, backend: JvmBackend):
+    def __init__(self, server, host: str, port: int, backend: JvmBackend, max_connections: int):
         super().__init__(name="carelake-sql-listener", daemon=True)
         self.server = server
         self.backend = backend
+        self.slots = threading.BoundedSemaphore(max_connections)
+        self.max_connections = max_connections
         from pipelines.sqlserver.server import listen
 
         self.sock = listen(host, port)
@@ -387,8 +392,18 @@ class Listener(threading.Thread):
                 conn, _ = self.sock.accept()
             except OSError:
                 break
-            threading.Thread(target=serve_connection, args=(self.server, conn, self.backend),
-                             name="carelake-sql-client", daemon=True).start()
+            if not self.slots.acquire(blocking=False):
+                log.warning("refused a connection from %s: %d connections already open (sql_server.max_connections)",
+                            conn.getpeername()[0], self.max_connections)
+                conn.close()
+                continue
+            threading.Thread(target=self._serve, args=(conn,), name="carelake-sql-client", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            serve_connection(self.server, conn, self.backend)
+        finally:
+            self.slots.release()
 
     def stop(self) -> None:
         self._stopping.set()

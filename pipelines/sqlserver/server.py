@@ -138,7 +138,8 @@ class SqlServer:
         jvm.java.lang.System.setProperty("derby.stream.error.file", str(log_dir / "derby.log"))
         self._thrift = jvm.org.apache.spark.sql.hive.thriftserver.HiveThriftServer2.startWithContext(
             self.spark._jsparkSession.sqlContext())  # noqa: SLF001
-        self._listener = Listener(self, host, port, JvmBackend(self.spark, self._close_backend_port()))
+        self._listener = Listener(self, host, port, JvmBackend(self.spark, self._close_backend_port()),
+                                  self.cfg.sql_server.max_connections)
         self._listener.start()
         shown = BACKEND_HOST if host in ("0.0.0.0", "::", "") else host
         self._write_discovery(shown, self._listener.port)
