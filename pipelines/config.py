@@ -22,6 +22,8 @@ from pipelines.errors import ConfigError
 
 ENGINES = ("auto", "delta-rs", "delta-spark")
 LAYERS = ("bronze", "silver", "gold", "ops")
+# storage.retention_days: the layers, the landing zone, and the floor for what audits walk (pipelines/retention.py).
+RETENTION_KEYS = (*LAYERS, "landing", "audit")
 LOG_LEVELS = ("ERROR", "WARN", "INFO", "DEBUG")
 _ENV_PREFIX = "CARELAKE_"
 _ENV_RESERVED = {"CARELAKE_ENV", "CARELAKE_CONF_DIR"}
@@ -86,11 +88,11 @@ class StorageConfig:
             raise ConfigError("storage.driver_write_max_rows and storage.driver_write_max_mb must be 0 or more, got "
                               f"{self.driver_write_max_rows} and {self.driver_write_max_mb}; 0 sends every batch "
                               "to the executors")
-        missing = [layer for layer in LAYERS if layer not in self.retention_days]
-        unknown = [layer for layer in self.retention_days if layer not in LAYERS]
+        missing = [layer for layer in RETENTION_KEYS if layer not in self.retention_days]
+        unknown = [layer for layer in self.retention_days if layer not in RETENTION_KEYS]
         if missing or unknown:
             raise ConfigError(
-                f"storage.retention_days needs exactly the layers {', '.join(LAYERS)}"
+                f"storage.retention_days needs exactly the keys {', '.join(RETENTION_KEYS)}"
                 f" (missing: {missing or 'none'}, unknown: {unknown or 'none'})"
             )
         for layer, days in self.retention_days.items():
