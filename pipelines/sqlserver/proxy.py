@@ -212,10 +212,14 @@ class Handler:
             return self.backend.ExecuteStatement(req)
         try:
             resolved = self._admit(statement)
-        except CarelakeError as exc:
+        except Exception as exc:  # refused, or the tables could not be resolved: answered and recorded either way
             outcome = "refused" if isinstance(exc, StatementRefused) else "failed"
-            self.server.audit(self.login.actor, statement, (), None, outcome, str(exc))
-            return ttypes.TExecuteStatementResp(status=_error_status(f"carelake: {exc}"))
+            if not isinstance(exc, CarelakeError):
+                log.exception("resolving a statement failed")
+            message = str(exc) if isinstance(exc, CarelakeError) else f"internal error: {type(exc).__name__}: " + (
+                str(exc).splitlines() or [""])[0]
+            self.server.audit(self.login.actor, statement, (), None, outcome, message)
+            return ttypes.TExecuteStatementResp(status=_error_status(f"carelake: {message}"))
         req.statement, req.confOverlay = resolved.sql, {}
         resp = self.backend.ExecuteStatement(req)
         op = Operation(statement, resolved.reads, dict(resolved.names))
