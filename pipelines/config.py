@@ -686,10 +686,13 @@ class SqlServerConfig:
     users_file: str = ""  # "" = <root>/_secrets/sql_users
     mask_date_unit: str = "month"
     views_dir: str = ""  # "" = sql/views beside the conf/ folder
+    max_connections: int = 64
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"sql_server.port must be 0 (a free port) to 65535, got {self.port}")
+        if self.max_connections < 1:
+            raise ConfigError(f"sql_server.max_connections must be at least 1, got {self.max_connections}")
         if self.mask_date_unit not in MASK_DATE_UNITS:
             raise ConfigError(f"sql_server.mask_date_unit must be one of {', '.join(MASK_DATE_UNITS)}, got "
                               f"{self.mask_date_unit!r}")
