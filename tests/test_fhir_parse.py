@@ -421,6 +421,8 @@ def test_service_request_and_imaging_study():
         "subject_reference": "Patient/p1", "subject_identifier_system": None, "subject_identifier_value": None,
         "encounter_reference": None, "authored_at": utc(2024, 3, 10, 8), "requisition_system": "urn:req",
         "requisition_value": "RQ-9", "accession_system": "urn:acc", "accession": "ACC-1",
+        "reason_codes": [], "reason_text": None, "reason_references": [], "location_codes": [],
+        "location_display": None,
     }])
     study = {
         "resourceType": "ImagingStudy", "id": "is1", "status": "available", "subject": {"reference": "Patient/p1"},

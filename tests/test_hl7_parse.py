@@ -473,7 +473,7 @@ def test_mrg_without_a_prior_patient_identifier():
 
 
 ORDER = dict.fromkeys(ORDER_KEYS) | {"patient_mrn": "12345", "patient_source_system": "HOSP", "visit_number": "V100",
-                                     "nulled": []}
+                                     "reason_codes": [], "nulled": []}
 
 
 def test_orders_priority_accession_and_modality():
@@ -491,7 +491,7 @@ def test_orders_priority_accession_and_modality():
                  "order_status": "SC", "priority": "stat", "priority_code": "S", "service_code": "71020",
                  "service_display": "Chest X-ray", "service_code_system": "CPT4",
                  "requested_at": utc(2024, 3, 5, 11, 0), "ordering_provider_id": "DOC1", "accession_number": "ACC-1",
-                 "modality": "CR"},
+                 "modality": "CR", "placer_system": "EPIC"},
         ORDER | {"record_index": 5, "order_control": "NW", "placer_order_number": "P2", "priority": "asap",
                  "priority_code": "A", "service_code": "CBC", "service_display": "Blood count",
                  "service_code_system": "L", "requested_at": utc(2024, 3, 5, 12, 0)},
