@@ -340,7 +340,7 @@ def builtin_jobs(cfg: Config) -> list[Job]:
 
 def imaging_silver_jobs(silver_job: Callable[..., Job], clinical: TableSource) -> list[Job]:
     """silver.imaging_orders and silver.imaging_reports: current state of each order and report (HL7 and FHIR)."""
-    from silver import imaging_orders
+    from silver import imaging_orders, imaging_reports
 
     return [
         silver_job(imaging_orders.ORDERS, clinical, imaging_orders.imaging_orders,
@@ -348,6 +348,11 @@ def imaging_silver_jobs(silver_job: Callable[..., Job], clinical: TableSource) -
                              update_when=imaging_orders.UPDATE_WHEN), imaging_orders.SCHEMA,
                    "One row per imaging order (HL7 ORM/OMI, FHIR ServiceRequest): procedure, modality, body part, "
                    "priority, indication, ordering location, status; cancellations applied"),
+        silver_job(imaging_reports.REPORTS, clinical, imaging_reports.imaging_reports,
+                   MergeSpec(keys=("report_key",), update=imaging_reports.UPDATE,
+                             update_when=imaging_reports.UPDATE_WHEN), imaging_reports.SCHEMA,
+                   "One row per imaging report (HL7 ORU radiology OBR, FHIR DiagnosticReport): status, read time, "
+                   "reader, critical result and when it was communicated, conclusion"),
     ]
 
 
