@@ -35,7 +35,9 @@ stored value (a FHIR version replaces the report), and `critical_communicated_at
 newer version sends another. A replay changes nothing.
 
 Quarantined (item `OBR[i]` or `DiagnosticReport`): `missing_report_identifier` (no accession, filler or placer
-number), `missing_patient_id` (no PID-3 / subject), `unknown_report_status` (OBR-25 outside table 0123).
+number), `missing_patient_id` (no PID-3 / subject), `missing_report_status` (an ORU OBR without OBR-25: not a
+result, e.g. an order's OBR that lost its own MSH and was read as part of the message before it) and
+`unknown_report_status` (OBR-25 outside table 0123).
 """
 
 from __future__ import annotations
@@ -164,9 +166,10 @@ def _hl7_report(out: EntityRows, src: dict, report: dict, obx: list[dict], heade
         out.quarantine(src, item, "missing_patient_id", "the report's PID-3 holds no patient identifier")
         return
     status = codes.hl7_report_status(report["result_status"])
-    if report["result_status"] and status is None:
-        out.quarantine(src, item, "unknown_report_status", f"OBR-25 {report['result_status']!r} is not a result "
-                       "status of HL7 table 0123 (P, F, C, A, X, W, D, R, S, I)")
+    if status is None:
+        reason, what = ("unknown_report_status", f"OBR-25 {report['result_status']!r} is not") \
+            if report["result_status"] else ("missing_report_status", "OBR-25 is empty; a report needs")
+        out.quarantine(src, item, reason, f"{what} a result status of HL7 table 0123 (P, F, C, A, X, W, D, R, S, I)")
         return
     read_at = report["results_at"] or header["sent_at"]
     version, _ = hl7_version({**header, "event_at": read_at}, "ORU")

@@ -96,12 +96,13 @@ def test_non_radiology_results_are_not_reports_and_bad_ones_are_quarantined(appl
     lab = oru("C1", "20261121090000", section="LAB")
     no_ids = oru("C2", "20261121090000", accession="").replace(b"|ORD1|FIL1|", b"|||")
     bad_status = oru("C3", "20261121090000", status="Q", accession="ACC2")
+    no_status = oru("C4", "20261121090000", status="", accession="ACC3")
     no_subject = diagnostic_report(subject={"display": "unknown"})
     lab_fhir = {**diagnostic_report(), "id": "dr-lab",
                 "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "LAB"}]}]}
-    assert apply(lab, no_ids, bad_status, no_subject, lab_fhir) == {}
+    assert apply(lab, no_ids, bad_status, no_status, no_subject, lab_fhir) == {}
     assert quarantined(store) == [("DiagnosticReport", "missing_patient_id"), ("OBR[3]", "missing_report_identifier"),
-                                  ("OBR[3]", "unknown_report_status")]
+                                  ("OBR[3]", "missing_report_status"), ("OBR[3]", "unknown_report_status")]
 
 
 def test_secret_keyed_identity(apply):
