@@ -23,6 +23,9 @@ LONGEST_FILES = {
     "test_executor_writes.py": 80, "test_quality_spark.py": 70, "test_silver_observations.py": 52,
     "test_dicom_flow.py": 95, "test_silver_imaging.py": 60,
 }
+# Imaging orders, reports and matching (estimates from a loaded machine, scaled to a quiet one).
+LONGEST_FILES.update({"test_silver_imaging_orders.py": 35, "test_silver_imaging_reports.py": 30,
+                      "test_imaging_match.py": 30, "test_imaging_realdata.py": 25})
 
 
 def pytest_collection_modifyitems(config, items):
