@@ -47,7 +47,7 @@ from silver.encounters import visit_identity
 from silver.identity import identity_key
 from silver.patients import EntityRows, Merging, fhir_resource, fhir_version, hl7_version, mrn_identity, nulled
 from silver.patients import parsed_rows as parsed_clinical_rows
-from silver.routing import SOURCE_RECORD, Params, fhir_patient_key, lineage, routed_schema
+from silver.routing import Params, applied_version_columns, fhir_patient_key, lineage, routed_schema
 
 ORDERS = "silver.imaging_orders"
 ORDER, FHIR_ORDER = "imaging-order", "fhir-servicerequest"
@@ -80,13 +80,7 @@ SCHEMA = StructType([
     StructField("ordering_location", StringType(), True),  # the point of care as sent
     StructField("status", StringType(), True),  # active, completed, cancelled, on-hold, entered-in-error
     StructField("last_event", StringType(), True),  # ORC-1 order control (NW, CA, ...) or fhir:<status>
-    StructField("nulled_fields", ArrayType(StringType()), True),
-    StructField("source_feed", StringType(), True),
-    StructField("source_version", StringType(), True),
-    StructField("status_version", StringType(), True),
-    StructField("source_record", SOURCE_RECORD, True),
-    StructField("received_at", TimestampType(), True),
-    StructField("ingested_at", TimestampType(), False),
+    *applied_version_columns("status_version"),
 ])
 ROUTED = routed_schema(SCHEMA)
 
@@ -204,15 +198,19 @@ def _hl7_order(out: EntityRows, src: dict, order: dict, pv1: dict | None, versio
 
 
 # -- FHIR R4 --------------------------------------------------------------------------------------
-def _fhir(out: EntityRows, src: dict, payload: bytes, tz: tzinfo) -> None:
-    if src.get("resource_type") != "ServiceRequest" or src.get("request_method") == "DELETE":
-        return
+def fhir_items(out: EntityRows, src: dict, payload: bytes, tz: tzinfo, resource_type: str, kind: str) -> list[dict]:
+    """The extracted `kind` rows (fhir_parse.Extracted) of a written resource of `resource_type`; [] for others."""
+    if src.get("resource_type") != resource_type or src.get("request_method") == "DELETE":
+        return []
     extracted = fhir_resource(out, src, payload, tz)
-    if extracted is not None:
-        for request in extracted.service_requests:
-            if IMAGING_CATEGORY in request["category_codes"] or codes.procedure_modality(
-                    request["code"], request["code_display"]):
-                _fhir_order(out, src, request)
+    return getattr(extracted, kind) if extracted is not None else []
+
+
+def _fhir(out: EntityRows, src: dict, payload: bytes, tz: tzinfo) -> None:
+    for request in fhir_items(out, src, payload, tz, "ServiceRequest", "service_requests"):
+        if IMAGING_CATEGORY in request["category_codes"] or codes.procedure_modality(request["code"],
+                                                                                     request["code_display"]):
+            _fhir_order(out, src, request)
 
 
 def _order_identity(p: Params, request: dict, resource_id: str | None) -> dict[str, Any] | None:

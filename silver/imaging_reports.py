@@ -46,14 +46,15 @@ from datetime import datetime, tzinfo
 from typing import Any
 
 from pyspark.sql import DataFrame
-from pyspark.sql.types import ArrayType, BooleanType, StringType, StructField, StructType, TimestampType
+from pyspark.sql.types import BooleanType, StringType, StructField, StructType, TimestampType
 
 from silver import hl7_parse
 from silver import imaging_codes as codes
 from silver.identity import identity_key
-from silver.patients import EntityRows, Merging, fhir_resource, fhir_version, hl7_version, mrn_identity, nulled
+from silver.imaging_orders import fhir_items
+from silver.patients import EntityRows, Merging, fhir_version, hl7_version, mrn_identity, nulled
 from silver.patients import parsed_rows as parsed_clinical_rows
-from silver.routing import SOURCE_RECORD, Params, fhir_patient_key, lineage, routed_schema
+from silver.routing import Params, applied_version_columns, fhir_patient_key, lineage, routed_schema
 
 REPORTS = "silver.imaging_reports"
 IMPRESSION = "19005-8"  # LOINC: Radiology Imaging study [Impression]
@@ -83,12 +84,7 @@ SCHEMA = StructType([
     StructField("critical", BooleanType(), True),
     StructField("critical_communicated_at", TimestampType(), True),
     StructField("conclusion", StringType(), True),
-    StructField("nulled_fields", ArrayType(StringType()), True),
-    StructField("source_feed", StringType(), True),
-    StructField("source_version", StringType(), True),
-    StructField("source_record", SOURCE_RECORD, True),
-    StructField("received_at", TimestampType(), True),
-    StructField("ingested_at", TimestampType(), False),
+    *applied_version_columns(),
 ])
 ROUTED = routed_schema(SCHEMA)
 
@@ -185,13 +181,9 @@ def _hl7_report(out: EntityRows, src: dict, report: dict, obx: list[dict], heade
 
 # -- FHIR R4 --------------------------------------------------------------------------------------
 def _fhir(out: EntityRows, src: dict, payload: bytes, tz: tzinfo) -> None:
-    if src.get("resource_type") != "DiagnosticReport" or src.get("request_method") == "DELETE":
-        return
-    extracted = fhir_resource(out, src, payload, tz)
-    if extracted is not None:
-        for report in extracted.diagnostic_reports:
-            if IMAGING_CATEGORIES & set(report["category_codes"]):
-                _fhir_report(out, src, report)
+    for report in fhir_items(out, src, payload, tz, "DiagnosticReport", "diagnostic_reports"):
+        if IMAGING_CATEGORIES & set(report["category_codes"]):
+            _fhir_report(out, src, report)
 
 
 def _fhir_identity(p: Params, report: dict, resource_id: str | None) -> dict[str, Any] | None:

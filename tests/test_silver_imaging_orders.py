@@ -52,13 +52,18 @@ def service_request(version: str = "1", status: str = "active", priority: str | 
     return resource
 
 
-@pytest.fixture
-def apply(spark, cfg, store):
+def applier(spark, cfg, store, table: str, key: str, transform, options: dict):
+    """apply(*files): run `transform` over them as one batch, merge it as the runner does; the table by key."""
     def run(*files):
-        merge(store, job(cfg, ORDERS), imaging_orders(bronze(spark, *files), processed_at=PROCESSED_AT, **ALIASES))
-        return rows(store, ORDERS, "order_key")
+        merge(store, job(cfg, table), transform(bronze(spark, *files), processed_at=PROCESSED_AT, **options))
+        return rows(store, table, key)
 
     return run
+
+
+@pytest.fixture
+def apply(spark, cfg, store):
+    return applier(spark, cfg, store, ORDERS, "order_key", imaging_orders, ALIASES)
 
 
 def test_new_order_columns_and_a_replay_changes_nothing(apply, store):

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 import pytest
 
 from silver.imaging_reports import REPORTS, imaging_reports
-from tests.test_silver_patients import OPTS, PROCESSED_AT, SECRET, bronze, job, mrn_key, pid, pv1, quarantined, rows
-from tests.test_silver_patients import write as merge
+from tests.test_silver_imaging_orders import applier
+from tests.test_silver_patients import OPTS, SECRET, mrn_key, pid, pv1, quarantined
 
 ACCESSION_SYSTEM = "http://carelake.example/fhir/sid/accession"
 ALIASES = {**OPTS, "system_aliases": (*OPTS["system_aliases"], (ACCESSION_SYSTEM, "CARELAKE"))}
@@ -56,11 +56,7 @@ def diagnostic_report(version: str = "1", status: str = "final", critical: bool 
 
 @pytest.fixture
 def apply(spark, cfg, store):
-    def run(*files):
-        merge(store, job(cfg, REPORTS), imaging_reports(bronze(spark, *files), processed_at=PROCESSED_AT, **ALIASES))
-        return rows(store, REPORTS, "report_key")
-
-    return run
+    return applier(spark, cfg, store, REPORTS, "report_key", imaging_reports, ALIASES)
 
 
 def test_hl7_preliminary_then_final_with_critical_result_communicated(apply):
