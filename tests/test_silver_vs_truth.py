@@ -169,7 +169,8 @@ def test_imaging_orders_match_truth(lake):
         assert (row["accession_number"], row["procedure_code"], row["priority"], row["location_class"],
                 _iso(row["ordered_at"]), row["indication_codes"], row["indication_text"], row["status"]) == (
             want["accession_number"], want["procedure_code"], want["priority"].upper(), want["location_class"],
-            want["ordered_time"], [f"ICD-10-CM|{want['indication_code']}"], want["indication_text"], "active")
+            want["ordered_time"], [f"ICD-10-CM|{want['indication_code']}"], want["indication_text"],
+            "cancelled" if want["cancelled_time"] else "active")
     assert {r["location_class"] for r in silver.values()} >= {"ED", "WARD"}
 
 

@@ -206,6 +206,9 @@ DETERIORATION_IMAGING = {"sepsis": "sepsis_film", "respiratory_failure": "resp_f
 # Radiologists reading the studies: (id, family, given).
 RADIOLOGISTS = (("RAD01", "Okafor", "Ada"), ("RAD02", "Lindqvist", "Per"), ("RAD03", "Haddad", "Leila"),
                 ("RAD04", "Moreau", "Julien"), ("RAD05", "Tanaka", "Yumi"))
+# Orders cancelled before the study is done (ORC-1 CA and ServiceRequest revoked; e.g. the patient left or the
+# question was answered otherwise).
+ORDER_CANCEL_FRACTION = 0.03
 # Hours from the study to its read, by priority (uniform in the range).
 READ_DELAY_H = {"stat": (0.15, 0.75), "asap": (0.5, 3.0), "routine": (1.0, 16.0)}
 PRIORITY_DELAY_H = {"stat": (0.2, 0.75), "asap": (0.5, 2.0), "routine": (1.0, 6.0)}

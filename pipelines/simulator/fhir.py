@@ -127,17 +127,18 @@ def _subject(mrn: str) -> dict[str, Any]:
 
 
 def service_request(order_no: str, accession: str, *, mrn: str, visit: str, procedure: ImagingProcedure,
-                    priority: str, at: datetime, indication: Indication,
-                    location: tuple[str, str | None]) -> Resource:
+                    priority: str, at: datetime, indication: Indication, location: tuple[str, str | None],
+                    status: str = "active", version: int = 1, updated: datetime | None = None) -> Resource:
+    """An imaging ServiceRequest (authored at `at`); a later version (`updated`) may revoke it."""
     location_class, unit = location
     return {
-        "resourceType": "ServiceRequest", "id": f"sr-{order_no.lower()}", "meta": _meta(1, at),
+        "resourceType": "ServiceRequest", "id": f"sr-{order_no.lower()}", "meta": _meta(version, updated or at),
         "identifier": [
             {"type": {"coding": [_coding(V2_0203, "PLAC", "Placer Identifier")]}, "system": ORDER_SYSTEM,
              "value": order_no},
             {"type": {"coding": [_coding(V2_0203, "ACSN", "Accession ID")]}, "system": ACCESSION_SYSTEM,
              "value": accession}],
-        "status": "active", "intent": "order", "priority": priority,
+        "status": status, "intent": "order", "priority": priority,
         "category": [{"coding": [_coding("http://snomed.info/sct", "363679005", "Imaging")]}],
         "code": {"coding": [_coding(CPT, procedure.cpt, procedure.display)]},
         "subject": _subject(mrn),

@@ -141,11 +141,12 @@ def oru(h: Header, enc: Encounter, person: Person, stay: Stay | None, results: S
 
 
 def orm(h: Header, enc: Encounter, person: Person, stay: Stay | None, *, order_no: str, accession: str,
-        procedure: ImagingProcedure, priority: str, at: datetime, indication: Indication) -> list[str]:
-    """ORM^O01 new imaging order: ORC (placer number, timing with priority, ORC-9 when placed) and OBR (procedure,
-    accession, modality, OBR-31 reason for study as ICD-10-CM)."""
+        procedure: ImagingProcedure, priority: str, at: datetime, indication: Indication,
+        control: str = "NW") -> list[str]:
+    """ORM^O01 imaging order (control NW new, CA cancel): ORC (placer number, status, timing with priority, ORC-9
+    when placed or cancelled) and OBR (procedure, accession, modality, OBR-31 reason for study as ICD-10-CM)."""
     timing = component("", "", "", dtm(at), "", HL7_PRIORITY[priority])
-    orc = segment("ORC", "NW", order_no, "", "", "", "", timing, "", dtm(at))
+    orc = segment("ORC", control, order_no, "", "", "CA" if control == "CA" else "", "", timing, "", dtm(at))
     fields = [""] * 27
     fields[0] = "1"
     fields[1] = order_no

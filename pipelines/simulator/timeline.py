@@ -19,6 +19,7 @@ from pipelines.simulator.clinical import (
     ED_CASES,
     IMAGING,
     INDICATIONS,
+    ORDER_CANCEL_FRACTION,
     OUTPATIENT_CASES,
     PRIORITY_DELAY_H,
     RADIOLOGISTS,
@@ -81,6 +82,7 @@ class ImagingOrder:
     read_s: int | None = None  # when a radiologist read it (None: not performed, or read after the window)
     reader: tuple[str, str, str] | None = None  # (id, family, given)
     communicated_s: int | None = None  # a critical finding phoned to the ordering team (during the read)
+    cancelled_s: int | None = None  # cancelled before the study was done
 
     @property
     def finding(self) -> str:
@@ -273,11 +275,14 @@ def _imaging_orders(census: Census, params: SimParams) -> list[ImagingOrder]:
             continue
         lo, hi = PRIORITY_DELAY_H[priority]
         study = study_at if study_at is not None else at_s + int(rng.uniform(lo, hi) * HOUR)
+        cancelled = at_s + int((study - at_s) * rng.uniform(0.2, 0.8)) \
+            if rng.random() < ORDER_CANCEL_FRACTION and study < end else None
         n = len(orders) + 1
         orders.append(_with_read(ImagingOrder(
             f"ORD{params.seed % 100:02d}{n:07d}", f"ACC{params.seed % 100:02d}{n:07d}", enc,
-            INDICATIONS[indication].procedure, priority, at_s, study if study < end else None, indication, location,
-            rng.random() < INDICATIONS[indication].critical_p), rng, params))
+            INDICATIONS[indication].procedure, priority, at_s, study if study < end and cancelled is None else None,
+            indication, location, rng.random() < INDICATIONS[indication].critical_p, cancelled_s=cancelled),
+            rng, params))
     return orders
 
 
@@ -380,16 +385,22 @@ def _order_events(tl: Timeline, order: ImagingOrder, clock: _Clock) -> None:
     stay, person = enc.stay_at(order.at_s), enc.person_at(order.at_s)
 
     indication = INDICATIONS[order.indication]
+    location = (order.location_class, stay.unit if stay else None)
+    sent = [(order.at_s, "NW", "active")]
+    if order.cancelled_s is not None:
+        sent.append((order.cancelled_s, "CA", "revoked"))
+    for version, (at_s, control, status) in enumerate(sent, start=1):
+        when = clock.at(at_s)
 
-    def build(h: Header, _res: list[Result]) -> list[str]:
-        return hl7.orm(h, enc, person, stay, order_no=order.order_no, accession=order.accession, procedure=proc,
-                       priority=order.priority, at=at, indication=indication)
+        def build(h: Header, _res: list[Result], when=when, control=control) -> list[str]:
+            return hl7.orm(h, enc, person, stay, order_no=order.order_no, accession=order.accession, procedure=proc,
+                           priority=order.priority, at=when, indication=indication, control=control)
 
-    tl.hl7.append(Hl7Event(order.at_s, clock.next_rank(), "ORM^O01^ORM_O01", enc.visit, build))
-    request = fhir.service_request(order.order_no, order.accession, mrn=enc.mrn_at(order.at_s), visit=enc.visit,
-                                   procedure=proc, priority=order.priority, at=at, indication=indication,
-                                   location=(order.location_class, stay.unit if stay else None))
-    tl.fhir.append(FhirEvent(order.at_s, clock.next_rank(), [request]))
+        tl.hl7.append(Hl7Event(at_s, clock.next_rank(), "ORM^O01^ORM_O01", enc.visit, build))
+        request = fhir.service_request(order.order_no, order.accession, mrn=enc.mrn_at(order.at_s), visit=enc.visit,
+                                       procedure=proc, priority=order.priority, at=at, indication=indication,
+                                       location=location, status=status, version=version, updated=when)
+        tl.fhir.append(FhirEvent(at_s, clock.next_rank(), [request]))
 
 
 def report_events(tl: Timeline, order: ImagingOrder, study_uid: str, start: datetime) -> None:

@@ -20,7 +20,7 @@ FRAUD_COLUMNS = ("claim_id", "line", "pattern", "detail")
 DIRT_COLUMNS = ("feed", "kind", "file", "position", "identifier", "detail")
 IMAGING_COLUMNS = ("order_number", "accession_number", "visit_number", "patient_mrn", "procedure_code", "priority",
                    "ordered_time", "study_time", "study_instance_uid", "indication_code", "indication_text",
-                   "location_class", "critical_finding", "finding", "read_time", "reader")
+                   "location_class", "critical_finding", "finding", "read_time", "reader", "cancelled_time")
 
 
 def write_truth(params: SimParams, census: Census, fraud: list, dirt_rows: list[tuple], tl: Timeline, studies: list,
@@ -49,7 +49,8 @@ def _imaging_row(o, uids: dict[str, str], iso) -> tuple:
     indication = INDICATIONS[o.indication]
     return (o.order_no, o.accession, o.enc.visit, o.enc.mrn_at(o.at_s), IMAGING[o.procedure_key].cpt, o.priority,
             iso(o.at_s), iso(o.study_s), uids.get(o.order_no, ""), indication.code, indication.text, o.location_class,
-            int(o.critical), o.finding, iso(o.read_s), o.reader[0] if o.reader and o.read_s is not None else "")
+            int(o.critical), o.finding, iso(o.read_s), o.reader[0] if o.reader and o.read_s is not None else "",
+            iso(o.cancelled_s))
 
 
 def _iso(params: SimParams) -> Callable[[int | None], str]:
