@@ -387,8 +387,13 @@ class SimulatorConfig:
     recovery_fraction: float
     dirt: Mapping[str, float]
     fraud: Mapping[str, float]
+    ed_imaging_per_day: int = 160  # emergency-department studies a day (walk-in patients, not in the census)
+    outpatient_imaging_per_day: int = 120  # outpatient studies a day, booked 08:00-18:00
 
     def __post_init__(self) -> None:
+        for name in ("ed_imaging_per_day", "outpatient_imaging_per_day"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"simulator.{name} must be 0 or more (studies a day), got {getattr(self, name)}")
         for name in ("patients", "hours", "partitions", "icu_cadence_min_s"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"simulator.{name} (or its flag) must be at least 1, got {getattr(self, name)}")

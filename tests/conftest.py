@@ -24,6 +24,9 @@ LONGEST_FILES = {
     "test_dicom_flow.py": 95, "test_silver_imaging.py": 60, "test_sql_server.py": 37,
     "test_audit.py": 75,
 }
+# Imaging orders, reports and matching (estimates from a loaded machine, scaled to a quiet one).
+LONGEST_FILES.update({"test_silver_imaging_orders.py": 35, "test_silver_imaging_reports.py": 30,
+                      "test_imaging_match.py": 30, "test_imaging_realdata.py": 25})
 
 
 def pytest_collection_modifyitems(config, items):
