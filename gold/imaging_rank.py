@@ -3,18 +3,18 @@
 A study's score is the sum of the points of its factors (conf/base.yaml `imaging:`); every factor is listed on the
 row with the value it read and the points it gave, so a radiologist can see why a study ranks where it does.
 
-| factor            | value read                                              | points                                  |
-|-------------------|---------------------------------------------------------|-----------------------------------------|
-| `priority`        | the matched order's priority (STAT, ASAP, ROUTINE)      | points_priority; no order: points_no_order |
-| `exam`            | modality/body part of the study                         | first exam_points entry that fits       |
-| `indication`      | the categories (stroke, pe, bleed, trauma) the order's  | the highest category's points           |
-|                   | codes (prefix) or text (whole words) fall in            |                                         |
-| `location`        | the order's location class (ED, ICU, WARD, OUTPATIENT)  | points_location                         |
-| `news2_band`      | the patient's current NEWS2 band                        | points_news2_band                       |
-| `open_alert`      | the patient's open deterioration alerts (levels)        | points_open_alert when any              |
-| `waited`          | time since the study (its study time, else its arrival) | points_per_sla x waited / SLA, capped   |
-|                   | against the SLA of its priority                         | at sla_cap SLAs                         |
-| `critical_model`  | the critical-finding model's probability                | points_model x probability; none: 0     |
+| factor           | value read                                       | points                                |
+|------------------|--------------------------------------------------|---------------------------------------|
+| `priority`       | the matched order's priority (STAT/ASAP/ROUTINE) | points_priority; none: points_no_order |
+| `exam`           | the study's modality/body part                   | the first exam_points entry that fits |
+| `indication`     | categories (stroke, pe, bleed, trauma) of the    | the highest category's points         |
+|                  | order's codes (prefix) or text (whole words)     |                                       |
+| `location`       | the order's location class (ED, ICU, WARD, ...)  | points_location                       |
+| `news2_band`     | the patient's current NEWS2 band                 | points_news2_band                     |
+| `open_alert`     | the patient's open deterioration alert levels    | points_open_alert when any            |
+| `waited`         | time since the study (study time, else arrival)  | points_per_sla x waited / SLA, at     |
+|                  | against the SLA of its priority                  | most sla_cap SLAs                     |
+| `critical_model` | the critical-finding champion's probability      | points_model x probability; none: 0   |
 
 Ties rank by SLA due time, then study UID, so the order is total and the same on every run.
 """
@@ -61,7 +61,7 @@ class Ranking:
 
     @classmethod
     def of(cls, c: ImagingConfig) -> Ranking:
-        from pipelines.config import INDICATION_CATEGORIES, IMAGING_PRIORITIES
+        from pipelines.config import IMAGING_PRIORITIES, INDICATION_CATEGORIES
 
         return cls({p: c.sla_ms(p) for p in IMAGING_PRIORITIES}, c.sla_ms(None), dict(c.points_priority),
                    c.points_no_order, dict(c.points_location), dict(c.points_news2_band), c.points_open_alert,
@@ -165,6 +165,18 @@ def ranked(items: Sequence[Mapping[str, Any]], ranking: Ranking, now: datetime
     scored = [(item, score(item, ranking, now)) for item in items]
     scored.sort(key=lambda pair: _tie_break(*pair))
     return [(n, item, s) for n, (item, s) in enumerate(scored, start=1)]
+
+
+def prepare(items: Sequence[dict[str, Any]], ranking: Ranking, model: Any) -> None:
+    """Set each item's indication_categories and critical_probability (None without a model), in place: what the
+    critical-finding model reads and gives, once per item."""
+    for item in items:
+        item["indication_categories"] = indication_categories(item.get("indication_codes"),
+                                                              item.get("indication_text"), ranking)
+        item["critical_probability"] = None
+    if model is not None and items:
+        for item, p in zip(items, model.predict(items), strict=True):
+            item["critical_probability"] = float(p)
 
 
 def priority_rank(priority: str | None) -> int:

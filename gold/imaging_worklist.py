@@ -241,6 +241,22 @@ def touched_studies(changes: DataFrame, items: DataFrame) -> DataFrame:
     return out.distinct()
 
 
+def load_inputs(read_table: Callable[..., DataFrame], exists: Callable[[str], bool], spark, match: Callable[..., Any],
+                match_window: timedelta) -> tuple[DataFrame, DataFrame, DataFrame, DataFrame]:
+    """The studies, orders and reports columns the worklist reads (empty when a table does not exist yet), and the
+    orders matched to studies by silver.imaging_match."""
+    from silver.imaging_studies import SCHEMA as STUDY_TYPES
+
+    def table(name: str, columns: tuple[str, ...], types: StructType) -> DataFrame:
+        return read_table(name).select(*columns) if exists(name) else empty(spark, columns, types)
+
+    studies = table(STUDIES, STUDY_COLUMNS, STUDY_TYPES)
+    orders = table(ORDERS, ORDER_COLUMNS, ORDER_TYPES)
+    pairs = match(read_table(ORDERS), read_table(STUDIES), window=match_window) \
+        if exists(ORDERS) and exists(STUDIES) else None
+    return studies, orders, table(REPORTS, REPORT_COLUMNS, REPORT_TYPES), matched_orders(orders, pairs)
+
+
 def data_clock(studies: DataFrame, orders: DataFrame, reports: DataFrame) -> datetime | None:
     """The newest event time among the inputs (imaging.clock: data)."""
     times = [studies.agg(F.max(F.coalesce("study_time_utc", "first_received_at"))),
@@ -267,13 +283,7 @@ def _worklist_row(rank: int | None, item: Mapping[str, Any], scored: imaging_ran
 def rank_unread(unread: list[dict[str, Any]], ranking: imaging_rank.Ranking, now: datetime,
                 critical_model: Any) -> list[dict[str, Any]]:
     """The unread studies as worklist rows: the model's probabilities, then gold.imaging_rank's order."""
-    for item in unread:
-        item["critical_probability"] = None
-        item["indication_categories"] = imaging_rank.indication_categories(
-            item.get("indication_codes"), item.get("indication_text"), ranking)
-    if critical_model is not None and unread:
-        for item, p in zip(unread, critical_model.predict(unread), strict=True):
-            item["critical_probability"] = float(p)
+    imaging_rank.prepare(unread, ranking, critical_model)
     version = getattr(critical_model, "version", None)
     return [{**_worklist_row(n, item, scored, now, version), "worklist_key": item["study_instance_uid"],
              "status": UNREAD} for n, item, scored in imaging_rank.ranked(unread, ranking, now)]
@@ -291,23 +301,13 @@ def imaging_worklist(changes: DataFrame, *, read_table: Callable[..., DataFrame]
                      critical_model: Callable[[], Any]) -> dict[str, DataFrame]:
     """The upstream changes of a batch -> the whole worklist again (rows that left it marked `left`) and the SLA
     breaches that opened or closed."""
-    from silver.imaging_studies import SCHEMA as STUDY_TYPES
-
     spark = changes.sparkSession
     versions = {t: table_version(t) for t in (STUDIES, ORDERS, REPORTS, SCORES, ALERTS)}
 
-    def table(name: str, columns: tuple[str, ...], types: StructType) -> DataFrame:
-        return read_table(name).select(*columns) if versions[name] is not None else empty(spark, columns, types)
-
-    studies = table(STUDIES, STUDY_COLUMNS, STUDY_TYPES)
-    orders = table(ORDERS, ORDER_COLUMNS, ORDER_TYPES)
-    reports = table(REPORTS, REPORT_COLUMNS, REPORT_TYPES)
+    studies, orders, reports, matched = load_inputs(read_table, lambda t: versions[t] is not None, spark, match,
+                                                    match_window)
     now = processed_at.astimezone(UTC) if clock == "wall" else (data_clock(studies, orders, reports)
                                                                  or processed_at.astimezone(UTC))
-    pairs = None
-    if versions[ORDERS] is not None and versions[STUDIES] is not None:
-        pairs = match(read_table(ORDERS), read_table(STUDIES), window=match_window)
-    matched = matched_orders(orders, pairs)
     matched = matched.localCheckpoint()  # the match is global (nearest order wins): computed once per batch
     items = study_items(studies, matched, final_reads(reports, studies, matched)).localCheckpoint()
     unread = items.where(F.col("read_at").isNull())
@@ -370,3 +370,26 @@ def _with_context(rows: DataFrame, context: tuple[DataFrame | None, DataFrame | 
     if alerts is not None:
         return out.join(alerts, "patient_key", "left")
     return out.select("*", F.lit(None).cast("array<string>").alias("open_alert_levels"))
+
+
+def arrival_context(items: DataFrame, scores: DataFrame | None, alerts: DataFrame | None, news2_current_s: int
+                    ) -> DataFrame:
+    """Each study with the patient's NEWS2 band and open alert levels as they were when it arrived (available_at):
+    what the critical-finding model is trained on (the worklist itself reads the current ones)."""
+    at = items.select("study_instance_uid", "patient_key", "available_at")
+    out = items
+    if scores is not None:
+        hit = at.join(scores.select("patient_key", "scored_at", "news2_band", "news2_score"), "patient_key").where(
+            (F.col("scored_at") <= F.col("available_at"))
+            & (F.unix_micros("scored_at") >= F.unix_micros("available_at") - news2_current_s * 1_000_000))
+        newest = hit.groupBy("study_instance_uid").agg(
+            F.max_by(F.struct("news2_band", "news2_score", "scored_at"), "scored_at").alias("_n"))
+        out = out.join(newest.select("study_instance_uid", F.col("_n.news2_band").alias("news2_band"),
+                                     F.col("_n.news2_score").alias("news2_score")), "study_instance_uid", "left")
+    if alerts is not None:
+        live = at.join(alerts.select("patient_key", "level", "opened_at", "resolved_at"), "patient_key").where(
+            (F.col("opened_at") <= F.col("available_at"))
+            & (F.col("resolved_at").isNull() | (F.col("resolved_at") > F.col("available_at"))))
+        levels = live.groupBy("study_instance_uid").agg(F.array_sort(F.collect_set("level")).alias("open_alert_levels"))
+        out = out.join(levels, "study_instance_uid", "left")
+    return out

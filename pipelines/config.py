@@ -736,7 +736,8 @@ class ImagingConfig:
         return parse_duration_ms(getattr(self, key), f"imaging.{key}") // 1000
 
     def images_expected_s(self) -> dict[str, int]:
-        return {p: parse_duration_ms(v, f"imaging.images_expected.{p}") // 1000 for p, v in self.images_expected.items()}
+        return {p: parse_duration_ms(v, f"imaging.images_expected.{p}") // 1000
+                for p, v in self.images_expected.items()}
 
     def exams(self) -> tuple[tuple[str, str, int], ...]:
         """exam_points as (modality, body part or *, points), in order."""

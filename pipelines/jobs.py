@@ -452,7 +452,8 @@ def imaging_jobs(cfg: Config) -> list[Job]:
                                 insert_when=f"s.status <> '{w.LEFT}'"),
                 schema=w.SCHEMA, side_outputs=(breaches,), reads=(w.ALERTS,),
                 options={"ranking": imaging_rank.Ranking.of(c), "images_expected_s": c.images_expected_s(),
-                         "match": _match_orders_to_studies, "match_window": timedelta(seconds=c.seconds("match_window")),
+                         "match": _match_orders_to_studies,
+                         "match_window": timedelta(seconds=c.seconds("match_window")),
                          "news2_current_s": c.seconds("news2_current_for"), "clock": c.clock,
                          "critical_model": critical_model},
                 description="Imaging worklist: one row per unread study, ranked, with the factors behind its rank "

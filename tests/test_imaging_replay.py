@@ -1,0 +1,104 @@
+"""`carelake imaging replay`: the reading-room simulation and its policies, on a hand-made truth/imaging.csv."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from gold import imaging_rank
+from pipelines.errors import UsageError
+from pipelines.imaging_replay import TRUTH_COLUMNS, Room, chooser, read_truth, replay, simulate
+from tests.conftest import make_config
+
+START = datetime(2026, 1, 5, tzinfo=UTC)
+COLUMNS = ("order_number", "accession_number", "visit_number", "patient_mrn", "procedure_code", "priority",
+           "ordered_time", "study_time", "study_instance_uid", "indication_code", "indication_text", "location_class",
+           "critical_finding", "finding", "read_time", "reader")
+
+
+def truth_rows(n: int = 260, seed: int = 3) -> list[dict]:
+    """A day of studies: STAT ones often critical, and ED strokes and bleeds ordered ASAP/ROUTINE that often are."""
+    rng = random.Random(seed)
+    rows = []
+    for k in range(n):
+        at = START + timedelta(minutes=rng.uniform(0, 24 * 60))
+        kind = rng.random()
+        if kind < 0.15:
+            priority, cpt, code, text, where, p = "stat", "71250", "I26.99", "? PE", "ICU", 0.3
+        elif kind < 0.30:
+            priority, cpt, code, text, where, p = rng.choice(["asap", "routine"]), "70450", "I63.9", "stroke", "ED", 0.4
+        else:
+            priority, cpt, code, text, where, p = rng.choice(["asap", "routine", "routine"]), "71046", "R05", "cough", \
+                "WARD", 0.02
+        rows.append({"order_number": f"O{k}", "accession_number": f"A{k}", "patient_mrn": f"M{k % 90}",
+                     "procedure_code": cpt, "priority": priority, "ordered_time": at.isoformat(),
+                     "study_time": at.strftime("%Y-%m-%dT%H:%M:%SZ"), "study_instance_uid": f"1.2.{k}",
+                     "indication_code": code, "indication_text": text, "location_class": where,
+                     "critical_finding": "1" if rng.random() < p else "0"})
+    rows.append({"order_number": "O-none", "accession_number": "A-none", "procedure_code": "70450", "priority": "stat",
+                 "study_time": "", "study_instance_uid": "", "critical_finding": "0"})  # ordered, never imaged
+    return rows
+
+
+def write_truth(path, rows, columns=COLUMNS):
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ranking(tmp_path_factory):
+    return imaging_rank.Ranking.of(make_config(tmp_path_factory.mktemp("lake")).imaging)
+
+
+def test_the_worklist_reads_critical_studies_sooner_than_fifo_and_priority(tmp_path, ranking):
+    items = read_truth(write_truth(tmp_path / "imaging.csv", truth_rows()))
+    assert len(items) == 260 and {(i["modality"], i["body_part"]) for i in items} == {("CT", "CHEST"), ("CT", "HEAD"),
+                                                                                    ("CR", "CHEST")}
+    figures = replay(items, ranking, Room(radiologists=2, reads_per_hour=6))
+    assert figures["worklist_cuts_critical_median"] is True
+    medians = {p: figures[p]["critical"]["median_min"] for p in ("fifo", "priority", "worklist")}
+    assert medians["worklist"] < medians["priority"] < medians["fifo"]
+    assert figures["critical_studies"] == sum(i["critical"] for i in items)
+    assert figures["critical_model_version"] is None
+
+
+def test_every_study_is_read_once_and_no_reader_does_two_at_a_time(ranking):
+    at = START
+    items = [{"study_instance_uid": str(k), "available_at": at, "priority": "ROUTINE"} for k in range(5)]
+    minutes = simulate(items, chooser("fifo", ranking), 2, timedelta(minutes=10))
+    assert sorted(minutes.values()) == [10.0, 10.0, 20.0, 20.0, 30.0]
+    late = [{"study_instance_uid": "x", "available_at": at + timedelta(hours=5), "priority": "STAT"}]
+    assert simulate(items[:1] + late, chooser("priority", ranking), 1, timedelta(minutes=10)) == {"0": 10.0, "x": 10.0}
+
+
+def test_truth_files_that_cannot_be_replayed_are_refused_with_the_reason(tmp_path):
+    old = write_truth(tmp_path / "old.csv", truth_rows(3), COLUMNS[:9])
+    with pytest.raises(UsageError, match=r"lacks column\(s\) \['indication_code'"):
+        read_truth(old)
+    bad = truth_rows(2)
+    bad[1]["critical_finding"] = "yes"
+    with pytest.raises(UsageError, match="line 3: critical_finding must be 1 or 0, got 'yes'"):
+        read_truth(write_truth(tmp_path / "bad.csv", bad))
+    with pytest.raises(UsageError, match="not found"):
+        read_truth(tmp_path / "missing.csv")
+    assert set(TRUTH_COLUMNS) <= set(COLUMNS)
+
+
+def test_the_cli_prints_one_json_line(tmp_path, capsys):
+    from pipelines.cli import main
+
+    truth = write_truth(tmp_path / "imaging.csv", truth_rows(60))
+    code = main(["--env", "test", "--root", str(tmp_path / "lake"), "imaging", "replay", "--truth", str(truth),
+                 "--radiologists", "1", "--reads-per-hour", "3", "--model", "none"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and len(out) == 1
+    figures = json.loads(out[0])
+    assert (figures["radiologists"], figures["reads_per_hour"], figures["studies"]) == (1, 3.0, 60)
+    assert set(figures["worklist"]) == {"critical", "all"}
