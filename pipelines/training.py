@@ -81,9 +81,9 @@ def print_training(result, requested_rate: float, uri: str) -> None:
 
 
 def train_critical_finding(cfg: Config, spark, store: TableStore, labels_path: str | Path, *,
-                           tracking_uri: str | None = None):
+                           tracking_uri: str | None = None, match=None):
     """Train (and, if it beats order priority, register) the critical-finding model on every study in the lakehouse
-    with a label; returns (TrainResult, tracking URI)."""
+    with a label; returns (TrainResult, tracking URI). `match`: silver.imaging_match's rule unless given."""
     from gold import imaging_rank
     from gold import imaging_worklist as w
     from models.critical_finding import labels_from_truth, train
@@ -94,7 +94,7 @@ def train_critical_finding(cfg: Config, spark, store: TableStore, labels_path: s
     labels = labels_from_truth(labels_path)
     from pipelines.jobs import _match_orders_to_studies
 
-    studies, _, reports, matched = w.load_inputs(store.read, store.exists, spark, _match_orders_to_studies,
+    studies, _, reports, matched = w.load_inputs(store.read, store.exists, spark, match or _match_orders_to_studies,
                                                  timedelta(seconds=cfg.imaging.seconds("match_window")))
     items = w.study_items(studies, matched, w.final_reads(reports, studies, matched))
     scores = store.read(w.SCORES) if store.exists(w.SCORES) else None

@@ -3,7 +3,9 @@ silver.imaging_studies, and the clinical gold tables the worklist joins, for the
 
 from __future__ import annotations
 
-from datetime import datetime
+import csv
+import random
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pyspark.sql.types import ArrayType, StringType, StructField, StructType, TimestampType
@@ -73,3 +75,42 @@ def accession_match(orders, studies, *, window):
     return pairs.select("order_key", "study_instance_uid",
                         F.when(F.col("order_key").isNotNull() & F.col("study_instance_uid").isNotNull(),
                                F.lit("accession")).alias("match_method"))
+
+
+# A simulated day's truth/imaging.csv (the imaging contract's columns), for the replay and the model.
+START = datetime(2026, 1, 5, tzinfo=UTC)
+COLUMNS = ("order_number", "accession_number", "visit_number", "patient_mrn", "procedure_code", "priority",
+           "ordered_time", "study_time", "study_instance_uid", "indication_code", "indication_text", "location_class",
+           "critical_finding", "finding", "read_time", "reader")
+
+
+def truth_rows(n: int = 260, seed: int = 3) -> list[dict]:
+    """A day of studies: STAT ones often critical, and ED strokes and bleeds ordered ASAP/ROUTINE that often are."""
+    rng = random.Random(seed)
+    rows = []
+    for k in range(n):
+        at = START + timedelta(minutes=rng.uniform(0, 24 * 60))
+        kind = rng.random()
+        if kind < 0.15:
+            priority, cpt, code, text, where, p = "stat", "71250", "I26.99", "? PE", "ICU", 0.3
+        elif kind < 0.30:
+            priority, cpt, code, text, where, p = rng.choice(["asap", "routine"]), "70450", "I63.9", "stroke", "ED", 0.4
+        else:
+            priority, cpt, code, text, where, p = rng.choice(["asap", "routine", "routine"]), "71046", "R05", "cough", \
+                "WARD", 0.02
+        rows.append({"order_number": f"O{k}", "accession_number": f"A{k}", "patient_mrn": f"M{k % 90}",
+                     "procedure_code": cpt, "priority": priority, "ordered_time": at.isoformat(),
+                     "study_time": at.strftime("%Y-%m-%dT%H:%M:%SZ"), "study_instance_uid": f"1.2.{k}",
+                     "indication_code": code, "indication_text": text, "location_class": where,
+                     "critical_finding": "1" if rng.random() < p else "0"})
+    rows.append({"order_number": "O-none", "accession_number": "A-none", "procedure_code": "70450", "priority": "stat",
+                 "study_time": "", "study_instance_uid": "", "critical_finding": "0"})  # ordered, never imaged
+    return rows
+
+
+def write_truth(path, rows, columns=COLUMNS):
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
