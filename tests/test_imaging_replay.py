@@ -64,3 +64,15 @@ def test_the_cli_prints_one_json_line(tmp_path, capsys):
     figures = json.loads(out[0])
     assert (figures["radiologists"], figures["reads_per_hour"], figures["studies"]) == (1, 3.0, 60)
     assert set(figures["worklist"]) == {"critical", "all"}
+
+
+def test_the_demo_report_shows_the_time_to_read_comparison_or_why_not(tmp_path):
+    from pipelines.report import imaging_sections
+
+    cfg = make_config(tmp_path / "lake")
+    lines, blocks = imaging_sections(cfg, write_truth(tmp_path / "imaging.csv", truth_rows(80)))
+    assert "(no unread study on gold.imaging_worklist)" in lines
+    assert any(line.startswith("time to read (minutes), 80 studies") for line in lines)
+    assert len(blocks) == 1 and "carelake worklist" in blocks[0] and "order priority only" in blocks[0]
+    lines, blocks = imaging_sections(cfg, write_truth(tmp_path / "old.csv", truth_rows(3), COLUMNS[:9]))
+    assert lines[-1].startswith("time-to-read replay: not run (") and blocks == []
