@@ -71,7 +71,7 @@ def test_the_demo_report_shows_the_time_to_read_comparison_or_why_not(tmp_path):
 
     cfg = make_config(tmp_path / "lake")
     lines, blocks = imaging_sections(cfg, write_truth(tmp_path / "imaging.csv", truth_rows(80)))
-    assert "(no unread study on gold.imaging_worklist)" in lines
+    assert "  (no unread study on gold.imaging_worklist)" in lines
     assert any(line.startswith("time to read (minutes), 80 studies") for line in lines)
     assert len(blocks) == 1 and "carelake worklist" in blocks[0] and "order priority only" in blocks[0]
     lines, blocks = imaging_sections(cfg, write_truth(tmp_path / "old.csv", truth_rows(3), COLUMNS[:9]))
