@@ -144,8 +144,9 @@ def cmd_history(ctx: Context) -> int:
         written = c.metrics.get("num_added_rows", c.metrics.get("num_output_rows", c.metrics.get("numOutputRows", "")))
         job = c.metadata.get("carelake.job", "")
         batch = c.metadata.get("carelake.batch", "")
-        rows.append((c.version, c.timestamp, c.operation, written, f"{job} #{batch}" if batch else job))
-    print_table(["version", "committed (UTC)", "operation", "rows", "job / batch"], rows)
+        rows.append((c.version, c.timestamp, c.operation, written, f"{job} #{batch}" if batch else job,
+                     c.metadata.get("carelake.reason", "")))
+    print_table(["version", "committed (UTC)", "operation", "rows", "job / batch", "reason"], rows)
     return 0
 
 
@@ -155,6 +156,8 @@ def cmd_sql(ctx: Context) -> int:
     a = ctx.args
     if a.as_of_version is not None and a.as_of_timestamp is not None:
         raise UsageError("give --as-of-version or --as-of-timestamp, not both")
+    if not a.local and _sql_through_server(ctx):
+        return 0
     text, refs = rewrite(a.query)
     spark = ctx.spark
     store = ctx.store(need_spark=True)
@@ -175,6 +178,20 @@ def cmd_sql(ctx: Context) -> int:
             message = message.replace(f"`{ref.view}`", ref.table).replace(ref.view, ref.table)
         raise UsageError(f"SQL error: {message}") from exc
     return 0
+
+
+def _sql_through_server(ctx: Context) -> bool:
+    """Answer `carelake sql` from a running `carelake sql-server` of this lakehouse; False when there is none."""
+    from pipelines.sqlrefs import pin
+    from pipelines.sqlserver.client import query, running_server
+
+    a = ctx.args
+    info = running_server(ctx.cfg)
+    if info is None:
+        return False
+    log.debug("answering through the SQL server at %s", info["url"])
+    query(info, pin(a.query, version=a.as_of_version, timestamp=a.as_of_timestamp), a.format, a.limit, sys.stdout)
+    return True
 
 
 def cmd_ingest(ctx: Context) -> int:
@@ -233,6 +250,13 @@ def cmd_optimize(ctx: Context) -> int:
 
 def cmd_vacuum(ctx: Context) -> int:
     a = ctx.args
+    if a.all == bool(a.table) or (a.all and a.retain_hours is not None):
+        raise UsageError("vacuum takes a table, or --all (every table and landing feed, each within its configured "
+                         "retention: storage.retention_days; --retain-hours goes with one table)")
+    if a.all:
+        from pipelines.audit_cli import cmd_vacuum_all
+
+        return cmd_vacuum_all(ctx)
     removed = ctx.store(need_spark=False).vacuum(a.table, retention_hours=a.retain_hours, dry_run=a.dry_run)
     verb = "would remove" if a.dry_run else "removed"
     print(f"vacuum {a.table}: {verb} {len(removed)} file(s) no version inside the retention window needs")
@@ -240,10 +264,12 @@ def cmd_vacuum(ctx: Context) -> int:
 
 
 def cmd_restore(ctx: Context) -> int:
+    from pipelines.audit_cli import audited_restore
+
     a = ctx.args
     if (a.version is None) == (a.timestamp is None):
         raise UsageError("restore needs exactly one of --version N or --timestamp TS")
-    out = ctx.store(need_spark=False).restore(a.table, version=a.version, timestamp=a.timestamp)
+    out = audited_restore(ctx.store(need_spark=False), a.table, a.version, a.timestamp, a.reason)
     state = "restored" if out.get("changed") else "already at"
     print(f"{a.table}: {state} version {out.get('restored_to', a.version)} (a new commit; history keeps the rest)")
     return 0
@@ -332,6 +358,43 @@ def add_imaging_parser(sub) -> None:
     tr.add_argument("--labels", required=True, help="the simulator's DIR/truth/imaging.csv (critical_finding)")
     tr.add_argument("--tracking-uri", help="MLflow tracking URI (models.tracking_uri; default sqlite under the root)")
     tr.set_defaults(func=cmd_imaging_train)
+def cmd_sql_server(ctx: Context) -> int:
+    from pipelines.sqlserver.server import serve
+
+    a = ctx.args
+    return serve(ctx.cfg, host=a.host, port=a.port, no_auth=a.no_auth)
+
+
+def cmd_sql_user(ctx: Context) -> int:
+    from pipelines.sqlserver import users
+
+    a = ctx.args
+    path = users.users_file(ctx.cfg)
+    if a.action == "list":
+        print_table(["user", "role"], [(u.name, u.role) for u in users.read_users(path).values()])
+        return 0
+    if not a.name:
+        raise UsageError(f"sql-user {a.action} needs a user name: carelake sql-user {a.action} NAME")
+    if a.action == "remove":
+        users.remove_user(path, a.name)
+        print(f"removed {a.name} from {path}")
+        return 0
+    if not a.role:
+        raise UsageError("sql-user add needs --role analyst, engineer or auditor")
+    replaced = users.add_user(path, a.name, a.role, _read_password(a.password_stdin))
+    print(f"{'updated' if replaced else 'added'} {a.name} ({a.role}) in {path}")
+    return 0
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    import getpass
+
+    first, second = getpass.getpass("password: "), getpass.getpass("again: ")
+    if first != second:
+        raise UsageError("the two passwords differ; nothing was written")
+    return first
 
 
 # -- parser ------------------------------------------------------------------------------------
@@ -377,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--as-of-version", type=int, help="read every referenced table as of this version")
     q.add_argument("--as-of-timestamp", help="read every referenced table as of this time (ISO-8601, UTC default)")
     q.add_argument("--limit", type=int, help="at most N rows (table format shows 200 unless told)")
+    q.add_argument("--local", action="store_true",
+                   help="start Spark here even when a `carelake sql-server` of this lakehouse is running")
     q.set_defaults(func=cmd_sql)
 
     i = sub.add_parser("ingest", help="durably copy files into the landing zone of a feed")
@@ -425,7 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.set_defaults(func=cmd_optimize)
 
     v = sub.add_parser("vacuum", help="delete files no version inside the retention window needs")
-    v.add_argument("table")
+    v.add_argument("table", nargs="?")
+    v.add_argument("--all", action="store_true", help="every table and landing feed within its retention (cron it: "
+                   "docs/operations.md)")
     v.add_argument("--retain-hours", type=int, help="keep at least this long (never below the layer's retention)")
     v.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
     v.set_defaults(func=cmd_vacuum)
@@ -434,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("table")
     s.add_argument("--version", type=int)
     s.add_argument("--timestamp")
+    s.add_argument("--reason", required=True, help="why (recorded in the commit, `carelake history` and ops.audit_log)")
     s.set_defaults(func=cmd_restore)
 
     e = sub.add_parser("demo", help="end to end: simulate a hospital, gateway, every job, train the model, report "
@@ -461,6 +529,25 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--tracking-uri", help="MLflow tracking URI (models.tracking_uri; default sqlite under the root)")
     tr.set_defaults(func=cmd_train)
     add_imaging_parser(sub)
+
+    from pipelines.audit_cli import add_parser as add_audit_parser
+
+    add_audit_parser(sub)
+
+    ss = sub.add_parser("sql-server", help="serve every table over JDBC/ODBC (HiveServer2) for BI tools, with "
+                                           "logins, roles and the audit log")
+    ss.add_argument("--host", help="listen address (sql_server.host; default 127.0.0.1)")
+    ss.add_argument("--port", type=int, help="port (sql_server.port; default 10000; 0 picks a free one)")
+    ss.add_argument("--no-auth", action="store_true",
+                    help="no login, everyone reads everything: local development on loopback only")
+    ss.set_defaults(func=cmd_sql_server)
+
+    su = sub.add_parser("sql-user", help="add, remove or list the SQL server's users (scrypt-hashed passwords)")
+    su.add_argument("action", choices=["add", "remove", "list"])
+    su.add_argument("name", nargs="?")
+    su.add_argument("--role", choices=["analyst", "engineer", "auditor"])
+    su.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    su.set_defaults(func=cmd_sql_user)
     return p
 
 

@@ -22,6 +22,8 @@ from pipelines.errors import ConfigError
 
 ENGINES = ("auto", "delta-rs", "delta-spark")
 LAYERS = ("bronze", "silver", "gold", "ops")
+# storage.retention_days: the layers, the landing zone, and the floor for what audits walk (pipelines/retention.py).
+RETENTION_KEYS = (*LAYERS, "landing", "audit")
 LOG_LEVELS = ("ERROR", "WARN", "INFO", "DEBUG")
 _ENV_PREFIX = "CARELAKE_"
 _ENV_RESERVED = {"CARELAKE_ENV", "CARELAKE_CONF_DIR"}
@@ -86,11 +88,11 @@ class StorageConfig:
             raise ConfigError("storage.driver_write_max_rows and storage.driver_write_max_mb must be 0 or more, got "
                               f"{self.driver_write_max_rows} and {self.driver_write_max_mb}; 0 sends every batch "
                               "to the executors")
-        missing = [layer for layer in LAYERS if layer not in self.retention_days]
-        unknown = [layer for layer in self.retention_days if layer not in LAYERS]
+        missing = [layer for layer in RETENTION_KEYS if layer not in self.retention_days]
+        unknown = [layer for layer in self.retention_days if layer not in RETENTION_KEYS]
         if missing or unknown:
             raise ConfigError(
-                f"storage.retention_days needs exactly the layers {', '.join(LAYERS)}"
+                f"storage.retention_days needs exactly the keys {', '.join(RETENTION_KEYS)}"
                 f" (missing: {missing or 'none'}, unknown: {unknown or 'none'})"
             )
         for layer, days in self.retention_days.items():
@@ -750,6 +752,27 @@ class JobsConfig:
 
 
 @dataclass(frozen=True)
+class SqlServerConfig:
+    """`carelake sql-server`: where it listens, who may log in, how the masked views coarsen dates."""
+
+    host: str = "127.0.0.1"
+    port: int = 10000
+    users_file: str = ""  # "" = <root>/_secrets/sql_users
+    mask_date_unit: str = "month"
+    views_dir: str = ""  # "" = sql/views beside the conf/ folder
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"sql_server.port must be 0 (a free port) to 65535, got {self.port}")
+        if self.mask_date_unit not in MASK_DATE_UNITS:
+            raise ConfigError(f"sql_server.mask_date_unit must be one of {', '.join(MASK_DATE_UNITS)}, got "
+                              f"{self.mask_date_unit!r}")
+
+
+MASK_DATE_UNITS = ("year", "quarter", "month", "week", "day")
+
+
+@dataclass(frozen=True)
 class Config:
     root: Path
     spark: SparkConfig
@@ -767,6 +790,7 @@ class Config:
     imaging: ImagingConfig
     env: str = "local"
     conf_dir: Path = Path("conf")
+    sql_server: SqlServerConfig = field(default_factory=SqlServerConfig)
 
     def path(self, *parts: str) -> Path:
         """A path below the lakehouse root."""

@@ -1,0 +1,146 @@
+"""Lakehouse tables and the repository's views as Spark views, at the versions a statement reads.
+
+Each statement's table references (`gold.x`, `silver.x VERSION AS OF 3`, `TIMESTAMP AS OF '...'`) are resolved when
+the statement arrives: the latest version is read from the table's Delta log then (delta-rs catches up with the
+commits since the last look), so a commit is visible to the next statement, with no polling delay and no restart.
+Each (table, version) becomes one global temporary view `global_temp.<layer>__<table>__v<version>` over exactly that
+version's data files, shared by every session of the server, registered on first use and dropped after an hour
+unused. A repository view (sql/views/<name>.sql) becomes one global view per combination of its tables' versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.errors import ConfigError, VersionNotFound
+from pipelines.sqlrefs import TableReference, rewrite
+from pipelines.store.base import split_table_name
+
+SCHEMA = "global_temp"
+UNUSED_SECONDS = 3600
+_PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+
+
+@dataclass(frozen=True)
+class ViewDef:
+    """A view from the repository: its name (gold.x) and SQL text over lakehouse names (placeholders filled)."""
+
+    name: str
+    sql: str
+
+
+def load_views(folder: Path, values: Mapping[str, str]) -> dict[str, ViewDef]:
+    """The views in `folder` (<layer>.<name>.sql each), placeholders {{key}} replaced by `values`."""
+    views = {}
+    for path in sorted(folder.glob("*.sql")):
+        name = path.stem
+        split_table_name(name)  # a view is named like a table: gold.alerts_by_ward_day
+        text = path.read_text(encoding="utf-8").strip().rstrip(";")
+
+        def fill(m: re.Match, path: Path = path) -> str:
+            if m[1] not in values:
+                raise ConfigError(f"{path}: unknown placeholder {{{{{m[1]}}}}}; known: {', '.join(sorted(values))}")
+            return values[m[1]]
+
+        views[name] = ViewDef(name, _PLACEHOLDER.sub(fill, text))
+    return views
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A statement rewritten onto the server's views, and what it reads."""
+
+    sql: str
+    views: tuple[str, ...]  # global view names the statement may read
+    names: tuple[tuple[str, str], ...]  # (global view name, the lakehouse name it stands for)
+    reads: tuple[tuple[str, int | None], ...]  # (table or view, version) read; a view's version is None
+
+
+class Catalog:
+    """Registers global views for table versions and repository views; thread-safe."""
+
+    def __init__(self, spark, store, views: Mapping[str, ViewDef]):
+        self.spark = spark
+        self.store = store
+        self.views = dict(views)
+        clash = sorted(n for n in self.views if store.exists(n))
+        if clash:
+            raise ConfigError(f"views {', '.join(clash)} have the names of lakehouse tables: rename the .sql files")
+        self._lock = threading.RLock()
+        self._latest: dict[str, object] = {}
+        self._used: dict[str, float] = {}
+
+    def latest_version(self, table: str) -> int:
+        """The table's newest committed version, read from its Delta log now."""
+        from deltalake import DeltaTable
+
+        with self._lock:
+            dt = self._latest.get(table)
+            if dt is None:
+                self.store.version(table)  # TableNotFound, with the fix, when it does not exist
+                dt = self._latest[table] = DeltaTable(str(self.store.ref(table).path))
+            else:
+                dt.update_incremental()
+            return dt.version()
+
+    def version_of(self, ref: TableReference) -> int:
+        """The version `ref` reads: its VERSION AS OF, the one current at its TIMESTAMP AS OF, or the latest."""
+        if ref.timestamp is not None:
+            return self.store._open(ref.table, timestamp=ref.timestamp).version()  # noqa: SLF001 - same rule as reads
+        latest = self.latest_version(ref.table)
+        if ref.version is not None and not 0 <= ref.version <= latest:
+            raise VersionNotFound(f"{ref.table} has versions 0..{latest}; version {ref.version} does not exist")
+        return latest if ref.version is None else ref.version
+
+    def resolve(self, sql: str) -> Resolved:
+        """`sql` with each lakehouse name replaced by the global view of the version it reads."""
+        text, refs = rewrite(sql)
+        views, names, reads = [], [], []
+        for ref in refs:
+            if ref.table in self.views:
+                inner = self.resolve(self.views[ref.table].sql)
+                name = self._register_view(ref.table, inner)
+                reads += [(ref.table, None), *inner.reads]
+            else:
+                version = self.version_of(ref)
+                name = self._register_table(ref.table, version)
+                reads.append((ref.table, version))
+            views.append(name)
+            names.append((name, ref.table))
+            text = text.replace(f"`{ref.view}`", f"{SCHEMA}.`{name}`")
+        return Resolved(text, tuple(views), tuple(names), tuple(dict.fromkeys(reads)))
+
+    def _register_table(self, table: str, version: int) -> str:
+        name = f"{table.replace('.', '__')}__v{version}"
+        with self._lock:
+            if name not in self._used:
+                self.store.read(table, version=version).createOrReplaceGlobalTempView(name)
+            self._touch(name)
+        return name
+
+    def _register_view(self, view: str, inner: Resolved) -> str:
+        digest = hashlib.sha256(repr(inner.reads).encode()).hexdigest()[:12]
+        name = f"{view.replace('.', '__')}__{digest}"
+        with self._lock:
+            if name not in self._used:
+                self.spark.sql(f"CREATE OR REPLACE GLOBAL TEMPORARY VIEW `{name}` AS {inner.sql}")
+            self._touch(name)
+        return name
+
+    def _touch(self, name: str) -> None:
+        now = time.monotonic()
+        self._used[name] = now
+        for old in [n for n, at in self._used.items() if now - at > UNUSED_SECONDS]:
+            self.spark.catalog.dropGlobalTempView(old)
+            del self._used[old]
+
+    def names(self) -> Sequence[str]:
+        """Every table and view a statement may name, sorted."""
+        return sorted({*self.store.list_tables(), *self.views})
+
