@@ -179,18 +179,18 @@ def study_items(studies: DataFrame, matched: DataFrame, reads: DataFrame) -> Dat
             .withColumn("order_match", F.coalesce("order_match", F.lit(NO_ORDER))))
 
 
-def current_news2(scores: DataFrame, patients: DataFrame) -> DataFrame:
+def current_news2(scores: DataFrame) -> DataFrame:
     """patient_key -> the newest score's band, score and time (of the scores given: the caller bounds their age)."""
     newest = F.max_by(F.struct("news2_band", "news2_score", "scored_at"), "scored_at")
-    got = scores.join(patients, "patient_key", "left_semi").groupBy("patient_key").agg(newest.alias("_n"))
+    got = scores.groupBy("patient_key").agg(newest.alias("_n"))
     return got.select("patient_key", F.col("_n.news2_band").alias("news2_band"),
                       F.col("_n.news2_score").alias("news2_score"), F.col("_n.scored_at").alias("news2_scored_at"))
 
 
-def open_alerts(alerts: DataFrame, patients: DataFrame) -> DataFrame:
+def open_alerts(alerts: DataFrame) -> DataFrame:
     """patient_key -> the levels of their open deterioration alerts."""
-    return (alerts.where(F.col("status") == "open").join(patients, "patient_key", "left_semi")
-            .groupBy("patient_key").agg(F.array_sort(F.collect_set("level")).alias("open_alert_levels")))
+    return (alerts.where(F.col("status") == "open").groupBy("patient_key")
+            .agg(F.array_sort(F.collect_set("level")).alias("open_alert_levels")))
 
 
 def _plus_seconds(start: str, seconds: Mapping[str, int], default: int) -> F.Column:
@@ -310,14 +310,16 @@ def imaging_worklist(changes: DataFrame, *, read_table: Callable[..., DataFrame]
                                                                  or processed_at.astimezone(UTC))
     matched = matched.localCheckpoint()  # the match is global (nearest order wins): computed once per batch
     items = study_items(studies, matched, final_reads(reports, studies, matched)).localCheckpoint()
-    unread = items.where(F.col("read_at").isNull())
-    overdue = overdue_orders(matched, images_expected_s, now)
-    patients = unread.select("patient_key").unionByName(overdue.select("patient_key")).distinct()
-    context = _patient_context(read_table, versions, patients, now, news2_current_s)
-    rows = rank_unread(_collect(_with_context(unread, context)), ranking, now, critical_model())
+    unread = items.where(F.col("read_at").isNull()).withColumn("_kind", F.lit(UNREAD))
+    overdue = overdue_orders(matched, images_expected_s, now).withColumn("_kind", F.lit(IMAGES_OVERDUE))
+    both = _collect(unread.unionByName(overdue, allowMissingColumns=True))  # one small collect: the open set
+    context = patient_context(read_table, versions, {r["patient_key"] for r in both if r["patient_key"]}, now,
+                              news2_current_s)
+    for r in both:
+        r.update(context.get(r["patient_key"], {}))
+    rows = rank_unread([r for r in both if r["_kind"] == UNREAD], ranking, now, critical_model())
     rows += [{**_worklist_row(None, o, None, now, None), "worklist_key": f"order:{o['order_key']}",
-              "status": IMAGES_OVERDUE, "order_match": NO_STUDY}
-             for o in _collect(_with_context(overdue, context))]
+              "status": IMAGES_OVERDUE, "order_match": NO_STUDY} for o in both if o["_kind"] == IMAGES_OVERDUE]
     provenance = _provenance(versions, ingest_batch_id, processed_at)
     worklist = spark.createDataFrame([{**r, **provenance} for r in rows], SCHEMA)
     if table_version(WORKLIST) is not None:
@@ -349,27 +351,23 @@ def _left_rows(gone: DataFrame, now: datetime, provenance: Mapping[str, Any]) ->
                        ).select(*(f.name for f in SCHEMA.fields))
 
 
-def _patient_context(read_table: Callable[..., DataFrame], versions: Mapping[str, int | None], patients: DataFrame,
-                     now: datetime, news2_current_s: int) -> tuple[DataFrame | None, DataFrame | None]:
-    """The patients' current NEWS2 (scores within news2_current_s before now) and open alerts, when the tables exist."""
-    news2 = alerts = None
+def patient_context(read_table: Callable[..., DataFrame], versions: Mapping[str, int | None], patients: set[str],
+                    now: datetime, news2_current_s: int) -> dict[str, dict[str, Any]]:
+    """patient_key -> their current NEWS2 (the newest score within news2_current_s before now: news2_band,
+    news2_score, news2_scored_at) and open alert levels (open_alert_levels), for the given patients."""
+    out: dict[str, dict[str, Any]] = {k: {} for k in patients}
+    if not patients:
+        return out
+    keys = F.col("patient_key").isin(sorted(patients))
     if versions[SCORES] is not None:
         since = now - timedelta(seconds=news2_current_s)
-        scores = read_table(SCORES, since=("scored_at", since)).where(F.col("scored_at") <= F.lit(now))
-        news2 = current_news2(scores.select("patient_key", "scored_at", "news2_band", "news2_score"), patients)
+        scores = read_table(SCORES, since=("scored_at", since)).where(keys & (F.col("scored_at") <= F.lit(now)))
+        for r in _collect(current_news2(scores.select("patient_key", "scored_at", "news2_band", "news2_score"))):
+            out[r.pop("patient_key")].update(r)
     if versions[ALERTS] is not None:
-        alerts = open_alerts(read_table(ALERTS).select("patient_key", "level", "status"), patients)
-    return news2, alerts
-
-
-def _with_context(rows: DataFrame, context: tuple[DataFrame | None, DataFrame | None]) -> DataFrame:
-    news2, alerts = context
-    out = rows.join(news2, "patient_key", "left") if news2 is not None else rows.select(
-        "*", F.lit(None).cast("string").alias("news2_band"), F.lit(None).cast("int").alias("news2_score"),
-        F.lit(None).cast("timestamp").alias("news2_scored_at"))
-    if alerts is not None:
-        return out.join(alerts, "patient_key", "left")
-    return out.select("*", F.lit(None).cast("array<string>").alias("open_alert_levels"))
+        for r in _collect(open_alerts(read_table(ALERTS).where(keys).select("patient_key", "level", "status"))):
+            out[r.pop("patient_key")].update(r)
+    return out
 
 
 def arrival_context(items: DataFrame, scores: DataFrame | None, alerts: DataFrame | None, news2_current_s: int

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from pipelines.errors import UsageError
 from tests import imaging_tables as t
 from tests.conftest import make_config
 
@@ -37,6 +38,11 @@ def lake(spark, tmp_path):
         def run(self):
             return runner.run([WORKLIST], Trigger(available_now=True))
 
+        def train(self, labels):
+            from pipelines.training import train_critical_finding
+
+            return train_critical_finding(cfg, spark, store, labels, match=t.accession_match)
+
         def rows(self, table):
             return store.read_arrow(table).to_pylist() if store.exists(table) else []
 
@@ -54,7 +60,8 @@ def test_unread_studies_rank_with_their_factors_and_leave_when_read(lake):
         t.order("o2", "p2", "A2", now - timedelta(hours=4), "ROUTINE", "WARD", "CR", "CHEST"),
         t.order("o3", "p4", "A3", now - timedelta(hours=5), "STAT", "ICU"),
         t.order("o4", "p4", "A4", now - timedelta(minutes=30), "STAT", "ICU")])  # not overdue yet
-    lake.write("silver.imaging_reports", [t.report("r0", "A9", now)])  # another study's report
+    lake.write("silver.imaging_reports", [t.report("r0", "A9", now),  # another study's report
+                                          t.report("r2", "A2", now, "preliminary")])  # not read until final
     lake.write("gold.early_warning_scores", [t.score("p2", now - timedelta(hours=1), "high", 8),
                                              t.score("p3", now - timedelta(days=3), "high", 9)])  # not current
     lake.write("gold.deterioration_alerts", [t.alert("p2", now - timedelta(hours=1), "news2_high"),
@@ -77,9 +84,6 @@ def test_unread_studies_rank_with_their_factors_and_leave_when_read(lake):
     assert breach["opened_at"] == rows[0]["available_at"] + timedelta(hours=1)
 
     read_at = now - timedelta(minutes=2)
-    lake.write("silver.imaging_reports", [t.report("r1", "A1", read_at - timedelta(minutes=3), "preliminary")])
-    lake.run()
-    assert {r["worklist_key"] for r in lake.rows(WORKLIST)} == {"s1", "s2", "s3", "order:o3"}  # preliminary: unread
     lake.write("silver.imaging_reports", [t.report("r1", "A1", read_at)])
     lake.run()
     after = {r["worklist_key"]: r["rank"] for r in lake.rows(WORKLIST)}
@@ -94,7 +98,7 @@ def test_unread_studies_rank_with_their_factors_and_leave_when_read(lake):
     assert lake.rows(BREACHES) == [closed]  # a breach's content never depends on when a batch ran
 
 
-def test_without_orders_or_clinical_tables_studies_rank_as_no_order(lake):
+def test_without_orders_or_clinical_tables_studies_rank_as_no_order(lake, tmp_path):
     now = datetime.now(UTC)
     lake.write("silver.imaging_studies", [t.study("s1", "p1", "A1", now - timedelta(hours=5), "CT", "HEAD"),
                                           t.study("s2", "p2", "A2", now - timedelta(minutes=5), "CT", "HEAD")])
@@ -107,3 +111,11 @@ def test_without_orders_or_clinical_tables_studies_rank_as_no_order(lake):
                                                                                    ("s2", None, False)]
     assert {f["factor"]: f["value"] for f in rows[0]["factors"]}["critical_model"] == "no model registered"
     assert [b["study_instance_uid"] for b in lake.rows(BREACHES)] == ["s1"]  # no-order SLA: 4 h
+
+    labels = tmp_path / "imaging.csv"  # the critical-finding model's training reads the same studies
+    labels.write_text("accession_number,critical_finding\nA1,1\nA2,0\n")
+    with pytest.raises(UsageError, match="the patient split left a set without both outcomes \\(1 critical of 2"):
+        lake.train(labels)
+    labels.write_text("accession_number,critical_finding\nZ9,1\n")
+    with pytest.raises(UsageError, match="no study in silver.imaging_studies has an accession number in"):
+        lake.train(labels)
