@@ -44,18 +44,12 @@ class Category:
 
 @dataclass(frozen=True)
 class Ranking:
-    """The ranking's settings, from ImagingConfig (pure values: picklable, no configuration object inside)."""
+    """The ranking's settings: the configured points (`points`, pipelines.config.ImagingConfig), and what is
+    derived from them once (SLAs in ms, exam rules, indication patterns)."""
 
+    points: ImagingConfig
     sla_ms: Mapping[str, int]
     no_order_sla_ms: int
-    points_priority: Mapping[str, int]
-    points_no_order: int
-    points_location: Mapping[str, int]
-    points_news2_band: Mapping[str, int]
-    points_open_alert: int
-    points_per_sla: int
-    sla_cap: float
-    points_model: int
     exams: tuple[tuple[str, str, int], ...]
     categories: tuple[Category, ...]
 
@@ -63,9 +57,7 @@ class Ranking:
     def of(cls, c: ImagingConfig) -> Ranking:
         from pipelines.config import IMAGING_PRIORITIES, INDICATION_CATEGORIES
 
-        return cls({p: c.sla_ms(p) for p in IMAGING_PRIORITIES}, c.sla_ms(None), dict(c.points_priority),
-                   c.points_no_order, dict(c.points_location), dict(c.points_news2_band), c.points_open_alert,
-                   c.points_per_sla, c.sla_cap, c.points_model, c.exams(),
+        return cls(c, {p: c.sla_ms(p) for p in IMAGING_PRIORITIES}, c.sla_ms(None), c.exams(),
                    tuple(_category(name, c.indication(name)) for name in INDICATION_CATEGORIES))
 
     def sla(self, priority: str | None) -> timedelta:
@@ -120,10 +112,10 @@ def _waited(available_at: datetime | None, priority: str | None, now: datetime, 
         return None, _factor("waited", "study time unknown", 0)
     sla = ranking.sla(priority)
     waited = max(now - available_at, timedelta(0))
-    share = min(waited / sla, ranking.sla_cap)
+    share = min(waited / sla, ranking.points.sla_cap)
     minutes = int(waited.total_seconds() // 60)
     value = f"{minutes} min of {int(sla.total_seconds() // 60)} min SLA"
-    return available_at + sla, _factor("waited", value, ranking.points_per_sla * share)
+    return available_at + sla, _factor("waited", value, ranking.points.points_per_sla * share)
 
 
 def score(item: Mapping[str, Any], ranking: Ranking, now: datetime) -> Scored:
@@ -140,16 +132,16 @@ def score(item: Mapping[str, Any], ranking: Ranking, now: datetime) -> Scored:
     due, waited = _waited(item.get("available_at"), priority, now, ranking)
     factors = [
         _factor("priority", priority or "no order",
-                ranking.points_priority.get(priority, 0) if priority else ranking.points_no_order),
+                ranking.points.points_priority.get(priority, 0) if priority else ranking.points.points_no_order),
         _factor("exam", f"{item.get('modality') or '?'}/{item.get('body_part') or '?'}",
                 _exam_points(item.get("modality"), item.get("body_part"), ranking)),
         _factor("indication", ",".join(categories) or "none", by_name[top] if top else 0),
-        _factor("location", location or "unknown", ranking.points_location.get(location or "", 0)),
-        _factor("news2_band", band or "no score", ranking.points_news2_band.get(band or "", 0)),
-        _factor("open_alert", ",".join(alerts) or "none", ranking.points_open_alert if alerts else 0),
+        _factor("location", location or "unknown", ranking.points.points_location.get(location or "", 0)),
+        _factor("news2_band", band or "no score", ranking.points.points_news2_band.get(band or "", 0)),
+        _factor("open_alert", ",".join(alerts) or "none", ranking.points.points_open_alert if alerts else 0),
         waited,
         _factor("critical_model", NO_MODEL if probability is None else f"{probability:.3f}",
-                0 if probability is None else ranking.points_model * probability),
+                0 if probability is None else ranking.points.points_model * probability),
     ]
     return Scored(round(sum(f["points"] for f in factors), 1), due, factors, top)
 

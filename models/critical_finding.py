@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipelines.errors import ConfigError, UsageError
+from pipelines.errors import UsageError
 
 MODEL_NAME = "carelake-critical-finding"
 EXPERIMENT = "carelake-critical-finding"
@@ -163,19 +163,11 @@ def _log(uri: str, model, sample: pd.DataFrame, metrics: dict[str, float], champ
 
 
 def _register(client, info, run_id: str, metrics: Mapping[str, float]) -> str:
-    from mlflow.exceptions import MlflowException
+    from models.deterioration import register_champion
 
-    try:
-        client.create_registered_model(MODEL_NAME, description="Critical finding in an imaging study, from what is "
-                                       "known on arrival; champion = beats order priority alone (held-out AUROC)")
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    tags = {k: f"{metrics[k]:.4f}" for k in ("model_auroc", "priority_auroc")}
-    mv = client.create_model_version(MODEL_NAME, source=info.model_uri, run_id=run_id, tags=tags,
-                                     model_id=info.model_id)
-    client.set_registered_model_alias(MODEL_NAME, ALIAS, mv.version)
-    return str(mv.version)
+    tags = {f"carelake.{k}": f"{metrics[k]:.4f}" for k in ("model_auroc", "priority_auroc")}
+    return register_champion(client, MODEL_NAME, "Critical finding in an imaging study, from what is known on "
+                             "arrival; champion = beats order priority alone (held-out AUROC)", info, run_id, tags)
 
 
 @dataclass(frozen=True)
@@ -190,32 +182,17 @@ class Champion:
         return self.model.predict_proba(features(items))[:, 1]
 
 
-_CHAMPIONS: dict[tuple[str, str], Champion] = {}
-
-
 def load_champion(tracking_uri: str) -> Champion | None:
     """The model under alias `champion`, or None when none is registered. Cached by (uri, version)."""
-    import mlflow
+    from models.deterioration import cached_champion
+
+    return cached_champion(tracking_uri, MODEL_NAME, _load_version)
+
+
+def _load_version(uri: str, mv) -> Champion:
     import mlflow.sklearn
-    from mlflow.exceptions import MlflowException
 
-    from models.deterioration import _client, _mlflow_at, _not_found, _sqlite_path
+    from models.deterioration import _mlflow_at
 
-    db = _sqlite_path(tracking_uri)
-    if db is not None and not db.exists():
-        return None
-    client = _client(tracking_uri)
-    try:
-        mv = client.get_model_version_by_alias(MODEL_NAME, ALIAS)
-    except MlflowException as exc:
-        if _not_found(exc):
-            return None
-        raise ConfigError(f"MLflow registry {tracking_uri}: {str(exc).splitlines()[0]}") from None
-    key = (tracking_uri, str(mv.version))
-    if key not in _CHAMPIONS:
-        with _mlflow_at(tracking_uri):
-            model = mlflow.sklearn.load_model(mv.source)
-        for old in [k for k in _CHAMPIONS if k[0] == tracking_uri]:
-            del _CHAMPIONS[old]
-        _CHAMPIONS[key] = Champion(str(mv.version), model)
-    return _CHAMPIONS[key]
+    with _mlflow_at(uri):
+        return Champion(str(mv.version), mlflow.sklearn.load_model(mv.source))
