@@ -304,6 +304,9 @@ def imaging_worklist(changes: DataFrame, *, read_table: Callable[..., DataFrame]
     spark = changes.sparkSession
     versions = {t: table_version(t) for t in (STUDIES, ORDERS, REPORTS, SCORES, ALERTS)}
 
+    if not any(versions[t] is not None and not read_table(t).limit(1).isEmpty() for t in (STUDIES, ORDERS)):
+        return {WORKLIST: empty(spark, tuple(SCHEMA.names), SCHEMA),  # no imaging yet (a vitals-only lakehouse)
+                BREACHES: empty(spark, tuple(BREACH_SCHEMA.names), BREACH_SCHEMA)}
     studies, orders, reports, matched = load_inputs(read_table, lambda t: versions[t] is not None, spark, match,
                                                     match_window)
     now = processed_at.astimezone(UTC) if clock == "wall" else (data_clock(studies, orders, reports)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +120,22 @@ def test_without_orders_or_clinical_tables_studies_rank_as_no_order(lake, tmp_pa
     labels.write_text("accession_number,critical_finding\nZ9,1\n")
     with pytest.raises(UsageError, match="no study in silver.imaging_studies has an accession number in"):
         lake.train(labels)
+
+
+def test_a_lakehouse_without_imaging_gets_empty_tables_at_once(spark):
+    from gold import imaging_rank
+    from gold import imaging_worklist as w
+
+    cfg = make_config(Path("/nonexistent"))
+    scores = spark.createDataFrame([("p1",)], "patient_key string")
+
+    def read_table(name, since=None):
+        raise AssertionError(f"read {name}: nothing but the existence of the imaging tables should be looked at")
+
+    out = w.imaging_worklist(scores, read_table=read_table, table_version=lambda n: 3 if n == w.SCORES else None,
+                             processed_at=datetime.now(UTC), ingest_batch_id="b", ranking=imaging_rank.Ranking.of(
+                                 cfg.imaging), images_expected_s={}, match=t.accession_match,
+                             match_window=timedelta(hours=1), news2_current_s=60, clock="wall",
+                             critical_model=lambda: None)
+    assert {k: (v.count(), v.schema) for k, v in out.items()} == {WORKLIST: (0, w.SCHEMA),
+                                                                   BREACHES: (0, w.BREACH_SCHEMA)}
