@@ -55,6 +55,12 @@ class Context:
         return open_store(self.cfg, self.spark)
 
 
+def _folds(text: str) -> int:
+    if not text.isdigit() or not 2 <= int(text) <= 20:
+        raise argparse.ArgumentTypeError(f"expected a whole number of folds from 2 to 20, got {text!r}")
+    return int(text)
+
+
 def _split_setting(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
@@ -303,11 +309,21 @@ def cmd_demo(ctx: Context) -> int:
 
 
 def cmd_train(ctx: Context) -> int:
-    from pipelines.training import print_training, train_deterioration
+    from pipelines import training
 
     store = ctx.store(need_spark=False)
-    result, uri = train_deterioration(ctx.cfg, store, ctx.args.labels, tracking_uri=ctx.args.tracking_uri)
-    print_training(result, ctx.cfg.models.alert_rate_per_100_patient_days, uri)
+    if ctx.args.model == "mortality":
+        if ctx.args.labels:
+            raise UsageError("train mortality takes its labels from silver.outcomes (`carelake import physionet2012 "
+                             "DIR --outcomes FILE`): drop --labels")
+        result, uri = training.train_mortality(ctx.cfg, store, tracking_uri=ctx.args.tracking_uri,
+                                               folds=ctx.args.folds)
+        training.print_mortality(result, uri)
+        return 0
+    if not ctx.args.labels:
+        raise UsageError("train deterioration needs --labels: the simulator's DIR/truth/deteriorations.csv")
+    result, uri = training.train_deterioration(ctx.cfg, store, ctx.args.labels, tracking_uri=ctx.args.tracking_uri)
+    training.print_training(result, ctx.cfg.models.alert_rate_per_100_patient_days, uri)
     return 0
 
 
@@ -523,9 +539,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_simulate)
 
     tr = sub.add_parser("train", help="train a model from gold tables, track it in MLflow, register a champion")
-    tr.add_argument("model", choices=["deterioration"], help="deterioration: onset within models.horizon")
-    tr.add_argument("--labels", required=True,
-                    help="deterioration onsets: the simulator's DIR/truth/deteriorations.csv")
+    tr.add_argument("model", choices=["deterioration", "mortality"],
+                    help="deterioration: onset within models.horizon; mortality: in-hospital death from the first "
+                         "48 h of an ICU stay (PhysioNet 2012 import, labels in silver.outcomes)")
+    tr.add_argument("--labels", help="deterioration onsets: the simulator's DIR/truth/deteriorations.csv")
+    tr.add_argument("--folds", type=_folds, default=5, help="mortality: cross-validation folds (2-20, default 5)")
     tr.add_argument("--tracking-uri", help="MLflow tracking URI (models.tracking_uri; default sqlite under the root)")
     tr.set_defaults(func=cmd_train)
     add_imaging_parser(sub)

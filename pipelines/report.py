@@ -45,7 +45,7 @@ def _text_table(df: pd.DataFrame) -> str:
 
 
 MEASURES = (("AUROC", "auroc"), ("AUPRC", "auprc"), ("median lead time before the event (h)", "median_lead_time_h"),
-            ("deteriorating patients alerted in time", "detected_fraction"),
+            ("deteriorating patients alerted in time", "detected_fraction"), ("PPV of an alerting point", "ppv"),
             ("alert episodes per 100 patient-days", "alerts_per_100_patient_days"))
 
 
@@ -97,8 +97,9 @@ def demo_report(cfg: Config, result: Any, *, out: Path, max_patients: int = 4,
         lines.append("")
         lines.append("model vs NEWS2 >= 5 on held-out patients:")
         lines.append(_text_table(comparison(result)))
-        lines.append(f"registered carelake-deterioration version {result.version} as champion" if result.champion
-                     else "model not registered: it did not beat NEWS2 on AUROC (scores carry no model risk)")
+        lines.append(f"{result.decision}: registered carelake-deterioration version {result.version}"
+                     if result.champion else f"{result.decision} (scores carry no model risk)")
+        lines += ["", "model card:", result.card]
     ranked = latest.assign(model_risk=latest["model_risk"].fillna(-1)).sort_values(
         ["news2_score", "model_risk"], ascending=False).head(5)
     top = ranked[["patient_key", "scored_at", "news2_score", "news2_band", "qsofa_score", "model_risk"]].copy()

@@ -67,17 +67,95 @@ def print_training(result, requested_rate: float, uri: str) -> None:
             for label, key, digits in (("AUROC", "auroc", 3), ("AUPRC", "auprc", 3),
                                        ("median lead time before the event (h)", "median_lead_time_h", 1),
                                        ("deteriorating patients alerted in time", "detected_fraction", 2),
+                                       ("PPV of an alerting point", "ppv", 3),
                                        ("alert episodes per 100 patient-days", "alerts_per_100_patient_days", 1))]
     print_table(["held-out patients", "model", "NEWS2 >= 5"], rows)
     basis = "models.alert_rate_per_100_patient_days" if requested_rate else "NEWS2 >= 5 on the training patients"
     print(f"threshold: risk >= {result.threshold:.4f}, for {m['target_alerts_per_100_patient_days']:.1f} alert "
           f"episodes per 100 patient-days (as {basis})")
+    print(f"AUROC 95% CI (patient bootstrap): model {m['model_auroc_ci_low']:.3f}-{m['model_auroc_ci_high']:.3f}, "
+          f"NEWS2 {m['news2_auroc_ci_low']:.3f}-{m['news2_auroc_ci_high']:.3f}")
+    where = f"run {result.run_id} at {uri} (model card: model_card.md)"
     if result.champion:
-        print(f"registered carelake-deterioration version {result.version} as champion (beats NEWS2 AUROC); "
-              f"run {result.run_id} at {uri}")
+        print(f"{result.decision}: registered carelake-deterioration version {result.version}; {where}")
     else:
-        print(f"not registered: the model's AUROC does not beat NEWS2's, the champion is unchanged; "
-              f"run {result.run_id} at {uri}")
+        print(f"{result.decision}; the registered champion is unchanged; {where}")
+
+
+# -- in-hospital mortality (PhysioNet/CinC Challenge 2012) -------------------------------------------
+OUTCOMES, ENCOUNTERS, PATIENTS, OBSERVATIONS = ("silver.outcomes", "silver.encounters", "silver.patients",
+                                                "silver.observations")
+
+
+def train_mortality(cfg: Config, store: TableStore, *, tracking_uri: str | None = None, folds: int = 5):
+    """Cross-validated mortality model on the imported ICU stays (models.mortality); returns (result, uri)."""
+    from models.deterioration import default_tracking_uri
+    from models.mortality import stay_frame, train
+
+    missing = [t for t in (OUTCOMES, ENCOUNTERS, PATIENTS, OBSERVATIONS, SCORES) if not store.exists(t)]
+    if missing:
+        raise UsageError(f"{', '.join(missing)} not found under {cfg.root}: import the records with "
+                         "`carelake import physionet2012 DIR --outcomes FILE`, then `carelake run all --available-now`")
+    frame = stay_frame(
+        _stays(store),
+        store.read_arrow(OBSERVATIONS, columns=["patient_key", "code", "value", "value_text", "effective_at",
+                                                "status"]).to_pandas(),
+        store.read_arrow(SCORES, columns=["patient_key", "scored_at", "news2_score", "qsofa_score"]).to_pandas(),
+        store.read_arrow(OUTCOMES, columns=["patient_key", "in_hospital_death", "saps_i", "sofa"]).to_pandas())
+    uri = tracking_uri or default_tracking_uri(cfg)
+    log.info("cross-validating on %s ICU stays (%s deaths); tracking at %s", f"{len(frame):,}",
+             f"{int(frame['in_hospital_death'].sum()):,}", uri)
+    provenance = {f"{t}.version": store.version(t) for t in (OUTCOMES, OBSERVATIONS, SCORES)}
+    return train(frame, tracking_uri=uri, seed=cfg.models.seed, folds=folds, params=provenance), uri
+
+
+def _stays(store: TableStore):
+    """One row per patient (their MRN identity): the first admission, its ICU unit, birth date and sex.
+
+    A FHIR Encounter names its subject by the Patient resource; silver.patients links that identity to the MRN
+    one through merged_into, which is the key observations and outcomes carry.
+    """
+    patients = store.read_arrow(PATIENTS, columns=["patient_key", "merged_into", "birth_date", "sex"]).to_pandas()
+    link = dict(zip(patients["patient_key"], patients["merged_into"], strict=True))
+
+    def resolve(key):
+        for _ in range(8):  # merge chains are short; a cycle stops here
+            nxt = link.get(key)
+            if not isinstance(nxt, str) or nxt == key:
+                return key
+            key = nxt
+        return key
+
+    enc = store.read_arrow(ENCOUNTERS, columns=["patient_key", "admitted_at", "location_point_of_care",
+                                                "status"]).to_pandas()
+    enc = enc[enc["patient_key"].notna() & enc["admitted_at"].notna() & (enc["status"] != "entered-in-error")]
+    enc = enc.assign(patient_key=enc["patient_key"].map(resolve)).sort_values("admitted_at", kind="stable")
+    stays = enc.drop_duplicates("patient_key").rename(columns={"location_point_of_care": "icu_type"})
+    demographics = patients[patients["birth_date"].notna() | patients["sex"].notna()]
+    demographics = demographics.assign(patient_key=demographics["patient_key"].map(resolve))
+    demographics = demographics.drop_duplicates("patient_key")[["patient_key", "birth_date", "sex"]]
+    return stays[["patient_key", "admitted_at", "icu_type"]].merge(demographics, on="patient_key", how="left")
+
+
+def print_mortality(result, uri: str) -> None:
+    m, c = result.metrics, result.counts
+    rows = [[who, f"{m[f'{who}_auroc']:.3f} ({m[f'{who}_auroc_ci_low']:.3f}-{m[f'{who}_auroc_ci_high']:.3f})",
+             f"{m[f'{who}_auprc']:.3f}", f"{m[f'{who}_event1']:.3f}", f"{m[f'{who}_sensitivity']:.3f}",
+             f"{m[f'{who}_ppv']:.3f}", f"{m[f'{who}_hosmer_lemeshow_h']:.1f}", f"{m[f'{who}_brier']:.4f}"]
+            for who in ("model", "saps_i", "sofa", "max_news2")]
+    print(f"in-hospital mortality, {c['folds']}-fold cross-validation on {c['stays']:,} ICU stays "
+          f"({c['deaths']:,} deaths), {c['features']} features; MLflow run {result.run_id} at {uri}")
+    print_table(["predictor", "AUROC (95% CI)", "AUPRC", "Event 1", "Se", "PPV", "H (HL)", "Brier"], rows)
+    diff = (f"{m['model_minus_saps_i_auroc']:+.3f} (95% CI {m['model_minus_saps_i_auroc_ci_low']:+.3f} to "
+            f"{m['model_minus_saps_i_auroc_ci_high']:+.3f})")
+    if result.champion:
+        print(f"model AUROC - SAPS-I AUROC = {diff}: registered carelake-mortality v{result.version} as champion")
+    else:
+        print(f"model AUROC - SAPS-I AUROC = {diff}: not registered (champion needs the interval above zero "
+              "and an Event 1 no worse than SAPS-I's)")
+    missing = ", ".join(f"{b} {c[f'{b}_missing']}" for b in ("saps_i", "sofa", "max_news2") if c[f"{b}_missing"])
+    if missing:
+        print(f"stays without a baseline value (ranked lowest): {missing}")
 
 
 def train_critical_finding(cfg: Config, spark, store: TableStore, labels_path: str | Path, *,

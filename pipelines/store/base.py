@@ -246,8 +246,9 @@ class TableStore(ABC):
         """
 
     @abstractmethod
-    def read_arrow(self, name: str, *, version: int | None = None,
-                   timestamp: datetime | str | None = None) -> pa.Table: ...
+    def read_arrow(self, name: str, *, version: int | None = None, timestamp: datetime | str | None = None,
+                   columns: Sequence[str] | None = None) -> pa.Table:
+        """The table (only `columns`, when given) as Arrow in this process, now or as of a version or timestamp."""
 
     @abstractmethod
     def changes(self, name: str, start_version: int, end_version: int | None = None) -> DataFrame:

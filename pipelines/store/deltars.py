@@ -547,8 +547,8 @@ class DeltaRsStore(TableStore):
             raise UsageError("this store was opened without a SparkSession; use read_arrow, or pass spark=")
         return self._spark
 
-    def read_arrow(self, name, *, version=None, timestamp=None) -> pa.Table:
-        return self._open(name, version, timestamp).to_pyarrow_table()
+    def read_arrow(self, name, *, version=None, timestamp=None, columns=None) -> pa.Table:
+        return self._open(name, version, timestamp).to_pyarrow_table(columns=list(columns) if columns else None)
 
     def read(self, name: str, *, version=None, timestamp=None, since=None) -> DataFrame:
         from pyspark.sql.pandas.types import from_arrow_schema

@@ -198,8 +198,9 @@ class DeltaSparkStore(TableStore):
                 raise VersionNotFound(f"{name}: {exc}") from exc
             raise
 
-    def read_arrow(self, name, *, version=None, timestamp=None) -> pa.Table:
-        return self.read(name, version=version, timestamp=timestamp).toArrow()
+    def read_arrow(self, name, *, version=None, timestamp=None, columns=None) -> pa.Table:
+        df = self.read(name, version=version, timestamp=timestamp)
+        return (df.select(*columns) if columns else df).toArrow()
 
     def changes(self, name, start_version, end_version=None) -> DataFrame:
         self._table(name)
