@@ -139,14 +139,11 @@ def _log(uri: str, model, sample: pd.DataFrame, metrics: dict[str, float], champ
     import sklearn
     from mlflow.models import infer_signature
 
-    from models.deterioration import _artifact_location, _client, _mlflow_at
+    from models.deterioration import _client, _experiment_id, _mlflow_at
 
     client = _client(uri)
     with _mlflow_at(uri):
-        found = client.get_experiment_by_name(EXPERIMENT)
-        experiment_id = found.experiment_id if found else client.create_experiment(
-            EXPERIMENT, artifact_location=_artifact_location(uri))
-        with mlflow.start_run(experiment_id=experiment_id) as run:
+        with mlflow.start_run(experiment_id=_experiment_id(client, uri, EXPERIMENT)) as run:
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
             mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
             mlflow.log_dict({"features": list(FEATURES), "coefficients": model.coef_[0].round(4).tolist()},
