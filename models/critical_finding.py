@@ -1,8 +1,9 @@
 """The critical-finding model: what is known when a study arrives -> the probability that it holds a critical finding.
 
 Inputs (one-hot, a fixed vocabulary so the signature never depends on the data): the order's priority, the study's
-modality and body part, the indication categories (gold.imaging_rank), the location class, the patient's NEWS2
-band when the study arrived and whether a deterioration alert was open then. Labels: the simulator's ground truth
+modality and body part, the indication categories (gold.imaging_rank) and the ICD-10-CM chapters of the indication
+codes, the location class, the patient's NEWS2 band when the study arrived and whether a deterioration alert was
+open then. Labels: the simulator's ground truth
 (truth/imaging.csv `critical_finding`), joined by accession number.
 
 Judged on held-out patients (a patient-level split: no patient in both sets) against order priority alone (STAT >
@@ -36,6 +37,9 @@ VOCABULARY = {
     "indication": ("stroke", "pe", "bleed", "trauma"),
     "location_class": ("ED", "ICU", "WARD", "OUTPATIENT"),
     "news2_band": ("low", "low-medium", "medium", "high"),
+    # ICD-10-CM chapter of the indication codes (their first letter): symptoms (R), injuries (S/T), digestive (K),
+    # circulatory (I), respiratory (J), infections (A), encounters (Z) ... carry their own yields
+    "icd10_chapter": tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ"),
 }
 FEATURES = (*(f"{k}_{v}" for k, values in VOCABULARY.items() for v in values), "open_alert")
 PRIORITY_SCORE = {"STAT": 3.0, "ASAP": 2.0, "ROUTINE": 1.0}  # priority alone as a ranking score (no order: 0)
@@ -43,12 +47,12 @@ MODEL_PARAMS = {"C": 1.0, "max_iter": 1000}
 
 
 def features(items: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """One row per item (priority, modality, body_part, indication_categories, location_class, news2_band,
-    open_alert_levels) -> the model's input columns, in FEATURES order."""
+    """One row per item (priority, modality, body_part, indication_categories, indication_codes, location_class,
+    news2_band, open_alert_levels) -> the model's input columns, in FEATURES order."""
     rows = np.zeros((len(items), len(FEATURES)))
     at = {name: i for i, name in enumerate(FEATURES)}
     for n, item in enumerate(items):
-        values = {k: item.get(k) for k in VOCABULARY if k != "indication"}
+        values = {k: item.get(k) for k in VOCABULARY if k not in ("indication", "icd10_chapter")}
         for key, value in values.items():
             column = at.get(f"{key}_{value}")
             if column is not None:
@@ -56,6 +60,10 @@ def features(items: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         for category in item.get("indication_categories") or ():
             if f"indication_{category}" in at:
                 rows[n, at[f"indication_{category}"]] = 1.0
+        for code in item.get("indication_codes") or ():
+            chapter = f"icd10_chapter_{code.rsplit('|', 1)[-1].strip()[:1].upper()}"
+            if chapter in at:
+                rows[n, at[chapter]] = 1.0
         rows[n, at["open_alert"]] = 1.0 if item.get("open_alert_levels") else 0.0
     return pd.DataFrame(rows, columns=list(FEATURES))
 

@@ -58,11 +58,12 @@ def test_a_model_no_better_than_priority_is_logged_but_not_registered(tmp_path, 
 def test_features_have_a_fixed_vocabulary_and_labels_are_checked(tmp_path):
     frame = cf.features([{"priority": "STAT", "modality": "CT", "body_part": "HEAD", "location_class": "ED",
                           "indication_categories": ["stroke", "bleed"], "news2_band": "high",
+                          "indication_codes": ["ICD-10-CM|I61.9", "S06.5X0A"],
                           "open_alert_levels": ["qsofa"]}, {"priority": "LATER", "modality": "PET"}])
     assert list(frame.columns) == list(cf.FEATURES)
     on = frame.columns[frame.iloc[0] == 1].tolist()
     assert on == ["priority_STAT", "modality_CT", "body_part_HEAD", "indication_stroke", "indication_bleed",
-                  "location_class_ED", "news2_band_high", "open_alert"]
+                  "location_class_ED", "news2_band_high", "icd10_chapter_I", "icd10_chapter_S", "open_alert"]
     assert frame.iloc[1].sum() == 0  # values outside the vocabulary set nothing
     bad = tmp_path / "imaging.csv"
     bad.write_text("accession_number,critical_finding\nA1,maybe\n")
