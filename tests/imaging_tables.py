@@ -8,7 +8,7 @@ import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pyspark.sql.types import ArrayType, StringType, StructField, StructType, TimestampType
+from pyspark.sql.types import ArrayType, BooleanType, StringType, StructField, StructType, TimestampType
 
 ORDERS_SCHEMA = StructType([
     *(StructField(c, StringType(), c != "order_key") for c in (
@@ -24,7 +24,7 @@ REPORTS_SCHEMA = StructType([
     *(StructField(c, StringType(), c != "report_key") for c in (
         "report_key", "accession_number", "order_number", "study_instance_uid", "patient_key", "status")),
     StructField("read_at", TimestampType(), True), StructField("reader", StringType(), True),
-    StructField("critical", StringType(), True), StructField("conclusion", StringType(), True),
+    StructField("critical", BooleanType(), True), StructField("conclusion", StringType(), True),
     StructField("ingested_at", TimestampType(), True),
 ])
 
@@ -48,7 +48,7 @@ def order(key: str, patient: str, accession: str, at: datetime, priority: str, l
 
 def report(key: str, accession: str, at: datetime, status: str = "final") -> dict:
     return {"report_key": key, "accession_number": accession, "status": status, "read_at": at, "reader": "Dr R",
-            "critical": "false", "ingested_at": at}
+            "critical": False, "ingested_at": at}
 
 
 def score(patient: str, at: datetime, band: str, points: int) -> dict:
