@@ -121,7 +121,7 @@ def run(argv: list[str] | None = None) -> int:
     clock.step(f"2. Gateway up; the first {train_hours} h arrive over MLLP and HTTP (each acked after fsync)")
     send(early, f"first {train_hours} h")
     clock.step("3. Every job, available-now: landing -> bronze -> silver -> gold scores, alerts, imaging worklist")
-    imaging_drop(cli, feeds)
+    imaging_drop(base, feeds)
     cli("run", "all", "--available-now")
     clock.step("4. Train the deterioration model on the simulator's labels; register it (champion if it beats "
                "NEWS2)")
@@ -164,10 +164,12 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
-def imaging_drop(cli, feeds: Path) -> None:
-    """The simulated modalities' DICOM files, as a PACS export dropped into landing/dicom."""
+def imaging_drop(base: list[str], feeds: Path) -> None:
+    """The simulated modalities' DICOM files, as a PACS export dropped into landing/dicom (one summary line)."""
     if (feeds / "dicom").is_dir() and any((feeds / "dicom").iterdir()):
-        cli("ingest", str(feeds / "dicom"), "--feed", "dicom")
+        rc = carelake(["-q", *base, "ingest", str(feeds / "dicom"), "--feed", "dicom"])
+        if rc != 0:
+            raise SystemExit(rc)
 
 
 def imaging_train(cli, truth: Path) -> None:
