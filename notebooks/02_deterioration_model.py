@@ -16,8 +16,8 @@
 # %% tags=["parameters"]
 ROOT = None  # lakehouse folder (created; must not hold tables yet); None = a new folder under a temp dir
 ENV = "local"  # configuration overlay (conf/<ENV>.yaml)
-PATIENTS = 60  # people in the simulated hospital
-HOURS = 24  # simulated window in hours
+PATIENTS = 50  # people in the simulated hospital
+HOURS = 20  # simulated window in hours
 SEED = 7  # same seed, same hospital
 SETTINGS = {"simulator.icu_cadence_min_s": 30, "simulator.icu_cadence_max_s": 60}  # monitors every 30-60 s
 

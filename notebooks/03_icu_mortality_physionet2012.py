@@ -15,7 +15,7 @@
 
 # %% tags=["parameters"]
 DATA = None  # folder with set-a/ and Outcomes-a.txt; None = the project's ../shared/realdata/physionet2012
-SAMPLE = 300  # records imported: the first SAMPLE of set-a by RecordID (all 4,000: SAMPLE = 4000)
+SAMPLE = 200  # records imported: the first SAMPLE of set-a by RecordID (all 4,000: SAMPLE = 4000)
 FOLDS = 5  # cross-validation folds
 ROOT = None  # lakehouse folder (must not hold tables yet); None = a new folder under a temp dir
 ENV = "local"  # configuration overlay (conf/<ENV>.yaml)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import re
 import sys
 import tempfile
 import time
@@ -34,6 +35,11 @@ KERNEL = {"name": "python3", "display_name": "Python 3 (carelake .venv)", "langu
 PARAMETERS_TAG, INJECTED_TAG = "parameters", "injected-parameters"
 MAX_BYTES = 1_500_000  # an executed notebook is committed: outputs stay small (downsampled plots, short tables)
 SIMULATED_FEEDS = {"hl7": "*.hl7", "fhir": "*.json", "devices": "*.jsonl"}  # fhir/ndjson is a bulk-export copy
+
+
+# Spark's log4j lines ("08:31:16 WARN BlockManager: ...", continuation lines of a WARN start with a tab or a
+# space) and the JDK's notice about incubator modules.
+_JVM_NOISE = re.compile(r"^(\d\d:\d\d:\d\d (WARN|INFO) |WARNING: Using incubator modules)")
 
 
 class NotebookStop(CarelakeError):
@@ -157,8 +163,27 @@ def execute(path: Path, out: Path, params: Mapping[str, Any] | None = None, *, t
                                 resources={"metadata": {"path": str(FOLDER.parent)}})
         stopped = _run_cells(client, nb, path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, out)
+    nbformat.write(tidy(nb), out)
     return stopped
+
+
+def tidy(nb):
+    """Drop the JVM's own log lines (Spark WARN/INFO with a clock time, the JDK's incubator notice) from the
+    kernel's stderr outputs: carelake's job summaries and warnings say what happened, and the notebook stays
+    readable. ERROR lines and everything on stdout are kept."""
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        kept = []
+        for output in cell.outputs:
+            if output.get("output_type") == "stream" and output.get("name") == "stderr":
+                lines = [ln for ln in output["text"].splitlines(keepends=True) if not _JVM_NOISE.match(ln)]
+                if not "".join(lines).strip():
+                    continue
+                output["text"] = "".join(lines)
+            kept.append(output)
+        cell.outputs = kept
+    return nb
 
 
 def _run_cells(client, nb, path: Path) -> str | None:

@@ -20,6 +20,7 @@ from pipelines.notebooks import (
     parse_setting,
     read,
     run_in_process,
+    tidy,
     with_parameters,
 )
 
@@ -70,6 +71,21 @@ def test_mortality_notebook_says_its_data_is_absent_and_stops(tmp_path):
     assert namespace["stopped"] == out.strip()
     assert f"not found at {tmp_path / 'nowhere'}: set DATA to the folder holding set-a/ and Outcomes-a.txt" in out
     assert "spark" not in namespace  # it stopped before starting anything
+
+
+def test_tidy_drops_the_jvm_log_lines_and_keeps_carelake_messages():
+    import nbformat
+
+    cell = nbformat.v4.new_code_cell("run()")
+    cell.outputs = [
+        nbformat.v4.new_output("stream", name="stderr", text="WARNING: Using incubator modules: jdk.incubator.vector\n"),
+        nbformat.v4.new_output("stream", name="stderr", text="08:31:16 WARN BlockManager: Block rdd_21_0 exists\n"
+                               "silver.encounters: data quality warning: dq_x\n08:31:17 ERROR Executor: lost\n"),
+        nbformat.v4.new_output("stream", name="stdout", text="08:31:18 WARN kept on stdout\n")]
+    nb = tidy(nbformat.v4.new_notebook(cells=[cell]))
+    assert [(o["name"], o["text"]) for o in nb.cells[0].outputs] == [
+        ("stderr", "silver.encounters: data quality warning: dq_x\n08:31:17 ERROR Executor: lost\n"),
+        ("stdout", "08:31:18 WARN kept on stdout\n")]
 
 
 # -- on a Jupyter kernel ------------------------------------------------------------------------------------------
