@@ -78,7 +78,7 @@ def test_tidy_drops_the_jvm_log_lines_and_keeps_carelake_messages():
 
     cell = nbformat.v4.new_code_cell("run()")
     cell.outputs = [
-        nbformat.v4.new_output("stream", name="stderr", text="WARNING: Using incubator modules: jdk.incubator.vector\n"),
+        nbformat.v4.new_output("stream", name="stderr", text="WARNING: Using incubator modules: jdk.incubator\n"),
         nbformat.v4.new_output("stream", name="stderr", text="08:31:16 WARN BlockManager: Block rdd_21_0 exists\n"
                                "silver.encounters: data quality warning: dq_x\n08:31:17 ERROR Executor: lost\n"),
         nbformat.v4.new_output("stream", name="stdout", text="08:31:18 WARN kept on stdout\n")]
