@@ -229,3 +229,20 @@ def test_a_stale_discovery_file_means_no_server(cfg):
     assert running_server(cfg) is None  # its process is gone: carelake sql starts Spark itself
     path.write_text(json.dumps({"pid": os.getpid(), "host": "127.0.0.1", "port": 1, "token": "t", "url": "u"}))
     assert running_server(cfg)["port"] == 1
+
+
+def test_sql_user_command(tmp_path, monkeypatch, capsys):
+    from pipelines.cli import main
+
+    root = str(tmp_path / "lake")
+    monkeypatch.setattr("sys.stdin", io.StringIO("a-long-password\n"))
+    assert main(["--env", "test", "--root", root, "sql-user", "add", "ana", "--role", "analyst",
+                 "--password-stdin"]) == 0
+    assert "added ana (analyst)" in capsys.readouterr().out
+    assert main(["--env", "test", "--root", root, "sql-user", "list"]) == 0
+    assert capsys.readouterr().out.splitlines()[2].split() == ["ana", "analyst"]
+    assert main(["--env", "test", "--root", root, "sql-user", "add", "bob"]) == 2
+    assert "needs --role" in capsys.readouterr().err
+    assert main(["--env", "test", "--root", root, "sql-user", "remove", "bob"]) == 2
+    assert "no user 'bob'" in capsys.readouterr().err
+    assert main(["--env", "test", "--root", root, "sql-user", "remove", "ana"]) == 0
