@@ -36,6 +36,8 @@ def spark_settings(cfg: Config) -> dict[str, str]:
         # ${env:X} / ${system:x} in a statement stay text: substitution would put the server's environment (and
         # secrets in it) into a query after the guard has read it.
         "spark.sql.variable.substitute": "false",
+        # Many users' statements share the driver: a long aggregate does not hold a point query behind it (FIFO).
+        "spark.scheduler.mode": "FAIR",
     }
 
 
