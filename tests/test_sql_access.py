@@ -172,6 +172,9 @@ def test_catalog_resolves_each_statement_at_the_latest_version(spark, cfg):
     assert view.reads == (("gold.big_things", None), ("gold.things", 1))
     with pytest.raises(TableNotFound, match="carelake run gold.nothing"):
         catalog.resolve("select * from gold.nothing")
+    store.append("gold.things", pa.table({"n": [4]}))
+    assert catalog.refresh() == ["gold__things__v2"]  # ready before any statement asks for version 2
+    assert catalog.refresh() == []
 
 
 def test_audit_events_group_committed_each_writer_waits_for_its_commit():

@@ -107,6 +107,7 @@ class SqlServer:
         self._thrift = None
         self._listener: Listener | None = None
         self._audit = GroupCommit(store)
+        self._stopping = threading.Event()
 
     def login(self, user: str, password: str) -> Login | None:
         """The login's role, or None when the credentials are wrong."""
@@ -133,6 +134,7 @@ class SqlServer:
     def start(self, host: str, port: int) -> str:
         """Start serving; the JDBC URL."""
         self._create_views()
+        self.catalog.warm(self._stopping)
         jvm = self.spark._jvm  # noqa: SLF001 - Spark's Thrift server has no Python API
         # Its execution Hive boots an embedded Derby (in the JVM's scratch folder), whose log defaults to the CWD.
         log_dir = self.cfg.path("_sqlserver")
@@ -196,6 +198,7 @@ class SqlServer:
         os.replace(temp, path)
 
     def stop(self) -> None:
+        self._stopping.set()
         path = discovery_file(self.cfg)
         try:
             if json.loads(path.read_text(encoding="utf-8")).get("pid") == os.getpid():
