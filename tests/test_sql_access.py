@@ -88,7 +88,8 @@ def test_repository_views_load_with_the_configured_mask(cfg):
     from pipelines.sqlserver.server import views_dir
 
     views = load_views(views_dir(cfg), {"mask_date_unit": cfg.sql_server.mask_date_unit})
-    assert {"gold.alerts_by_ward_day", "gold.fraud_flags_by_provider", "gold.patients_masked"} <= set(views)
+    assert {"gold.alerts_by_ward_day", "gold.fraud_flags_by_provider", "gold.patients_masked",
+            "gold.imaging_sla_by_day", "gold.imaging_worklist_by_priority"} <= set(views)
     masked = "\n".join(line for line in views["gold.patients_masked"].sql.splitlines() if not line.startswith("--"))
     assert "date_trunc('month', birth_date)" in masked
     tokens = set(masked.split("FROM")[0].replace(",", " ").replace("(", " ").replace(")", " ").split())
