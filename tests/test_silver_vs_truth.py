@@ -125,7 +125,8 @@ def test_patients_merges_and_cancelled_admissions_match_truth(lake):
     registered = [p for p in t["silver.patients"] if p["identity_kind"] == "patient"]
     mrn_rows = {p["patient_key"]: p for p in registered if p["mrn"] not in walk_ins}
     assert len(mrn_rows) == counts["patient_records"]  # every registration, duplicates included
-    assert walk_ins and {p["mrn"] for p in registered} - {p["mrn"] for p in mrn_rows.values()} <= walk_ins
+    found = {p["mrn"] for p in registered} & walk_ins  # registered by their orders' and reports' PID
+    assert walk_ins and len(found) >= len(walk_ins) - _malformed(out)
     with open(out / "truth" / "merges.csv", newline="") as f:
         for m in csv.DictReader(f):
             prior = identity_key(secret, PATIENT, "CARELAKE", m["merged_mrn"])
