@@ -11,7 +11,8 @@ The chain, each hop by the provenance the row carries:
 
 Reads go through delta-rs without Spark. What bounds the cost: a score row and the silver rows are found in the
 data files whose statistics can hold them (a time window around the score), a bronze record in the files of its
-received time; an alert is found by reading only the `alert_id` column of the alerts table.
+received time; an alert is found by reading only the `alert_id` column of the alerts table (so is an input older
+than the `gold.history` window, e.g. an SpO2 scale-2 marker: only the `observation_id` column of every file).
 """
 
 from __future__ import annotations
@@ -209,6 +210,10 @@ def _observations(store: TableStore, cfg: Config, read: dict[str, int], score: d
     rows = find_rows(store, OBSERVATIONS, version, {"observation_id": ids},
                      since=("effective_at", at - history, at + timedelta(milliseconds=1)))
     by_id = {r["observation_id"]: r for r in rows}
+    older = [i for i in ids if i not in by_id]  # an input from before the window (a scale-2 marker): look wider
+    if older:
+        by_id.update((r["observation_id"], r) for r in find_rows(store, OBSERVATIONS, version,
+                                                                 {"observation_id": older}, probe="observation_id"))
     bronze_cache: dict[tuple, dict] = {}
     out = []
     for oid in ids:

@@ -294,7 +294,8 @@ def cmd_send(ctx: Context) -> int:
 
     a = ctx.args
     report = send(ctx.cfg, a.to, a.paths, rate=a.rate, connections=a.connections, batch=a.batch,
-                  ack_log=a.ack_log, on_progress=lambda line: log.info("%s", line), ae_title=a.ae_title)
+                  ack_log=a.ack_log, on_progress=lambda line: log.info("%s", line), ae_title=a.ae_title,
+                  tls_ca=a.tls_ca, tls_cert=a.tls_cert, tls_key=a.tls_key, token_file=a.token_file)
     print(report.summary())
     return 0 if report.complete else 1
 
@@ -499,6 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parallel MLLP connections or DICOM associations (default 1, which keeps the files' order)")
     d.add_argument("--batch", type=int, default=1000, help="JSON lines per HTTP POST (default 1000)")
     d.add_argument("--ack-log", help="append one line per answered message (answer, MSH-10, file:offset)")
+    d.add_argument("--tls-ca", help="TLS: trust the gateway by this CA bundle (PEM); turns TLS on for MLLP")
+    d.add_argument("--tls-cert", help="mutual TLS: the client certificate (PEM) to present, with --tls-key")
+    d.add_argument("--tls-key", help="mutual TLS: the client certificate's private key (PEM)")
+    d.add_argument("--token-file", help="HTTP: a file whose first line is the bearer token to send")
     d.set_defaults(func=cmd_send)
 
     o = sub.add_parser("optimize", help="compact a table's small files (time travel is kept)")

@@ -26,7 +26,7 @@ LAYERS = ("bronze", "silver", "gold", "ops")
 RETENTION_KEYS = (*LAYERS, "landing", "audit")
 LOG_LEVELS = ("ERROR", "WARN", "INFO", "DEBUG")
 _ENV_PREFIX = "CARELAKE_"
-_ENV_RESERVED = {"CARELAKE_ENV", "CARELAKE_CONF_DIR"}
+_ENV_RESERVED = {"CARELAKE_ENV", "CARELAKE_CONF_DIR", "CARELAKE_GATEWAY_TOKENS"}  # not configuration keys
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _FEED = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -224,6 +224,39 @@ class DicomGatewayConfig:
 
 
 @dataclass(frozen=True)
+class GatewaySecurityConfig:
+    """TLS and sender authentication (pipelines/gateway/security.py; docs/operations.md). Paths name files; the
+    secrets themselves never sit in conf/."""
+
+    tls_cert: str = ""  # PEM certificate chain the gateway presents on MLLP and HTTP; "" = plain TCP
+    tls_key: str = ""  # its private key
+    client_ca: str = ""  # PEM CA bundle: a sender may prove who it is with a certificate it signed (mutual TLS)
+    require_client_cert: bool = False  # every MLLP and HTTP connection must present such a certificate
+    tokens_file: str = ""  # HTTP bearer tokens, hashed: one NAME:SHA256HEX per line
+    tokens_env: str = "CARELAKE_GATEWAY_TOKENS"  # an environment variable holding more such lines
+    sending_facilities: tuple[str, ...] = ()  # MLLP: MSH-4 values (namespace id) allowed to send; () = any
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("gateway.security.tls_cert and tls_key go together: set both (PEM files) for TLS, or "
+                              "neither for plain TCP")
+        if self.client_ca and not self.tls_cert:
+            raise ConfigError("gateway.security.client_ca needs TLS: set gateway.security.tls_cert and tls_key too")
+        if self.require_client_cert and not self.client_ca:
+            raise ConfigError("gateway.security.require_client_cert needs gateway.security.client_ca: the CA bundle "
+                              "sender certificates are checked against")
+        if self.tokens_env and (not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.tokens_env) or (
+                self.tokens_env.startswith(_ENV_PREFIX) and self.tokens_env not in _ENV_RESERVED)):
+            raise ConfigError(f"gateway.security.tokens_env must be an environment variable name, and not one "
+                              f"starting with {_ENV_PREFIX} (those set configuration keys) other than "
+                              f"CARELAKE_GATEWAY_TOKENS; got {self.tokens_env!r}")
+        for i, facility in enumerate(self.sending_facilities):
+            if not facility.strip() or "|" in facility or "^" in facility:
+                raise ConfigError(f"gateway.security.sending_facilities[{i}] must be an MSH-4 namespace id (no | or ^),"
+                                  f" got {facility!r}")
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     host: str
     mllp_port: int
@@ -246,6 +279,7 @@ class GatewayConfig:
     rejects_max_mb: int
     rejects_max_age: str
     dicom: DicomGatewayConfig
+    security: GatewaySecurityConfig = field(default_factory=GatewaySecurityConfig)
 
     _DURATIONS = ("group_commit", "segment_age", "idle_timeout", "ack_timeout", "header_timeout", "body_timeout",
                   "frame_timeout", "shutdown_timeout", "rejects_max_age")
@@ -353,8 +387,13 @@ class SimulatorConfig:
     recovery_fraction: float
     dirt: Mapping[str, float]
     fraud: Mapping[str, float]
+    ed_imaging_per_day: int = 160  # emergency-department studies a day (walk-in patients, not in the census)
+    outpatient_imaging_per_day: int = 120  # outpatient studies a day, booked 08:00-18:00
 
     def __post_init__(self) -> None:
+        for name in ("ed_imaging_per_day", "outpatient_imaging_per_day"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"simulator.{name} must be 0 or more (studies a day), got {getattr(self, name)}")
         for name in ("patients", "hours", "partitions", "icu_cadence_min_s"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"simulator.{name} (or its flag) must be at least 1, got {getattr(self, name)}")
@@ -760,10 +799,13 @@ class SqlServerConfig:
     users_file: str = ""  # "" = <root>/_secrets/sql_users
     mask_date_unit: str = "month"
     views_dir: str = ""  # "" = sql/views beside the conf/ folder
+    max_connections: int = 64
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"sql_server.port must be 0 (a free port) to 65535, got {self.port}")
+        if self.max_connections < 1:
+            raise ConfigError(f"sql_server.max_connections must be at least 1, got {self.max_connections}")
         if self.mask_date_unit not in MASK_DATE_UNITS:
             raise ConfigError(f"sql_server.mask_date_unit must be one of {', '.join(MASK_DATE_UNITS)}, got "
                               f"{self.mask_date_unit!r}")

@@ -334,6 +334,25 @@ def builtin_jobs(cfg: Config) -> list[Job]:
                    MergeSpec(keys=("study_instance_uid",), latest_by=("last_received_at",)), imaging_studies.SCHEMA,
                    "One row per DICOM study: series and instance counts, modality, body part, study time (UTC), "
                    "accession, referring physician, patient key; unreadable instances quarantined"),
+        *imaging_silver_jobs(silver_job, clinical),
+    ]
+
+
+def imaging_silver_jobs(silver_job: Callable[..., Job], clinical: TableSource) -> list[Job]:
+    """silver.imaging_orders and silver.imaging_reports: current state of each order and report (HL7 and FHIR)."""
+    from silver import imaging_orders, imaging_reports
+
+    return [
+        silver_job(imaging_orders.ORDERS, clinical, imaging_orders.imaging_orders,
+                   MergeSpec(keys=("order_key",), update=imaging_orders.UPDATE,
+                             update_when=imaging_orders.UPDATE_WHEN), imaging_orders.SCHEMA,
+                   "One row per imaging order (HL7 ORM/OMI, FHIR ServiceRequest): procedure, modality, body part, "
+                   "priority, indication, ordering location, status; cancellations applied"),
+        silver_job(imaging_reports.REPORTS, clinical, imaging_reports.imaging_reports,
+                   MergeSpec(keys=("report_key",), update=imaging_reports.UPDATE,
+                             update_when=imaging_reports.UPDATE_WHEN), imaging_reports.SCHEMA,
+                   "One row per imaging report (HL7 ORU radiology OBR, FHIR DiagnosticReport): status, read time, "
+                   "reader, critical result and when it was communicated, conclusion"),
     ]
 
 

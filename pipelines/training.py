@@ -21,7 +21,7 @@ FEATURES, SCORES = "gold.vitals_features", "gold.early_warning_scores"
 
 
 def train_deterioration(cfg: Config, store: TableStore, labels_path: str | Path, *, tracking_uri: str | None = None):
-    """Train and (if it beats NEWS2) register the deterioration model; returns (TrainResult, tracking URI)."""
+    """Train and (when champion_decision says so) register the deterioration model; returns (TrainResult, URI)."""
     from gold.features import feature_columns
     from models.deterioration import default_tracking_uri, labels_from_truth, train, training_frame
     from pipelines.secrets import key_secret

@@ -179,8 +179,8 @@ def test_as_of_a_version_or_a_time(probe, capsys):
     assert "(1 of 3 rows shown" in out
     assert cli(cfg, "audit", "as-of", "ops.diff_probe", "2001-01-01T00:00Z") == 1
     assert "did not exist at 2001-01-01" in capsys.readouterr().err
-    actions = [e["action"] for e in store.read_arrow("ops.audit_log").to_pylist()]
-    assert sorted(actions) == ["as_of", "as_of"]  # what failed to resolve reads nothing
+    events = sorted((e["action"], e["outcome"]) for e in store.read_arrow("ops.audit_log").to_pylist())
+    assert events == [("as_of", "allowed"), ("as_of", "allowed"), ("as_of", "failed")]
 
 
 def test_diff_keys_a_table_by_its_jobs_merge_keys(lake, capsys):
@@ -279,3 +279,12 @@ def vacuumed(out: str) -> dict[str, tuple[int, int]]:
     """`vacuum --all`'s table: {table or landing feed: (days kept, files removed)}."""
     rows = [line.split() for line in out.splitlines()[2:] if line and not line.startswith("vacuum")]
     return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+
+def test_vacuum_takes_a_table_or_all(probe, capsys):
+    cfg, _ = probe
+    for args in (("vacuum",), ("vacuum", "ops.diff_probe", "--all"), ("vacuum", "--all", "--retain-hours", "900")):
+        assert cli(cfg, *args) == 2
+        assert "vacuum takes a table, or --all" in capsys.readouterr().err
+    assert cli(cfg, "vacuum", "--all", "--dry-run") == 0
+    assert "vacuum --all: would remove 0 file(s)" in capsys.readouterr().out

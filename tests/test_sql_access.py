@@ -131,6 +131,16 @@ def test_write_records_formats():
     ("SELECT java_method('java.lang.Runtime', 'getRuntime')", "java_method is not available"),
     ("SELECT x.f() FROM global_temp.a", "x.f is not available"),
     ("SELECT 1; SELECT 2", "SQL syntax error"),
+    ("SELECT * FROM IDENTIFIER('global_temp.b')", "IDENTIFIER"),
+    ("SELECT * FROM global_temp.a WHERE id = (SELECT 1 FROM IDENTIFIER('global_temp.b'))", "IDENTIFIER"),
+    ("SELECT IDENTIFIER('reflect')('java.lang.System', 'getenv', 'HOME')", "IDENTIFIER"),
+    ("EXECUTE IMMEDIATE 'SELECT * FROM global_temp.b'", "EXECUTE IMMEDIATE"),
+    ("DECLARE VARIABLE v INT", "only queries"),
+    ("CALL sys.some_procedure()", "only queries"),
+    ("MERGE INTO global_temp.a t USING global_temp.a s ON t.id = s.id WHEN MATCHED THEN DELETE", "only queries"),
+    ("INSERT OVERWRITE DIRECTORY '/tmp/x' SELECT * FROM global_temp.a", "only queries"),
+    ("SELECT xpath_string('<a>x</a>', 'a')", "xpath_string is not available"),
+    ("SELECT * FROM global_temp.b |> WHERE id > 1", "global_temp.b is not a table"),
 ])
 def test_guard(spark, sql, refused):
     from pipelines.sqlserver.guard import StatementRefused, check_statement
@@ -210,8 +220,7 @@ def test_audit_commit_failure_reaches_every_writer_of_the_batch():
 def test_a_stale_discovery_file_means_no_server(cfg):
     import json
 
-    from pipelines.sqlserver.client import running_server
-    from pipelines.sqlserver.server import discovery_file
+    from pipelines.sqlserver.client import discovery_file, running_server
 
     path = discovery_file(cfg)
     path.parent.mkdir(parents=True)

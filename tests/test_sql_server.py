@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import signal
+import socket
 import subprocess
 import time
 from datetime import UTC, datetime
@@ -113,6 +114,7 @@ def server(lake):
     err = s.stop()
     assert s.proc.returncode == 0, err[-3000:]
     assert not (lake / "_sqlserver" / "server.json").exists(), "the discovery file outlived the server"
+    assert (lake / "_sqlserver" / "derby.log").exists() and not (REPO / "derby.log").exists()
 
 
 def audit_rows(root: Path) -> list[dict]:
@@ -202,6 +204,11 @@ def test_statements_outside_the_served_tables_are_refused(server, sql, reason):
     assert reason in refusal(refused)
 
 
+def test_variables_are_not_substituted(server):
+    assert server.query("eng", "SELECT '${env:HOME}', '${system:user.name}'") == [("${env:HOME}",
+                                                                                  "${system:user.name}")]
+
+
 def test_wrong_password_is_refused_and_audited(server, lake):
     from thrift.transport.TTransport import TTransportException
 
@@ -243,3 +250,40 @@ def test_refuses_to_start_without_users_or_open_without_auth(tmp_path, capsys):
     assert "--no-auth serves every table without a login" in capsys.readouterr().err
     assert main(["--env", "test", "--root", root, "sql-server"]) == 2
     assert "carelake sql-user add NAME --role analyst" in capsys.readouterr().err
+    assert main(["--env", "test", "--root", root, "--set", "sql_server.views_dir=/nowhere", "sql-server",
+                 "--no-auth"]) == 2
+    assert "sql_server.views_dir '/nowhere' is not a folder" in capsys.readouterr().err
+    busy = socket.create_server(("127.0.0.1", 0))
+    try:
+        assert main(["--env", "test", "--root", root, "sql-server", "--no-auth", "--port",
+                     str(busy.getsockname()[1])]) == 2
+    finally:
+        busy.close()
+    assert "cannot listen on 127.0.0.1:" in capsys.readouterr().err
+
+
+def _metadata(server, user: str, call: str, **req) -> list[tuple]:
+    """A JDBC DatabaseMetaData call (GetSchemas, GetTables, GetColumns) through PyHive's Thrift client."""
+    from TCLIService import ttypes
+
+    conn = server.connect(user)
+    try:
+        resp = getattr(conn.client, call)(getattr(ttypes, f"T{call}Req")(sessionHandle=conn.sessionHandle, **req))
+        assert resp.status.statusCode == ttypes.TStatusCode.SUCCESS_STATUS, resp.status
+        cur = conn.cursor()
+        cur._state, cur._operationHandle = cur._STATE_RUNNING, resp.operationHandle  # noqa: SLF001 - no DB-API call
+        return cur.fetchall()
+    finally:
+        conn.close()
+
+
+def test_catalog_browsing_shows_what_the_role_may_read(server):
+    assert _metadata(server, "ana", "GetSchemas") == [("gold", "spark")]
+    assert [r[0] for r in _metadata(server, "eng", "GetSchemas")] == ["gold", "silver"]  # ops.audit_log: auditors
+    tables = {(r[1], r[2], r[3]) for r in _metadata(server, "ana", "GetTables", schemaName="gold", tableName="%")}
+    assert ("gold", "early_warning_scores", "TABLE") in tables and ("gold", "patients_masked", "VIEW") in tables
+    assert not any(schema != "gold" for schema, _, _ in tables)
+    columns = _metadata(server, "ana", "GetColumns", schemaName="gold", tableName="patients_masked")
+    assert [(r[3], r[4], r[5]) for r in columns][:3] == [("patient_key", 12, "STRING"), ("sex", 12, "STRING"),
+                                                          ("birth_period", 91, "DATE")]
+    assert not _metadata(server, "ana", "GetColumns", schemaName="silver", tableName="patients")

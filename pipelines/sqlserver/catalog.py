@@ -140,6 +140,21 @@ class Catalog:
             self.spark.catalog.dropGlobalTempView(old)
             del self._used[old]
 
+    def schema(self, name: str):
+        """A table's or view's columns as a Spark StructType (a table's from its Delta log, a view's analyzed)."""
+        if name in self.views:
+            view = self.resolve(f"SELECT * FROM {name}").views[0]
+            return self.spark.table(f"{SCHEMA}.`{view}`").schema
+        import pyarrow as pa
+        from deltalake import DeltaTable
+        from pyspark.sql.pandas.types import from_arrow_schema
+
+        from pipelines.store.schema import canonical_schema
+
+        self.store.version(name)  # TableNotFound, with the fix
+        return from_arrow_schema(canonical_schema(pa.schema(DeltaTable(str(self.store.ref(name).path)).schema()
+                                                            .to_arrow())))
+
     def names(self) -> Sequence[str]:
         """Every table and view a statement may name, sorted."""
         return sorted({*self.store.list_tables(), *self.views})
