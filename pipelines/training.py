@@ -200,5 +200,8 @@ def print_critical_finding(result, uri: str) -> None:
         print(f"registered carelake-critical-finding version {result.version} as champion (beats order priority); "
               f"run {result.run_id} at {uri}")
     else:
-        print(f"not registered: the model does not beat order priority, the champion is unchanged; "
-              f"run {result.run_id} at {uri}")
+        from models.critical_finding import MIN_HELD_OUT_CRITICAL
+
+        why = ("the model does not beat order priority" if m["model_auroc"] <= m["priority_auroc"] else
+               f"fewer than {MIN_HELD_OUT_CRITICAL} critical studies held out (simulate more days)")
+        print(f"not registered: {why}; the champion is unchanged; run {result.run_id} at {uri}")
