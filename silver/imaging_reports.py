@@ -180,9 +180,14 @@ def _hl7_report(out: EntityRows, src: dict, report: dict, obx: list[dict], heade
 
 
 # -- FHIR R4 --------------------------------------------------------------------------------------
+def is_imaging_report(report: dict) -> bool:
+    """A DiagnosticReport (fhir_parse row) this table takes: an imaging category."""
+    return bool(IMAGING_CATEGORIES & set(report["category_codes"]))
+
+
 def _fhir(out: EntityRows, src: dict, payload: bytes, tz: tzinfo) -> None:
     for report in fhir_items(out, src, payload, tz, "DiagnosticReport", "diagnostic_reports"):
-        if IMAGING_CATEGORIES & set(report["category_codes"]):
+        if is_imaging_report(report):
             _fhir_report(out, src, report)
 
 

@@ -106,3 +106,16 @@ def test_secret_keyed_identity(apply):
 
     [key] = apply(oru("C1", "20261121090000"))
     assert key == identity_key(SECRET, "imaging-report-accession", "CARELAKE", "ACC1")
+
+
+def test_silver_observations_leaves_imaging_reports_to_this_table_and_quarantines_lab_ones(spark):
+    import json
+
+    from tests.test_silver_observations import routed
+
+    lab = {**diagnostic_report(), "id": "dr-lab",
+           "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "LAB"}]}]}
+    ndjson = (json.dumps(diagnostic_report()) + "\n" + json.dumps(lab) + "\n").encode()
+    _, quarantine = routed(spark, fhir=ndjson)
+    assert [(q["item"], q["reason"], q["detail"][:60]) for q in quarantine] == [
+        ("resource", "not_modelled", "no silver table takes DiagnosticReport resources other than ")]
