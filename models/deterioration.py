@@ -54,7 +54,7 @@ MODEL_PARAMS = {"max_iter": 150, "learning_rate": 0.05, "max_leaf_nodes": 15, "m
 ONE_THREAD_BELOW_ROWS = 200_000
 _MLFLOW_LOCK = threading.RLock()
 _PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-_CHAMPIONS: dict[tuple[str, str], Champion] = {}
+_CHAMPIONS: dict[tuple[str, str, str], Champion] = {}
 
 
 # -- labels and the training frame ---------------------------------------------------------------
@@ -290,11 +290,11 @@ def _client(uri: str) -> MlflowClient:
         raise ConfigError(f"MLflow tracking store {uri} cannot be opened: {str(exc).splitlines()[0]}") from None
 
 
-def _experiment_id(client: MlflowClient, uri: str) -> str:
-    experiment = client.get_experiment_by_name(EXPERIMENT)
+def _experiment_id(client: MlflowClient, uri: str, name: str = EXPERIMENT) -> str:
+    experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(EXPERIMENT, artifact_location=_artifact_location(uri))
+    return client.create_experiment(name, artifact_location=_artifact_location(uri))
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -452,19 +452,25 @@ def _log(uri: str, model, train_rows: pd.DataFrame, inputs: tuple[list[str], lis
 
 
 def _register(client: MlflowClient, info, run_id: str, metrics: Mapping[str, float]) -> str:
+    tags = {THRESHOLD_TAG: repr(metrics["threshold"]), "carelake.model_auroc": f"{metrics['model_auroc']:.4f}",
+            "carelake.news2_auroc": f"{metrics['news2_auroc']:.4f}"}
+    return register_version(client, MODEL_NAME, "Deterioration within the horizon, from vitals features; champion = "
+                            "beats NEWS2 >= 5 on held-out patients", info, run_id, tags)
+
+
+def register_version(client: MlflowClient, name: str, description: str, info, run_id: str,
+                     tags: Mapping[str, str], alias: str = ALIAS) -> str:
+    """A new version of registered model `name` (created on first use) from a logged model, under `alias`."""
     from mlflow.exceptions import MlflowException
 
     try:
-        client.create_registered_model(MODEL_NAME, description="Deterioration within the horizon, from vitals "
-                                       "features; champion = beats NEWS2 >= 5 on held-out patients")
+        client.create_registered_model(name, description=description)
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    tags = {THRESHOLD_TAG: repr(metrics["threshold"]), "carelake.model_auroc": f"{metrics['model_auroc']:.4f}",
-            "carelake.news2_auroc": f"{metrics['news2_auroc']:.4f}"}
-    mv = client.create_model_version(MODEL_NAME, source=info.model_uri, run_id=run_id, tags=tags,
+    mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=dict(tags),
                                      model_id=info.model_id)
-    client.set_registered_model_alias(MODEL_NAME, ALIAS, mv.version)
+    client.set_registered_model_alias(name, alias, mv.version)
     return str(mv.version)
 
 
@@ -496,8 +502,8 @@ def _not_found(exc: Exception) -> bool:
         code == "INVALID_PARAMETER_VALUE" and "not found" in str(exc))
 
 
-def load_champion(tracking_uri: str) -> Champion | None:
-    """The model under alias `champion`, or None when none is registered. Cached by (uri, version)."""
+def load_champion(tracking_uri: str, name: str = MODEL_NAME) -> Champion | None:
+    """Registered model `name` under alias `champion`, or None when none is registered. Cached by (uri, version)."""
     from mlflow.exceptions import MlflowException
 
     db = _sqlite_path(tracking_uri)
@@ -505,16 +511,16 @@ def load_champion(tracking_uri: str) -> Champion | None:
         return None
     client = _client(tracking_uri)
     try:
-        mv = client.get_model_version_by_alias(MODEL_NAME, ALIAS)
+        mv = client.get_model_version_by_alias(name, ALIAS)
     except MlflowException as exc:
         if _not_found(exc):
             return None
         raise ConfigError(f"MLflow registry {tracking_uri}: {str(exc).splitlines()[0]}") from None
-    key = (tracking_uri, str(mv.version))
+    key = (tracking_uri, name, str(mv.version))
     cached = _CHAMPIONS.get(key)
     if cached is None:
         cached = _load_version(tracking_uri, mv)
-        for old in [k for k in _CHAMPIONS if k[0] == tracking_uri]:
+        for old in [k for k in _CHAMPIONS if k[:2] == (tracking_uri, name)]:
             del _CHAMPIONS[old]  # a new champion replaces the old one in the cache
         _CHAMPIONS[key] = cached
     return cached

@@ -277,11 +277,29 @@ def cmd_demo(ctx: Context) -> int:
 
 
 def cmd_train(ctx: Context) -> int:
-    from pipelines.training import print_training, train_deterioration
+    from pipelines.training import print_fraud_training, print_training, train_deterioration, train_fraud
 
     store = ctx.store(need_spark=False)
+    if ctx.args.model == "fraud":
+        result, uri = train_fraud(ctx.cfg, store, ctx.args.labels, tracking_uri=ctx.args.tracking_uri)
+        print_fraud_training(result, uri)
+        return 0
     result, uri = train_deterioration(ctx.cfg, store, ctx.args.labels, tracking_uri=ctx.args.tracking_uri)
     print_training(result, ctx.cfg.models.alert_rate_per_100_patient_days, uri)
+    return 0
+
+
+def cmd_evaluate(ctx: Context) -> int:
+    import json
+
+    from pipelines.training import evaluate_fraud, print_fraud_evaluation
+
+    report = evaluate_fraud(ctx.cfg, ctx.store(need_spark=False), ctx.args.labels)
+    if ctx.args.json:
+        print(json.dumps(report, sort_keys=True))
+    else:
+        print_fraud_evaluation(report)
+        print(json.dumps(report, sort_keys=True))
     return 0
 
 
@@ -406,11 +424,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_simulate)
 
     tr = sub.add_parser("train", help="train a model from gold tables, track it in MLflow, register a champion")
-    tr.add_argument("model", choices=["deterioration"], help="deterioration: onset within models.horizon")
+    tr.add_argument("model", choices=["deterioration", "fraud"],
+                    help="deterioration: onset within models.horizon; fraud: claims fraud (gold.claims_fraud_scores)")
     tr.add_argument("--labels", required=True,
-                    help="deterioration onsets: the simulator's DIR/truth/deteriorations.csv")
+                    help="deterioration onsets: the simulator's DIR/truth/deteriorations.csv; fraud: its "
+                         "DIR/truth/fraud_labels.csv")
     tr.add_argument("--tracking-uri", help="MLflow tracking URI (models.tracking_uri; default sqlite under the root)")
     tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="judge a gold product against ground truth labels")
+    ev.add_argument("product", choices=["fraud"], help="fraud: gold.claims_fraud_scores vs labelled claims")
+    ev.add_argument("--labels", required=True, help="the simulator's DIR/truth/fraud_labels.csv")
+    ev.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ev.set_defaults(func=cmd_evaluate)
     return p
 
 
