@@ -43,7 +43,7 @@ def run(spark, rules, claims: list[dict], lines: list[dict], changed: list[str])
     changes = spark.createDataFrame([(k, "update_postimage") for k in changed], "claim_key string, _change_type string")
     tables["gold.claims_fraud_scores"] = spark.createDataFrame([(k,) for k in changed], "claim_key string")
     out = claims_fraud_scores(changes, processed_at=AT, read_table=lambda name, **_: tables[name],
-                              table_version=lambda name: 3, rules=rules)
+                              table_version=lambda name: 3 if name in tables else None, rules=rules)
     return {r["claim_key"]: r.asDict(recursive=True) for r in out.collect()}
 
 
