@@ -14,7 +14,10 @@ plus the `group` of claims the value depends on (a batch rescores a changed clai
 | excluded_provider | lines rendered or billed by an NPI on the exclusion list | value > 0                                |
 |                   | between its exclusion and reinstatement dates            |                                          |
 | phantom_service   | lines of a chart category without the chart's evidence   | value > 0 (the member is linked to a     |
-|                   | that day (claims.chart_codes)                            | patient in silver.patients)              |
+|                   | that day (claims.chart_codes): a stay covering the day;  | patient in silver.patients)              |
+|                   | critical care also vital signs, imaging also a study,    |                                          |
+|                   | when the day lies within the span of the patient's rows  |                                          |
+|                   | in that table (the chart's coverage)                     |                                          |
 """
 
 from __future__ import annotations
@@ -165,10 +168,13 @@ def chart_evidence(people: DataFrame, encounters: DataFrame, observations: DataF
 
 
 def _flag(lines: DataFrame, days: DataFrame, name: str) -> DataFrame:
-    """Mark each line with whether its person has `days` rows that day (`name`) and at all (`name`_any)."""
-    anyday = days.select("person").distinct().withColumn(f"{name}_any", F.lit(True))
+    """Mark each line with whether its person has `days` rows that day (`name`) and whether the day lies within the
+    span those rows cover (`name`_covered: between the person's first and last day in that table)."""
+    span = days.groupBy("person").agg(F.min("day").alias("_first_day"), F.max("day").alias("_last_day"))
     that_day = days.select("person", F.col("day").alias("service_from")).withColumn(name, F.lit(True))
-    return lines.join(anyday, "person", "left").join(that_day, ["person", "service_from"], "left")
+    marked = lines.join(span, "person", "left").join(that_day, ["person", "service_from"], "left")
+    covered = F.coalesce(F.col("service_from").between(F.col("_first_day"), F.col("_last_day")), F.lit(False))
+    return marked.withColumn(f"{name}_covered", covered).drop("_first_day", "_last_day")
 
 
 MISSING = {"stay": "no stay in silver.encounters covering the day",
@@ -190,8 +196,8 @@ def phantom_service(lines: DataFrame, patients: DataFrame, encounters: DataFrame
         "stay", F.lit(True))
     marked = _flag(_flag(checked.join(covered, ["claim_key", "line_number"], "left"), vitals, "vitals"),
                    imaged, "study")
-    needs = {"stay": F.lit(True), "vitals": category.get("critical_care", F.lit(False)) & F.col("vitals_any"),
-             "study": category.get("imaging", F.lit(False)) & F.col("study_any")}
+    needs = {"stay": F.lit(True), "vitals": category.get("critical_care", F.lit(False)) & F.col("vitals_covered"),
+             "study": category.get("imaging", F.lit(False)) & F.col("study_covered")}
     missing = F.filter(F.array(*[F.when(need & F.col(k).isNull(), F.lit(MISSING[k])) for k, need in needs.items()]),
                        lambda m: m.isNotNull())
     short = marked.withColumn("_missing", missing).where(F.size("_missing") > 0).withColumn(

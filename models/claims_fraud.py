@@ -238,7 +238,7 @@ def pattern_recall(rows: pd.DataFrame, labels: Mapping[str, set[str]]) -> dict:
     for pattern in PATTERNS:
         ids = [c for c, found_in in labels.items() if pattern in found_in]  # a labelled claim not scored is missed
         found = sum(RULE_OF[pattern] in codes.get(c, ()) for c in ids)
-        patterns[pattern] = {"labelled": len(ids), "found": found, "recall": found / len(ids) if ids else 0.0,
+        patterns[pattern] = {"labelled": len(ids), "found": found, "recall": found / len(ids) if ids else None,
                              "flagged": sum(bool(codes.get(c)) for c in ids), "model_found": model_count(ids)}
     clean = [c for c in codes if c not in labels]
     flagged, model_flagged = sum(bool(codes[c]) for c in clean), model_count(clean)

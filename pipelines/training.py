@@ -139,7 +139,8 @@ def evaluate_fraud(cfg: Config, store: TableStore, labels_path: str | Path) -> d
 
 
 def print_fraud_evaluation(report: dict) -> None:
-    rows = [(p, f"{r['labelled']:,}", f"{r['found']:,}", f"{r['recall']:.2f}", f"{r['flagged']:,}",
+    rows = [(p, f"{r['labelled']:,}", f"{r['found']:,}", "-" if r["recall"] is None else f"{r['recall']:.2f}",
+             f"{r['flagged']:,}",
              "" if r["model_found"] is None else f"{r['model_found']:,}") for p, r in report["patterns"].items()]
     clean = report["clean"]
     rows.append(("clean claims", f"{clean['claims']:,}", "", "", f"{clean['flagged']:,}",

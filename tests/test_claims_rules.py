@@ -97,14 +97,16 @@ def scores(spark, rules) -> dict[str, dict]:
                claim("x", member="a", rendering=EXCLUDED), claim("r", member="b", provider=REINSTATED),
                claim("old", member="c", provider=EXCLUDED),
                {**claim("ok", member="m1"), "patient_key": "p1"}, {**claim("ph", member="m2"), "patient_key": "p2"},
-               {**claim("nochart", member="m3"), "patient_key": "p3"}]
+               {**claim("nochart", member="m3"), "patient_key": "p3"}, {**claim("early", member="m1b"),
+                                                                         "patient_key": "p1"}]
     lines += [line("late", 1, "85025"), {**line("late", 2, "85025"), "service_from": date(2026, 1, 10)},
               line("same", 1, "85025"), line("chartdeath", 1, "85025"),
               line("x", 1, "85025", rendering=EXCLUDED), line("r", 1, "85025"),
               {**line("old", 1, "85025"), "service_from": date(2024, 3, 14)},  # the day before the exclusion
               line("ok", 1, "99232"), line("ok", 2, "99291"), line("ok", 3, "71250"), line("ok", 4, "85025"),
               line("ph", 1, "99232"), line("ph", 2, "99291"), {**line("ph", 3, "71250"), "service_from": BEFORE},
-              {**line("ph", 4, "85025"), "service_from": BEFORE}, line("nochart", 1, "99291")]
+              {**line("ph", 4, "85025"), "service_from": BEFORE}, line("nochart", 1, "99291"),
+              {**line("early", 1, "99291"), "service_from": date(2026, 1, 6)}]
     members = [row(MEMBERS_SCHEMA, member_key="dead", death_date=date(2026, 1, 6), source_version="1",
                    ingested_at=AT),
                row(MEMBERS_SCHEMA, member_key="dead2", death_date=DAY, source_version="1", ingested_at=AT)]
@@ -116,7 +118,8 @@ def scores(spark, rules) -> dict[str, dict]:
     return run(spark, rules, claims, lines, providers=providers, members=members, patients=patients,
                encounters=[_stay("e1", "p1"), _stay("e2", "p2")], imaging_studies=[study],
                observations=[_observation("o1", "p1", datetime(2026, 1, 7, 9, tzinfo=UTC)),
-                             _observation("o2", "p2", datetime(2026, 1, 6, 20, tzinfo=UTC))])
+                             _observation("o2", "p2", datetime(2026, 1, 6, 20, tzinfo=UTC)),
+                             _observation("o3", "p2", datetime(2026, 1, 8, 8, tzinfo=UTC))])
 
 
 def test_upcoding_flags_a_provider_far_above_its_peers_and_feeds_the_same_value_to_the_model(scores):
@@ -162,10 +165,12 @@ def test_the_bill_against_the_chart_names_the_missing_evidence(scores):
     detail, where = reasons(scores["ph"])["phantom_service"]
     assert detail == ("billed without the chart's evidence: 99291 on 2026-01-07: no vital signs in "
                       "silver.observations that day; 71250 on 2026-01-03: no stay in silver.encounters covering the "
-                      "day")  # p2 has no imaging studies at all: the study check does not apply; labs are not checked
+                      "day")  # p2's vitals span 01-06..01-08 (checked); no imaging studies at all (not checked); labs
+    # are never checked
     assert where == [2, 3]
     assert scores["ph"]["features"]["rule_phantom_service"] == 2
     assert reasons(scores["nochart"]) == {}  # p3 is not in silver.patients: no chart to hold the bill against
+    assert reasons(scores["early"]) == {}  # before p1's first vital sign: outside what the chart covers
 
 
 def test_the_exclusion_file_is_checked_with_messages_that_name_the_fix(tmp_path):
