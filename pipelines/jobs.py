@@ -340,7 +340,7 @@ def builtin_jobs(cfg: Config) -> list[Job]:
 def claims_jobs(cfg: Config, quarantine_output: Output) -> list[Job]:
     """bronze.claim_files (the x12 and claims feeds) and the silver claims model, written by one job per batch."""
     from bronze import claim_files
-    from gold import claims_fraud
+    from gold import claims_fraud, provider_risk
     from pipelines.exclusions import read_exclusions
     from silver import claim_codes
     from silver import claims as c
@@ -369,6 +369,13 @@ def claims_jobs(cfg: Config, quarantine_output: Output) -> list[Job]:
                              "codes (duplicate, unbundling, impossible volume, upcoding, after death, excluded "
                              "provider, phantom service), the model's probability and version; void and Part 2 "
                              "claims have none")
+    risk = Job(name=provider_risk.RISK, source=TableSource(claims_fraud.SCORES), transform=provider_risk.provider_risk,
+               write="merge", merge=MergeSpec(keys=("provider_npi", "month"),
+                                              delete_when=f"s.claims = {provider_risk.WITHDRAWN}",
+                                              insert_when=f"s.claims <> {provider_risk.WITHDRAWN}"),
+               schema=provider_risk.SCHEMA, reads=(c.PROVIDERS,),
+               description="Per provider and month: claims vs specialty peers, the share flagged by the fraud rules "
+                           "and the model, the trend against the previous month, the reasons found")
     return [
         Job(name=claim_files.TABLE, source=LandingSource(claim_files.FEEDS[0], more=claim_files.FEEDS[1:]),
             transform=claim_files.TRANSFORM, schema=claim_files.SCHEMA,
@@ -383,6 +390,7 @@ def claims_jobs(cfg: Config, quarantine_output: Output) -> list[Job]:
             description="One row per claim (originals, replacements and voids resolved, remittances applied), with "
                         "its lines (silver.claim_lines), providers (silver.providers) and members (silver.members)"),
         scores,
+        risk,
     ]
 
 
