@@ -5,19 +5,14 @@ Each rule is a feature and a threshold: it returns one row per (claim, rule) wit
 model reads, gold.claims_fraud_scores.features) and a `reason` only where the value passes the rule's threshold,
 plus the `group` of claims the value depends on (a batch rescores a changed claim's whole group).
 
-| rule              | value                                                    | fires when                               |
-|-------------------|----------------------------------------------------------|------------------------------------------|
-| upcoding          | the provider's top-level share of an E/M family minus    | value >= claims.upcoding_min_excess and  |
-|                   | its peers' (same taxonomy), the claim's families with a  | both have claims.upcoding_min_lines      |
-|                   | top-level line                                           | lines of the family                      |
-| after_death       | days between the member's death and the latest service   | value > 0                                |
-| excluded_provider | lines rendered or billed by an NPI on the exclusion list | value > 0                                |
-|                   | between its exclusion and reinstatement dates            |                                          |
-| phantom_service   | lines of a chart category without the chart's evidence   | value > 0 (the member is linked to a     |
-|                   | that day (claims.chart_codes): a stay covering the day;  | patient in silver.patients)              |
-|                   | critical care also vital signs, imaging also a study,    |                                          |
-|                   | when the day lies within the span of the patient's rows  |                                          |
-|                   | in that table (the chart's coverage)                     |                                          |
+- upcoding: value = the provider's top-level share of an E/M family minus its peers' (same taxonomy), on the claims
+  with a top-level line of the family; fires at claims.upcoding_min_excess, both with claims.upcoding_min_lines lines.
+- after_death: value = days between the member's death and the latest service after it; fires above 0.
+- excluded_provider: value = lines rendered or billed by an NPI of the exclusion list between its exclusion and
+  reinstatement dates; fires above 0.
+- phantom_service: value = lines of a claims.chart_codes category without the chart's evidence that day (a stay
+  covering it; critical care also vital signs, imaging also a study, when the day lies within the span of the
+  patient's rows in that table); fires above 0, for members linked to a patient in silver.patients.
 """
 
 from __future__ import annotations

@@ -446,7 +446,8 @@ _X12_VERSION = re.compile(r"^00[45]010X\d{3}(A\d)?$")
 _ICD10_PREFIX = re.compile(r"^[A-TV-Z][0-9][0-9A-Z]?(\.[0-9A-Z]{0,4})?$")
 _PROCEDURE = re.compile(r"^([0-9]{4}[0-9A-Z]|[A-V][0-9]{4})$")
 CHART_CATEGORIES = ("inpatient_day", "critical_care", "imaging", "procedure")
-_CODE_RANGE = re.compile(r"(rev:[0-9]{4}(-[0-9]{4})?|([0-9]{4}[0-9A-Z]|[A-V][0-9]{4})(-([0-9]{4}[0-9A-Z]|[A-V][0-9]{4}))?)")
+_CODE = r"([0-9]{4}[0-9A-Z]|[A-V][0-9]{4})"
+_CODE_RANGE = re.compile(rf"(rev:[0-9]{{4}}(-[0-9]{{4}})?|{_CODE}(-{_CODE})?)")
 _TIMED = re.compile(r"([0-9]{4}[0-9A-Z]|[A-V][0-9]{4}):[1-9][0-9]{0,3}")
 
 
