@@ -24,7 +24,7 @@ import time
 from datetime import UTC, date, datetime
 from pathlib import Path
 
-from _common import emit, median, temp_config
+from _common import available_now, emit, median, temp_config
 
 CODES = ("99223", "99232", "99233", "99232", "99291", "85025", "83605", "82565", "71046", "99239")
 T0 = date(2026, 1, 5)
@@ -102,18 +102,10 @@ def write_silver(cfg, lines: int, per_claim: int, chunk_claims: int = 100_000) -
 
 def score(cfg, spark) -> tuple[float, int]:
     from gold.claims_fraud import SCORES
-    from pipelines.jobs import load_registry
-    from pipelines.runner import Runner, Trigger
-    from pipelines.store import open_store
 
     for path in (cfg.path("gold"), cfg.path("_checkpoints"), cfg.path("_metrics")):
         shutil.rmtree(path, ignore_errors=True)
-    store = open_store(cfg, spark)
-    runner = Runner(cfg, spark, store, load_registry(cfg))
-    t0 = time.perf_counter()
-    summaries = runner.run([SCORES], Trigger(available_now=True))
-    seconds = time.perf_counter() - t0
-    assert summaries[-1].status == "done", summaries[-1].line()
+    seconds, store = available_now(cfg, spark, SCORES)
     return seconds, store.row_count(SCORES)
 
 
