@@ -26,7 +26,7 @@ carry the silver versions they were computed from.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -104,10 +104,10 @@ class Rules:
     minutes: Mapping[str, int]
     max_minutes_per_day: int
     include_part2: bool
-    em_families: Mapping[str, tuple[str, ...]] = None  # type: ignore[assignment]
+    em_families: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     upcoding_min_lines: int = 20
     upcoding_min_excess: float = 0.25
-    chart_codes: Mapping[str, tuple[str, ...]] = None  # type: ignore[assignment]
+    chart_codes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     exclusions: tuple = ()  # pipelines.exclusions.Exclusion rows
 
     @classmethod
@@ -266,18 +266,16 @@ def model_scores(features: DataFrame, champion: Any | None) -> DataFrame:
     if champion is None:
         return features.select("claim_key", F.lit(None).cast("double").alias("model_probability"),
                                F.lit(None).cast("string").alias("model_version"))
-    names, version = list(champion.feature_names), str(champion.version)
+    flat = features.select("claim_key", *[F.col(f"features.{f}").alias(f) for f in FEATURES])
 
     def predict(batches):
         import pandas as pd
 
         for batch in batches:
-            flat = pd.DataFrame(list(batch["features"]), columns=list(FEATURES)) if len(batch) else \
-                pd.DataFrame(columns=list(FEATURES))
-            yield pd.DataFrame({"claim_key": batch["claim_key"], "model_probability": champion.predict(flat[names])})
+            yield pd.DataFrame({"claim_key": batch["claim_key"], "model_probability": champion.predict(batch)})
 
-    scored = features.mapInPandas(predict, "claim_key string, model_probability double")
-    return scored.withColumn("model_version", F.lit(version))
+    scored = flat.mapInPandas(predict, "claim_key string, model_probability double")
+    return scored.withColumn("model_version", F.lit(str(champion.version)))
 
 
 def _optional(read_table: Callable[..., DataFrame], table_version: Callable[[str], int | None], spark, name: str,

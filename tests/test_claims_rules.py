@@ -34,7 +34,18 @@ def row(schema, **values) -> dict:
     return out
 
 
-def run(spark, rules, claims, lines, **tables) -> dict[str, dict]:
+def champion():
+    """A registered-champion stand-in: a real model fitted on two claims, version 7."""
+    import pandas as pd
+    from sklearn.tree import DecisionTreeClassifier
+
+    from models.deterioration import Champion
+
+    x = pd.DataFrame([[0.0] * len(FEATURES), [1.0] * len(FEATURES)], columns=list(FEATURES))
+    return Champion("7", 0.5, FEATURES, DecisionTreeClassifier().fit(x, [0, 1]))
+
+
+def run(spark, rules, claims, lines, model=None, **tables) -> dict[str, dict]:
     frames = {"silver.claims": spark.createDataFrame(claims, SCHEMA),
               "silver.claim_lines": spark.createDataFrame(lines, LINES_SCHEMA)}
     schemas = {"silver.members": MEMBERS_SCHEMA, "silver.providers": PROVIDERS_SCHEMA,
@@ -46,7 +57,7 @@ def run(spark, rules, claims, lines, **tables) -> dict[str, dict]:
     keys = [c["claim_key"] for c in claims]
     changes = spark.createDataFrame([(k, "insert") for k in keys], "claim_key string, _change_type string")
     out = claims_fraud_scores(changes, processed_at=AT, read_table=lambda name, **_: frames[name],
-                              table_version=lambda name: 1 if name in frames else None, rules=rules)
+                              table_version=lambda name: 1 if name in frames else None, rules=rules, model=model)
     return {r["claim_key"]: r.asDict(recursive=True) for r in out.collect()}
 
 
@@ -115,7 +126,8 @@ def scores(spark, rules) -> dict[str, dict]:
     study = row(STUDIES_SCHEMA, study_instance_uid="1.2", patient_key="p1", series_count=1, instance_count=1,
                 study_time_utc=datetime(2026, 1, 7, 11, tzinfo=UTC), first_received_at=AT, last_received_at=AT,
                 source_feed="dicom", source_record=SOURCE, ingested_at=AT)
-    return run(spark, rules, claims, lines, providers=providers, members=members, patients=patients,
+    model = champion()
+    return run(spark, rules, claims, lines, lambda: model, providers=providers, members=members, patients=patients,
                encounters=[_stay("e1", "p1"), _stay("e2", "p2")], imaging_studies=[study],
                observations=[_observation("o1", "p1", datetime(2026, 1, 7, 9, tzinfo=UTC)),
                              _observation("o2", "p2", datetime(2026, 1, 6, 20, tzinfo=UTC)),
@@ -137,6 +149,11 @@ def test_upcoding_flags_a_provider_far_above_its_peers_and_feeds_the_same_value_
     assert reasons(scores[f"{PEERS[0]}-0"]) == {}
     assert list(scores[f"{PEERS[0]}-0"]["features"]) == list(FEATURES)
     assert scores[f"{PEERS[0]}-0"]["features"]["em_top_share"] == 1.0
+
+
+def test_the_champion_scores_every_row_and_names_its_version(scores):
+    assert {r["model_version"] for r in scores.values()} == {"7"}
+    assert all(0.0 <= r["model_probability"] <= 1.0 for r in scores.values())
 
 
 def test_service_after_the_members_death_but_not_on_the_death_day(scores):
