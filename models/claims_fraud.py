@@ -198,10 +198,10 @@ def _log(uri: str, models: tuple, train_rows: pd.DataFrame, feature_names: Seque
                                                     signature=infer_signature(sample, anomaly.score_samples(sample)))
             mlflow.set_tags({"carelake.champion": str(champion).lower()})
         tags = {f"carelake.{k}": f"{metrics[k]:.4f}" for k in ("model_auprc", "rules_auprc", "anomaly_auprc")}
-        anomaly_version = shared.register_version(
+        anomaly_version = shared.register_champion(
             client, ANOMALY_NAME, "Unusual claims without labels (IsolationForest over the fraud features; higher "
             "-score_samples = more unusual)", anomaly_info, run.info.run_id, tags)
-        version = shared.register_version(
+        version = shared.register_champion(
             client, MODEL_NAME, "Fraudulent claim probability over the fraud features; champion = beats the rules' "
             "AUPRC on held-out providers", info, run.info.run_id, tags) if champion else None
         client.set_tag(run.info.run_id, "carelake.registered_version", version or "")
@@ -210,7 +210,7 @@ def _log(uri: str, models: tuple, train_rows: pd.DataFrame, feature_names: Seque
 
 def load_champion(tracking_uri: str) -> shared.Champion | None:
     """The registered fraud model under alias `champion` (cached while it is unchanged), or None."""
-    return shared.load_champion(tracking_uri, MODEL_NAME)
+    return shared.cached_champion(tracking_uri, MODEL_NAME, shared._load_version)
 
 
 # -- evaluation against the labels ------------------------------------------------------------------------------------

@@ -5,7 +5,10 @@ its peak by default, when it is clinically manifest) happens within the horizon.
 the same held-out patients: AUROC, AUPRC, median lead time before the event, share of deteriorating patients
 caught, and alert episodes per 100 patient-days. Its alert threshold is chosen on the training patients to give
 the same alert burden as NEWS2 >= 5 (or a configured rate), so the two are compared at equal cost in alarms. A
-model becomes the registered champion only if it beats NEWS2's AUROC.
+model becomes the registered champion only if its AUROC minus NEWS2's has a 95 % interval above zero (a paired,
+patient-level bootstrap) and it alerts in time for no fewer deteriorating patients at that burden
+(`champion_decision`); otherwise the run is logged and NEWS2 stays the alerting rule. Every run logs a model card
+(`model_card.md`: data, label, metrics with intervals, intended use, limits, the decision).
 
 MLflow layout: one experiment, `carelake-deterioration`; a run per training with params, metrics for model and
 NEWS2, the ROC figure, feature names and the model (signature included); registered model
@@ -34,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from models.evaluation import auroc_interval, wilson
 from pipelines.errors import ConfigError, UsageError
 
 if TYPE_CHECKING:
@@ -52,9 +56,10 @@ TIME = "datetime64[us, UTC]"
 MODEL_PARAMS = {"max_iter": 150, "learning_rate": 0.05, "max_leaf_nodes": 15, "min_samples_leaf": 20,
                 "l2_regularization": 1.0}
 ONE_THREAD_BELOW_ROWS = 200_000
+BOOTSTRAPS = 300  # patient-level resamples behind each interval
 _MLFLOW_LOCK = threading.RLock()
 _PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-_CHAMPIONS: dict[tuple[str, str, str], Champion] = {}
+_CHAMPIONS: dict[tuple[str, str, str], Any] = {}
 
 
 # -- labels and the training frame ---------------------------------------------------------------
@@ -156,11 +161,16 @@ def evaluate(frame: pd.DataFrame, score: np.ndarray, alerting: np.ndarray, who: 
 
     y = frame[LABEL].to_numpy()
     lead, caught = lead_times_h(frame, alerting)
+    at_risk = frame.loc[y == 1, "patient_key"].nunique()
+    low, high = wilson(round(caught * at_risk), at_risk) if at_risk else (math.nan, math.nan)
     return {
         f"{who}_auroc": float(roc_auc_score(y, score)),
         f"{who}_auprc": float(average_precision_score(y, score)),
         f"{who}_median_lead_time_h": lead,
         f"{who}_detected_fraction": caught,
+        f"{who}_detected_fraction_ci_low": low,
+        f"{who}_detected_fraction_ci_high": high,
+        f"{who}_ppv": float(y[alerting].mean()) if alerting.any() else math.nan,  # alerting points before an event
         f"{who}_alerts_per_100_patient_days": Timeline(frame).rate(alerting),
     }
 
@@ -310,6 +320,8 @@ class TrainResult:
     counts: dict[str, int]
     feature_names: tuple[str, ...]  # the model's inputs, in order: the given ones that had any value
     roc: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # who -> {"fpr": [...], "tpr": [...]}
+    decision: str = ""  # why it is (not) the champion, in one sentence
+    card: str = ""  # the model card (Markdown), logged as model_card.md
 
 
 def _roc_points(y: np.ndarray, scores: Mapping[str, np.ndarray]) -> dict[str, dict[str, list[float]]]:
@@ -391,15 +403,102 @@ def train(frame: pd.DataFrame, *, tracking_uri: str, seed: int, test_fraction: f
     metrics = {**evaluate(test_rows, risk, risk >= threshold, "model"),
                **evaluate(test_rows, news2, news2 >= NEWS2_ALERT, "news2"),
                "threshold": threshold, "target_alerts_per_100_patient_days": target}
+    metrics.update(_intervals(test_rows, risk, news2, seed))
     counts = _counts(train_rows, test_rows)
     roc = _roc_points(test_rows[LABEL].to_numpy(), {"model": risk, "news2": news2})
-    champion = metrics["model_auroc"] > metrics["news2_auroc"]
+    champion, decision = champion_decision(metrics)
     unused = [c for c in given if c not in feature_names]
-    run_id, version = _log(tracking_uri, model, train_rows, (feature_names, unused), metrics, counts, roc, champion, {
-        **MODEL_PARAMS, "seed": seed, "test_fraction": test_fraction, "news2_alert": NEWS2_ALERT,
-        "alert_rate_per_100_patient_days": alert_rate_per_100_patient_days, "features": len(feature_names),
-        "unused_features": len(unused), **(params or {})})
-    return TrainResult(run_id, version, champion, threshold, metrics, counts, tuple(feature_names), roc)
+    run_params = {**MODEL_PARAMS, "seed": seed, "test_fraction": test_fraction, "news2_alert": NEWS2_ALERT,
+                  "alert_rate_per_100_patient_days": alert_rate_per_100_patient_days, "features": len(feature_names),
+                  "unused_features": len(unused), "bootstrap_resamples": BOOTSTRAPS, **(params or {})}
+    card = model_card(metrics, counts, feature_names, decision, run_params)
+    run_id, version = _log(tracking_uri, model, train_rows, (feature_names, unused), metrics, counts, roc,
+                           (champion, card), run_params)
+    return TrainResult(run_id, version, champion, threshold, metrics, counts, tuple(feature_names), roc, decision,
+                       card)
+
+
+def _intervals(test_rows: pd.DataFrame, risk: np.ndarray, news2: np.ndarray, seed: int) -> dict[str, float]:
+    """95 % intervals by a patient-level bootstrap: each AUROC and the model's minus NEWS2's, paired."""
+    y, groups = test_rows[LABEL].to_numpy(), test_rows["patient_key"].to_numpy()
+    out = {}
+    for who, score in (("model", risk), ("news2", news2)):
+        out[f"{who}_auroc_ci_low"], out[f"{who}_auroc_ci_high"] = auroc_interval(
+            y, score, groups=groups, seed=seed, resamples=BOOTSTRAPS)
+    out["model_minus_news2_auroc_ci_low"], out["model_minus_news2_auroc_ci_high"] = auroc_interval(
+        y, risk, minus=news2, groups=groups, seed=seed, resamples=BOOTSTRAPS)
+    return out
+
+
+def champion_decision(metrics: Mapping[str, float]) -> tuple[bool, str]:
+    """Champion only when the model beats NEWS2 >= 5 on AUROC with the difference's 95 % interval above zero AND
+    alerts in time for no fewer deteriorating patients at the matched alert burden; otherwise NEWS2 stays the rule."""
+    low, high = metrics["model_minus_news2_auroc_ci_low"], metrics["model_minus_news2_auroc_ci_high"]
+    diff = metrics["model_auroc"] - metrics["news2_auroc"]
+    interval = f"AUROC difference {diff:+.3f} (95% CI {low:+.3f} to {high:+.3f})"
+    if not low > 0:
+        return False, f"not champion: {interval} does not lie above zero; NEWS2 >= 5 stays the alerting rule"
+    model, news2 = metrics["model_detected_fraction"], metrics["news2_detected_fraction"]
+    if not model >= news2:
+        return False, (f"not champion: {interval}, but it alerted in time for fewer deteriorating patients "
+                       f"({model:.2f} vs {news2:.2f}) at the matched alert burden; NEWS2 >= 5 stays the alerting rule")
+    return True, (f"champion: {interval} lies above zero and it alerted in time for as many or more deteriorating "
+                  f"patients ({model:.2f} vs {news2:.2f}) at the matched alert burden")
+
+
+def model_card(metrics: Mapping[str, float], counts: Mapping[str, int], feature_names: Sequence[str],
+               decision: str, params: Mapping[str, Any]) -> str:
+    """The model card (Markdown): data, label, metrics with intervals, intended use, limits, the decision."""
+    m = metrics
+
+    def ci(who: str, key: str, digits: int = 3) -> str:
+        low, high = m.get(f"{who}_{key}_ci_low", math.nan), m.get(f"{who}_{key}_ci_high", math.nan)
+        return f"{m[f'{who}_{key}']:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
+
+    rows = [("AUROC (95% CI)", ci("model", "auroc"), ci("news2", "auroc")),
+            ("AUPRC", f"{m['model_auprc']:.3f}", f"{m['news2_auprc']:.3f}"),
+            ("deteriorating patients alerted in time (95% CI)", ci("model", "detected_fraction", 2),
+             ci("news2", "detected_fraction", 2)),
+            ("median lead time before the event (h)", f"{m['model_median_lead_time_h']:.1f}",
+             f"{m['news2_median_lead_time_h']:.1f}"),
+            ("alert episodes per 100 patient-days", f"{m['model_alerts_per_100_patient_days']:.1f}",
+             f"{m['news2_alerts_per_100_patient_days']:.1f}"),
+            ("PPV of an alerting point (event within the horizon)", f"{m['model_ppv']:.3f}", f"{m['news2_ppv']:.3f}")]
+    table = "\n".join(["| held-out patients | model | NEWS2 >= 5 |", "|---|---|---|",
+                        *(f"| {a} | {b} | {c} |" for a, b, c in rows)])
+    return f"""# Model card: {MODEL_NAME}
+
+## Decision
+{decision}.
+
+## Data
+Points: {counts['train_rows']:,} training / {counts['test_rows']:,} held out; patients {counts['train_patients']:,} /
+{counts['test_patients']:,}, of whom {counts['train_deteriorating_patients']} / {counts['test_deteriorating_patients']}
+deteriorate. Inputs: gold.vitals_features ({len(feature_names)} features) and gold.early_warning_scores at each
+scoring point; provenance: {', '.join(f'{k}={v}' for k, v in params.items() if k.endswith('.version')) or 'n/a'};
+labels: {params.get('labels', 'n/a')}.
+
+## Label
+1 when the patient's deterioration event ({params.get('labels', 'the labels file')}) falls within the horizon
+({params.get('horizon', 'models.horizon')}) after the scoring point; points at or after the event are not scored.
+
+## Metrics (held-out patients; 95% intervals by a patient-level bootstrap, {BOOTSTRAPS} resamples, or Wilson)
+{table}
+
+Alert threshold: risk >= {m['threshold']:.4f}, chosen on the training patients for
+{m['target_alerts_per_100_patient_days']:.1f} alert episodes per 100 patient-days (NEWS2 >= 5's burden unless
+configured).
+
+## Intended use
+Decision support beside NEWS2 on adult inpatients with regular vital signs: it ranks who to look at first. It
+does not replace NEWS2's escalation rules, and it is only used for alerts when it is the registered champion.
+
+## Limits
+Trained and evaluated on the data named above: when those are the simulator's, the figures describe the simulator,
+not a hospital. Intervals are wide with few deteriorating patients held out. Not validated on children, pregnancy,
+or patients with chronic hypoxia on a scale-2 target. Recalibrate and re-evaluate before using it on another
+population.
+"""
 
 
 def _usable(train_rows: pd.DataFrame, feature_names: Sequence[str]) -> list[str]:
@@ -422,9 +521,11 @@ def _counts(train_rows: pd.DataFrame, test_rows: pd.DataFrame) -> dict[str, int]
 
 
 def _log(uri: str, model, train_rows: pd.DataFrame, inputs: tuple[list[str], list[str]], metrics: dict[str, float],
-         counts: dict[str, int], roc: dict, champion: bool, params: Mapping[str, Any]) -> tuple[str, str | None]:
-    """One MLflow run with everything; registered and aliased champion only when it beats NEWS2."""
+         counts: dict[str, int], roc: dict, decided: tuple[bool, str],
+         params: Mapping[str, Any]) -> tuple[str, str | None]:
+    """One MLflow run with everything (the model card too); registered and aliased champion only when it is one."""
     feature_names, unused = inputs
+    champion, card = decided
     import mlflow
     import mlflow.sklearn
     import sklearn
@@ -437,6 +538,7 @@ def _log(uri: str, model, train_rows: pd.DataFrame, inputs: tuple[list[str], lis
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
             mlflow.log_metrics({k: float(v) for k, v in {**metrics, **counts}.items() if math.isfinite(v)})
             mlflow.log_figure(_roc_figure(roc, metrics), "roc.png")
+            mlflow.log_text(card, "model_card.md")
             mlflow.log_dict({"feature_names": list(feature_names), "unused_features": list(unused),
                              "roc_test": roc}, "model_inputs.json")
             sample = train_rows[list(feature_names)].astype("float64").head(200)
@@ -454,23 +556,23 @@ def _log(uri: str, model, train_rows: pd.DataFrame, inputs: tuple[list[str], lis
 def _register(client: MlflowClient, info, run_id: str, metrics: Mapping[str, float]) -> str:
     tags = {THRESHOLD_TAG: repr(metrics["threshold"]), "carelake.model_auroc": f"{metrics['model_auroc']:.4f}",
             "carelake.news2_auroc": f"{metrics['news2_auroc']:.4f}"}
-    return register_version(client, MODEL_NAME, "Deterioration within the horizon, from vitals features; champion = "
-                            "beats NEWS2 >= 5 on held-out patients", info, run_id, tags)
+    return register_champion(client, MODEL_NAME, "Deterioration within the horizon, from vitals features; champion "
+                             "= beats NEWS2 >= 5 on held-out patients", info, run_id, tags)
 
 
-def register_version(client: MlflowClient, name: str, description: str, info, run_id: str,
-                     tags: Mapping[str, str], alias: str = ALIAS) -> str:
-    """A new version of registered model `name` (created on first use) from a logged model, under `alias`."""
+def register_champion(client: MlflowClient, model_name: str, description: str, info, run_id: str,
+                      tags: Mapping[str, str]) -> str:
+    """A new version of the registered model (created on first use) from a logged model, aliased `champion`."""
     from mlflow.exceptions import MlflowException
 
     try:
-        client.create_registered_model(name, description=description)
+        client.create_registered_model(model_name, description=description)
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=dict(tags),
+    mv = client.create_model_version(model_name, source=info.model_uri, run_id=run_id, tags=dict(tags),
                                      model_id=info.model_id)
-    client.set_registered_model_alias(name, alias, mv.version)
+    client.set_registered_model_alias(model_name, ALIAS, mv.version)
     return str(mv.version)
 
 
@@ -502,8 +604,14 @@ def _not_found(exc: Exception) -> bool:
         code == "INVALID_PARAMETER_VALUE" and "not found" in str(exc))
 
 
-def load_champion(tracking_uri: str, name: str = MODEL_NAME) -> Champion | None:
-    """Registered model `name` under alias `champion`, or None when none is registered. Cached by (uri, version)."""
+def load_champion(tracking_uri: str) -> Champion | None:
+    """The model under alias `champion`, or None when none is registered. Cached by (uri, version)."""
+    return cached_champion(tracking_uri, MODEL_NAME, _load_version)
+
+
+def cached_champion(tracking_uri: str, model_name: str, load: Callable[[str, Any], Any]) -> Any:
+    """`load(uri, model version)` of the version under alias `champion` of a registered model, or None when none is
+    registered. Cached per (uri, model, version): a new champion replaces its predecessor in the cache."""
     from mlflow.exceptions import MlflowException
 
     db = _sqlite_path(tracking_uri)
@@ -511,17 +619,17 @@ def load_champion(tracking_uri: str, name: str = MODEL_NAME) -> Champion | None:
         return None
     client = _client(tracking_uri)
     try:
-        mv = client.get_model_version_by_alias(name, ALIAS)
+        mv = client.get_model_version_by_alias(model_name, ALIAS)
     except MlflowException as exc:
         if _not_found(exc):
             return None
         raise ConfigError(f"MLflow registry {tracking_uri}: {str(exc).splitlines()[0]}") from None
-    key = (tracking_uri, name, str(mv.version))
+    key = (tracking_uri, model_name, str(mv.version))
     cached = _CHAMPIONS.get(key)
     if cached is None:
-        cached = _load_version(tracking_uri, mv)
-        for old in [k for k in _CHAMPIONS if k[:2] == (tracking_uri, name)]:
-            del _CHAMPIONS[old]  # a new champion replaces the old one in the cache
+        cached = load(tracking_uri, mv)
+        for old in [k for k in _CHAMPIONS if k[:2] == key[:2]]:
+            del _CHAMPIONS[old]
         _CHAMPIONS[key] = cached
     return cached
 

@@ -55,6 +55,12 @@ class Context:
         return open_store(self.cfg, self.spark)
 
 
+def _folds(text: str) -> int:
+    if not text.isdigit() or not 2 <= int(text) <= 20:
+        raise argparse.ArgumentTypeError(f"expected a whole number of folds from 2 to 20, got {text!r}")
+    return int(text)
+
+
 def _split_setting(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
@@ -144,8 +150,9 @@ def cmd_history(ctx: Context) -> int:
         written = c.metrics.get("num_added_rows", c.metrics.get("num_output_rows", c.metrics.get("numOutputRows", "")))
         job = c.metadata.get("carelake.job", "")
         batch = c.metadata.get("carelake.batch", "")
-        rows.append((c.version, c.timestamp, c.operation, written, f"{job} #{batch}" if batch else job))
-    print_table(["version", "committed (UTC)", "operation", "rows", "job / batch"], rows)
+        rows.append((c.version, c.timestamp, c.operation, written, f"{job} #{batch}" if batch else job,
+                     c.metadata.get("carelake.reason", "")))
+    print_table(["version", "committed (UTC)", "operation", "rows", "job / batch", "reason"], rows)
     return 0
 
 
@@ -155,6 +162,8 @@ def cmd_sql(ctx: Context) -> int:
     a = ctx.args
     if a.as_of_version is not None and a.as_of_timestamp is not None:
         raise UsageError("give --as-of-version or --as-of-timestamp, not both")
+    if not a.local and _sql_through_server(ctx):
+        return 0
     text, refs = rewrite(a.query)
     spark = ctx.spark
     store = ctx.store(need_spark=True)
@@ -175,6 +184,20 @@ def cmd_sql(ctx: Context) -> int:
             message = message.replace(f"`{ref.view}`", ref.table).replace(ref.view, ref.table)
         raise UsageError(f"SQL error: {message}") from exc
     return 0
+
+
+def _sql_through_server(ctx: Context) -> bool:
+    """Answer `carelake sql` from a running `carelake sql-server` of this lakehouse; False when there is none."""
+    from pipelines.sqlrefs import pin
+    from pipelines.sqlserver.client import query, running_server
+
+    a = ctx.args
+    info = running_server(ctx.cfg)
+    if info is None:
+        return False
+    log.debug("answering through the SQL server at %s", info["url"])
+    query(info, pin(a.query, version=a.as_of_version, timestamp=a.as_of_timestamp), a.format, a.limit, sys.stdout)
+    return True
 
 
 def cmd_ingest(ctx: Context) -> int:
@@ -233,6 +256,13 @@ def cmd_optimize(ctx: Context) -> int:
 
 def cmd_vacuum(ctx: Context) -> int:
     a = ctx.args
+    if a.all == bool(a.table) or (a.all and a.retain_hours is not None):
+        raise UsageError("vacuum takes a table, or --all (every table and landing feed, each within its configured "
+                         "retention: storage.retention_days; --retain-hours goes with one table)")
+    if a.all:
+        from pipelines.audit_cli import cmd_vacuum_all
+
+        return cmd_vacuum_all(ctx)
     removed = ctx.store(need_spark=False).vacuum(a.table, retention_hours=a.retain_hours, dry_run=a.dry_run)
     verb = "would remove" if a.dry_run else "removed"
     print(f"vacuum {a.table}: {verb} {len(removed)} file(s) no version inside the retention window needs")
@@ -240,10 +270,12 @@ def cmd_vacuum(ctx: Context) -> int:
 
 
 def cmd_restore(ctx: Context) -> int:
+    from pipelines.audit_cli import audited_restore
+
     a = ctx.args
     if (a.version is None) == (a.timestamp is None):
         raise UsageError("restore needs exactly one of --version N or --timestamp TS")
-    out = ctx.store(need_spark=False).restore(a.table, version=a.version, timestamp=a.timestamp)
+    out = audited_restore(ctx.store(need_spark=False), a.table, a.version, a.timestamp, a.reason)
     state = "restored" if out.get("changed") else "already at"
     print(f"{a.table}: {state} version {out.get('restored_to', a.version)} (a new commit; history keeps the rest)")
     return 0
@@ -262,7 +294,8 @@ def cmd_send(ctx: Context) -> int:
 
     a = ctx.args
     report = send(ctx.cfg, a.to, a.paths, rate=a.rate, connections=a.connections, batch=a.batch,
-                  ack_log=a.ack_log, on_progress=lambda line: log.info("%s", line), ae_title=a.ae_title)
+                  ack_log=a.ack_log, on_progress=lambda line: log.info("%s", line), ae_title=a.ae_title,
+                  tls_ca=a.tls_ca, tls_cert=a.tls_cert, tls_key=a.tls_key, token_file=a.token_file)
     print(report.summary())
     return 0 if report.complete else 1
 
@@ -277,16 +310,114 @@ def cmd_demo(ctx: Context) -> int:
 
 
 def cmd_train(ctx: Context) -> int:
-    from pipelines.training import print_fraud_training, print_training, train_deterioration, train_fraud
+    from pipelines import training
 
     store = ctx.store(need_spark=False)
     if ctx.args.model == "fraud":
-        result, uri = train_fraud(ctx.cfg, store, ctx.args.labels, tracking_uri=ctx.args.tracking_uri)
-        print_fraud_training(result, uri)
+        if not ctx.args.labels:
+            raise UsageError("train fraud needs --labels: the simulator's DIR/truth/fraud_labels.csv")
+        result, uri = training.train_fraud(ctx.cfg, store, ctx.args.labels, tracking_uri=ctx.args.tracking_uri)
+        training.print_fraud_training(result, uri)
         return 0
-    result, uri = train_deterioration(ctx.cfg, store, ctx.args.labels, tracking_uri=ctx.args.tracking_uri)
-    print_training(result, ctx.cfg.models.alert_rate_per_100_patient_days, uri)
+    if ctx.args.model == "mortality":
+        if ctx.args.labels:
+            raise UsageError("train mortality takes its labels from silver.outcomes (`carelake import physionet2012 "
+                             "DIR --outcomes FILE`): drop --labels")
+        result, uri = training.train_mortality(ctx.cfg, store, tracking_uri=ctx.args.tracking_uri,
+                                               folds=ctx.args.folds)
+        training.print_mortality(result, uri)
+        return 0
+    if not ctx.args.labels:
+        raise UsageError("train deterioration needs --labels: the simulator's DIR/truth/deteriorations.csv")
+    result, uri = training.train_deterioration(ctx.cfg, store, ctx.args.labels, tracking_uri=ctx.args.tracking_uri)
+    training.print_training(result, ctx.cfg.models.alert_rate_per_100_patient_days, uri)
     return 0
+
+
+def cmd_imaging_replay(ctx: Context) -> int:
+    import json
+
+    from pipelines.imaging_replay import run_replay
+
+    a = ctx.args
+    model = None
+    if a.model == "champion":
+        from models.critical_finding import load_champion
+        from models.deterioration import default_tracking_uri
+
+        model = load_champion(a.tracking_uri or default_tracking_uri(ctx.cfg))
+    figures = run_replay(a.truth, ctx.cfg.imaging, radiologists=a.radiologists, reads_per_hour=a.reads_per_hour,
+                         model=model)
+    print(json.dumps(figures, sort_keys=True))
+    return 0
+
+
+def cmd_imaging_train(ctx: Context) -> int:
+    from pipelines.training import print_critical_finding, train_critical_finding
+
+    result, uri = train_critical_finding(ctx.cfg, ctx.spark, ctx.store(need_spark=True), ctx.args.labels,
+                                         tracking_uri=ctx.args.tracking_uri)
+    print_critical_finding(result, uri)
+    return 0
+
+
+def add_imaging_parser(sub) -> None:
+    """`carelake imaging replay | train`."""
+    im = sub.add_parser("imaging", help="imaging worklist: replay a day through a reading room; train the "
+                                        "critical-finding model")
+    isub = im.add_subparsers(dest="imaging_command", metavar="ACTION", required=True)
+    rp = isub.add_parser("replay", help="time-to-read of critical studies under FIFO, order priority and the "
+                                        "carelake worklist (one JSON line)")
+    rp.add_argument("--truth", required=True, help="the simulator's DIR/truth/imaging.csv")
+    rp.add_argument("--radiologists", type=int, help="readers (imaging.replay_radiologists)")
+    rp.add_argument("--reads-per-hour", type=float, help="reads per radiologist per hour "
+                                                         "(imaging.replay_reads_per_hour)")
+    rp.add_argument("--model", choices=["champion", "none"], default="champion",
+                    help="rank with the registered critical-finding champion (if any) or without a model")
+    rp.add_argument("--tracking-uri", help="MLflow tracking URI (models.tracking_uri; default sqlite under the root)")
+    rp.set_defaults(func=cmd_imaging_replay)
+    tr = isub.add_parser("train", help="train the critical-finding model on the lakehouse's studies and the "
+                                       "simulator's labels; champion only if it beats order priority")
+    tr.add_argument("--labels", required=True, help="the simulator's DIR/truth/imaging.csv (critical_finding)")
+    tr.add_argument("--tracking-uri", help="MLflow tracking URI (models.tracking_uri; default sqlite under the root)")
+    tr.set_defaults(func=cmd_imaging_train)
+def cmd_sql_server(ctx: Context) -> int:
+    from pipelines.sqlserver.server import serve
+
+    a = ctx.args
+    return serve(ctx.cfg, host=a.host, port=a.port, no_auth=a.no_auth)
+
+
+def cmd_sql_user(ctx: Context) -> int:
+    from pipelines.sqlserver import users
+
+    a = ctx.args
+    path = users.users_file(ctx.cfg)
+    if a.action == "list":
+        print_table(["user", "role"], [(u.name, u.role) for u in users.read_users(path).values()])
+        return 0
+    if not a.name:
+        raise UsageError(f"sql-user {a.action} needs a user name: carelake sql-user {a.action} NAME")
+    if a.action == "remove":
+        users.remove_user(path, a.name)
+        print(f"removed {a.name} from {path}")
+        return 0
+    if not a.role:
+        raise UsageError("sql-user add needs --role analyst, engineer or auditor")
+    replaced = users.add_user(path, a.name, a.role, _read_password(a.password_stdin))
+    print(f"{'updated' if replaced else 'added'} {a.name} ({a.role}) in {path}")
+    return 0
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    import getpass
+
+    first, second = getpass.getpass("password: "), getpass.getpass("again: ")
+    if first != second:
+        raise UsageError("the two passwords differ; nothing was written")
+    return first
 
 
 def cmd_evaluate(ctx: Context) -> int:
@@ -346,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--as-of-version", type=int, help="read every referenced table as of this version")
     q.add_argument("--as-of-timestamp", help="read every referenced table as of this time (ISO-8601, UTC default)")
     q.add_argument("--limit", type=int, help="at most N rows (table format shows 200 unless told)")
+    q.add_argument("--local", action="store_true",
+                   help="start Spark here even when a `carelake sql-server` of this lakehouse is running")
     q.set_defaults(func=cmd_sql)
 
     i = sub.add_parser("ingest", help="durably copy files into the landing zone of a feed")
@@ -387,6 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parallel MLLP connections or DICOM associations (default 1, which keeps the files' order)")
     d.add_argument("--batch", type=int, default=1000, help="JSON lines per HTTP POST (default 1000)")
     d.add_argument("--ack-log", help="append one line per answered message (answer, MSH-10, file:offset)")
+    d.add_argument("--tls-ca", help="TLS: trust the gateway by this CA bundle (PEM); turns TLS on for MLLP")
+    d.add_argument("--tls-cert", help="mutual TLS: the client certificate (PEM) to present, with --tls-key")
+    d.add_argument("--tls-key", help="mutual TLS: the client certificate's private key (PEM)")
+    d.add_argument("--token-file", help="HTTP: a file whose first line is the bearer token to send")
     d.set_defaults(func=cmd_send)
 
     o = sub.add_parser("optimize", help="compact a table's small files (time travel is kept)")
@@ -394,7 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.set_defaults(func=cmd_optimize)
 
     v = sub.add_parser("vacuum", help="delete files no version inside the retention window needs")
-    v.add_argument("table")
+    v.add_argument("table", nargs="?")
+    v.add_argument("--all", action="store_true", help="every table and landing feed within its retention (cron it: "
+                   "docs/operations.md)")
     v.add_argument("--retain-hours", type=int, help="keep at least this long (never below the layer's retention)")
     v.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
     v.set_defaults(func=cmd_vacuum)
@@ -403,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("table")
     s.add_argument("--version", type=int)
     s.add_argument("--timestamp")
+    s.add_argument("--reason", required=True, help="why (recorded in the commit, `carelake history` and ops.audit_log)")
     s.set_defaults(func=cmd_restore)
 
     e = sub.add_parser("demo", help="end to end: simulate a hospital, gateway, every job, train the model, report "
@@ -424,19 +564,40 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_simulate)
 
     tr = sub.add_parser("train", help="train a model from gold tables, track it in MLflow, register a champion")
-    tr.add_argument("model", choices=["deterioration", "fraud"],
-                    help="deterioration: onset within models.horizon; fraud: claims fraud (gold.claims_fraud_scores)")
-    tr.add_argument("--labels", required=True,
-                    help="deterioration onsets: the simulator's DIR/truth/deteriorations.csv; fraud: its "
-                         "DIR/truth/fraud_labels.csv")
+    tr.add_argument("model", choices=["deterioration", "mortality", "fraud"],
+                    help="deterioration: onset within models.horizon; mortality: in-hospital death from the first "
+                         "48 h of an ICU stay (PhysioNet 2012 import, labels in silver.outcomes); fraud: claims "
+                         "fraud (gold.claims_fraud_scores)")
+    tr.add_argument("--labels", help="deterioration onsets: the simulator's DIR/truth/deteriorations.csv; fraud: its "
+                                     "DIR/truth/fraud_labels.csv")
+    tr.add_argument("--folds", type=_folds, default=5, help="mortality: cross-validation folds (2-20, default 5)")
     tr.add_argument("--tracking-uri", help="MLflow tracking URI (models.tracking_uri; default sqlite under the root)")
     tr.set_defaults(func=cmd_train)
-
     ev = sub.add_parser("evaluate", help="judge a gold product against ground truth labels")
     ev.add_argument("product", choices=["fraud"], help="fraud: gold.claims_fraud_scores vs labelled claims")
     ev.add_argument("--labels", required=True, help="the simulator's DIR/truth/fraud_labels.csv")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     ev.set_defaults(func=cmd_evaluate)
+    add_imaging_parser(sub)
+
+    from pipelines.audit_cli import add_parser as add_audit_parser
+
+    add_audit_parser(sub)
+
+    ss = sub.add_parser("sql-server", help="serve every table over JDBC/ODBC (HiveServer2) for BI tools, with "
+                                           "logins, roles and the audit log")
+    ss.add_argument("--host", help="listen address (sql_server.host; default 127.0.0.1)")
+    ss.add_argument("--port", type=int, help="port (sql_server.port; default 10000; 0 picks a free one)")
+    ss.add_argument("--no-auth", action="store_true",
+                    help="no login, everyone reads everything: local development on loopback only")
+    ss.set_defaults(func=cmd_sql_server)
+
+    su = sub.add_parser("sql-user", help="add, remove or list the SQL server's users (scrypt-hashed passwords)")
+    su.add_argument("action", choices=["add", "remove", "list"])
+    su.add_argument("name", nargs="?")
+    su.add_argument("--role", choices=["analyst", "engineer", "auditor"])
+    su.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    su.set_defaults(func=cmd_sql_user)
     return p
 
 

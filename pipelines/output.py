@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import base64
 import csv
+import itertools
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TextIO
@@ -58,21 +59,33 @@ def write_rows(df: DataFrame, fmt: str, limit: int | None, out: TextIO) -> int:
     columns = df.columns
     if fmt == "table":
         shown = limit if limit is not None else TABLE_DEFAULT_LIMIT
-        rows = [r.asDict(recursive=True) for r in df.limit(shown + 1).collect()]
-        print_table(columns, [[r[c] for c in columns] for r in rows[:shown]], out)
+        rows = df.limit(shown + 1).collect()
+    else:
+        rows = (df.limit(limit) if limit is not None else df).toLocalIterator()
+    return write_records(columns, ([r.asDict(recursive=True)[c] for c in columns] for r in rows), fmt, limit, out)
+
+
+def write_records(columns: Sequence[str], rows: Iterable[Sequence[Any]], fmt: str, limit: int | None,
+                  out: TextIO) -> int:
+    """Write rows (value sequences in `columns` order) in `fmt`; return the number of rows written."""
+    if limit is not None:
+        rows = itertools.islice(rows, limit + 1 if fmt == "table" else limit)
+    if fmt == "table":
+        shown = limit if limit is not None else TABLE_DEFAULT_LIMIT
+        rows = list(itertools.islice(rows, shown + 1))
+        print_table(columns, rows[:shown], out)
         more = " (more rows not shown: use --limit, or --format csv/json for all)" if len(rows) > shown else ""
         print(f"({min(len(rows), shown)} row{'s' if min(len(rows), shown) != 1 else ''}){more}", file=out)
         return min(len(rows), shown)
-    source = df.limit(limit) if limit is not None else df
     count = 0
     if fmt == "json":
-        for row in source.toLocalIterator():
-            out.write(json.dumps(jsonable(row.asDict(recursive=True)), ensure_ascii=False) + "\n")
+        for row in rows:
+            out.write(json.dumps(jsonable(dict(zip(columns, row, strict=True))), ensure_ascii=False) + "\n")
             count += 1
         return count
     writer = csv.writer(out)
     writer.writerow(columns)
-    for row in source.toLocalIterator():
+    for row in rows:
         writer.writerow(["" if v is None else jsonable(v) for v in row])
         count += 1
     return count

@@ -54,3 +54,21 @@ def rewrite(sql: str) -> tuple[str, list[TableReference]]:
         pos = m.end()
     out.append(sql[pos:])
     return "".join(out), list(refs.values())
+
+
+def pin(sql: str, *, version: int | None = None, timestamp: str | None = None) -> str:
+    """SQL with `VERSION AS OF version` (or `TIMESTAMP AS OF 'timestamp'`) added to each table reference that has
+    no point in time of its own: `carelake sql --as-of-version` sent to the SQL server as SQL."""
+    if version is None and timestamp is None:
+        return sql
+    at = f" VERSION AS OF {int(version)}" if version is not None else " TIMESTAMP AS OF '" + timestamp.replace(
+        "'", "") + "'"
+    skipped = [(m.start(), m.end()) for m in _SKIP.finditer(sql)]
+    out, pos = [], 0
+    for m in _REF.finditer(sql):
+        if m["kind"] or any(a <= m.start() < b for a, b in skipped):
+            continue
+        out += [sql[pos:m.end()], at]
+        pos = m.end()
+    out.append(sql[pos:])
+    return "".join(out)

@@ -7,6 +7,7 @@ with models.deterioration, and prints a summary. The demo calls the same functio
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -20,7 +21,7 @@ FEATURES, SCORES = "gold.vitals_features", "gold.early_warning_scores"
 
 
 def train_deterioration(cfg: Config, store: TableStore, labels_path: str | Path, *, tracking_uri: str | None = None):
-    """Train and (if it beats NEWS2) register the deterioration model; returns (TrainResult, tracking URI)."""
+    """Train and (when champion_decision says so) register the deterioration model; returns (TrainResult, URI)."""
     from gold.features import feature_columns
     from models.deterioration import default_tracking_uri, labels_from_truth, train, training_frame
     from pipelines.secrets import key_secret
@@ -66,17 +67,144 @@ def print_training(result, requested_rate: float, uri: str) -> None:
             for label, key, digits in (("AUROC", "auroc", 3), ("AUPRC", "auprc", 3),
                                        ("median lead time before the event (h)", "median_lead_time_h", 1),
                                        ("deteriorating patients alerted in time", "detected_fraction", 2),
+                                       ("PPV of an alerting point", "ppv", 3),
                                        ("alert episodes per 100 patient-days", "alerts_per_100_patient_days", 1))]
     print_table(["held-out patients", "model", "NEWS2 >= 5"], rows)
     basis = "models.alert_rate_per_100_patient_days" if requested_rate else "NEWS2 >= 5 on the training patients"
     print(f"threshold: risk >= {result.threshold:.4f}, for {m['target_alerts_per_100_patient_days']:.1f} alert "
           f"episodes per 100 patient-days (as {basis})")
+    print(f"AUROC 95% CI (patient bootstrap): model {m['model_auroc_ci_low']:.3f}-{m['model_auroc_ci_high']:.3f}, "
+          f"NEWS2 {m['news2_auroc_ci_low']:.3f}-{m['news2_auroc_ci_high']:.3f}")
+    where = f"run {result.run_id} at {uri} (model card: model_card.md)"
     if result.champion:
-        print(f"registered carelake-deterioration version {result.version} as champion (beats NEWS2 AUROC); "
+        print(f"{result.decision}: registered carelake-deterioration version {result.version}; {where}")
+    else:
+        print(f"{result.decision}; the registered champion is unchanged; {where}")
+
+
+# -- in-hospital mortality (PhysioNet/CinC Challenge 2012) -------------------------------------------
+OUTCOMES, ENCOUNTERS, PATIENTS, OBSERVATIONS = ("silver.outcomes", "silver.encounters", "silver.patients",
+                                                "silver.observations")
+
+
+def train_mortality(cfg: Config, store: TableStore, *, tracking_uri: str | None = None, folds: int = 5):
+    """Cross-validated mortality model on the imported ICU stays (models.mortality); returns (result, uri)."""
+    from models.deterioration import default_tracking_uri
+    from models.mortality import stay_frame, train
+
+    missing = [t for t in (OUTCOMES, ENCOUNTERS, PATIENTS, OBSERVATIONS, SCORES) if not store.exists(t)]
+    if missing:
+        raise UsageError(f"{', '.join(missing)} not found under {cfg.root}: import the records with "
+                         "`carelake import physionet2012 DIR --outcomes FILE`, then `carelake run all --available-now`")
+    frame = stay_frame(
+        _stays(store),
+        store.read_arrow(OBSERVATIONS, columns=["patient_key", "code", "value", "value_text", "effective_at",
+                                                "status"]).to_pandas(),
+        store.read_arrow(SCORES, columns=["patient_key", "scored_at", "news2_score", "qsofa_score"]).to_pandas(),
+        store.read_arrow(OUTCOMES, columns=["patient_key", "in_hospital_death", "saps_i", "sofa"]).to_pandas())
+    uri = tracking_uri or default_tracking_uri(cfg)
+    log.info("cross-validating on %s ICU stays (%s deaths); tracking at %s", f"{len(frame):,}",
+             f"{int(frame['in_hospital_death'].sum()):,}", uri)
+    provenance = {f"{t}.version": store.version(t) for t in (OUTCOMES, OBSERVATIONS, SCORES)}
+    return train(frame, tracking_uri=uri, seed=cfg.models.seed, folds=folds, params=provenance), uri
+
+
+def _stays(store: TableStore):
+    """One row per patient (their MRN identity): the first admission, its ICU unit, birth date and sex.
+
+    A FHIR Encounter names its subject by the Patient resource; silver.patients links that identity to the MRN
+    one through merged_into, which is the key observations and outcomes carry.
+    """
+    patients = store.read_arrow(PATIENTS, columns=["patient_key", "merged_into", "birth_date", "sex"]).to_pandas()
+    link = dict(zip(patients["patient_key"], patients["merged_into"], strict=True))
+
+    def resolve(key):
+        for _ in range(8):  # merge chains are short; a cycle stops here
+            nxt = link.get(key)
+            if not isinstance(nxt, str) or nxt == key:
+                return key
+            key = nxt
+        return key
+
+    enc = store.read_arrow(ENCOUNTERS, columns=["patient_key", "admitted_at", "location_point_of_care",
+                                                "status"]).to_pandas()
+    enc = enc[enc["patient_key"].notna() & enc["admitted_at"].notna() & (enc["status"] != "entered-in-error")]
+    enc = enc.assign(patient_key=enc["patient_key"].map(resolve)).sort_values("admitted_at", kind="stable")
+    stays = enc.drop_duplicates("patient_key").rename(columns={"location_point_of_care": "icu_type"})
+    demographics = patients[patients["birth_date"].notna() | patients["sex"].notna()]
+    demographics = demographics.assign(patient_key=demographics["patient_key"].map(resolve))
+    demographics = demographics.drop_duplicates("patient_key")[["patient_key", "birth_date", "sex"]]
+    return stays[["patient_key", "admitted_at", "icu_type"]].merge(demographics, on="patient_key", how="left")
+
+
+def print_mortality(result, uri: str) -> None:
+    m, c = result.metrics, result.counts
+    rows = [[who, f"{m[f'{who}_auroc']:.3f} ({m[f'{who}_auroc_ci_low']:.3f}-{m[f'{who}_auroc_ci_high']:.3f})",
+             f"{m[f'{who}_auprc']:.3f}", f"{m[f'{who}_event1']:.3f}", f"{m[f'{who}_sensitivity']:.3f}",
+             f"{m[f'{who}_ppv']:.3f}", f"{m[f'{who}_hosmer_lemeshow_h']:.1f}", f"{m[f'{who}_brier']:.4f}"]
+            for who in ("model", "saps_i", "sofa", "max_news2")]
+    print(f"in-hospital mortality, {c['folds']}-fold cross-validation on {c['stays']:,} ICU stays "
+          f"({c['deaths']:,} deaths), {c['features']} features; MLflow run {result.run_id} at {uri}")
+    print_table(["predictor", "AUROC (95% CI)", "AUPRC", "Event 1", "Se", "PPV", "H (HL)", "Brier"], rows)
+    diff = (f"{m['model_minus_saps_i_auroc']:+.3f} (95% CI {m['model_minus_saps_i_auroc_ci_low']:+.3f} to "
+            f"{m['model_minus_saps_i_auroc_ci_high']:+.3f})")
+    if result.champion:
+        print(f"model AUROC - SAPS-I AUROC = {diff}: registered carelake-mortality v{result.version} as champion")
+    else:
+        print(f"model AUROC - SAPS-I AUROC = {diff}: not registered (champion needs the interval above zero "
+              "and an Event 1 no worse than SAPS-I's)")
+    missing = ", ".join(f"{b} {c[f'{b}_missing']}" for b in ("saps_i", "sofa", "max_news2") if c[f"{b}_missing"])
+    if missing:
+        print(f"stays without a baseline value (ranked lowest): {missing}")
+
+
+def train_critical_finding(cfg: Config, spark, store: TableStore, labels_path: str | Path, *,
+                           tracking_uri: str | None = None, match=None):
+    """Train (and, if it beats order priority, register) the critical-finding model on every study in the lakehouse
+    with a label; returns (TrainResult, tracking URI). `match`: silver.imaging_match's rule unless given."""
+    from gold import imaging_rank
+    from gold import imaging_worklist as w
+    from models.critical_finding import labels_from_truth, train
+    from models.deterioration import default_tracking_uri
+
+    if not store.exists(w.STUDIES):
+        raise UsageError(f"{w.STUDIES} not found under {cfg.root}: ingest DICOM and run `carelake run {w.STUDIES}`")
+    labels = labels_from_truth(labels_path)
+    from pipelines.jobs import _match_orders_to_studies
+
+    studies, _, reports, matched = w.load_inputs(store.read, store.exists, spark, match or _match_orders_to_studies,
+                                                 timedelta(seconds=cfg.imaging.seconds("match_window")))
+    items = w.study_items(studies, matched, w.final_reads(reports, studies, matched))
+    scores = store.read(w.SCORES) if store.exists(w.SCORES) else None
+    alerts = store.read(w.ALERTS) if store.exists(w.ALERTS) else None
+    rows = w.arrival_context(items, scores, alerts, cfg.imaging.seconds("news2_current_for")).toArrow().to_pylist()
+    rows = [r for r in rows if r.get("accession_number") in labels]
+    if not rows:
+        raise UsageError(f"no study in {w.STUDIES} has an accession number in {labels_path}: train on the lakehouse "
+                         "the same simulation was loaded into")
+    imaging_rank.prepare(rows, imaging_rank.Ranking.of(cfg.imaging), None)
+    uri = tracking_uri or default_tracking_uri(cfg)
+    log.info("training the critical-finding model on %s studies; tracking at %s", f"{len(rows):,}", uri)
+    result = train(rows, [labels[r["accession_number"]] for r in rows], tracking_uri=uri, seed=cfg.models.seed,
+                   test_fraction=cfg.models.test_fraction,
+                   params={f"{t}.version": store.version(t) for t in (w.STUDIES, w.ORDERS) if store.exists(t)})
+    return result, uri
+
+
+def print_critical_finding(result, uri: str) -> None:
+    m = result.metrics
+    print(f"studies: {int(m['train_studies']):,} train / {int(m['test_studies']):,} held-out (critical "
+          f"{int(m['train_critical'])} / {int(m['test_critical'])}); held-out AUROC: model {m['model_auroc']:.3f}, "
+          f"order priority alone {m['priority_auroc']:.3f}")
+    if result.champion:
+        print(f"registered carelake-critical-finding version {result.version} as champion (beats order priority); "
               f"run {result.run_id} at {uri}")
     else:
-        print(f"not registered: the model's AUROC does not beat NEWS2's, the champion is unchanged; "
-              f"run {result.run_id} at {uri}")
+        from models.critical_finding import MIN_HELD_OUT_CRITICAL
+
+        why = ("the model does not beat order priority" if m["model_auroc"] <= m["priority_auroc"] else
+               f"fewer than {MIN_HELD_OUT_CRITICAL} critical studies held out (simulate more days)")
+        print(f"not registered: {why}; the champion is unchanged; run {result.run_id} at {uri}")
 
 
 # -- claims fraud ---------------------------------------------------------------------------------------------------

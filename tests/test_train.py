@@ -17,6 +17,7 @@ from models.deterioration import (
     MODEL_NAME,
     THRESHOLD_TAG,
     Timeline,
+    champion_decision,
     choose_threshold,
     default_tracking_uri,
     labels_from_truth,
@@ -88,7 +89,13 @@ def test_winner_is_logged_registered_and_champion(trained):
             assert f"{who}_{metric}" in run.data.metrics
     assert run.data.metrics["threshold"] == pytest.approx(winner.threshold)
     assert run.data.params["seed"] == "7"
-    assert {a.path for a in client.list_artifacts(winner.run_id)} >= {"roc.png", "model_inputs.json"}
+    assert {a.path for a in client.list_artifacts(winner.run_id)} >= {"roc.png", "model_inputs.json", "model_card.md"}
+    card = client.download_artifacts(winner.run_id, "model_card.md", str(trained["folder"]))
+    assert Path(card).read_text() == winner.card and winner.decision.startswith("champion: AUROC difference")
+    assert f"| AUROC (95% CI) | {winner.metrics['model_auroc']:.3f} (" in winner.card and "## Limits" in winner.card
+    for who in ("model", "news2"):
+        assert winner.metrics[f"{who}_auroc_ci_low"] <= winner.metrics[f"{who}_auroc"] <= \
+            winner.metrics[f"{who}_auroc_ci_high"]
     mv = client.get_model_version_by_alias(MODEL_NAME, ALIAS)
     assert str(mv.version) == "1" and float(mv.tags[THRESHOLD_TAG]) == pytest.approx(winner.threshold)
     assert set(winner.roc) == {"model", "news2"} and winner.roc["model"]["tpr"][-1] == 1.0
@@ -101,6 +108,22 @@ def test_artifacts_live_beside_the_database_and_mlflow_state_is_restored(trained
     assert list((trained["folder"] / "artifacts").rglob("roc.png"))
     assert not any(trained["cwd"].iterdir())
     assert mlflow.get_tracking_uri() != trained["uri"] and os.environ.get("MLFLOW_TRACKING_URI") != trained["uri"]
+
+
+def _decided(**overrides):
+    metrics = {"model_auroc": 0.80, "news2_auroc": 0.75, "model_minus_news2_auroc_ci_low": 0.01,
+               "model_minus_news2_auroc_ci_high": 0.09, "model_detected_fraction": 0.6,
+               "news2_detected_fraction": 0.6, **overrides}
+    return champion_decision(metrics)
+
+
+def test_champion_needs_the_auroc_interval_above_zero_and_no_fewer_patients_caught():
+    assert _decided()[0]
+    ok, why = _decided(model_minus_news2_auroc_ci_low=-0.01)
+    assert not ok and "does not lie above zero" in why and "NEWS2 >= 5 stays the alerting rule" in why
+    ok, why = _decided(model_detected_fraction=0.5)  # better AUROC, fewer deteriorating patients alerted in time
+    assert not ok and "fewer deteriorating patients (0.50 vs 0.60)" in why
+    assert not _decided(model_minus_news2_auroc_ci_low=float("nan"))[0]  # no usable resample: no champion
 
 
 def test_unreachable_tracking_server_is_a_config_error():
@@ -242,7 +265,7 @@ def test_cli_trains_from_gold_tables_and_registers(cfg, store, monkeypatch, caps
                   "peak_time": onsets["onset_at"].dt.strftime("%Y-%m-%dT%H:%M:%SZ")}).to_csv(labels, index=False)
     assert run_cli_in_process(cfg.root, "train", "deterioration", "--labels", str(labels), monkeypatch=monkeypatch) == 0
     out = capsys.readouterr().out
-    assert "AUROC" in out and "NEWS2 >= 5" in out and "as champion" in out, out
+    assert "AUROC" in out and "NEWS2 >= 5" in out and "registered carelake-deterioration version 1" in out, out
     tracking = cfg.root / "_mlflow"
     assert (tracking / "mlflow.db").is_file() and list((tracking / "artifacts").rglob("MLmodel"))
     champion = load_champion(default_tracking_uri(cfg))

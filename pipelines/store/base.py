@@ -189,7 +189,10 @@ class TableStore(ABC):
         return TableRef.parse(name, self.cfg.root)
 
     def retention_days(self, name: str) -> int:
-        return self.cfg.storage.retention_days[self.ref(name).layer]
+        """The table's layer retention, raised to the audit retention for what audits walk (pipelines.retention)."""
+        from pipelines.retention import table_retention_days
+
+        return table_retention_days(self.cfg, name)
 
     def table_properties(self, name: str) -> dict[str, str]:
         """Delta properties every table carries: change feed on, retention from its layer."""
@@ -243,8 +246,9 @@ class TableStore(ABC):
         """
 
     @abstractmethod
-    def read_arrow(self, name: str, *, version: int | None = None,
-                   timestamp: datetime | str | None = None) -> pa.Table: ...
+    def read_arrow(self, name: str, *, version: int | None = None, timestamp: datetime | str | None = None,
+                   columns: Sequence[str] | None = None) -> pa.Table:
+        """The table (only `columns`, when given) as Arrow in this process, now or as of a version or timestamp."""
 
     @abstractmethod
     def changes(self, name: str, start_version: int, end_version: int | None = None) -> DataFrame:
@@ -261,8 +265,9 @@ class TableStore(ABC):
     def vacuum(self, name: str, *, retention_hours: int | None = None, dry_run: bool = False) -> list[str]: ...
 
     @abstractmethod
-    def restore(self, name: str, *, version: int | None = None,
-                timestamp: datetime | str | None = None) -> Mapping[str, Any]: ...
+    def restore(self, name: str, *, version: int | None = None, timestamp: datetime | str | None = None,
+                metadata: Mapping[str, str] | None = None) -> Mapping[str, Any]:
+        """Make an old version current again as a new commit carrying `metadata` (e.g. carelake.reason)."""
 
     @abstractmethod
     def txn_version(self, name: str, app_id: str) -> int | None:
@@ -284,7 +289,7 @@ class TableStore(ABC):
             raise UsageError(
                 f"vacuum {name} with {retention_hours} h would delete files that time travel inside the"
                 f" configured {floor // 24}-day retention needs; raise the hours to at least {floor}"
-                f" or lower storage.retention_days.{self.ref(name).layer}"
+                f" or lower storage.retention_days.{self.ref(name).layer} (and .audit, for what audits walk)"
             )
         return retention_hours
 

@@ -559,8 +559,8 @@ class DeltaRsStore(TableStore):
             raise UsageError("this store was opened without a SparkSession; use read_arrow, or pass spark=")
         return self._spark
 
-    def read_arrow(self, name, *, version=None, timestamp=None) -> pa.Table:
-        return self._open(name, version, timestamp).to_pyarrow_table()
+    def read_arrow(self, name, *, version=None, timestamp=None, columns=None) -> pa.Table:
+        return self._open(name, version, timestamp).to_pyarrow_table(columns=list(columns) if columns else None)
 
     def read(self, name: str, *, version=None, timestamp=None, since=None) -> DataFrame:
         from pyspark.sql.pandas.types import from_arrow_schema
@@ -638,7 +638,7 @@ class DeltaRsStore(TableStore):
         return self._open(name).vacuum(retention_hours=hours, dry_run=dry_run, enforce_retention_duration=True,
                                        full=True)
 
-    def restore(self, name: str, *, version=None, timestamp=None) -> Mapping[str, Any]:
+    def restore(self, name: str, *, version=None, timestamp=None, metadata=None) -> Mapping[str, Any]:
         if (version is None) == (timestamp is None):
             raise UsageError("restore needs exactly one of a version or a timestamp")
         target_dt = self._open(name, version, timestamp)  # validates the target exists and is readable
@@ -647,5 +647,5 @@ class DeltaRsStore(TableStore):
         if target == dt.version():
             return {"restored_to": target, "changed": False}
         metrics = dt.restore(target, commit_properties=_commit_properties(
-            None, {"carelake.op": "restore"}, self.cfg.storage.commit_retries))
+            None, {"carelake.op": "restore", **(metadata or {})}, self.cfg.storage.commit_retries))
         return {"restored_to": target, "changed": True, **metrics}

@@ -198,8 +198,9 @@ class DeltaSparkStore(TableStore):
                 raise VersionNotFound(f"{name}: {exc}") from exc
             raise
 
-    def read_arrow(self, name, *, version=None, timestamp=None) -> pa.Table:
-        return self.read(name, version=version, timestamp=timestamp).toArrow()
+    def read_arrow(self, name, *, version=None, timestamp=None, columns=None) -> pa.Table:
+        df = self.read(name, version=version, timestamp=timestamp)
+        return (df.select(*columns) if columns else df).toArrow()
 
     def changes(self, name, start_version, end_version=None) -> DataFrame:
         self._table(name)
@@ -249,15 +250,21 @@ class DeltaSparkStore(TableStore):
         rows = self.spark.sql(f"VACUUM delta.`{self._path(name)}` RETAIN {hours} HOURS{dry}").collect()
         return [r[0] for r in rows] if dry_run else []
 
-    def restore(self, name, *, version=None, timestamp=None) -> Mapping[str, Any]:
+    def restore(self, name, *, version=None, timestamp=None, metadata=None) -> Mapping[str, Any]:
         if (version is None) == (timestamp is None):
             raise UsageError("restore needs exactly one of a version or a timestamp")
         table = self._table(name)
-        if version is not None:
-            self.read(name, version=version)
-            df = table.restoreToVersion(version)
-        else:
-            df = table.restoreToTimestamp(parse_timestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S"))
+        # Delta's commit userMetadata, in the `k=v;k=v` form history() reads back, for this commit only.
+        key = "spark.databricks.delta.commitInfo.userMetadata"
+        self.spark.conf.set(key, ";".join(f"{k}={v.replace(';', ',')}" for k, v in (metadata or {}).items()))
+        try:
+            if version is not None:
+                self.read(name, version=version)
+                df = table.restoreToVersion(version)
+            else:
+                df = table.restoreToTimestamp(parse_timestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S"))
+        finally:
+            self.spark.conf.unset(key)
         return {"changed": True, **df.collect()[0].asDict()}
 
 

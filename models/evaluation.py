@@ -1,0 +1,56 @@
+"""Confidence intervals the models' evaluations share: bootstrapped AUROC (and AUROC differences), Wilson intervals.
+
+A model is compared with its rule (NEWS2, SAPS-I) on the same held-out people, so the difference is bootstrapped
+pairwise: each resample scores both on the same rows. Rows of one person are not independent (a patient's
+scoring points every minute), so resampling is by person when `groups` is given (a cluster bootstrap).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+CONFIDENCE = 0.95
+
+
+def auroc_interval(y: np.ndarray, score: np.ndarray, *, minus: np.ndarray | None = None,
+                   groups: np.ndarray | None = None, seed: int = 0, resamples: int = 500) -> tuple[float, float]:
+    """Percentile interval of AUROC(score), or of AUROC(score) - AUROC(minus) on the same resamples.
+
+    groups: a label per row; whole groups are resampled (rows of a person stay together). Resamples that hold
+    one outcome only are skipped; (nan, nan) when none is usable.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    y, score = np.asarray(y), np.asarray(score)
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        members = [np.array([i]) for i in range(len(y))]
+    else:
+        _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        members = np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1)
+    values = []
+    for _ in range(resamples):
+        rows = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+        if y[rows].min() == y[rows].max():
+            continue
+        v = roc_auc_score(y[rows], score[rows])
+        values.append(v - roc_auc_score(y[rows], minus[rows]) if minus is not None else v)
+    if not values:
+        return math.nan, math.nan
+    tail = 100 * (1 - CONFIDENCE) / 2
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def wilson(successes: int, trials: int) -> tuple[float, float]:
+    """Wilson score interval of a proportion (sensible at 0 and at small n, unlike the normal approximation)."""
+    if trials <= 0:
+        return math.nan, math.nan
+    z = 1.959963984540054  # the 97.5th percentile of the standard normal
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)
