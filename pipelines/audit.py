@@ -49,6 +49,7 @@ _OBSERVATION_COLUMNS = ("observation_id", "patient_key", "concept", "code", "val
                         "effective_at", "status", "source_feed", "source_system", "source_id", "source_version",
                         "received_at")
 _BRONZE_WINDOW = timedelta(hours=1)  # around a silver row's received_at: the bronze files that can hold its record
+_SCORE_COMMITS_AFTER = 3  # a score batch commits alerts, then scores (and features): within a few versions
 
 
 class ExplainError(CarelakeError):
@@ -186,7 +187,10 @@ def explain(store: TableStore, cfg: Config, target: Target) -> dict[str, Any]:
         patient_key, scored_at = alert["patient_key"], alert["opened_at"]
     else:
         patient_key, scored_at = target.patient_key, target.scored_at
-    score = _score(store, read, patient_key, scored_at)
+    score = _score(store, read, patient_key, scored_at, alert["scores_version"] if alert else None)
+    if score is None and alert is None:
+        raise ExplainError(f"no score row {score_key(patient_key, scored_at)} in {SCORES} (version {read[SCORES]}): "
+                           f"never scored, or withdrawn since; find when with carelake audit diff {SCORES} V1 V2")
     ids = list(score["input_observation_ids"] or []) if score else list(alert["observation_ids"] or [])
     observations = _observations(store, cfg, read, score, ids, scored_at) if score else []
     return {"target": target.alert_id or score_key(patient_key, scored_at), "alert": alert, "score": score,
@@ -195,11 +199,21 @@ def explain(store: TableStore, cfg: Config, target: Target) -> dict[str, Any]:
             "tables_read": read, "observations": observations, "verdict": _verdict(score, ids, observations)}
 
 
-def _score(store: TableStore, read: dict[str, int], patient_key: str, at: datetime) -> dict | None:
-    read[SCORES] = store.version(SCORES)
-    found = find_rows(store, SCORES, read[SCORES], {"patient_key": patient_key, "scored_at": at},
-                      since=("scored_at", at, at + timedelta(milliseconds=1)))
-    return _pick(found[0], _SCORE_COLUMNS) if found else None
+def _score(store: TableStore, read: dict[str, int], patient_key: str, at: datetime,
+           read_by_alert: int | None) -> dict | None:
+    """The score row now; one withdrawn since (late or corrected data) as the batch that raised the alert wrote
+    it: at the alert's scores_version or in the few versions after it."""
+    latest = store.version(SCORES)
+    tried = [latest] + ([] if read_by_alert is None else
+                        list(range(read_by_alert, min(read_by_alert + _SCORE_COMMITS_AFTER, latest) + 1)))
+    for version in tried:
+        found = find_rows(store, SCORES, version, {"patient_key": patient_key, "scored_at": at},
+                          since=("scored_at", at, at + timedelta(milliseconds=1)))
+        if found:
+            read[SCORES] = version
+            return {**_pick(found[0], _SCORE_COLUMNS), "withdrawn_since": version != latest}
+    read[SCORES] = latest
+    return None
 
 
 def _observations(store: TableStore, cfg: Config, read: dict[str, int], score: dict, ids: list[str],

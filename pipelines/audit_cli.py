@@ -97,6 +97,9 @@ def write_explanation(r: dict[str, Any], out: TextIO) -> None:
         w("score      not in the current gold.early_warning_scores (withdrawn, or never scored): see `carelake audit "
           "diff gold.early_warning_scores`\n")
         return
+    if s["withdrawn_since"]:
+        w(f"score      withdrawn since (late or corrected data): shown as of gold.early_warning_scores "
+          f"v{r['tables_read']['gold.early_warning_scores']}\n")
     w(f"score      patient {s['patient_key']} at {cell(s['scored_at'])}  NEWS2 {cell(s['news2_score'])} "
       f"({cell(s['news2_band'])}{', partial' if s['news2_partial'] else ''})  qSOFA {cell(s['qsofa_score'])}  "
       f"SIRS {cell(s['sirs_count'])}  model risk {cell(s['model_risk'])}\n")

@@ -38,7 +38,7 @@ def _score(n: int) -> dict:
 
 def build_lake(root: Path) -> None:
     """A tiny lakehouse: scores, alerts, encounters and patients (names, MRNs, birth dates) in their real schemas."""
-    from gold import deterioration_alerts, early_warning_scores
+    from gold import deterioration_alerts, early_warning_scores, imaging_worklist
     from pipelines.store.deltars import DeltaRsStore
     from silver import encounters, patients
 
@@ -50,6 +50,12 @@ def build_lake(root: Path) -> None:
     store.append("silver.encounters", _rows(encounters.SCHEMA, [
         {"encounter_key": "e1", "identity_kind": "encounter", "patient_key": "p1", "location_point_of_care": "MED5E",
          "ingested_at": T0}]))
+    store.append("gold.imaging_worklist", _rows(imaging_worklist.SCHEMA, [
+        {"worklist_key": "1.2.3", "status": "unread", "rank": 1, "patient_key": "p1", "modality": "CT",
+         "priority": "STAT", "sla_breached": True, "waited_minutes": 75.0, "as_of": T0}]))
+    store.append("gold.imaging_sla_breaches", _rows(imaging_worklist.BREACH_SCHEMA, [
+        {"breach_id": "b1", "study_instance_uid": "1.2.3", "patient_key": "p1", "priority": "STAT",
+         "sla_minutes": 60.0, "available_at": T0, "opened_at": T0, "status": "open"}]))
     store.append("silver.patients", _rows(patients.SCHEMA, [
         {"patient_key": "p1", "identity_kind": "patient", "mrn": "MRN0001", "family_name": "Doe",
          "given_name": "Jane", "birth_date": datetime(1961, 3, 17).date(), "sex": "female", "ingested_at": T0}]))
@@ -185,6 +191,10 @@ def test_masked_views_and_marts_for_analysts(server):
     conn.close()
     ward = server.query("ana", "SELECT opened_on, ward, level, news2_band, alerts FROM gold.alerts_by_ward_day")
     assert ward == [("2026-01-05", "MED5E", "news2_high", "high", 1)]
+    assert server.query("ana", "SELECT * FROM gold.imaging_worklist_by_priority") == [
+        ("unread", "STAT", "CT", 1, 1, 75.0, 75.0, datetime(2026, 1, 5, 8, 0))]  # naive: UTC, the session zone
+    assert server.query("ana", "SELECT available_on, priority, breaches, still_unread, sla_minutes "
+                               "FROM gold.imaging_sla_by_day") == [("2026-01-05", "STAT", 1, 1, 60.0)]
 
 
 @pytest.mark.parametrize("sql, reason", [

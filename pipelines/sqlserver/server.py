@@ -36,6 +36,8 @@ def spark_settings(cfg: Config) -> dict[str, str]:
         # ${env:X} / ${system:x} in a statement stay text: substitution would put the server's environment (and
         # secrets in it) into a query after the guard has read it.
         "spark.sql.variable.substitute": "false",
+        # Many users' statements share the driver: a long aggregate does not hold a point query behind it (FIFO).
+        "spark.scheduler.mode": "FAIR",
     }
 
 
@@ -105,6 +107,7 @@ class SqlServer:
         self._thrift = None
         self._listener: Listener | None = None
         self._audit = GroupCommit(store)
+        self._stopping = threading.Event()
 
     def login(self, user: str, password: str) -> Login | None:
         """The login's role, or None when the credentials are wrong."""
@@ -131,6 +134,7 @@ class SqlServer:
     def start(self, host: str, port: int) -> str:
         """Start serving; the JDBC URL."""
         self._create_views()
+        self.catalog.warm(self._stopping)
         jvm = self.spark._jvm  # noqa: SLF001 - Spark's Thrift server has no Python API
         # Its execution Hive boots an embedded Derby (in the JVM's scratch folder), whose log defaults to the CWD.
         log_dir = self.cfg.path("_sqlserver")
@@ -194,6 +198,7 @@ class SqlServer:
         os.replace(temp, path)
 
     def stop(self) -> None:
+        self._stopping.set()
         path = discovery_file(self.cfg)
         try:
             if json.loads(path.read_text(encoding="utf-8")).get("pid") == os.getpid():
