@@ -398,7 +398,7 @@ def train(frame: pd.DataFrame, *, tracking_uri: str, seed: int, test_fraction: f
     model = _fit(train_rows, feature_names, seed)
     news2_alert = _news2(train_rows) >= NEWS2_ALERT
     target = alert_rate_per_100_patient_days or Timeline(train_rows).rate(news2_alert)
-    threshold = choose_threshold(train_rows, _risk(model, train_rows, feature_names), target)
+    threshold = choose_threshold(train_rows, _out_of_fold_risk(train_rows, feature_names, seed), target)
     risk, news2 = _risk(model, test_rows, feature_names), _news2(test_rows)
     metrics = {**evaluate(test_rows, risk, risk >= threshold, "model"),
                **evaluate(test_rows, news2, news2 >= NEWS2_ALERT, "news2"),
@@ -485,7 +485,7 @@ labels: {params.get('labels', 'n/a')}.
 ## Metrics (held-out patients; 95% intervals by a patient-level bootstrap, {BOOTSTRAPS} resamples, or Wilson)
 {table}
 
-Alert threshold: risk >= {m['threshold']:.4f}, chosen on the training patients for
+Alert threshold: risk >= {m['threshold']:.4f}, chosen on the training patients' out-of-fold risks for
 {m['target_alerts_per_100_patient_days']:.1f} alert episodes per 100 patient-days (NEWS2 >= 5's burden unless
 configured).
 
@@ -499,6 +499,26 @@ not a hospital. Intervals are wide with few deteriorating patients held out. Not
 or patients with chronic hypoxia on a scale-2 target. Recalibrate and re-evaluate before using it on another
 population.
 """
+
+
+def _out_of_fold_risk(rows: pd.DataFrame, feature_names: Sequence[str], seed: int, folds: int = 3) -> np.ndarray:
+    """Each training point's risk from a model fitted without its patient (patient folds, deteriorating patients
+    spread across them). The alert threshold is chosen on these: on its own training points a boosted model is
+    overconfident, and a threshold chosen there can flag nobody on new patients."""
+    positive = rows.groupby("patient_key")[LABEL].max()
+    rng = np.random.default_rng(seed)
+    fold_of: dict[str, int] = {}
+    for keys in (sorted(positive.index[positive == 1]), sorted(positive.index[positive == 0])):
+        for i, key in enumerate(rng.permutation(np.array(keys, dtype=object))):
+            fold_of[key] = i % folds
+    fold = rows["patient_key"].map(fold_of).to_numpy()
+    risk = np.full(len(rows), np.nan)
+    for k in range(folds):
+        held, rest = fold == k, fold != k
+        if not held.any() or rows.loc[rest, LABEL].nunique() < 2:
+            return _risk(_fit(rows, feature_names, seed), rows, feature_names)  # too few patients to hold any out
+        risk[held] = _risk(_fit(rows[rest], feature_names, seed), rows[held], feature_names)
+    return risk
 
 
 def _usable(train_rows: pd.DataFrame, feature_names: Sequence[str]) -> list[str]:

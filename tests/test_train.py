@@ -126,6 +126,18 @@ def test_champion_needs_the_auroc_interval_above_zero_and_no_fewer_patients_caug
     assert not _decided(model_minus_news2_auroc_ci_low=float("nan"))[0]  # no usable resample: no champion
 
 
+def test_the_threshold_is_chosen_on_risks_from_models_that_did_not_see_the_patient():
+    from models.deterioration import _fit, _out_of_fold_risk, _risk
+
+    frame = synthetic(8, informative="features")
+    oof = _out_of_fold_risk(frame, FEATURES, seed=1)
+    in_sample = _risk(_fit(frame, FEATURES, 1), frame, FEATURES)
+    assert oof.shape == in_sample.shape and not np.isnan(oof).any()
+    positive = frame["label"].to_numpy() == 1
+    # On its own training points the model is surer of the positives than a model that never saw them.
+    assert np.median(in_sample[positive]) > np.median(oof[positive])
+
+
 def test_unreachable_tracking_server_is_a_config_error():
     with pytest.raises(ConfigError, match="unreachable"):
         load_champion("http://127.0.0.1:9")
