@@ -746,19 +746,20 @@ class Runner:
                     self.spark.conf.set(key, value)
         return _Running(job, query, summary)
 
-    @staticmethod
-    def reached(running: _Running) -> bool:
-        """Whether a bounded available-now query (targets) has committed every source up to its target. Spark's
-        progress names its Python sources by object, not table; but a source never passes its target (the reader
-        caps its offsets at endingVersion), so the sum of the committed end versions reaches the sum of the targets
-        only when every source has reached its own. Then no further batch can start, and stopping is clean."""
+    def reached(self, running: _Running) -> bool:
+        """Whether a bounded available-now query (targets) has committed every source up to its target, read from
+        its checkpoint: the offsets of the newest committed batch. The offsets log lists the sources in plan order,
+        not by table; but a source never passes its target (the reader caps its offsets at endingVersion), so the
+        sum of the committed end versions reaches the sum of the targets only when every source has reached its
+        own. From then on no batch can start, and stopping the query is clean."""
         if running.targets is None:
             return False
-        progress = running.query.lastProgress
-        if not progress:
+        folder = self.cfg.path("_checkpoints", running.job.name)
+        done = [int(p.name) for p in (folder / "commits").glob("[0-9]*") if p.name.isdigit()]
+        if not done:
             return False
-        ends = [json.loads(s["endOffset"])["version"] for s in progress["sources"]
-                if s.get("endOffset") not in (None, "None")]
+        lines = (folder / "offsets" / str(max(done))).read_text().splitlines()[2:]
+        ends = [json.loads(line)["version"] for line in lines if line.strip() not in ("", "-")]
         return len(ends) == len(running.targets) and sum(ends) >= sum(running.targets.values())
 
     def _stop_gracefully(self, running: _Running) -> None:
