@@ -22,6 +22,7 @@ LONGEST_FILES = {
     "test_crash_safety.py": 113, "test_silver_patients.py": 90, "test_silver_encounters.py": 89,
     "test_executor_writes.py": 80, "test_quality_spark.py": 70, "test_silver_observations.py": 52,
     "test_dicom_flow.py": 95, "test_silver_imaging.py": 60,
+    "test_backfill.py": 120,
 }
 
 
