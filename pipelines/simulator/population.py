@@ -107,6 +107,7 @@ class Encounter:
     update_s: int | None = None        # A08 demographic correction
     updated: Person | None = None
     fhir_vitals: bool = False
+    patient_class: str = "I"           # PV1-2: I inpatient, E emergency, O outpatient
 
     def mrn_at(self, t: int) -> str:
         if self.duplicate is not None and (self.merge_s is None or t < self.merge_s):
