@@ -84,6 +84,8 @@ class _Running:
     query: StreamingQuery
     summary: JobSummary
     started: float = field(default_factory=time.monotonic)
+    # Available-now over carelake_delta sources: each source table's version when the run started (see targets).
+    targets: dict[str, int] | None = None
 
 
 class StopSignal:
@@ -182,6 +184,8 @@ CHUNK_STRIDE = 100_000
 # Bronze lineage: a chunk is a contiguous range of the batch in (bronze commit, landing file, byte offset) order,
 # so chunks are committed in arrival order, exactly as smaller micro-batches would have been.
 ORDER_COLUMNS = ("_commit_version", "landing_file", "landing_position")
+# Available-now over carelake_delta sources (Runner.targets): how often an idle query looks for its next batch.
+BOUNDED_POLL_MS = 200
 # A batch this large that arrived in fewer partitions than Spark has cores is spread out before chunking.
 SPREAD_ROWS = 100_000
 
@@ -314,7 +318,7 @@ class Runner:
             layout.write_text(job.state.layout + "\n")
         return str(here)
 
-    def _source(self, job: Job) -> DataFrame:
+    def _source(self, job: Job, targets: dict[str, int] | None = None) -> DataFrame:
         if isinstance(job.source, LandingSource):
             streaming = self.cfg.streaming
             # A source the transform reads itself (content=False) is admitted by files: its batches cost no memory
@@ -327,7 +331,7 @@ class Runner:
                 united = united.unionByName(more)
             # Without `content` selected, Spark's binaryFile source lists the files and never reads them.
             return united if job.source.content else united.select("path", "modificationTime", "length")
-        streams = [self._changes(job, table) for table in job.source.tables]
+        streams = [self._changes(job, table, (targets or {}).get(table)) for table in job.source.tables]
         united = streams[0]
         for more in streams[1:]:
             united = united.unionByName(more, allowMissingColumns=True)
@@ -350,8 +354,9 @@ class Runner:
         folder.mkdir(parents=True, exist_ok=True)
         return str(folder)
 
-    def _changes(self, job: Job, upstream: str) -> DataFrame:
-        """The change feed of one upstream table, as a stream."""
+    def _changes(self, job: Job, upstream: str, ending_version: int | None = None) -> DataFrame:
+        """The change feed of one upstream table, as a stream: batches of at most about
+        streaming.max_rows_per_batch change rows (at least one table version), up to `ending_version` if given."""
         if not self.store.exists(upstream):
             raise UsageError(f"{job.name} reads {upstream}, which does not exist yet; run: carelake run {upstream}")
         path = str(self.store.ref(upstream).path)
@@ -365,7 +370,11 @@ class Runner:
             self._registered_source = True
         from pipelines.deltasource import FORMAT
 
-        return self.spark.readStream.format(FORMAT).option("path", path).load()
+        reader = (self.spark.readStream.format(FORMAT).option("path", path)
+                  .option("maxRowsPerBatch", self.cfg.streaming.max_rows_per_batch))
+        if ending_version is not None:
+            reader = reader.option("endingVersion", ending_version)
+        return reader.load()
 
     def _read_table(self, name: str, since: tuple[str, datetime] | tuple[str, datetime, datetime] | None = None
                     ) -> DataFrame:
@@ -688,18 +697,35 @@ class Runner:
     # -- queries -----------------------------------------------------------------------------
     def start(self, job: Job, trigger: Trigger) -> _Running:
         summary = JobSummary(job.name, status="running")
-        writer = (self._source(job).writeStream.queryName(job.name.replace(".", "_"))
+        targets = self.targets(job) if trigger.available_now else None
+        writer = (self._source(job, targets).writeStream.queryName(job.name.replace(".", "_"))
                   .option("checkpointLocation", self.checkpoint(job))
                   .foreachBatch(self._batch_handler(job, summary)))
-        if job.state is not None:
-            return self._start_with(job, trigger, writer, summary,
-                                    {"spark.sql.shuffle.partitions": str(job.state.partitions)})
-        return self._start_with(job, trigger, writer, summary, {})
+        conf = {"spark.sql.shuffle.partitions": str(job.state.partitions)} if job.state is not None else {}
+        running = self._start_with(job, trigger, writer, summary, conf, bounded=targets is not None)
+        running.targets = targets
+        return running
 
-    def _start_with(self, job: Job, trigger: Trigger, writer, summary: JobSummary, conf: dict[str, str]) -> _Running:
+    def targets(self, job: Job) -> dict[str, int] | None:
+        """Available-now for a job fed by carelake_delta sources: each source table's version now, the run's target.
+
+        Spark's available-now takes a source without native support for it (SupportsTriggerAvailableNow, which the
+        Python source API lacks) to its latest offset in ONE batch, whatever the reader's bound: a backfill of a
+        million rows would be one batch. So such a job runs on a processing-time trigger, each source capped at
+        its target (option endingVersion) and its batches bounded by rows, and the runner stops it once every
+        source's committed offset reached its target (reached())."""
+        if not isinstance(job.source, TableSource) or self.store.engine == "delta-spark":
+            return None
+        return {table: self.store.version(table) for table in job.source.tables}
+
+    def _start_with(self, job: Job, trigger: Trigger, writer, summary: JobSummary, conf: dict[str, str],
+                    bounded: bool = False) -> _Running:
         """Start the query with `conf` set for it alone: a query plans its batches in a copy of the session taken
-        when it starts, so the session's own settings are put back at once."""
-        if trigger.available_now:
+        when it starts, so the session's own settings are put back at once. `bounded`: available-now as a
+        processing-time query up to the sources' ending versions (targets)."""
+        if bounded:
+            writer = writer.trigger(processingTime=f"{BOUNDED_POLL_MS} milliseconds")
+        elif trigger.available_now:
             writer = writer.trigger(availableNow=True)
         else:
             from pipelines.config import parse_duration_ms
@@ -719,6 +745,22 @@ class Runner:
                 else:
                     self.spark.conf.set(key, value)
         return _Running(job, query, summary)
+
+    def reached(self, running: _Running) -> bool:
+        """Whether a bounded available-now query (targets) has committed every source up to its target, read from
+        its checkpoint: the offsets of the newest committed batch. The offsets log lists the sources in plan order,
+        not by table; but a source never passes its target (the reader caps its offsets at endingVersion), so the
+        sum of the committed end versions reaches the sum of the targets only when every source has reached its
+        own. From then on no batch can start, and stopping the query is clean."""
+        if running.targets is None:
+            return False
+        folder = self.cfg.path("_checkpoints", running.job.name)
+        done = [int(p.name) for p in (folder / "commits").glob("[0-9]*") if p.name.isdigit()]
+        if not done:
+            return False
+        lines = (folder / "offsets" / str(max(done))).read_text().splitlines()[2:]
+        ends = [json.loads(line)["version"] for line in lines if line.strip() not in ("", "-")]
+        return len(ends) == len(running.targets) and sum(ends) >= sum(running.targets.values())
 
     def _stop_gracefully(self, running: _Running) -> None:
         deadline = time.monotonic() + self.cfg.streaming.stop_timeout_s
@@ -785,7 +827,7 @@ class Runner:
             summary = self._skip_missing_upstream(job)
             if summary is None:
                 running = self.start(job, trigger)
-                while running.query.isActive and not stop.event.is_set():
+                while running.query.isActive and not stop.event.is_set() and not self.reached(running):
                     try:
                         running.query.awaitTermination(0.5)
                     except StreamingQueryException:

@@ -25,6 +25,7 @@ LONGEST_FILES = {
     "test_imaging_worklist.py": 120, "test_imaging_cli.py": 90,
     "test_claims_rules.py": 100, "test_provider_risk.py": 90, "test_claims_model.py": 60,  # claimsgold, at load ~20
     "test_notebooks.py": 150,  # a simulated hospital + PhysioNet sample through every job (estimate)
+    "test_backfill.py": 120,
 }
 # Imaging orders, reports and matching (estimates from a loaded machine, scaled to a quiet one).
 LONGEST_FILES.update({"test_silver_imaging_orders.py": 35, "test_silver_imaging_reports.py": 30,

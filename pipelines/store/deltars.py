@@ -180,6 +180,38 @@ def load_changes(path: str, start_version: int, end_version: int) -> pa.Table:
     return _concat_changes(pieces)
 
 
+def change_rows(path: str, version: int) -> int:
+    """About how many change-feed rows `load_changes` reads for one version, from its commit file alone (no data
+    read): the rows of its change files (carelake's or Delta's cdc files, from their Parquet footers), else the
+    `numRecords` statistics of the files it adds. For admission control: an estimate, never a correctness input.
+    A commit file the log no longer holds counts 0 rows."""
+    import pyarrow.parquet as pq
+
+    from pipelines.store import executors as ex
+
+    try:
+        with open(os.path.join(path, "_delta_log", f"{version:020d}.json"), encoding="utf-8") as fh:
+            actions = [json.loads(line) for line in fh if line.strip()]
+    except FileNotFoundError:
+        return 0
+
+    def footer(relative: str) -> int:
+        return pq.ParquetFile(os.path.join(path, unquote(relative))).metadata.num_rows
+
+    info = next((a["commitInfo"] for a in actions if "commitInfo" in a), {})
+    listed = json.loads(info.get(ex.CHANGE_FILES_KEY, "null") or "null")
+    if listed is not None:
+        return sum(footer(f) for f in listed)
+    cdc = [a["cdc"]["path"] for a in actions if "cdc" in a]
+    if cdc:
+        return sum(footer(f) for f in cdc)
+    rows = 0
+    for add in (a["add"] for a in actions if "add" in a and a["add"].get("dataChange", True)):
+        stats = json.loads(add.get("stats") or "{}")
+        rows += int(stats["numRecords"]) if "numRecords" in stats else footer(add["path"])
+    return rows
+
+
 def _concat_changes(pieces: list[pa.Table]) -> pa.Table:
     """Change rows from delta-rs and from change files as one table (plain layouts; a column missing from older
     versions is null)."""
