@@ -190,7 +190,7 @@ PHENOTYPES: tuple[Phenotype, ...] = (
               chance_if=0.3, min_age=75),
 )
 PHENOTYPE = {p.name: p for p in PHENOTYPES}
-LONG_TERM_O2 = 0.4  # share of chronic_hypoxia patients on 1-2 L/min nasal oxygen throughout
+LONG_TERM_O2 = 0.25  # share of chronic_hypoxia patients on 1-2 L/min nasal oxygen throughout
 
 # Transient illnesses that are not a labelled deterioration: they resolve by themselves or with simple treatment,
 # and several of them push NEWS2 to 5 or more for hours (Course.ramp_hours = onset-to-plateau; stage as for COURSES).
