@@ -387,9 +387,12 @@ def _assign_beds(encounters: list[Encounter], params: SimParams, icu_beds: int) 
     wards = {w: BedPool([(f"{100 * (k + 4) + r + 1}", b) for r in range(WARD_ROOMS) for b in "AB"])
              for k, w in enumerate(WARDS)}
     order = sorted(encounters, key=lambda e: (e.admit_s, e.visit_no))
+    # ICU beds go to whoever needs one first (a deterioration escalates at its peak, perhaps long after admission)
+    wants = {e.visit_no: w for e in encounters if (w := _icu_window(e, params)) is not None}
+    granted = {v: icu.take(*wants[v]) for v in sorted(wants, key=lambda v: (wants[v][0], v))}
     for enc in order:
         end = enc.discharge_s if enc.discharge_s is not None else params.hours * HOUR + 7 * 24 * HOUR
-        spans = _care_spans(enc, icu, params, end)
+        spans = _care_spans(enc, wants.get(enc.visit_no), granted.get(enc.visit_no), end)
         ward_name = WARDS[int(enc.draws["u_ward"] * len(WARDS))]
         for begin, finish, icu_bed in spans:
             if icu_bed is not None:
@@ -400,10 +403,9 @@ def _assign_beds(encounters: list[Encounter], params: SimParams, icu_beds: int) 
             enc.stays.append(Stay(ward_name, room, bed, begin, finish, enc.person.mrn))
 
 
-def _care_spans(enc: Encounter, icu: BedPool, params: SimParams, end: int) -> list[tuple[int, int, str | None]]:
-    """The encounter's stay split into ward and ICU spans (ICU only when a bed is free)."""
-    want = _icu_window(enc, params)
-    got = icu.take(*want) if want else None
+def _care_spans(enc: Encounter, want: tuple[int, int] | None, got: tuple[str, str] | None,
+                end: int) -> list[tuple[int, int, str | None]]:
+    """The encounter's stay split into ward and ICU spans (ICU only when a bed was free: `got`)."""
     if want is None or got is None:
         return [(enc.admit_s, end, None)]
     spans: list[tuple[int, int, str | None]] = []
