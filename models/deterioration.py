@@ -59,7 +59,7 @@ ONE_THREAD_BELOW_ROWS = 200_000
 BOOTSTRAPS = 300  # patient-level resamples behind each interval
 _MLFLOW_LOCK = threading.RLock()
 _PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-_CHAMPIONS: dict[tuple[str, str], Champion] = {}
+_CHAMPIONS: dict[tuple[str, str, str], Any] = {}
 
 
 # -- labels and the training frame ---------------------------------------------------------------
@@ -554,19 +554,25 @@ def _log(uri: str, model, train_rows: pd.DataFrame, inputs: tuple[list[str], lis
 
 
 def _register(client: MlflowClient, info, run_id: str, metrics: Mapping[str, float]) -> str:
+    tags = {THRESHOLD_TAG: repr(metrics["threshold"]), "carelake.model_auroc": f"{metrics['model_auroc']:.4f}",
+            "carelake.news2_auroc": f"{metrics['news2_auroc']:.4f}"}
+    return register_champion(client, MODEL_NAME, "Deterioration within the horizon, from vitals features; champion "
+                             "= beats NEWS2 >= 5 on held-out patients", info, run_id, tags)
+
+
+def register_champion(client: MlflowClient, model_name: str, description: str, info, run_id: str,
+                      tags: Mapping[str, str]) -> str:
+    """A new version of the registered model (created on first use) from a logged model, aliased `champion`."""
     from mlflow.exceptions import MlflowException
 
     try:
-        client.create_registered_model(MODEL_NAME, description="Deterioration within the horizon, from vitals "
-                                       "features; champion = beats NEWS2 >= 5 on held-out patients")
+        client.create_registered_model(model_name, description=description)
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    tags = {THRESHOLD_TAG: repr(metrics["threshold"]), "carelake.model_auroc": f"{metrics['model_auroc']:.4f}",
-            "carelake.news2_auroc": f"{metrics['news2_auroc']:.4f}"}
-    mv = client.create_model_version(MODEL_NAME, source=info.model_uri, run_id=run_id, tags=tags,
+    mv = client.create_model_version(model_name, source=info.model_uri, run_id=run_id, tags=dict(tags),
                                      model_id=info.model_id)
-    client.set_registered_model_alias(MODEL_NAME, ALIAS, mv.version)
+    client.set_registered_model_alias(model_name, ALIAS, mv.version)
     return str(mv.version)
 
 
@@ -600,6 +606,12 @@ def _not_found(exc: Exception) -> bool:
 
 def load_champion(tracking_uri: str) -> Champion | None:
     """The model under alias `champion`, or None when none is registered. Cached by (uri, version)."""
+    return cached_champion(tracking_uri, MODEL_NAME, _load_version)
+
+
+def cached_champion(tracking_uri: str, model_name: str, load: Callable[[str, Any], Any]) -> Any:
+    """`load(uri, model version)` of the version under alias `champion` of a registered model, or None when none is
+    registered. Cached per (uri, model, version): a new champion replaces its predecessor in the cache."""
     from mlflow.exceptions import MlflowException
 
     db = _sqlite_path(tracking_uri)
@@ -607,17 +619,17 @@ def load_champion(tracking_uri: str) -> Champion | None:
         return None
     client = _client(tracking_uri)
     try:
-        mv = client.get_model_version_by_alias(MODEL_NAME, ALIAS)
+        mv = client.get_model_version_by_alias(model_name, ALIAS)
     except MlflowException as exc:
         if _not_found(exc):
             return None
         raise ConfigError(f"MLflow registry {tracking_uri}: {str(exc).splitlines()[0]}") from None
-    key = (tracking_uri, str(mv.version))
+    key = (tracking_uri, model_name, str(mv.version))
     cached = _CHAMPIONS.get(key)
     if cached is None:
-        cached = _load_version(tracking_uri, mv)
-        for old in [k for k in _CHAMPIONS if k[0] == tracking_uri]:
-            del _CHAMPIONS[old]  # a new champion replaces the old one in the cache
+        cached = load(tracking_uri, mv)
+        for old in [k for k in _CHAMPIONS if k[:2] == key[:2]]:
+            del _CHAMPIONS[old]
         _CHAMPIONS[key] = cached
     return cached
 

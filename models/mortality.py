@@ -300,10 +300,9 @@ def _log(uri: str, model, x: pd.DataFrame, evaluation: Evaluation, champion: boo
     import mlflow
     import mlflow.sklearn
     import sklearn
-    from mlflow.exceptions import MlflowException
     from mlflow.models import infer_signature
 
-    from models.deterioration import _client, _experiment_id, _mlflow_at
+    from models.deterioration import _client, _experiment_id, _mlflow_at, register_champion
 
     client = _client(uri)
     with _mlflow_at(uri):
@@ -319,13 +318,7 @@ def _log(uri: str, model, x: pd.DataFrame, evaluation: Evaluation, champion: boo
             mlflow.set_tags({"carelake.champion": str(champion).lower(), "carelake.threshold": repr(threshold)})
         if not champion:
             return run.info.run_id, None
-        try:
-            client.create_registered_model(MODEL_NAME, description="In-hospital death from the first 48 h of an "
-                                           "ICU stay; champion = beats SAPS-I (AUROC CI, Event 1)")
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        mv = client.create_model_version(MODEL_NAME, source=info.model_uri, run_id=run.info.run_id,
-                                         model_id=info.model_id, tags={"carelake.threshold": repr(threshold)})
-        client.set_registered_model_alias(MODEL_NAME, ALIAS, mv.version)
-    return run.info.run_id, str(mv.version)
+        version = register_champion(client, MODEL_NAME, "In-hospital death from the first 48 h of an ICU stay; "
+                                    "champion = beats SAPS-I (AUROC CI, Event 1)", info, run.info.run_id,
+                                    {"carelake.threshold": repr(threshold)})
+    return run.info.run_id, version

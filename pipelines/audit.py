@@ -11,7 +11,8 @@ The chain, each hop by the provenance the row carries:
 
 Reads go through delta-rs without Spark. What bounds the cost: a score row and the silver rows are found in the
 data files whose statistics can hold them (a time window around the score), a bronze record in the files of its
-received time; an alert is found by reading only the `alert_id` column of the alerts table.
+received time; an alert is found by reading only the `alert_id` column of the alerts table (so is an input older
+than the `gold.history` window, e.g. an SpO2 scale-2 marker: only the `observation_id` column of every file).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ _OBSERVATION_COLUMNS = ("observation_id", "patient_key", "concept", "code", "val
                         "effective_at", "status", "source_feed", "source_system", "source_id", "source_version",
                         "received_at")
 _BRONZE_WINDOW = timedelta(hours=1)  # around a silver row's received_at: the bronze files that can hold its record
+_SCORE_COMMITS_AFTER = 3  # a score batch commits alerts, then scores (and features): within a few versions
 
 
 class ExplainError(CarelakeError):
@@ -185,7 +187,10 @@ def explain(store: TableStore, cfg: Config, target: Target) -> dict[str, Any]:
         patient_key, scored_at = alert["patient_key"], alert["opened_at"]
     else:
         patient_key, scored_at = target.patient_key, target.scored_at
-    score = _score(store, read, patient_key, scored_at)
+    score = _score(store, read, patient_key, scored_at, alert["scores_version"] if alert else None)
+    if score is None and alert is None:
+        raise ExplainError(f"no score row {score_key(patient_key, scored_at)} in {SCORES} (version {read[SCORES]}): "
+                           f"never scored, or withdrawn since; find when with carelake audit diff {SCORES} V1 V2")
     ids = list(score["input_observation_ids"] or []) if score else list(alert["observation_ids"] or [])
     observations = _observations(store, cfg, read, score, ids, scored_at) if score else []
     return {"target": target.alert_id or score_key(patient_key, scored_at), "alert": alert, "score": score,
@@ -194,11 +199,21 @@ def explain(store: TableStore, cfg: Config, target: Target) -> dict[str, Any]:
             "tables_read": read, "observations": observations, "verdict": _verdict(score, ids, observations)}
 
 
-def _score(store: TableStore, read: dict[str, int], patient_key: str, at: datetime) -> dict | None:
-    read[SCORES] = store.version(SCORES)
-    found = find_rows(store, SCORES, read[SCORES], {"patient_key": patient_key, "scored_at": at},
-                      since=("scored_at", at, at + timedelta(milliseconds=1)))
-    return _pick(found[0], _SCORE_COLUMNS) if found else None
+def _score(store: TableStore, read: dict[str, int], patient_key: str, at: datetime,
+           read_by_alert: int | None) -> dict | None:
+    """The score row now; one withdrawn since (late or corrected data) as the batch that raised the alert wrote
+    it: at the alert's scores_version or in the few versions after it."""
+    latest = store.version(SCORES)
+    tried = [latest] + ([] if read_by_alert is None else
+                        list(range(read_by_alert, min(read_by_alert + _SCORE_COMMITS_AFTER, latest) + 1)))
+    for version in tried:
+        found = find_rows(store, SCORES, version, {"patient_key": patient_key, "scored_at": at},
+                          since=("scored_at", at, at + timedelta(milliseconds=1)))
+        if found:
+            read[SCORES] = version
+            return {**_pick(found[0], _SCORE_COLUMNS), "withdrawn_since": version != latest}
+    read[SCORES] = latest
+    return None
 
 
 def _observations(store: TableStore, cfg: Config, read: dict[str, int], score: dict, ids: list[str],
@@ -209,6 +224,10 @@ def _observations(store: TableStore, cfg: Config, read: dict[str, int], score: d
     rows = find_rows(store, OBSERVATIONS, version, {"observation_id": ids},
                      since=("effective_at", at - history, at + timedelta(milliseconds=1)))
     by_id = {r["observation_id"]: r for r in rows}
+    older = [i for i in ids if i not in by_id]  # an input from before the window (a scale-2 marker): look wider
+    if older:
+        by_id.update((r["observation_id"], r) for r in find_rows(store, OBSERVATIONS, version,
+                                                                 {"observation_id": older}, probe="observation_id"))
     bronze_cache: dict[tuple, dict] = {}
     out = []
     for oid in ids:

@@ -48,11 +48,21 @@ def audit_store(ctx: Context):
     return DeltaRsStore(ctx.cfg)
 
 
-def _record(store, action: str, statement: str, outcome: str, tables: dict, rows: int | None,
-            detail: str | None) -> None:
+def _record(store, action: str, statement: str, outcome: str, tables, rows: int | None, detail: str | None) -> None:
     from pipelines.audit_log import record
 
     record(store, action=action, outcome=outcome, statement=statement, tables=tables, rows=rows, detail=detail)
+
+
+def _audited(store, action: str, statement: str, run):
+    """run() -> (result, tables, rows, detail), recorded in ops.audit_log as allowed; a failure as failed."""
+    try:
+        result, tables, rows, detail = run()
+    except Exception as exc:
+        _record(store, action, statement, "failed", {}, None, str(exc).splitlines()[0] if str(exc) else repr(exc))
+        raise
+    _record(store, action, statement, "allowed", tables, rows, detail)
+    return result
 
 
 def cmd_explain(ctx: Context) -> int:
@@ -60,14 +70,12 @@ def cmd_explain(ctx: Context) -> int:
 
     store = audit_store(ctx)
     target = Target.parse(ctx.args.target)
-    statement = f"carelake audit explain {ctx.args.target}"
-    try:
-        result = explain(store, ctx.cfg, target)
-    except Exception as exc:
-        _record(store, "explain", statement, "failed", {}, None, str(exc).splitlines()[0] if str(exc) else repr(exc))
-        raise
-    _record(store, "explain", statement, "allowed", result["tables_read"], len(result["observations"]),
-            result["verdict"])
+
+    def run():
+        r = explain(store, ctx.cfg, target)
+        return r, r["tables_read"], len(r["observations"]), r["verdict"]
+
+    result = _audited(store, "explain", f"carelake audit explain {ctx.args.target}", run)
     if ctx.args.json:
         print(json.dumps(jsonable(result), indent=2, ensure_ascii=False))
     else:
@@ -89,6 +97,9 @@ def write_explanation(r: dict[str, Any], out: TextIO) -> None:
         w("score      not in the current gold.early_warning_scores (withdrawn, or never scored): see `carelake audit "
           "diff gold.early_warning_scores`\n")
         return
+    if s["withdrawn_since"]:
+        w(f"score      withdrawn since (late or corrected data): shown as of gold.early_warning_scores "
+          f"v{r['tables_read']['gold.early_warning_scores']}\n")
     w(f"score      patient {s['patient_key']} at {cell(s['scored_at'])}  NEWS2 {cell(s['news2_score'])} "
       f"({cell(s['news2_band'])}{', partial' if s['news2_partial'] else ''})  qSOFA {cell(s['qsofa_score'])}  "
       f"SIRS {cell(s['sirs_count'])}  model risk {cell(s['model_risk'])}\n")
@@ -116,9 +127,12 @@ def cmd_as_of(ctx: Context) -> int:
 
     a = ctx.args
     store = audit_store(ctx)
-    r = as_of(store, a.table, a.moment, a.limit)
-    _record(store, "as_of", f"carelake audit as-of {a.table} {a.moment}", "allowed", {a.table: r.version},
-            r.head.num_rows, None)
+
+    def run():
+        found = as_of(store, a.table, a.moment, a.limit)
+        return found, {a.table: found.version}, found.head.num_rows, None
+
+    r = _audited(store, "as_of", f"carelake audit as-of {a.table} {a.moment}", run)
     c = r.commit
     head = {"table": r.table, "version": r.version, "committed": c.timestamp, "operation": c.operation,
             "rows": r.rows, "reason": c.metadata.get("carelake.reason")}
@@ -142,10 +156,14 @@ def cmd_diff(ctx: Context) -> int:
     a = ctx.args
     store = audit_store(ctx)
     key = tuple(k.strip() for k in a.key.split(",") if k.strip()) if a.key else table_keys(ctx.cfg, a.table)
-    d = diff(store, a.table, a.v1, a.v2, key)
+
+    def run():
+        found = diff(store, a.table, a.v1, a.v2, key)
+        n = found.summary()
+        return found, [(a.table, a.v1), (a.table, a.v2)], n["added"] + n["changed"] + n["removed"], None
+
+    d = _audited(store, "diff", f"carelake audit diff {a.table} {a.v1} {a.v2}", run)
     s = d.summary()
-    _record(store, "diff", f"carelake audit diff {a.table} {a.v1} {a.v2}", "allowed",
-            [(a.table, a.v1), (a.table, a.v2)], s["added"] + s["changed"] + s["removed"], None)
     if a.json:
         for item in (s, *d.changes()):
             print(json.dumps(jsonable(item), ensure_ascii=False))
@@ -203,16 +221,15 @@ def cmd_vacuum_all(ctx: Context) -> int:
 
     store = ctx.store(need_spark=False)
     dry = ctx.args.dry_run
-    statement = "carelake vacuum --all" + (" --dry-run" if dry else "")
-    try:
-        swept = vacuum_all(store, ctx.cfg, dry_run=dry)
-    except Exception as exc:
-        _record(store, "vacuum", statement, "failed", {}, None, str(exc).splitlines()[0] if str(exc) else repr(exc))
-        raise
+
+    def run():
+        done = vacuum_all(store, ctx.cfg, dry_run=dry)
+        tables = [(s.what, None) for s in done if s.removed and not s.what.startswith("landing/")]
+        detail = "; ".join(f"{s.what}: {s.removed} file(s) past {s.kept_days} d" for s in done if s.removed)
+        return done, tables, sum(s.removed for s in done), detail or None
+
+    swept = _audited(store, "vacuum", "carelake vacuum --all" + (" --dry-run" if dry else ""), run)
     total = sum(s.removed for s in swept)
-    tables = [(s.what, None) for s in swept if s.removed and not s.what.startswith("landing/")]
-    _record(store, "vacuum", statement, "allowed", tables, total,
-            "; ".join(f"{s.what}: {s.removed} file(s) past {s.kept_days} d" for s in swept if s.removed) or None)
     print_table(["table / landing feed", "kept (days)", "would remove" if dry else "removed"],
                 [(s.what, s.kept_days, s.removed) for s in swept])
     print(f"vacuum --all: {'would remove' if dry else 'removed'} {total} file(s) past their retention")

@@ -294,7 +294,8 @@ def cmd_send(ctx: Context) -> int:
 
     a = ctx.args
     report = send(ctx.cfg, a.to, a.paths, rate=a.rate, connections=a.connections, batch=a.batch,
-                  ack_log=a.ack_log, on_progress=lambda line: log.info("%s", line), ae_title=a.ae_title)
+                  ack_log=a.ack_log, on_progress=lambda line: log.info("%s", line), ae_title=a.ae_title,
+                  tls_ca=a.tls_ca, tls_cert=a.tls_cert, tls_key=a.tls_key, token_file=a.token_file)
     print(report.summary())
     return 0 if report.complete else 1
 
@@ -327,6 +328,53 @@ def cmd_train(ctx: Context) -> int:
     return 0
 
 
+def cmd_imaging_replay(ctx: Context) -> int:
+    import json
+
+    from pipelines.imaging_replay import run_replay
+
+    a = ctx.args
+    model = None
+    if a.model == "champion":
+        from models.critical_finding import load_champion
+        from models.deterioration import default_tracking_uri
+
+        model = load_champion(a.tracking_uri or default_tracking_uri(ctx.cfg))
+    figures = run_replay(a.truth, ctx.cfg.imaging, radiologists=a.radiologists, reads_per_hour=a.reads_per_hour,
+                         model=model)
+    print(json.dumps(figures, sort_keys=True))
+    return 0
+
+
+def cmd_imaging_train(ctx: Context) -> int:
+    from pipelines.training import print_critical_finding, train_critical_finding
+
+    result, uri = train_critical_finding(ctx.cfg, ctx.spark, ctx.store(need_spark=True), ctx.args.labels,
+                                         tracking_uri=ctx.args.tracking_uri)
+    print_critical_finding(result, uri)
+    return 0
+
+
+def add_imaging_parser(sub) -> None:
+    """`carelake imaging replay | train`."""
+    im = sub.add_parser("imaging", help="imaging worklist: replay a day through a reading room; train the "
+                                        "critical-finding model")
+    isub = im.add_subparsers(dest="imaging_command", metavar="ACTION", required=True)
+    rp = isub.add_parser("replay", help="time-to-read of critical studies under FIFO, order priority and the "
+                                        "carelake worklist (one JSON line)")
+    rp.add_argument("--truth", required=True, help="the simulator's DIR/truth/imaging.csv")
+    rp.add_argument("--radiologists", type=int, help="readers (imaging.replay_radiologists)")
+    rp.add_argument("--reads-per-hour", type=float, help="reads per radiologist per hour "
+                                                         "(imaging.replay_reads_per_hour)")
+    rp.add_argument("--model", choices=["champion", "none"], default="champion",
+                    help="rank with the registered critical-finding champion (if any) or without a model")
+    rp.add_argument("--tracking-uri", help="MLflow tracking URI (models.tracking_uri; default sqlite under the root)")
+    rp.set_defaults(func=cmd_imaging_replay)
+    tr = isub.add_parser("train", help="train the critical-finding model on the lakehouse's studies and the "
+                                       "simulator's labels; champion only if it beats order priority")
+    tr.add_argument("--labels", required=True, help="the simulator's DIR/truth/imaging.csv (critical_finding)")
+    tr.add_argument("--tracking-uri", help="MLflow tracking URI (models.tracking_uri; default sqlite under the root)")
+    tr.set_defaults(func=cmd_imaging_train)
 def cmd_sql_server(ctx: Context) -> int:
     from pipelines.sqlserver.server import serve
 
@@ -452,6 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parallel MLLP connections or DICOM associations (default 1, which keeps the files' order)")
     d.add_argument("--batch", type=int, default=1000, help="JSON lines per HTTP POST (default 1000)")
     d.add_argument("--ack-log", help="append one line per answered message (answer, MSH-10, file:offset)")
+    d.add_argument("--tls-ca", help="TLS: trust the gateway by this CA bundle (PEM); turns TLS on for MLLP")
+    d.add_argument("--tls-cert", help="mutual TLS: the client certificate (PEM) to present, with --tls-key")
+    d.add_argument("--tls-key", help="mutual TLS: the client certificate's private key (PEM)")
+    d.add_argument("--token-file", help="HTTP: a file whose first line is the bearer token to send")
     d.set_defaults(func=cmd_send)
 
     o = sub.add_parser("optimize", help="compact a table's small files (time travel is kept)")
@@ -499,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--folds", type=_folds, default=5, help="mortality: cross-validation folds (2-20, default 5)")
     tr.add_argument("--tracking-uri", help="MLflow tracking URI (models.tracking_uri; default sqlite under the root)")
     tr.set_defaults(func=cmd_train)
+    add_imaging_parser(sub)
 
     from pipelines.audit_cli import add_parser as add_audit_parser
 

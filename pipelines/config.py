@@ -26,7 +26,7 @@ LAYERS = ("bronze", "silver", "gold", "ops")
 RETENTION_KEYS = (*LAYERS, "landing", "audit")
 LOG_LEVELS = ("ERROR", "WARN", "INFO", "DEBUG")
 _ENV_PREFIX = "CARELAKE_"
-_ENV_RESERVED = {"CARELAKE_ENV", "CARELAKE_CONF_DIR"}
+_ENV_RESERVED = {"CARELAKE_ENV", "CARELAKE_CONF_DIR", "CARELAKE_GATEWAY_TOKENS"}  # not configuration keys
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _FEED = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -224,6 +224,39 @@ class DicomGatewayConfig:
 
 
 @dataclass(frozen=True)
+class GatewaySecurityConfig:
+    """TLS and sender authentication (pipelines/gateway/security.py; docs/operations.md). Paths name files; the
+    secrets themselves never sit in conf/."""
+
+    tls_cert: str = ""  # PEM certificate chain the gateway presents on MLLP and HTTP; "" = plain TCP
+    tls_key: str = ""  # its private key
+    client_ca: str = ""  # PEM CA bundle: a sender may prove who it is with a certificate it signed (mutual TLS)
+    require_client_cert: bool = False  # every MLLP and HTTP connection must present such a certificate
+    tokens_file: str = ""  # HTTP bearer tokens, hashed: one NAME:SHA256HEX per line
+    tokens_env: str = "CARELAKE_GATEWAY_TOKENS"  # an environment variable holding more such lines
+    sending_facilities: tuple[str, ...] = ()  # MLLP: MSH-4 values (namespace id) allowed to send; () = any
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("gateway.security.tls_cert and tls_key go together: set both (PEM files) for TLS, or "
+                              "neither for plain TCP")
+        if self.client_ca and not self.tls_cert:
+            raise ConfigError("gateway.security.client_ca needs TLS: set gateway.security.tls_cert and tls_key too")
+        if self.require_client_cert and not self.client_ca:
+            raise ConfigError("gateway.security.require_client_cert needs gateway.security.client_ca: the CA bundle "
+                              "sender certificates are checked against")
+        if self.tokens_env and (not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.tokens_env) or (
+                self.tokens_env.startswith(_ENV_PREFIX) and self.tokens_env not in _ENV_RESERVED)):
+            raise ConfigError(f"gateway.security.tokens_env must be an environment variable name, and not one "
+                              f"starting with {_ENV_PREFIX} (those set configuration keys) other than "
+                              f"CARELAKE_GATEWAY_TOKENS; got {self.tokens_env!r}")
+        for i, facility in enumerate(self.sending_facilities):
+            if not facility.strip() or "|" in facility or "^" in facility:
+                raise ConfigError(f"gateway.security.sending_facilities[{i}] must be an MSH-4 namespace id (no | or ^),"
+                                  f" got {facility!r}")
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     host: str
     mllp_port: int
@@ -246,6 +279,7 @@ class GatewayConfig:
     rejects_max_mb: int
     rejects_max_age: str
     dicom: DicomGatewayConfig
+    security: GatewaySecurityConfig = field(default_factory=GatewaySecurityConfig)
 
     _DURATIONS = ("group_commit", "segment_age", "idle_timeout", "ack_timeout", "header_timeout", "body_timeout",
                   "frame_timeout", "shutdown_timeout", "rejects_max_age")
@@ -353,8 +387,13 @@ class SimulatorConfig:
     recovery_fraction: float
     dirt: Mapping[str, float]
     fraud: Mapping[str, float]
+    ed_imaging_per_day: int = 160  # emergency-department studies a day (walk-in patients, not in the census)
+    outpatient_imaging_per_day: int = 120  # outpatient studies a day, booked 08:00-18:00
 
     def __post_init__(self) -> None:
+        for name in ("ed_imaging_per_day", "outpatient_imaging_per_day"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"simulator.{name} must be 0 or more (studies a day), got {getattr(self, name)}")
         for name in ("patients", "hours", "partitions", "icu_cadence_min_s"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"simulator.{name} (or its flag) must be at least 1, got {getattr(self, name)}")
@@ -638,6 +677,114 @@ class ModelsConfig:
         return parse_duration_ms(self.horizon, "models.horizon")
 
 
+# gold.imaging_worklist: order priorities (silver.imaging_orders.priority), location classes, indication categories.
+IMAGING_PRIORITIES = ("STAT", "ASAP", "ROUTINE")
+IMAGING_LOCATIONS = ("ED", "ICU", "WARD", "OUTPATIENT")
+INDICATION_CATEGORIES = ("stroke", "pe", "bleed", "trauma")
+_EXAM = re.compile(r"^([A-Z]{2})/([A-Z][A-Z0-9_ ]*|\*)=(\d{1,3})$")
+
+
+@dataclass(frozen=True)
+class IndicationRule:
+    points: int
+    codes: tuple[str, ...]
+    words: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ImagingConfig:
+    """The worklist's ranking (each factor's points), SLAs, and the reading room of the queue replay."""
+
+    sla: Mapping[str, str]
+    no_order_sla: str
+    images_expected: Mapping[str, str]
+    points_priority: Mapping[str, int]
+    points_no_order: int
+    points_location: Mapping[str, int]
+    points_news2_band: Mapping[str, int]
+    points_open_alert: int
+    points_per_sla: int
+    sla_cap: float
+    points_model: int
+    exam_points: tuple[str, ...]
+    indication_stroke: IndicationRule
+    indication_pe: IndicationRule
+    indication_bleed: IndicationRule
+    indication_trauma: IndicationRule
+    replay_radiologists: int
+    replay_reads_per_hour: float
+    match_window: str = "24h"
+    news2_current_for: str = "24h"
+    clock: str = "wall"
+
+    def __post_init__(self) -> None:
+        from gold.news2 import BANDS
+
+        for key, known in (("sla", IMAGING_PRIORITIES), ("images_expected", IMAGING_PRIORITIES),
+                           ("points_priority", IMAGING_PRIORITIES), ("points_location", IMAGING_LOCATIONS),
+                           ("points_news2_band", BANDS)):
+            got = getattr(self, key)
+            if set(got) != set(known):
+                raise ConfigError(f"imaging.{key} must name exactly {list(known)}, got {sorted(got)}")
+        for key, value in [*((f"sla.{k}", v) for k, v in self.sla.items()),
+                           *((f"images_expected.{k}", v) for k, v in self.images_expected.items()),
+                           ("no_order_sla", self.no_order_sla)]:
+            if parse_duration_ms(value, f"imaging.{key}") <= 0:
+                raise ConfigError(f"imaging.{key} must be a positive duration like 4h, got {value!r}")
+        points = {"points_no_order": self.points_no_order, "points_open_alert": self.points_open_alert,
+                  "points_per_sla": self.points_per_sla, "points_model": self.points_model,
+                  **{f"points_priority.{k}": v for k, v in self.points_priority.items()},
+                  **{f"points_location.{k}": v for k, v in self.points_location.items()},
+                  **{f"points_news2_band.{k}": v for k, v in self.points_news2_band.items()},
+                  **{f"indication_{c}.points": self.indication(c).points for c in INDICATION_CATEGORIES}}
+        bad = {k: v for k, v in points.items() if not 0 <= v <= 1000}
+        if bad:
+            raise ConfigError(f"imaging: points must be whole numbers from 0 to 1000, got {bad}")
+        if not 0 < self.sla_cap <= 100:
+            raise ConfigError(f"imaging.sla_cap must be a number of SLAs above 0 (e.g. 3), got {self.sla_cap}")
+        self._check_rooms_and_exams()
+
+    def _check_rooms_and_exams(self) -> None:
+        for key in ("match_window", "news2_current_for"):
+            if parse_duration_ms(getattr(self, key), f"imaging.{key}") <= 0:
+                raise ConfigError(f"imaging.{key} must be a positive duration like 24h, got {getattr(self, key)!r}")
+        if self.clock not in ("wall", "data"):
+            raise ConfigError(f"imaging.clock must be wall (the batch's time) or data (the newest event time in the "
+                              f"imaging tables), got {self.clock!r}")
+        bad = [e for e in self.exam_points if not _EXAM.match(e)]
+        if bad:
+            raise ConfigError(f"imaging.exam_points: {bad} must look like MODALITY/BODY_PART=points, e.g. CT/HEAD=15 "
+                              "or CT/*=6 (upper case, whole points)")
+        if self.replay_radiologists < 1 or self.replay_reads_per_hour <= 0:
+            raise ConfigError("imaging.replay_radiologists must be at least 1 and imaging.replay_reads_per_hour above "
+                              f"0, got {self.replay_radiologists} and {self.replay_reads_per_hour}")
+        for category in INDICATION_CATEGORIES:
+            rule = self.indication(category)
+            if not rule.codes and not rule.words:
+                raise ConfigError(f"imaging.indication_{category} needs some codes or words (set points: 0 to "
+                                  "switch the category off)")
+
+    def indication(self, category: str) -> IndicationRule:
+        return getattr(self, f"indication_{category}")
+
+    def sla_ms(self, priority: str | None) -> int:
+        """The time to read a study of this order priority (None: no order matched)."""
+        value = self.sla[priority] if priority in self.sla else self.no_order_sla
+        return parse_duration_ms(value, "imaging.sla")
+
+    def seconds(self, key: str) -> int:
+        """A duration setting (match_window, news2_current_for) in whole seconds."""
+        return parse_duration_ms(getattr(self, key), f"imaging.{key}") // 1000
+
+    def images_expected_s(self) -> dict[str, int]:
+        return {p: parse_duration_ms(v, f"imaging.images_expected.{p}") // 1000
+                for p, v in self.images_expected.items()}
+
+    def exams(self) -> tuple[tuple[str, str, int], ...]:
+        """exam_points as (modality, body part or *, points), in order."""
+        return tuple((m[1], m[2], int(m[3])) for m in map(_EXAM.match, self.exam_points))
+
+
 @dataclass(frozen=True)
 class JobsConfig:
     modules: tuple[str, ...]
@@ -652,10 +799,13 @@ class SqlServerConfig:
     users_file: str = ""  # "" = <root>/_secrets/sql_users
     mask_date_unit: str = "month"
     views_dir: str = ""  # "" = sql/views beside the conf/ folder
+    max_connections: int = 64
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"sql_server.port must be 0 (a free port) to 65535, got {self.port}")
+        if self.max_connections < 1:
+            raise ConfigError(f"sql_server.max_connections must be at least 1, got {self.max_connections}")
         if self.mask_date_unit not in MASK_DATE_UNITS:
             raise ConfigError(f"sql_server.mask_date_unit must be one of {', '.join(MASK_DATE_UNITS)}, got "
                               f"{self.mask_date_unit!r}")
@@ -679,6 +829,7 @@ class Config:
     gold: GoldConfig
     models: ModelsConfig
     jobs: JobsConfig
+    imaging: ImagingConfig
     env: str = "local"
     conf_dir: Path = Path("conf")
     sql_server: SqlServerConfig = field(default_factory=SqlServerConfig)

@@ -92,8 +92,9 @@ def run(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True)
     (root / MARKER).write_text("created by the carelake demo; safe to delete\n")
     # ICU monitors every 30-60 s keep the demo inside ten minutes on two cores; a real feed sends every second.
+    # imaging.clock=data: the worklist's waits and SLAs run on the simulated day's clock, not today's.
     base = ["--root", str(root), "--env", "local", "--set", "simulator.icu_cadence_min_s=30",
-            "--set", "simulator.icu_cadence_max_s=60"]
+            "--set", "simulator.icu_cadence_max_s=60", "--set", "imaging.clock=data"]
     feeds = root / "_demo_feeds"
     clock = Clock()
 
@@ -104,7 +105,7 @@ def run(argv: list[str] | None = None) -> int:
 
     clock.step(f"1. Simulate a hospital: {a.patients} patients over {a.hours} h (seeded; ground truth kept apart)")
     cli("simulate", "--patients", str(a.patients), "--hours", str(a.hours), "--seed", str(a.seed),
-        "--out", str(feeds), "--feeds", "hl7,fhir,devices")
+        "--out", str(feeds), "--feeds", "hl7,fhir,devices,dicom")
     early, late = split_by_hour(feeds, train_hours)
 
     def send(parts: dict[str, list[Path]], label: str) -> None:
@@ -119,7 +120,8 @@ def run(argv: list[str] | None = None) -> int:
 
     clock.step(f"2. Gateway up; the first {train_hours} h arrive over MLLP and HTTP (each acked after fsync)")
     send(early, f"first {train_hours} h")
-    clock.step("3. Every job, available-now: landing -> bronze -> silver -> gold scores and alerts")
+    clock.step("3. Every job, available-now: landing -> bronze -> silver -> gold scores, alerts, imaging worklist")
+    imaging_drop(base, feeds)
     cli("run", "all", "--available-now")
     clock.step("4. Train the deterioration model on the simulator's labels; register it (champion if it beats "
                "NEWS2)")
@@ -132,13 +134,15 @@ def run(argv: list[str] | None = None) -> int:
 
     result, uri = train_deterioration(cfg, DeltaRsStore(cfg), feeds / "truth" / "deteriorations.csv")
     print_training(result, cfg.models.alert_rate_per_100_patient_days, uri)
+    imaging_train(cli, feeds / "truth" / "imaging.csv")
     clock.step(f"5. The last {a.hours - train_hours} h arrive; scores now carry the model's risk and version")
     send(late, f"last {a.hours - train_hours} h")
     cli("run", "all", "--available-now")
     clock.step("6. What the clinical data team sees")
-    from pipelines.report import demo_report
+    from pipelines.report import demo_report, imaging_sections
 
-    report = demo_report(cfg, result, out=root / "_reports" / "demo.html")
+    report = demo_report(cfg, result, out=root / "_reports" / "demo.html",
+                         extra=imaging_sections(cfg, feeds / "truth" / "imaging.csv"))
     print(report.text, flush=True)
     clock.step("7. SQL over gold, and time travel for the auditors")
     cli("sql", "select news2_band, count(*) as score_rows, count(distinct patient_key) as patients, "
@@ -149,11 +153,35 @@ def run(argv: list[str] | None = None) -> int:
     print("What did we know before the last hours arrived? The alerts table as of that version:")
     cli("sql", "select level, count(*) as alerts from gold.deterioration_alerts group by level order by level",
         "--as-of-version", str(alerts_before))
+    if DeltaRsStore(cfg).exists("gold.imaging_worklist"):
+        print("The imaging worklist, read first at the top (carelake sql):")
+        cli("sql", "select rank, score, priority, modality, body_part, location_class, news2_band, waited_minutes "
+                   "from gold.imaging_worklist where status = 'unread' order by rank limit 5")
     print(f"\nHTML report (plots): {report.path}")
     print(f"data-quality report: {root / '_reports' / 'dq' / 'silver.observations.html'}")
     print(f"Demo lakehouse at {root} ({time.monotonic() - clock.start:.0f} s). Try:\n"
           f"  carelake --root {root} sql \"select * from gold.deterioration_alerts where status = 'open'\"")
     return 0
+
+
+def imaging_drop(base: list[str], feeds: Path) -> None:
+    """The simulated modalities' DICOM files, as a PACS export dropped into landing/dicom (one summary line)."""
+    if (feeds / "dicom").is_dir() and any((feeds / "dicom").iterdir()):
+        rc = carelake(["-q", *base, "ingest", str(feeds / "dicom"), "--feed", "dicom"])
+        if rc != 0:
+            raise SystemExit(rc)
+
+
+def imaging_train(cli, truth: Path) -> None:
+    """The critical-finding model, when the simulation recorded ground-truth findings."""
+    import csv
+
+    with truth.open(newline="", encoding="utf-8") as f:
+        columns = next(csv.reader(f), [])
+    if "critical_finding" not in columns:
+        print(f"critical-finding model: not trained ({truth.name} records no ground-truth findings)", flush=True)
+        return
+    cli("imaging", "train", "--labels", str(truth))
 
 
 if __name__ == "__main__":

@@ -334,6 +334,25 @@ def builtin_jobs(cfg: Config) -> list[Job]:
                    MergeSpec(keys=("study_instance_uid",), latest_by=("last_received_at",)), imaging_studies.SCHEMA,
                    "One row per DICOM study: series and instance counts, modality, body part, study time (UTC), "
                    "accession, referring physician, patient key; unreadable instances quarantined"),
+        *imaging_silver_jobs(silver_job, clinical),
+    ]
+
+
+def imaging_silver_jobs(silver_job: Callable[..., Job], clinical: TableSource) -> list[Job]:
+    """silver.imaging_orders and silver.imaging_reports: current state of each order and report (HL7 and FHIR)."""
+    from silver import imaging_orders, imaging_reports
+
+    return [
+        silver_job(imaging_orders.ORDERS, clinical, imaging_orders.imaging_orders,
+                   MergeSpec(keys=("order_key",), update=imaging_orders.UPDATE,
+                             update_when=imaging_orders.UPDATE_WHEN), imaging_orders.SCHEMA,
+                   "One row per imaging order (HL7 ORM/OMI, FHIR ServiceRequest): procedure, modality, body part, "
+                   "priority, indication, ordering location, status; cancellations applied"),
+        silver_job(imaging_reports.REPORTS, clinical, imaging_reports.imaging_reports,
+                   MergeSpec(keys=("report_key",), update=imaging_reports.UPDATE,
+                             update_when=imaging_reports.UPDATE_WHEN), imaging_reports.SCHEMA,
+                   "One row per imaging report (HL7 ORU radiology OBR, FHIR DiagnosticReport): status, read time, "
+                   "reader, critical result and when it was communicated, conclusion"),
     ]
 
 
@@ -427,6 +446,48 @@ def _tracking_uri(cfg: Config) -> str:
     return default_tracking_uri(cfg)
 
 
+def imaging_jobs(cfg: Config) -> list[Job]:
+    """gold.imaging_worklist with gold.imaging_sla_breaches as a side output: the whole open set again per batch,
+    whenever studies, orders, reports or vitals (scores, with their alerts) change."""
+    from datetime import timedelta
+
+    from gold import imaging_rank
+    from gold import imaging_worklist as w
+
+    c = cfg.imaging
+    breaches = Output(w.BREACHES, "merge", MergeSpec(
+        keys=("breach_id",), update_when=" OR ".join(f"NOT (s.`{k}` <=> t.`{k}`)" for k in w.BREACH_CONTENT)),
+        w.BREACH_SCHEMA)
+    uri = Deferred(lambda: _tracking_uri(cfg))
+
+    def critical_model() -> Any:
+        from models.critical_finding import load_champion
+
+        return load_champion(uri.value())
+
+    return [Job(name=w.WORKLIST, source=TableSource(w.STUDIES, w.ORDERS, w.REPORTS, w.SCORES),
+                transform=w.imaging_worklist, write="merge",
+                merge=MergeSpec(keys=("worklist_key",), delete_when=f"s.status = '{w.LEFT}'",
+                                insert_when=f"s.status <> '{w.LEFT}'"),
+                schema=w.SCHEMA, side_outputs=(breaches,), reads=(w.ALERTS,),
+                options={"ranking": imaging_rank.Ranking.of(c), "images_expected_s": c.images_expected_s(),
+                         "match": _match_orders_to_studies,
+                         "match_window": timedelta(seconds=c.seconds("match_window")),
+                         "news2_current_s": c.seconds("news2_current_for"), "clock": c.clock,
+                         "critical_model": critical_model},
+                description="Imaging worklist: one row per unread study, ranked, with the factors behind its rank "
+                            "(order priority, exam, indication, location, NEWS2 band, open alerts, time against the "
+                            "SLA, critical-finding model); orders whose images are overdue; and the SLA breaches "
+                            "(gold.imaging_sla_breaches), opened and closed like alerts")]
+
+
+def _match_orders_to_studies(orders: DataFrame, studies: DataFrame, *, window) -> DataFrame:
+    """silver.imaging_match's rule (accession, else patient + exam + time window), imported when first used."""
+    from silver.imaging_match import match_orders_to_studies
+
+    return match_orders_to_studies(orders, studies, window=window)
+
+
 def _observation_update(schema: StructType) -> dict[str, str]:
     """A correction replaces every column; a deletion changes only status, version and lineage."""
     keep_on_delete = {"status", "source_version", "source_record", "received_at", "ingested_at"}
@@ -468,7 +529,7 @@ def fuse(jobs: list[Job], pairs: Iterable[tuple[str, str]]) -> list[Job]:
 
 def load_registry(cfg: Config) -> Registry:
     """Built-in jobs plus those of every module in jobs.modules, with streaming.fuse applied."""
-    jobs = [*builtin_jobs(cfg), *gold_jobs(cfg)]
+    jobs = [*builtin_jobs(cfg), *gold_jobs(cfg), *imaging_jobs(cfg)]
     for module_name in cfg.jobs.modules:
         try:
             module = importlib.import_module(module_name)

@@ -68,8 +68,10 @@ def load(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     return scores, alerts, obs
 
 
-def demo_report(cfg: Config, result: Any, *, out: Path, max_patients: int = 4) -> Report:
-    """Summary text + HTML report. `result` is the training result (metrics and ROC points), or None."""
+def demo_report(cfg: Config, result: Any, *, out: Path, max_patients: int = 4,
+                extra: tuple[list[str], list[str]] | None = None) -> Report:
+    """Summary text + HTML report. `result` is the training result (metrics and ROC points), or None; `extra` more
+    text lines and HTML blocks (the imaging part)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,14 +145,79 @@ def demo_report(cfg: Config, result: Any, *, out: Path, max_patients: int = 4) -
         ax.legend()
         sections.append(("ROC, held-out patients: model vs NEWS2", _png(fig)))
 
+    lines += extra[0] if extra else []
     text = "\n".join(lines)
     body = [f"<h1>carelake demo: deterioration in a simulated hospital</h1><pre>{html.escape(text)}</pre>"]
     if result is not None:
         body.append("<h2>Model vs NEWS2 &ge; 5</h2>" + _table(comparison(result)))
     body.append("<h2>Top-5 patients at risk now</h2>" + _table(top))
     body += [f"<h2>{html.escape(title)}</h2><img src='{png}'>" for title, png in sections]
+    body += extra[1] if extra else []
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("<!doctype html><meta charset='utf-8'><title>carelake demo</title><style>body{font-family:"
                    "sans-serif;margin:2em}table.t{border-collapse:collapse}table.t td,table.t th{padding:2px 8px;"
                    "border-bottom:1px solid #ddd}</style>" + "".join(body), encoding="utf-8")
     return Report(text=text, path=out)
+
+
+# -- imaging -------------------------------------------------------------------------------------------
+WORKLIST, BREACHES = "gold.imaging_worklist", "gold.imaging_sla_breaches"
+
+
+def _why(factors: list[dict]) -> str:
+    """The factors that gave points, as `factor value +points`."""
+    return "; ".join(f"{f['factor']} {f['value']} +{f['points']:g}" for f in factors or () if f["points"])
+
+
+def worklist_snapshot(cfg: Config, top: int = 10) -> pd.DataFrame | None:
+    """The worklist's first rows with why they rank there (None when the table does not exist)."""
+    from pipelines.store.deltars import DeltaRsStore
+
+    store = DeltaRsStore(cfg)
+    if not store.exists(WORKLIST):
+        return None
+    rows = store.read_arrow(WORKLIST).to_pylist()
+    unread = sorted((r for r in rows if r["status"] == "unread"), key=lambda r: r["rank"])[:top]
+    return pd.DataFrame([{"rank": r["rank"], "score": r["score"], "exam": f"{r['modality']}/{r['body_part']}",
+                          "priority": r["priority"] or "no order", "waited (min)": r["waited_minutes"],
+                          "SLA breached": r["sla_breached"], "why": _why(r["factors"])} for r in unread],
+                        columns=["rank", "score", "exam", "priority", "waited (min)", "SLA breached", "why"])
+
+
+def time_to_read(figures: dict) -> pd.DataFrame:
+    """The replay's figures as one row per policy (minutes)."""
+    names = {"fifo": "FIFO", "priority": "order priority only", "worklist": "carelake worklist"}
+    return pd.DataFrame([{"policy": label, "critical median": figures[p]["critical"]["median_min"],
+                          "critical p90": figures[p]["critical"]["p90_min"],
+                          "all median": figures[p]["all"]["median_min"], "all p90": figures[p]["all"]["p90_min"]}
+                         for p, label in names.items()])
+
+
+def imaging_sections(cfg: Config, truth_csv: Path) -> tuple[list[str], list[str]]:
+    """The demo's imaging part: (text lines, HTML blocks): the worklist snapshot and the queue replay's
+    time-to-read comparison (without the model: it was trained on this same day)."""
+    from pipelines.errors import UsageError
+    from pipelines.imaging_replay import run_replay
+
+    lines, blocks = ["", "imaging worklist (top rows, why they rank there):"], []
+    snapshot = worklist_snapshot(cfg)
+    if snapshot is None or snapshot.empty:
+        lines.append("  (no unread study on gold.imaging_worklist)")
+    else:
+        lines.append(_text_table(snapshot.drop(columns=["why"])))
+        lines += [f"  #{r['rank']}: {r['why']}" for _, r in snapshot.head(3).iterrows()]
+        blocks.append("<h2>Imaging worklist: the first rows and why they rank there</h2>" + _table(snapshot))
+    try:
+        figures = run_replay(truth_csv, cfg.imaging, radiologists=None, reads_per_hour=None)
+    except UsageError as exc:
+        lines.append(f"time-to-read replay: not run ({exc})")
+        return lines, blocks
+    table = time_to_read(figures)
+    room = f"{figures['radiologists']} radiologists x {figures['reads_per_hour']:g} reads/h"
+    lines += ["", f"time to read (minutes), {figures['studies']} studies ({figures['critical_studies']} with a "
+                  f"critical finding) replayed through {room}:", _text_table(table)]
+    blocks.append(f"<h2>Time to read: a simulated day through {html.escape(room)}</h2>"
+                  f"<p>{figures['studies']} studies, {figures['critical_studies']} with a critical finding; minutes "
+                  "from the study to the end of its read (carelake imaging replay, without the model).</p>"
+                  + _table(table))
+    return lines, blocks

@@ -253,16 +253,17 @@ def read_ack(reply: bytes) -> tuple[str, str, str]:
 
 
 class _MllpConnection:
-    def __init__(self, target: Target, timeout_s: float):
+    def __init__(self, target: Target, timeout_s: float, tls=None):
         self.target = target
         self.timeout_s = timeout_s
+        self.tls = tls  # an ssl.SSLContext: MLLP over TLS
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
     async def exchange(self, message: bytes) -> bytes:
         if self.writer is None:
             self.reader, self.writer = await asyncio.wait_for(
-                asyncio.open_connection(self.target.host, self.target.port), self.timeout_s)
+                asyncio.open_connection(self.target.host, self.target.port, ssl=self.tls), self.timeout_s)
         self.writer.write(frame(message))
         await self.writer.drain()
         data = await asyncio.wait_for(self.reader.readuntil(MLLP_END), self.timeout_s)
@@ -281,8 +282,28 @@ class _MllpConnection:
 OnAnswer = Callable[[Item, str], None]
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """What `carelake send` proves itself with: TLS (trusting --tls-ca, presenting --tls-cert) and a bearer token."""
+
+    tls: object | None = None  # ssl.SSLContext
+    token: str | None = None
+
+    @classmethod
+    def of(cls, target: Target, ca: str | None, cert: str | None, key: str | None,
+           token_file: str | None) -> Credentials:
+        from pipelines.gateway.security import client_context, read_token
+
+        if token_file and target.kind != "http":
+            raise UsageError("--token-file authenticates HTTP senders; an MLLP sender authenticates with "
+                             "--tls-cert/--tls-key (mutual TLS)")
+        tls_on = bool(ca or cert) or target.url.startswith("https://")
+        return cls(client_context(ca, cert, key) if tls_on else None, read_token(token_file) if token_file else None)
+
+
 async def _deliver(items: list[Item], target: Target, cfg: Config, *, rate: float | None, connections: int,
-                   report: Report, on_answer: OnAnswer | None, on_progress: Callable[[str], None] | None) -> None:
+                   report: Report, on_answer: OnAnswer | None, on_progress: Callable[[str], None] | None,
+                   creds: Credentials = Credentials()) -> None:
     queue: asyncio.Queue[Item] = asyncio.Queue()
     for it in items:
         queue.put_nowait(it)
@@ -315,7 +336,7 @@ async def _deliver(items: list[Item], target: Target, cfg: Config, *, rate: floa
         report.failed.append(f"{item.source}: {answer}")
 
     async def mllp_worker() -> None:
-        conn = _MllpConnection(target, timeout_s)
+        conn = _MllpConnection(target, timeout_s, creds.tls)
 
         async def once(item: Item) -> tuple[str, bool]:
             try:
@@ -351,8 +372,10 @@ async def _deliver(items: list[Item], target: Target, cfg: Config, *, rate: floa
 
         async def once(item: Item) -> tuple[str, bool]:
             path = target.path or ("/devices" if item.kind == "devices" else "/fhir")
-            async with session.post(target.url + path, data=item.body,
-                                    headers={"Content-Type": content_types[item.kind]},
+            headers = {"Content-Type": content_types[item.kind]}
+            if creds.token:
+                headers["Authorization"] = f"Bearer {creds.token}"
+            async with session.post(target.url + path, data=item.body, headers=headers, ssl=creds.tls or True,
                                     timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
                 text = await resp.text()
                 if resp.status >= 500:
@@ -434,7 +457,9 @@ def _send_dicom(cfg: Config, target: Target, to: str, paths: Iterable[str], *, c
 
 def send(cfg: Config, to: str, paths: Iterable[str], *, rate: float | None = None, connections: int = 1,
          batch: int = 1000, on_answer: OnAnswer | None = None, ack_log: str | Path | None = None,
-         on_progress: Callable[[str], None] | None = None, ae_title: str = "CARELAKE_SEND") -> Report:
+         on_progress: Callable[[str], None] | None = None, ae_title: str = "CARELAKE_SEND",
+         tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+         token_file: str | None = None) -> Report:
     """Deliver every sendable file under `paths` to the gateway at `to`; the report says what happened.
 
     `ack_log`, when given, receives one line per answered item (answer, MSH-10, file:offset), written
@@ -447,6 +472,10 @@ def send(cfg: Config, to: str, paths: Iterable[str], *, rate: float | None = Non
     if rate is not None and rate <= 0:
         raise UsageError(f"--rate must be positive, got {rate}")
     target = parse_target(to, cfg.gateway.dicom.ae_title)
+    if target.kind == "dicom" and (tls_ca or tls_cert or token_file):
+        raise UsageError("--tls-ca, --tls-cert and --token-file apply to MLLP and HTTP; DICOM senders are allowed by "
+                         "their calling AE title (gateway.dicom.calling_ae_titles)")
+    creds = Credentials.of(target, tls_ca, tls_cert, tls_key, token_file) if target.kind != "dicom" else None
     work = plan(paths, target, batch) if target.kind != "dicom" else None
     if work is not None and not work.items:
         reasons = "; ".join(f"{n} {r}" for r, n in work.skipped.items()) or "no files"
@@ -465,7 +494,7 @@ def send(cfg: Config, to: str, paths: Iterable[str], *, rate: float | None = Non
             return _send_dicom(cfg, target, to, paths, connections=connections, calling=ae_title, on_answer=callback)
         report = Report(to, skipped=work.skipped)
         asyncio.run(_deliver(work.items, target, cfg, rate=rate, connections=connections, report=report,
-                             on_answer=callback, on_progress=on_progress))
+                             on_answer=callback, on_progress=on_progress, creds=creds))
     finally:
         if log_file is not None:
             log_file.close()

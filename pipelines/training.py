@@ -7,6 +7,7 @@ with models.deterioration, and prints a summary. The demo calls the same functio
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -20,7 +21,7 @@ FEATURES, SCORES = "gold.vitals_features", "gold.early_warning_scores"
 
 
 def train_deterioration(cfg: Config, store: TableStore, labels_path: str | Path, *, tracking_uri: str | None = None):
-    """Train and (if it beats NEWS2) register the deterioration model; returns (TrainResult, tracking URI)."""
+    """Train and (when champion_decision says so) register the deterioration model; returns (TrainResult, URI)."""
     from gold.features import feature_columns
     from models.deterioration import default_tracking_uri, labels_from_truth, train, training_frame
     from pipelines.secrets import key_secret
@@ -155,3 +156,49 @@ def print_mortality(result, uri: str) -> None:
     missing = ", ".join(f"{b} {c[f'{b}_missing']}" for b in ("saps_i", "sofa", "max_news2") if c[f"{b}_missing"])
     if missing:
         print(f"stays without a baseline value (ranked lowest): {missing}")
+
+
+def train_critical_finding(cfg: Config, spark, store: TableStore, labels_path: str | Path, *,
+                           tracking_uri: str | None = None, match=None):
+    """Train (and, if it beats order priority, register) the critical-finding model on every study in the lakehouse
+    with a label; returns (TrainResult, tracking URI). `match`: silver.imaging_match's rule unless given."""
+    from gold import imaging_rank
+    from gold import imaging_worklist as w
+    from models.critical_finding import labels_from_truth, train
+    from models.deterioration import default_tracking_uri
+
+    if not store.exists(w.STUDIES):
+        raise UsageError(f"{w.STUDIES} not found under {cfg.root}: ingest DICOM and run `carelake run {w.STUDIES}`")
+    labels = labels_from_truth(labels_path)
+    from pipelines.jobs import _match_orders_to_studies
+
+    studies, _, reports, matched = w.load_inputs(store.read, store.exists, spark, match or _match_orders_to_studies,
+                                                 timedelta(seconds=cfg.imaging.seconds("match_window")))
+    items = w.study_items(studies, matched, w.final_reads(reports, studies, matched))
+    scores = store.read(w.SCORES) if store.exists(w.SCORES) else None
+    alerts = store.read(w.ALERTS) if store.exists(w.ALERTS) else None
+    rows = w.arrival_context(items, scores, alerts, cfg.imaging.seconds("news2_current_for")).toArrow().to_pylist()
+    rows = [r for r in rows if r.get("accession_number") in labels]
+    if not rows:
+        raise UsageError(f"no study in {w.STUDIES} has an accession number in {labels_path}: train on the lakehouse "
+                         "the same simulation was loaded into")
+    imaging_rank.prepare(rows, imaging_rank.Ranking.of(cfg.imaging), None)
+    uri = tracking_uri or default_tracking_uri(cfg)
+    log.info("training the critical-finding model on %s studies; tracking at %s", f"{len(rows):,}", uri)
+    result = train(rows, [labels[r["accession_number"]] for r in rows], tracking_uri=uri, seed=cfg.models.seed,
+                   test_fraction=cfg.models.test_fraction,
+                   params={f"{t}.version": store.version(t) for t in (w.STUDIES, w.ORDERS) if store.exists(t)})
+    return result, uri
+
+
+def print_critical_finding(result, uri: str) -> None:
+    m = result.metrics
+    print(f"studies: {int(m['train_studies']):,} train / {int(m['test_studies']):,} held-out (critical "
+          f"{int(m['train_critical'])} / {int(m['test_critical'])}); held-out AUROC: model {m['model_auroc']:.3f}, "
+          f"order priority alone {m['priority_auroc']:.3f}")
+    if result.champion:
+        print(f"registered carelake-critical-finding version {result.version} as champion (beats order priority); "
+              f"run {result.run_id} at {uri}")
+    else:
+        print(f"not registered: the model does not beat order priority, the champion is unchanged; "
+              f"run {result.run_id} at {uri}")

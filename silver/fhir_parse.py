@@ -55,6 +55,8 @@ LOINC = "http://loinc.org"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 DICOM_UID = "urn:dicom:uid"
 RFC_3986 = "urn:ietf:rfc:3986"
+# IHE Radiology Imaging Diagnostic Report (IDR): communications of critical results and actionable findings.
+IDR_COMMUNICATION = "https://profiles.ihe.net/RAD/IDR/StructureDefinition/idrCommunication"
 
 INVALID_UTF8 = "invalid_utf8"
 INVALID_JSON = "invalid_json"
@@ -88,7 +90,12 @@ OBSERVATION_KEYS = (*_ROW_HEAD, "status", "category_codes", *_SUBJECT, "encounte
                     "value_text", "value_bool", "value_datetime", "missing_value", "absent_reason")
 SERVICE_REQUEST_KEYS = (*_ROW_HEAD, "identifiers", "status", "intent", "priority", "category_codes", "code",
                         "code_system", "code_display", "alt_codes", *_SUBJECT, "encounter_reference",
-                        "authored_at", "requisition_system", "requisition_value", "accession_system", "accession")
+                        "authored_at", "requisition_system", "requisition_value", "accession_system", "accession",
+                        "reason_codes", "reason_text", "reason_references", "location_codes", "location_display")
+DIAGNOSTIC_REPORT_KEYS = (*_ROW_HEAD, "identifiers", "status", "category_codes", "code", "code_system",
+                          "code_display", "alt_codes", *_SUBJECT, "encounter_reference", "effective_at", "issued_at",
+                          "based_on", "accession_system", "accession", "interpreter_id", "interpreter_name",
+                          "study_uids", "conclusion", "conclusion_codes", "communicated_at")
 IMAGING_STUDY_KEYS = (*_ROW_HEAD, "identifiers", "status", *_SUBJECT, "encounter_reference", "started_at",
                       "study_uid", "accession_system", "accession", "modalities", "number_of_series",
                       "number_of_instances", "based_on")
@@ -119,6 +126,7 @@ class Extracted:
     observations: list[dict[str, Any]] = field(default_factory=list)  # one per measured value
     service_requests: list[dict[str, Any]] = field(default_factory=list)  # all ServiceRequests; category kept
     imaging_studies: list[dict[str, Any]] = field(default_factory=list)
+    diagnostic_reports: list[dict[str, Any]] = field(default_factory=list)
     issues: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -326,8 +334,18 @@ _SPECS: dict[str, _Type] = {
                               "filler-order", "instance-order", "option")),
         "priority": _one(_codes("routine", "urgent", "asap", "stat")), "category": _many(_CODEABLE),
         "code": _one(_CODEABLE), "subject": _one(_REFERENCE), "encounter": _one(_REFERENCE),
-        "authoredOn": _one(_DATETIME_CHECK),
+        "authoredOn": _one(_DATETIME_CHECK), "reasonCode": _many(_CODEABLE), "reasonReference": _many(_REFERENCE),
+        "locationCode": _many(_CODEABLE), "locationReference": _many(_REFERENCE),
     }, ("status", "intent", "subject")),
+    "DiagnosticReport": _Type({
+        **_RESOURCE, "identifier": _many(_IDENTIFIER), "basedOn": _many(_REFERENCE),
+        "status": _one(_codes("registered", "partial", "preliminary", "final", "amended", "corrected", "appended",
+                              "cancelled", "entered-in-error", "unknown")),
+        "category": _many(_CODEABLE), "code": _one(_CODEABLE), "subject": _one(_REFERENCE),
+        "encounter": _one(_REFERENCE), "effectiveDateTime": _one(_DATETIME_CHECK), "effectivePeriod": _one(_PERIOD),
+        "issued": _one(_INSTANT), "resultsInterpreter": _many(_REFERENCE), "imagingStudy": _many(_REFERENCE),
+        "conclusion": _one(_STRING), "conclusionCode": _many(_CODEABLE),
+    }, ("status", "code"), ("effective",)),
     "ImagingStudy": _Type({
         **_RESOURCE, "identifier": _many(_IDENTIFIER),
         "status": _one(_codes("registered", "available", "cancelled", "entered-in-error", "unknown")),
@@ -891,8 +909,83 @@ def _service_request(reader: _Reader) -> dict[str, list[dict[str, Any]]]:
         "authored_at": reader.time(resource, "authoredOn", path)[0],
         "requisition_system": reader.text(requisition, "system", f"{path}.requisition"),
         "requisition_value": reader.text(requisition, "value", f"{path}.requisition"),
-        **_accession(resource.get("identifier")),
+        **_accession(resource.get("identifier")), **_reasons(reader), **_request_location(reader),
     }]}
+
+
+def _codings(concepts: Any) -> list[dict[str, Any]]:
+    """Every coding with a code of a list of CodeableConcepts."""
+    return [_coding_dict(c) for concept in _dicts(concepts) for c in _dicts(concept.get("coding"))
+            if isinstance(c.get("code"), str)]
+
+
+def _texts(concepts: Any) -> list[str]:
+    """Each concept's text, else its first coding's display."""
+    out = []
+    for concept in _dicts(concepts):
+        displays = [c["display"] for c in _dicts(concept.get("coding")) if isinstance(c.get("display"), str)]
+        text = _str(concept.get("text")) or (displays[0] if displays else None)
+        if text:
+            out.append(text)
+    return out
+
+
+def _reasons(reader: _Reader) -> dict[str, Any]:
+    """reason_codes (codings), reason_text (texts joined by '; ') and reason_references of a request."""
+    resource = reader.resource
+    texts = _texts(resource.get("reasonCode"))
+    references = [r.get("reference") or r.get("display") for r in _dicts(resource.get("reasonReference"))]
+    return {"reason_codes": _codings(resource.get("reasonCode")), "reason_text": "; ".join(texts) or None,
+            "reason_references": [r for r in references if isinstance(r, str)]}
+
+
+def _request_location(reader: _Reader) -> dict[str, Any]:
+    """location_codes (ServiceRequest.locationCode codes) and location_display (the first location named)."""
+    resource = reader.resource
+    names = _texts(resource.get("locationCode")) + [
+        r["display"] for r in _dicts(resource.get("locationReference")) if isinstance(r.get("display"), str)]
+    return {"location_codes": [c["code"] for c in _codings(resource.get("locationCode"))],
+            "location_display": names[0] if names else None}
+
+
+def _diagnostic_report(reader: _Reader) -> dict[str, list[dict[str, Any]]]:
+    resource, path = reader.resource, reader.path
+    effective = reader.time(resource, "effectiveDateTime", path)[0] or reader.time(
+        reader.obj(resource, "effectivePeriod", path), "start", f"{path}.effectivePeriod")[0]
+    interpreters = _dicts(resource.get("resultsInterpreter"))
+    first = interpreters[0] if interpreters else {}
+    identifier = first.get("identifier") if isinstance(first.get("identifier"), dict) else {}
+    return {"diagnostic_reports": [{
+        **reader.head(), "identifiers": _identifier_dicts(reader), "status": reader.text(resource, "status", path),
+        "category_codes": _category_codes(resource), **_code_fields(resource.get("code")), **reader.subject(),
+        "encounter_reference": reader.reference("encounter"), "effective_at": effective,
+        "issued_at": reader.time(resource, "issued", path)[0],
+        "based_on": [r["reference"] for r in _dicts(resource.get("basedOn")) if isinstance(r.get("reference"), str)],
+        **_accession(resource.get("identifier")),
+        "interpreter_id": _str(identifier.get("value")) or _str(first.get("reference")),
+        "interpreter_name": _str(first.get("display")),
+        "study_uids": [uid for ref in _dicts(resource.get("imagingStudy"))
+                       if (uid := _study_uid([ref.get("identifier")]))],
+        "conclusion": reader.text(resource, "conclusion", path), "conclusion_codes": _codings(
+            resource.get("conclusionCode")),
+        "communicated_at": _communicated_at(reader),
+    }]}
+
+
+def _communicated_at(reader: _Reader) -> datetime | None:
+    """When a critical result was communicated: the earliest IHE IDR communication extension on the report
+    (a dateTime, or a Reference to a contained Communication and its `sent`)."""
+    times = []
+    for index, ext in reader.objs(reader.resource, "extension", reader.path):
+        if ext.get("url") != IDR_COMMUNICATION:
+            continue
+        path = f"{reader.path}.extension[{index}]"
+        if "valueDateTime" in ext:
+            times.append(reader.time(ext, "valueDateTime", path)[0])
+        ref = _str(reader.obj(ext, "valueReference", path).get("reference")) or ""
+        if ref.startswith("#"):
+            times.append(reader.time(reader.contained(ref[1:]), "sent", f"{path}.valueReference")[0])
+    return min((t for t in times if t is not None), default=None)
 
 
 def _imaging_study(reader: _Reader) -> dict[str, list[dict[str, Any]]]:
@@ -933,5 +1026,5 @@ def _count(sent: Any, counted: int | None) -> int | None:
 
 _EXTRACTORS: dict[str, Callable[[_Reader], dict[str, list[dict[str, Any]]]]] = {
     "Patient": _patient, "Encounter": _encounter, "Observation": _observation,
-    "ServiceRequest": _service_request, "ImagingStudy": _imaging_study,
+    "ServiceRequest": _service_request, "ImagingStudy": _imaging_study, "DiagnosticReport": _diagnostic_report,
 }

@@ -17,6 +17,7 @@ missing_patient_id, unsupported_message_type, extra_repetitions, continuation_li
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,8 +28,8 @@ from bronze.hl7_wire import strip_bom
 
 __all__ = [
     "ENCOUNTER_KEYS", "HEADER_KEYS", "ISSUE_KEYS", "MERGE_KEYS", "NULL", "OBSERVATION_KEYS", "ORDER_KEYS",
-    "PATIENT_KEYS", "Delimiters", "Extracted", "Hl7Null", "Hl7ParseError", "Message", "Segment", "decode", "extract",
-    "parse", "parse_ts", "parse_ts_precision",
+    "PATIENT_KEYS", "REPORT_KEYS", "Delimiters", "Extracted", "Hl7Null", "Hl7ParseError", "Message", "Segment",
+    "decode", "extract", "parse", "parse_ts", "parse_ts_precision",
 ]
 
 _FRAMING = "\r\n\x0b\x1c\x00"
@@ -49,9 +50,9 @@ _EVENTS = {"A01": "admit", "A02": "transfer", "A03": "discharge", "A04": "regist
 _READ_AS_VALUE = frozenset({"NM", "SN", "CWE", "CE", "CNE", "CF"})  # other types (ST, TX, FT...) are read as text
 _MODALITIES = frozenset({"CR", "CT", "DX", "ES", "IO", "MG", "MR", "NM", "OT", "PT", "RF", "US", "XA", "XC"})
 _PATIENT_MERGES = frozenset({"A18", "A30", "A34", "A36", "A39", "A40", "A46", "A47"})
-_SUPPORTED = frozenset({"ADT", "ORU", "ORM", "OML"})
+_SUPPORTED = frozenset({"ADT", "ORU", "ORM", "OML", "OMI"})
 _OBSERVATION_MESSAGES = frozenset({"ADT", "ORU"})
-_ORDER_MESSAGES = frozenset({"ORM", "OML"})
+_ORDER_MESSAGES = frozenset({"ORM", "OML", "OMI"})
 
 
 class Hl7ParseError(ValueError):
@@ -448,7 +449,11 @@ OBSERVATION_KEYS = ("record_index", "set_id", "value_type", "code", "code_system
 ORDER_KEYS = ("record_index", "order_control", "placer_order_number", "filler_order_number", "order_status",
               "priority", "priority_code", "service_code", "service_display", "service_code_system", "requested_at",
               "ordering_provider_id", "accession_number", "modality", "patient_mrn", "patient_source_system",
-              "visit_number", "nulled")
+              "visit_number", "placer_system", "reason_codes", "reason_text", "transaction_at", "nulled")
+REPORT_KEYS = ("record_index", "placer_order_number", "placer_system", "filler_order_number", "filler_system",
+               "service_code", "service_display", "service_code_system", "diagnostic_service", "result_status",
+               "observed_at", "results_at", "interpreter_id", "interpreter_name", "accession_number", "patient_mrn",
+               "patient_source_system", "visit_number", "nulled")
 ISSUE_KEYS = ("code", "detail", "segment", "field", "record_index")
 
 
@@ -483,7 +488,15 @@ class Extracted:
     orders (ORC/OBR in ORM and OML): ORC-1 order_control; placer/filler numbers (ORC, else OBR); ORC-5
       order_status; priority (stat/asap/routine) from priority_code (TQ1-9, else ORC-7.6, OBR-27.6, OBR-5);
       OBR-4 service_*; requested_at (TQ1-7, else ORC-7.4, OBR-27.4, OBR-6); ordering_provider_id (ORC-12,
-      else OBR-16); accession_number (IPC-1, else OBR-18); modality (IPC-5, else OBR-24 when a DICOM modality).
+      else OBR-16); accession_number (IPC-1, else OBR-18); modality (IPC-5, else OBR-24 when a DICOM modality);
+      placer_system (the placer number's universal id, else its namespace); reason_codes [{code, display, system}]
+      (OBR-31 repetitions, then DG1-3 of the order) and reason_text (OBR-31.2 texts joined, else OBR-13);
+      transaction_at (ORC-9: when the order was placed or changed). OMI
+      (imaging orders) is read like ORM.
+    reports (OBR in ORU): the request a group of results answers. placer/filler numbers (OBR-2/3) with their
+      systems; OBR-4 service_*; diagnostic_service (OBR-24); result_status (OBR-25 as sent); observed_at (OBR-7);
+      results_at (OBR-22); interpreter_id and interpreter_name ("Family, Given") of OBR-32; accession_number
+      (OBR-18); patient context. Its OBX are the observations whose record_index lies before the next OBR.
     issues: {code, detail, segment, field, record_index}.
     """
 
@@ -494,15 +507,16 @@ class Extracted:
     observations: list[dict]
     orders: list[dict]
     issues: list[dict]
+    reports: list[dict] = dataclasses.field(default_factory=list)
 
 
 _NO_PATIENT = {"patient_mrn": None, "patient_source_system": None, "visit_number": None}
 _NO_ORDER = {"placer_order_number": None, "filler_order_number": None, "service_code": None,
              "service_display": None, "order_control": None}
 # Records are copies of these templates (much cheaper than building a dict of 35 keys from scratch).
-_HEADER, _PATIENT, _ENCOUNTER, _MERGE, _OBSERVATION, _ORDER = (
+_HEADER, _PATIENT, _ENCOUNTER, _MERGE, _OBSERVATION, _ORDER, _REPORT = (
     dict.fromkeys(keys) for keys in (HEADER_KEYS, PATIENT_KEYS, ENCOUNTER_KEYS, MERGE_KEYS, OBSERVATION_KEYS,
-                                     ORDER_KEYS))
+                                     ORDER_KEYS, REPORT_KEYS))
 
 
 class _Walker:
@@ -517,6 +531,7 @@ class _Walker:
         self.merges: list[dict] = []
         self.observations: list[dict] = []
         self.orders: list[dict] = []
+        self.reports: list[dict] = []
         msh = msg.header
         self.facility = _hd(msh.parts(4, 2))
         self.code, self.trigger, self.structure = msh.parts(9, 3)
@@ -558,7 +573,7 @@ class _Walker:
         self.flush_order()
         self.check_message()
         return Extracted(self.header(), self.patients, self.encounters, self.merges, self.observations,
-                         self.orders, self.issues)
+                         self.orders, self.issues, self.reports)
 
     def check_message(self) -> None:
         """Message-level issues: a type this extractor does not cover, a clinical message without a patient."""
@@ -693,6 +708,8 @@ class _Walker:
         self.order_context = {"placer_order_number": seg.value(2) or None, "filler_order_number": seg.value(3) or None,
                               "service_code": service_code or None, "service_display": service_display or None,
                               "order_control": (self.orc.value(1) if self.orc else None) or None}
+        if self.code == "ORU":
+            self.reports.append(self.report(seg))
         if self.code not in _ORDER_MESSAGES:
             return
         if self.order is None or self.order_has_obr:
@@ -715,7 +732,28 @@ class _Walker:
             r["priority_code"] = orc.value(7, 6)
             r["requested_at"] = self.ts(orc, 7, 4)
             r["ordering_provider_id"] = orc.value(12)
+            r["placer_system"] = _ei_system(orc.parts(2, 4))
+            r["transaction_at"] = self.ts(orc, 9)
+        r["reason_codes"] = []
         return r
+
+    def report(self, seg: Segment) -> dict:
+        """OBR of a result message: one report record (its OBX follow it)."""
+        r = _REPORT.copy()
+        r.update(self.patient)
+        r["record_index"] = seg.index
+        r["placer_order_number"], r["placer_system"] = seg.value(2), _ei_system(seg.parts(2, 4))
+        r["filler_order_number"], r["filler_system"] = seg.value(3), _ei_system(seg.parts(3, 4))
+        r["service_code"], r["service_display"], r["service_code_system"] = seg.parts(4, 3)
+        r["diagnostic_service"] = seg.value(24)
+        r["result_status"] = seg.value(25)
+        r["observed_at"] = self.ts(seg, 7)
+        r["results_at"] = self.ts(seg, 22)
+        interpreter = seg.subparts(32, 1)
+        r["interpreter_id"] = interpreter[0] if interpreter else None
+        r["interpreter_name"] = ", ".join(p for p in interpreter[1:3] if p) or None
+        r["accession_number"] = seg.value(18)
+        return _finish(r, seg.has_null)
 
     def fill_order(self, r: dict, seg: Segment) -> None:
         """Complete an order record with what its OBR says and the ORC left empty."""
@@ -728,6 +766,11 @@ class _Walker:
         r["requested_at"] = r["requested_at"] or self.ts(seg, 27, 4) or self.ts(seg, 6)
         r["ordering_provider_id"] = r["ordering_provider_id"] or seg.value(16)
         r["accession_number"] = seg.value(18)
+        r["placer_system"] = r["placer_system"] or _ei_system(seg.parts(2, 4))
+        reasons = [_coded(seg.parts(31, 3, rep)) for rep in range(seg.repetition_count(31))]
+        r["reason_codes"].extend(c for c in reasons if c)
+        texts = [c["display"] for c in reasons if c and c["display"]]
+        r["reason_text"] = "; ".join(texts) or seg.text(13)
         diagnostic_service = seg.value(24)
         if diagnostic_service in _MODALITIES:
             r["modality"] = diagnostic_service
@@ -743,6 +786,13 @@ class _Walker:
         if self.order is not None:
             self.order["accession_number"] = seg.value(1) or self.order["accession_number"]
             self.order["modality"] = seg.value(5) or self.order["modality"]
+
+    def dg1(self, seg: Segment) -> None:
+        """DG1 of an order: its diagnosis code joins the order's reasons for study."""
+        coded = _coded(seg.parts(3, 3))
+        if self.order is not None and coded:
+            self.order["reason_codes"].append(coded)
+            self.order["reason_text"] = self.order["reason_text"] or coded["display"]
 
     def flush_order(self) -> None:
         """Emit the order record being built, if any."""
@@ -811,7 +861,7 @@ class _Walker:
 
 _HANDLERS: dict[str, Callable[[_Walker, Segment], None]] = {
     "PID": _Walker.pid, "PV1": _Walker.pv1, "MRG": _Walker.mrg, "ORC": _Walker.orc_segment, "OBR": _Walker.obr_segment,
-    "TQ1": _Walker.tq1, "IPC": _Walker.ipc}
+    "TQ1": _Walker.tq1, "IPC": _Walker.ipc, "DG1": _Walker.dg1}
 _HANDLERS_WITH_OBX = {**_HANDLERS, "OBX": _Walker.obx}  # OBX is read in result and ADT messages only
 
 
@@ -844,6 +894,17 @@ def _hd(parts: list[Value]) -> Value:
     if parts[0] or parts[0] is NULL or len(parts) < 2:
         return parts[0]
     return parts[1]
+
+
+def _ei_system(parts: list[Value]) -> str | None:
+    """The system of an EI (entity identifier): its universal id (component 3), else its namespace (2)."""
+    return (parts[2] if len(parts) > 2 else None) or (parts[1] if len(parts) > 1 else None) or None
+
+
+def _coded(parts: list[Value]) -> dict | None:
+    """A CWE/CE (code^text^system) as {code, display, system}; None when it has neither code nor text."""
+    code, display, system = (p or None for p in (*parts, None, None, None)[:3])
+    return {"code": code, "display": display, "system": system} if code or display else None
 
 
 def _street(subparts: list[Value]) -> Value:

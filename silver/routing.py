@@ -51,6 +51,17 @@ def routed_schema(schema: StructType) -> StructType:
     return StructType(fields)
 
 
+def applied_version_columns(*versions: str) -> list[StructField]:
+    """The closing columns of a current-state table: what the applied update cleared, its feed, its version(s)
+    (`source_version` first, then `versions`), its bronze lineage, when it was received and ingested."""
+    from pyspark.sql.types import ArrayType, TimestampType
+
+    return [StructField("nulled_fields", ArrayType(StringType()), True), StructField("source_feed", StringType(), True),
+            *(StructField(v, StringType(), True) for v in ("source_version", *versions)),
+            StructField("source_record", SOURCE_RECORD, True), StructField("received_at", TimestampType(), True),
+            StructField("ingested_at", TimestampType(), False)]
+
+
 def lineage(src: dict[str, Any]) -> dict[str, Any]:
     """The bronze row a silver row came from (SOURCE_RECORD)."""
     return {k: src[k] for k in ("table", "landing_file", "landing_position", "sha256")}

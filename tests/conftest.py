@@ -21,8 +21,12 @@ LONGEST_FILES = {
     "test_realdata_flow.py": 226, "test_cluster.py": 170, "test_silver_vs_truth.py": 120, "test_gold_cli.py": 125,
     "test_crash_safety.py": 113, "test_silver_patients.py": 90, "test_silver_encounters.py": 89,
     "test_executor_writes.py": 80, "test_quality_spark.py": 70, "test_silver_observations.py": 52,
-    "test_dicom_flow.py": 95, "test_silver_imaging.py": 60,
+    "test_dicom_flow.py": 95, "test_silver_imaging.py": 60, "test_sql_server.py": 37, "test_audit.py": 75,
+    "test_imaging_worklist.py": 120, "test_imaging_cli.py": 90,
 }
+# Imaging orders, reports and matching (estimates from a loaded machine, scaled to a quiet one).
+LONGEST_FILES.update({"test_silver_imaging_orders.py": 35, "test_silver_imaging_reports.py": 30,
+                      "test_imaging_match.py": 30, "test_imaging_realdata.py": 25})
 
 
 def pytest_collection_modifyitems(config, items):

@@ -63,10 +63,11 @@ class GatewayProcess:
             self.stop()
 
 
-def mllp_exchange(address: tuple[str, int], *messages: bytes, timeout: float = 10) -> list[bytes]:
-    """Send each message on one connection and return each ACK (without framing)."""
+def mllp_exchange(address: tuple[str, int], *messages: bytes, timeout: float = 10, tls=None) -> list[bytes]:
+    """Send each message on one connection and return each ACK (without framing); over TLS with an SSLContext."""
     replies = []
-    with socket.create_connection(address, timeout=timeout) as sock:
+    with socket.create_connection(address, timeout=timeout) as raw, \
+            (tls.wrap_socket(raw, server_hostname=address[0]) if tls else raw) as sock:
         for message in messages:
             sock.sendall(frame(message))
             data = b""

@@ -179,8 +179,8 @@ def test_as_of_a_version_or_a_time(probe, capsys):
     assert "(1 of 3 rows shown" in out
     assert cli(cfg, "audit", "as-of", "ops.diff_probe", "2001-01-01T00:00Z") == 1
     assert "did not exist at 2001-01-01" in capsys.readouterr().err
-    actions = [e["action"] for e in store.read_arrow("ops.audit_log").to_pylist()]
-    assert sorted(actions) == ["as_of", "as_of"]  # what failed to resolve reads nothing
+    events = sorted((e["action"], e["outcome"]) for e in store.read_arrow("ops.audit_log").to_pylist())
+    assert events == [("as_of", "allowed"), ("as_of", "allowed"), ("as_of", "failed")]
 
 
 def test_diff_keys_a_table_by_its_jobs_merge_keys(lake, capsys):
@@ -214,6 +214,22 @@ def test_restore_records_its_reason_in_the_commit_history_and_audit_log(probe, c
            for e in sorted(store.read_arrow("ops.audit_log").to_pylist(), key=lambda e: e["at_utc"])]
     assert log == [("restore", "allowed", [{"name": "ops.diff_probe", "version": 3}], "INC-7: rows from a bad load"),
                    ("restore", "failed", [{"name": "ops.diff_probe", "version": 99}], "typo")]
+
+
+def test_an_alert_whose_score_row_was_withdrawn_is_explained_as_its_batch_wrote_it(lake, capsys):
+    import pyarrow as pa
+
+    cfg, store, _ = lake
+    alert = the_alert(store)
+    empty = pa.Table.from_pylist([], schema=store.read_arrow("gold.early_warning_scores").schema)
+    store.overwrite("gold.early_warning_scores", empty, predicate=f"patient_key = '{alert['patient_key']}'")
+    assert cli(cfg, "audit", "explain", alert["alert_id"], "--json") == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["verdict"] == "verified" and r["score"]["withdrawn_since"] is True
+    assert r["tables_read"]["gold.early_warning_scores"] < store.version("gold.early_warning_scores")
+    key = f"{alert['patient_key']}@2026-11-21T10:00:00Z"  # by its key alone there is no alert to say when it was
+    assert cli(cfg, "audit", "explain", key) == 1
+    assert "never scored, or withdrawn since" in capsys.readouterr().err
 
 
 def age_lake(root: Path, days: int) -> None:
@@ -269,7 +285,7 @@ def test_an_alert_older_than_the_layers_retention_but_inside_the_audit_retention
     assert swept["silver.observations"][1] >= 1 and swept["landing/hl7"] == (30, 1), swept
     assert not segment.exists()
     assert cli(cfg, "audit", "explain", alert["alert_id"]) == 1
-    assert "silver.observations version" in capsys.readouterr().err
+    assert "version" in (err := capsys.readouterr().err) and "can no longer be read" in err
     vacuums = [e for e in store.read_arrow("ops.audit_log").to_pylist() if e["action"] == "vacuum"]
     assert [e["rows"] for e in sorted(vacuums, key=lambda e: e["at_utc"])] == [first,
                                                                               sum(n for _, n in swept.values())]
@@ -279,3 +295,12 @@ def vacuumed(out: str) -> dict[str, tuple[int, int]]:
     """`vacuum --all`'s table: {table or landing feed: (days kept, files removed)}."""
     rows = [line.split() for line in out.splitlines()[2:] if line and not line.startswith("vacuum")]
     return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+
+def test_vacuum_takes_a_table_or_all(probe, capsys):
+    cfg, _ = probe
+    for args in (("vacuum",), ("vacuum", "ops.diff_probe", "--all"), ("vacuum", "--all", "--retain-hours", "900")):
+        assert cli(cfg, *args) == 2
+        assert "vacuum takes a table, or --all" in capsys.readouterr().err
+    assert cli(cfg, "vacuum", "--all", "--dry-run") == 0
+    assert "vacuum --all: would remove 0 file(s)" in capsys.readouterr().out

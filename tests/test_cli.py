@@ -42,8 +42,8 @@ def test_help_does_not_import_spark_or_delta():
     (("run", "silver.nope"), "no job writes 'silver.nope'; jobs: bronze.claim_files, bronze.device_readings"),
     (("run", "all", "silver.observations"), "'all' runs every job: name the jobs to run, or 'all' alone"),
     (("run", "silver.quarantine"), "silver.quarantine is written by the jobs silver.claims, silver.encounters, "
-                                   "silver.imaging_studies, silver.observations, silver.patients as a side output; "
-                                   "run one of them"),
+                                   "silver.imaging_orders, silver.imaging_reports, silver.imaging_studies, "
+                                   "silver.observations, silver.patients as a side output; run one of them"),
     (("--set", "storage.engine=duckdb", "tables"), "storage.engine must be one of"),
     (("restore", "silver.x", "--reason", "test"), "restore needs exactly one of --version N or --timestamp TS"),
     (("run", "gold.early_warning_scores", "--from", "2026-01-01"), "--from and --to go with --recompute"),

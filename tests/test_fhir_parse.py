@@ -421,6 +421,8 @@ def test_service_request_and_imaging_study():
         "subject_reference": "Patient/p1", "subject_identifier_system": None, "subject_identifier_value": None,
         "encounter_reference": None, "authored_at": utc(2024, 3, 10, 8), "requisition_system": "urn:req",
         "requisition_value": "RQ-9", "accession_system": "urn:acc", "accession": "ACC-1",
+        "reason_codes": [], "reason_text": None, "reason_references": [], "location_codes": [],
+        "location_display": None,
     }])
     study = {
         "resourceType": "ImagingStudy", "id": "is1", "status": "available", "subject": {"reference": "Patient/p1"},
@@ -572,3 +574,45 @@ def test_every_real_fhir_file_splits_checks_and_extracts(realdata):
     study = rows[("imaging_studies", "adf70108-2b60-4080-863e-86cfadc114f0", None)]
     assert (study["study_uid"], study["modalities"], study["number_of_instances"], study["started_at"]) == (
         "1.2.840.99999999.64756812.1559319190472", ["DX"], 1, utc(1954, 11, 4, 10, 10, 39))
+
+
+def test_service_request_reasons_and_location():
+    order = {"resourceType": "ServiceRequest", "id": "sr2", "status": "active", "intent": "order",
+             "subject": {"reference": "Patient/p1"},
+             "reasonCode": [{"coding": [{"system": SNOMED, "code": "59282003", "display": "PE"}],
+                             "text": "Suspected PE"}, {"text": "dyspnoea"}],
+             "reasonReference": [{"reference": "Condition/c1"}],
+             "locationCode": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode",
+                                           "code": "ER"}], "text": "Emergency"}]}
+    [got] = extract(order, default_tz=BERLIN).service_requests
+    assert (got["reason_codes"], got["reason_text"], got["reason_references"], got["location_codes"],
+            got["location_display"]) == ([{"system": SNOMED, "code": "59282003", "display": "PE"}],
+                                         "Suspected PE; dyspnoea", ["Condition/c1"], ["ER"], "Emergency")
+
+
+def test_diagnostic_report_reads_interpreter_study_critical_and_communication():
+    report = {
+        "resourceType": "DiagnosticReport", "id": "dr1", "status": "final", "subject": {"reference": "Patient/p1"},
+        "code": {"coding": [{"system": LOINC, "code": "24725-4", "display": "CT Head"}]},
+        "identifier": [{"type": {"coding": [{"system": V2_0203, "code": "ACSN"}]}, "system": "urn:acc", "value": "A1"}],
+        "category": [{"coding": [{"code": "RAD"}]}], "effectiveDateTime": "2024-03-10T09:00:00+01:00",
+        "issued": "2024-03-10T09:30:00Z", "basedOn": [{"reference": "ServiceRequest/sr1"}],
+        "resultsInterpreter": [{"reference": "Practitioner/r7", "display": "Okafor, Ada"}],
+        "imagingStudy": [{"identifier": {"system": "urn:dicom:uid", "value": "urn:oid:1.2.3"}}],
+        "conclusion": "Bleed.",
+        "conclusionCode": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation",
+                                        "code": "AA"}]}],
+        "contained": [{"resourceType": "Communication", "id": "c1", "sent": "2024-03-10T09:20:00Z"}],
+        "extension": [{"url": "https://profiles.ihe.net/RAD/IDR/StructureDefinition/idrCommunication",
+                       "valueReference": {"reference": "#c1"}},
+                      {"url": "https://profiles.ihe.net/RAD/IDR/StructureDefinition/idrCommunication",
+                       "valueDateTime": "2024-03-10T09:25:00Z"}]}
+    [got] = extract(report, default_tz=BERLIN).diagnostic_reports
+    assert (got["accession"], got["effective_at"], got["issued_at"], got["based_on"], got["interpreter_id"],
+            got["interpreter_name"], got["study_uids"], got["conclusion"], got["communicated_at"]) == (
+        "A1", utc(2024, 3, 10, 8), utc(2024, 3, 10, 9, 30), ["ServiceRequest/sr1"], "Practitioner/r7", "Okafor, Ada",
+        ["1.2.3"], "Bleed.", utc(2024, 3, 10, 9, 20))
+    assert [c["code"] for c in got["conclusion_codes"]] == ["AA"] and got["category_codes"] == ["RAD"]
+    assert check({**report, "status": "done"}) == [
+        "DiagnosticReport.status: expected one of amended, appended, cancelled, corrected, entered-in-error, final, "
+        "partial, preliminary, registered, unknown, got 'done'"]

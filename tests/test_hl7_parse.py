@@ -17,6 +17,7 @@ from silver.hl7_parse import (
     NULL,
     OBSERVATION_KEYS,
     ORDER_KEYS,
+    REPORT_KEYS,
     Delimiters,
     Extracted,
     Hl7ParseError,
@@ -473,7 +474,7 @@ def test_mrg_without_a_prior_patient_identifier():
 
 
 ORDER = dict.fromkeys(ORDER_KEYS) | {"patient_mrn": "12345", "patient_source_system": "HOSP", "visit_number": "V100",
-                                     "nulled": []}
+                                     "reason_codes": [], "nulled": []}
 
 
 def test_orders_priority_accession_and_modality():
@@ -491,7 +492,7 @@ def test_orders_priority_accession_and_modality():
                  "order_status": "SC", "priority": "stat", "priority_code": "S", "service_code": "71020",
                  "service_display": "Chest X-ray", "service_code_system": "CPT4",
                  "requested_at": utc(2024, 3, 5, 11, 0), "ordering_provider_id": "DOC1", "accession_number": "ACC-1",
-                 "modality": "CR"},
+                 "modality": "CR", "placer_system": "EPIC"},
         ORDER | {"record_index": 5, "order_control": "NW", "placer_order_number": "P2", "priority": "asap",
                  "priority_code": "A", "service_code": "CBC", "service_display": "Blood count",
                  "service_code_system": "L", "requested_at": utc(2024, 3, 5, 12, 0)},
@@ -664,3 +665,37 @@ def test_real_a40_merge_and_batch_file(realdata: Path):
     pieces = [extract(batch[off:off + n], default_tz=BERLIN) for off, n in split_messages(batch)]
     assert [(p.header["control_id"], p.header["charset"], p.patients[0]["mrn"]) for p in pieces] == [
         ("12334456778890", "ASCII", "0000112234")]
+
+
+def test_imaging_order_reasons_transaction_time_and_omi():
+    got = run(msh("OMI^O23^OMI_O23"), PID, PV1,
+              seg("ORC", {1: "NW", 2: "P7^^urn:oid:1.2.3^ISO", 9: "20240305100000"}),
+              seg("OBR", {1: "1", 4: "70450^CT head^C4", 13: "fell at home", 31: "R29.818^Stroke symptoms^I10~^chest"}),
+              seg("DG1", {1: "1", 3: "I63.9^Cerebral infarction^I10"}))
+    [order] = got.orders
+    assert (order["placer_system"], order["transaction_at"], order["reason_text"]) == (
+        "urn:oid:1.2.3", utc(2024, 3, 5, 9), "Stroke symptoms; chest")
+    assert order["reason_codes"] == [{"code": "R29.818", "display": "Stroke symptoms", "system": "I10"},
+                                     {"code": None, "display": "chest", "system": None},
+                                     {"code": "I63.9", "display": "Cerebral infarction", "system": "I10"}]
+    assert run(msh("ORM^O01"), PID, seg("ORC", {1: "NW", 2: "P8"}),
+               seg("OBR", {1: "1", 4: "X^Y^L", 13: "fell at home"})).orders[0]["reason_text"] == "fell at home"
+
+
+def test_result_messages_list_each_obr_as_a_report():
+    got = run(msh(), PID, PV1,
+              seg("OBR", {1: "1", 2: "P1^EPIC", 3: "F1^RIS^1.2.3^ISO", 4: "70450^CT head^C4", 7: "20240305090000",
+                          18: "ACC1", 22: "20240305093000", 24: "CT", 25: "F", 32: "R7&Okafor&Ada"}),
+              seg("OBX", {1: "1", 2: "TX", 3: "19005-8^Impression^LN", 5: "Bleed", 8: "AA", 11: "F"}),
+              seg("OBR", {1: "2", 2: "P2", 4: "CBC^Blood count^L", 24: "LAB"}))
+    first, second = got.reports
+    assert first == dict.fromkeys(REPORT_KEYS) | {
+        "record_index": 3, "placer_order_number": "P1", "placer_system": "EPIC", "filler_order_number": "F1",
+        "filler_system": "1.2.3", "service_code": "70450", "service_display": "CT head", "service_code_system": "C4",
+        "diagnostic_service": "CT", "result_status": "F", "observed_at": utc(2024, 3, 5, 8),
+        "results_at": utc(2024, 3, 5, 8, 30), "interpreter_id": "R7", "interpreter_name": "Okafor, Ada",
+        "accession_number": "ACC1", "patient_mrn": "12345", "patient_source_system": "HOSP", "visit_number": "V100",
+        "nulled": []}
+    assert (second["record_index"], second["diagnostic_service"], got.observations[0]["abnormal_flags"]) == (
+        5, "LAB", ["AA"])
+    assert run(msh("ORM^O01"), PID, seg("ORC", {1: "NW", 2: "P8"}), seg("OBR", {1: "1", 4: "X"})).reports == []

@@ -47,14 +47,16 @@ def lake(tmp_path_factory):
     run_cli(root, "ingest", str(out / "devices"), "--feed", "devices")
     # bronze and silver only: these tests compare silver with the truth (gold has its own tests)
     run_cli(root, "run", "bronze.hl7_messages", "bronze.fhir_resources", "bronze.device_readings",
-            "silver.observations", "silver.patients", "silver.encounters", "--available-now")
+            "silver.observations", "silver.patients", "silver.encounters", "silver.imaging_orders",
+            "silver.imaging_reports", "--available-now")
     from pipelines.store.deltars import DeltaRsStore
     from tests.conftest import make_config
 
     cfg = make_config(root)
     store = DeltaRsStore(cfg)
     tables = {t: store.read_arrow(t).to_pylist() for t in ("silver.observations", "silver.quarantine",
-                                                             "silver.patients", "silver.encounters")}
+                                                             "silver.patients", "silver.encounters",
+                                                             "silver.imaging_orders", "silver.imaging_reports")}
     return out, cfg, tables
 
 
@@ -138,3 +140,52 @@ def test_patients_merges_and_cancelled_admissions_match_truth(lake):
                 assert row["status"] == "in-progress"
             admitted = datetime.fromisoformat(e["admit_time"].replace("Z", "+00:00"))
             assert row["admitted_at"].astimezone(UTC) == admitted
+
+
+def _imaging_truth(out: Path) -> list[dict]:
+    with open(out / "truth" / "imaging.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _iso(at: datetime | None) -> str:
+    return at.replace(tzinfo=UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if at else ""
+
+
+def _malformed(out: Path) -> int:
+    return sum(len(v) for (feed, kind), v in _dirt(out).items() if kind == "malformed" and feed in ("hl7", "fhir"))
+
+
+@pytest.mark.slow
+def test_imaging_orders_match_truth(lake):
+    """Every order (sent as ORM and as ServiceRequest) is one row with the truth's priority, procedure, indication,
+    place and time; only an order whose copies were both malformed in transit may be missing."""
+    out, _cfg, t = lake
+    truth = {r["order_number"]: r for r in _imaging_truth(out)}
+    silver = {r["order_number"]: r for r in t["silver.imaging_orders"]}
+    assert len(silver) == len(t["silver.imaging_orders"]) and set(silver) <= set(truth)
+    assert len(set(truth) - set(silver)) <= _malformed(out) and len(silver) > 20
+    for number, row in silver.items():
+        want = truth[number]
+        assert (row["accession_number"], row["procedure_code"], row["priority"], row["location_class"],
+                _iso(row["ordered_at"]), row["indication_codes"], row["indication_text"], row["status"]) == (
+            want["accession_number"], want["procedure_code"], want["priority"].upper(), want["location_class"],
+            want["ordered_time"], [f"ICD-10-CM|{want['indication_code']}"], want["indication_text"],
+            "cancelled" if want["cancelled_time"] else "active")
+    assert {r["location_class"] for r in silver.values()} >= {"ED", "WARD"}
+
+
+@pytest.mark.slow
+def test_imaging_reports_match_truth(lake):
+    """Every read study has its report: read time, reader, study UID and the critical flag of the truth, and a
+    critical result carries when it was communicated."""
+    out, _cfg, t = lake
+    read = {r["accession_number"]: r for r in _imaging_truth(out) if r["read_time"]}
+    silver = {r["accession_number"]: r for r in t["silver.imaging_reports"]}
+    assert set(silver) <= set(read) and len(set(read) - set(silver)) <= _malformed(out) and len(silver) > 10
+    for accession, row in silver.items():
+        want = read[accession]
+        critical = want["critical_finding"] == "1"
+        assert (_iso(row["read_at"]), row["reader"], row["study_instance_uid"], row["critical"], row["status"]) == (
+            want["read_time"], want["reader"], want["study_instance_uid"], critical, "final")
+        assert (row["critical_communicated_at"] is not None) == critical
+        assert (want["finding"] in row["conclusion"]) if critical else row["conclusion"] == "No acute abnormality."

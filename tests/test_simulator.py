@@ -335,3 +335,26 @@ def test_dbldatagen_gets_a_session_that_writes_the_current_arrow_key():
     assert Session.conf.values == {"spark.sql.execution.arrow.pyspark.enabled": "true",
                                    "spark.sql.execution.arrow.maxRecordsPerBatch": 100}
     assert wrapped.version == "4.0.1" and wrapped.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch") == 100
+
+
+def test_imaging_truth_has_indications_places_findings_and_reads(sim):
+    rows = truth(sim, "imaging.csv")
+    assert rows and {r["location_class"] for r in rows} <= {"ED", "ICU", "WARD", "OUTPATIENT"}
+    assert {"ED", "WARD"} <= {r["location_class"] for r in rows}
+    for r in rows:
+        assert r["indication_code"] and r["indication_text"] and r["critical_finding"] in ("0", "1")
+        assert bool(r["finding"]) == (r["critical_finding"] == "1")
+        assert bool(r["reader"]) == bool(r["read_time"]) and (not r["read_time"] or r["study_time"])
+        assert not r["read_time"] or r["study_time"] <= r["read_time"] and r["ordered_time"] <= r["study_time"]
+    reports = [m for m in hl7_messages(sim) if b"|RAD|F|" in m]
+    assert len(reports) >= sum(1 for r in rows if r["read_time"]) - counts(sim)["dirt"].get("hl7.malformed", 0)
+
+
+def test_critical_findings_are_not_predicted_by_priority_alone():
+    from pipelines.simulator.clinical import ED_CASES, INDICATIONS, OUTPATIENT_CASES
+
+    def expected(priority: str) -> float:
+        cases = [(INDICATIONS[i].critical_p, w * p.get(priority, 0)) for i, w, p in (*ED_CASES, *OUTPATIENT_CASES)]
+        return sum(c * w for c, w in cases) / sum(w for _, w in cases)
+
+    assert 0 < expected("routine") < expected("asap") < expected("stat") < 0.3  # most STAT studies hold none

@@ -88,7 +88,8 @@ def test_repository_views_load_with_the_configured_mask(cfg):
     from pipelines.sqlserver.server import views_dir
 
     views = load_views(views_dir(cfg), {"mask_date_unit": cfg.sql_server.mask_date_unit})
-    assert {"gold.alerts_by_ward_day", "gold.fraud_flags_by_provider", "gold.patients_masked"} <= set(views)
+    assert {"gold.alerts_by_ward_day", "gold.fraud_flags_by_provider", "gold.patients_masked",
+            "gold.imaging_sla_by_day", "gold.imaging_worklist_by_priority"} <= set(views)
     masked = "\n".join(line for line in views["gold.patients_masked"].sql.splitlines() if not line.startswith("--"))
     assert "date_trunc('month', birth_date)" in masked
     tokens = set(masked.split("FROM")[0].replace(",", " ").replace("(", " ").replace(")", " ").split())
@@ -131,6 +132,16 @@ def test_write_records_formats():
     ("SELECT java_method('java.lang.Runtime', 'getRuntime')", "java_method is not available"),
     ("SELECT x.f() FROM global_temp.a", "x.f is not available"),
     ("SELECT 1; SELECT 2", "SQL syntax error"),
+    ("SELECT * FROM IDENTIFIER('global_temp.b')", "IDENTIFIER"),
+    ("SELECT * FROM global_temp.a WHERE id = (SELECT 1 FROM IDENTIFIER('global_temp.b'))", "IDENTIFIER"),
+    ("SELECT IDENTIFIER('reflect')('java.lang.System', 'getenv', 'HOME')", "IDENTIFIER"),
+    ("EXECUTE IMMEDIATE 'SELECT * FROM global_temp.b'", "EXECUTE IMMEDIATE"),
+    ("DECLARE VARIABLE v INT", "only queries"),
+    ("CALL sys.some_procedure()", "only queries"),
+    ("MERGE INTO global_temp.a t USING global_temp.a s ON t.id = s.id WHEN MATCHED THEN DELETE", "only queries"),
+    ("INSERT OVERWRITE DIRECTORY '/tmp/x' SELECT * FROM global_temp.a", "only queries"),
+    ("SELECT xpath_string('<a>x</a>', 'a')", "xpath_string is not available"),
+    ("SELECT * FROM global_temp.b |> WHERE id > 1", "global_temp.b is not a table"),
 ])
 def test_guard(spark, sql, refused):
     from pipelines.sqlserver.guard import StatementRefused, check_statement
@@ -162,6 +173,9 @@ def test_catalog_resolves_each_statement_at_the_latest_version(spark, cfg):
     assert view.reads == (("gold.big_things", None), ("gold.things", 1))
     with pytest.raises(TableNotFound, match="carelake run gold.nothing"):
         catalog.resolve("select * from gold.nothing")
+    store.append("gold.things", pa.table({"n": [4]}))
+    assert catalog.refresh() == ["gold__things__v2"]  # ready before any statement asks for version 2
+    assert catalog.refresh() == []
 
 
 def test_audit_events_group_committed_each_writer_waits_for_its_commit():
@@ -210,8 +224,7 @@ def test_audit_commit_failure_reaches_every_writer_of_the_batch():
 def test_a_stale_discovery_file_means_no_server(cfg):
     import json
 
-    from pipelines.sqlserver.client import running_server
-    from pipelines.sqlserver.server import discovery_file
+    from pipelines.sqlserver.client import discovery_file, running_server
 
     path = discovery_file(cfg)
     path.parent.mkdir(parents=True)
@@ -220,3 +233,20 @@ def test_a_stale_discovery_file_means_no_server(cfg):
     assert running_server(cfg) is None  # its process is gone: carelake sql starts Spark itself
     path.write_text(json.dumps({"pid": os.getpid(), "host": "127.0.0.1", "port": 1, "token": "t", "url": "u"}))
     assert running_server(cfg)["port"] == 1
+
+
+def test_sql_user_command(tmp_path, monkeypatch, capsys):
+    from pipelines.cli import main
+
+    root = str(tmp_path / "lake")
+    monkeypatch.setattr("sys.stdin", io.StringIO("a-long-password\n"))
+    assert main(["--env", "test", "--root", root, "sql-user", "add", "ana", "--role", "analyst",
+                 "--password-stdin"]) == 0
+    assert "added ana (analyst)" in capsys.readouterr().out
+    assert main(["--env", "test", "--root", root, "sql-user", "list"]) == 0
+    assert capsys.readouterr().out.splitlines()[2].split() == ["ana", "analyst"]
+    assert main(["--env", "test", "--root", root, "sql-user", "add", "bob"]) == 2
+    assert "needs --role" in capsys.readouterr().err
+    assert main(["--env", "test", "--root", root, "sql-user", "remove", "bob"]) == 2
+    assert "no user 'bob'" in capsys.readouterr().err
+    assert main(["--env", "test", "--root", root, "sql-user", "remove", "ana"]) == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import signal
+import socket
 import subprocess
 import time
 from datetime import UTC, datetime
@@ -37,7 +38,7 @@ def _score(n: int) -> dict:
 
 def build_lake(root: Path) -> None:
     """A tiny lakehouse: scores, alerts, encounters and patients (names, MRNs, birth dates) in their real schemas."""
-    from gold import deterioration_alerts, early_warning_scores
+    from gold import deterioration_alerts, early_warning_scores, imaging_worklist
     from pipelines.store.deltars import DeltaRsStore
     from silver import encounters, patients
 
@@ -49,6 +50,12 @@ def build_lake(root: Path) -> None:
     store.append("silver.encounters", _rows(encounters.SCHEMA, [
         {"encounter_key": "e1", "identity_kind": "encounter", "patient_key": "p1", "location_point_of_care": "MED5E",
          "ingested_at": T0}]))
+    store.append("gold.imaging_worklist", _rows(imaging_worklist.SCHEMA, [
+        {"worklist_key": "1.2.3", "status": "unread", "rank": 1, "patient_key": "p1", "modality": "CT",
+         "priority": "STAT", "sla_breached": True, "waited_minutes": 75.0, "as_of": T0}]))
+    store.append("gold.imaging_sla_breaches", _rows(imaging_worklist.BREACH_SCHEMA, [
+        {"breach_id": "b1", "study_instance_uid": "1.2.3", "patient_key": "p1", "priority": "STAT",
+         "sla_minutes": 60.0, "available_at": T0, "opened_at": T0, "status": "open"}]))
     store.append("silver.patients", _rows(patients.SCHEMA, [
         {"patient_key": "p1", "identity_kind": "patient", "mrn": "MRN0001", "family_name": "Doe",
          "given_name": "Jane", "birth_date": datetime(1961, 3, 17).date(), "sex": "female", "ingested_at": T0}]))
@@ -113,6 +120,7 @@ def server(lake):
     err = s.stop()
     assert s.proc.returncode == 0, err[-3000:]
     assert not (lake / "_sqlserver" / "server.json").exists(), "the discovery file outlived the server"
+    assert (lake / "_sqlserver" / "derby.log").exists() and not (REPO / "derby.log").exists()
 
 
 def audit_rows(root: Path) -> list[dict]:
@@ -183,6 +191,10 @@ def test_masked_views_and_marts_for_analysts(server):
     conn.close()
     ward = server.query("ana", "SELECT opened_on, ward, level, news2_band, alerts FROM gold.alerts_by_ward_day")
     assert ward == [("2026-01-05", "MED5E", "news2_high", "high", 1)]
+    assert server.query("ana", "SELECT * FROM gold.imaging_worklist_by_priority") == [
+        ("unread", "STAT", "CT", 1, 1, 75.0, 75.0, datetime(2026, 1, 5, 8, 0))]  # naive: UTC, the session zone
+    assert server.query("ana", "SELECT available_on, priority, breaches, still_unread, sla_minutes "
+                               "FROM gold.imaging_sla_by_day") == [("2026-01-05", "STAT", 1, 1, 60.0)]
 
 
 @pytest.mark.parametrize("sql, reason", [
@@ -200,6 +212,11 @@ def test_statements_outside_the_served_tables_are_refused(server, sql, reason):
     with pytest.raises(exc.OperationalError) as refused:
         server.query("eng", sql)
     assert reason in refusal(refused)
+
+
+def test_variables_are_not_substituted(server):
+    assert server.query("eng", "SELECT '${env:HOME}', '${system:user.name}'") == [("${env:HOME}",
+                                                                                  "${system:user.name}")]
 
 
 def test_wrong_password_is_refused_and_audited(server, lake):
@@ -243,3 +260,40 @@ def test_refuses_to_start_without_users_or_open_without_auth(tmp_path, capsys):
     assert "--no-auth serves every table without a login" in capsys.readouterr().err
     assert main(["--env", "test", "--root", root, "sql-server"]) == 2
     assert "carelake sql-user add NAME --role analyst" in capsys.readouterr().err
+    assert main(["--env", "test", "--root", root, "--set", "sql_server.views_dir=/nowhere", "sql-server",
+                 "--no-auth"]) == 2
+    assert "sql_server.views_dir '/nowhere' is not a folder" in capsys.readouterr().err
+    busy = socket.create_server(("127.0.0.1", 0))
+    try:
+        assert main(["--env", "test", "--root", root, "sql-server", "--no-auth", "--port",
+                     str(busy.getsockname()[1])]) == 2
+    finally:
+        busy.close()
+    assert "cannot listen on 127.0.0.1:" in capsys.readouterr().err
+
+
+def _metadata(server, user: str, call: str, **req) -> list[tuple]:
+    """A JDBC DatabaseMetaData call (GetSchemas, GetTables, GetColumns) through PyHive's Thrift client."""
+    from TCLIService import ttypes
+
+    conn = server.connect(user)
+    try:
+        resp = getattr(conn.client, call)(getattr(ttypes, f"T{call}Req")(sessionHandle=conn.sessionHandle, **req))
+        assert resp.status.statusCode == ttypes.TStatusCode.SUCCESS_STATUS, resp.status
+        cur = conn.cursor()
+        cur._state, cur._operationHandle = cur._STATE_RUNNING, resp.operationHandle  # noqa: SLF001 - no DB-API call
+        return cur.fetchall()
+    finally:
+        conn.close()
+
+
+def test_catalog_browsing_shows_what_the_role_may_read(server):
+    assert _metadata(server, "ana", "GetSchemas") == [("gold", "spark")]
+    assert [r[0] for r in _metadata(server, "eng", "GetSchemas")] == ["gold", "silver"]  # ops.audit_log: auditors
+    tables = {(r[1], r[2], r[3]) for r in _metadata(server, "ana", "GetTables", schemaName="gold", tableName="%")}
+    assert ("gold", "early_warning_scores", "TABLE") in tables and ("gold", "patients_masked", "VIEW") in tables
+    assert not any(schema != "gold" for schema, _, _ in tables)
+    columns = _metadata(server, "ana", "GetColumns", schemaName="gold", tableName="patients_masked")
+    assert [(r[3], r[4], r[5]) for r in columns][:3] == [("patient_key", 12, "STRING"), ("sex", 12, "STRING"),
+                                                          ("birth_period", 91, "DATE")]
+    assert not _metadata(server, "ana", "GetColumns", schemaName="silver", tableName="patients")

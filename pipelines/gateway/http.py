@@ -32,6 +32,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from pipelines.gateway.landing import LandingZone
 from pipelines.gateway.metrics import Metrics
+from pipelines.gateway.security import OPEN, Policy, certificate_sender
 
 log = logging.getLogger("carelake.gateway")
 
@@ -252,7 +253,9 @@ class ServerLog(logging.LoggerAdapter):
 
 class HttpGateway:
     def __init__(self, landing: LandingZone, metrics: Metrics, *, max_bytes: int, body_timeout_s: float,
-                 keep_bytes: int, stow: bool = True, x12: bool = True, max_parts: int = 100_000):
+                 keep_bytes: int, stow: bool = True, x12: bool = True, max_parts: int = 100_000,
+                 policy: Policy = OPEN):
+        self.policy = policy
         self.landing = landing
         self.stow = stow  # serve POST /dicomweb/studies (the zone lands the dicom feed)
         self.x12 = x12  # serve POST /x12 (the zone lands the x12 feed)
@@ -268,7 +271,7 @@ class HttpGateway:
 
     def app(self) -> web.Application:
         # The size limit is enforced while streaming the body (below), so the prefix can still be kept.
-        app = web.Application(client_max_size=self.max_bytes + 1)
+        app = web.Application(client_max_size=self.max_bytes + 1, middlewares=[self._authenticate])
         fhir = Endpoint(FHIR_FEED, check_fhir, "resource(s)")
         devices = Endpoint(DEVICE_FEED, check_readings, "reading(s)")
         app.router.add_post("/fhir", lambda r: self.receive(r, fhir), expect_handler=self._expect_continue)
@@ -287,10 +290,36 @@ class HttpGateway:
     def declared_too_big(self, request: web.BaseRequest) -> bool:
         return request.content_length is not None and request.content_length > self.max_bytes
 
+    def sender(self, request: web.BaseRequest) -> str | None:
+        """Who sent a request: the name of its bearer token, or the CN of its verified client certificate."""
+        found = self.policy.tokens.sender(request.headers.get("Authorization"))
+        if found is None and self.policy.client_certs and request.transport is not None:
+            found = certificate_sender(request.transport.get_extra_info("peercert"))
+        return found
+
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler) -> web.StreamResponse:
+        """With tokens or a client CA configured, a POST from an unknown sender is answered 401 before its body is
+        read: nothing of it lands, and it is counted."""
+        if request.method != "POST" or not self.policy.http_auth:
+            return await handler(request)
+        sender = self.sender(request)
+        if sender is None:
+            self.metrics.inc("carelake_gateway_auth_failures_total", protocol="http", reason="unauthenticated")
+            log.warning("http %s %s: refused, no known bearer token or verified client certificate (401)",
+                        request.remote, request.path)
+            resp = self._reply(request.path, 401, outcome("error", "login", [
+                "authentication required: send Authorization: Bearer <token> (gateway.security.tokens_file) or a "
+                "client certificate signed by gateway.security.client_ca; nothing was accepted"]), close=True)
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="carelake"'
+            return resp
+        request["sender"] = sender
+        return await handler(request)
+
     async def _expect_continue(self, request: web.Request) -> None:
-        """Answer `Expect: 100-continue` as aiohttp does, except for a body declared too large: no 100 Continue,
-        so the client sends none of it and reads the 413 that `receive` answers."""
-        if self.declared_too_big(request):
+        """Answer `Expect: 100-continue` as aiohttp does, except for a body declared too large or from an unknown
+        sender: no 100 Continue, so the client sends none of it and reads the 413 or 401 answered next."""
+        if self.declared_too_big(request) or (self.policy.http_auth and self.sender(request) is None):
             return
         expect = request.headers.get("Expect", "")
         if expect.lower() != "100-continue":
@@ -388,6 +417,8 @@ class HttpGateway:
         peer = f"{request.remote}"
         content_type = request.content_type.lower() if request.headers.get("Content-Type") else ""
         header = {"peer": peer, "protocol": "http", "content_type": content_type, "path": request.path}
+        if request.get("sender"):
+            header["sender"] = request["sender"]
         if self.declared_too_big(request):
             # Refused before reading: keep only what already sits in the buffer (usually nothing).
             header["content_length"] = request.content_length

@@ -36,6 +36,10 @@ _HELP = {
     "carelake_gateway_rejects_bytes": ("gauge", "Bytes in landing/_rejects (open and sealed segments) at the last "
                                        "check."),
     "carelake_gateway_open_connections": ("gauge", "Open MLLP connections."),
+    "carelake_gateway_auth_failures_total": ("counter", "Senders refused before anything of theirs landed, by "
+                                             "protocol and reason: tls_handshake (MLLP), unauthenticated (HTTP: no "
+                                             "known token or verified certificate), facility_not_allowed (MLLP "
+                                             "MSH-4)."),
     "carelake_gateway_dicom_associations_total": ("counter", "DICOM associations by outcome: accepted, rejected "
                                                   "(calling AE title not allowed, too many at once), aborted."),
     "carelake_gateway_receiving": ("gauge", "Uploads under way: HTTP bodies being read, MLLP frames begun and not "

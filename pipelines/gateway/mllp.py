@@ -39,6 +39,7 @@ from bronze.hl7_wire import (
 )
 from pipelines.gateway.landing import LandingZone
 from pipelines.gateway.metrics import Metrics
+from pipelines.gateway.security import OPEN, Policy, certificate_sender
 
 log = logging.getLogger("carelake.gateway")
 
@@ -153,6 +154,7 @@ class Reply:
     status: str  # the landed record's status: accepted, error or rejected (the worst message's)
     reason: str | None = None
     refused: bool = False  # kept in landing/_rejects instead of landed (a batch over gateway.max_batch_messages)
+    refusal: str = "too_many_messages"  # why it was refused (the rejected_total reason)
 
 
 def _batch_reply(head: Header, acks: list[bytes]) -> bytes:
@@ -169,9 +171,43 @@ def _batch_reply(head: Header, acks: list[bytes]) -> bytes:
 _SEVERITY = {"AA": 0, "AE": 1, "AR": 2}
 
 
-def answer(message: bytes, max_batch: int) -> Reply:
+NOT_ALLOWED = "sender_not_allowed"
+
+
+def _facility(h: Header | None) -> str:
+    """MSH-4's namespace id (its first component, in the sender's own delimiters)."""
+    if h is None:
+        return ""
+    return h.sending_facility.split((h.encoding_characters or "^")[0])[0].strip()
+
+
+def refuse_facility(message: bytes, policy: Policy) -> Reply | None:
+    """An AR refusal when the frame's sending facility (each message's, and a batch header's) is not allowed."""
+    if not policy.facilities:
+        return None
+    verdict = judge(message)
+    head = verdict.header
+    headers = [head]
+    if head is not None and head.segment != "MSH":
+        headers += [judge(message[o:o + n]).header for o, n in split_messages(message)]
+    bad = next((h for h in headers if not policy.facility_allowed(_facility(h))), None)
+    if bad is None and head is not None:
+        return None
+    named = _facility(bad) or "none (no readable MSH-4)"
+    reason = (f"sending facility {named} is not allowed to send here (gateway.security.sending_facilities); "
+              "nothing of this message was accepted")
+    refusal = build_ack(Verdict(head if head is not None and head.segment == "MSH" else None, "AR", "207", reason))
+    data = refusal if head is None or head.segment == "MSH" else _batch_reply(head, [refusal])
+    return Reply(data, {"AR": 1}, "rejected", reason, refused=True, refusal=NOT_ALLOWED)
+
+
+def answer(message: bytes, max_batch: int, policy: Policy = OPEN) -> Reply:
     """The reply to one MLLP frame: an ACK, or for an FHS/BHS batch one ACK per message in the batch's envelope.
-    A batch of more than `max_batch` messages is refused whole, with one AR saying so."""
+    A batch of more than `max_batch` messages is refused whole, with one AR saying so; so is a frame from a sending
+    facility the policy does not allow."""
+    refused = refuse_facility(message, policy)
+    if refused is not None:
+        return refused
     verdict = judge(message)
     head = verdict.header
     if head is None or head.segment == "MSH":
@@ -239,7 +275,8 @@ class MllpServer:
     """asyncio protocol handler: many concurrent connections, one landing log."""
 
     def __init__(self, landing: LandingZone, metrics: Metrics, *, max_bytes: int, idle_timeout_s: float,
-                 frame_timeout_s: float, max_batch: int, keep_bytes: int):
+                 frame_timeout_s: float, max_batch: int, keep_bytes: int, policy: Policy = OPEN):
+        self.policy = policy
         self.landing = landing
         self.metrics = metrics
         self.max_bytes = max_bytes
@@ -468,9 +505,12 @@ class MllpServer:
         # Land every frame that arrived together first (one group commit), then acknowledge in order.
         pending = []
         counts: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
+        sender = certificate_sender(writer.get_extra_info("peercert")) if self.policy.client_certs else None
         for message in frames:
-            reply = await _off_loop(answer, message, self.max_batch)
+            reply = await _off_loop(answer, message, self.max_batch, self.policy)
             header = {"peer": peer, "protocol": "mllp", "status": reply.status}
+            if sender:
+                header["sender"] = sender  # the CN of the sender's verified certificate (mutual TLS)
             if reply.reason:
                 header["reason"] = reply.reason
             if reply.refused:  # refused whole: only its prefix is kept, in the rejects area
@@ -494,7 +534,10 @@ class MllpServer:
                     reply = await _off_loop(cannot_store, message, f"gateway cannot store the message: {exc}")
             else:
                 if reply.refused:
-                    counts["carelake_gateway_rejected_total", (("feed", FEED), ("reason", "too_many_messages"))] += 1
+                    counts["carelake_gateway_rejected_total", (("feed", FEED), ("reason", reply.refusal))] += 1
+                    if reply.refusal == NOT_ALLOWED:
+                        counts["carelake_gateway_auth_failures_total", (("protocol", "mllp"),
+                                                                        ("reason", "facility_not_allowed"))] += 1
                     log.warning("mllp %s: %s; refused (AR), first %d byte(s) kept in landing/_rejects/%s", peer,
                                 reply.reason, min(len(message), self.keep_bytes), FEED)
                 else:

@@ -25,6 +25,7 @@ from pipelines.errors import ConfigError, UsageError
 from pipelines.gateway import http, mllp
 from pipelines.gateway.landing import LandingZone
 from pipelines.gateway.metrics import Metrics
+from pipelines.gateway.security import Policy
 
 log = logging.getLogger("carelake.gateway")
 
@@ -57,11 +58,13 @@ class Addresses:
     mllp_port: int
     http_port: int
     dicom_port: int | None = None  # None: the Storage SCP is off
+    tls: bool = False  # MLLP over TLS and HTTPS
 
     def line(self, landing: str) -> str:
         served = "off" if self.dicom_port is None else f"{self.host}:{self.dicom_port}"
-        return (f"carelake gateway: mllp={self.host}:{self.mllp_port} http=http://{self.host}:{self.http_port} "
-                f"dicom={served} landing={landing}")
+        scheme = "https" if self.tls else "http"
+        return (f"carelake gateway: mllp={self.host}:{self.mllp_port} http={scheme}://{self.host}:{self.http_port} "
+                f"dicom={served} landing={landing}{' tls=on' if self.tls else ''}")
 
 
 def _dicom_server(cfg: Config, ae_title: str | None, landing: LandingZone, metrics: Metrics):
@@ -94,16 +97,17 @@ class Gateway:
             if not 0 <= port <= 65535:
                 raise UsageError(f"{name} must be a TCP port 0-65535 (0 = pick a free one), got {port}")
         self.metrics = Metrics()
+        self.policy = Policy.of(g.security, self.host)
         self.feeds = served_feeds(cfg, self.dicom_port is not None)
         self.landing = LandingZone(cfg, self.feeds, self.metrics)
         max_bytes, keep_bytes = g.max_message_mb << 20, g.reject_keep_kb << 10
         self.mllp = mllp.MllpServer(self.landing, self.metrics, max_bytes=max_bytes, idle_timeout_s=g.idle_timeout_s,
                                     frame_timeout_s=g.frame_timeout_s, max_batch=g.max_batch_messages,
-                                    keep_bytes=keep_bytes)
+                                    keep_bytes=keep_bytes, policy=self.policy)
         self.http = http.HttpGateway(self.landing, self.metrics, max_bytes=max_bytes, body_timeout_s=g.body_timeout_s,
                                      keep_bytes=keep_bytes, stow=http.DICOM_FEED in self.feeds,
                                      x12=http.X12_FEED in self.feeds,
-                                     max_parts=g.max_batch_messages)
+                                     max_parts=g.max_batch_messages, policy=self.policy)
         self.dicom = None if self.dicom_port is None else _dicom_server(cfg, ae_title, self.landing, self.metrics)
         self._mllp_server: asyncio.Server | None = None
         self._runner: web.AppRunner | None = None
@@ -114,9 +118,11 @@ class Gateway:
             log.warning("recovered landing segment %s (%d record(s), %d torn byte(s))", r.segment, r.records,
                         r.torn_bytes)
         try:
-            self._mllp_server = await asyncio.start_server(self.mllp.handle, self.host, self.mllp_port,
-                                                           limit=1 << 20, backlog=LISTEN_BACKLOG)
             g = self.cfg.gateway
+            tls = self.policy.context("mllp", self.metrics)
+            self._mllp_server = await asyncio.start_server(
+                self.mllp.handle, self.host, self.mllp_port, limit=1 << 20, backlog=LISTEN_BACKLOG, ssl=tls,
+                ssl_handshake_timeout=g.header_timeout_s if tls else None)
             self._runner = web.AppRunner(
                 self.http.app(), access_log=None, handle_signals=False, logger=http.ServerLog(self.metrics),
                 # aiohttp's keep-alive timer runs from a connection's opening (or its last answer) until a request
@@ -127,7 +133,8 @@ class Gateway:
                 # By the time aiohttp shuts down (stop, below), every request in progress has been answered.
                 shutdown_timeout=g.shutdown_timeout_s * SHUTDOWN_SHARES[2])
             await self._runner.setup()
-            site = web.TCPSite(self._runner, self.host, self.http_port, backlog=LISTEN_BACKLOG)
+            site = web.TCPSite(self._runner, self.host, self.http_port, backlog=LISTEN_BACKLOG,
+                               ssl_context=self.policy.context("http", self.metrics))
             await site.start()
             dicom_port = None if self.dicom is None else self.dicom.start(self.host, self.dicom_port)
         except OSError as exc:
@@ -136,9 +143,10 @@ class Gateway:
             raise UsageError(f"cannot listen on {self.host} (mllp {self.mllp_port}, http {self.http_port}"
                              f"{dicom_part}): {exc.strerror or exc}; choose free ports with --mllp-port/--http-port"
                              f"{'/--dicom-port' if dicom_part else ''} (0 picks one)") from None
+        self.policy.warn(self.host)
         mllp_port = self._mllp_server.sockets[0].getsockname()[1]
         http_port = self._runner.addresses[0][1]
-        return Addresses(self.host, mllp_port, http_port, dicom_port)
+        return Addresses(self.host, mllp_port, http_port, dicom_port, tls=self.policy.tls)
 
     async def stop(self) -> None:
         """Stop accepting, answer what arrived whole, cut off what is still arriving, seal: within shutdown_timeout."""

@@ -23,7 +23,8 @@ HOSPITAL_NPI_BODY = "124308512"
 PAYERS = ("Medicare Part A", "Blue Cross PPO", "Aetna HMO", "Medicaid")
 PRICES = {"99222": 210.0, "99223": 290.0, "99231": 80.0, "99232": 125.0, "99233": 180.0, "99238": 110.0,
           "99239": 160.0, "99291": 420.0, "99292": 210.0, "83605": 38.0, "85025": 24.0, "85027": 19.0,
-          "85004": 16.0, "82565": 14.0, "71046": 95.0, "71250": 380.0, "74176": 520.0, "70450": 340.0}
+          "85004": 16.0, "82565": 14.0, "71046": 95.0, "71250": 380.0, "74176": 520.0, "70450": 340.0,
+          "71275": 450.0, "76705": 150.0, "70551": 610.0}
 DESCRIPTIONS = {"99222": "Initial hospital care, moderate", "99223": "Initial hospital care, high",
                 "99231": "Subsequent hospital care, low", "99232": "Subsequent hospital care, moderate",
                 "99233": "Subsequent hospital care, high", "99238": "Discharge day management, 30 min or less",

@@ -146,9 +146,71 @@ IMAGING = {
     "ct_abdomen": ImagingProcedure("74176", "CT abdomen and pelvis without contrast", "CT",
                                    "1.2.840.10008.5.1.4.1.1.2", "ABDOMEN"),
     "ct_head": ImagingProcedure("70450", "CT head without contrast", "CT", "1.2.840.10008.5.1.4.1.1.2", "HEAD"),
+    "cta_chest": ImagingProcedure("71275", "CT angiography chest (pulmonary embolism protocol)", "CT",
+                                  "1.2.840.10008.5.1.4.1.1.2", "CHEST"),
+    "us_abdomen": ImagingProcedure("76705", "US abdomen limited", "US", "1.2.840.10008.5.1.4.1.1.6.1", "ABDOMEN"),
+    "mr_brain": ImagingProcedure("70551", "MRI brain without contrast", "MR", "1.2.840.10008.5.1.4.1.1.4", "HEAD"),
 }
-# The stat study each deterioration prompts; routine admission imaging is a chest film.
-DETERIORATION_IMAGING = {"sepsis": "cxr", "respiratory_failure": "ct_chest", "haemorrhage": "ct_abdomen"}
+
+
+@dataclass(frozen=True)
+class Indication:
+    """Why a study is ordered: an ICD-10-CM code and text, the procedure, how likely it holds a critical finding
+    (the ground truth's prevalence; sources in docs/imaging.md) and what that finding is."""
+
+    code: str
+    text: str
+    procedure: str      # key of IMAGING
+    critical_p: float
+    finding: str
+
+
+# Prevalences are plausible approximations of published yields (docs/imaging.md cites them): CT head for stroke
+# symptoms ~12% (intracranial haemorrhage is ~10-15% of acute strokes), CT pulmonary angiography for suspected PE
+# ~10% in emergency departments, CT head after minor head injury ~8%, CT angiography for GI bleeding ~25% active
+# extravasation, routine chest films well under 1%.
+INDICATIONS = {
+    "stroke": Indication("R29.818", "Acute focal neurological deficit, stroke symptoms", "ct_head", 0.12,
+                         "Acute intracranial haemorrhage"),
+    "pe": Indication("R07.81", "Pleuritic chest pain, suspected pulmonary embolism", "cta_chest", 0.10,
+                     "Acute pulmonary embolism"),
+    "head_trauma": Indication("S09.90XA", "Head injury after a fall", "ct_head", 0.08, "Acute subdural haematoma"),
+    "gi_bleed": Indication("K92.2", "Gastrointestinal bleeding", "ct_abdomen", 0.25, "Active contrast extravasation"),
+    "abdominal_pain": Indication("R10.9", "Acute abdominal pain", "ct_abdomen", 0.06,
+                                 "Free intraperitoneal air (perforation)"),
+    "sepsis_source": Indication("A41.9", "Sepsis, source unknown", "ct_abdomen", 0.15, "Intra-abdominal abscess"),
+    "dyspnoea": Indication("R06.00", "Shortness of breath", "cxr", 0.04, "Large pneumothorax"),
+    "sepsis_film": Indication("A41.9", "Sepsis, chest source?", "cxr", 0.05, "Large pneumothorax"),
+    "resp_failure": Indication("J96.01", "Acute respiratory failure with hypoxia", "cta_chest", 0.20,
+                               "Acute pulmonary embolism"),
+    "haemorrhage": Indication("K92.2", "Suspected internal bleeding, falling blood pressure", "ct_abdomen", 0.35,
+                              "Active contrast extravasation"),
+    "admission_film": Indication("Z01.818", "Routine admission chest film", "cxr", 0.01, "Large pneumothorax"),
+    "confusion": Indication("R41.0", "New confusion", "ct_head", 0.05, "Acute intracranial haemorrhage"),
+    "ruq_pain": Indication("R10.11", "Right upper quadrant pain", "us_abdomen", 0.01,
+                           "Ruptured abdominal aortic aneurysm"),
+    "headache": Indication("R51.9", "Chronic headache", "mr_brain", 0.01, "Mass with midline shift"),
+    "icu_film": Indication("Z99.11", "Daily ICU chest film: tube and line position", "cxr", 0.03,
+                           "Malpositioned endotracheal tube"),
+    "preop": Indication("Z01.818", "Pre-operative chest film", "cxr", 0.005, "Large pneumothorax"),
+}
+# Where each kind of imaging comes from: (indication, weight, {priority: weight}).
+ED_CASES = (("stroke", 0.18, {"stat": 1.0}), ("pe", 0.16, {"stat": 0.5, "asap": 0.5}),
+            ("head_trauma", 0.16, {"stat": 0.6, "asap": 0.4}), ("gi_bleed", 0.06, {"stat": 0.5, "asap": 0.5}),
+            ("abdominal_pain", 0.2, {"asap": 0.7, "routine": 0.3}), ("dyspnoea", 0.24, {"asap": 0.5, "routine": 0.5}))
+OUTPATIENT_CASES = (("ruq_pain", 0.35, {"routine": 1.0}), ("headache", 0.25, {"routine": 1.0}),
+                    ("preop", 0.4, {"routine": 1.0}))
+# The stat study each deterioration prompts.
+DETERIORATION_IMAGING = {"sepsis": "sepsis_film", "respiratory_failure": "resp_failure",
+                         "haemorrhage": "haemorrhage"}
+# Radiologists reading the studies: (id, family, given).
+RADIOLOGISTS = (("RAD01", "Okafor", "Ada"), ("RAD02", "Lindqvist", "Per"), ("RAD03", "Haddad", "Leila"),
+                ("RAD04", "Moreau", "Julien"), ("RAD05", "Tanaka", "Yumi"))
+# Orders cancelled before the study is done (ORC-1 CA and ServiceRequest revoked; e.g. the patient left or the
+# question was answered otherwise).
+ORDER_CANCEL_FRACTION = 0.03
+# Hours from the study to its read, by priority (uniform in the range).
+READ_DELAY_H = {"stat": (0.15, 0.75), "asap": (0.5, 3.0), "routine": (1.0, 16.0)}
 PRIORITY_DELAY_H = {"stat": (0.2, 0.75), "asap": (0.5, 2.0), "routine": (1.0, 6.0)}
 HL7_PRIORITY = {"stat": "S", "asap": "A", "routine": "R"}
 

@@ -11,7 +11,7 @@ from pipelines.simulator.population import Person
 from pipelines.simulator.timeline import ImagingOrder
 
 IMAGE_SIZE = 64
-INSTANCES = {"CR": 1, "CT": 3}
+INSTANCES = {"CR": 1, "CT": 3, "US": 1, "MR": 2}
 
 
 @dataclass(frozen=True)

@@ -107,8 +107,8 @@ def _dirty_results(results: list[Result], draws: list[float], rates: dict,
 
 
 def _malform(data: bytes, how: str, rng: random.Random) -> bytes:
-    if how == "truncated":
-        return data[: max(8, len(data) * rng.randint(30, 70) // 100)]
+    if how == "truncated":  # cut short mid-segment, then a terminator: the next message in the file stays whole
+        return data[: max(8, len(data) * rng.randint(30, 70) // 100)].rstrip(b"\r\n") + b"\r"
     if how == "missing_msh":
         cut = min(i for i in (data.find(b"\r"), data.find(b"\n")) if i >= 0)
         return data[cut + 1:]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pipelines.simulator.clinical import ACVPU, BP_PANEL, BY_KEY, ImagingProcedure
+from pipelines.simulator.clinical import ACVPU, BP_PANEL, BY_KEY, ImagingProcedure, Indication
 from pipelines.simulator.population import Encounter, Person, Stay
 
 BASE_URL = "http://carelake.example/fhir"
@@ -115,22 +115,69 @@ def _bp_component(key: str, value: float | None) -> dict[str, Any]:
     return out
 
 
+ROLE_CODES = {"ED": "ER", "ICU": "ICU", "WARD": "HU", "OUTPATIENT": "OF"}  # v3 RoleCode of each location class
+V3_ROLE_CODE = "http://terminology.hl7.org/CodeSystem/v3-RoleCode"
+IDR_COMMUNICATION = "https://profiles.ihe.net/RAD/IDR/StructureDefinition/idrCommunication"
+V3_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+
+
+def _subject(mrn: str) -> dict[str, Any]:
+    """A Patient reference by id, with the MRN as its identifier (the patient's key needs no lookup)."""
+    return {**reference("Patient", patient_id(mrn)), "identifier": {"system": MRN_SYSTEM, "value": mrn}}
+
+
 def service_request(order_no: str, accession: str, *, mrn: str, visit: str, procedure: ImagingProcedure,
-                    priority: str, at: datetime) -> Resource:
+                    priority: str, at: datetime, indication: Indication, location: tuple[str, str | None],
+                    status: str = "active", version: int = 1, updated: datetime | None = None) -> Resource:
+    """An imaging ServiceRequest (authored at `at`); a later version (`updated`) may revoke it."""
+    location_class, unit = location
     return {
-        "resourceType": "ServiceRequest", "id": f"sr-{order_no.lower()}", "meta": _meta(1, at),
+        "resourceType": "ServiceRequest", "id": f"sr-{order_no.lower()}", "meta": _meta(version, updated or at),
         "identifier": [
             {"type": {"coding": [_coding(V2_0203, "PLAC", "Placer Identifier")]}, "system": ORDER_SYSTEM,
              "value": order_no},
             {"type": {"coding": [_coding(V2_0203, "ACSN", "Accession ID")]}, "system": ACCESSION_SYSTEM,
              "value": accession}],
-        "status": "active", "intent": "order", "priority": priority,
+        "status": status, "intent": "order", "priority": priority,
         "category": [{"coding": [_coding("http://snomed.info/sct", "363679005", "Imaging")]}],
         "code": {"coding": [_coding(CPT, procedure.cpt, procedure.display)]},
-        "subject": reference("Patient", patient_id(mrn)),
+        "subject": _subject(mrn),
         "encounter": reference("Encounter", f"enc-{visit.lower()}"),
         "authoredOn": instant(at),
+        "locationCode": [{"coding": [_coding(V3_ROLE_CODE, ROLE_CODES[location_class], location_class.title())],
+                          **({"text": unit} if unit else {})}],
+        "reasonCode": [{"coding": [_coding(ICD10, indication.code, indication.text)], "text": indication.text}],
     }
+
+
+def diagnostic_report(read: Any, *, mrn: str, visit: str) -> Resource:
+    """The final radiology report of a read (hl7.Read): conclusion, AA conclusionCode when critical, and the IHE
+    IDR communication extension pointing at a contained Communication when it was phoned through."""
+    reader_id, family, given = read.reader
+    r: Resource = {
+        "resourceType": "DiagnosticReport", "id": f"dr-{read.accession.lower()}", "meta": _meta(1, read.read_at),
+        "identifier": [
+            {"type": {"coding": [_coding(V2_0203, "ACSN", "Accession ID")]}, "system": ACCESSION_SYSTEM,
+             "value": read.accession},
+            {"type": {"coding": [_coding(V2_0203, "PLAC", "Placer Identifier")]}, "system": ORDER_SYSTEM,
+             "value": read.order_no}],
+        "basedOn": [reference("ServiceRequest", f"sr-{read.order_no.lower()}")], "status": "final",
+        "category": [{"coding": [_coding("http://terminology.hl7.org/CodeSystem/v2-0074", "RAD", "Radiology")]}],
+        "code": {"coding": [_coding(CPT, read.procedure.cpt, read.procedure.display)]},
+        "subject": _subject(mrn), "encounter": reference("Encounter", f"enc-{visit.lower()}"),
+        "effectiveDateTime": instant(read.study_at), "issued": instant(read.read_at),
+        "resultsInterpreter": [{"identifier": {"value": reader_id}, "display": f"{family}, {given}"}],
+        "imagingStudy": [{"identifier": {"system": "urn:dicom:uid", "value": f"urn:oid:{read.study_uid}"}}],
+        "conclusion": read.impression,
+    }
+    if read.finding:
+        r["conclusionCode"] = [{"coding": [_coding(V3_INTERPRETATION, "AA", "Critical abnormal")],
+                                "text": read.finding}]
+    if read.communicated_at is not None:
+        r["contained"] = [{"resourceType": "Communication", "id": "critical-result", "status": "completed",
+                           "sent": instant(read.communicated_at)}]
+        r["extension"] = [{"url": IDR_COMMUNICATION, "valueReference": {"reference": "#critical-result"}}]
+    return r
 
 
 def imaging_study(*, study_uid: str, series_uid: str, instances: list[str], accession: str, order_no: str,

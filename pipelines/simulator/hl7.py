@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from pipelines.simulator.clinical import BY_KEY, HL7_PRIORITY, O2_DEVICE, VITALS_PANEL, ImagingProcedure
+from pipelines.simulator.clinical import BY_KEY, HL7_PRIORITY, O2_DEVICE, VITALS_PANEL, ImagingProcedure, Indication
 from pipelines.simulator.population import AUTHORITY, FACILITY, Encounter, Person, Stay
 
 SENDING_APP = "CARELAKE-SIM"
@@ -76,7 +76,7 @@ def pv1(enc: Encounter, stay: Stay | None, *, prior: Stay | None = None, admit: 
         discharge: datetime | None = None) -> str:
     fields = [""] * 45
     fields[0] = "1"
-    fields[1] = "I"
+    fields[1] = enc.patient_class
     fields[2] = location(stay)
     fields[5] = location(prior)
     fields[18] = component(enc.visit, "", "", AUTHORITY, "VN")
@@ -141,10 +141,12 @@ def oru(h: Header, enc: Encounter, person: Person, stay: Stay | None, results: S
 
 
 def orm(h: Header, enc: Encounter, person: Person, stay: Stay | None, *, order_no: str, accession: str,
-        procedure: ImagingProcedure, priority: str, at: datetime) -> list[str]:
-    """ORM^O01 new imaging order: ORC (placer number, timing with priority) and OBR (procedure, accession)."""
+        procedure: ImagingProcedure, priority: str, at: datetime, indication: Indication,
+        control: str = "NW") -> list[str]:
+    """ORM^O01 imaging order (control NW new, CA cancel): ORC (placer number, status, timing with priority, ORC-9
+    when placed or cancelled) and OBR (procedure, accession, modality, OBR-31 reason for study as ICD-10-CM)."""
     timing = component("", "", "", dtm(at), "", HL7_PRIORITY[priority])
-    orc = segment("ORC", "NW", order_no, "", "", "", "", timing, "", dtm(at))
+    orc = segment("ORC", control, order_no, "", "", "CA" if control == "CA" else "", "", timing, "", dtm(at))
     fields = [""] * 27
     fields[0] = "1"
     fields[1] = order_no
@@ -153,7 +155,58 @@ def orm(h: Header, enc: Encounter, person: Person, stay: Stay | None, *, order_n
     fields[17] = accession
     fields[23] = procedure.modality
     fields[26] = timing
+    fields += [""] * 4
+    fields[30] = component(indication.code, indication.text, "I10")
     return [msh(h), pid(person), pv1(enc, stay), orc, segment("OBR", *fields)]
+
+
+@dataclass(frozen=True)
+class Read:
+    """A radiologist's read of one study: what the report says and when."""
+
+    order_no: str
+    accession: str
+    procedure: ImagingProcedure
+    study_uid: str
+    study_at: datetime
+    read_at: datetime
+    reader: tuple[str, str, str]          # (id, family, given)
+    finding: str                          # the critical finding, "" when none
+    communicated_at: datetime | None      # when a critical finding was phoned through
+
+    @property
+    def impression(self) -> str:
+        return f"{self.finding}." if self.finding else "No acute abnormality."
+
+
+CRITICAL_COMMUNICATED = ("CRITCOMM", "Critical result communicated", "99CARELAKE")
+
+
+def oru_report(h: Header, enc: Encounter, person: Person, stay: Stay | None, read: Read) -> list[str]:
+    """ORU^R01 final radiology report: OBR (RAD section, OBR-22 read time, OBR-32 reader) with the findings, the
+    impression (OBX-8 AA when critical), the Study Instance UID and, for a critical result, when it was phoned."""
+    fields = [""] * 32
+    fields[0], fields[1], fields[2] = "1", read.order_no, read.accession
+    fields[3] = component(read.procedure.cpt, read.procedure.display, "C4")
+    fields[6] = dtm(read.study_at)
+    fields[17] = read.accession
+    fields[21] = dtm(read.read_at)
+    fields[23], fields[24] = "RAD", "F"
+    reader_id, family, given = read.reader
+    fields[31] = "&".join((reader_id, family, given))
+    findings = f"{read.procedure.display}: {read.finding or 'no acute abnormality'}."
+    obx = [segment("OBX", "1", "TX", component("18782-3", "Radiology Study observation (findings)", "LN"), "",
+                   escape(findings), "", "", "", "", "", "F", "", "", dtm(read.read_at)),
+           segment("OBX", "2", "TX", component("19005-8", "Radiology Imaging study [Impression]", "LN"), "",
+                   escape(read.impression), "", "", "AA" if read.finding else "", "", "", "F", "", "",
+                   dtm(read.read_at)),
+           segment("OBX", "3", "HD", component("113014", "DICOM Study", "DCM"), "", read.study_uid, "", "", "", "",
+                   "", "F", "", "", dtm(read.read_at))]
+    if read.communicated_at is not None:
+        obx.append(segment("OBX", "4", "DTM", component(*CRITICAL_COMMUNICATED), "", dtm(read.communicated_at), "",
+                           "", "", "", "", "F", "", "", dtm(read.communicated_at)))
+    orc = segment("ORC", "RE", read.order_no, read.accession)
+    return [msh(h), pid(person), pv1(enc, stay), orc, segment("OBR", *fields), *obx]
 
 
 def encode(segments: Sequence[str], terminator: str = "\r") -> bytes:

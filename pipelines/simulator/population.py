@@ -134,6 +134,7 @@ class Encounter:
     age: int = 60
     phenotypes: tuple[str, ...] = ()   # clinical.PHENOTYPES names
     episode: Episode | None = None
+    patient_class: str = "I"           # PV1-2: I inpatient, E emergency, O outpatient
 
     def mrn_at(self, t: int) -> str:
         if self.duplicate is not None and (self.merge_s is None or t < self.merge_s):

@@ -20,7 +20,7 @@ from pipelines.simulator.fhir import imaging_study
 from pipelines.simulator.observations import read_values, schedule
 from pipelines.simulator.params import SimParams
 from pipelines.simulator.population import Census, build_census, person_draws
-from pipelines.simulator.timeline import FhirEvent, Timeline, build_timeline
+from pipelines.simulator.timeline import FhirEvent, Timeline, build_timeline, report_events
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -142,6 +142,7 @@ def _add_imaging_studies(tl: Timeline, params: SimParams) -> list[dicom.StudyPla
                                  procedure=dicom.IMAGING[order.procedure_key],
                                  at=params.start + timedelta(seconds=order.study_s))
         tl.fhir.append(FhirEvent(order.study_s, 10**9 + len(plans), [resource]))
+        report_events(tl, order, plan.study_uid, params.start)
     tl.sort()
     return plans
 

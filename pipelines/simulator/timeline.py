@@ -16,15 +16,32 @@ from pipelines.simulator import fhir, hl7
 from pipelines.simulator.clinical import (
     BY_KEY,
     DETERIORATION_IMAGING,
+    ED_CASES,
     IMAGING,
+    INDICATIONS,
+    ORDER_CANCEL_FRACTION,
+    OUTPATIENT_CASES,
     PRIORITY_DELAY_H,
+    RADIOLOGISTS,
+    READ_DELAY_H,
     acvpu_letter,
     oxygen_device,
 )
 from pipelines.simulator.hl7 import Header, Result
 from pipelines.simulator.observations import Draw
 from pipelines.simulator.params import SimParams
-from pipelines.simulator.population import HOUR, Census, Encounter, Stay
+from pipelines.simulator.population import (
+    CITIES,
+    FAMILY,
+    FEMALE,
+    HOUR,
+    STREETS,
+    Census,
+    Encounter,
+    Stay,
+    make_person,
+    visit_number,
+)
 
 LAB_PANEL = ("SEPSCR", "Lactate, leukocytes and creatinine", "L")
 
@@ -59,6 +76,17 @@ class ImagingOrder:
     priority: str
     at_s: int
     study_s: int | None        # None: not performed inside the window / stay
+    indication: str = "admission_film"  # key of INDICATIONS
+    location_class: str = "WARD"  # ED, ICU, WARD, OUTPATIENT: where the patient was when it was ordered
+    critical: bool = False     # the ground truth: the study holds a critical finding
+    read_s: int | None = None  # when a radiologist read it (None: not performed, or read after the window)
+    reader: tuple[str, str, str] | None = None  # (id, family, given)
+    communicated_s: int | None = None  # a critical finding phoned to the ordering team (during the read)
+    cancelled_s: int | None = None  # cancelled before the study was done
+
+    @property
+    def finding(self) -> str:
+        return INDICATIONS[self.indication].finding if self.critical else ""
 
 
 @dataclass
@@ -232,31 +260,123 @@ def _fhir_vitals(tl: Timeline, enc: Encounter, d: Draw, got: dict[str, float], c
     tl.fhir.append(FhirEvent(d.t, clock.next_rank(), resources))
 
 
+ED_MRN_BASE, OUTPATIENT_MRN_BASE = 5_000_000, 6_000_000
+ED_VISIT_BASE, OUTPATIENT_VISIT_BASE = 7_000_000, 8_000_000
+
+
 def _imaging_orders(census: Census, params: SimParams) -> list[ImagingOrder]:
-    """Routine admission films for a share of admissions; a stat study for each deterioration."""
-    wanted = []
-    for enc in census.active:
-        rng = random.Random(f"{params.seed}:imaging:{enc.visit_no}")
-        if enc.draws["u_imaging"] < params.imaging_fraction:
-            key, priority = ("cxr", "routine") if rng.random() < 0.7 else ("ct_head", "asap")
-            wanted.append((max(enc.admit_s, 0) + int((1 + 6 * enc.draws["u_imaging_at"]) * HOUR), enc, key,
-                           priority, rng))
-        if enc.deterioration is not None:
-            d = enc.deterioration
-            wanted.append((d.onset_s + (d.peak_s - d.onset_s) // 2, enc, DETERIORATION_IMAGING[d.kind], "stat",
-                           rng))
-    wanted.sort(key=lambda w: (w[0], w[1].visit_no))
+    """Inpatient imaging (admission films, a stat study per deterioration) plus the ED's and outpatient clinics'."""
+    wanted = [*_inpatient_cases(census, params), *_department_cases(params)]
+    wanted.sort(key=lambda w: (w[0], w[1].visit_no, w[2]))
     orders = []
-    for at_s, enc, key, priority, rng in wanted:
+    for at_s, enc, indication, priority, location, study_at, rng in wanted:
         end = min(enc.discharge_s if enc.discharge_s is not None else params.window_s, params.window_s)
         if at_s >= end:
             continue
         lo, hi = PRIORITY_DELAY_H[priority]
-        study = at_s + int(rng.uniform(lo, hi) * HOUR)
+        study = study_at if study_at is not None else at_s + int(rng.uniform(lo, hi) * HOUR)
+        cancelled = at_s + int((study - at_s) * rng.uniform(0.2, 0.8)) \
+            if rng.random() < ORDER_CANCEL_FRACTION and study < end else None
         n = len(orders) + 1
-        orders.append(ImagingOrder(f"ORD{params.seed % 100:02d}{n:07d}", f"ACC{params.seed % 100:02d}{n:07d}", enc,
-                                   key, priority, at_s, study if study < end else None))
+        orders.append(_with_read(ImagingOrder(
+            f"ORD{params.seed % 100:02d}{n:07d}", f"ACC{params.seed % 100:02d}{n:07d}", enc,
+            INDICATIONS[indication].procedure, priority, at_s, study if study < end and cancelled is None else None,
+            indication, location, rng.random() < INDICATIONS[indication].critical_p, cancelled_s=cancelled),
+            rng, params))
     return orders
+
+
+def _with_read(order: ImagingOrder, rng: random.Random, params: SimParams) -> ImagingOrder:
+    """The order with its read (time and radiologist) and, for a critical finding, when it was phoned through."""
+    from dataclasses import replace
+
+    reader = RADIOLOGISTS[rng.randrange(len(RADIOLOGISTS))]
+    delay = rng.uniform(*READ_DELAY_H[order.priority]) * HOUR
+    if order.study_s is None or order.study_s + delay >= params.window_s:
+        return order
+    read = order.study_s + int(delay)
+    called = read - rng.randint(2, 10) * 60 if order.critical else None
+    return replace(order, read_s=read, reader=reader, communicated_s=called)
+
+
+def _inpatient_cases(census: Census, params: SimParams) -> list[tuple]:
+    """Admission imaging for a share of admissions (a chest film, or a CT head for new confusion), a stat study
+    for each deterioration, and the 06:00 chest film of every ICU patient."""
+    wanted = []
+    for enc in census.active:
+        rng = random.Random(f"{params.seed}:imaging:{enc.visit_no}")
+        for stay in (s for s in enc.stays if s.icu):
+            mornings = range(max(0, stay.start_s) // (24 * HOUR), min(stay.end_s, params.window_s) // (24 * HOUR) + 1)
+            wanted += [(at_s, enc, "icu_film", "routine", "ICU", None, rng) for day in mornings
+                       if stay.start_s <= (at_s := day * 24 * HOUR + 6 * HOUR) < min(stay.end_s, params.window_s)]
+        if enc.draws["u_imaging"] < params.imaging_fraction:
+            indication, priority = ("admission_film", "routine") if rng.random() < 0.7 else ("confusion", "asap")
+            at_s = max(enc.admit_s, 0) + int((1 + 6 * enc.draws["u_imaging_at"]) * HOUR)
+            wanted.append((at_s, enc, indication, priority, _ward_or_icu(enc, at_s), None, rng))
+        if enc.deterioration is not None:
+            d = enc.deterioration
+            at_s = d.onset_s + (d.peak_s - d.onset_s) // 2
+            wanted.append((at_s, enc, DETERIORATION_IMAGING[d.kind], "stat", _ward_or_icu(enc, at_s), None, rng))
+    return wanted
+
+
+def _ward_or_icu(enc: Encounter, at_s: int) -> str:
+    stay = enc.stay_at(at_s)
+    return "ICU" if stay is not None and stay.icu else "WARD"
+
+
+def _department_cases(params: SimParams) -> list[tuple]:
+    """Emergency-department and outpatient imaging: walk-in patients with a visit of their own."""
+    cases = []
+    for k in range(round(params.ed_imaging_per_day * params.hours / 24)):
+        rng = random.Random(f"{params.seed}:ed-imaging:{k}")
+        arrival = _arrival(rng, params.window_s)
+        indication, priority = _case(rng, ED_CASES)
+        enc = _walk_in(rng, params, ED_MRN_BASE + k + 1, ED_VISIT_BASE + k + 1, "E", "ED", arrival, indication)
+        cases.append((arrival + int(rng.uniform(0.1, 0.6) * HOUR), enc, indication, priority, "ED", None, rng))
+    days = max(1, -(-params.hours // 24))
+    for k in range(round(params.outpatient_imaging_per_day * params.hours / 24)):
+        rng = random.Random(f"{params.seed}:outpatient-imaging:{k}")
+        slot = rng.randrange(days) * 24 * HOUR + int(rng.uniform(8, 18) * HOUR)
+        indication, priority = _case(rng, OUTPATIENT_CASES)
+        ordered = max(0, slot - int(rng.uniform(0.5, 3) * HOUR))
+        enc = _walk_in(rng, params, OUTPATIENT_MRN_BASE + k + 1, OUTPATIENT_VISIT_BASE + k + 1, "O", "RADOP",
+                       ordered, indication)
+        cases.append((ordered, enc, indication, priority, "OUTPATIENT", slot, rng))
+    return cases
+
+
+def _arrival(rng: random.Random, window_s: int) -> int:
+    """An ED arrival: busier by day (twice as likely at 14:00 as at 02:00)."""
+    import math
+
+    while True:
+        t = rng.randrange(window_s)
+        hour = (t / HOUR) % 24
+        if rng.random() < (2 + math.cos((hour - 14) / 24 * 2 * math.pi)) / 3:
+            return t
+
+
+def _case(rng: random.Random, cases: tuple) -> tuple[str, str]:
+    """(indication, priority) drawn from a case mix."""
+    indication, _, priorities = rng.choices(cases, weights=[w for _, w, _ in cases])[0]
+    return indication, rng.choices(list(priorities), weights=list(priorities.values()))[0]
+
+
+def _walk_in(rng: random.Random, params: SimParams, mrn_no: int, visit_no: int, patient_class: str, unit: str,
+             start_s: int, indication: str) -> Encounter:
+    """A patient who comes for imaging (not in the inpatient census), with a short visit of their own."""
+    row = {"sex": rng.choice("FM"), "given_no": rng.randrange(len(FEMALE)), "middle_no": rng.randrange(26),
+           "family_no": rng.randrange(len(FAMILY)), "age": rng.randint(18, 95), "birth_day": rng.randrange(365),
+           "house_no": rng.randint(1, 9899), "street_no": rng.randrange(len(STREETS)),
+           "city_no": rng.randrange(len(CITIES)), "phone_no": rng.randint(100, 199)}
+    person = make_person(row, f"MRN{mrn_no}", params.start.date())
+    bay = f"{rng.randint(1, 30):02d}"
+    ind = INDICATIONS[indication]
+    return Encounter(visit=visit_number(visit_no), visit_no=visit_no, person=person, admit_s=start_s,
+                     discharge_s=None, diagnosis=(ind.code, ind.text), draws={},
+                     stays=[Stay(unit, unit, bay, start_s, params.window_s + 24 * HOUR, person.mrn)],
+                     patient_class=patient_class)
 
 
 def _order_events(tl: Timeline, order: ImagingOrder, clock: _Clock) -> None:
@@ -264,11 +384,38 @@ def _order_events(tl: Timeline, order: ImagingOrder, clock: _Clock) -> None:
     at = clock.at(order.at_s)
     stay, person = enc.stay_at(order.at_s), enc.person_at(order.at_s)
 
-    def build(h: Header, _res: list[Result]) -> list[str]:
-        return hl7.orm(h, enc, person, stay, order_no=order.order_no, accession=order.accession, procedure=proc,
-                       priority=order.priority, at=at)
+    indication = INDICATIONS[order.indication]
+    location = (order.location_class, stay.unit if stay else None)
+    sent = [(order.at_s, "NW", "active")]
+    if order.cancelled_s is not None:
+        sent.append((order.cancelled_s, "CA", "revoked"))
+    for version, (at_s, control, status) in enumerate(sent, start=1):
+        when = clock.at(at_s)
 
-    tl.hl7.append(Hl7Event(order.at_s, clock.next_rank(), "ORM^O01^ORM_O01", enc.visit, build))
-    request = fhir.service_request(order.order_no, order.accession, mrn=enc.mrn_at(order.at_s), visit=enc.visit,
-                                   procedure=proc, priority=order.priority, at=at)
-    tl.fhir.append(FhirEvent(order.at_s, clock.next_rank(), [request]))
+        def build(h: Header, _res: list[Result], when=when, control=control) -> list[str]:
+            return hl7.orm(h, enc, person, stay, order_no=order.order_no, accession=order.accession, procedure=proc,
+                           priority=order.priority, at=when, indication=indication, control=control)
+
+        tl.hl7.append(Hl7Event(at_s, clock.next_rank(), "ORM^O01^ORM_O01", enc.visit, build))
+        request = fhir.service_request(order.order_no, order.accession, mrn=enc.mrn_at(order.at_s), visit=enc.visit,
+                                       procedure=proc, priority=order.priority, at=at, indication=indication,
+                                       location=location, status=status, version=version, updated=when)
+        tl.fhir.append(FhirEvent(at_s, clock.next_rank(), [request]))
+
+
+def report_events(tl: Timeline, order: ImagingOrder, study_uid: str, start: datetime) -> None:
+    """The radiologist's report of a read study: HL7 ORU^R01 and a FHIR DiagnosticReport, at the read time."""
+    if order.read_s is None:
+        return
+    enc, proc, clock = order.enc, IMAGING[order.procedure_key], start + timedelta(seconds=order.read_s)
+    stay, person = enc.stay_at(order.read_s), enc.person_at(order.read_s)
+    read = hl7.Read(order.order_no, order.accession, proc, study_uid, start + timedelta(seconds=order.study_s),
+                    clock, order.reader, order.finding,
+                    None if order.communicated_s is None else start + timedelta(seconds=order.communicated_s))
+
+    def build(h: Header, _res: list[Result]) -> list[str]:
+        return hl7.oru_report(h, enc, person, stay, read)
+
+    tl.hl7.append(Hl7Event(order.read_s, 10**9 + order.read_s, "ORU^R01^ORU_R01", enc.visit, build))
+    tl.fhir.append(FhirEvent(order.read_s, 10**9 + order.read_s,
+                             [fhir.diagnostic_report(read, mrn=enc.mrn_at(order.read_s), visit=enc.visit)]))

@@ -20,7 +20,8 @@ MERGE_COLUMNS = ("surviving_mrn", "merged_mrn", "visit_number", "merge_time")
 FRAUD_COLUMNS = ("claim_id", "line", "pattern", "detail")
 DIRT_COLUMNS = ("feed", "kind", "file", "position", "identifier", "detail")
 IMAGING_COLUMNS = ("order_number", "accession_number", "visit_number", "patient_mrn", "procedure_code", "priority",
-                   "ordered_time", "study_time", "study_instance_uid")
+                   "ordered_time", "study_time", "study_instance_uid", "indication_code", "indication_text",
+                   "location_class", "critical_finding", "finding", "read_time", "reader", "cancelled_time")
 
 
 def write_truth(params: SimParams, census: Census, fraud: list, dirt_rows: list[tuple], tl: Timeline, studies: list,
@@ -39,15 +40,18 @@ def write_truth(params: SimParams, census: Census, fraud: list, dirt_rows: list[
     write_csv(folder / "dirt.csv", DIRT_COLUMNS, dirt_rows)
     uids = {p.order.order_no: p.study_uid for p in studies}
     write_csv(folder / "imaging.csv", IMAGING_COLUMNS,
-              [(o.order_no, o.accession, o.enc.visit, o.enc.mrn_at(o.at_s), _cpt(o.procedure_key), o.priority,
-                iso(o.at_s), iso(o.study_s), uids.get(o.order_no, "")) for o in tl.orders])
+              [_imaging_row(o, uids, iso) for o in tl.orders])
     (folder / "expected_counts.json").write_text(json.dumps(counts, indent=2, sort_keys=True) + "\n")
 
 
-def _cpt(key: str) -> str:
-    from pipelines.simulator.clinical import IMAGING
+def _imaging_row(o, uids: dict[str, str], iso) -> tuple:
+    from pipelines.simulator.clinical import IMAGING, INDICATIONS
 
-    return IMAGING[key].cpt
+    indication = INDICATIONS[o.indication]
+    return (o.order_no, o.accession, o.enc.visit, o.enc.mrn_at(o.at_s), IMAGING[o.procedure_key].cpt, o.priority,
+            iso(o.at_s), iso(o.study_s), uids.get(o.order_no, ""), indication.code, indication.text, o.location_class,
+            int(o.critical), o.finding, iso(o.read_s), o.reader[0] if o.reader and o.read_s is not None else "",
+            iso(o.cancelled_s))
 
 
 def _iso(params: SimParams) -> Callable[[int | None], str]:

@@ -4,13 +4,16 @@ Each statement's table references (`gold.x`, `silver.x VERSION AS OF 3`, `TIMEST
 the statement arrives: the latest version is read from the table's Delta log then (delta-rs catches up with the
 commits since the last look), so a commit is visible to the next statement, with no polling delay and no restart.
 Each (table, version) becomes one global temporary view `global_temp.<layer>__<table>__v<version>` over exactly that
-version's data files, shared by every session of the server, registered on first use and dropped after an hour
-unused. A repository view (sql/views/<name>.sql) becomes one global view per combination of its tables' versions.
+version's data files, shared by every session of the server. It is registered on first use, or, for the tables read
+in the last ten minutes, by a background refresh soon after the version is committed; it is dropped after ten
+minutes unused, or one minute once a newer version exists. A repository view (sql/views/<name>.sql) becomes one
+global view per combination of its tables' versions.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import threading
 import time
@@ -22,8 +25,10 @@ from pipelines.errors import ConfigError, VersionNotFound
 from pipelines.sqlrefs import TableReference, rewrite
 from pipelines.store.base import split_table_name
 
+log = logging.getLogger("carelake.sqlserver")
 SCHEMA = "global_temp"
-UNUSED_SECONDS = 3600
+UNUSED_SECONDS = 600
+SUPERSEDED_SECONDS = 60
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 
@@ -74,7 +79,9 @@ class Catalog:
             raise ConfigError(f"views {', '.join(clash)} have the names of lakehouse tables: rename the .sql files")
         self._lock = threading.RLock()
         self._latest: dict[str, object] = {}
-        self._used: dict[str, float] = {}
+        self._used: dict[str, float] = {}  # global view name -> when a statement last read it
+        self._read_at: dict[str, float] = {}  # table -> when a statement last read it
+        self._versions: dict[str, tuple[str, int]] = {}  # global view name -> (table, version) of a table's view
 
     def latest_version(self, table: str) -> int:
         """The table's newest committed version, read from its Delta log now."""
@@ -116,12 +123,16 @@ class Catalog:
             text = text.replace(f"`{ref.view}`", f"{SCHEMA}.`{name}`")
         return Resolved(text, tuple(views), tuple(names), tuple(dict.fromkeys(reads)))
 
-    def _register_table(self, table: str, version: int) -> str:
+    def _register_table(self, table: str, version: int, touch: bool = True) -> str:
         name = f"{table.replace('.', '__')}__v{version}"
         with self._lock:
             if name not in self._used:
                 self.store.read(table, version=version).createOrReplaceGlobalTempView(name)
-            self._touch(name)
+                self._used[name] = time.monotonic()
+                self._versions[name] = (table, version)
+            if touch:
+                self._read_at[table] = time.monotonic()
+                self._touch(name)
         return name
 
     def _register_view(self, view: str, inner: Resolved) -> str:
@@ -133,12 +144,60 @@ class Catalog:
             self._touch(name)
         return name
 
+    def refresh(self) -> list[str]:
+        """Register the newest version of each table a statement read in the last UNUSED_SECONDS, so the first
+        statement after a commit finds its view ready; the views registered."""
+        with self._lock:
+            recent = {t for t, at in self._read_at.items() if time.monotonic() - at < UNUSED_SECONDS}
+        added = []
+        for table in sorted(recent):
+            version = self.latest_version(table)
+            if f"{table.replace('.', '__')}__v{version}" not in self._used:
+                added.append(self._register_table(table, version, touch=False))
+        return added
+
+    def warm(self, stop: threading.Event, interval_s: float = 0.2) -> threading.Thread:
+        """refresh() every interval_s until `stop` is set, on a daemon thread."""
+
+        def loop() -> None:
+            while not stop.wait(interval_s):
+                try:
+                    self.refresh()
+                except Exception:  # a table mid-rewrite or gone: the next statement resolves it and says why
+                    log.debug("refreshing the catalog failed", exc_info=True)
+
+        thread = threading.Thread(target=loop, name="carelake-sql-catalog", daemon=True)
+        thread.start()
+        return thread
+
     def _touch(self, name: str) -> None:
+        """Mark a view read now; drop views unused for UNUSED_SECONDS, and a table's older versions unused for
+        SUPERSEDED_SECONDS (each holds its version's file list: a table committing every second must not pile them
+        up). A statement already running keeps its plan; a later one registers the version again."""
         now = time.monotonic()
         self._used[name] = now
-        for old in [n for n, at in self._used.items() if now - at > UNUSED_SECONDS]:
-            self.spark.catalog.dropGlobalTempView(old)
-            del self._used[old]
+        for old, at in list(self._used.items()):
+            table, version = self._versions.get(old, (None, None))
+            superseded = table in self._latest and version < self._latest[table].version()
+            if now - at > UNUSED_SECONDS or (superseded and now - at > SUPERSEDED_SECONDS):
+                self.spark.catalog.dropGlobalTempView(old)
+                del self._used[old]
+                self._versions.pop(old, None)
+
+    def schema(self, name: str):
+        """A table's or view's columns as a Spark StructType (a table's from its Delta log, a view's analyzed)."""
+        if name in self.views:
+            view = self.resolve(f"SELECT * FROM {name}").views[0]
+            return self.spark.table(f"{SCHEMA}.`{view}`").schema
+        import pyarrow as pa
+        from deltalake import DeltaTable
+        from pyspark.sql.pandas.types import from_arrow_schema
+
+        from pipelines.store.schema import canonical_schema
+
+        self.store.version(name)  # TableNotFound, with the fix
+        return from_arrow_schema(canonical_schema(pa.schema(DeltaTable(str(self.store.ref(name).path)).schema()
+                                                            .to_arrow())))
 
     def names(self) -> Sequence[str]:
         """Every table and view a statement may name, sorted."""

@@ -9,14 +9,30 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import TextIO
 
 from pipelines.config import Config
 from pipelines.errors import UsageError
 from pipelines.output import write_records
-from pipelines.sqlserver.server import LOCAL_PREFIX, discovery_file
 
 FETCH_ROWS = 10_000
+DISCOVERY = ("_sqlserver", "server.json")
+LOCAL_PREFIX = "local:"  # `carelake sql` on the server's machine logs in as local:<os user> with the file's token
+
+
+def discovery_file(cfg: Config) -> Path:
+    return cfg.path(*DISCOVERY)
+
+
+def _os_user() -> str:
+    """The OS user, as ops.audit_log names CLI actors (pipelines.audit_log.os_actor, without loading pyarrow)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid:{os.getuid()}"
 
 
 def running_server(cfg: Config) -> dict | None:
@@ -34,10 +50,8 @@ def query(info: dict, sql: str, fmt: str, limit: int | None, out: TextIO) -> int
     """Run `sql` on the server in `info`; write the rows like `carelake sql` does; the number written."""
     from pyhive import exc, hive
 
-    from pipelines.audit_log import os_actor
-
     try:
-        conn = hive.connect(host=info["host"], port=int(info["port"]), username=LOCAL_PREFIX + os_actor(),
+        conn = hive.connect(host=info["host"], port=int(info["port"]), username=LOCAL_PREFIX + _os_user(),
                             password=info["token"], auth="CUSTOM")
     except Exception as e:  # thrift/socket errors: the server went away between the check and the connect
         raise UsageError(f"the SQL server at {info['url']} (pid {info['pid']}) did not answer ({e}); run again, "

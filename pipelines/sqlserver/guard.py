@@ -2,8 +2,9 @@
 
 The statement is parsed by Spark's own parser (no execution) and its plan walked: every relation it names must be
 one of the views the catalog registered for this statement's table references (or a CTE it defines); commands
-(SET, CREATE, INSERT, ADD JAR, ...), file reads (parquet.`/path`), table-valued functions that read storage and
-functions that call into the JVM are refused. A name the rewrite did not see (`global_temp.x` typed directly, a
+(SET, CREATE, INSERT, ADD JAR, ...), file reads (parquet.`/path`), table-valued functions that read storage,
+functions that call into the JVM, and names or SQL known only at analysis (IDENTIFIER(...), EXECUTE IMMEDIATE) are
+refused. A name the rewrite did not see (`global_temp.x` typed directly, a
 quoted `silver`.`patients`) is therefore refused, not resolved.
 """
 
@@ -13,12 +14,15 @@ from collections.abc import Iterable
 
 from pipelines.errors import CarelakeError
 
-# Functions that reach outside SQL: they call Java methods by name.
-_DENIED_FUNCTIONS = frozenset({"reflect", "java_method", "try_reflect"})
+# Functions that reach outside SQL: they call Java methods by name, or parse XML (whose entities can name files).
+_DENIED_FUNCTIONS = frozenset({"reflect", "java_method", "try_reflect", "from_xml", "schema_of_xml", "xpath",
+                               *(f"xpath_{t}" for t in ("boolean", "double", "float", "int", "long", "number",
+                                                        "short", "string"))})
 # Table-valued functions that only generate rows (no storage, no other tables).
 _ALLOWED_TVFS = frozenset({"range", "explode", "explode_outer", "inline", "inline_outer", "posexplode",
                            "posexplode_outer", "stack", "json_tuple"})
 _CATALYST = "org.apache.spark.sql.catalyst"
+_LATE_NAMES = "{kind} is not available through the SQL server: write table and function names as they are"
 
 
 class StatementRefused(CarelakeError):
@@ -56,6 +60,8 @@ def check_statement(spark, text: str, allowed: Iterable[str], schema: str = "glo
         if exprs:
             e = exprs.pop()
             cls = _name(e)
+            if "UnresolvedIdentifier" in cls:  # IDENTIFIER('name')(...): a function named at analysis
+                raise StatementRefused(_LATE_NAMES.format(kind="IDENTIFIER(...)"))
             if cls.endswith(".UnresolvedFunction"):
                 parts = tuple(str(p).lower() for p in _seq(e.nameParts()))
                 if parts[-1] in _DENIED_FUNCTIONS or len(parts) > 1:
@@ -66,10 +72,14 @@ def check_statement(spark, text: str, allowed: Iterable[str], schema: str = "glo
             continue
         p = plans.pop()
         cls = _name(p)
-        if command.isInstance(p) or cls.endswith("Statement") or cls.endswith(".InsertIntoDir"):
+        if (command.isInstance(p) or cls.endswith("Statement") or cls.endswith(".InsertIntoDir")
+                or cls.endswith(".Call") or "Procedure" in cls):
             kind = cls.rsplit(".", 1)[-1]
             raise StatementRefused(f"only queries run through the SQL server (SELECT, WITH ...); this statement is "
                                    f"{kind}")
+        if "UnresolvedIdentifier" in cls or "ExecuteImmediate" in cls:  # names or SQL text known only at analysis
+            kind = "EXECUTE IMMEDIATE" if "ExecuteImmediate" in cls else "IDENTIFIER(...)"
+            raise StatementRefused(_LATE_NAMES.format(kind=kind))
         if cls.endswith(".UnresolvedRelation"):
             relations.append(tuple(str(x).lower() for x in _seq(p.multipartIdentifier())))
         elif cls.endswith(".UnresolvedTableValuedFunction"):

@@ -10,8 +10,8 @@ call is forwarded unchanged except:
   refusal answers an error naming the reason and is recorded in ops.audit_log;
 - FetchResults counts the rows returned; CloseOperation/CloseSession (or the connection ending) records the
   statement with its tables, versions and rows in ops.audit_log;
-- catalog browsing (GetTables, GetColumns) answers from the empty `default` schema: the server's views are
-  internal names; write SQL against gold.x, silver.x, ...
+- catalog browsing (GetSchemas, GetTables, GetColumns) answers with the lakehouse names the user's role may
+  read (pipelines.sqlserver.metadata), never the server's internal view names.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import threading
 from dataclasses import dataclass, field
 
 from thrift.protocol import TBinaryProtocol
-from thrift.transport import TSocket, TTransport
+from thrift.transport import TTransport
 
-from pipelines.errors import CarelakeError
+from pipelines.errors import CarelakeError, TableNotFound
 from pipelines.sqlrefs import rewrite
 from pipelines.sqlserver.guard import StatementRefused, check_statement
 from pipelines.sqlserver.policy import refusal
@@ -36,6 +36,7 @@ START, OK, BAD, ERROR, COMPLETE = 1, 2, 3, 4, 5
 # Drivers send `USE default` on connect (PyHive, some ODBC drivers): passed on, reads nothing, not audited.
 _USE_DEFAULT = re.compile(r"^\s*use\s+`?default`?\s*;?\s*$", re.IGNORECASE)
 MAX_FRAME = 256 * 1024 * 1024
+LOGIN_TIMEOUT_S = 30
 
 
 class SaslPlainServerTransport(TTransport.TTransportBase):
@@ -105,17 +106,42 @@ class SaslPlainServerTransport(TTransport.TTransportBase):
         self.sock.close()
 
 
-def backend_client(host: str, port: int, username: str):
-    """A TCLIService client on the Spark Thrift server (SASL PLAIN, as its NONE authentication expects)."""
-    import thrift_sasl
-    from pyhive.hive import get_installed_sasl
-    from TCLIService import TCLIService
+class JvmBackend:
+    """Spark's Thrift service called inside its own JVM through py4j: each request crosses as Thrift bytes, is
+    decoded there into Hive's request class, handled by the same code a network client reaches, and the response
+    comes back as bytes. Spark's Thrift server then needs no open port (the server closes it after start)."""
 
-    sock = TSocket.TSocket(host, port)
-    transport = thrift_sasl.TSaslClientTransport(
-        lambda: get_installed_sasl(host=host, sasl_auth="PLAIN", username=username, password="-"), "PLAIN", sock)
-    transport.open()
-    return TCLIService.Client(TBinaryProtocol.TBinaryProtocol(transport)), transport
+    def __init__(self, spark, service):
+        self._jvm = spark._jvm  # noqa: SLF001 - py4j is the only way into Spark's Thrift service
+        self._service = service
+        self._local = threading.local()
+
+    def _codec(self):
+        """A serializer and deserializer for this thread (Thrift's are not thread-safe)."""
+        codec = getattr(self._local, "codec", None)
+        if codec is None:
+            thrift = self._jvm.org.apache.thrift
+            factory = thrift.protocol.TBinaryProtocol.Factory()
+            codec = self._local.codec = (thrift.TSerializer(factory), thrift.TDeserializer(factory))
+        return codec
+
+    def __getattr__(self, name: str):
+        if not name[:1].isupper():
+            raise AttributeError(name)
+        from TCLIService import ttypes
+
+        def call(req):
+            serializer, deserializer = self._codec()
+            buf = TTransport.TMemoryBuffer()
+            req.write(TBinaryProtocol.TBinaryProtocol(buf))
+            jreq = getattr(self._jvm.org.apache.hive.service.rpc.thrift, f"T{name}Req")()
+            deserializer.deserialize(jreq, bytearray(buf.getvalue()))
+            out = serializer.serialize(getattr(self._service, name)(jreq))
+            resp = getattr(ttypes, f"T{name}Resp")()
+            resp.read(TBinaryProtocol.TBinaryProtocol(TTransport.TMemoryBuffer(bytes(out))))
+            return resp
+
+        return call
 
 
 @dataclass
@@ -164,6 +190,7 @@ class Handler:
     backend: object
     login: Login
     ops: dict[bytes, Operation] = field(default_factory=dict)
+    sessions: dict[bytes, object] = field(default_factory=dict)  # open session handles, closed if the client leaves
 
     def __getattr__(self, name: str):
         return getattr(self.backend, name)
@@ -171,7 +198,10 @@ class Handler:
     def OpenSession(self, req):  # noqa: N802 - Thrift's names
         req.username, req.password = self.login.user, "-"
         req.configuration = {k: v for k, v in (req.configuration or {}).items() if k == "use:database"}
-        return self.backend.OpenSession(req)
+        resp = self.backend.OpenSession(req)
+        if resp.sessionHandle is not None:
+            self.sessions[resp.sessionHandle.sessionId.guid] = resp.sessionHandle
+        return resp
 
     def ExecuteStatement(self, req):  # noqa: N802
         from TCLIService import ttypes
@@ -182,10 +212,14 @@ class Handler:
             return self.backend.ExecuteStatement(req)
         try:
             resolved = self._admit(statement)
-        except CarelakeError as exc:
+        except Exception as exc:  # refused, or the tables could not be resolved: answered and recorded either way
             outcome = "refused" if isinstance(exc, StatementRefused) else "failed"
-            self.server.audit(self.login.actor, statement, (), None, outcome, str(exc))
-            return ttypes.TExecuteStatementResp(status=_error_status(f"carelake: {exc}"))
+            if not isinstance(exc, CarelakeError):
+                log.exception("resolving a statement failed")
+            message = str(exc) if isinstance(exc, CarelakeError) else f"internal error: {type(exc).__name__}: " + (
+                str(exc).splitlines() or [""])[0]
+            self.server.audit(self.login.actor, statement, (), None, outcome, message)
+            return ttypes.TExecuteStatementResp(status=_error_status(f"carelake: {message}"))
         req.statement, req.confOverlay = resolved.sql, {}
         resp = self.backend.ExecuteStatement(req)
         op = Operation(statement, resolved.reads, dict(resolved.names))
@@ -238,36 +272,87 @@ class Handler:
         return resp
 
     def CloseSession(self, req):  # noqa: N802
-        self.finish()
+        self._finish_operations()
+        self.sessions.pop(req.sessionHandle.sessionId.guid, None)
         return self.backend.CloseSession(req)
 
+    def GetSchemas(self, req):  # noqa: N802
+        from TCLIService import ttypes
+
+        from pipelines.sqlserver import metadata
+
+        sql = metadata.schemas_query(self._readable(), req.schemaName)
+        return self._answer(ttypes.TGetSchemasResp, req.sessionHandle, sql)
+
     def GetTables(self, req):  # noqa: N802
-        req.schemaName = "default"
-        return self.backend.GetTables(req)
+        from TCLIService import ttypes
+
+        from pipelines.sqlserver import metadata
+
+        sql = metadata.tables_query(self._readable(), self.server.catalog.views, req.schemaName, req.tableName,
+                                    req.tableTypes)
+        return self._answer(ttypes.TGetTablesResp, req.sessionHandle, sql)
 
     def GetColumns(self, req):  # noqa: N802
-        req.schemaName = "default"
-        return self.backend.GetColumns(req)
+        from TCLIService import ttypes
+
+        from pipelines.sqlserver import metadata
+
+        schema, table = metadata.like(req.schemaName), metadata.like(req.tableName)
+        wanted = [t for t in self._readable() if schema.fullmatch(t.split(".")[0]) and table.fullmatch(t.split(".")[1])]
+        schemas = {}
+        for t in wanted:
+            try:
+                schemas[t] = self.server.catalog.schema(t)
+            except TableNotFound:  # a view whose tables are not written yet
+                continue
+        return self._answer(ttypes.TGetColumnsResp, req.sessionHandle, metadata.columns_query(schemas, req.columnName))
+
+    def _readable(self) -> list[str]:
+        from pipelines.sqlserver.metadata import readable
+
+        return readable(self.login.role, self.server.catalog.names(), self.server.catalog.views)
+
+    def _answer(self, resp_type, session, sql: str):
+        """A metadata call answered by running `sql` (rows computed here) on Spark: the client fetches them as usual."""
+        from TCLIService import ttypes
+
+        resp = self.backend.ExecuteStatement(ttypes.TExecuteStatementReq(sessionHandle=session, statement=sql,
+                                                                         runAsync=False))
+        return resp_type(status=resp.status, operationHandle=resp.operationHandle)
 
     def _record(self, op: Operation) -> None:
         rows = op.rows if op.outcome == "allowed" else None
         self.server.audit(self.login.actor, op.statement, op.reads, rows, op.outcome, op.detail)
 
-    def finish(self) -> None:
+    def _finish_operations(self) -> None:
         """Record every statement not yet recorded (the client closed the session or went away)."""
         for key in list(self.ops):
             self._record(self.ops.pop(key))
 
+    def finish(self) -> None:
+        """The client went away: record its statements, close the sessions it left open."""
+        from TCLIService import ttypes
 
-def serve_connection(server, sock: socket.socket, backend_host: str, backend_port: int) -> None:
+        self._finish_operations()
+        for handle in list(self.sessions.values()):
+            try:
+                self.backend.CloseSession(ttypes.TCloseSessionReq(sessionHandle=handle))
+            except Exception:  # closing what is left is best effort; Spark expires idle sessions too
+                log.debug("closing a session the client left failed", exc_info=True)
+        self.sessions.clear()
+
+
+def serve_connection(server, sock: socket.socket, backend: JvmBackend) -> None:
     """One client connection: SASL login, then Thrift calls until it closes."""
     from TCLIService import TCLIService
 
     trans = SaslPlainServerTransport(sock)
     handler = None
-    backend_trans = None
     try:
+        sock.settimeout(LOGIN_TIMEOUT_S)  # a client that connects and says nothing does not hold a thread for long
         user, password = trans.handshake()
+        sock.settimeout(None)
         login = server.login(user, password)
         if login is None:  # recorded before the answer, so the client's next step already finds it
             server.audit(user or "(none)", None, (), None, "refused", "login failed: wrong username or password",
@@ -275,7 +360,6 @@ def serve_connection(server, sock: socket.socket, backend_host: str, backend_por
             trans.send_status(BAD, b"carelake sql-server: wrong username or password")
             return
         trans.send_status(COMPLETE)
-        backend, backend_trans = backend_client(backend_host, backend_port, login.user)
         handler = Handler(server, backend, login)
         processor = TCLIService.Processor(handler)
         proto = TBinaryProtocol.TBinaryProtocol(trans)
@@ -288,19 +372,21 @@ def serve_connection(server, sock: socket.socket, backend_host: str, backend_por
     finally:
         if handler is not None:
             handler.finish()
-        if backend_trans is not None:
-            backend_trans.close()
         sock.close()
 
 
 class Listener(threading.Thread):
     """Accepts clients on (host, port); one thread per connection."""
 
-    def __init__(self, server, host: str, port: int, backend: tuple[str, int]):
+    def __init__(self, server, host: str, port: int, backend: JvmBackend, max_connections: int):
         super().__init__(name="carelake-sql-listener", daemon=True)
         self.server = server
         self.backend = backend
-        self.sock = socket.create_server((host, port), reuse_port=False)
+        self.slots = threading.BoundedSemaphore(max_connections)
+        self.max_connections = max_connections
+        from pipelines.sqlserver.server import listen
+
+        self.sock = listen(host, port)
         self.port = self.sock.getsockname()[1]
         self._stopping = threading.Event()
 
@@ -310,8 +396,18 @@ class Listener(threading.Thread):
                 conn, _ = self.sock.accept()
             except OSError:
                 break
-            threading.Thread(target=serve_connection, args=(self.server, conn, *self.backend),
-                             name="carelake-sql-client", daemon=True).start()
+            if not self.slots.acquire(blocking=False):
+                log.warning("refused a connection from %s: %d connections already open (sql_server.max_connections)",
+                            conn.getpeername()[0], self.max_connections)
+                conn.close()
+                continue
+            threading.Thread(target=self._serve, args=(conn,), name="carelake-sql-client", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            serve_connection(self.server, conn, self.backend)
+        finally:
+            self.slots.release()
 
     def stop(self) -> None:
         self._stopping.set()

@@ -16,12 +16,11 @@ from pathlib import Path
 from pipelines.config import Config
 from pipelines.errors import ConfigError, UsageError
 from pipelines.sqlserver.catalog import Catalog, load_views
-from pipelines.sqlserver.proxy import Listener, Login
+from pipelines.sqlserver.client import LOCAL_PREFIX, discovery_file
+from pipelines.sqlserver.proxy import JvmBackend, Listener, Login
 from pipelines.sqlserver.users import Directory, users_file
 
 log = logging.getLogger("carelake.sqlserver")
-DISCOVERY = ("_sqlserver", "server.json")
-LOCAL_PREFIX = "local:"  # `carelake sql` on the server's machine logs in as local:<os user> with the file's token
 BACKEND_HOST = "127.0.0.1"
 
 
@@ -34,15 +33,16 @@ def spark_settings(cfg: Config) -> dict[str, str]:
         "spark.sql.catalogImplementation": "in-memory",
         # The views are the only tables: a statement never reads files by path (the guard refuses those too).
         "spark.sql.runSQLOnFiles": "false",
+        # ${env:X} / ${system:x} in a statement stay text: substitution would put the server's environment (and
+        # secrets in it) into a query after the guard has read it.
+        "spark.sql.variable.substitute": "false",
+        # Many users' statements share the driver: a long aggregate does not hold a point query behind it (FIFO).
+        "spark.scheduler.mode": "FAIR",
     }
 
 
 def views_dir(cfg: Config) -> Path:
     return Path(cfg.sql_server.views_dir) if cfg.sql_server.views_dir else cfg.conf_dir.parent / "sql" / "views"
-
-
-def discovery_file(cfg: Config) -> Path:
-    return cfg.path(*DISCOVERY)
 
 
 def _is_loopback(host: str) -> bool:
@@ -107,6 +107,7 @@ class SqlServer:
         self._thrift = None
         self._listener: Listener | None = None
         self._audit = GroupCommit(store)
+        self._stopping = threading.Event()
 
     def login(self, user: str, password: str) -> Login | None:
         """The login's role, or None when the credentials are wrong."""
@@ -133,16 +134,44 @@ class SqlServer:
     def start(self, host: str, port: int) -> str:
         """Start serving; the JDBC URL."""
         self._create_views()
+        self.catalog.warm(self._stopping)
         jvm = self.spark._jvm  # noqa: SLF001 - Spark's Thrift server has no Python API
+        # Its execution Hive boots an embedded Derby (in the JVM's scratch folder), whose log defaults to the CWD.
+        log_dir = self.cfg.path("_sqlserver")
+        log_dir.mkdir(parents=True, exist_ok=True)
+        jvm.java.lang.System.setProperty("derby.stream.error.file", str(log_dir / "derby.log"))
         self._thrift = jvm.org.apache.spark.sql.hive.thriftserver.HiveThriftServer2.startWithContext(
             self.spark._jsparkSession.sqlContext())  # noqa: SLF001
-        backend_port = next(s.getPortNumber() for s in self._thrift.getServices()
-                            if s.getName() == "ThriftBinaryCLIService")
-        self._listener = Listener(self, host, port, (BACKEND_HOST, backend_port))
+        self._listener = Listener(self, host, port, JvmBackend(self.spark, self._close_backend_port()),
+                                  self.cfg.sql_server.max_connections)
         self._listener.start()
         shown = BACKEND_HOST if host in ("0.0.0.0", "::", "") else host
         self._write_discovery(shown, self._listener.port)
         return f"jdbc:hive2://{shown}:{self._listener.port}/default"
+
+    def _close_backend_port(self):
+        """Stop the Thrift service's own listener (the proxy calls the service in-process), wait until its port
+        refuses connections, and refuse to serve if anyone opened a session on it in the meantime."""
+        import socket
+        import time
+
+        service = next(s for s in self._thrift.getServices() if s.getName() == "ThriftBinaryCLIService")
+        port = service.getPortNumber()
+        service.stop()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((BACKEND_HOST, port), timeout=1).close()
+            except OSError:
+                break
+            time.sleep(0.05)
+        else:
+            raise ConfigError(f"Spark's Thrift service kept listening on {BACKEND_HOST}:{port} after it was stopped")
+        cli = next(s for s in self._thrift.getServices() if s.getName() == "CLIService")
+        if cli.getSessionManager().getOpenSessionCount():
+            raise ConfigError(f"a client opened a session on Spark's internal port {port} before it closed: "
+                              "another user on this machine may be probing it; not serving")
+        return service
 
     def _create_views(self) -> None:
         """Register the repository's views now, so a bad definition fails the start, not an analyst's query."""
@@ -169,6 +198,7 @@ class SqlServer:
         os.replace(temp, path)
 
     def stop(self) -> None:
+        self._stopping.set()
         path = discovery_file(self.cfg)
         try:
             if json.loads(path.read_text(encoding="utf-8")).get("pid") == os.getpid():
@@ -192,6 +222,20 @@ def check_start(cfg: Config, host: str, no_auth: bool) -> None:
                           "(or set sql_server.users_file), or run with --no-auth on loopback")
     if not no_auth:
         Directory(path).login("", "")  # a malformed or readable-by-others file fails now, naming the fix
+    if cfg.sql_server.views_dir and not views_dir(cfg).is_dir():
+        raise ConfigError(f"sql_server.views_dir {cfg.sql_server.views_dir!r} is not a folder: point it at the "
+                          'analyst views (<layer>.<name>.sql files), or set it to "" for sql/views beside conf/')
+
+
+def listen(host: str, port: int):
+    """A listening socket on (host, port), or an error naming the fix."""
+    import socket
+
+    try:
+        return socket.create_server((host, port))
+    except OSError as exc:
+        raise UsageError(f"the SQL server cannot listen on {host}:{port}: {exc.strerror or exc}; choose another "
+                         "--port (0 picks a free one) or --host") from None
 
 
 def serve(cfg: Config, *, host: str | None, port: int | None, no_auth: bool) -> int:
@@ -204,6 +248,7 @@ def serve(cfg: Config, *, host: str | None, port: int | None, no_auth: bool) -> 
     host = host or cfg.sql_server.host
     port = cfg.sql_server.port if port is None else port
     check_start(cfg, host, no_auth)
+    listen(host, port).close()  # a port in use fails now, not after Spark has started
     if no_auth:
         print("carelake sql-server: WARNING: --no-auth: no login; every client reads every table (PHI included) "
               "as auditor. Local development only, never with real patient data.", file=sys.stderr, flush=True)

@@ -1,0 +1,177 @@
+"""The imaging worklist: a study received -> on gold.imaging_worklist (continuous mode), and the batch refresh cost.
+
+1. **Refresh** (available-now): a lakehouse holding `--history` read studies (orders, final reports) and `--open`
+   unread ones with their orders, NEWS2 scores and open alerts for their patients; each run appends one final report
+   and runs the worklist job once (one batch that recomputes the whole open set). Figure: the batch's seconds
+   (ops.metrics duration), median over `--runs`.
+2. **Latency** (continuous): `bronze.dicom_instances`, `silver.imaging_studies` and `gold.imaging_worklist` as
+   continuous queries (`--interval`, default 1 s) in this process; every `--every` seconds a CT instance of a new
+   study (its order already in silver.imaging_orders) is dropped into landing/dicom (`carelake ingest`'s code,
+   fsynced); a thread polls the worklist table (delta-rs, every 50 ms) until the study is on it. Figure: received
+   (landed) -> on the worklist, p50/p95/max over `--studies` studies after the first (the queries' start).
+
+Until silver.imaging_match is on this branch, the contract's accession rule (tests/imaging_tables.py) matches.
+Goal: p95 received -> on the worklist <= 5 s. Run:
+  .venv/bin/python benchmarks/imaging_worklist.py [--history 2000] [--open 60] [--runs 5] [--studies 12]
+                                                  [--every 6] [--interval 1s]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import signal
+import threading
+import time
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from _common import emit, median, percentile, temp_config
+
+GOAL_P95_S = 5.0
+WORKLIST = "gold.imaging_worklist"
+
+
+def registry(cfg):
+    from pipelines.jobs import Registry, load_registry
+    from tests import imaging_tables as t
+
+    jobs = list(load_registry(cfg))
+    if importlib.util.find_spec("silver.imaging_match") is None:
+        jobs = [replace(j, options={**j.options, "match": t.accession_match}) if j.name == WORKLIST else j
+                for j in jobs]
+    return Registry(jobs)
+
+
+def seed(spark, store, history: int, open_: int, now: datetime) -> None:
+    """Read studies (history) and unread ones, with orders, reports, scores and alerts."""
+    from gold import deterioration_alerts, early_warning_scores
+    from silver.imaging_studies import SCHEMA as STUDIES
+    from tests import imaging_tables as t
+
+    studies, orders, reports, scores, alerts = [], [], [], [], []
+    for k in range(history + open_):
+        at = now - timedelta(hours=48) + timedelta(seconds=k * 48 * 3600 / (history + open_))
+        patient, accession = f"p{k % 500}", f"H{k}"
+        studies.append(t.study(f"1.9.{k}", patient, accession, at, "CT" if k % 3 else "CR",
+                               "HEAD" if k % 2 else "CHEST"))
+        orders.append(t.order(f"h{k}", patient, accession, at - timedelta(minutes=30),
+                              ("STAT", "ASAP", "ROUTINE")[k % 3], ("ED", "ICU", "WARD", "OUTPATIENT")[k % 4],
+                              text="stroke" if k % 7 == 0 else "follow up"))
+        if k < history:
+            reports.append(t.report(f"r{k}", accession, at + timedelta(minutes=50)))
+        scores.append(t.score(patient, now - timedelta(minutes=k % 600), ("low", "medium", "high")[k % 3], k % 10))
+    alerts += [t.alert(f"p{k}", now - timedelta(hours=1), "news2_high") for k in range(0, 500, 25)]
+    t.write(spark, store, "silver.imaging_studies", studies, STUDIES)
+    t.write(spark, store, "silver.imaging_orders", orders, t.ORDERS_SCHEMA)
+    t.write(spark, store, "silver.imaging_reports", reports, t.REPORTS_SCHEMA)
+    t.write(spark, store, "gold.early_warning_scores", scores, early_warning_scores.SCHEMA)
+    t.write(spark, store, "gold.deterioration_alerts", alerts, deterioration_alerts.SCHEMA)
+
+
+def _batches(store) -> list[dict]:
+    rows = [r for r in store.read_arrow("ops.metrics").to_pylist() if r["job"] == WORKLIST]
+    return sorted(rows, key=lambda r: r["started_at"])
+
+
+def refresh(spark, args) -> dict:
+    from pipelines.runner import Runner, Trigger
+    from pipelines.store import open_store
+    from tests import imaging_tables as t
+
+    cfg = temp_config()
+    store = open_store(cfg, spark)
+    now = datetime.now(UTC)
+    seed(spark, store, args.history, args.open, now)
+    runner = Runner(cfg, spark, store, registry(cfg))
+    runner.run([WORKLIST], Trigger(available_now=True))  # the first batches read every version so far
+    first = len(_batches(store))
+    for k in range(args.runs):
+        t.write(spark, store, "silver.imaging_reports", [t.report(f"x{k}", f"H{args.history + k}", now)],
+                t.REPORTS_SCHEMA)
+        runner.run([WORKLIST], Trigger(available_now=True))
+    seconds = [r["duration_ms"] / 1000 for r in _batches(store)[first:]]
+    rows = store.read_arrow(WORKLIST).num_rows
+    return {"refresh_batch_s_median": round(median(seconds), 2), "refresh_batches": len(seconds),
+            "refresh_history_studies": args.history, "refresh_open_rows_after": rows}
+
+
+def latency(spark, args) -> dict:
+    from deltalake import DeltaTable
+
+    from pipelines.landing import ingest
+    from pipelines.runner import Runner, Trigger
+    from pipelines.store import open_store
+    from tests import imaging_tables as t
+    from tests.test_gateway_dicom import ct_slice
+
+    cfg = temp_config(**{"streaming.interval": args.interval})
+    store = open_store(cfg, spark)
+    now = datetime.now(UTC)
+    seed(spark, store, 200, 10, now)
+    folder = Path(cfg.root) / "_bench"
+    folder.mkdir()
+    uids, results = [], {}
+    for k in range(args.studies):
+        ds = ct_slice(16, 16)
+        ds.AccessionNumber, ds.PatientID, ds.BodyPartExamined = f"L{k}", f"MRN-L{k}", "HEAD"
+        ds.StudyDate, ds.StudyTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+        ds.save_as(folder / f"{k}.dcm", enforce_file_format=True)
+        uids.append(ds.StudyInstanceUID)
+    orders = [t.order(f"l{k}", None, f"L{k}", now - timedelta(minutes=5), "STAT", "ED") for k in range(args.studies)]
+    t.write(spark, store, "silver.imaging_orders", orders, t.ORDERS_SCHEMA)
+    worklist_path = str(store.ref(WORKLIST).path)
+
+    def on_worklist(uid: str) -> bool:
+        if not DeltaTable.is_deltatable(worklist_path):
+            return False
+        keys = DeltaTable(worklist_path).to_pyarrow_table(columns=["worklist_key"]).column(0).to_pylist()
+        return uid in keys
+
+    def drive() -> None:
+        time.sleep(args.warmup)
+        for k, uid in enumerate(uids):
+            ingest(cfg, [str(folder / f"{k}.dcm")], "dicom")
+            landed = time.monotonic()
+            while not on_worklist(uid) and time.monotonic() - landed < 120:
+                time.sleep(0.05)
+            results[uid] = time.monotonic() - landed
+            time.sleep(max(0.0, args.every - results[uid]))
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=drive, daemon=True).start()
+    Runner(cfg, spark, store, registry(cfg)).run(["bronze.dicom_instances", "silver.imaging_studies", WORKLIST],
+                                                 Trigger(available_now=False, interval_ms=cfg.streaming.interval_ms))
+    seconds = [results[u] for u in uids[1:] if u in results]
+    return {"latency_p50_s": round(percentile(seconds, 0.5), 2), "latency_p95_s": round(percentile(seconds, 0.95), 2),
+            "latency_max_s": round(max(seconds), 2), "latency_studies": len(seconds), "interval": args.interval,
+            "latency_goal_p95_s": GOAL_P95_S, "latency_goal_met": percentile(seconds, 0.95) <= GOAL_P95_S}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--history", type=int, default=2000)
+    p.add_argument("--open", type=int, default=60)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--studies", type=int, default=12)
+    p.add_argument("--every", type=float, default=6.0)
+    p.add_argument("--warmup", type=float, default=20.0)
+    p.add_argument("--interval", default="1s")
+    p.add_argument("--skip", choices=["refresh", "latency"])
+    args = p.parse_args()
+    from pipelines.spark import create_spark
+
+    spark = create_spark(temp_config().spark)
+    figures = {"load_average_1m_start": round(os.getloadavg()[0], 1)}
+    if args.skip != "refresh":
+        figures.update(refresh(spark, args))
+    if args.skip != "latency":
+        figures.update(latency(spark, args))
+    figures["load_average_1m_end"] = round(os.getloadavg()[0], 1)
+    emit(figures)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""silver.imaging_match: accession first, then patient + modality + body part + window, nearest first, once each."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from pyspark.sql.types import StringType, StructField, StructType, TimestampType
+
+from silver.imaging_match import match_orders_to_studies
+
+ORDERS = StructType([StructField(n, TimestampType() if n == "ordered_at" else StringType()) for n in (
+    "order_key", "accession_number", "patient_key", "modality", "body_part", "ordered_at", "status")])
+STUDIES = StructType([StructField(n, TimestampType() if n == "study_time_utc" else StringType()) for n in (
+    "study_instance_uid", "accession_number", "patient_key", "modality", "body_part", "study_time_utc")])
+H = timedelta(hours=1)
+
+
+def t(hour: float) -> datetime:
+    return datetime(2026, 1, 5, tzinfo=UTC) + hour * H
+
+
+def match(spark, orders, studies, window=6 * H):
+    got = match_orders_to_studies(spark.createDataFrame(orders, ORDERS), spark.createDataFrame(studies, STUDIES),
+                                  window=window)
+    return ordered(tuple(r) for r in got.collect())
+
+
+def ordered(pairs) -> list[tuple]:
+    return sorted(pairs, key=lambda r: tuple(v or "" for v in r))
+
+
+def test_accession_first_then_patient_modality_window(spark):
+    orders = [("o1", "A1", "p1", "CT", "HEAD", t(1), "active"),
+              ("o2", None, "p1", "CR", "CHEST", t(2), "active"),  # CR order, DX study: one family
+              ("o3", None, "p2", "CT", "CHEST", t(2), "active")]  # no study within the window
+    studies = [("s1", "A1", "p1", "CT", "HEAD", t(9)),  # accession matches, far outside the window: still matched
+               ("s2", None, "p1", "DX", "CHEST", t(3)),
+               ("s3", None, "p2", "CT", "CHEST", t(9)),  # 7 h after o3
+               ("s4", None, "p3", "US", None, t(1))]
+    assert match(spark, orders, studies) == ordered([
+        ("o1", "s1", "accession"), ("o2", "s2", "patient_procedure_time"), ("o3", None, None), (None, "s3", None),
+        (None, "s4", None)])
+
+
+def test_nearest_order_wins_and_each_side_is_used_once(spark):
+    orders = [("o1", None, "p1", "CT", "HEAD", t(1), "active"), ("o2", None, "p1", "CT", "HEAD", t(2), "active")]
+    studies = [("s1", None, "p1", "CT", "HEAD", t(2.5))]
+    assert match(spark, orders, studies) == ordered([("o2", "s1", "patient_procedure_time"), ("o1", None, None)])
+    two = [*studies, ("s2", None, "p1", "CT", None, t(4))]  # study without a body part matches any body part
+    assert match(spark, orders, two) == ordered([("o2", "s1", "patient_procedure_time"),
+                                                ("o1", "s2", "patient_procedure_time")])
+
+
+def test_body_part_modality_time_order_and_status_rules(spark):
+    orders = [("o1", None, "p1", "CT", "HEAD", t(5), "active"), ("o2", None, "p1", "CT", "CHEST", t(1), "cancelled"),
+              ("o3", None, "p1", "MR", "HEAD", t(1), "active")]
+    studies = [("s1", None, "p1", "CT", "CHEST", t(5.5)),  # o1 is HEAD; o2 cancelled
+               ("s2", None, "p1", "CT", "HEAD", t(4))]  # before o1 was ordered; o3 is MR
+    assert match(spark, orders, studies) == ordered([
+        ("o1", None, None), ("o2", None, None), ("o3", None, None), (None, "s1", None), (None, "s2", None)])
+
+
+def test_duplicate_accessions_pair_nearest_and_the_rest_stay_visible(spark):
+    orders = [("o1", "A1", "p1", "CT", "HEAD", t(1), "active")]
+    studies = [("s1", "A1", "p1", "CT", "HEAD", t(5)), ("s2", "A1", "p1", "CT", "HEAD", t(2))]
+    assert match(spark, orders, studies) == ordered([("o1", "s2", "accession"), (None, "s1", None)])
+
+
+def test_a_window_must_be_positive(spark):
+    with pytest.raises(ValueError, match="window must be positive"):
+        match(spark, [], [], window=timedelta(0))
