@@ -33,3 +33,20 @@ def median(values: list[float]) -> float:
 def emit(figures: dict) -> None:
     """One JSON line of figures on stdout: the benchmark's whole output."""
     print(json.dumps(figures, sort_keys=True))
+
+
+def available_now(cfg, spark, job: str):
+    """Run `job` available-now in process (the Runner as the CLI builds it); (seconds, the store)."""
+    import time
+
+    from pipelines.jobs import load_registry
+    from pipelines.runner import Runner, Trigger
+    from pipelines.store import open_store
+
+    store = open_store(cfg, spark)
+    runner = Runner(cfg, spark, store, load_registry(cfg))
+    t0 = time.perf_counter()
+    summaries = runner.run([job], Trigger(available_now=True))
+    seconds = time.perf_counter() - t0
+    assert summaries[-1].status == "done", summaries[-1].line()
+    return seconds, store

@@ -29,7 +29,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from _common import emit, median, temp_config
+from _common import available_now, emit, median, temp_config
 
 # (code, concept, unit, mean, sd, low, high): spread so that NEWS2 lands in every band.
 VITALS = (("8867-4", "hr", "/min", 88, 22, 30, 180), ("9279-1", "rr", "/min", 18, 5, 6, 40),
@@ -110,17 +110,9 @@ def fresh_gold(cfg) -> None:
 
 def end_to_end(cfg, spark) -> tuple[float, int, int]:
     from gold.early_warning_scores import FEATURES, SCORES
-    from pipelines.jobs import load_registry
-    from pipelines.runner import Runner, Trigger
-    from pipelines.store import open_store
 
     fresh_gold(cfg)
-    store = open_store(cfg, spark)
-    runner = Runner(cfg, spark, store, load_registry(cfg))
-    t0 = time.perf_counter()
-    summaries = runner.run([SCORES], Trigger(available_now=True))
-    seconds = time.perf_counter() - t0
-    assert summaries[-1].status == "done", summaries[-1].line()
+    seconds, store = available_now(cfg, spark, SCORES)
     return seconds, store.row_count(SCORES), store.row_count(FEATURES)
 
 

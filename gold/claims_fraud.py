@@ -10,6 +10,11 @@ Rules (conf `claims.fraud_*`, `claims.unbundling_pairs`, `claims.timed_minutes`)
 |                   | on one day, or a component billed with its comprehensive code                            |
 | impossible_volume | the claim's rendering provider billed more timed minutes on one of its days than a day   |
 |                   | allows (units x the code's typical minutes)                                               |
+| upcoding, after_death, excluded_provider, phantom_service: gold/claims_rules.py                                |
+
+Every rule is a feature and a threshold: its value for the claim goes into `features` (the model's inputs, with the
+claim's own descriptors), its reason into `reasons` where the threshold is passed. With a registered champion
+(`carelake train fraud`) the row also carries the model's probability and version beside the rules' score.
 
 Score = the sum of the rules' weights (at most 100); band none (0), low, medium, high. Void claims, claims known
 only from a remittance and (unless `claims.part2_in_gold`) 42 CFR Part 2 claims have no row: a batch that voids a
@@ -21,8 +26,9 @@ carry the silver versions they were computed from.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
@@ -30,6 +36,7 @@ from pyspark.sql.types import (
     ArrayType,
     DateType,
     DecimalType,
+    DoubleType,
     IntegerType,
     LongType,
     StringType,
@@ -38,8 +45,22 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
+from gold.claims_rules import after_death, excluded_provider, phantom_service, signal, upcoding
+
 SCORES = "gold.claims_fraud_scores"
 CLAIMS, LINES = "silver.claims", "silver.claim_lines"
+MEMBERS, PROVIDERS = "silver.members", "silver.providers"
+PATIENTS, ENCOUNTERS, OBSERVATIONS, STUDIES = ("silver.patients", "silver.encounters", "silver.observations",
+                                               "silver.imaging_studies")
+CONTEXT = (MEMBERS, PROVIDERS, PATIENTS, ENCOUNTERS, OBSERVATIONS, STUDIES)
+RULE_CODES = ("duplicate", "unbundling", "impossible_volume", "upcoding", "after_death", "excluded_provider",
+              "phantom_service")
+# The model's inputs: each rule's value (rule_<code>, 0 when the rule has nothing on the claim) and the claim's own
+# descriptors. The model and the rules read this one definition.
+DESCRIPTORS = ("line_count", "billed_amount", "units_total", "units_max", "distinct_codes", "em_top_share",
+               "days_billed")
+FEATURES = (*(f"rule_{c}" for c in RULE_CODES), *DESCRIPTORS)
+FEATURE_STRUCT = StructType([StructField(f, DoubleType(), True) for f in FEATURES])
 WITHDRAWN = "withdrawn"  # a claim voided (or no longer scored): its score row is deleted
 
 # Nested fields are nullable: delta-rs checks a non-null nested field even where its parent (reasons) is null.
@@ -54,6 +75,7 @@ SCHEMA = StructType([
     StructField("claim_id", StringType(), True),
     StructField("billing_npi", StringType(), True),
     StructField("rendering_npi", StringType(), True),
+    StructField("provider_npi", StringType(), True),  # the claim's rendering NPI, else its first line's, else billing
     StructField("member_key", StringType(), True),
     StructField("service_from", DateType(), True),
     StructField("service_to", DateType(), True),
@@ -61,6 +83,9 @@ SCHEMA = StructType([
     StructField("score", IntegerType(), False),  # 0-100: the sum of the weights of the rules that fired
     StructField("band", StringType(), False),  # none | low | medium | high (withdrawn: only in a batch, deletes)
     StructField("reasons", ArrayType(REASON), True),
+    StructField("features", FEATURE_STRUCT, True),  # the rules' values and the claim's descriptors: the model's inputs
+    StructField("model_probability", DoubleType(), True),  # the champion's fraud probability (null: no champion)
+    StructField("model_version", StringType(), True),  # carelake-claims-fraud version that gave it
     StructField("claim_version", StringType(), True),
     StructField("silver_claims_version", LongType(), True),
     StructField("silver_claim_lines_version", LongType(), True),
@@ -70,7 +95,7 @@ SCHEMA = StructType([
 
 @dataclass(frozen=True)
 class Rules:
-    """The rules' settings (from conf claims.*)."""
+    """The rules' settings (from conf claims.*) and the exclusion list."""
 
     weights: Mapping[str, int]
     medium_from: int
@@ -79,12 +104,18 @@ class Rules:
     minutes: Mapping[str, int]
     max_minutes_per_day: int
     include_part2: bool
+    em_families: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    upcoding_min_lines: int = 20
+    upcoding_min_excess: float = 0.25
+    chart_codes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    exclusions: tuple = ()  # pipelines.exclusions.Exclusion rows
 
     @classmethod
-    def of(cls, claims_cfg) -> Rules:
-        return cls(dict(claims_cfg.fraud_weights), claims_cfg.fraud_medium_from, claims_cfg.fraud_high_from,
-                   tuple(claims_cfg.unbundling_pairs), claims_cfg.minutes, claims_cfg.fraud_max_minutes_per_day,
-                   claims_cfg.part2_in_gold)
+    def of(cls, claims_cfg, exclusions: tuple = ()) -> Rules:
+        k = claims_cfg
+        return cls(dict(k.fraud_weights), k.fraud_medium_from, k.fraud_high_from, tuple(k.unbundling_pairs), k.minutes,
+                   k.fraud_max_minutes_per_day, k.part2_in_gold, dict(k.em_families), k.upcoding_min_lines,
+                   k.upcoding_min_excess, dict(k.chart_codes), tuple(exclusions))
 
 
 def scored_claims(claims: DataFrame, rules: Rules) -> DataFrame:
@@ -94,19 +125,18 @@ def scored_claims(claims: DataFrame, rules: Rules) -> DataFrame:
 
 
 def current_lines(lines: DataFrame, claims: DataFrame) -> DataFrame:
-    """Lines of scored claims that stand (not withdrawn by a replacement), with the claim's member and provider."""
+    """Lines of scored claims that stand (not withdrawn by a replacement), with the claim's member, patient and
+    providers; a line without its own dates takes the claim's."""
     kept = lines.where("line_status = 'active'")
-    return kept.join(claims.select("claim_key", "member_key", F.col("rendering_npi").alias("_claim_rendering"),
-                                   "billing_provider_key"), "claim_key").withColumn(
-        "provider", F.coalesce("rendering_npi", "_claim_rendering", "billing_provider_key"))
-
-
-def _reason(code: str, detail: Column, lines: Column) -> Column:
-    return F.struct(F.lit(code).alias("code"), detail.alias("detail"), lines.alias("lines"))
+    return kept.join(claims.select("claim_key", "member_key", "patient_key", "billing_npi", "billing_provider_key",
+                                   F.col("rendering_npi").alias("_claim_rendering"),
+                                   F.col("service_from").alias("_claim_from")), "claim_key").withColumn(
+        "provider", F.coalesce("rendering_npi", "_claim_rendering", "billing_provider_key")).withColumn(
+        "service_from", F.coalesce("service_from", "_claim_from")).drop("_claim_from")
 
 
 def duplicates(claims: DataFrame, lines: DataFrame) -> DataFrame:
-    """(claim_key, reason): claims repeating an earlier claim's member, provider, dates and procedures."""
+    """Claims repeating an earlier claim's member, provider, dates and procedures (value 1)."""
     signature = lines.groupBy("claim_key").agg(F.array_sort(F.collect_list(F.concat_ws(
         "x", F.coalesce("procedure_code", "revenue_code", "ndc"), F.col("units").cast("string")))).alias("_sig"),
         F.collect_list("line_number").alias("_lines"))
@@ -118,8 +148,7 @@ def duplicates(claims: DataFrame, lines: DataFrame) -> DataFrame:
     later = keyed.join(first, "_group").where(F.col("_first.claim_key") != F.col("claim_key"))
     detail = F.format_string("duplicate of claim %s: same member, billing provider, dates of service and "
                              "procedures", F.col("_first.claim_id"))
-    return later.select("claim_key", _reason("duplicate", detail, F.array_sort("_lines")).alias("reason"),
-                        F.col("_group").alias("group"))
+    return signal(later, "duplicate", F.lit(1.0), F.lit(True), detail, F.array_sort("_lines"), F.col("_group"))
 
 
 def _pairs(spark, rules: Rules) -> DataFrame:
@@ -128,7 +157,7 @@ def _pairs(spark, rules: Rules) -> DataFrame:
 
 
 def unbundling(lines: DataFrame, rules: Rules) -> DataFrame:
-    """(claim_key, reason): components of one comprehensive code billed for a member on one day (or with it)."""
+    """Components of one comprehensive code billed for a member on one day (or with it)."""
     pairs = _pairs(lines.sparkSession, rules)
     day = lines.select("claim_key", "line_number", "member_key", "procedure_code",
                        F.col("service_from").alias("day"))
@@ -148,26 +177,70 @@ def unbundling(lines: DataFrame, rules: Rules) -> DataFrame:
                             "comprehensive")
     per_claim = exploded.groupBy("_w.claim_key", "_detail", "member_key", "day", "comprehensive").agg(
         F.array_sort(F.collect_list("_w.line_number")).alias("_lines"))
-    return per_claim.select("claim_key", _reason("unbundling", F.col("_detail"), F.col("_lines")).alias("reason"),
-                            F.concat_ws("|", "member_key", F.col("day").cast("string")).alias("group"))
+    return signal(per_claim, "unbundling", F.size("_lines"), F.lit(True), F.col("_detail"), F.col("_lines"),
+                  F.concat_ws("|", "member_key", F.col("day").cast("string")))
 
 
 def impossible_volume(lines: DataFrame, rules: Rules) -> DataFrame:
-    """(claim_key, reason): the rendering provider's timed minutes on one of the claim's days exceed a day."""
+    """The rendering provider's timed minutes on the claim's days as a share of a day's limit; fires above 1."""
     minutes = lines.sparkSession.createDataFrame(list(rules.minutes.items()), "procedure_code string, minutes int")
     timed = lines.join(F.broadcast(minutes), "procedure_code").withColumn(
         "_minutes", F.coalesce("units", F.lit(1.0)) * F.col("minutes"))
     totals = timed.groupBy("provider", "service_from").agg(F.sum("_minutes").alias("_total"))
-    over = totals.where(F.col("_total") > rules.max_minutes_per_day)
-    hit = timed.join(over, ["provider", "service_from"])
+    hit = timed.join(totals, ["provider", "service_from"])
     detail = F.format_string("provider %s billed %,.0f minutes of timed services on %s (more than %d in a day)",
                              "provider", "_total", F.col("service_from").cast("string"),
                              F.lit(rules.max_minutes_per_day))
     per_claim = hit.groupBy("claim_key", "provider", "service_from", "_total").agg(
         F.array_sort(F.collect_list("line_number")).alias("_lines"))
-    return per_claim.select("claim_key", _reason("impossible_volume", detail.alias("d"), F.col("_lines"))
-                            .alias("reason"), F.concat_ws("|", "provider", F.col("service_from").cast("string"))
-                            .alias("group"))
+    return signal(per_claim, "impossible_volume", F.col("_total") / rules.max_minutes_per_day,
+                  F.col("_total") > rules.max_minutes_per_day, detail, F.col("_lines"),
+                  F.concat_ws("|", "provider", F.col("service_from").cast("string")))
+
+
+def exclusions_frame(spark, rules: Rules) -> DataFrame:
+    """The exclusion list as a small table (npi, name, excl_type, excluded_on, reinstated_on)."""
+    return spark.createDataFrame([(e.npi, e.name, e.excl_type, e.excluded_on, e.reinstated_on)
+                                  for e in rules.exclusions],
+                                 "npi string, name string, excl_type string, excluded_on date, reinstated_on date")
+
+
+def signals(claims: DataFrame, lines: DataFrame, tables: Mapping[str, DataFrame], rules: Rules) -> DataFrame:
+    """Every rule's (claim_key, rule, value, reason, group) over the scored claims and their current lines."""
+    spark = claims.sparkSession
+    return (duplicates(claims, lines).unionByName(unbundling(lines, rules)).unionByName(
+        impossible_volume(lines, rules)).unionByName(
+        upcoding(lines, tables[PROVIDERS], rules.em_families, min_lines=rules.upcoding_min_lines,
+                 min_excess=rules.upcoding_min_excess)).unionByName(
+        after_death(lines, tables[MEMBERS], tables[PATIENTS])).unionByName(
+        excluded_provider(lines, exclusions_frame(spark, rules))).unionByName(
+        phantom_service(lines, tables[PATIENTS], tables[ENCOUNTERS], tables[OBSERVATIONS], tables[STUDIES],
+                        rules.chart_codes)))
+
+
+def _top_level(rules: Rules) -> Column:
+    tops = [codes[-1] for codes in rules.em_families.values()]
+    return F.col("procedure_code").isin(*tops) if tops else F.lit(False)
+
+
+def claim_features(claims: DataFrame, lines: DataFrame, found: DataFrame, rules: Rules) -> DataFrame:
+    """(claim_key, provider_npi, features): each rule's value on the claim (its largest; 0 when none) and the claim's
+    descriptors."""
+    em = F.col("procedure_code").isin(*[c for codes in rules.em_families.values() for c in codes])
+    described = lines.groupBy("claim_key").agg(
+        F.count(F.lit(1)).alias("line_count"), F.sum(F.coalesce("units", F.lit(1.0))).alias("units_total"),
+        F.max("units").alias("units_max"), F.countDistinct("procedure_code").alias("distinct_codes"),
+        F.try_divide(F.sum(_top_level(rules).cast("int")), F.sum(em.cast("int"))).alias("em_top_share"),
+        F.countDistinct("service_from").alias("days_billed"),
+        F.min_by("rendering_npi", F.when(F.col("rendering_npi").isNotNull(), F.col("line_number"))).alias("_first"))
+    values = found.groupBy("claim_key").pivot("rule", list(RULE_CODES)).agg(F.max("value"))
+    joined = claims.select("claim_key", F.col("billed_amount").cast("double").alias("billed_amount"),
+                           F.col("rendering_npi").alias("_claim_rendering"), "billing_npi").join(
+        described, "claim_key", "left").join(values, "claim_key", "left")
+    columns = [F.coalesce(F.col(c), F.lit(0.0)).cast("double").alias(f"rule_{c}") for c in RULE_CODES]
+    columns += [F.coalesce(F.col(d).cast("double"), F.lit(0.0)).alias(d) for d in DESCRIPTORS]
+    return joined.select("claim_key", F.coalesce("_claim_rendering", "_first", "billing_npi").alias("provider_npi"),
+                         F.struct(*columns).alias("features"))
 
 
 def _band(score: Column, rules: Rules) -> Column:
@@ -188,18 +261,63 @@ def score_rows(claims: DataFrame, reasons: DataFrame, rules: Rules) -> DataFrame
                          "reasons", "claim_version")
 
 
+def model_scores(features: DataFrame, champion: Any | None) -> DataFrame:
+    """(claim_key, model_probability, model_version) from the champion (nulls when there is none)."""
+    if champion is None:
+        return features.select("claim_key", F.lit(None).cast("double").alias("model_probability"),
+                               F.lit(None).cast("string").alias("model_version"))
+    flat = features.select("claim_key", *[F.col(f"features.{f}").alias(f) for f in FEATURES])
+
+    def predict(batches):
+        import pandas as pd
+
+        for batch in batches:
+            yield pd.DataFrame({"claim_key": batch["claim_key"], "model_probability": champion.predict(batch)})
+
+    scored = flat.mapInPandas(predict, "claim_key string, model_probability double")
+    return scored.withColumn("model_version", F.lit(str(champion.version)))
+
+
+def _optional(read_table: Callable[..., DataFrame], table_version: Callable[[str], int | None], spark, name: str,
+              schema: StructType) -> DataFrame:
+    """A table the rules read if the lakehouse has it; an empty one of its schema otherwise (feed not connected)."""
+    return read_table(name) if table_version(name) is not None else spark.createDataFrame([], schema)
+
+
+def context_tables(spark, read_table: Callable[..., DataFrame],
+                   table_version: Callable[[str], int | None]) -> dict[str, DataFrame]:
+    """The silver tables beyond claims the rules hold a claim against (members, providers, the chart)."""
+    from silver.claims import MEMBERS_SCHEMA, PROVIDERS_SCHEMA
+    from silver.encounters import SCHEMA as ENCOUNTERS_SCHEMA
+    from silver.imaging_studies import SCHEMA as STUDIES_SCHEMA
+    from silver.observations import SCHEMA as OBSERVATIONS_SCHEMA
+    from silver.patients import SCHEMA as PATIENTS_SCHEMA
+
+    schemas = (MEMBERS_SCHEMA, PROVIDERS_SCHEMA, PATIENTS_SCHEMA, ENCOUNTERS_SCHEMA, OBSERVATIONS_SCHEMA,
+               STUDIES_SCHEMA)
+    return {name: _optional(read_table, table_version, spark, name, schema)
+            for name, schema in zip(CONTEXT, schemas, strict=True)}
+
+
 def claims_fraud_scores(changes: DataFrame, *, processed_at: datetime, read_table: Callable[..., DataFrame],
-                        table_version: Callable[[str], int | None], rules: Rules) -> DataFrame:
+                        table_version: Callable[[str], int | None], rules: Rules,
+                        model: Callable[[], Any] | None = None) -> DataFrame:
     """silver.claims changes -> score rows for the changed claims and those sharing a rule's group with them, and a
     withdrawal row for each changed claim that is no longer scored (void, Part 2)."""
     touched = changes.where("_change_type IN ('insert', 'update_postimage')").select("claim_key").distinct()
     claims = scored_claims(read_table(CLAIMS), rules)
-    lines = current_lines(read_table(LINES), claims)
-    reasons = duplicates(claims, lines).unionByName(unbundling(lines, rules)).unionByName(
-        impossible_volume(lines, rules))
-    groups = reasons.join(touched, "claim_key").select("group").distinct()
-    affected = touched.unionByName(reasons.join(groups, "group").select("claim_key")).distinct()
-    scored = score_rows(claims.join(affected, "claim_key"), reasons.drop("group"), rules)
+    # Materialized once each: every rule reads the lines, and the reasons, groups and features all read the signals.
+    lines = current_lines(read_table(LINES), claims).localCheckpoint()
+    found = signals(claims, lines, context_tables(changes.sparkSession, read_table, table_version),
+                    rules).localCheckpoint()
+    groups = found.join(touched, "claim_key").select("group").distinct()
+    affected = touched.unionByName(found.join(groups, "group").select("claim_key")).distinct()
+    mine = claims.join(affected, "claim_key")
+    reasons = found.where("reason IS NOT NULL").select("claim_key", "reason")
+    features = claim_features(mine, lines.join(affected, "claim_key", "left_semi"),
+                              found.join(affected, "claim_key", "left_semi"), rules)
+    scored = score_rows(mine, reasons, rules).join(features, "claim_key", "left").join(
+        model_scores(features.drop("provider_npi"), model() if model else None), "claim_key", "left")
     # A withdrawal deletes a stored score; one for a claim never scored would be a row the merge neither matches nor
     # inserts (delta-rs still checks it against the table's NOT NULL columns), so only stored scores are withdrawn.
     stored = read_table(SCORES).select("claim_key") if table_version(SCORES) is not None else touched.limit(0)

@@ -8,7 +8,8 @@ open then. Labels: the simulator's ground truth
 
 Judged on held-out patients (a patient-level split: no patient in both sets) against order priority alone (STAT >
 ASAP > ROUTINE > no order) as a ranking of the same studies: AUROC of each for the critical label. The model becomes
-the registered champion (`carelake-critical-finding`, alias `champion`) only if its AUROC beats priority's. A
+the registered champion (`carelake-critical-finding`, alias `champion`) only if its AUROC beats priority's, judged
+on at least MIN_HELD_OUT_CRITICAL critical studies (fewer: logged, never registered). A
 logistic regression: its coefficients are readable, and its probabilities are what the worklist adds as points.
 """
 
@@ -44,6 +45,7 @@ VOCABULARY = {
 FEATURES = (*(f"{k}_{v}" for k, values in VOCABULARY.items() for v in values), "open_alert")
 PRIORITY_SCORE = {"STAT": 3.0, "ASAP": 2.0, "ROUTINE": 1.0}  # priority alone as a ranking score (no order: 0)
 MODEL_PARAMS = {"C": 1.0, "max_iter": 1000}
+MIN_HELD_OUT_CRITICAL = 10  # fewer critical studies among the held-out ones: an AUROC too noisy to crown a champion
 
 
 def features(items: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -134,7 +136,7 @@ def train(items: Sequence[Mapping[str, Any]], labels: Sequence[int], *, tracking
                "priority_auroc": _auroc(y[test], priority_score(held)),
                "train_studies": float((~test).sum()), "test_studies": float(test.sum()),
                "train_critical": float(y[~test].sum()), "test_critical": float(y[test].sum())}
-    champion = metrics["model_auroc"] > metrics["priority_auroc"]
+    champion = metrics["model_auroc"] > metrics["priority_auroc"] and metrics["test_critical"] >= MIN_HELD_OUT_CRITICAL
     run_id, version = _log(tracking_uri, model, x[~test], metrics, champion,
                            {**MODEL_PARAMS, "seed": seed, "test_fraction": test_fraction, **(params or {})})
     return TrainResult(run_id, version, champion, metrics)

@@ -313,6 +313,12 @@ def cmd_train(ctx: Context) -> int:
     from pipelines import training
 
     store = ctx.store(need_spark=False)
+    if ctx.args.model == "fraud":
+        if not ctx.args.labels:
+            raise UsageError("train fraud needs --labels: the simulator's DIR/truth/fraud_labels.csv")
+        result, uri = training.train_fraud(ctx.cfg, store, ctx.args.labels, tracking_uri=ctx.args.tracking_uri)
+        training.print_fraud_training(result, uri)
+        return 0
     if ctx.args.model == "mortality":
         if ctx.args.labels:
             raise UsageError("train mortality takes its labels from silver.outcomes (`carelake import physionet2012 "
@@ -412,6 +418,20 @@ def _read_password(from_stdin: bool) -> str:
     if first != second:
         raise UsageError("the two passwords differ; nothing was written")
     return first
+
+
+def cmd_evaluate(ctx: Context) -> int:
+    import json
+
+    from pipelines.training import evaluate_fraud, print_fraud_evaluation
+
+    report = evaluate_fraud(ctx.cfg, ctx.store(need_spark=False), ctx.args.labels)
+    if ctx.args.json:
+        print(json.dumps(report, sort_keys=True))
+    else:
+        print_fraud_evaluation(report)
+        print(json.dumps(report, sort_keys=True))
+    return 0
 
 
 # -- parser ------------------------------------------------------------------------------------
@@ -544,13 +564,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_simulate)
 
     tr = sub.add_parser("train", help="train a model from gold tables, track it in MLflow, register a champion")
-    tr.add_argument("model", choices=["deterioration", "mortality"],
+    tr.add_argument("model", choices=["deterioration", "mortality", "fraud"],
                     help="deterioration: onset within models.horizon; mortality: in-hospital death from the first "
-                         "48 h of an ICU stay (PhysioNet 2012 import, labels in silver.outcomes)")
-    tr.add_argument("--labels", help="deterioration onsets: the simulator's DIR/truth/deteriorations.csv")
+                         "48 h of an ICU stay (PhysioNet 2012 import, labels in silver.outcomes); fraud: claims "
+                         "fraud (gold.claims_fraud_scores)")
+    tr.add_argument("--labels", help="deterioration onsets: the simulator's DIR/truth/deteriorations.csv; fraud: its "
+                                     "DIR/truth/fraud_labels.csv")
     tr.add_argument("--folds", type=_folds, default=5, help="mortality: cross-validation folds (2-20, default 5)")
     tr.add_argument("--tracking-uri", help="MLflow tracking URI (models.tracking_uri; default sqlite under the root)")
     tr.set_defaults(func=cmd_train)
+    ev = sub.add_parser("evaluate", help="judge a gold product against ground truth labels")
+    ev.add_argument("product", choices=["fraud"], help="fraud: gold.claims_fraud_scores vs labelled claims")
+    ev.add_argument("--labels", required=True, help="the simulator's DIR/truth/fraud_labels.csv")
+    ev.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ev.set_defaults(func=cmd_evaluate)
     add_imaging_parser(sub)
 
     from pipelines.audit_cli import add_parser as add_audit_parser

@@ -481,10 +481,14 @@ class SilverConfig:
 
 
 X12_VALIDATION = ("envelope", "implementation_guide")
-FRAUD_RULES = ("duplicate", "unbundling", "impossible_volume")
+FRAUD_RULES = ("duplicate", "unbundling", "impossible_volume", "upcoding", "after_death", "excluded_provider",
+               "phantom_service")
 _X12_VERSION = re.compile(r"^00[45]010X\d{3}(A\d)?$")
 _ICD10_PREFIX = re.compile(r"^[A-TV-Z][0-9][0-9A-Z]?(\.[0-9A-Z]{0,4})?$")
 _PROCEDURE = re.compile(r"^([0-9]{4}[0-9A-Z]|[A-V][0-9]{4})$")
+CHART_CATEGORIES = ("inpatient_day", "critical_care", "imaging", "procedure")
+_CODE = r"([0-9]{4}[0-9A-Z]|[A-V][0-9]{4})"
+_CODE_RANGE = re.compile(rf"(rev:[0-9]{{4}}(-[0-9]{{4}})?|{_CODE}(-{_CODE})?)")
 _TIMED = re.compile(r"([0-9]{4}[0-9A-Z]|[A-V][0-9]{4}):[1-9][0-9]{0,3}")
 
 
@@ -502,10 +506,33 @@ class ClaimsConfig:
     unbundling_pairs: tuple[tuple[str, ...], ...] = ()
     timed_minutes: tuple[str, ...] = ()
     fraud_max_minutes_per_day: int = 1440
+    em_families: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    upcoding_min_lines: int = 20
+    upcoding_min_excess: float = 0.25
+    exclusion_list: str = ""
+    chart_codes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._check_codes()
         self._check_fraud()
+        self._check_gold_rules()
+
+    def _check_gold_rules(self) -> None:
+        bad = {k: list(v) for k, v in self.em_families.items()
+               if len(v) < 2 or not all(_PROCEDURE.match(c) for c in v)}
+        if bad:
+            raise ConfigError("claims.em_families maps a family name to its E/M codes, lowest level first, at least "
+                              f"two (e.g. subsequent_hospital: [\"99231\", \"99232\", \"99233\"]); wrong: {bad}")
+        if self.upcoding_min_lines < 1 or not 0 < self.upcoding_min_excess < 1:
+            raise ConfigError("claims.upcoding_min_lines must be at least 1 and claims.upcoding_min_excess a share "
+                              f"between 0 and 1 (e.g. 0.25), got {self.upcoding_min_lines} and "
+                              f"{self.upcoding_min_excess}")
+        unknown = sorted(set(self.chart_codes) - set(CHART_CATEGORIES))
+        bad = [c for v in self.chart_codes.values() for c in v if not _CODE_RANGE.fullmatch(c)]
+        if unknown or bad:
+            raise ConfigError(f"claims.chart_codes maps {', '.join(CHART_CATEGORIES)} to CPT/HCPCS codes or ranges "
+                              f"(\"70010-79999\") or revenue codes (\"rev:0200-0219\"); unknown categories {unknown}, "
+                              f"wrong codes {bad}")
 
     def _check_codes(self) -> None:
         bad = [v for v in self.x12_versions if not _X12_VERSION.match(v)]

@@ -359,7 +359,8 @@ def imaging_silver_jobs(silver_job: Callable[..., Job], clinical: TableSource) -
 def claims_jobs(cfg: Config, quarantine_output: Output) -> list[Job]:
     """bronze.claim_files (the x12 and claims feeds) and the silver claims model, written by one job per batch."""
     from bronze import claim_files
-    from gold import claims_fraud
+    from gold import claims_fraud, provider_risk
+    from pipelines.exclusions import read_exclusions
     from silver import claim_codes
     from silver import claims as c
 
@@ -379,9 +380,21 @@ def claims_jobs(cfg: Config, quarantine_output: Output) -> list[Job]:
     scores = Job(name=claims_fraud.SCORES, source=TableSource(c.CLAIMS), transform=claims_fraud.claims_fraud_scores,
                  write="merge", merge=MergeSpec(keys=("claim_key",), delete_when=f"s.band = '{claims_fraud.WITHDRAWN}'",
                                                 insert_when=f"s.band <> '{claims_fraud.WITHDRAWN}'"),
-                 schema=claims_fraud.SCHEMA, reads=(c.CLAIM_LINES,), options={"rules": claims_fraud.Rules.of(k)},
-                 description="Claims fraud rules: one row per current claim with a score, a band and reason codes "
-                             "(duplicate, unbundling, impossible volume); void and Part 2 claims have none")
+                 schema=claims_fraud.SCHEMA, reads=(c.CLAIM_LINES, *claims_fraud.CONTEXT),
+                 options={"rules": Deferred(lambda: claims_fraud.Rules.of(k, read_exclusions(k.exclusion_list,
+                                                                                              cfg.conf_dir))),
+                          "model": _champion_loader(cfg, "models.claims_fraud")},
+                 description="Claims fraud rules and model: one row per current claim with a score, a band, reason "
+                             "codes (duplicate, unbundling, impossible volume, upcoding, after death, excluded "
+                             "provider, phantom service), the model's probability and version; void and Part 2 "
+                             "claims have none")
+    risk = Job(name=provider_risk.RISK, source=TableSource(claims_fraud.SCORES), transform=provider_risk.provider_risk,
+               write="merge", merge=MergeSpec(keys=("provider_npi", "month"),
+                                              delete_when=f"s.claims = {provider_risk.WITHDRAWN}",
+                                              insert_when=f"s.claims <> {provider_risk.WITHDRAWN}"),
+               schema=provider_risk.SCHEMA, reads=(c.PROVIDERS,),
+               description="Per provider and month: claims vs specialty peers, the share flagged by the fraud rules "
+                           "and the model, the trend against the previous month, the reasons found")
     return [
         Job(name=claim_files.TABLE, source=LandingSource(claim_files.FEEDS[0], more=claim_files.FEEDS[1:]),
             transform=claim_files.TRANSFORM, schema=claim_files.SCHEMA,
@@ -396,6 +409,7 @@ def claims_jobs(cfg: Config, quarantine_output: Output) -> list[Job]:
             description="One row per claim (originals, replacements and voids resolved, remittances applied), with "
                         "its lines (silver.claim_lines), providers (silver.providers) and members (silver.members)"),
         scores,
+        risk,
     ]
 
 
@@ -428,14 +442,14 @@ def gold_jobs(cfg: Config) -> list[Job]:
     ]
 
 
-def _champion_loader(cfg: Config) -> Callable[[], Any]:
+def _champion_loader(cfg: Config, model: str = "models.deterioration") -> Callable[[], Any]:
     """Each batch asks the model registry for the current champion (a cached model when it has not changed)."""
     uri = Deferred(lambda: _tracking_uri(cfg))
 
     def champion() -> Any:
-        from models.deterioration import load_champion
+        import importlib
 
-        return load_champion(uri.value())
+        return importlib.import_module(model).load_champion(uri.value())
 
     return champion
 
@@ -548,3 +562,4 @@ def load_registry(cfg: Config) -> Registry:
             raise ConfigError(f"job {job.name} reads feed(s) {missing}, which landing.feeds does not list; add them "
                               "to landing.feeds in conf/")
     return Registry(fuse(jobs, cfg.streaming.fused))
+

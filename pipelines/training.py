@@ -200,5 +200,80 @@ def print_critical_finding(result, uri: str) -> None:
         print(f"registered carelake-critical-finding version {result.version} as champion (beats order priority); "
               f"run {result.run_id} at {uri}")
     else:
-        print(f"not registered: the model does not beat order priority, the champion is unchanged; "
+        from models.critical_finding import MIN_HELD_OUT_CRITICAL
+
+        why = ("the model does not beat order priority" if m["model_auroc"] <= m["priority_auroc"] else
+               f"fewer than {MIN_HELD_OUT_CRITICAL} critical studies held out (simulate more days)")
+        print(f"not registered: {why}; the champion is unchanged; run {result.run_id} at {uri}")
+
+
+# -- claims fraud ---------------------------------------------------------------------------------------------------
+CLAIM_SCORES = "gold.claims_fraud_scores"
+
+
+def _fraud_rows(cfg: Config, store: TableStore):
+    """gold.claims_fraud_scores as pandas (the columns training and evaluation read)."""
+    if not store.exists(CLAIM_SCORES):
+        raise UsageError(f"{CLAIM_SCORES} not found under {cfg.root}: ingest claims and run `carelake run "
+                         f"{CLAIM_SCORES} --available-now` first")
+    rows = _read_columns(store, CLAIM_SCORES, ["claim_id", "provider_npi", "score", "band", "reasons", "features",
+                                               "model_probability", "model_version"])
+    if rows.empty:
+        raise UsageError(f"{CLAIM_SCORES} has no rows: ingest claims and run `carelake run {CLAIM_SCORES} "
+                         "--available-now` first")
+    return rows.rename(columns={"provider_npi": "provider"})
+
+
+def train_fraud(cfg: Config, store: TableStore, labels_path: str | Path, *, tracking_uri: str | None = None):
+    """Train the claims fraud model and anomaly detector on gold.claims_fraud_scores and the labels; returns
+    (FraudTrainResult, tracking URI)."""
+    from gold.claims_fraud import FEATURES
+    from models.claims_fraud import labels_from_truth, train, training_frame
+    from models.deterioration import default_tracking_uri
+
+    frame = training_frame(_fraud_rows(cfg, store), labels_from_truth(labels_path), FEATURES)
+    uri = tracking_uri or default_tracking_uri(cfg)
+    log.info("training on %s claims of %s providers from %s; tracking at %s", f"{len(frame):,}",
+             frame["provider"].nunique(), CLAIM_SCORES, uri)
+    result = train(frame, tracking_uri=uri, seed=cfg.models.seed, test_fraction=cfg.models.test_fraction,
+                   feature_names=FEATURES, params={f"{CLAIM_SCORES}.version": store.version(CLAIM_SCORES),
+                                                   "labels": str(labels_path)})
+    return result, uri
+
+
+def print_fraud_training(result, uri: str) -> None:
+    c, m = result.counts, result.metrics
+    print(f"claims: {c['train_claims']:,} train / {c['test_claims']:,} held out; providers: {c['train_providers']} / "
+          f"{c['test_providers']}; fraudulent claims: {c['train_fraud_claims']:,} / {c['test_fraud_claims']:,}")
+    rows = [(label, *(f"{m[f'{who}_{key}']:.3f}" for who in ("model", "anomaly", "rules")))
+            for label, key in (("AUROC", "auroc"), ("AUPRC", "auprc"), ("precision, top 1 % of claims",
+                                                                         "precision_top_1pct"),
+                               ("precision, top 5 % of claims", "precision_top_5pct"))]
+    print_table(["held-out providers", "model", "anomaly (no labels)", "rules"], rows)
+    print(f"registered carelake-claims-anomaly version {result.anomaly_version} (unsupervised)")
+    if result.champion:
+        print(f"registered carelake-claims-fraud version {result.version} as champion (beats the rules' AUPRC); "
               f"run {result.run_id} at {uri}")
+    else:
+        print(f"carelake-claims-fraud not registered: its AUPRC does not beat the rules', the champion is unchanged; "
+              f"run {result.run_id} at {uri}")
+
+
+def evaluate_fraud(cfg: Config, store: TableStore, labels_path: str | Path) -> dict:
+    """Recall per labelled pattern and the false-positive rate on clean claims, gold vs the labels."""
+    from models.claims_fraud import labels_from_truth, pattern_recall
+
+    return pattern_recall(_fraud_rows(cfg, store), labels_from_truth(labels_path))
+
+
+def print_fraud_evaluation(report: dict) -> None:
+    rows = [(p, f"{r['labelled']:,}", f"{r['found']:,}", "-" if r["recall"] is None else f"{r['recall']:.2f}",
+             f"{r['flagged']:,}",
+             "" if r["model_found"] is None else f"{r['model_found']:,}") for p, r in report["patterns"].items()]
+    clean = report["clean"]
+    rows.append(("clean claims", f"{clean['claims']:,}", "", "", f"{clean['flagged']:,}",
+                 "" if clean["model_flagged"] is None else f"{clean['model_flagged']:,}"))
+    print_table(["pattern", "claims", "found by its rule", "recall", "flagged (any rule)", "model >= 0.5"], rows)
+    print(f"false-positive rate on clean claims: {clean['false_positive_rate']:.3f} (rules)"
+          + ("" if clean["model_false_positive_rate"] is None else
+             f", {clean['model_false_positive_rate']:.3f} (model version {report['model_version']})"))

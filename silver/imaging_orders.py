@@ -206,10 +206,15 @@ def fhir_items(out: EntityRows, src: dict, payload: bytes, tz: tzinfo, resource_
     return getattr(extracted, kind) if extracted is not None else []
 
 
+def is_imaging_request(request: dict) -> bool:
+    """A ServiceRequest (fhir_parse row) this table takes: the Imaging category, or a procedure with a modality."""
+    return IMAGING_CATEGORY in request["category_codes"] or codes.procedure_modality(
+        request["code"], request["code_display"]) is not None
+
+
 def _fhir(out: EntityRows, src: dict, payload: bytes, tz: tzinfo) -> None:
     for request in fhir_items(out, src, payload, tz, "ServiceRequest", "service_requests"):
-        if IMAGING_CATEGORY in request["category_codes"] or codes.procedure_modality(request["code"],
-                                                                                     request["code_display"]):
+        if is_imaging_request(request):
             _fhir_order(out, src, request)
 
 

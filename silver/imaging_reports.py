@@ -115,8 +115,8 @@ def _hl7(out: EntityRows, src: dict, payload: bytes, tz: tzinfo) -> None:
     if message.header["message_code"] != "ORU":
         return
     version_base = message.header
-    ends = [r["record_index"] for r in message.reports[1:]] + [10 ** 9]
-    for report, end in zip(message.reports, ends, strict=True):
+    ends = [r["record_index"] for r in message.reports[1:]] + [10 ** 9]  # an ORU may have no OBR at all
+    for report, end in zip(message.reports, ends[:len(message.reports)], strict=True):
         if (report["diagnostic_service"] or "").upper() in codes.RADIOLOGY_SECTIONS:
             obx = [o for o in message.observations if report["record_index"] < o["record_index"] < end]
             _hl7_report(out, src, report, obx, version_base, tz)
@@ -180,9 +180,14 @@ def _hl7_report(out: EntityRows, src: dict, report: dict, obx: list[dict], heade
 
 
 # -- FHIR R4 --------------------------------------------------------------------------------------
+def is_imaging_report(report: dict) -> bool:
+    """A DiagnosticReport (fhir_parse row) this table takes: an imaging category."""
+    return bool(IMAGING_CATEGORIES & set(report["category_codes"]))
+
+
 def _fhir(out: EntityRows, src: dict, payload: bytes, tz: tzinfo) -> None:
     for report in fhir_items(out, src, payload, tz, "DiagnosticReport", "diagnostic_reports"):
-        if IMAGING_CATEGORIES & set(report["category_codes"]):
+        if is_imaging_report(report):
             _fhir_report(out, src, report)
 
 

@@ -84,7 +84,7 @@ _ROUTED_ARROW = to_arrow_schema(ROUTED)
 # What silver models today; anything else is quarantined as not_modelled (its bytes stay in bronze) unless its
 # patient segment feeds silver.patients, so every bronze record ends in a silver table or in silver.quarantine.
 MODELLED_HL7 = frozenset({"ADT", "ORU"})
-MODELLED_FHIR = frozenset({"Patient", "Encounter", "Observation"})
+MODELLED_FHIR = frozenset({"Patient", "Encounter", "Observation", "ServiceRequest", "DiagnosticReport"})
 NOT_MODELLED = "not_modelled"
 
 
@@ -187,14 +187,32 @@ def _fhir_version(version_id: str | None, last_updated: str | None) -> str:
     return version_id or last_updated or "000000000000"
 
 
+def _imaging(payload: bytes, tz: tzinfo) -> bool:
+    """A ServiceRequest or DiagnosticReport the imaging tables take (or quarantine themselves: unreadable ones)."""
+    from silver.imaging_orders import is_imaging_request
+    from silver.imaging_reports import is_imaging_report
+
+    try:
+        found = fhir_parse.extract(fhir_parse.parse_payload(payload), default_tz=tz)
+    except fhir_parse.FhirParseError:
+        return True
+    return any(map(is_imaging_request, found.service_requests)) or any(map(is_imaging_report,
+                                                                          found.diagnostic_reports))
+
+
 def _fhir(out: _Rows, src: dict, payload: bytes, tz: tzinfo) -> None:
     kind = src.get("resource_type")
     if kind not in MODELLED_FHIR:
         out.quarantine(src, "resource", NOT_MODELLED, f"no silver table takes {kind} resources yet "
                                                       f"(modelled: {', '.join(sorted(MODELLED_FHIR))}); kept in bronze")
         return
+    if kind in ("ServiceRequest", "DiagnosticReport") and not _imaging(payload, tz):
+        out.quarantine(src, "resource", NOT_MODELLED, f"no silver table takes {kind} resources other than imaging "
+                                                      "ones yet (silver.imaging_orders, silver.imaging_reports); kept "
+                                                      "in bronze")
+        return
     if kind != "Observation":
-        return  # Patient and Encounter feed silver.patients and silver.encounters
+        return  # Patient, Encounter, ServiceRequest, DiagnosticReport feed silver.patients, .encounters, .imaging_*
     if src.get("request_method") == "DELETE":
         _fhir_delete(out, src)
         return

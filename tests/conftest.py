@@ -23,6 +23,7 @@ LONGEST_FILES = {
     "test_executor_writes.py": 80, "test_quality_spark.py": 70, "test_silver_observations.py": 52,
     "test_dicom_flow.py": 95, "test_silver_imaging.py": 60, "test_sql_server.py": 37, "test_audit.py": 75,
     "test_imaging_worklist.py": 120, "test_imaging_cli.py": 90,
+    "test_claims_rules.py": 100, "test_provider_risk.py": 90, "test_claims_model.py": 60,  # claimsgold, at load ~20
 }
 # Imaging orders, reports and matching (estimates from a loaded machine, scaled to a quiet one).
 LONGEST_FILES.update({"test_silver_imaging_orders.py": 35, "test_silver_imaging_reports.py": 30,

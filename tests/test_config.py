@@ -59,6 +59,9 @@ def test_precedence_flag_over_env_over_file(tmp_path):
     ({"claims.fraud_medium_from": 70}, "claims.fraud_medium_from and fraud_high_from must satisfy"),
     ({"claims.unbundling_pairs": [["85025"]]}, "claims.unbundling_pairs rows are a comprehensive"),
     ({"claims.timed_minutes": ["99291=74"]}, "claims.timed_minutes entries are CODE:MINUTES"),
+    ({"claims.em_families.office_new": ["99213"]}, "claims.em_families maps a family name to its E/M codes"),
+    ({"claims.upcoding_min_excess": 1.5}, "claims.upcoding_min_lines must be at least 1 and"),
+    ({"claims.chart_codes.imaging": ["7001"]}, "claims.chart_codes maps inpatient_day, critical_care, imaging"),
 ])
 def test_wrong_values_name_the_key_and_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):

@@ -31,6 +31,7 @@ def test_a_model_that_beats_priority_is_the_champion_and_the_worklist_uses_it(tm
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = cf.train(items, [int(i["critical"]) for i in items], tracking_uri=uri, seed=42, test_fraction=0.3)
     assert result.metrics["model_auroc"] > result.metrics["priority_auroc"] and result.champion
+    assert result.metrics["test_critical"] >= cf.MIN_HELD_OUT_CRITICAL
     assert result.version == "1"
     champion = cf.load_champion(uri)
     assert champion.version == "1"
@@ -53,6 +54,8 @@ def test_a_model_no_better_than_priority_is_logged_but_not_registered(tmp_path, 
     result = cf.train(items, labels, tracking_uri=uri, seed=42, test_fraction=0.3)
     assert result.metrics["priority_auroc"] == 1.0 and not result.champion and result.version is None
     assert cf.load_champion(uri) is None
+    few = cf.train(items[:60], [int(i["critical"]) for i in items[:60]], tracking_uri=uri, seed=42, test_fraction=0.3)
+    assert few.metrics["test_critical"] < cf.MIN_HELD_OUT_CRITICAL and not few.champion  # too few to judge
 
 
 def test_features_have_a_fixed_vocabulary_and_labels_are_checked(tmp_path):

@@ -96,7 +96,9 @@ def test_non_radiology_results_are_not_reports_and_bad_ones_are_quarantined(appl
     no_subject = diagnostic_report(subject={"display": "unknown"})
     lab_fhir = {**diagnostic_report(), "id": "dr-lab",
                 "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "LAB"}]}]}
-    assert apply(lab, no_ids, bad_status, no_status, no_subject, lab_fhir) == {}
+    no_obr = b"\r".join([b"MSH|^~\\&|MON|HOSP|LAKE|HOSP|20261121090000||ORU^R01|C5|P|2.5", pid().encode(),
+                          b"OBX|1|NM|8867-4^Heart rate^LN||72|/min|||||F", b""])
+    assert apply(lab, no_ids, bad_status, no_status, no_subject, lab_fhir, no_obr) == {}
     assert quarantined(store) == [("DiagnosticReport", "missing_patient_id"), ("OBR[3]", "missing_report_identifier"),
                                   ("OBR[3]", "missing_report_status"), ("OBR[3]", "unknown_report_status")]
 
@@ -106,3 +108,16 @@ def test_secret_keyed_identity(apply):
 
     [key] = apply(oru("C1", "20261121090000"))
     assert key == identity_key(SECRET, "imaging-report-accession", "CARELAKE", "ACC1")
+
+
+def test_silver_observations_leaves_imaging_reports_to_this_table_and_quarantines_lab_ones(spark):
+    import json
+
+    from tests.test_silver_observations import routed
+
+    lab = {**diagnostic_report(), "id": "dr-lab",
+           "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "LAB"}]}]}
+    ndjson = (json.dumps(diagnostic_report()) + "\n" + json.dumps(lab) + "\n").encode()
+    _, quarantine = routed(spark, fhir=ndjson)
+    assert [(q["item"], q["reason"], q["detail"][:60]) for q in quarantine] == [
+        ("resource", "not_modelled", "no silver table takes DiagnosticReport resources other than ")]

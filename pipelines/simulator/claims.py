@@ -2,7 +2,7 @@
 
 Lines follow what happened: initial and subsequent hospital care per day (more complex on unwell days), critical
 care per ICU day, each lab draw, each imaging study. Fraud patterns are injected per claim at the configured
-rates and every injected line is labelled.
+rates and every injected line is labelled; upcoding, a provider's habit, only by the UPCODERS hospitalists.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def npi(body: str) -> str:
 
 
 HOSPITALISTS = tuple(npi(f"1{n:08d}") for n in range(3001, 3011))
+UPCODERS = HOSPITALISTS[:2]  # upcoding is a provider's habit: only these hospitalists upcode
 INTENSIVISTS = tuple(npi(f"1{n:08d}") for n in range(4001, 4005))
 RADIOLOGISTS = tuple(npi(f"1{n:08d}") for n in range(5001, 5004))
 LAB_NPI = npi("155501234")
@@ -152,7 +153,7 @@ def _inject_fraud(claim: Claim, params: SimParams) -> tuple[list[Claim], list[Fr
                                        "duplicate_billing")}
     rates = params.fraud
     marks: list[tuple[Line, str, str]] = []
-    if draws["upcoding"] < rates["upcoding"] and claim.enc.deterioration is None:
+    if _upcodes(claim, draws["upcoding"], rates["upcoding"]):
         marks += _upcode(claim)
     if draws["unbundling"] < rates["unbundling"]:
         marks += _unbundle(claim)
@@ -171,6 +172,14 @@ def _inject_fraud(claim: Claim, params: SimParams) -> tuple[list[Claim], list[Fr
     labels += [FraudLabel(copy.claim_id, n + 1, "duplicate_billing", f"duplicate of {claim.claim_id} line {n + 1}")
                for n in range(len(copy.lines))]
     return [copy], labels
+
+
+def _upcodes(claim: Claim, draw: float, rate: float) -> bool:
+    """Whether the claim is upcoded: only by an upcoding hospitalist, for a stay without a deterioration (one with
+    can bear the top levels), at a rate that keeps `rate` the share of all claims."""
+    if claim.enc.deterioration is not None or claim.lines[0].rendering_npi not in UPCODERS:
+        return False
+    return draw < rate * len(HOSPITALISTS) / len(UPCODERS)
 
 
 def _upcode(claim: Claim) -> list[tuple[Line, str, str]]:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
@@ -56,12 +57,23 @@ def is_spark_frame(data: object) -> bool:
 def to_arrow(data: Data) -> pa.Table:
     """A pyarrow Table from a pyarrow Table or a Spark DataFrame (collected through Arrow)."""
     if isinstance(data, pa.Table):
-        return data
+        return _rebuild_valueless_lists(data)
     if isinstance(data, pa.RecordBatch):
-        return pa.Table.from_batches([data])
+        return _rebuild_valueless_lists(pa.Table.from_batches([data]))
     if hasattr(data, "toArrow"):
-        return data.toArrow()
+        return _rebuild_valueless_lists(data.toArrow())
     raise UsageError(f"cannot write a {type(data).__name__}: pass a pyarrow.Table or a Spark DataFrame")
+
+
+def _rebuild_valueless_lists(table: pa.Table) -> pa.Table:
+    """Spark's Arrow for a list column holding no values at all (every row null or empty) makes delta-rs' merge panic
+    ("Max offset ... exceeds length of values 0"); such a column is rebuilt by pyarrow (cheap: it holds no values)."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_list(field.type) or pa.types.is_large_list(field.type):
+            column = table.column(i)
+            if len(column) and pc.list_value_length(column).fill_null(0).to_numpy().sum() == 0:
+                table = table.set_column(i, field, pa.array(column.to_pylist(), field.type))
+    return table
 
 
 def table_arrow_schema(dt: DeltaTable) -> pa.Schema:
