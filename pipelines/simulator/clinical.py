@@ -213,3 +213,92 @@ ORDER_CANCEL_FRACTION = 0.03
 READ_DELAY_H = {"stat": (0.15, 0.75), "asap": (0.5, 3.0), "routine": (1.0, 16.0)}
 PRIORITY_DELAY_H = {"stat": (0.2, 0.75), "asap": (0.5, 2.0), "routine": (1.0, 6.0)}
 HL7_PRIORITY = {"stat": "S", "asap": "A", "routine": "R"}
+
+
+# -- heterogeneity: who the patient is, what passes, what the sensor gets wrong ------------------------------------
+# Sources: RCP NEWS2 (2017) ch. 3 (SpO2 scale 2, 88-92 % targets in hypercapnic COPD); BTS oxygen guideline (O'Driscoll
+# 2017); beta-blockers blunt the tachycardic response to sepsis/haemorrhage (Macchia 2012, Crit Care Med 40:2768);
+# resting SBP falls and fever response blunts with age (Norman 2000, Clin Infect Dis 31:148); pulse-oximeter probe-off
+# and motion artefacts last seconds to minutes (Tobin 2002; Petterson 2007); alarm fatigue: most monitor alarms are
+# not actionable (Drew 2014, PLoS One 9:e110274); deteriorations are preceded by hours of abnormal, often only slowly
+# drifting, vital signs (Buist 2004; Churpek 2012 Crit Care Med 40:2102).
+@dataclass(frozen=True)
+class Phenotype:
+    """A baseline trait: per-measure baseline ranges that replace the population's, and gains on deterioration shifts.
+
+    `chance` is the share of admissions with it; `diagnoses` (ICD-10 codes) and `min_age` raise it to `chance_if`.
+    """
+
+    name: str
+    chance: float
+    bases: dict[str, tuple[float, float]]
+    gains: dict[str, float]
+    chance_if: float = 0.0
+    diagnoses: tuple[str, ...] = ()
+    min_age: int = 200
+
+
+PHENOTYPES: tuple[Phenotype, ...] = (
+    # Chronic hypercapnic COPD: lives at SpO2 88-92 %, breathes faster, some on 1-2 L/min long-term oxygen.
+    Phenotype("chronic_hypoxia", 0.03, {"spo2": (88.0, 92.0), "rr": (17.0, 21.0)}, {"spo2": 0.8},
+              chance_if=0.45, diagnoses=("J44.1",)),
+    # Beta-blocked (heart failure, atrial fibrillation, hypertension): slow pulse, blunted tachycardia.
+    Phenotype("beta_blocked", 0.12, {"hr": (50.0, 64.0)}, {"hr": 0.35}, chance_if=0.55,
+              diagnoses=("I50.9", "I48.91")),
+    # Anxious / in pain at rest: fast pulse and breathing without illness.
+    Phenotype("anxious_tachycardic", 0.08, {"hr": (88.0, 104.0), "rr": (17.0, 21.0), "sbp": (122.0, 142.0)}, {}),
+    # Elderly with a low resting pressure and a blunted fever.
+    Phenotype("elderly_low_bp", 0.04, {"sbp": (94.0, 110.0), "dbp": (52.0, 64.0)}, {"temp": 0.5},
+              chance_if=0.3, min_age=75),
+)
+PHENOTYPE = {p.name: p for p in PHENOTYPES}
+LONG_TERM_O2 = 0.25  # share of chronic_hypoxia patients on 1-2 L/min nasal oxygen throughout
+
+# Transient illnesses that are not a labelled deterioration: they resolve by themselves or with simple treatment,
+# and several of them push NEWS2 to 5 or more for hours (Course.ramp_hours = onset-to-plateau; stage as for COURSES).
+BENIGN_COURSES: tuple[Course, ...] = (
+    # Fever without sepsis (drug, transfusion, atelectasis, thrombophlebitis): febrile, a little faster.
+    Course("benign_fever", 1.5, {"temp": (1.6, 0.0), "hr": (16, 0.1), "rr": (3, 0.2), "wbc": (1.5, 0.3)},
+           "R50.9", "Fever, unspecified"),
+    # Pain or anxiety (mobilisation, dressing change, a bad night): tachycardia, tachypnoea, higher pressure.
+    Course("pain_anxiety", 0.5, {"hr": (26, 0.0), "rr": (7, 0.0), "sbp": (16, 0.1), "dbp": (8, 0.1)},
+           "R52", "Pain, unspecified"),
+    # Postural / post-analgesia / dehydration hypotension that a fluid bolus fixes.
+    Course("transient_hypotension", 1.0, {"sbp": (-30, 0.0), "dbp": (-14, 0.0), "hr": (14, 0.2)},
+           "I95.9", "Hypotension, unspecified"),
+    # Mucus plugging / positional desaturation: oxygen started, resolves with physiotherapy.
+    Course("transient_desaturation", 1.0, {"spo2": (-5, 0.0), "rr": (5, 0.1), "hr": (10, 0.2), "fio2": (7, 0.3),
+                                           "o2flow": (2, 0.3)}, "R09.02", "Hypoxemia"),
+)
+BENIGN_NO = {c.kind: i + 1 for i, c in enumerate(BENIGN_COURSES)}  # 0 = none
+BENIGN_EPISODE_CHANCE = 0.45   # admissions with one transient episode inside the window
+BENIGN_PLATEAU_H = (1.0, 8.0)  # how long it lasts at its height
+
+# A deterioration's pace and depth vary by patient: the course's ramp_hours times `speed`, every shift times
+# `severity`. Slow, shallow courses drift within normal ranges for hours and cross NEWS2 5 late or not at all.
+DETERIORATION_SPEED = (0.8, 3.0)
+DETERIORATION_SEVERITY = (0.45, 1.1)
+
+
+@dataclass(frozen=True)
+class Artefact:
+    """A measurement artefact: in each 30-min block a reading of `key` is off by [delta_low, delta_high] for
+    [min_s, max_s] seconds with probability `chance`, then reads true again (what a probe falling off, a patient
+    walking, a miscounted breath or a cold thermometer do)."""
+
+    key: str
+    chance: float
+    delta_low: float
+    delta_high: float
+    min_s: int
+    max_s: int
+
+
+ARTEFACT_BLOCK_S = 1800
+ARTEFACTS: tuple[Artefact, ...] = (
+    Artefact("spo2", 0.25, -22.0, -6.0, 30, 240),    # probe off / poor perfusion / motion
+    Artefact("hr", 0.25, 25.0, 55.0, 30, 300),       # motion, shivering, just walked back from the toilet
+    Artefact("rr", 0.15, 6.0, 11.0, 60, 600),        # talking, miscounted over 15 s
+    Artefact("sbp", 0.08, -28.0, 30.0, 60, 300),     # cuff size / arm position / moving during the measurement
+    Artefact("temp", 0.08, -1.6, -0.7, 120, 600),    # tympanic probe badly placed, just drank something cold
+)

@@ -29,7 +29,7 @@ ON_TIME = 999_999
 RESEND_DELAY_S = 30
 _STAY_SCHEMA = ("device_no int, device_id string, patient_mrn string, visit_no long, start_s long, end_s long, "
                 "cadence_s long, bases array<double>, kind_no int, onset_s double, ramp_s double, "
-                "recovery_start_s double, recovery_s double")
+                "recovery_start_s double, recovery_s double, gains array<double>, episode array<double>")
 _RESULT_SCHEMA = "file string, line long, info string, code_no int, count long"
 _ACVPU_LETTERS = ("A", "C", "V", "P", "U")
 
@@ -100,7 +100,7 @@ def readings_frame(spark: SparkSession, stays: list[tuple], params: SimParams) -
                           visit_no=c("visit_no"), t=c("t"), code_no=c("code_no"),
                           base=F.element_at(c("bases"), c("code_no") + 1), kind_no=c("kind_no"),
                           onset_s=c("onset_s"), ramp_s=c("ramp_s"), recovery_start_s=c("recovery_start_s"),
-                          recovery_s=c("recovery_s"))
+                          recovery_s=c("recovery_s"), gains=c("gains"), episode=c("episode"))
     h = F.xxhash64(F.lit(params.seed), c("visit_no"), c("t"), c("code_no"), F.lit("dirt"))
     return (readings.withColumn("value", value).withColumn("h", h)
             .transform(functools.partial(_with_dirt, params=params, uniform=uniform))

@@ -11,7 +11,16 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pipelines.simulator.clinical import CODE_NO, COURSE, KIND_NO, LAB_KEYS, MEASURES, WARD_KEYS
+from pipelines.simulator.clinical import (
+    BENIGN_NO,
+    CODE_NO,
+    KIND_NO,
+    LAB_KEYS,
+    LONG_TERM_O2,
+    MEASURES,
+    PHENOTYPE,
+    WARD_KEYS,
+)
 from pipelines.simulator.params import SimParams
 from pipelines.simulator.population import HOUR, Census, Encounter
 from pipelines.simulator.trajectory import NEVER_S
@@ -19,7 +28,11 @@ from pipelines.simulator.trajectory import NEVER_S
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-PARAM_COLUMNS = ("visit_no", "bases", "kind_no", "onset_s", "ramp_s", "recovery_start_s", "recovery_s")
+PARAM_COLUMNS = ("visit_no", "bases", "kind_no", "onset_s", "ramp_s", "recovery_start_s", "recovery_s", "gains",
+                 "episode")
+PARAM_SCHEMA = ("visit_no long, bases array<double>, kind_no int, onset_s double, ramp_s double, "
+                "recovery_start_s double, recovery_s double, gains array<double>, episode array<double>")
+UNWELL_AT = 0.4  # share of the way to the peak at which nurses notice and observe hourly
 
 
 @dataclass(frozen=True)
@@ -33,34 +46,58 @@ class Draw:
 
 
 def encounter_params(enc: Encounter, seed: int) -> tuple:
-    """(visit_no, baselines per measure, kind_no, onset, ramp, recovery start, recovery length) for Spark."""
+    """(visit_no, baselines per measure, kind_no, onset, ramp, recovery start, recovery length, gains per measure,
+    episode) for Spark (trajectory.measure_value's inputs)."""
     rng = random.Random(f"{seed}:baseline:{enc.visit_no}")
     bases = [round(rng.uniform(m.base_low, m.base_high), 3) for m in MEASURES]
+    gains = [1.0] * len(MEASURES)
+    traits = random.Random(f"{seed}:trait-baseline:{enc.visit_no}")
+    for name in enc.phenotypes:
+        p = PHENOTYPE[name]
+        for key, (low, high) in p.bases.items():
+            bases[CODE_NO[key]] = round(traits.uniform(low, high), 3)
+        for key, gain in p.gains.items():
+            gains[CODE_NO[key]] *= gain
+    if "chronic_hypoxia" in enc.phenotypes and traits.random() < LONG_TERM_O2:
+        flow = traits.choice((1.0, 2.0))
+        bases[CODE_NO["o2flow"]], bases[CODE_NO["fio2"]] = flow, 20.0 + 4.0 * flow  # nasal cannula: ~4 % per L
+    e = enc.episode
+    episode = [0.0, float(NEVER_S), 3600.0, float(NEVER_S), 3600.0] if e is None else [
+        float(BENIGN_NO[e.kind]), float(e.onset_s), float(e.plateau_s - e.onset_s), float(e.resolving_s),
+        float(e.resolved_s - e.resolving_s)]
     d = enc.deterioration
     if d is None:
-        return enc.visit_no, bases, 0, float(NEVER_S), 3600.0, float(NEVER_S), 3600.0
-    ramp = COURSE[d.kind].ramp_hours * HOUR
+        return enc.visit_no, bases, 0, float(NEVER_S), 3600.0, float(NEVER_S), 3600.0, gains, episode
+    gains = [g * d.severity for g in gains]
+    ramp = float(d.peak_s - d.onset_s)
     if not d.recovers:
-        return enc.visit_no, bases, KIND_NO[d.kind], float(d.onset_s), ramp, float(NEVER_S), 3600.0
+        return enc.visit_no, bases, KIND_NO[d.kind], float(d.onset_s), ramp, float(NEVER_S), 3600.0, gains, episode
     return (enc.visit_no, bases, KIND_NO[d.kind], float(d.onset_s), ramp, float(d.recovery_start_s),
-            float(d.recovered_s - d.recovery_start_s))
+            float(d.recovered_s - d.recovery_start_s), gains, episode)
 
 
 def params_frame(spark: SparkSession, census: Census, seed: int) -> DataFrame:
-    schema = ("visit_no long, bases array<double>, kind_no int, onset_s double, ramp_s double, "
-              "recovery_start_s double, recovery_s double")
     rows = [encounter_params(e, seed) for e in census.active]
-    return spark.createDataFrame(rows, schema)
+    return spark.createDataFrame(rows, PARAM_SCHEMA)
+
+
+def unwell_spans(enc: Encounter) -> list[tuple[int, int]]:
+    """When nurses observe hourly: from a deterioration's UNWELL_AT on, and while a transient episode is at its
+    height (it looks the same at the bedside: NEWS2 drives the frequency, not the diagnosis)."""
+    spans = []
+    if enc.deterioration is not None:
+        d = enc.deterioration
+        spans.append((d.onset_s + int((d.peak_s - d.onset_s) * UNWELL_AT), NEVER_S))
+    if enc.episode is not None:
+        spans.append((enc.episode.plateau_s, enc.episode.resolved_s))
+    return spans
 
 
 def ward_rounds(enc: Encounter, params: SimParams) -> list[Draw]:
     """Nurse observation sets on ward stays every ward_cadence_min_h-max_h hours (the minimum once unwell)."""
     rng = random.Random(f"{params.seed}:ward:{enc.visit_no}")
     lo_s, hi_s = int(params.ward_cadence_min_h * HOUR), int(params.ward_cadence_max_h * HOUR)
-    unwell_from = NEVER_S
-    if enc.deterioration is not None:
-        d = enc.deterioration
-        unwell_from = d.onset_s + (d.peak_s - d.onset_s) // 4
+    unwell = unwell_spans(enc)
     draws, first = [], True
     for stay in (s for s in enc.stays if not s.icu):
         t = max(stay.start_s, 0) + rng.randrange(5, 30) * 60
@@ -68,13 +105,14 @@ def ward_rounds(enc: Encounter, params: SimParams) -> list[Draw]:
             keys = WARD_KEYS + (("weight",) if first and enc.admit_s >= 0 else ())
             draws.append(Draw(enc.visit_no, t, "vitals", keys))
             first = False
-            step = lo_s if t >= unwell_from else rng.randrange(lo_s // 60, hi_s // 60 + 1) * 60
+            step = lo_s if any(a <= t < b for a, b in unwell) else rng.randrange(lo_s // 60, hi_s // 60 + 1) * 60
             t += step
     return draws
 
 
 def lab_draws(enc: Encounter, params: SimParams) -> list[Draw]:
-    """Admission bloods, a 06:00 round each day, and a sepsis screen and repeat when a patient deteriorates."""
+    """Admission bloods, a 06:00 round each day, a screen and repeat when a patient deteriorates, and a screen when a
+    transient episode is at its height (bloods are taken for what looks like illness, not for the diagnosis)."""
     times = set()
     if enc.admit_s >= 0:
         times.add(enc.admit_s + HOUR)
@@ -84,6 +122,8 @@ def lab_draws(enc: Encounter, params: SimParams) -> list[Draw]:
     if enc.deterioration is not None:
         d = enc.deterioration
         times.update({d.onset_s + (d.peak_s - d.onset_s) // 2, d.peak_s})
+    if enc.episode is not None:
+        times.add(enc.episode.plateau_s)
     end = min(enc.discharge_s if enc.discharge_s is not None else params.window_s, params.window_s)
     return [Draw(enc.visit_no, t, "labs", LAB_KEYS) for t in sorted(times) if max(enc.admit_s, 0) <= t < end]
 
@@ -112,7 +152,7 @@ def read_values(spark: SparkSession, census: Census, params: SimParams,
                           visit_no=c("visit_no"), t=c("t"), code_no=c("code_no"),
                           base=F.element_at(c("bases"), c("code_no") + 1), kind_no=c("kind_no"),
                           onset_s=c("onset_s"), ramp_s=c("ramp_s"), recovery_start_s=c("recovery_start_s"),
-                          recovery_s=c("recovery_s"))
+                          recovery_s=c("recovery_s"), gains=c("gains"), episode=c("episode"))
     table = joined.select("visit_no", "t", "code_no", value.alias("value")).toArrow().to_pydict()
     out: dict[tuple[int, int], dict[str, float]] = defaultdict(dict)
     for v, t, code, val in zip(table["visit_no"], table["t"], table["code_no"], table["value"], strict=True):

@@ -8,11 +8,22 @@ bed stays, transfers, deteriorations, cancellations and merges, deterministicall
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from typing import TYPE_CHECKING
 
-from pipelines.simulator.clinical import COURSE, COURSES, DIAGNOSES
+from pipelines.simulator.clinical import (
+    BENIGN_COURSES,
+    BENIGN_EPISODE_CHANCE,
+    BENIGN_PLATEAU_H,
+    COURSE,
+    COURSES,
+    DETERIORATION_SEVERITY,
+    DETERIORATION_SPEED,
+    DIAGNOSES,
+    PHENOTYPES,
+)
 from pipelines.simulator.params import SimParams
 
 if TYPE_CHECKING:
@@ -88,6 +99,19 @@ class Deterioration:
     recovers: bool
     recovery_start_s: int | None
     recovered_s: int | None
+    speed: float = 1.0       # the course's ramp_hours times this (clinical.DETERIORATION_SPEED)
+    severity: float = 1.0    # every shift times this (clinical.DETERIORATION_SEVERITY)
+
+
+@dataclass(frozen=True)
+class Episode:
+    """A transient, self-limiting illness (clinical.BENIGN_COURSES): rises, holds, resolves; never labelled."""
+
+    kind: str
+    onset_s: int
+    plateau_s: int       # when it is at its height
+    resolving_s: int     # when it starts to resolve
+    resolved_s: int
 
 
 @dataclass
@@ -107,6 +131,9 @@ class Encounter:
     update_s: int | None = None        # A08 demographic correction
     updated: Person | None = None
     fhir_vitals: bool = False
+    age: int = 60
+    phenotypes: tuple[str, ...] = ()   # clinical.PHENOTYPES names
+    episode: Episode | None = None
     patient_class: str = "I"           # PV1-2: I inpatient, E emergency, O outpatient
 
     def mrn_at(self, t: int) -> str:
@@ -225,7 +252,8 @@ def _encounter(i: int, row: dict, params: SimParams, start_day: date) -> Encount
     draws = {k: v for k, v in row.items() if k.startswith("u_")}
     enc = Encounter(visit=visit_number(i + 1), visit_no=i + 1, person=person, admit_s=admit,
                     discharge_s=discharge, diagnosis=DIAGNOSES[row["diagnosis_no"]], draws=draws,
-                    fhir_vitals=row["u_fhir"] < params.fhir_vitals_fraction)
+                    fhir_vitals=row["u_fhir"] < params.fhir_vitals_fraction, age=row["age"])
+    enc.phenotypes = phenotypes(enc, params.seed)
     enc.deterioration = _deterioration(enc, params)
     if enc.deterioration is not None:
         d = enc.deterioration
@@ -234,6 +262,7 @@ def _encounter(i: int, row: dict, params: SimParams, start_day: date) -> Encount
         enc.discharge_s = max(enc.discharge_s or 0, tail)
     if enc.discharge_s is not None and enc.discharge_s >= window:
         enc.discharge_s = None
+    enc.episode = _episode(enc, params)
     if row["u_dup"] < params.duplicate_record_fraction:
         enc.duplicate = replace(person, mrn=f"MRN{DUPLICATE_MRN_BASE + i + 1}", middle="", phone="")
     return enc
@@ -277,13 +306,43 @@ def _deterioration(enc: Encounter, params: SimParams) -> Deterioration | None:
         return None
     kind = _pick(params.deterioration_mix, u["u_kind"])
     course = COURSE[kind]
+    rng = random.Random(f"{params.seed}:course:{enc.visit_no}")
+    speed = round(rng.uniform(*DETERIORATION_SPEED), 3)
+    depth = round(rng.uniform(*DETERIORATION_SEVERITY), 3)
     onset = lo + int(u["u_onset"] * (hi - lo)) // 60 * 60
-    peak = onset + int(course.ramp_hours * HOUR)
+    peak = onset + int(course.ramp_hours * speed * HOUR)
     if u["u_recover"] >= params.recovery_fraction:
-        return Deterioration(kind, onset, peak, False, None, None)
+        return Deterioration(kind, onset, peak, False, None, None, speed, depth)
     rec_start = peak + int((2 + 4 * u["u_plateau"]) * HOUR)
     recovered = rec_start + int((6 + 6 * u["u_recovery"]) * HOUR)
-    return Deterioration(kind, onset, peak, True, rec_start, recovered)
+    return Deterioration(kind, onset, peak, True, rec_start, recovered, speed, depth)
+
+
+def phenotypes(enc: Encounter, seed: int) -> tuple[str, ...]:
+    """The baseline traits of this admission (clinical.PHENOTYPES), seeded by visit; at most one per measure."""
+    rng = random.Random(f"{seed}:phenotype:{enc.visit_no}")
+    out: list[str] = []
+    taken: set[str] = set()
+    for p in PHENOTYPES:
+        likely = enc.diagnosis[0] in p.diagnoses or enc.age >= p.min_age
+        if rng.random() < (p.chance_if if likely else p.chance) and not taken & set(p.bases):
+            out.append(p.name)
+            taken |= set(p.bases)
+    return tuple(out)
+
+
+def _episode(enc: Encounter, params: SimParams) -> Episode | None:
+    """A transient illness for a share of admissions, somewhere in the part of the stay inside the window."""
+    rng = random.Random(f"{params.seed}:episode:{enc.visit_no}")
+    lo = max(enc.admit_s, 0)
+    hi = min(enc.discharge_s if enc.discharge_s is not None else params.hours * HOUR, params.hours * HOUR)
+    if rng.random() >= BENIGN_EPISODE_CHANCE or hi - lo < 2 * HOUR:
+        return None
+    course = BENIGN_COURSES[rng.randrange(len(BENIGN_COURSES))]
+    onset = lo + int(rng.random() * (hi - lo - HOUR)) // 60 * 60
+    plateau = onset + int(course.ramp_hours * rng.uniform(0.6, 1.5) * HOUR)
+    resolving = plateau + int(rng.uniform(*BENIGN_PLATEAU_H) * HOUR)
+    return Episode(course.kind, onset, plateau, resolving, resolving + int(rng.uniform(0.5, 3.0) * HOUR))
 
 
 def _pick(weights: dict[str, float], u: float) -> str:
@@ -300,8 +359,8 @@ def _icu_window(enc: Encounter, params: SimParams) -> tuple[int, int] | None:
     """When this encounter needs an ICU bed: straight from admission, or once a deterioration is obvious."""
     end = enc.discharge_s if enc.discharge_s is not None else params.hours * HOUR + 7 * 24 * HOUR
     d = enc.deterioration
-    if d is not None:
-        begin = d.onset_s + int((d.peak_s - d.onset_s) * 0.6) + HOUR
+    if d is not None:  # the escalation to ICU is the deterioration becoming manifest (its peak)
+        begin = d.peak_s
         leave = d.recovered_s + 4 * HOUR if d.recovered_s is not None else end
         return (begin, min(leave, end)) if begin < min(leave, end) else None
     if enc.draws["u_icu"] < params.icu_admission_fraction:
@@ -329,9 +388,12 @@ def _assign_beds(encounters: list[Encounter], params: SimParams, icu_beds: int) 
     wards = {w: BedPool([(f"{100 * (k + 4) + r + 1}", b) for r in range(WARD_ROOMS) for b in "AB"])
              for k, w in enumerate(WARDS)}
     order = sorted(encounters, key=lambda e: (e.admit_s, e.visit_no))
+    # ICU beds go to whoever needs one first (a deterioration escalates at its peak, perhaps long after admission)
+    wants = {e.visit_no: w for e in encounters if (w := _icu_window(e, params)) is not None}
+    granted = {v: icu.take(*wants[v]) for v in sorted(wants, key=lambda v: (wants[v][0], v))}
     for enc in order:
         end = enc.discharge_s if enc.discharge_s is not None else params.hours * HOUR + 7 * 24 * HOUR
-        spans = _care_spans(enc, icu, params, end)
+        spans = _care_spans(enc, wants.get(enc.visit_no), granted.get(enc.visit_no), end)
         ward_name = WARDS[int(enc.draws["u_ward"] * len(WARDS))]
         for begin, finish, icu_bed in spans:
             if icu_bed is not None:
@@ -342,10 +404,9 @@ def _assign_beds(encounters: list[Encounter], params: SimParams, icu_beds: int) 
             enc.stays.append(Stay(ward_name, room, bed, begin, finish, enc.person.mrn))
 
 
-def _care_spans(enc: Encounter, icu: BedPool, params: SimParams, end: int) -> list[tuple[int, int, str | None]]:
-    """The encounter's stay split into ward and ICU spans (ICU only when a bed is free)."""
-    want = _icu_window(enc, params)
-    got = icu.take(*want) if want else None
+def _care_spans(enc: Encounter, want: tuple[int, int] | None, got: tuple[str, str] | None,
+                end: int) -> list[tuple[int, int, str | None]]:
+    """The encounter's stay split into ward and ICU spans (ICU only when a bed was free: `got`)."""
     if want is None or got is None:
         return [(enc.admit_s, end, None)]
     spans: list[tuple[int, int, str | None]] = []

@@ -12,9 +12,10 @@ from pipelines.simulator.timeline import Timeline
 
 DETERIORATION_COLUMNS = ("patient_mrn", "visit_number", "kind", "onset_time", "peak_time", "recovered",
                          "recovery_start_time", "recovered_time", "recovered_in_window", "location_at_onset",
-                         "icu_transfer_time")
+                         "icu_transfer_time", "speed", "severity")
 ENCOUNTER_COLUMNS = ("visit_number", "patient_mrn", "admitted_as_mrn", "admit_time", "discharge_time", "cancelled",
-                     "cancel_time", "diagnosis_code", "vitals_feed", "icu_device_ids", "first_unit")
+                     "cancel_time", "diagnosis_code", "vitals_feed", "icu_device_ids", "first_unit", "phenotypes",
+                     "episode_kind", "episode_onset_time", "episode_resolved_time")
 MERGE_COLUMNS = ("surviving_mrn", "merged_mrn", "visit_number", "merge_time")
 FRAUD_COLUMNS = ("claim_id", "line", "pattern", "detail")
 DIRT_COLUMNS = ("feed", "kind", "file", "position", "identifier", "detail")
@@ -67,11 +68,18 @@ def _deterioration_row(e: Encounter, params: SimParams, iso) -> tuple:
     in_window = d.recovered_s is not None and d.recovered_s < params.window_s
     return (e.mrn_at(d.onset_s), e.visit, d.kind, iso(d.onset_s), iso(d.peak_s), "yes" if d.recovers else "no",
             iso(d.recovery_start_s), iso(d.recovered_s), "yes" if in_window else "no",
-            at_onset.unit if at_onset else "", iso(icu))
+            at_onset.unit if at_onset else "", iso(icu), d.speed, d.severity)
 
 
 def _encounter_row(e: Encounter, iso) -> tuple:
     devices = sorted({s.device_id for s in e.stays if s.icu})
     return (e.visit, e.person.mrn, e.duplicate.mrn if e.duplicate else e.person.mrn, iso(e.admit_s),
             iso(e.discharge_s), "yes" if e.cancelled_s is not None else "no", iso(e.cancelled_s), e.diagnosis[0],
-            "fhir" if e.fhir_vitals else "hl7", " ".join(devices), e.stays[0].unit if e.stays else "")
+            "fhir" if e.fhir_vitals else "hl7", " ".join(devices), e.stays[0].unit if e.stays else "",
+            " ".join(e.phenotypes), *_episode_cells(e, iso))
+
+
+def _episode_cells(e: Encounter, iso) -> tuple[str, str, str]:
+    """The transient, unlabelled episode (population.Episode): kind, onset, resolved; blank without one."""
+    ep = e.episode
+    return ("", "", "") if ep is None else (ep.kind, iso(ep.onset_s), iso(ep.resolved_s))
