@@ -515,9 +515,10 @@ def _out_of_fold_risk(rows: pd.DataFrame, feature_names: Sequence[str], seed: in
     risk = np.full(len(rows), np.nan)
     for k in range(folds):
         held, rest = fold == k, fold != k
-        if not held.any() or rows.loc[rest, LABEL].nunique() < 2:
+        measured = [c for c in feature_names if rows.loc[rest, c].notna().any()]  # a fold may lack a rare concept
+        if not held.any() or rows.loc[rest, LABEL].nunique() < 2 or not measured:
             return _risk(_fit(rows, feature_names, seed), rows, feature_names)  # too few patients to hold any out
-        risk[held] = _risk(_fit(rows[rest], feature_names, seed), rows[held], feature_names)
+        risk[held] = _risk(_fit(rows[rest], measured, seed), rows[held], measured)
     return risk
 
 

@@ -136,6 +136,9 @@ def test_the_threshold_is_chosen_on_risks_from_models_that_did_not_see_the_patie
     positive = frame["label"].to_numpy() == 1
     # On its own training points the model is surer of the positives than a model that never saw them.
     assert np.median(in_sample[positive]) > np.median(oof[positive])
+    # A concept measured on one patient only leaves some folds without it: those folds fit without it.
+    rare = frame.assign(rr_last=np.where(frame["patient_key"] == "p001", frame["rr_last"], np.nan))
+    assert not np.isnan(_out_of_fold_risk(rare, FEATURES, seed=1)).any()
 
 
 def test_unreachable_tracking_server_is_a_config_error():
