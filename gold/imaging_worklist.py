@@ -304,7 +304,7 @@ def imaging_worklist(changes: DataFrame, *, read_table: Callable[..., DataFrame]
     spark = changes.sparkSession
     versions = {t: table_version(t) for t in (STUDIES, ORDERS, REPORTS, SCORES, ALERTS)}
 
-    if not any(versions[t] is not None and not read_table(t).limit(1).isEmpty() for t in (STUDIES, ORDERS)):
+    if not _any_rows(read_table, versions, (STUDIES, ORDERS)):
         return {WORKLIST: empty(spark, tuple(SCHEMA.names), SCHEMA),  # no imaging yet (a vitals-only lakehouse)
                 BREACHES: empty(spark, tuple(BREACH_SCHEMA.names), BREACH_SCHEMA)}
     studies, orders, reports, matched = load_inputs(read_table, lambda t: versions[t] is not None, spark, match,
@@ -336,6 +336,18 @@ def imaging_worklist(changes: DataFrame, *, read_table: Callable[..., DataFrame]
     sla = sla.select("*", *(F.lit(v).cast(SCHEMA[k].dataType).alias(k) for k, v in provenance.items()))
     return {BREACHES: sla.select(*(F.col(f.name).cast(f.dataType) for f in BREACH_SCHEMA.fields)),
             WORKLIST: worklist}
+
+
+def _any_rows(read_table: Callable[..., DataFrame], versions: Mapping[str, int | None], tables: tuple[str, ...]
+              ) -> bool:
+    """Whether any of `tables` holds a row (one Spark job for them all)."""
+    present = [read_table(t).select(F.lit(1).alias("x")) for t in tables if versions[t] is not None]
+    if not present:
+        return False
+    rows = present[0]
+    for more in present[1:]:
+        rows = rows.unionByName(more)
+    return not rows.limit(1).isEmpty()
 
 
 def _provenance(versions: Mapping[str, int | None], ingest_batch_id: str, processed_at: datetime) -> dict[str, Any]:

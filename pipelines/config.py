@@ -743,6 +743,8 @@ class ImagingConfig:
     match_window: str = "24h"
     news2_current_for: str = "24h"
     clock: str = "wall"
+    # --continuous: the processing-time trigger of the imaging jobs (bronze.dicom_instances, gold.imaging_worklist).
+    interval: str = "250ms"
 
     def __post_init__(self) -> None:
         from gold.news2 import BANDS
@@ -772,6 +774,8 @@ class ImagingConfig:
         self._check_rooms_and_exams()
 
     def _check_rooms_and_exams(self) -> None:
+        if parse_duration_ms(self.interval, "imaging.interval") < 1:
+            raise ConfigError(f"imaging.interval must be a positive duration like 250ms, got {self.interval!r}")
         for key in ("match_window", "news2_current_for"):
             if parse_duration_ms(getattr(self, key), f"imaging.{key}") <= 0:
                 raise ConfigError(f"imaging.{key} must be a positive duration like 24h, got {getattr(self, key)!r}")

@@ -155,6 +155,8 @@ class Job:
     fused: tuple[Job, ...] = ()
     # The columns naming a row its suite quarantines (silver.quarantine `item`); empty: `source_id`.
     quarantine_item: tuple[str, ...] = ()
+    # streaming.fuse fused every table this job reads: it runs only inside its carriers' batches, never as a query.
+    carried_only: bool = False
 
     def __post_init__(self) -> None:
         split_table_name(self.name)
@@ -252,6 +254,14 @@ class Registry:
         known = ", ".join(sorted(self._jobs)) or "(none)"
         raise UsageError(f"no job writes {name!r}; jobs: {known}")
 
+    def runnable(self, names: Iterable[str] | None = None) -> list[Job]:
+        """The queries that run `names` (all jobs: None), in dependency order: a job that runs only inside its
+        carriers' batches (carried_only) is run by its carriers."""
+        wanted = None if names is None else list(names)
+        if wanted is not None:
+            wanted += [c for n in wanted if self.get(n).carried_only for c in self._fusers(self.get(n).name)]
+        return [job for job in self.order(wanted) if not job.carried_only]
+
     def order(self, names: Iterable[str] | None = None) -> list[Job]:
         """Jobs (all, or `names` and nothing else) with every upstream job before its dependents."""
         wanted = set(self._jobs) if names is None else {self.get(n).name for n in names}
@@ -295,7 +305,8 @@ def builtin_jobs(cfg: Config) -> list[Job]:
     def bronze_job(module, description: str) -> Job:
         source = LandingSource(module.FEED, content=getattr(module, "READ_CONTENT", True))
         return Job(name=module.TABLE, source=source, transform=module.TRANSFORM,
-                   schema=module.SCHEMA, description=description)
+                   schema=module.SCHEMA, description=description,
+                   interval=cfg.imaging.interval if module is dicom_instances else None)
 
     quarantine_output = Output(quarantine.QUARANTINE, "merge",
                                MergeSpec(keys=("quarantine_id",), update=None, latest_by=("quarantined_at",)),
@@ -330,10 +341,13 @@ def builtin_jobs(cfg: Config) -> list[Job]:
                    MergeSpec(keys=("encounter_key",), update=encounters.UPDATE, update_when=encounters.UPDATE_WHEN),
                    encounters.SCHEMA,
                    "One row per encounter identity: ADT lifecycle and FHIR Encounter versions by event time"),
-        silver_job(imaging_studies.STUDIES, TableSource(imaging_studies.BRONZE), imaging_studies.imaging_studies,
-                   MergeSpec(keys=("study_instance_uid",), latest_by=("last_received_at",)), imaging_studies.SCHEMA,
-                   "One row per DICOM study: series and instance counts, modality, body part, study time (UTC), "
-                   "accession, referring physician, patient key; unreadable instances quarantined"),
+        replace(silver_job(imaging_studies.STUDIES, TableSource(imaging_studies.BRONZE),
+                           imaging_studies.imaging_studies,
+                           MergeSpec(keys=("study_instance_uid",), latest_by=("last_received_at",)),
+                           imaging_studies.SCHEMA,
+                           "One row per DICOM study: series and instance counts, modality, body part, study time "
+                           "(UTC), accession, referring physician, patient key; unreadable instances quarantined"),
+                interval=cfg.imaging.interval),
         *imaging_silver_jobs(silver_job, clinical),
     ]
 
@@ -483,7 +497,7 @@ def imaging_jobs(cfg: Config) -> list[Job]:
                 transform=w.imaging_worklist, write="merge",
                 merge=MergeSpec(keys=("worklist_key",), delete_when=f"s.status = '{w.LEFT}'",
                                 insert_when=f"s.status <> '{w.LEFT}'"),
-                schema=w.SCHEMA, side_outputs=(breaches,), reads=(w.ALERTS,),
+                schema=w.SCHEMA, side_outputs=(breaches,), reads=(w.ALERTS,), interval=c.interval,
                 options={"ranking": imaging_rank.Ranking.of(c), "images_expected_s": c.images_expected_s(),
                          "match": _match_orders_to_studies,
                          "match_window": timedelta(seconds=c.seconds("match_window")),
@@ -512,7 +526,8 @@ def _observation_update(schema: StructType) -> dict[str, str]:
 
 def fuse(jobs: list[Job], pairs: Iterable[tuple[str, str]]) -> list[Job]:
     """Apply streaming.fuse: for each (upstream, downstream) pair, the downstream job's transform runs on the
-    upstream bronze job's rows inside its batches, and the downstream's own stream leaves the upstream table out.
+    upstream bronze job's rows inside its batches, and the downstream's own stream leaves the upstream table out
+    (with every table it reads fused, it has no stream of its own: carried_only).
 
     Only a job that reads a landing feed can carry one, and only a stateless job that reads its table can be
     carried: a keyed state lives in one query's checkpoint.
@@ -533,10 +548,9 @@ def fuse(jobs: list[Job], pairs: Iterable[tuple[str, str]]) -> list[Job]:
     replaced: dict[str, Job] = {}
     for down, ups in carried.items():
         rest = [t for t in by_name[down].upstream if t not in ups]
-        if not rest:
-            raise ConfigError(f"streaming.fuse: every table {down} reads ({', '.join(ups)}) is fused; leave at least "
-                              f"one of them to its own stream, so `carelake run {down}` still has a source")
-        replaced[down] = replace(by_name[down], source=TableSource(*rest))
+        # Every table it reads fused: no query of its own (`carelake run` of it runs its carriers).
+        replaced[down] = replace(by_name[down], source=TableSource(*rest)) if rest \
+            else replace(by_name[down], carried_only=True)
     carriers = {up: replace(by_name[up], fused=(*by_name[up].fused, replaced[down])) for up, down in pairs}
     return [carriers.get(j.name) or replaced.get(j.name) or j for j in jobs]
 

@@ -790,7 +790,7 @@ class Runner:
     def run(self, names: list[str], trigger: Trigger, on_summary: Callable[[JobSummary], None] | None = None,
             ) -> list[JobSummary]:
         """Run jobs: one after another in dependency order (available-now), or all at once (continuous)."""
-        jobs = self.registry.order(names)
+        jobs = self.registry.runnable(names)
         if not jobs:
             raise UsageError("no jobs to run")
         stop = StopSignal()

@@ -16,15 +16,16 @@ a null on the other side and `match_method` null, so neither is ever dropped.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import timedelta
 
-from pyspark.sql import Column, DataFrame, Window
+import pandas as pd
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 ACCESSION, PATIENT_PROCEDURE_TIME = "accession", "patient_procedure_time"
 UNMATCHABLE = ("cancelled", "entered-in-error")
 _FAR = 10 ** 12  # the distance of a pair whose times are unknown: after every pair that has them
-_MAX_ROUNDS = 50
 
 
 def _family(modality: Column) -> Column:
@@ -39,32 +40,39 @@ def _distance(ordered_at: Column, study_time: Column) -> Column:
     return F.coalesce(seconds, F.lit(_FAR)).cast("long")
 
 
-def _nearest_first(candidates: DataFrame) -> DataFrame:
-    """(order_key, study_instance_uid) from candidate pairs with distance `d`: nearest pair first, each side once."""
-    matched = None
-    remaining = candidates
-    for _ in range(_MAX_ROUNDS):
-        by_order = Window.partitionBy("order_key").orderBy("d", "study_instance_uid")
-        by_study = Window.partitionBy("study_instance_uid").orderBy("d", "order_key")
-        best = (remaining.withColumn("_o", F.row_number().over(by_order))
-                .withColumn("_s", F.row_number().over(by_study))
-                .where((F.col("_o") == 1) & (F.col("_s") == 1))
-                .select("order_key", "study_instance_uid").localCheckpoint())
-        if best.isEmpty():
-            break
-        matched = best if matched is None else matched.unionByName(best)
-        remaining = (remaining.join(best.select("order_key"), "order_key", "left_anti")
-                     .join(best.select("study_instance_uid"), "study_instance_uid", "left_anti").localCheckpoint())
-    if matched is None:
-        return candidates.select("order_key", "study_instance_uid").limit(0)
-    return matched
+def nearest_first(pairs: Iterable[tuple[int, str, str]]) -> list[tuple[str, str]]:
+    """(distance, order_key, study_instance_uid) candidate pairs -> the pairs taken, nearest first: a pair is taken
+    when neither its order nor its study is taken yet (ties: the smaller order_key, then study UID)."""
+    orders: set[str] = set()
+    studies: set[str] = set()
+    taken = []
+    for _, order, study in sorted(pairs):
+        if order not in orders and study not in studies:
+            orders.add(order)
+            studies.add(study)
+            taken.append((order, study))
+    return taken
+
+
+def _nearest_in_group(group: pd.DataFrame) -> pd.DataFrame:
+    chosen = nearest_first(zip(group["d"], group["order_key"], group["study_instance_uid"], strict=True))
+    return pd.DataFrame(chosen, columns=["order_key", "study_instance_uid"], dtype=object)
+
+
+def _nearest_first(candidates: DataFrame, group: str) -> DataFrame:
+    """(order_key, study_instance_uid) from candidate pairs with distance `d`: nearest pair first, each side once.
+
+    Pairs only compete within `group` (every pair of a step shares its accession number, or its patient), so each
+    group is settled on its own, in one pass, wherever its rows are."""
+    return candidates.groupBy(group).applyInPandas(_nearest_in_group,
+                                                    "order_key string, study_instance_uid string")
 
 
 def _by_accession(orders: DataFrame, studies: DataFrame) -> DataFrame:
     o = orders.where(F.col("accession_number").isNotNull()).alias("o")
     s = studies.where(F.col("accession_number").isNotNull()).alias("s")
     pairs = o.join(s, F.col("o.accession_number") == F.col("s.accession_number"))
-    return pairs.select("o.order_key", "s.study_instance_uid",
+    return pairs.select("o.order_key", "s.study_instance_uid", F.col("o.accession_number").alias("accession_number"),
                         _distance(F.col("o.ordered_at"), F.col("s.study_time_utc")).alias("d"))
 
 
@@ -77,7 +85,7 @@ def _by_patient_procedure_time(orders: DataFrame, studies: DataFrame, window: ti
     on = ((F.col("o.patient_key") == F.col("s.patient_key"))
           & (_family(F.col("o.modality")) == _family(F.col("s.modality"))) & body_ok
           & (F.col("s.study_time_utc") >= F.col("o.ordered_at")) & (F.col("s.study_time_utc") <= upper))
-    return o.join(s, on).select("o.order_key", "s.study_instance_uid",
+    return o.join(s, on).select("o.order_key", "s.study_instance_uid", F.col("o.patient_key").alias("patient_key"),
                                 _distance(F.col("o.ordered_at"), F.col("s.study_time_utc")).alias("d"))
 
 
@@ -90,10 +98,10 @@ def match_orders_to_studies(orders: DataFrame, studies: DataFrame, *, window: ti
                       F.coalesce(status, F.lit("")).alias("_status"))
     s = studies.select("study_instance_uid", "accession_number", "patient_key", "modality", "body_part",
                        "study_time_utc")
-    first = _nearest_first(_by_accession(o, s)).withColumn("match_method", F.lit(ACCESSION))
+    first = _nearest_first(_by_accession(o, s), "accession_number").withColumn("match_method", F.lit(ACCESSION))
     o_left = o.join(first.select("order_key"), "order_key", "left_anti")
     s_left = s.join(first.select("study_instance_uid"), "study_instance_uid", "left_anti")
-    second = _nearest_first(_by_patient_procedure_time(o_left, s_left, window)).withColumn(
+    second = _nearest_first(_by_patient_procedure_time(o_left, s_left, window), "patient_key").withColumn(
         "match_method", F.lit(PATIENT_PROCEDURE_TIME))
     matched = first.unionByName(second)
     lone_orders = o.join(matched.select("order_key"), "order_key", "left_anti").select(

@@ -185,15 +185,22 @@ def studies(instances: DataFrame, *, secret: str, mrn_system: str, aliases: tupl
     return out.select(*(F.col(f.name).cast(f.dataType) for f in SCHEMA.fields))
 
 
-def imaging_studies(changes: DataFrame, *, read_table: Callable[..., DataFrame], processed_at: datetime,
-                    secret: str, timezone: str, mrn_system: str, system_aliases: tuple[tuple[str, str], ...]
-                    ) -> dict[str, DataFrame]:
-    """bronze.dicom_instances changes -> the touched studies, recomputed whole; unusable instances quarantined."""
+def imaging_studies(changes: DataFrame, *, read_table: Callable[..., DataFrame],
+                    table_version: Callable[[str], int | None], processed_at: datetime, secret: str, timezone: str,
+                    mrn_system: str, system_aliases: tuple[tuple[str, str], ...]) -> dict[str, DataFrame]:
+    """bronze.dicom_instances changes -> the touched studies, recomputed whole; unusable instances quarantined.
+
+    A study's instances are the batch's own rows and those bronze already holds: inside a fused bronze batch
+    (streaming.fuse) the batch's rows are not committed yet; read from bronze's change feed they are in both, and
+    an instance counts once either way."""
     inserted = changes.where(F.col("_change_type") == "insert") if "_change_type" in changes.columns else changes
     touched = inserted.where(F.col("parse_status") == "ok").select("study_instance_uid").distinct()
     columns = ["study_instance_uid", "series_instance_uid", "sop_instance_uid", "modality", "header_json",
                "parse_status", "received_at", "landing_file", "landing_position", "sha256"]
-    whole = read_table(BRONZE).select(*columns).join(F.broadcast(touched), "study_instance_uid", "left_semi")
+    whole = inserted.select(*columns)
+    if table_version(BRONZE) is not None:
+        held = read_table(BRONZE).select(*columns).join(F.broadcast(touched), "study_instance_uid", "left_semi")
+        whole = held.unionByName(whole)
     rows = studies(_instances(whole, timezone), secret=secret, mrn_system=mrn_system, aliases=system_aliases,
                    processed_at=processed_at)
     return {STUDIES: rows, QUARANTINE: quarantined(inserted, processed_at)}

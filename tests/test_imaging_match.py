@@ -70,3 +70,32 @@ def test_duplicate_accessions_pair_nearest_and_the_rest_stay_visible(spark):
 def test_a_window_must_be_positive(spark):
     with pytest.raises(ValueError, match="window must be positive"):
         match(spark, [], [], window=timedelta(0))
+
+
+def _mutual_best_rounds(pairs):
+    """The rule as first written (Spark rounds): each round takes every pair that is the nearest for its order (ties:
+    study UID) and for its study (ties: order_key), until no pair is left."""
+    left, taken = list(pairs), []
+    while left:
+        best_o = {o: min((d, s) for d, o2, s in left if o2 == o) for _, o, _ in left}
+        best_s = {s: min((d, o) for d, o, s2 in left if s2 == s) for _, _, s in left}
+        now = [(o, s) for d, o, s in left if best_o[o] == (d, s) and best_s[s] == (d, o)]
+        taken += now
+        used_o, used_s = {o for o, _ in now}, {s for _, s in now}
+        left = [(d, o, s) for d, o, s in left if o not in used_o and s not in used_s]
+    return taken
+
+
+def test_one_pass_nearest_first_takes_what_rounds_of_mutual_best_pairs_take():
+    import random
+
+    from silver.imaging_match import nearest_first
+
+    rng = random.Random(7)
+    for _ in range(200):
+        pairs = {(rng.randint(0, 5), f"o{rng.randint(0, 6)}", f"s{rng.randint(0, 6)}") for _ in range(rng.randint(0, 25))}
+        unique = {}
+        for d, o, s in sorted(pairs):  # one distance per (order, study), as a join gives
+            unique.setdefault((o, s), d)
+        pairs = [(d, o, s) for (o, s), d in unique.items()]
+        assert sorted(nearest_first(pairs)) == sorted(_mutual_best_rounds(pairs)), pairs
