@@ -111,8 +111,6 @@ def test_a_crash_after_the_fused_commit_replays_bronze_without_writing_silver_tw
     (["bronze.device_readings silver.observations"], "'upstream > downstream'"),
     (["bronze.device_readings > silver.nothing"], "no job writes 'silver.nothing'"),
     (["silver.observations > gold.early_warning_scores"], "only a job that reads a landing feed"),
-    (["bronze.fhir_resources > silver.observations", "bronze.device_readings > silver.observations",
-      "bronze.hl7_messages > silver.observations"], "leave at least one of them to its own stream"),
     (["bronze.device_readings > silver.patients"], "silver.patients does not read bronze.device_readings"),
     (["bronze.hl7_messages > silver.patients", "bronze.hl7_messages > silver.observations"], "at most one"),
 ])
@@ -128,3 +126,37 @@ def test_fused_jobs_run_before_what_reads_their_tables(tmp_path):
     assert order.index("bronze.hl7_messages") < order.index("gold.early_warning_scores")
     assert registry.get(OBSERVATIONS).upstream == ("bronze.fhir_resources",)
     assert [j.name for j in registry.get("bronze.device_readings").fused] == [OBSERVATIONS]
+
+
+def test_dicom_headers_reach_silver_in_the_bronze_batch_that_lands_them(tmp_path, spark):
+    """silver.imaging_studies reads only bronze.dicom_instances: fused, it has no query of its own, `carelake run`
+    of it runs its carrier, and it writes what its own job writes (bronze not yet holding the batch's rows)."""
+    from pydicom.uid import generate_uid
+
+    from silver.imaging_studies import STUDIES
+    from tests.test_silver_imaging import instance
+
+    src = tmp_path / "dcm"
+    src.mkdir()
+    study, series = generate_uid(), generate_uid()
+    for name, body in (("a", instance(study, series)), ("b", instance(study, generate_uid(), modality="SR")),
+                       ("c", b"not dicom at all")):
+        (src / f"{name}.dcm").write_bytes(body)
+    same = {"silver.key_secret": "a-shared-test-secret"}
+    fused = _lake(tmp_path, spark, "fused", **same)
+    separate = _lake(tmp_path, spark, "separate", **same, **{"streaming.fuse": []})
+    ingest(fused[0], sorted(str(f) for f in src.iterdir()), "dicom")
+    shutil.copytree(fused[0].path("landing"), separate[0].path("landing"))
+    registry = fused[2].registry
+    assert registry.get(STUDIES).carried_only
+    assert [j.name for j in registry.runnable([STUDIES])] == ["bronze.dicom_instances"]
+    assert STUDIES not in [j.name for j in registry.runnable()]
+    summaries = fused[2].run([STUDIES], Trigger(available_now=True))
+    assert [s.job for s in summaries] == ["bronze.dicom_instances"]
+    separate[2].run(["bronze.dicom_instances", STUDIES], Trigger(available_now=True))
+    for table in (STUDIES, QUARANTINE, "bronze.dicom_instances"):
+        a, b = _rows(fused[0], fused[1], table), _rows(separate[0], separate[1], table)
+        assert a == b, (table, sorted(set(a) - set(b)), sorted(set(b) - set(a)))
+    (row,) = fused[1].read_arrow(STUDIES).to_pylist()
+    assert (row["study_instance_uid"], row["series_count"], row["instance_count"]) == (study, 2, 2)
+    assert [q["reason"] for q in fused[1].read_arrow(QUARANTINE).to_pylist()] == ["dicom_not_dicom"]

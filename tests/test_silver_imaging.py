@@ -43,9 +43,11 @@ def bronze(spark, *records: tuple[str, bytes]):
 
 
 def run(spark, table, changes=None):
+    """Silver over `changes` with bronze holding `table` (None: bronze not written yet, as in a fused first batch)."""
     changes = table if changes is None else changes
-    out = imaging_studies(changes, read_table=lambda name: table, processed_at=AT, secret=SECRET, timezone="UTC",
-                          mrn_system="CARELAKE", system_aliases=(("urn:oid:1.2.3", "CARELAKE"),))
+    out = imaging_studies(changes, read_table=lambda name: table, table_version=lambda name: None if table is None
+                          else 0, processed_at=AT, secret=SECRET, timezone="UTC", mrn_system="CARELAKE",
+                          system_aliases=(("urn:oid:1.2.3", "CARELAKE"),))
     return ({r.study_instance_uid: r for r in out[STUDIES].collect()},
             sorted((r.reason, r.detail is not None) for r in out[QUARANTINE].collect()))
 
@@ -79,6 +81,11 @@ def test_a_later_batch_recomputes_the_touched_study_whole(spark):
     assert (got[study].series_count, got[study].instance_count, got[study].accession_number) == (2, 2, "ACC-78")
     again, _ = run(spark, whole, changes=late)  # a replay computes the same row
     assert again[study].asDict() == got[study].asDict()
+    # Inside a fused bronze batch the new instance is not in bronze yet: the same row from the batch + bronze.
+    fused, _ = run(spark, early, changes=late)
+    assert fused[study].asDict() == got[study].asDict()
+    first, _ = run(spark, None, changes=whole)  # the first fused batch: bronze does not exist yet
+    assert first[study].asDict() == got[study].asDict()
 
 
 def test_study_time_in_the_sent_offset_or_the_hospital_zone(spark):
