@@ -374,14 +374,18 @@ def patient_context(read_table: Callable[..., DataFrame], versions: Mapping[str,
     if not patients:
         return out
     keys = F.col("patient_key").isin(sorted(patients))
+    parts = []
     if versions[SCORES] is not None:
         since = now - timedelta(seconds=news2_current_s)
         scores = read_table(SCORES, since=("scored_at", since)).where(keys & (F.col("scored_at") <= F.lit(now)))
-        for r in _collect(current_news2(scores.select("patient_key", "scored_at", "news2_band", "news2_score"))):
-            out[r.pop("patient_key")].update(r)
+        parts.append(current_news2(scores.select("patient_key", "scored_at", "news2_band", "news2_score")))
     if versions[ALERTS] is not None:
-        for r in _collect(open_alerts(read_table(ALERTS).where(keys).select("patient_key", "level", "status"))):
-            out[r.pop("patient_key")].update(r)
+        parts.append(open_alerts(read_table(ALERTS).where(keys).select("patient_key", "level", "status")))
+    if not parts:
+        return out
+    both = parts[0] if len(parts) == 1 else parts[0].join(parts[1], "patient_key", "full")  # one Spark job
+    for r in _collect(both):
+        out[r.pop("patient_key")].update({k: v for k, v in r.items() if v is not None})
     return out
 
 
