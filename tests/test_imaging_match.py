@@ -93,7 +93,8 @@ def test_one_pass_nearest_first_takes_what_rounds_of_mutual_best_pairs_take():
 
     rng = random.Random(7)
     for _ in range(200):
-        pairs = {(rng.randint(0, 5), f"o{rng.randint(0, 6)}", f"s{rng.randint(0, 6)}") for _ in range(rng.randint(0, 25))}
+        drawn = rng.randint(0, 25)
+        pairs = {(rng.randint(0, 5), f"o{rng.randint(0, 6)}", f"s{rng.randint(0, 6)}") for _ in range(drawn)}
         unique = {}
         for d, o, s in sorted(pairs):  # one distance per (order, study), as a join gives
             unique.setdefault((o, s), d)
