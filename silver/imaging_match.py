@@ -16,10 +16,8 @@ a null on the other side and `match_method` null, so neither is ever dropped.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from datetime import timedelta
 
-import pandas as pd
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
@@ -40,32 +38,26 @@ def _distance(ordered_at: Column, study_time: Column) -> Column:
     return F.coalesce(seconds, F.lit(_FAR)).cast("long")
 
 
-def nearest_first(pairs: Iterable[tuple[int, str, str]]) -> list[tuple[str, str]]:
-    """(distance, order_key, study_instance_uid) candidate pairs -> the pairs taken, nearest first: a pair is taken
-    when neither its order nor its study is taken yet (ties: the smaller order_key, then study UID)."""
-    orders: set[str] = set()
-    studies: set[str] = set()
-    taken = []
-    for _, order, study in sorted(pairs):
-        if order not in orders and study not in studies:
-            orders.add(order)
-            studies.add(study)
-            taken.append((order, study))
-    return taken
-
-
-def _nearest_in_group(group: pd.DataFrame) -> pd.DataFrame:
-    chosen = nearest_first(zip(group["d"], group["order_key"], group["study_instance_uid"], strict=True))
-    return pd.DataFrame(chosen, columns=["order_key", "study_instance_uid"], dtype=object)
-
-
 def _nearest_first(candidates: DataFrame, group: str) -> DataFrame:
     """(order_key, study_instance_uid) from candidate pairs with distance `d`: nearest pair first, each side once.
 
-    Pairs only compete within `group` (every pair of a step shares its accession number, or its patient), so each
-    group is settled on its own, in one pass, wherever its rows are."""
-    return candidates.groupBy(group).applyInPandas(_nearest_in_group,
-                                                    "order_key string, study_instance_uid string")
+    Pairs compete only within `group` (every pair of a step shares its accession number, or its patient), so each
+    group is settled on its own in one pass, in the JVM: its pairs sorted by (d, order_key, study UID), a pair taken
+    when neither its order nor its study is taken yet."""
+    pairs = F.array_sort(F.collect_list(F.struct("d", "order_key", "study_instance_uid")))
+    none = F.array().cast("array<string>")
+    start = F.struct(none.alias("o"), none.alias("s"))
+
+    def take(taken: Column, pair: Column) -> Column:
+        free = ~F.array_contains(taken["o"], pair["order_key"]) & ~F.array_contains(taken["s"],
+                                                                                     pair["study_instance_uid"])
+        return F.when(free, F.struct(F.array_append(taken["o"], pair["order_key"]).alias("o"),
+                                     F.array_append(taken["s"], pair["study_instance_uid"]).alias("s"))
+                      ).otherwise(taken)
+
+    settled = candidates.groupBy(group).agg(F.aggregate(pairs, start, take).alias("_t"))
+    return settled.select(F.posexplode("_t.o").alias("_i", "order_key"), "_t").select(
+        "order_key", F.element_at("_t.s", F.col("_i") + 1).alias("study_instance_uid"))
 
 
 def _by_accession(orders: DataFrame, studies: DataFrame) -> DataFrame:

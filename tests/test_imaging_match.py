@@ -86,17 +86,19 @@ def _mutual_best_rounds(pairs):
     return taken
 
 
-def test_one_pass_nearest_first_takes_what_rounds_of_mutual_best_pairs_take():
+def test_one_pass_nearest_first_takes_what_rounds_of_mutual_best_pairs_take(spark):
+    """Random candidate pairs, 150 groups in one frame: each group's pairs as the rounds take them."""
     import random
 
-    from silver.imaging_match import nearest_first
+    from silver.imaging_match import _nearest_first
 
-    rng = random.Random(7)
-    for _ in range(200):
-        drawn = rng.randint(0, 25)
-        pairs = {(rng.randint(0, 5), f"o{rng.randint(0, 6)}", f"s{rng.randint(0, 6)}") for _ in range(drawn)}
+    rng, rows, want = random.Random(7), [], set()
+    for g in range(150):
         unique = {}
-        for d, o, s in sorted(pairs):  # one distance per (order, study), as a join gives
-            unique.setdefault((o, s), d)
+        for _ in range(rng.randint(0, 25)):  # one distance per (order, study), as a join gives
+            unique.setdefault((f"o{g}.{rng.randint(0, 6)}", f"s{g}.{rng.randint(0, 6)}"), rng.randint(0, 5))
         pairs = [(d, o, s) for (o, s), d in unique.items()]
-        assert sorted(nearest_first(pairs)) == sorted(_mutual_best_rounds(pairs)), pairs
+        rows += [(f"g{g}", d, o, s) for d, o, s in pairs]
+        want |= set(_mutual_best_rounds(pairs))
+    frame = spark.createDataFrame(rows, "g string, d long, order_key string, study_instance_uid string")
+    assert {tuple(r) for r in _nearest_first(frame, "g").collect()} == want
