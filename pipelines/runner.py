@@ -796,8 +796,26 @@ class Runner:
         stop = StopSignal()
         with stop.installed():
             if trigger.available_now:
-                return self._run_in_order(jobs, trigger, stop, on_summary)
-            return self._run_together(jobs, trigger, stop, on_summary)
+                summaries = self._run_in_order(jobs, trigger, stop, on_summary)
+            else:
+                summaries = self._run_together(jobs, trigger, stop, on_summary)
+        for summary in self._carried(names, summaries):
+            summaries.append(summary)
+            if on_summary:
+                on_summary(summary)
+        return summaries
+
+    def _carried(self, names: list[str] | None, summaries: list[JobSummary]) -> list[JobSummary]:
+        """A summary for each job named that runs only inside its carriers' batches (streaming.fuse): their status."""
+        by_job = {s.job: s for s in summaries}
+        out = []
+        for job in self.registry.order(names):
+            if job.carried_only:
+                carriers = [j.name for j in self.registry.runnable([job.name])]
+                ran = [by_job[c] for c in carriers if c in by_job]
+                out.append(JobSummary(job.name, status=ran[0].status if ran else "skipped",
+                                      detail=f"written in the batches of {', '.join(carriers)} (streaming.fuse)"))
+        return out
 
     def _skip_missing_upstream(self, job: Job) -> JobSummary | None:
         """Skip a job none of whose upstream tables exist; create the missing ones of a multi-table source

@@ -152,7 +152,8 @@ def test_dicom_headers_reach_silver_in_the_bronze_batch_that_lands_them(tmp_path
     assert [j.name for j in registry.runnable([STUDIES])] == ["bronze.dicom_instances"]
     assert STUDIES not in [j.name for j in registry.runnable()]
     summaries = fused[2].run([STUDIES], Trigger(available_now=True))
-    assert [s.job for s in summaries] == ["bronze.dicom_instances"]
+    assert [(s.job, s.status) for s in summaries] == [("bronze.dicom_instances", "done"), (STUDIES, "done")]
+    assert "written in the batches of bronze.dicom_instances" in summaries[1].line()
     separate[2].run(["bronze.dicom_instances", STUDIES], Trigger(available_now=True))
     for table in (STUDIES, QUARANTINE, "bronze.dicom_instances"):
         a, b = _rows(fused[0], fused[1], table), _rows(separate[0], separate[1], table)
