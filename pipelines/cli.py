@@ -309,6 +309,26 @@ def cmd_demo(ctx: Context) -> int:
     return run(argv)
 
 
+def cmd_notebook(ctx: Context) -> int:
+    from pipelines import workbench
+
+    a = ctx.args
+    cmd = workbench.notebook_command(ctx.cfg, host=a.host, port=a.port, browser=a.browser)
+    print(f"carelake notebook: JupyterLab in {workbench.NOTEBOOKS} on {ctx.cfg.root.resolve()}; in a notebook: "
+          "`from pipelines.workbench import open_lakehouse; lake = open_lakehouse()`", flush=True)
+    return workbench.run(cmd, workbench.notebook_env(ctx.cfg))
+
+
+def cmd_mlflow_ui(ctx: Context) -> int:
+    from pipelines import workbench
+
+    a = ctx.args
+    cmd = workbench.mlflow_command(ctx.cfg, host=a.host, port=a.port)
+    print(f"carelake mlflow-ui: http://{a.host}:{a.port} (tracking store {cmd[cmd.index('--backend-store-uri') + 1]})",
+          flush=True)
+    return workbench.run(cmd)
+
+
 def cmd_train(ctx: Context) -> int:
     from pipelines import training
 
@@ -552,6 +572,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--train-hours", type=int, default=0, help="hours sent before training (default 2/3 of --hours)")
     e.add_argument("--seed", type=int, default=7)
     e.set_defaults(func=cmd_demo)
+
+    nb = sub.add_parser("notebook", help="open JupyterLab on this lakehouse's notebooks (open_lakehouse() in a "
+                                         "notebook gives Spark and the tables)")
+    nb.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1: this machine only)")
+    nb.add_argument("--port", type=int, default=8888)
+    nb.add_argument("--browser", action="store_true", help="also open a web browser")
+    nb.set_defaults(func=cmd_notebook)
+
+    ml = sub.add_parser("mlflow-ui", help="serve this lakehouse's MLflow tracking store: runs, models, model cards")
+    ml.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1: this machine only)")
+    ml.add_argument("--port", type=int, default=5000)
+    ml.set_defaults(func=cmd_mlflow_ui)
 
     m = sub.add_parser("simulate", help="write a seeded synthetic hospital as feed files, with ground truth")
     m.add_argument("--out", required=True, help="output folder (must be empty or new unless --force)")
