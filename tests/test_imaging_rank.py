@@ -72,6 +72,8 @@ def test_order_is_score_then_due_time_then_uid(ranking):
     ("imaging.exam_points=[ct/head=3]", "must look like MODALITY/BODY_PART=points"),
     ("imaging.clock=tomorrow", "imaging.clock must be wall"),
     ("imaging.replay_radiologists=0", "imaging.replay_radiologists must be at least 1"),
+    ("imaging.replay_read_minutes={other: 0}", r"replay_read_minutes must give positive minutes per DICOM modality"),
+    ("imaging.replay_utilisation=[0.9, 3]", r"replay_utilisation must list shares .* got \[0.9, 3.0\]"),
     ("imaging.indication_pe.codes=[]", None),
 ])
 def test_bad_settings_name_the_key_and_the_fix(tmp_path, setting, message):
