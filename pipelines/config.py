@@ -741,6 +741,8 @@ class ImagingConfig:
     replay_radiologists: int
     replay_read_minutes: Mapping[str, float]
     replay_utilisation: tuple[float, ...]
+    replay_night_radiologists: int
+    replay_night_hours: tuple[int, ...]
     match_window: str = "24h"
     news2_current_for: str = "24h"
     clock: str = "wall"
@@ -800,6 +802,12 @@ class ImagingConfig:
         if not self.replay_utilisation or any(not 0 < u <= 2 for u in self.replay_utilisation):
             raise ConfigError("imaging.replay_utilisation must list shares of the radiologists' time above 0 and at "
                               f"most 2 (e.g. [0.8, 0.9, 1.0]), got {list(self.replay_utilisation)}")
+        if not 1 <= self.replay_night_radiologists <= self.replay_radiologists:
+            raise ConfigError("imaging.replay_night_radiologists must be from 1 to imaging.replay_radiologists "
+                              f"({self.replay_radiologists}), got {self.replay_night_radiologists}")
+        if len(self.replay_night_hours) != 2 or any(not 0 <= h <= 23 for h in self.replay_night_hours):
+            raise ConfigError("imaging.replay_night_hours must be [from, to] hours of the day (UTC, 0-23), e.g. "
+                              f"[20, 8], got {list(self.replay_night_hours)}")
 
     def indication(self, category: str) -> IndicationRule:
         return getattr(self, f"indication_{category}")

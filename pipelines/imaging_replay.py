@@ -166,32 +166,52 @@ def chooser(policy: str, ranking: imaging_rank.Ranking) -> Chooser:
 
 @dataclass(frozen=True)
 class Room:
-    """Radiologists sharing one worklist; a read takes its modality's minutes (else `other`) times `pace`."""
+    """Radiologists sharing one worklist: `radiologists` on duty by day, `night_radiologists` of them from
+    `night_hours[0]` to `night_hours[1]` o'clock (UTC; None: the same all day); a read takes its modality's minutes
+    (else `other`) times `pace`. A read begun before a shift ends is finished."""
 
     radiologists: int
     read_minutes: Mapping[str, float]
     pace: float = 1.0
+    night_radiologists: int | None = None
+    night_hours: tuple[int, int] = (20, 8)
 
     def read_time(self, item: Mapping[str, Any]) -> timedelta:
         minutes = self.read_minutes.get(item.get("modality") or "", self.read_minutes["other"])
         return timedelta(minutes=minutes * self.pace)
 
+    def on_duty(self, at: datetime) -> int:
+        """How many radiologists are on duty at this moment."""
+        start, end = self.night_hours
+        night = start <= at.hour or at.hour < end if start > end else start <= at.hour < end
+        return self.radiologists if self.night_radiologists is None or not night else self.night_radiologists
+
+    def next_duty(self, who: int, at: datetime) -> datetime:
+        """When radiologist `who` (0-based) is next on duty from `at` (whole hours: shifts change on the hour)."""
+        t = at
+        while who >= self.on_duty(t):
+            t = t.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+        return t
+
     def at_utilisation(self, items: Sequence[Mapping[str, Any]], utilisation: float) -> Room:
-        """This room with the pace at which the items' reads fill `utilisation` of the radiologists' time from the
-        first arrival to the last."""
+        """This room with the pace at which the items' reads fill `utilisation` of the radiologists' time on duty
+        from the first arrival to the last."""
         times = [i["available_at"] for i in items]
-        span = (max(times) - min(times)).total_seconds() / 60
+        first, last = min(times), max(times)
+        minutes = int((last - first).total_seconds() // 60)
+        on_duty = sum(self.on_duty(first + timedelta(minutes=m)) for m in range(minutes))
         work = sum(replace(self, pace=1.0).read_time(i).total_seconds() / 60 for i in items)
-        if span <= 0 or work <= 0:
+        if on_duty <= 0 or work <= 0:
             raise UsageError("a replay at a utilisation needs studies spread over time (all arrive at once here)")
-        return replace(self, pace=utilisation * self.radiologists * span / work)
+        return replace(self, pace=utilisation * on_duty / work)
 
 
 def simulate(items: Sequence[dict[str, Any]], choose: Chooser, room: Room) -> dict[str, tuple[float, float]]:
     """study_instance_uid -> (minutes waited until opened, minutes from the study time to the end of its read)."""
     arrivals = sorted(items, key=lambda i: (i["available_at"], i["study_instance_uid"]))
     start = arrivals[0]["available_at"]
-    free = [(start, n) for n in range(room.radiologists)]  # (free from, radiologist): a heap
+    free = [(room.next_duty(n, start), n) for n in range(room.radiologists)]  # (free from, radiologist): a heap
+    heapq.heapify(free)
     waiting: list[dict[str, Any]] = []
     out: dict[str, tuple[float, float]] = {}
     nxt = 0
@@ -199,6 +219,9 @@ def simulate(items: Sequence[dict[str, Any]], choose: Chooser, room: Room) -> di
         at, who = heapq.heappop(free)
         if not waiting and arrivals[nxt]["available_at"] > at:
             at = arrivals[nxt]["available_at"]
+        if who >= room.on_duty(at):
+            heapq.heappush(free, (room.next_duty(who, at), who))
+            continue
         while nxt < len(arrivals) and arrivals[nxt]["available_at"] <= at:
             waiting.append(arrivals[nxt])
             nxt += 1
@@ -317,9 +340,12 @@ def run_replay(truths: Sequence[str | Path], imaging: Any, *, radiologists: int 
     loads = list(utilisation or imaging.replay_utilisation)
     if any(not 0 < u <= 2 for u in loads):
         raise UsageError(f"--utilisation must be shares of the radiologists' time above 0 and at most 2, got {loads}")
-    base = Room(radiologists or imaging.replay_radiologists, dict(imaging.replay_read_minutes))
-    if base.radiologists < 1:
-        raise UsageError(f"--radiologists must be at least 1, got {base.radiologists}")
+    day_staff = radiologists or imaging.replay_radiologists
+    if day_staff < 1:
+        raise UsageError(f"--radiologists must be at least 1, got {day_staff}")
+    base = Room(day_staff, dict(imaging.replay_read_minutes),
+                night_radiologists=min(imaging.replay_night_radiologists, day_staff),
+                night_hours=tuple(imaging.replay_night_hours))
     ranking = imaging_rank.Ranking.of(imaging)
     days = [load_day(t, acuity) for t in truths]
     models = _models(days, model, ranking, seed)
@@ -327,6 +353,7 @@ def run_replay(truths: Sequence[str | Path], imaging: Any, *, radiologists: int 
         "days": [str(d.truth) for d in days], "studies": [len(d.items) for d in days],
         "critical_studies": [sum(i["critical"] for i in d.items) for d in days],
         "acuity_from_ward_vitals": [d.acuity for d in days], "radiologists": base.radiologists,
+        "night_radiologists": base.night_radiologists, "night_hours_utc": list(base.night_hours),
         "read_minutes": dict(base.read_minutes),
         "critical_model_version": sorted({str(getattr(m, "version", None)) for m in models}),
         "time_to_read": "study time to the end of the read (report turnaround); wait: to the read's start",

@@ -215,7 +215,8 @@ def imaging_sections(cfg: Config, truth_csv: Path) -> tuple[list[str], list[str]
         lines.append(f"time-to-read replay: not run ({exc})")
         return lines, blocks
     table = time_to_read(figures)
-    room = f"{figures['radiologists']} radiologists at loads {', '.join(str(x['utilisation']) for x in figures['loads'])}"
+    loads = ", ".join(str(x["utilisation"]) for x in figures["loads"])
+    room = f"{figures['radiologists']} radiologists by day, {figures['night_radiologists']} at night, at loads {loads}"
     studies, critical = figures["studies"][0], figures["critical_studies"][0]
     lines += ["", f"time to read (minutes), {studies} studies ({critical} with a critical finding) replayed through "
                   f"{room}:", _text_table(table)]

@@ -33,8 +33,8 @@ def test_every_factor_is_listed_with_its_value_and_points(ranking):
     assert [(f["factor"], f["value"], f["points"]) for f in scored.factors] == [
         ("priority", "STAT", 40.0), ("exam", "CT/HEAD", 15.0), ("indication", "stroke", 30.0), ("location", "ED", 15.0),
         ("news2_band", "high", 20.0), ("open_alert", "news2_high,news2_medium", 15.0),
-        ("waited", "30 min of 60 min SLA", 10.0), ("critical_model", "0.500", 20.0)]
-    assert scored.score == 165.0
+        ("waited", "30 min of 60 min SLA", 10.0), ("critical_model", "0.500", 50.0)]
+    assert scored.score == 195.0
     assert scored.sla_due_at == NOW + timedelta(minutes=30)
     assert scored.indication_category == "stroke"
 
@@ -73,6 +73,8 @@ def test_order_is_score_then_due_time_then_uid(ranking):
     ("imaging.clock=tomorrow", "imaging.clock must be wall"),
     ("imaging.replay_radiologists=0", "imaging.replay_radiologists must be at least 1"),
     ("imaging.replay_read_minutes={other: 0}", r"replay_read_minutes must give positive minutes per DICOM modality"),
+    ("imaging.replay_night_radiologists=4", r"replay_night_radiologists must be from 1 to imaging.replay_radiologists"),
+    ("imaging.replay_night_hours=[20]", r"replay_night_hours must be \[from, to\] hours of the day"),
     ("imaging.replay_utilisation=[0.9, 3]", r"replay_utilisation must list shares .* got \[0.9, 3.0\]"),
     ("imaging.indication_pe.codes=[]", None),
 ])

@@ -69,6 +69,23 @@ def test_every_study_is_read_once_and_no_reader_does_two_at_a_time(ranking):
         "0": (0.0, 20.0), "x": (0.0, 6.0)}
 
 
+def test_at_night_one_radiologist_reads_and_the_others_come_back_in_the_morning(ranking):
+    room = Room(2, MINUTES, night_radiologists=1, night_hours=(20, 8))
+    assert [room.on_duty(START + timedelta(hours=h)) for h in (7, 8, 19, 20, 23)] == [1, 2, 2, 1, 1]
+
+    def studies(hour: float, n: int) -> list[dict]:
+        at = START + timedelta(hours=hour)
+        return [{"study_instance_uid": f"{hour}-{k}", "available_at": at, "priority": "ROUTINE", "modality": "CT"}
+                for k in range(n)]
+
+    night = simulate(studies(21, 3), chooser("fifo", ranking), room)
+    assert sorted(night.values()) == [(0.0, 10.0), (10.0, 20.0), (20.0, 30.0)]  # one reader, one after the other
+    dawn = simulate(studies(7 + 55 / 60, 2), chooser("fifo", ranking), room)
+    assert sorted(dawn.values()) == [(0.0, 10.0), (5.0, 15.0)]  # the second reader starts at 08:00
+    day = [{"available_at": START, "modality": "CT"}, {"available_at": START + timedelta(hours=24), "modality": "CT"}]
+    assert room.at_utilisation(day, 1.0).pace == pytest.approx((12 * 60 * 1 + 12 * 60 * 2) / 20)
+
+
 def test_the_pace_makes_the_reads_fill_the_asked_share_of_the_radiologists_time():
     items = [{"available_at": START + timedelta(hours=h), "modality": m} for h, m in ((0, "CT"), (10, "CR"), (5, "MR"))]
     room = Room(2, MINUTES).at_utilisation(items, 0.5)  # 10 + 3 + 8 (other) = 21 minutes of reads in 10 hours

@@ -348,6 +348,21 @@ def test_imaging_truth_has_indications_places_findings_and_reads(sim):
         assert not r["read_time"] or r["study_time"] <= r["read_time"] and r["ordered_time"] <= r["study_time"]
     reports = [m for m in hl7_messages(sim) if b"|RAD|F|" in m]
     assert len(reports) >= sum(1 for r in rows if r["read_time"]) - counts(sim)["dirt"].get("hl7.malformed", 0)
+    vitals = truth(sim, "ward_vitals.csv")  # the charted ward sets the replay scores NEWS2 from
+    inpatients = {r["visit_number"] for r in truth(sim, "encounters.csv")}
+    assert vitals and {r["visit_number"] for r in vitals} <= inpatients
+    assert all(r["acvpu"] in ("A", "C", "V", "P", "U") and 4 <= float(r["respiratory_rate"]) <= 60 for r in vitals)
+
+
+def test_sicker_patients_studies_find_more_and_emergencies_are_sometimes_under_triaged():
+    from pipelines.simulator.clinical import DETERIORATION_PRIORITY, ED_CASES, INDICATIONS, critical_chance
+
+    assert critical_chance(0.1, None) == 0.1  # nothing charted: the indication's prevalence
+    chances = [critical_chance(0.1, band) for band in ("low", "low-medium", "medium", "high")]
+    assert chances == sorted(chances) and chances[0] < 0.1 < chances[2] and chances[-1] < 0.3
+    emergencies = [p for i, _, p in ED_CASES if INDICATIONS[i].critical_p >= 0.08]
+    assert emergencies and all(p.get("routine", 0) > 0 and p.get("stat", 0) > 0.4 for p in emergencies)
+    assert 0 < DETERIORATION_PRIORITY["routine"] < DETERIORATION_PRIORITY["stat"]
 
 
 def test_critical_findings_are_not_predicted_by_priority_alone():
