@@ -90,3 +90,18 @@ def test_bad_settings_name_the_key_and_the_fix(tmp_path, setting, message):
 def test_a_category_without_codes_or_words_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="indication_pe needs some codes or words"):
         make_config(tmp_path, **{"imaging.indication_pe.codes": "[]", "imaging.indication_pe.words": "[]"})
+
+
+def test_the_model_reorders_within_a_priority_and_lifts_under_triaged_studies(ranking):
+    stat_film = item("stat-film", priority="STAT", location_class="ED", critical_probability=0.02)
+    routine_bleed = item("routine-bleed", modality="CT", body_part="ABDOMEN", location_class="ED",
+                         indication_codes=["ICD-10-CM|K92.2"], critical_probability=0.3)
+    older_stroke = item("older-stroke", priority="STAT", modality="CT", body_part="HEAD", indication_text="stroke",
+                        location_class="ED", critical_probability=0.05, available_at=NOW - timedelta(minutes=40))
+    likely_stroke = item("likely-stroke", priority="STAT", modality="CT", body_part="HEAD", indication_text="stroke",
+                         location_class="ED", critical_probability=0.4, available_at=NOW)
+    got = [i["study_instance_uid"] for _, i, _ in imaging_rank.ranked(
+        [stat_film, routine_bleed, older_stroke, likely_stroke], ranking, NOW)]
+    # within STAT the likelier stroke goes first though it came later; a GI bleed ordered ROUTINE outranks a STAT
+    # chest film that is probably normal
+    assert got == ["likely-stroke", "older-stroke", "routine-bleed", "stat-film"]
