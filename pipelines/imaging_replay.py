@@ -276,7 +276,7 @@ def _spread(values: Sequence[float | None]) -> dict[str, Any]:
     known = [v for v in values if v is not None]
     if not known:
         return {"median": None, "range": None}
-    return {"median": round(float(np.median(known)), 1), "range": [min(known), max(known)]}
+    return {"median": round(float(np.median(known)), 3), "range": [min(known), max(known)]}
 
 
 def summarise(days: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
