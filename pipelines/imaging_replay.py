@@ -98,12 +98,14 @@ class Acuity:
     charts: Any
     current_for: timedelta
     resolve_after: timedelta
+    levels: tuple[str, ...] = ("news2_medium", "news2_high")  # the NEWS2 alert levels gold raises (gold.alert_levels)
 
 
 def replay_acuity(cfg: Any) -> Acuity:
     """The acuity settings of a configuration: gold's NEWS2 chart and alert resolution, imaging.news2_current_for."""
     return Acuity(cfg.gold.charts, timedelta(seconds=cfg.imaging.seconds("news2_current_for")),
-                  timedelta(milliseconds=cfg.gold.alert_resolve_after_ms))
+                  timedelta(milliseconds=cfg.gold.alert_resolve_after_ms),
+                  tuple(lv for lv in cfg.gold.alert_levels if lv in ALERT_BANDS))
 
 
 def read_vitals(path: Path, acuity: Acuity) -> dict[str, list[tuple[datetime, str]]]:
@@ -125,16 +127,18 @@ def read_vitals(path: Path, acuity: Acuity) -> dict[str, list[tuple[datetime, st
 ALERT_BANDS = {"news2_medium": ("medium", "high"), "news2_high": ("high",)}  # gold.deterioration_alerts' NEWS2 levels
 
 
-def _open_alerts(scores: Sequence[tuple[datetime, str]], resolve_after: timedelta) -> list[str]:
+def _open_alerts(scores: Sequence[tuple[datetime, str]], acuity: Acuity) -> list[str]:
     """The NEWS2 alert levels open after these scores (time order): a level opens at a score in it and resolves once
-    a later score shows the patient out of it for `resolve_after` (gold.deterioration_alerts' episode rule)."""
+    a later score shows the patient out of it for `resolve_after` (gold.deterioration_alerts' episode rule; qSOFA
+    and model alerts are not replayed)."""
     found = []
-    for level, bands in ALERT_BANDS.items():
+    for level in acuity.levels:
+        bands = ALERT_BANDS[level]
         inside = [n for n, (_, b) in enumerate(scores) if b in bands]
         if not inside:
             continue
         after = scores[inside[-1] + 1:]
-        if not after or after[-1][0] - after[0][0] < resolve_after:
+        if not after or after[-1][0] - after[0][0] < acuity.resolve_after:
             found.append(level)
     return found
 
@@ -146,7 +150,7 @@ def add_acuity(items: Sequence[dict[str, Any]], vitals: Mapping[str, list[tuple[
         scores = [s for s in vitals.get(item.get("visit_number") or "", ()) if s[0] <= item["available_at"]]
         current = scores and item["available_at"] - scores[-1][0] <= acuity.current_for
         item["news2_band"] = scores[-1][1] if current else None
-        item["open_alert_levels"] = _open_alerts(scores, acuity.resolve_after) if scores else []
+        item["open_alert_levels"] = _open_alerts(scores, acuity) if scores else []
 
 
 Chooser = Callable[[list[dict[str, Any]], datetime], dict[str, Any]]

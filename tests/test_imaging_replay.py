@@ -106,7 +106,7 @@ def test_the_worklist_sees_the_news2_band_and_open_alerts_gold_would_at_arrival(
     path = tmp_path / "ward_vitals.csv"
     path.write_text(VITALS + "".join(f"M,{v},2026-01-05T{t}:00Z,{x}\n" for v, t, x in rows))
     acuity = replay_acuity(cfg)
-    assert acuity == Acuity(cfg.gold.charts, timedelta(hours=24), timedelta(hours=1))
+    assert acuity == Acuity(cfg.gold.charts, timedelta(hours=24), timedelta(hours=1), ("news2_medium", "news2_high"))
     vitals = read_vitals(path, acuity)
     assert [b for _, b in vitals["V1"]] == ["low", "high", "low", "low", "low"]
     at = {"02:30": ("high", ["news2_medium", "news2_high"]), "03:15": ("low", ["news2_medium", "news2_high"]),
@@ -119,6 +119,9 @@ def test_the_worklist_sees_the_news2_band_and_open_alerts_gold_would_at_arrival(
     assert [(i["news2_band"], i["open_alert_levels"]) for i in items] == [*at.values(), (None, ["news2_medium",
                                                                                                 "news2_high"]),
                                                                           (None, [])]
+    only_high = Acuity(cfg.gold.charts, timedelta(hours=24), timedelta(hours=1), ("news2_high",))  # gold.alert_levels
+    add_acuity(items[:1], vitals, only_high)
+    assert items[0]["open_alert_levels"] == ["news2_high"]
     path.write_text(VITALS + "M,V1,yesterday,14,97,21,0,120,70,36.8,A\n")
     with pytest.raises(UsageError, match="ward_vitals.csv line 2: "):
         read_vitals(path, acuity)
