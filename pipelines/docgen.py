@@ -69,7 +69,9 @@ def table_docs(cfg: Any) -> list[TableDoc]:
         about = about if not about or about.endswith(".") else about + "."
         source = job.source.describe()
         fusers = [j.name for j in registry if any(d.name == job.name for d in j.fused)]
-        if fusers:
+        if fusers and job.carried_only:
+            source += f", only inside the batches of {', '.join(fusers)} (streaming.fuse)"
+        elif fusers:
             source += f"; and inside the batches of {', '.join(fusers)} (streaming.fuse)"
         docs[job.name] = TableDoc(job.name, job.name, _write_mode(job.write, job.merge), source, about,
                                   _spark_columns(job.schema))
