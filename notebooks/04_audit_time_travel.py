@@ -26,6 +26,8 @@ SETTINGS = {"simulator.icu_cadence_min_s": 30, "simulator.icu_cadence_max_s": 60
 import io
 import shutil
 import tempfile
+from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 
 import pandas as pd
@@ -38,8 +40,7 @@ from pipelines.audit_tables import as_of, diff, table_keys
 from pipelines.config import load_config
 from pipelines.store.deltars import DeltaRsStore
 
-pd.set_option("display.width", 160)
-pd.set_option("display.max_columns", 12)
+nbk.setup_display()
 cfg, spark, store, simulation = nbk.lakehouse(ROOT, ENV, SETTINGS, patients=PATIENTS, hours=HOURS, seed=SEED)
 audit = DeltaRsStore(cfg)  # audits read the Delta logs and files directly, as `carelake audit` does: no Spark
 
@@ -71,19 +72,27 @@ print(f"{len(alerts)} alert(s) in {ALERTS}; under review: {alert['level']} alert
 commits = sorted(audit.history(SCORES), key=lambda c: c.version)
 known = []
 for commit in commits:
-    at = as_of(audit, SCORES, commit.timestamp.isoformat(), 0)
-    rows = audit.read_arrow(SCORES, version=at.version, columns=["patient_key", "scored_at", "news2_score"])
+    rows = audit.read_arrow(SCORES, version=commit.version, columns=["patient_key", "scored_at", "news2_score"])
     mine = rows.to_pandas().query("patient_key == @patient and scored_at <= @opened")
-    known.append({"version": at.version, "committed": f"{commit.timestamp:%H:%M:%S}", "operation": commit.operation,
-                  "table rows": at.rows, "this patient's scores up to the alert": len(mine),
-                  "max NEWS2 among them": mine["news2_score"].max() if len(mine) else None})
+    known.append({"version": commit.version, "committed": f"{commit.timestamp:%H:%M:%S}",
+                  "operation": commit.operation, "this patient's scores up to the alert": len(mine),
+                  "max NEWS2 among them": mine["news2_score"].max() if len(mine) else None,
+                  "holds the alert's score": bool((mine["scored_at"] == opened).any())})
 known = pd.DataFrame(known)
 display(known)
-then = int(alert["scores_version"])
+holding = known.loc[known["holds the alert's score"], "version"]
+then = int(holding.min()) if len(holding) else int(alert["scores_version"])
+committed = next(c.timestamp for c in commits if c.version == then)
+if then > 0:  # the question "what did we know just before?", asked by time as an auditor would
+    moment = (committed - timedelta(milliseconds=1)).isoformat()
+    earlier = as_of(audit, SCORES, moment, 0)
+    print(f"as of {moment} (`carelake audit as-of {SCORES} TIME`): version {earlier.version}, {earlier.rows} rows, "
+          "before the alert's score row was written")
 at_alert = audit.read_arrow(SCORES, version=then).to_pandas().query("patient_key == @patient and scored_at <= @opened")
 now = audit.read_arrow(SCORES).to_pandas().query("patient_key == @patient and scored_at <= @opened")
-print(f"when the alert was raised ({SCORES} v{then}) the patient had {len(at_alert)} score row(s) up to "
-      f"{opened:%H:%M}; today (v{audit.version(SCORES)}) the table holds {len(now)} for the same span")
+print(f"when the alert was raised ({SCORES} v{then}, committed {committed:%H:%M:%S}) the patient had "
+      f"{len(at_alert)} score row(s) up to {opened:%H:%M}; today (v{audit.version(SCORES)}) the table holds "
+      f"{len(now)} for the same span")
 display(at_alert.sort_values("scored_at").tail(5)[["scored_at", "news2_score", "news2_band", "news2_partial",
                                                    "model_risk", "silver_version"]])
 
@@ -100,7 +109,7 @@ write_explanation(chain, text)
 shown = text.getvalue().replace(patient, nbk.short(patient)).replace(alert["alert_id"], nbk.short(alert["alert_id"]))
 print(shown.replace(str(cfg.root), "<ROOT>"))
 model = chain["model_version"] or "none (no model was registered when it was scored: the NEWS2 rule raised it)"
-landing = pd.Series([o["landing"]["status"] for o in chain["observations"] if "landing" in o]).value_counts()
+landing = Counter(o["landing"]["status"] for o in chain["observations"] if "landing" in o)
 print(f"verdict: {chain['verdict']}; model version: {model}; code version: {chain['code_version']}; "
       f"landing units: {dict(landing)}; tables read at: {chain['tables_read']}")
 
@@ -141,7 +150,7 @@ restore_commit = scratch.history(ALERTS, limit=1)[0]
 print(f"its commit: {restore_commit.operation}, reason {restore_commit.metadata.get('carelake.reason')!r}, "
       f"actor {restore_commit.metadata.get('carelake.actor')!r}")
 log = scratch.read_arrow("ops.audit_log").to_pandas()
-display(log[[c for c in ("at_utc", "actor", "action", "outcome", "statement", "tables", "detail") if c in log.columns]])
+display(log[["at_utc", "actor", "action", "outcome", "statement", "tables", "detail"]])
 undone = diff(scratch, ALERTS, before, scratch.version(ALERTS), table_keys(cfg, ALERTS)).summary()
 print(f"what the restore took away (audit diff v{before} -> v{scratch.version(ALERTS)}): {undone}")
 

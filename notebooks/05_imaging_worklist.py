@@ -20,8 +20,6 @@ SEED = 7  # ... and its seed
 SETTINGS = {"simulator.icu_cadence_min_s": 30, "simulator.icu_cadence_max_s": 60, "imaging.clock": "data"}
 
 # %%
-import os
-
 import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
@@ -32,11 +30,7 @@ from pipelines.imaging_replay import replay_acuity, run_replay
 from pipelines.report import BREACHES, WORKLIST, time_to_read, worklist_snapshot
 from pipelines.training import print_critical_finding, train_critical_finding
 
-pd.set_option("display.width", 180)
-pd.set_option("display.max_columns", 12)
-pd.set_option("display.max_colwidth", 90)
-plt.rcParams.update({"figure.dpi": 72})
-os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+nbk.setup_display()
 cfg, spark, store, simulation = nbk.lakehouse(ROOT, ENV, SETTINGS, patients=PATIENTS, hours=HOURS, seed=SEED)
 truth = nbk.truth_file(simulation, "imaging.csv", cfg.root)
 if not store.exists(WORKLIST):

@@ -23,8 +23,6 @@ SETTINGS = {"simulator.icu_cadence_min_s": 30, "simulator.icu_cadence_max_s": 60
                                                        "phantom_services", "impossible_volume")}}
 
 # %%
-import os
-
 import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
@@ -40,11 +38,7 @@ from pipelines.training import (
     train_fraud,
 )
 
-pd.set_option("display.width", 180)
-pd.set_option("display.max_columns", 12)
-pd.set_option("display.max_colwidth", 100)
-plt.rcParams.update({"figure.dpi": 72})
-os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+nbk.setup_display()
 cfg, spark, store, simulation = nbk.lakehouse(ROOT, ENV, SETTINGS, patients=PATIENTS, hours=HOURS, seed=SEED)
 labels = nbk.truth_file(simulation, "fraud_labels.csv", cfg.root)
 if not store.exists(CLAIM_SCORES):

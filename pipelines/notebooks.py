@@ -252,10 +252,11 @@ LATE_FEEDS = ("dicom", "claims")  # not hourly files: they arrive with the secon
 
 
 def build_lakehouse(cfg: Config, spark: SparkSession, store: TableStore, *, patients: int, hours: int,
-                    seed: int) -> Path:
-    """A simulated hospital (every feed) through every job in two arrivals, as `carelake demo` sends it but with
-    file drops: the first two thirds of the window, then the rest with the imaging studies and the claims (so the
-    tables have versions an audit can tell apart). Returns the simulation folder (its truth/ holds the labels)."""
+                    seed: int, arrivals: int = 2) -> Path:
+    """A simulated hospital (every feed) through every job, as `carelake demo` sends it but with file drops: in two
+    arrivals, the first two thirds of the window, then the rest with the imaging studies and the claims (so the
+    tables have versions an audit can tell apart), or all at once (`arrivals=1`, one run of the jobs: the test
+    suite's). Returns the simulation folder (its truth/ holds the labels)."""
     from pipelines.demo import split_by_hour
     from pipelines.landing import ingest
     from pipelines.simulator.params import resolve_params
@@ -264,9 +265,11 @@ def build_lakehouse(cfg: Config, spark: SparkSession, store: TableStore, *, pati
     params = resolve_params(cfg.simulator, cfg.root / SIMULATION, patients=patients, hours=hours, seed=seed,
                             feeds=",".join((*SIMULATED_FEEDS, *LATE_FEEDS)))
     print(simulate(spark, params).text())
-    first, rest = split_by_hour(params.out, max(1, hours * 2 // 3))
+    if arrivals not in (1, 2):
+        raise UsageError(f"a notebook lakehouse is built in 1 or 2 arrivals, not {arrivals}")
+    first, rest = split_by_hour(params.out, max(1, hours * 2 // 3) if arrivals == 2 else hours)
     rest.update({feed: [params.out / feed] for feed in LATE_FEEDS if (params.out / feed).is_dir()})
-    for arrival, part in enumerate((first, rest), 1):
+    for arrival, part in enumerate((first, rest) if arrivals == 2 else ({**first, **rest},), 1):
         for feed, paths in part.items():
             landed = ingest(cfg, paths, feed)
             print(f"arrival {arrival}: landed {len(landed)} {feed} file(s), {sum(f.bytes for f in landed):,} bytes")
@@ -290,7 +293,7 @@ def truth_file(simulation: Path | None, name: str, root: Path) -> Path:
 
 
 def lakehouse(root: str | Path | None, env: str, settings: Mapping[str, Any], *, patients: int, hours: int,
-              seed: int) -> tuple[Config, SparkSession, TableStore, Path | None]:
+              seed: int, arrivals: int = 2) -> tuple[Config, SparkSession, TableStore, Path | None]:
     """(cfg, spark, store, simulation folder) of ROOT, built there first (`build_lakehouse`) when it holds no
     tables yet; ROOT None = a new folder under a temp dir."""
     from pipelines.config import load_config
@@ -302,11 +305,26 @@ def lakehouse(root: str | Path | None, env: str, settings: Mapping[str, Any], *,
     spark = create_spark(cfg.spark)
     store = open_store(cfg, spark)
     built = not store.list_tables()
-    simulation = (build_lakehouse(cfg, spark, store, patients=patients, hours=hours, seed=seed) if built
-                  else simulation_folder(cfg.root))
+    simulation = (build_lakehouse(cfg, spark, store, patients=patients, hours=hours, seed=seed, arrivals=arrivals)
+                  if built else simulation_folder(cfg.root))
     print(f"lakehouse at {cfg.root} (engine {store.engine}, {'built here' if built else 'as found'}); "
           f"simulation ground truth: {simulation / 'truth' if simulation else 'none'}")
     return cfg, spark, store, simulation
+
+
+def setup_display(*, width: int = 180, colwidth: int = 100) -> None:
+    """What the executed notebooks show: wide short tables, plots at 72 dpi (committed outputs stay small), no
+    MLflow progress bars."""
+    import os
+
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    for option, value in (("display.width", width), ("display.max_columns", 12), ("display.max_colwidth", colwidth),
+                          ("display.max_rows", 30)):
+        pd.set_option(option, value)
+    plt.rcParams.update({"figure.dpi": 72})
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 
 
 def short(key: Any) -> Any:

@@ -32,8 +32,8 @@ TOUR, MODEL, MORTALITY, AUDIT, IMAGING, CLAIMS = (FOLDER / f"{n}.py" for n in (
 FRAUD = ("duplicate_billing", "upcoding", "unbundling", "phantom_services", "impossible_volume")
 TINY_HOSPITAL = {"ENV": "test", "PATIENTS": 24, "HOURS": 8, "SEED": 7,
                  "SETTINGS": {"simulator.icu_cadence_min_s": 60, "simulator.icu_cadence_max_s": 60,
-                              "simulator.deterioration_fraction": 0.45, "simulator.ed_imaging_per_day": 60,
-                              "simulator.outpatient_imaging_per_day": 30, "imaging.clock": "data",
+                              "simulator.deterioration_fraction": 0.45, "simulator.ed_imaging_per_day": 40,
+                              "simulator.outpatient_imaging_per_day": 20, "imaging.clock": "data",
                               **{f"simulator.fraud.{p}": 0.1 for p in FRAUD}}}
 
 
@@ -142,7 +142,7 @@ def lake(spark, tmp_path_factory):
     root = tmp_path_factory.mktemp("nb-lake") / "lake"
     with contextlib.redirect_stdout(io.StringIO()):
         nbk.lakehouse(root, "test", TINY_HOSPITAL["SETTINGS"], patients=TINY_HOSPITAL["PATIENTS"],
-                      hours=TINY_HOSPITAL["HOURS"], seed=TINY_HOSPITAL["SEED"])
+                      hours=TINY_HOSPITAL["HOURS"], seed=TINY_HOSPITAL["SEED"], arrivals=1)  # one run of the jobs
     return {**TINY_HOSPITAL, "ROOT": str(root)}
 
 
@@ -204,7 +204,7 @@ def test_audit_notebook_answers_as_of_explains_an_alert_diffs_and_restores_a_cop
     assert len(chain["observations"]) > 0 and all(o["landing"]["status"] == "verified" for o in chain["observations"])
     # as of each commit: the versions in order, and the alert's own version read as it was then
     assert ns["known"]["version"].tolist() == sorted(ns["known"]["version"].tolist())
-    assert f"when the alert was raised (gold.early_warning_scores v{ns['then']})" in out
+    assert f"when the alert was raised (gold.early_warning_scores v{ns['then']}, committed" in out
     summary = ns["changes"].summary()
     assert f"v{ns['then']} -> v{live.version('gold.early_warning_scores')} by patient_key" in out
     assert len(ns["listed"]) == summary["added"] + summary["changed"] + summary["removed"]
