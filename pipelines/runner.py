@@ -186,6 +186,10 @@ CHUNK_STRIDE = 100_000
 ORDER_COLUMNS = ("_commit_version", "landing_file", "landing_position")
 # Available-now over carelake_delta sources (Runner.targets): how often an idle query looks for its next batch.
 BOUNDED_POLL_MS = 200
+# Available-now: how often the runner looks whether the running query has finished or reached its targets. Each
+# look is a py4j call and a read of the checkpoint's newest files; a `run all` starts a query per job, and the
+# time between its last commit and the look that sees it is lost for every one of them.
+DONE_POLL_S = 0.1
 # A batch this large that arrived in fewer partitions than Spark has cores is spread out before chunking.
 SPREAD_ROWS = 100_000
 
@@ -840,7 +844,7 @@ class Runner:
                 running = self.start(job, trigger)
                 while running.query.isActive and not stop.event.is_set() and not self.reached(running):
                     try:
-                        running.query.awaitTermination(0.5)
+                        running.query.awaitTermination(DONE_POLL_S)
                     except StreamingQueryException:
                         break  # _finish reports the cause (the Python exception, not Spark's wrapper)
                 if running.query.isActive:
