@@ -61,8 +61,9 @@ display(pd.DataFrame({
     "claim": flagged["claim_id"].map(nbk.short), "provider NPI": flagged["provider_npi"],
     "member": flagged["member_key"].map(nbk.short), "from": flagged["service_from"],
     "billed": flagged["billed_amount"].astype(float).round(2), "score": flagged["score"], "band": flagged["band"],
-    "reasons": flagged["reasons"].map(lambda rs: "; ".join(f"{r['code']}: {r['detail']} (lines "
-                                                           f"{', '.join(map(str, r['lines'] or []))})" for r in rs)),
+    "reasons": flagged["reasons"].map(lambda rs: "; ".join(
+        f"{r['code']}: {r['detail']} (lines {', '.join(str(n) for n in (() if r['lines'] is None else r['lines']))})"
+        for r in rs)),
 }).head(10))
 
 # %% [markdown]
