@@ -58,8 +58,7 @@ alerts["order"] = alerts["level"].map(ORDER).fillna(9)
 alert = alerts.sort_values(["order", "opened_at"]).iloc[0]
 patient, opened = alert["patient_key"], alert["opened_at"].to_pydatetime()
 print(f"{len(alerts)} alert(s) in {ALERTS}; under review: {alert['level']} alert {nbk.short(alert['alert_id'])} for "
-      f"patient {nbk.short(patient)}, opened {opened:%Y-%m-%d %H:%M} (event time), NEWS2 {alert['news2_score']}, "
-      f"written from {SCORES} v{alert['scores_version']}")
+      f"patient {nbk.short(patient)}, opened {opened:%Y-%m-%d %H:%M} (event time), NEWS2 {alert['news2_score']}")
 
 # %% [markdown]
 # ## 1. What did we know, and when?
@@ -116,12 +115,14 @@ print(f"verdict: {chain['verdict']}; model version: {model}; code version: {chai
 # %% [markdown]
 # ## 3. What changed between two versions
 # `diff` is `carelake audit diff TABLE V1 V2`: rows added, changed and removed, matched by the table's key (the
-# merge keys of the job that writes it). Here: the scores table from the version the alert was raised on to now.
+# merge keys of the job that writes it). Here: the scores table from the version before the alert's score row was
+# written to now: what the batch that raised the alert (and any later one) changed.
 
 # %%
 key = table_keys(cfg, SCORES)
-changes = diff(audit, SCORES, then, audit.version(SCORES), key)
-print(f"{SCORES} v{then} -> v{audit.version(SCORES)} by {', '.join(key)}: {changes.summary()}")
+since = max(0, then - 1)
+changes = diff(audit, SCORES, since, audit.version(SCORES), key)
+print(f"{SCORES} v{since} -> v{audit.version(SCORES)} by {', '.join(key)}: {changes.summary()}")
 listed = pd.DataFrame([{"change": c["change"], "patient": nbk.short((c["key"] or {}).get("patient_key")),
                         "scored_at": (c["key"] or {}).get("scored_at"), "columns": ", ".join(c.get("columns") or [])}
                        for c in changes.changes()])

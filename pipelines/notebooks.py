@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import pprint
 import re
 import sys
 import tempfile
@@ -96,7 +97,9 @@ def with_parameters(nb, params: Mapping[str, Any]):
     if not params:
         return nb
     index = next(i for i, c in enumerate(nb.cells) if PARAMETERS_TAG in c.metadata.get("tags", []))
-    source = "# Parameters set for this run\n" + "\n".join(f"{k} = {v!r}" for k, v in params.items())
+    # pformat wraps a long value (a SETTINGS dict) so the executed notebook stays within the line length ruff checks
+    source = "# Parameters set for this run\n" + "\n".join(f"{k} = {pprint.pformat(v, width=110 - len(k))}"
+                                                           for k, v in params.items())
     nb.cells.insert(index + 1, nbformat.v4.new_code_cell(source, metadata={"tags": [INJECTED_TAG]}))
     return nb
 

@@ -206,7 +206,7 @@ def test_audit_notebook_answers_as_of_explains_an_alert_diffs_and_restores_a_cop
     assert ns["known"]["version"].tolist() == sorted(ns["known"]["version"].tolist())
     assert f"when the alert was raised (gold.early_warning_scores v{ns['then']}, committed" in out
     summary = ns["changes"].summary()
-    assert f"v{ns['then']} -> v{live.version('gold.early_warning_scores')} by patient_key" in out
+    assert f"v{ns['since']} -> v{live.version('gold.early_warning_scores')} by patient_key" in out
     assert len(ns["listed"]) == summary["added"] + summary["changed"] + summary["removed"]
     # the restore: a commit with the reason, one allowed audit row, the alert gone from the copy, the lake untouched
     assert ns["restore_commit"].metadata["carelake.reason"] == ns["REASON"]
