@@ -49,9 +49,9 @@ rows = store.read_arrow(WORKLIST, columns=["status", "rank", "factors"]).to_pyli
 unread = sorted((r for r in rows if r["status"] == "unread"), key=lambda r: r["rank"])[:10]
 points = pd.DataFrame([{f["factor"]: f["points"] for f in r["factors"] if f["points"]} for r in unread],
                       index=[f"#{r['rank']}" for r in unread]).fillna(0)
-statuses = pd.Series([r["status"] for r in rows]).value_counts()
+statuses = {status: int(n) for status, n in pd.Series([r["status"] for r in rows]).value_counts().items()}
 breaches = store.read_arrow(BREACHES).num_rows if store.exists(BREACHES) else 0
-print(f"{WORKLIST}: {dict(statuses)}; {BREACHES}: {breaches} row(s)")
+print(f"{WORKLIST}: {statuses}; {BREACHES}: {breaches} row(s)")
 if len(points):
     ax = points.plot.barh(stacked=True, figsize=(8, 3.5), title="points per factor, first unread studies")
     ax.invert_yaxis()

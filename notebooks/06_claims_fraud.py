@@ -56,9 +56,10 @@ scores = store.read_arrow(CLAIM_SCORES, columns=["claim_id", "provider_npi", "me
                                                  "model_probability"]).to_pandas()
 flagged = scores[scores["score"] > 0].sort_values(["score", "billed_amount"], ascending=False)
 bands = scores["band"].value_counts().reindex(["none", "low", "medium", "high"]).fillna(0).astype(int)
-print(f"{len(scores):,} scored claims, {len(flagged):,} flagged by at least one rule; bands: {dict(bands)}")
+print(f"{len(scores):,} scored claims, {len(flagged):,} flagged by at least one rule; bands: "
+      f"{', '.join(f'{band} {n}' for band, n in bands.items())}")
 display(pd.DataFrame({
-    "claim": flagged["claim_id"].map(nbk.short), "provider NPI": flagged["provider_npi"],
+    "claim": flagged["claim_id"], "provider NPI": flagged["provider_npi"],
     "member": flagged["member_key"].map(nbk.short), "from": flagged["service_from"],
     "billed": flagged["billed_amount"].astype(float).round(2), "score": flagged["score"], "band": flagged["band"],
     "reasons": flagged["reasons"].map(lambda rs: "; ".join(
@@ -75,8 +76,7 @@ display(pd.DataFrame({
 # %%
 report = evaluate_fraud(cfg, store, labels)
 print_fraud_evaluation(report)
-recall = pd.DataFrame(report["patterns"]).T
-display(recall)
+recall = pd.DataFrame(report["patterns"]).T  # the table above, as a frame to work with
 
 # %% [markdown]
 # ## 3. The model against the rules, on held-out providers
