@@ -33,9 +33,7 @@ from pipelines.training import print_critical_finding, train_critical_finding
 nbk.setup_display()
 cfg, spark, store, simulation = nbk.lakehouse(ROOT, ENV, SETTINGS, patients=PATIENTS, hours=HOURS, seed=SEED)
 truth = nbk.truth_file(simulation, "imaging.csv", cfg.root)
-if not store.exists(WORKLIST):
-    raise nbk.NotebookStop(f"{WORKLIST} does not exist under {cfg.root}: the lakehouse has no imaging (simulate with "
-                           "the dicom feed and run every job). The notebook stops here.")
+nbk.require_table(store, WORKLIST, "the lakehouse has no imaging (simulate with the dicom feed, run every job)")
 
 # %% [markdown]
 # ## 1. The worklist now, and why each study ranks where it does

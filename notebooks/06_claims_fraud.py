@@ -41,9 +41,7 @@ from pipelines.training import (
 nbk.setup_display()
 cfg, spark, store, simulation = nbk.lakehouse(ROOT, ENV, SETTINGS, patients=PATIENTS, hours=HOURS, seed=SEED)
 labels = nbk.truth_file(simulation, "fraud_labels.csv", cfg.root)
-if not store.exists(CLAIM_SCORES):
-    raise nbk.NotebookStop(f"{CLAIM_SCORES} does not exist under {cfg.root}: the lakehouse has no claims (simulate "
-                           "with the claims feed and run every job). The notebook stops here.")
+nbk.require_table(store, CLAIM_SCORES, "the lakehouse has no claims (simulate with the claims feed, run every job)")
 
 # %% [markdown]
 # ## 1. The top flagged claims, with their reasons

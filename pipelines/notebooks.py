@@ -295,6 +295,12 @@ def truth_file(simulation: Path | None, name: str, root: Path) -> Path:
     return path
 
 
+def require_table(store: TableStore, name: str, hint: str) -> None:
+    """A NotebookStop when the lakehouse lacks the table the notebook is about, saying how to get it."""
+    if not store.exists(name):
+        raise NotebookStop(f"{name} does not exist under {store.cfg.root}: {hint}. The notebook stops here.")
+
+
 def lakehouse(root: str | Path | None, env: str, settings: Mapping[str, Any], *, patients: int, hours: int,
               seed: int, arrivals: int = 2) -> tuple[Config, SparkSession, TableStore, Path | None]:
     """(cfg, spark, store, simulation folder) of ROOT, built there first (`build_lakehouse`) when it holds no
