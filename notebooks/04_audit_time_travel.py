@@ -55,7 +55,7 @@ alerts = audit.read_arrow(ALERTS, columns=["alert_id", "patient_key", "level", "
 if alerts.empty:
     raise nbk.NotebookStop(f"{ALERTS} holds no alert: nothing to audit here; simulate more patients or hours")
 alerts["order"] = alerts["level"].map(ORDER).fillna(9)
-alert = alerts.sort_values(["order", "opened_at"]).iloc[0]
+alert = alerts.sort_values(["order", "opened_at", "alert_id"]).iloc[0]  # the same alert on every run
 patient, opened = alert["patient_key"], alert["opened_at"].to_pydatetime()
 print(f"{len(alerts)} alert(s) in {ALERTS}; under review: {alert['level']} alert {nbk.short(alert['alert_id'])} for "
       f"patient {nbk.short(patient)}, opened {opened:%Y-%m-%d %H:%M} (event time), NEWS2 {alert['news2_score']}")
@@ -80,7 +80,7 @@ for commit in commits:
 known = pd.DataFrame(known)
 display(known)
 holding = known.loc[known["holds the alert's score"], "version"]
-then = int(holding.min()) if len(holding) else int(alert["scores_version"])
+then = int(holding.min()) if len(holding) else commits[-1].version  # withdrawn since (late data): the newest
 committed = next(c.timestamp for c in commits if c.version == then)
 if then > 0:  # the question "what did we know just before?", asked by time as an auditor would
     moment = (committed - timedelta(milliseconds=1)).isoformat()
