@@ -11,26 +11,22 @@
 # Patient keys are pseudonyms (a keyed hash); they are shortened for display. No names or MRNs are shown.
 
 # %% tags=["parameters"]
-ROOT = None  # an existing lakehouse (e.g. "../demo-lakehouse" after `./dev demo`); None = build a small one
+ROOT = None  # a lakehouse (e.g. "../demo-lakehouse" after `./dev demo`); built there if it holds no tables; None = new
 ENV = "local"  # configuration overlay (conf/<ENV>.yaml)
-PATIENTS = 40  # the small simulated hospital built when ROOT is None ...
+PATIENTS = 40  # the small simulated hospital built when ROOT holds no tables ...
 HOURS = 10  # ... its window in hours ...
 SEED = 7  # ... and its seed (same seed, same hospital)
-SETTINGS = {"simulator.icu_cadence_min_s": 30, "simulator.icu_cadence_max_s": 60}  # monitors every 30-60 s
+SETTINGS = {"simulator.icu_cadence_min_s": 30, "simulator.icu_cadence_max_s": 60,  # monitors every 30-60 s
+            "imaging.clock": "data"}  # imaging waits on the simulated day's clock
 
 # %%
-import tempfile
-from pathlib import Path
-
 import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 from pyspark.sql import functions as F
 
 from pipelines import notebooks as nbk
-from pipelines.config import load_config
-from pipelines.spark import create_spark
-from pipelines.store import open_store
+from pipelines.notebooks import short
 
 pd.set_option("display.max_rows", 30)
 pd.set_option("display.width", 160)
@@ -38,29 +34,10 @@ pd.set_option("display.max_columns", 12)
 plt.rcParams.update({"figure.dpi": 72, "figure.figsize": (7, 3)})
 
 
-def short(key: str) -> str:
-    """A pseudonymous key, shortened for display."""
-    return f"{key[:10]}..." if isinstance(key, str) else key
-
-
-fresh = ROOT is None
-root = Path(tempfile.mkdtemp(prefix="carelake-tour-")) / "lake" if fresh else nbk.require_folder(
-    ROOT, "the lakehouse ROOT", "run `./dev demo` first, or set ROOT = None to build a small one")
-cfg = load_config(env=ENV, root=root, overrides=SETTINGS)
-spark = create_spark(cfg.spark)
-store = open_store(cfg, spark)
-print(f"lakehouse at {cfg.root} (engine {store.engine})")
-
-# %% [markdown]
-# ## Build a small lakehouse (only when `ROOT` is None)
-# `carelake simulate` writes a seeded synthetic hospital as HL7 v2, FHIR and bedside-monitor files (fake names,
-# ground truth kept apart); `carelake ingest` lands them; `carelake run all --available-now` takes them through
-# bronze, silver and gold.
-
-# %%
-if fresh:
-    nbk.simulate_and_land(cfg, spark, root.parent / "feeds", patients=PATIENTS, hours=HOURS, seed=SEED)
-    nbk.run_jobs(cfg, spark, store)
+# A lakehouse built here: `carelake simulate` writes a seeded synthetic hospital (HL7 v2, FHIR, bedside monitors,
+# DICOM, claims; fake names, ground truth kept apart), `carelake ingest` lands it in two arrivals, and
+# `carelake run all --available-now` takes each through bronze, silver and gold.
+cfg, spark, store, simulation = nbk.lakehouse(ROOT, ENV, SETTINGS, patients=PATIENTS, hours=HOURS, seed=SEED)
 
 # %% [markdown]
 # ## Tables and their versions

@@ -14,12 +14,13 @@
 # `train deterioration` (`pipelines.training.train_deterioration`).
 
 # %% tags=["parameters"]
-ROOT = None  # lakehouse folder (created; must not hold tables yet); None = a new folder under a temp dir
+ROOT = None  # a lakehouse with its simulation (e.g. "../demo-lakehouse"); built there if it holds no tables; None = new
 ENV = "local"  # configuration overlay (conf/<ENV>.yaml)
-PATIENTS = 50  # people in the simulated hospital
+PATIENTS = 50  # people in the simulated hospital built when ROOT holds no tables
 HOURS = 20  # simulated window in hours
 SEED = 7  # same seed, same hospital
-SETTINGS = {"simulator.icu_cadence_min_s": 30, "simulator.icu_cadence_max_s": 60}  # monitors every 30-60 s
+SETTINGS = {"simulator.icu_cadence_min_s": 30, "simulator.icu_cadence_max_s": 60,  # monitors every 30-60 s
+            "imaging.clock": "data"}  # imaging waits on the simulated day's clock
 
 # %%
 import os
@@ -33,10 +34,7 @@ from IPython.display import Markdown, display
 
 from models.deterioration import LABEL, split_patients
 from pipelines import notebooks as nbk
-from pipelines.config import load_config
 from pipelines.report import comparison
-from pipelines.spark import create_spark
-from pipelines.store import open_store
 from pipelines.training import deterioration_frame, print_training, train_deterioration
 
 pd.set_option("display.width", 160)
@@ -44,29 +42,22 @@ pd.set_option("display.max_columns", 12)
 plt.rcParams.update({"figure.dpi": 72})
 os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 
-root = Path(ROOT) if ROOT else Path(tempfile.mkdtemp(prefix="carelake-model-")) / "lake"
-cfg = load_config(env=ENV, root=root, overrides=SETTINGS)
-spark = create_spark(cfg.spark)
-store = open_store(cfg, spark)
-if store.list_tables():
-    raise nbk.NotebookStop(f"{cfg.root} already holds tables: give ROOT a new folder (or None), so the model is "
-                           "trained on exactly the hospital simulated here")
-print(f"lakehouse at {cfg.root}; horizon {cfg.models.horizon}, test fraction {cfg.models.test_fraction}, "
-      f"seed {cfg.models.seed}")
+cfg, spark, store, simulation = nbk.lakehouse(ROOT, ENV, SETTINGS, patients=PATIENTS, hours=HOURS, seed=SEED)
+print(f"horizon {cfg.models.horizon}, test fraction {cfg.models.test_fraction}, seed {cfg.models.seed}")
 
 # %% [markdown]
-# ## 1. Simulate the hospital and run every job, available-now
-# The simulator keeps its ground truth apart (`truth/`); the pipeline never sees it. The labels for training
-# come from `truth/deteriorations.csv` (who deteriorates, and when the event peaks).
+# ## 1. The hospital and its ground truth
+# A lakehouse built here went through every job, available-now (`nbk.lakehouse`: simulate, ingest, run all). The
+# simulator keeps its ground truth apart (`truth/`); the pipeline never sees it. The labels for training come from
+# `truth/deteriorations.csv` (who deteriorates, and when the event peaks).
 
 # %%
-feeds = nbk.simulate_and_land(cfg, spark, cfg.root.parent / "feeds", patients=PATIENTS, hours=HOURS, seed=SEED)
-summaries = nbk.run_jobs(cfg, spark, store)
-labels_path = feeds / "truth" / "deteriorations.csv"
+labels_path = nbk.truth_file(simulation, "deteriorations.csv", cfg.root)
 truth = pd.read_csv(labels_path)
+patients = store.read_arrow("silver.patients", columns=["patient_key"]).num_rows
 kinds = ", ".join(f"{kind} {n}" for kind, n in truth["kind"].value_counts().items())
-print(f"ground truth: {len(truth)} deterioration(s) among {PATIENTS} patients ({kinds}); the model's event is "
-      f"the {cfg.models.label_event} column")
+print(f"ground truth: {len(truth)} deterioration(s) among {patients} patient record(s) ({kinds}); the model's "
+      f"event is the {cfg.models.label_event} column")
 
 # %% [markdown]
 # ## 2. Train, evaluate on held-out patients, decide

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import pprint
 import re
 import sys
 import tempfile
@@ -96,7 +97,9 @@ def with_parameters(nb, params: Mapping[str, Any]):
     if not params:
         return nb
     index = next(i for i, c in enumerate(nb.cells) if PARAMETERS_TAG in c.metadata.get("tags", []))
-    source = "# Parameters set for this run\n" + "\n".join(f"{k} = {v!r}" for k, v in params.items())
+    # pformat wraps a long value (a SETTINGS dict) so the executed notebook stays within the line length ruff checks
+    source = "# Parameters set for this run\n" + "\n".join(f"{k} = {pprint.pformat(v, width=110 - len(k))}"
+                                                           for k, v in params.items())
     nb.cells.insert(index + 1, nbformat.v4.new_code_cell(source, metadata={"tags": [INJECTED_TAG]}))
     return nb
 
@@ -243,6 +246,99 @@ def require_folder(folder: str | Path, what: str, hint: str) -> Path:
     if not path.is_dir():
         raise NotebookStop(f"{what} not found at {path.resolve()}: {hint}. The notebook stops here.")
     return path
+
+
+# -- one small simulated lakehouse the notebooks share ---------------------------------------------------------
+SIMULATION = "_simulation"  # a lakehouse a notebook built keeps the simulator's output (feeds, truth/) here ...
+_SIMULATION_FOLDERS = (SIMULATION, "_demo_feeds")  # ... and one `carelake demo` built keeps it in _demo_feeds
+LATE_FEEDS = ("dicom", "claims")  # not hourly files: they arrive with the second part of the window
+
+
+def build_lakehouse(cfg: Config, spark: SparkSession, store: TableStore, *, patients: int, hours: int,
+                    seed: int, arrivals: int = 2) -> Path:
+    """A simulated hospital (every feed) through every job, as `carelake demo` sends it but with file drops: in two
+    arrivals, the first two thirds of the window, then the rest with the imaging studies and the claims (so the
+    tables have versions an audit can tell apart), or all at once (`arrivals=1`, one run of the jobs: the test
+    suite's). Returns the simulation folder (its truth/ holds the labels)."""
+    from pipelines.demo import split_by_hour
+    from pipelines.landing import ingest
+    from pipelines.simulator.params import resolve_params
+    from pipelines.simulator.run import simulate
+
+    params = resolve_params(cfg.simulator, cfg.root / SIMULATION, patients=patients, hours=hours, seed=seed,
+                            feeds=",".join((*SIMULATED_FEEDS, *LATE_FEEDS)))
+    print(simulate(spark, params).text())
+    if arrivals not in (1, 2):
+        raise UsageError(f"a notebook lakehouse is built in 1 or 2 arrivals, not {arrivals}")
+    first, rest = split_by_hour(params.out, max(1, hours * 2 // 3) if arrivals == 2 else hours)
+    rest.update({feed: [params.out / feed] for feed in LATE_FEEDS if (params.out / feed).is_dir()})
+    for arrival, part in enumerate((first, rest) if arrivals == 2 else ({**first, **rest},), 1):
+        for feed, paths in part.items():
+            landed = ingest(cfg, paths, feed)
+            print(f"arrival {arrival}: landed {len(landed)} {feed} file(s), {sum(f.bytes for f in landed):,} bytes")
+        run_jobs(cfg, spark, store)
+    return params.out
+
+
+def simulation_folder(root: Path) -> Path | None:
+    """The simulator's output a lakehouse was built from (a notebook's or the demo's), None when it has none."""
+    return next((root / name for name in _SIMULATION_FOLDERS if (root / name / "truth").is_dir()), None)
+
+
+def truth_file(simulation: Path | None, name: str, root: Path) -> Path:
+    """truth/<name> of the lakehouse's simulation, or a NotebookStop saying where it was looked for."""
+    path = simulation / "truth" / name if simulation else None
+    if path is None or not path.is_file():
+        raise NotebookStop(f"no ground truth truth/{name} under {root} ({' or '.join(_SIMULATION_FOLDERS)}): point "
+                           "ROOT at a lakehouse `./dev demo` or a notebook built, or set ROOT = None to build one. "
+                           "The notebook stops here.")
+    return path
+
+
+def require_table(store: TableStore, name: str, hint: str) -> None:
+    """A NotebookStop when the lakehouse lacks the table the notebook is about, saying how to get it."""
+    if not store.exists(name):
+        raise NotebookStop(f"{name} does not exist under {store.cfg.root}: {hint}. The notebook stops here.")
+
+
+def lakehouse(root: str | Path | None, env: str, settings: Mapping[str, Any], *, patients: int, hours: int,
+              seed: int, arrivals: int = 2) -> tuple[Config, SparkSession, TableStore, Path | None]:
+    """(cfg, spark, store, simulation folder) of ROOT, built there first (`build_lakehouse`) when it holds no
+    tables yet; ROOT None = a new folder under a temp dir."""
+    from pipelines.config import load_config
+    from pipelines.spark import create_spark
+    from pipelines.store import open_store
+
+    folder = Path(root).expanduser() if root else Path(tempfile.mkdtemp(prefix="carelake-notebook-")) / "lake"
+    cfg = load_config(env=env, root=folder, overrides=settings)
+    spark = create_spark(cfg.spark)
+    store = open_store(cfg, spark)
+    built = not store.list_tables()
+    simulation = (build_lakehouse(cfg, spark, store, patients=patients, hours=hours, seed=seed, arrivals=arrivals)
+                  if built else simulation_folder(cfg.root))
+    print(f"lakehouse at {cfg.root} (engine {store.engine}, {'built here' if built else 'as found'}); "
+          f"simulation ground truth: {simulation / 'truth' if simulation else 'none'}")
+    return cfg, spark, store, simulation
+
+
+def setup_display(*, width: int = 180, colwidth: int = 100) -> None:
+    """What the executed notebooks show: wide short tables, plots at 72 dpi (committed outputs stay small), no
+    MLflow progress bars."""
+    import os
+
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    for option, value in (("display.width", width), ("display.max_columns", 12), ("display.max_colwidth", colwidth),
+                          ("display.max_rows", 30)):
+        pd.set_option(option, value)
+    plt.rcParams.update({"figure.dpi": 72})
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+
+
+def short(key: Any) -> Any:
+    """A pseudonymous key (or any long id), shortened for display."""
+    return f"{key[:10]}..." if isinstance(key, str) and len(key) > 13 else key
 
 
 # -- `./dev notebooks` ---------------------------------------------------------------------------------------
