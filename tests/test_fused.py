@@ -59,18 +59,29 @@ def test_fused_bronze_batches_write_the_silver_the_separate_job_writes(tmp_path,
     same = {"silver.key_secret": "a-shared-test-secret"}  # the same patient keys in both lakehouses
     fused = _lake(tmp_path, spark, "fused", **same)
     separate = _lake(tmp_path, spark, "separate", **same, **{"streaming.fuse": []})
+    # A landing batch that carries silver commits it in chunks of at most max_rows_per_batch of its bronze rows.
+    chunked = _lake(tmp_path, spark, "chunked", **same, **{"streaming.max_rows_per_batch": "2"})
     for feed, files in feeds.items():
         ingest(fused[0], files, feed)
-    shutil.copytree(fused[0].path("landing"), separate[0].path("landing"))  # the same landed bytes, times, names
+    for other in (separate, chunked):  # the same landed bytes, times, names
+        shutil.copytree(fused[0].path("landing"), other[0].path("landing"))
     # The fused lakehouse's device and HL7 readings reach silver with their bronze jobs alone.
     fused[2].run(["bronze.device_readings", "bronze.hl7_messages"], Trigger(available_now=True))
     assert {r["source_feed"] for r in fused[1].read_arrow(OBSERVATIONS).to_pylist()} == {"devices", "hl7"}
-    for _cfg, _store, runner in (fused, separate):
+    for _cfg, _store, runner in (fused, separate, chunked):
         runner.run([*BRONZE, OBSERVATIONS], Trigger(available_now=True))
 
     for table in (OBSERVATIONS, QUARANTINE, *BRONZE):
-        a, b = _rows(fused[0], fused[1], table), _rows(separate[0], separate[1], table)
-        assert a == b, (table, sorted(set(a) - set(b)), sorted(set(b) - set(a)))
+        b = _rows(separate[0], separate[1], table)
+        for lake in (fused, chunked):
+            a = _rows(lake[0], lake[1], table)
+            assert a == b, (table, sorted(set(a) - set(b)), sorted(set(b) - set(a)))
+    from pipelines.store.deltars import change_rows
+
+    path = str(chunked[1].ref(OBSERVATIONS).path)
+    carried = [(c.metadata.get("carelake.chunk"), change_rows(path, c.version)) for c in chunked[1].history(OBSERVATIONS)
+               if c.metadata.get("carelake.job") == OBSERVATIONS and c.metadata.get("carelake.chunk")]
+    assert len(carried) >= 2 and all(n <= 2 for _chunk, n in carried), carried
     observed = fused[1].read_arrow(OBSERVATIONS).to_pylist()
     assert {r["source_feed"] for r in observed} == {"devices", "hl7", "fhir"}
     reasons = {q["reason"] for q in fused[1].read_arrow(QUARANTINE).to_pylist()}
