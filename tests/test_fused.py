@@ -79,7 +79,8 @@ def test_fused_bronze_batches_write_the_silver_the_separate_job_writes(tmp_path,
     from pipelines.store.deltars import change_rows
 
     path = str(chunked[1].ref(OBSERVATIONS).path)
-    carried = [(c.metadata.get("carelake.chunk"), change_rows(path, c.version)) for c in chunked[1].history(OBSERVATIONS)
+    carried = [(c.metadata.get("carelake.chunk"), change_rows(path, c.version))
+               for c in chunked[1].history(OBSERVATIONS)
                if c.metadata.get("carelake.job") == OBSERVATIONS and c.metadata.get("carelake.chunk")]
     assert len(carried) >= 2 and all(n <= 2 for _chunk, n in carried), carried
     observed = fused[1].read_arrow(OBSERVATIONS).to_pylist()

@@ -12,8 +12,8 @@ import pytest
 
 from pipelines.errors import UsageError
 from pipelines.physionet2012 import (
-    DEFAULT_ANCHOR,
     ALSO,
+    DEFAULT_ANCHOR,
     PARAMS,
     admission_time,
     gcs_to_acvpu,
@@ -81,7 +81,7 @@ def test_parse_record_keeps_descriptors_apart_and_weight_as_a_reading(tmp_path):
     assert rec.record_id == "140001"
     assert rec.descriptors == {"RecordID": "140001", "Age": "71", "Gender": "1", "Height": "-1", "ICUType": "3",
                                "Weight": "82.5"}
-    assert rec.rows[0] == (0, "Weight", "82.5") and (60, "Temp", "-17.8") in rec.rows and len(rec.rows) == 20
+    assert rec.rows[0] == (0, "Weight", "82.5") and (60, "Temp", "-17.8") in rec.rows and len(rec.rows) == 21
 
 
 def test_admission_is_anchor_plus_a_fixed_offset_under_a_year():
