@@ -119,6 +119,36 @@ def test_a_crash_after_the_fused_commit_replays_bronze_without_writing_silver_tw
     assert store.read_arrow(OBSERVATIONS).num_rows == silver
 
 
+def test_a_crash_between_a_carried_batchs_chunks_resumes_with_the_missing_chunks(tmp_path, spark, monkeypatch):
+    """A landing batch committed in chunks (streaming.max_rows_per_batch of bronze rows): a crash after chunk 2's
+    silver commit, before its bronze commit, replays chunk 2's bronze and chunk 3 whole; silver gets each chunk once."""
+    cfg, store, runner = _lake(tmp_path, spark, "lake", **{"streaming.max_rows_per_batch": "2"})
+    ingest(cfg, _feeds(tmp_path / "src")["devices"], "devices")
+    write, bronze_writes = Runner._write, []
+
+    def crash_on_second_bronze(self, output, data, txn, meta):
+        if output.table == "bronze.device_readings":
+            bronze_writes.append(meta.get("carelake.chunk"))
+            if len(bronze_writes) == 2:
+                raise OSError("killed between the silver and the bronze commit of chunk 2")
+        return write(self, output, data, txn, meta)
+
+    monkeypatch.setattr(Runner, "_write", crash_on_second_bronze)
+    with pytest.raises(JobFailed, match="killed between"):
+        runner.run(["bronze.device_readings"], Trigger(available_now=True))
+    assert store.read_arrow("bronze.device_readings").num_rows == 2
+    monkeypatch.setattr(Runner, "_write", write)
+    Runner(cfg, spark, store, load_registry(cfg)).run(["bronze.device_readings"], Trigger(available_now=True))
+    assert store.read_arrow("bronze.device_readings").num_rows == 6
+    def chunks(table):
+        return sorted(c.metadata["carelake.chunk"] for c in store.history(table)
+                      if c.metadata.get("carelake.job") == OBSERVATIONS and "carelake.chunk" in c.metadata)
+
+    assert chunks(OBSERVATIONS) == ["1of3", "2of3"]  # chunk 3 ("{broken", a value "x") is all quarantine
+    assert chunks(QUARANTINE) == ["3of3"]
+    assert store.read_arrow(OBSERVATIONS).num_rows == 2  # the same distinct good readings as one batch gives
+
+
 @pytest.mark.parametrize(("fuse", "message"), [
     (["bronze.device_readings silver.observations"], "'upstream > downstream'"),
     (["bronze.device_readings > silver.nothing"], "no job writes 'silver.nothing'"),
