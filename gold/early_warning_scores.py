@@ -439,7 +439,7 @@ def _score_person(person: str, frames: Iterator[pd.DataFrame], group_state, fold
     had = group_state.exists
     state = scoring.PersonState.loads(group_state.get[0]) if had else None
     known = tuple(state.identities) if state is not None else (person,)
-    if (had and state is None) or known != tuple(identities) or \
+    if (had and state is None) or _relinked_with_rows(doc, set(known) ^ set(identities)) or \
             (state is not None and not state.wakes_exactly(rows, settings)):
         # Written by another carelake version, an identity linked or unlinked, or a sleeping person's change that
         # their past can see: rebuild from silver (a person who absorbs another identity gets its history; their
@@ -456,6 +456,35 @@ def _score_person(person: str, frames: Iterator[pd.DataFrame], group_state, fold
     group_state.update((out.state.dumps(),))
     yield from _parts(person, out.scores, out.withdrawn, out.alerts, out_schema,
                       silver_version=int(doc["silver_version"]), commit_ts=commit_ts)
+
+
+_LINKED_WITH_ROWS: dict[str, tuple[int, frozenset[str]]] = {}  # per executor process: silver path -> (version, keys)
+
+
+def _relinked_with_rows(doc: Mapping[str, Any], changed: set[str]) -> bool:
+    """Whether identities linked to or unlinked from a person since their state was built (`changed`) can change
+    their points: an identity that is linked to someone now and has no row in silver cannot (a FHIR Patient
+    resource that only names an MRN: every imported or admitted patient). An identity no longer linked is not
+    checked (it counts). Which linked identities have rows is read once per batch and executor process: the
+    patient_key column of silver at the batch's version; reading the person's rows from silver each time cost a
+    whole-table read per newly admitted patient."""
+    if not changed:
+        return False
+    links = doc["links"]
+    path, version = doc["silver_path"], int(doc["silver_version"])
+    if version < 0 or any(k not in links for k in changed):
+        return True
+    cached = _LINKED_WITH_ROWS.get(path)
+    if cached is None or cached[0] != version:
+        import pyarrow.compute as pc
+
+        from pipelines.store.deltars import read_where
+
+        keys = read_where(path, version, pc.field("patient_key").isin(list(links)), ["patient_key"])
+        cached = (version, frozenset(pc.unique(keys["patient_key"]).to_pylist()))
+        _LINKED_WITH_ROWS.clear()
+        _LINKED_WITH_ROWS[path] = cached
+    return not changed.isdisjoint(cached[1])
 
 
 def _rebuild(start: int, doc: Mapping[str, Any], version: int, identities: Sequence[str],

@@ -48,7 +48,11 @@ PARAMETERS: Mapping[str, str] = {
     "8867-4": "hr", "9279-1": "rr", "2708-6": "sao2", "8310-5": "temp", "3150-0": "fio2", "29463-7": "weight",
     "76215-0": "sysabp", "76213-5": "diasabp", "76214-3": "map", "8480-6": "nisysabp", "8462-4": "nidiasabp",
     "8478-0": "nimap", "2524-7": "lactate", "6690-2": "wbc", "2160-0": "creatinine",
+    "9269-2": "gcs", "3094-0": "bun", "9187-6": "urine", "2744-1": "ph", "2703-7": "pao2", "2019-8": "paco2",
+    "1960-4": "hco3", "777-3": "platelets", "1975-2": "bilirubin", "2345-7": "glucose", "2823-3": "k",
+    "2951-2": "na", "4544-3": "hct", "1751-7": "albumin", "1742-6": "alt", "1920-8": "ast", "6768-6": "alp",
 }
+URINE, PAO2, FIO2 = "9187-6", "2703-7", "3150-0"
 STATS = ("min", "max", "mean", "last", "count")
 CONSCIOUSNESS = "67775-7"
 ACVPU_RANK = {"A": 0, "C": 1, "V": 2, "P": 3, "U": 4}
@@ -61,7 +65,12 @@ BASELINES = ("saps_i", "sofa", "max_news2")
 def feature_names() -> list[str]:
     return [*(f"{p}_{s}" for p in PARAMETERS.values() for s in STATS), "acvpu_worst", "acvpu_last",
             "age_years", "male", *(f"icu_{i}" for i in range(len(ICU_TYPES))),
-            "max_news2", "mean_news2", "last_news2", "max_qsofa", "score_points"]
+            "max_news2", "mean_news2", "last_news2", "max_qsofa", "score_points", *DERIVED]
+
+
+# Figures of several readings: the urine charted over the window (and its first 24 h: oliguria is a SOFA criterion);
+# PaO2/FiO2 (each PaO2 over the FiO2 charted last at or before it, within 24 h; FiO2 in silver is %).
+DERIVED = ("urine_total", "urine_total_24h", "pf_ratio_min", "pf_ratio_last")
 
 
 # -- the frame ---------------------------------------------------------------------------------------
@@ -82,7 +91,7 @@ def stay_frame(stays: pd.DataFrame, observations: pd.DataFrame, scores: pd.DataF
     window = frame[["patient_key", "admitted_at"]]
     obs = _in_window(observations, window, "effective_at")
     pieces = [frame.set_index("patient_key"), _measurement_features(obs), _consciousness(obs),
-              _score_features(_in_window(scores, window, "scored_at"))]
+              _score_features(_in_window(scores, window, "scored_at")), _derived_features(obs)]
     out = pd.concat(pieces, axis=1, join="outer").loc[frame["patient_key"]]
     admitted = pd.to_datetime(out["admitted_at"], utc=True)
     born = pd.to_datetime(out["birth_date"], utc=True)
@@ -90,9 +99,8 @@ def stay_frame(stays: pd.DataFrame, observations: pd.DataFrame, scores: pd.DataF
     out["male"] = (out["sex"] == "male").astype(float).where(out["sex"].isin(["male", "female"]))
     for i, name in enumerate(ICU_TYPES):
         out[f"icu_{i}"] = (out["icu_type"] == name).astype(float)
-    for name in feature_names():
-        if name not in out.columns:
-            out[name] = np.nan
+    absent = [name for name in feature_names() if name not in out.columns]
+    out = pd.concat([out, pd.DataFrame(np.nan, index=out.index, columns=absent)], axis=1)
     out[LABEL] = out[LABEL].astype(int)
     return out.reset_index(names="patient_key")
 
@@ -111,6 +119,27 @@ def _measurement_features(obs: pd.DataFrame) -> pd.DataFrame:
     stats = numeric.groupby(["patient_key", "parameter"])["value"].agg(list(STATS)).unstack("parameter")
     stats.columns = [f"{parameter}_{stat}" for stat, parameter in stats.columns]
     return stats
+
+
+def _derived_features(obs: pd.DataFrame) -> pd.DataFrame:
+    """DERIVED, per stay (a stay without the readings has none)."""
+    urine = obs[(obs["code"] == URINE) & obs["value"].notna()]
+    first_day = pd.to_datetime(urine["effective_at"], utc=True) < (pd.to_datetime(urine["admitted_at"], utc=True)
+                                                                    + timedelta(hours=24))
+    out = pd.DataFrame({"urine_total": urine.groupby("patient_key")["value"].sum(),
+                        "urine_total_24h": urine[first_day].groupby("patient_key")["value"].sum()})
+    gases = obs[(obs["code"] == PAO2) & obs["value"].notna()][["patient_key", "effective_at", "value"]]
+    fio2 = obs[(obs["code"] == FIO2) & (obs["value"] > 0)][["patient_key", "effective_at", "value"]]
+    if len(gases) and len(fio2):
+        gases = gases.assign(effective_at=pd.to_datetime(gases["effective_at"], utc=True)).sort_values("effective_at")
+        fio2 = fio2.assign(effective_at=pd.to_datetime(fio2["effective_at"], utc=True)).sort_values("effective_at")
+        paired = pd.merge_asof(gases, fio2.rename(columns={"value": "fio2"}), on="effective_at", by="patient_key",
+                               tolerance=pd.Timedelta(hours=24))
+        paired["pf"] = paired["value"] / (paired["fio2"] / 100.0)
+        paired = paired.dropna(subset=["pf"])
+        by = paired.groupby("patient_key")["pf"]
+        out = out.join(pd.DataFrame({"pf_ratio_min": by.min(), "pf_ratio_last": by.last()}), how="outer")
+    return out
 
 
 def _consciousness(obs: pd.DataFrame) -> pd.DataFrame:
@@ -186,18 +215,55 @@ def _fit(x: pd.DataFrame, y: np.ndarray, seed: int):
         return model.fit(x.astype("float64"), y)
 
 
-def model_threshold(x: pd.DataFrame, y: np.ndarray, seed: int, folds: int = 3) -> float:
-    """The model's Event 1 cut, chosen on out-of-fold predictions inside these stays: on its own training rows a
-    boosted model is overconfident, and a cut chosen there flags too few stays elsewhere."""
+def inner_predictions(x: pd.DataFrame, y: np.ndarray, seed: int, folds: int = 3) -> np.ndarray:
+    """Out-of-fold predictions inside these stays: what the Event 1 cut and the calibration are fitted on (on its
+    own training rows a boosted model is overconfident: a cut chosen there flags too few stays elsewhere, and a
+    calibration fitted there learns nothing)."""
     from sklearn.model_selection import StratifiedKFold
 
     folds = min(folds, int(y.sum()), int(len(y) - y.sum()))
-    if folds < 2:  # too few of one outcome to hold any out: the in-sample cut is all there is
-        return best_threshold(y, _fit(x, y, seed).predict_proba(x.astype("float64"))[:, 1])
+    if folds < 2:  # too few of one outcome to hold any out: in-sample predictions are all there is
+        return _fit(x, y, seed).predict_proba(x.astype("float64"))[:, 1]
     inner = np.zeros(len(y))
     for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
         inner[te] = _fit(x.iloc[tr], y[tr], seed).predict_proba(x.iloc[te].astype("float64"))[:, 1]
-    return best_threshold(y, inner)
+    return inner
+
+
+_EDGE = 1e-6  # probabilities are clipped this far from 0 and 1 before their logit is taken
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype="float64"), _EDGE, 1 - _EDGE)
+    return np.log(p / (1 - p))
+
+
+def platt(inner: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Platt scaling fitted on out-of-fold predictions: calibrated = sigmoid(a * logit(p) + b)."""
+    from sklearn.linear_model import LogisticRegression
+
+    fit = LogisticRegression(C=1e6).fit(_logit(inner).reshape(-1, 1), y)
+    return float(fit.coef_[0, 0]), float(fit.intercept_[0])
+
+
+def apply_platt(p: np.ndarray, a: float, b: float) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-(a * _logit(p) + b)))
+
+
+class PlattCalibrated:
+    """The registered model: the boosted trees' probability through the Platt map fitted on their out-of-fold
+    predictions (scikit-learn's predict_proba interface, so MLflow serves it like any classifier)."""
+
+    def __init__(self, model, a: float, b: float):
+        self.model, self.a, self.b = model, a, b
+        self.classes_ = model.classes_
+
+    def predict_proba(self, x) -> np.ndarray:
+        p = apply_platt(self.model.predict_proba(x)[:, 1], self.a, self.b)
+        return np.column_stack([1 - p, p])
+
+    def predict(self, x) -> np.ndarray:
+        return (self.predict_proba(x)[:, 1] >= 0.5).astype(int)
 
 
 def _calibrated(train_score: np.ndarray, y: np.ndarray, test_score: np.ndarray) -> np.ndarray:
@@ -224,27 +290,33 @@ def cross_validate(frame: pd.DataFrame, *, seed: int, folds: int = FOLDS,
     who = ("model", *BASELINES)
     probability = {w: np.full(len(y), np.nan) for w in who}
     flagged = {w: np.zeros(len(y), dtype=bool) for w in who}
+    uncalibrated = np.full(len(y), np.nan)
     for fold, (tr, te) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y)):
         model = _fit(x.iloc[tr], y[tr], seed + fold)
         p_te = model.predict_proba(x.iloc[te].astype("float64"))[:, 1]
-        probability["model"][te] = p_te
-        flagged["model"][te] = p_te >= model_threshold(x.iloc[tr], y[tr], seed + fold)
+        inner = inner_predictions(x.iloc[tr], y[tr], seed + fold)
+        uncalibrated[te] = p_te
+        probability["model"][te] = apply_platt(p_te, *platt(inner, y[tr]))
+        flagged["model"][te] = p_te >= best_threshold(y[tr], inner)
         for b in BASELINES:
             s = frame[b].to_numpy(dtype="float64")
             s_tr = np.nan_to_num(s[tr], nan=-np.inf)
             flagged[b][te] = np.nan_to_num(s[te], nan=-np.inf) >= best_threshold(y[tr], s_tr)
             probability[b][te] = _calibrated(s[tr], y[tr], s[te])
-    metrics = _figures(y, probability, flagged, frame, seed, bootstraps)
+    metrics = _figures(y, probability, flagged, frame, seed, bootstraps, uncalibrated)
     counts = {"stays": len(y), "deaths": deaths, "features": len(names), "folds": folds,
               **{f"{b}_missing": int(frame[b].isna().sum()) for b in BASELINES}}
     return Evaluation(metrics, counts, probability, flagged)
 
 
 def _figures(y: np.ndarray, probability: Mapping[str, np.ndarray], flagged: Mapping[str, np.ndarray],
-             frame: pd.DataFrame, seed: int, bootstraps: int) -> dict[str, float]:
+             frame: pd.DataFrame, seed: int, bootstraps: int, uncalibrated: np.ndarray) -> dict[str, float]:
+    """Per predictor: ranking figures of its raw score (the model's before calibration: each fold's Platt map is
+    monotonic, but pooling folds with different maps would reorder stays), calibration figures of its
+    probability; the model's H and Brier before calibration too."""
     from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 
-    raw = {"model": probability["model"], **{b: frame[b].to_numpy(dtype="float64") for b in BASELINES}}
+    raw = {"model": uncalibrated, **{b: frame[b].to_numpy(dtype="float64") for b in BASELINES}}
     out: dict[str, float] = {}
     for w, p in probability.items():
         ranked = np.nan_to_num(raw[w], nan=np.nanmin(raw[w]) - 1 if np.isfinite(raw[w]).any() else 0.0)
@@ -258,8 +330,10 @@ def _figures(y: np.ndarray, probability: Mapping[str, np.ndarray], flagged: Mapp
         out[f"{w}_brier"] = brier_score_loss(y, p)
         out[f"{w}_auroc_ci_low"], out[f"{w}_auroc_ci_high"] = auroc_interval(y, ranked, seed=seed,
                                                                             resamples=bootstraps)
+    out["model_uncalibrated_hosmer_lemeshow_h"] = hosmer_lemeshow(y, uncalibrated)
+    out["model_uncalibrated_brier"] = brier_score_loss(y, uncalibrated)
     saps = np.nan_to_num(raw["saps_i"], nan=np.nanmin(raw["saps_i"]) - 1 if np.isfinite(raw["saps_i"]).any() else 0)
-    low, high = auroc_interval(y, probability["model"], minus=saps, seed=seed, resamples=bootstraps)
+    low, high = auroc_interval(y, uncalibrated, minus=saps, seed=seed, resamples=bootstraps)
     out["model_minus_saps_i_auroc"] = out["model_auroc"] - out["saps_i_auroc"]
     out["model_minus_saps_i_auroc_ci_low"], out["model_minus_saps_i_auroc_ci_high"] = low, high
     return out
@@ -286,8 +360,9 @@ def train(frame: pd.DataFrame, *, tracking_uri: str, seed: int, params: Mapping[
     evaluation = cross_validate(frame, seed=seed, folds=folds, bootstraps=bootstraps)
     names = [c for c in feature_names() if frame[c].notna().any()]
     y = frame[LABEL].to_numpy().astype(int)
-    model = _fit(frame[names], y, seed)
-    threshold = model_threshold(frame[names], y, seed)
+    inner = inner_predictions(frame[names], y, seed)
+    model = PlattCalibrated(_fit(frame[names], y, seed), *platt(inner, y))
+    threshold = float(apply_platt(np.array([best_threshold(y, inner)]), model.a, model.b)[0])  # on its output
     champion = is_champion(evaluation.metrics)
     run_id, version = _log(tracking_uri, model, frame[names], evaluation, champion, threshold, {
         **MODEL_PARAMS, "seed": seed, "folds": folds, "bootstraps": bootstraps, "window_hours": 48,
@@ -310,7 +385,8 @@ def _log(uri: str, model, x: pd.DataFrame, evaluation: Evaluation, champion: boo
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
             mlflow.log_metrics({k: float(v) for k, v in {**evaluation.metrics, **evaluation.counts}.items()
                                 if math.isfinite(v)})
-            mlflow.log_dict({"feature_names": list(x.columns), "threshold": threshold}, "model_inputs.json")
+            mlflow.log_dict({"feature_names": list(x.columns), "threshold": threshold,
+                             "platt": {"a": model.a, "b": model.b}}, "model_inputs.json")
             sample = x.astype("float64").head(200)
             info = mlflow.sklearn.log_model(
                 model, name="model", signature=infer_signature(sample, model.predict_proba(sample)[:, 1]),

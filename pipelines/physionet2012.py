@@ -82,7 +82,28 @@ PARAMS: Mapping[str, Param] = {
     "Lactate": Param("2524-7", "mmol/L"),
     "WBC": Param("6690-2", "10*9/L"),
     "Creatinine": Param("2160-0", "mg/dL"),
+    # Labs, blood gases and charting, in the Challenge's units. K and Na are documented in mEq/L, which is mmol/L
+    # for a monovalent ion. Platelets are cells/nL = 10^9/L (silver converts to 10*3/uL, the same number).
+    "BUN": Param("3094-0", "mg/dL"),
+    "Urine": Param("9187-6", "mL"),
+    "pH": Param("2744-1", "[pH]"),
+    "PaO2": Param("2703-7", "mm[Hg]"),
+    "PaCO2": Param("2019-8", "mm[Hg]"),
+    "HCO3": Param("1960-4", "mmol/L"),
+    "Platelets": Param("777-3", "10*9/L"),
+    "Bilirubin": Param("1975-2", "mg/dL"),
+    "Glucose": Param("2345-7", "mg/dL"),
+    "K": Param("2823-3", "mmol/L"),
+    "Na": Param("2951-2", "mmol/L"),
+    "HCT": Param("4544-3", "%"),
+    "Albumin": Param("1751-7", "g/dL"),
+    "ALT": Param("1742-6", "U/L"),
+    "AST": Param("1920-8", "U/L"),
+    "ALP": Param("6768-6", "U/L"),
 }
+# A parameter also sent as a second observation: GCS as its number too (the ACVPU letter keeps only 15-or-not for
+# NEWS2; a mortality model needs the score itself).
+ALSO: Mapping[str, Param] = {"GCS": Param("9269-2", "{score}")}
 
 
 def gcs_to_acvpu(value: str) -> str:
@@ -199,13 +220,17 @@ def device_lines(rec: Record, admitted: datetime, counts: Counter) -> list[str]:
             counts[f"skipped:{name}"] += 1
             continue
         counts[name] += 1
-        line = {"device_id": f"{SOURCE}-{rec.record_id}", "patient_mrn": rec.record_id,
-                "time": _instant(admitted + timedelta(minutes=minute)), "code": p.code}
-        if p.unit is None:
-            line["value_text"] = gcs_to_acvpu(value)
-        else:
-            line |= {"value": value, "unit": p.unit}
-        out.append(json.dumps(line))
+        at = _instant(admitted + timedelta(minutes=minute))
+        if name in ALSO:
+            counts[f"{name} as {ALSO[name].code}"] += 1
+        for q in (p, ALSO[name]) if name in ALSO else (p,):
+            line = {"device_id": f"{SOURCE}-{rec.record_id}", "patient_mrn": rec.record_id, "time": at,
+                    "code": q.code}
+            if q.unit is None:
+                line["value_text"] = gcs_to_acvpu(value)
+            else:
+                line |= {"value": value, "unit": q.unit}
+            out.append(json.dumps(line))
     return out
 
 

@@ -3,7 +3,8 @@
 Source: a landing folder (Spark's file source) or an upstream table's new versions. Sink: the table
 store through foreachBatch, each batch committed with a Delta transaction (app id = job + query id,
 version = batch id * CHUNK_STRIDE + chunk), so a batch replayed after a crash is skipped instead of written
-twice. A batch of more than streaming.max_rows_per_batch rows is written in chunks, one transaction each.
+twice. A batch of more than streaming.max_rows_per_batch rows is written in chunks, one transaction each (a landing
+batch that carries fused jobs counts the bronze rows it makes).
 Checkpoints live under <root>/_checkpoints/<job>; per-batch metrics go to the log and ops.metrics.
 """
 
@@ -428,6 +429,7 @@ class Runner:
             limits = self.cfg.storage
             small = (int(stats["bytes"] or 0) <= limits.driver_write_max_mb * 1024 * 1024 if landing
                      else rows_in <= limits.driver_write_max_rows)
+            batch["landing_bytes"] = int(stats["bytes"] or 0)
             batch["via_driver"] = small and (limits.driver_write_max_rows > 0 or limits.driver_write_max_mb > 0)
             if rows_in >= SPREAD_ROWS:
                 batch_df = _spread(batch_df)
@@ -464,22 +466,56 @@ class Runner:
     def _write_chunks(self, job: Job, batch_df: DataFrame, rows_in: int, batch: dict[str, Any], query_id: str,
                       at: datetime) -> list[_ChunkResult]:
         """Write a batch as one transaction per chunk; chunks a replay finds committed are not computed again."""
-        batch_id = batch["batch_id"]
+        if job.fused and isinstance(job.source, LandingSource):
+            return self._write_carrier_chunks(job, batch_df, batch, query_id, at)
         predicates = _chunk_predicates(batch_df, rows_in, self.cfg.streaming.max_rows_per_batch)
+
+        def write(predicate: Column | None, label: str, txn: Txn) -> _ChunkResult:
+            rows = batch_df if predicate is None else batch_df.where(predicate)
+            return self._write_chunk(job, rows, batch, label, txn, query_id, at)
+
+        return self._each_chunk(job, predicates, batch, query_id, write)
+
+    def _each_chunk(self, job: Job, predicates: list[Column | None], batch: dict[str, Any], query_id: str,
+                    write: Callable[[Column | None, str, Txn], _ChunkResult]) -> list[_ChunkResult]:
+        """`write` each chunk with its label and transaction, skipping the chunks a replay finds committed."""
         done = None
         if len(predicates) > 1:
             done = self.store.txn_version(job.name, _chunk_app(job, query_id)) if self.store.exists(job.name) else None
         results = []
         for index, predicate in enumerate(predicates):
-            version = _chunk_version(batch_id, index, len(predicates))
+            version = _chunk_version(batch["batch_id"], index, len(predicates))
             if done is not None and done >= version:
                 results.append(_ChunkResult(0, None, skipped=True))
                 continue
-            rows = batch_df if predicate is None else batch_df.where(predicate)
             label = batch["ingest_batch_id"] + (f"#{index + 1}of{len(predicates)}" if len(predicates) > 1 else "")
-            results.append(self._write_chunk(job, rows, batch, label, Txn(_chunk_app(job, query_id), version),
-                                             query_id, at))
+            results.append(write(predicate, label, Txn(_chunk_app(job, query_id), version)))
         return results
+
+    def _write_carrier_chunks(self, job: Job, batch_df: DataFrame, batch: dict[str, Any], query_id: str,
+                              at: datetime) -> list[_ChunkResult]:
+        """A landing batch of a job that carries fused jobs, committed in chunks of at most
+        streaming.max_rows_per_batch of its bronze rows (contiguous in landing file and byte order): each fused
+        table gets one version per chunk, so the jobs reading those tables get bounded batches too (a backfill's
+        128 MB of device lines is ~1 M silver rows, which one version would hand a score job whole). A landing
+        batch has no more rows than bytes (a row is a distinct byte offset), so a batch of fewer bytes than the
+        bound is never counted."""
+        outputs = job.apply(batch_df, batch)
+        if not isinstance(outputs, dict) or job.side_outputs:
+            raise SchemaEvolutionError(f"{job.name}: a job that carries fused jobs writes its own table only")
+        bound = self.cfg.streaming.max_rows_per_batch
+        own = outputs[job.name].persist()
+        try:
+            rows = own.count() if batch["landing_bytes"] > bound else 0
+            predicates = _chunk_predicates(own, rows, bound)
+
+            def write(predicate: Column | None, label: str, txn: Txn) -> _ChunkResult:
+                part = own if predicate is None else own.where(predicate)
+                return self._write_carrying(job, {job.name: part}, batch, label, txn, query_id, at)
+
+            return self._each_chunk(job, predicates, batch, query_id, write)
+        finally:
+            own.unpersist()
 
     def _write_chunk(self, job: Job, rows: DataFrame, batch: dict[str, Any], label: str, txn: Txn, query_id: str,
                      at: datetime) -> _ChunkResult:

@@ -160,6 +160,9 @@ def print_mortality(result, uri: str) -> None:
     print(f"in-hospital mortality, {c['folds']}-fold cross-validation on {c['stays']:,} ICU stays "
           f"({c['deaths']:,} deaths), {c['features']} features; MLflow run {result.run_id} at {uri}")
     print_table(["predictor", "AUROC (95% CI)", "AUPRC", "Event 1", "Se", "PPV", "H (HL)", "Brier"], rows)
+    print(f"model calibration (Platt scaling fitted on out-of-fold predictions of the training folds): H "
+          f"{m['model_uncalibrated_hosmer_lemeshow_h']:.1f} before, {m['model_hosmer_lemeshow_h']:.1f} after; Brier "
+          f"{m['model_uncalibrated_brier']:.4f} before, {m['model_brier']:.4f} after")
     diff = (f"{m['model_minus_saps_i_auroc']:+.3f} (95% CI {m['model_minus_saps_i_auroc_ci_low']:+.3f} to "
             f"{m['model_minus_saps_i_auroc_ci_high']:+.3f})")
     if result.champion:

@@ -71,6 +71,27 @@ VITALS: tuple[Vital, ...] = (
     Vital("2524-7", "lactate", "Lactate [Moles/volume] in Serum or Plasma", "mmol/L", 0, 40),
     Vital("6690-2", "wbc", "Leukocytes [#/volume] in Blood by Automated count", "10*3/uL", 0, 1000),
     Vital("2160-0", "creatinine", "Creatinine [Mass/volume] in Serum or Plasma", "mg/dL", 0.05, 40),
+    # ICU labs, charting and blood gases (the PhysioNet 2012 records carry them; the mortality model reads them).
+    # Ranges: the widest a living patient's sample has been reported with, so only a sentinel or a unit slip is
+    # quarantined (BUN 1-300, pH 6.5-8, glucose 10-2000 mg/dL, ...).
+    Vital("9269-2", "gcs", "Glasgow coma score total", "{score}", 3, 15),
+    Vital("3094-0", "bun", "Urea nitrogen [Mass/volume] in Serum or Plasma", "mg/dL", 1, 300),
+    Vital("9187-6", "urine", "Urine output", "mL", 0, 10000),  # the volume charted since the previous charting
+    Vital("2744-1", "ph", "pH of Arterial blood", "[pH]", 6.5, 8.0),
+    Vital("2703-7", "pao2", "Oxygen [Partial pressure] in Arterial blood", "mm[Hg]", 10, 800),
+    Vital("2019-8", "paco2", "Carbon dioxide [Partial pressure] in Arterial blood", "mm[Hg]", 5, 200),
+    Vital("1960-4", "hco3", "Bicarbonate [Moles/volume] in Arterial blood", "mmol/L", 1, 60),
+    Vital("777-3", "platelets", "Platelets [#/volume] in Blood by Automated count", "10*3/uL", 1, 2000),
+    Vital("1975-2", "bilirubin", "Bilirubin.total [Mass/volume] in Serum or Plasma", "mg/dL", 0, 60),
+    Vital("2345-7", "glucose", "Glucose [Mass/volume] in Serum or Plasma", "mg/dL", 10, 2000),
+    Vital("2823-3", "potassium", "Potassium [Moles/volume] in Serum or Plasma", "mmol/L", 1, 12),
+    Vital("2951-2", "sodium", "Sodium [Moles/volume] in Serum or Plasma", "mmol/L", 90, 200),
+    Vital("4544-3", "hct", "Hematocrit [Volume Fraction] of Blood by Automated count", "%", 5, 75),
+    Vital("1751-7", "albumin", "Albumin [Mass/volume] in Serum or Plasma", "g/dL", 0.5, 7),
+    Vital("1742-6", "alt", "Alanine aminotransferase [Enzymatic activity/volume] in Serum or Plasma", "U/L", 0, 20000),
+    Vital("1920-8", "ast", "Aspartate aminotransferase [Enzymatic activity/volume] in Serum or Plasma", "U/L", 0,
+          40000),
+    Vital("6768-6", "alp", "Alkaline phosphatase [Enzymatic activity/volume] in Serum or Plasma", "U/L", 0, 10000),
 )
 
 # Sender code -> canonical LOINC. Matched on the code alone, trimmed and upper-cased: LOINC codes carry a
@@ -129,6 +150,11 @@ UNIT_ALIASES: Mapping[str, tuple[str, ...]] = {
     "umol/L": ("umol/l", "µmol/l", "μmol/l"),  # ASCII u, micro sign U+00B5, Greek mu U+03BC
     "10*3/uL": ("10*3/ul", "10^3/ul", "x10e3/ul", "k/ul", "thou/ul"),
     "10*9/L": ("10*9/l", "10^9/l", "x10e9/l", "/nl"),
+    "{score}": ("{score}", "score", "points"),
+    "mL": ("ml", "milliliter", "millilitre"),
+    "[pH]": ("[ph]", "ph"),
+    "g/dL": ("g/dl",),
+    "U/L": ("u/l", "iu/l", "[iu]/l"),  # an enzyme's IU is its U (1 umol/min)
 }
 
 

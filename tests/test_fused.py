@@ -59,18 +59,30 @@ def test_fused_bronze_batches_write_the_silver_the_separate_job_writes(tmp_path,
     same = {"silver.key_secret": "a-shared-test-secret"}  # the same patient keys in both lakehouses
     fused = _lake(tmp_path, spark, "fused", **same)
     separate = _lake(tmp_path, spark, "separate", **same, **{"streaming.fuse": []})
+    # A landing batch that carries silver commits it in chunks of at most max_rows_per_batch of its bronze rows.
+    chunked = _lake(tmp_path, spark, "chunked", **same, **{"streaming.max_rows_per_batch": "2"})
     for feed, files in feeds.items():
         ingest(fused[0], files, feed)
-    shutil.copytree(fused[0].path("landing"), separate[0].path("landing"))  # the same landed bytes, times, names
+    for other in (separate, chunked):  # the same landed bytes, times, names
+        shutil.copytree(fused[0].path("landing"), other[0].path("landing"))
     # The fused lakehouse's device and HL7 readings reach silver with their bronze jobs alone.
     fused[2].run(["bronze.device_readings", "bronze.hl7_messages"], Trigger(available_now=True))
     assert {r["source_feed"] for r in fused[1].read_arrow(OBSERVATIONS).to_pylist()} == {"devices", "hl7"}
-    for _cfg, _store, runner in (fused, separate):
+    for _cfg, _store, runner in (fused, separate, chunked):
         runner.run([*BRONZE, OBSERVATIONS], Trigger(available_now=True))
 
     for table in (OBSERVATIONS, QUARANTINE, *BRONZE):
-        a, b = _rows(fused[0], fused[1], table), _rows(separate[0], separate[1], table)
-        assert a == b, (table, sorted(set(a) - set(b)), sorted(set(b) - set(a)))
+        b = _rows(separate[0], separate[1], table)
+        for lake in (fused, chunked):
+            a = _rows(lake[0], lake[1], table)
+            assert a == b, (table, sorted(set(a) - set(b)), sorted(set(b) - set(a)))
+    from pipelines.store.deltars import change_rows
+
+    path = str(chunked[1].ref(OBSERVATIONS).path)
+    carried = [(c.metadata.get("carelake.chunk"), change_rows(path, c.version))
+               for c in chunked[1].history(OBSERVATIONS)
+               if c.metadata.get("carelake.job") == OBSERVATIONS and c.metadata.get("carelake.chunk")]
+    assert len(carried) >= 2 and all(n <= 2 for _chunk, n in carried), carried
     observed = fused[1].read_arrow(OBSERVATIONS).to_pylist()
     assert {r["source_feed"] for r in observed} == {"devices", "hl7", "fhir"}
     reasons = {q["reason"] for q in fused[1].read_arrow(QUARANTINE).to_pylist()}
@@ -105,6 +117,36 @@ def test_a_crash_after_the_fused_commit_replays_bronze_without_writing_silver_tw
     assert store.read_arrow("bronze.device_readings").num_rows == 6
     assert store.version(OBSERVATIONS) == silver_version  # the replay found silver committed and skipped it
     assert store.read_arrow(OBSERVATIONS).num_rows == silver
+
+
+def test_a_crash_between_a_carried_batchs_chunks_resumes_with_the_missing_chunks(tmp_path, spark, monkeypatch):
+    """A landing batch committed in chunks (streaming.max_rows_per_batch of bronze rows): a crash after chunk 2's
+    silver commit, before its bronze commit, replays chunk 2's bronze and chunk 3 whole; silver gets each chunk once."""
+    cfg, store, runner = _lake(tmp_path, spark, "lake", **{"streaming.max_rows_per_batch": "2"})
+    ingest(cfg, _feeds(tmp_path / "src")["devices"], "devices")
+    write, bronze_writes = Runner._write, []
+
+    def crash_on_second_bronze(self, output, data, txn, meta):
+        if output.table == "bronze.device_readings":
+            bronze_writes.append(meta.get("carelake.chunk"))
+            if len(bronze_writes) == 2:
+                raise OSError("killed between the silver and the bronze commit of chunk 2")
+        return write(self, output, data, txn, meta)
+
+    monkeypatch.setattr(Runner, "_write", crash_on_second_bronze)
+    with pytest.raises(JobFailed, match="killed between"):
+        runner.run(["bronze.device_readings"], Trigger(available_now=True))
+    assert store.read_arrow("bronze.device_readings").num_rows == 2
+    monkeypatch.setattr(Runner, "_write", write)
+    Runner(cfg, spark, store, load_registry(cfg)).run(["bronze.device_readings"], Trigger(available_now=True))
+    assert store.read_arrow("bronze.device_readings").num_rows == 6
+    def chunks(table):
+        return sorted(c.metadata["carelake.chunk"] for c in store.history(table)
+                      if c.metadata.get("carelake.job") == OBSERVATIONS and "carelake.chunk" in c.metadata)
+
+    assert chunks(OBSERVATIONS) == ["1of3", "2of3"]  # chunk 3 ("{broken", a value "x") is all quarantine
+    assert chunks(QUARANTINE) == ["3of3"]
+    assert store.read_arrow(OBSERVATIONS).num_rows == 2  # the same distinct good readings as one batch gives
 
 
 @pytest.mark.parametrize(("fuse", "message"), [

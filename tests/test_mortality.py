@@ -30,6 +30,10 @@ def test_stay_frame_summarises_the_first_48_hours_only():
         ("p1", "76215-0", 101.0, None, _at(2)), ("p1", "8480-6", 98.0, None, _at(2)),  # arterial vs cuff
         ("p1", "67775-7", None, "V", _at(3)), ("p1", "67775-7", None, "C", _at(4)),
         ("p2", "2524-7", 4.2, None, _at(5)),
+        ("p1", "9187-6", 100.0, None, _at(1)), ("p1", "9187-6", 200.0, None, _at(30)),  # urine, mL
+        ("p1", "3150-0", 50.0, None, _at(1)), ("p1", "2703-7", 100.0, None, _at(2)),  # FiO2 50 %, PaO2 100
+        ("p1", "3150-0", 25.0, None, _at(6)), ("p1", "2703-7", 75.0, None, _at(7)), ("p1", "9269-2", 9.0, None, _at(3)),
+        ("p2", "2703-7", 80.0, None, _at(5)),  # no FiO2 charted: no ratio
     ], columns=["patient_key", "code", "value", "value_text", "effective_at"])
     scores = pd.DataFrame([("p1", _at(1), 3, 0), ("p1", _at(10), 7, 2), ("p1", _at(50), 11, 3)],
                           columns=["patient_key", "scored_at", "news2_score", "qsofa_score"])
@@ -48,7 +52,22 @@ def test_stay_frame_summarises_the_first_48_hours_only():
     assert p1.in_hospital_death == 1 and p2.in_hospital_death == 0
     assert p2.lactate_max == 4.2 and np.isnan(p2.hr_max) and np.isnan(p2.max_news2) and p2.male == 0.0
     assert np.isnan(p2.age_years) and np.isnan(p2.saps_i)
+    assert (p1.urine_total, p1.urine_total_24h, p1.gcs_min) == (300.0, 100.0, 9.0)
+    assert (p1.pf_ratio_min, p1.pf_ratio_last) == (200.0, 300.0) and np.isnan(p2.pf_ratio_min)
     assert set(m.feature_names()) <= set(frame.columns)
+
+
+def test_platt_scaling_fitted_out_of_fold_calibrates_an_overconfident_model():
+    rng = np.random.default_rng(5)
+    truth = 1 / (1 + np.exp(-rng.normal(-1.5, 1.2, 4000)))
+    y = (rng.random(truth.size) < truth).astype(int)
+    overconfident = 1 / (1 + np.exp(-3 * np.log(truth / (1 - truth))))  # right order, extreme probabilities
+    a, b = m.platt(overconfident[:2000], y[:2000])
+    assert a == pytest.approx(1 / 3, abs=0.1)
+    held_out = overconfident[2000:]
+    fixed = m.apply_platt(held_out, a, b)
+    assert m.hosmer_lemeshow(y[2000:], fixed) < m.hosmer_lemeshow(y[2000:], held_out) / 5
+    assert np.all(np.diff(fixed[np.argsort(held_out)]) >= 0)  # the order is kept: AUROC is unchanged
 
 
 def test_stay_frame_without_any_labelled_stay_says_what_to_do():
@@ -115,6 +134,7 @@ def test_cross_validation_compares_the_model_with_the_baselines_on_held_out_stay
     for who in ("model", "saps_i", "sofa", "max_news2"):
         assert 0 <= x[f"{who}_event1"] <= min(x[f"{who}_sensitivity"], x[f"{who}_ppv"]) + 1e-12
         assert x[f"{who}_hosmer_lemeshow_h"] >= 0 and 0 <= x[f"{who}_brier"] <= 1
+    assert x["model_uncalibrated_hosmer_lemeshow_h"] >= 0 and 0 <= x["model_uncalibrated_brier"] <= 1
 
 
 def test_too_few_deaths_for_the_folds_is_refused():

@@ -12,6 +12,7 @@ import pytest
 
 from pipelines.errors import UsageError
 from pipelines.physionet2012 import (
+    ALSO,
     DEFAULT_ANCHOR,
     PARAMS,
     admission_time,
@@ -40,6 +41,7 @@ RECORD = """Time,Parameter,Value
 00:30,GCS,14
 00:30,FiO2,0.4
 00:30,Glucose,140
+00:30,Cholesterol,180
 01:00,SysABP,101
 01:00,DiasABP,52
 01:00,MAP,68
@@ -79,7 +81,7 @@ def test_parse_record_keeps_descriptors_apart_and_weight_as_a_reading(tmp_path):
     assert rec.record_id == "140001"
     assert rec.descriptors == {"RecordID": "140001", "Age": "71", "Gender": "1", "Height": "-1", "ICUType": "3",
                                "Weight": "82.5"}
-    assert rec.rows[0] == (0, "Weight", "82.5") and (60, "Temp", "-17.8") in rec.rows and len(rec.rows) == 20
+    assert rec.rows[0] == (0, "Weight", "82.5") and (60, "Temp", "-17.8") in rec.rows and len(rec.rows) == 21
 
 
 def test_admission_is_anchor_plus_a_fixed_offset_under_a_year():
@@ -128,7 +130,7 @@ def test_anchor():
 
 
 def test_every_parameter_code_is_one_silver_knows():
-    assert {p.code for p in PARAMS.values()} <= set(BY_CODE)
+    assert {p.code for p in (*PARAMS.values(), *ALSO.values())} <= set(BY_CODE)
 
 
 # -- through the CLI ----------------------------------------------------------------------------------------------
@@ -157,8 +159,8 @@ def test_a_record_goes_to_silver_and_gold(tmp_path):
     (tmp_path / "Outcomes-a.txt").write_text(OUTCOMES)
     out = run_cli(root, "import", "physionet2012", str(_write_record(tmp_path / "records")),
                   "--outcomes", str(tmp_path / "Outcomes-a.txt")).stdout
-    assert "imported 1 record(s): 2 FHIR resources and 19 device readings" in out
-    assert "not sent (no LOINC code in silver): 1 values of Glucose" in out and "1 outcome label(s)" in out
+    assert "imported 1 record(s): 2 FHIR resources and 22 device readings" in out
+    assert "not sent (no LOINC code in silver): 1 values of Cholesterol" in out and "1 outcome label(s)" in out
     run_cli(root, "run", "all", "--available-now")
 
     obs = _sql(root, "select code, unit, round(value, 2) as value, value_text, cast(effective_at as string) as t "
@@ -167,6 +169,7 @@ def test_a_record_goes_to_silver_and_gold(tmp_path):
     t0, t30, t60 = ((admitted + timedelta(minutes=m)).strftime("%Y-%m-%d %H:%M:%S") for m in (0, 30, 60))
     assert obs == [
         {"code": "2160-0", "unit": "mg/dL", "value": 1.6, "value_text": None, "t": t60},
+        {"code": "2345-7", "unit": "mg/dL", "value": 140.0, "value_text": None, "t": t30},
         {"code": "2524-7", "unit": "mmol/L", "value": 3.1, "value_text": None, "t": t60},
         {"code": "2708-6", "unit": "%", "value": 93.0, "value_text": None, "t": t30},
         {"code": "29463-7", "unit": "kg", "value": 82.5, "value_text": None, "t": t0},
@@ -181,6 +184,7 @@ def test_a_record_goes_to_silver_and_gold(tmp_path):
         {"code": "8478-0", "unit": "mm[Hg]", "value": 69.0, "value_text": None, "t": t30},
         {"code": "8480-6", "unit": "mm[Hg]", "value": 98.0, "value_text": None, "t": t30},
         {"code": "8867-4", "unit": "/min", "value": 112.0, "value_text": None, "t": t30},
+        {"code": "9269-2", "unit": "{score}", "value": 14.0, "value_text": None, "t": t30},
         {"code": "9279-1", "unit": "/min", "value": 24.0, "value_text": None, "t": t30},
     ]
     quarantined = _sql(root, "select get_json_object(cast(b.payload as string), '$.code') as code, q.reason "
@@ -188,7 +192,8 @@ def test_a_record_goes_to_silver_and_gold(tmp_path):
                              "using (landing_file, landing_position) order by code")
     assert quarantined == [{"code": "67775-7", "reason": "unrecognized_value"},
                            {"code": "8310-5", "reason": "implausible_value"},
-                           {"code": "8867-4", "reason": "implausible_value"}]
+                           {"code": "8867-4", "reason": "implausible_value"},
+                           {"code": "9269-2", "reason": "implausible_value"}]
 
     people = _sql(root, "select p.mrn, p.sex, cast(p.birth_date as string) as birth_date, e.patient_class, "
                         "e.location_point_of_care as unit, o.saps_i, o.in_hospital_death, o.record_id "
@@ -226,8 +231,7 @@ def test_set_a_records_land_in_silver_or_quarantine(tmp_path, realdata):
     for f in records:
         rec = parse_record(f)
         for minute, name, value in rec.rows:
-            if name in PARAMS:
-                p = PARAMS[name]
+            for p in (PARAMS[name], *([ALSO[name]] if name in ALSO else [])) if name in PARAMS else ():
                 sent[p.code] += 1
                 keys.setdefault(p.code, set()).add((rec.record_id, minute))
                 text = gcs_to_acvpu(value) if p.unit is None else value

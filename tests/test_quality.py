@@ -257,7 +257,7 @@ def test_results_match_the_declared_schema(planted):
     assert [(f.name, f.type, f.nullable) for f in spark_as_arrow] == \
         [(f.name, f.type, f.nullable) for f in DQ_RESULTS_ARROW_SCHEMA]
     row = planted.results.to_pylist()[0]
-    assert row["table"] == "silver.observations" and row["batch"] == "7" and row["suite_version"] == "1.0.0"
+    assert row["table"] == "silver.observations" and row["batch"] == "7" and row["suite_version"] == "1.1.0"
     assert row["validated_at"] == NOW
     assert len({r["run_id"] for r in planted.results.to_pylist()}) == 1
 

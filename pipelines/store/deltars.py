@@ -84,20 +84,22 @@ def read_where(path: str, version: int, where, columns: list[str] | None = None,
                since: tuple[str, datetime] | None = None) -> pa.Table:
     """The rows of a table version that match a pyarrow.compute expression, in plain Arrow types (for an executor
     that needs a few rows of one person). `since=(column, time)` skips the files whose statistics say they hold
-    nothing from that time on. The files are read whole and filtered here: delta-rs writes view types into the
-    Parquet schema, and pyarrow cannot compare those when it pushes a filter down to the files."""
+    nothing from that time on. With `columns`, only those are read, and `where` may use only them. The files are
+    read and filtered here: delta-rs writes view types into the Parquet schema, and pyarrow cannot compare those
+    when it pushes a filter down to the files."""
     import pyarrow.parquet as pq
 
     dt = DeltaTable(path, version=version)
     schema = table_arrow_schema(dt)
+    if columns:
+        schema = pa.schema([schema.field(c) for c in columns])
     if dt.metadata().partition_columns or dt.protocol().reader_features:
-        table = dt.to_pyarrow_table()  # not a layout carelake writes
+        table = dt.to_pyarrow_table(columns=columns)  # not a layout carelake writes
     else:
         files = dt.file_uris() if since is None else _files_since(dt, path, *since)
-        parts = [pq.read_table(f, schema=schema) for f in files]
+        parts = [pq.read_table(f, schema=schema, columns=columns) for f in files]
         table = pa.concat_tables(parts) if parts else schema.empty_table()
-    table = table.filter(where)
-    return table.select(columns) if columns else table
+    return table.filter(where)
 
 
 def _is_conflict(exc: Exception) -> bool:
