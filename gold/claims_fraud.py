@@ -349,8 +349,10 @@ def claims_fraud_scores(changes: DataFrame, *, processed_at: datetime, read_tabl
     whose upcoding outcome flipped with the batch's peer shares, and a withdrawal row for each changed claim that is
     no longer scored (void, Part 2)."""
     spark = changes.sparkSession
-    touched = changes.where("_change_type IN ('insert', 'update_postimage')").select("claim_key").distinct(
-    ).localCheckpoint()
+    # The keys leave the micro-batch's plan (a local checkpoint of a frame derived from the streaming source overflowed
+    # the stream thread's stack at 50k lines): every later materialization starts from these keys, not the batch.
+    touched = spark.createDataFrame(changes.where("_change_type IN ('insert', 'update_postimage')").select(
+        "claim_key").distinct().toArrow())
     silver_claims, every_line = read_table(CLAIMS), read_table(LINES)
     every_claim = scored_claims(silver_claims, rules)
     tables = context_tables(spark, read_table, table_version)
