@@ -121,15 +121,13 @@ def _auroc(y: np.ndarray, score: np.ndarray) -> float:
 def train(items: Sequence[Mapping[str, Any]], labels: Sequence[int], *, tracking_uri: str, seed: int,
           test_fraction: float, params: Mapping[str, Any] | None = None) -> TrainResult:
     """Fit on the training patients, compare with priority alone on the held-out ones, log, maybe register."""
-    from sklearn.linear_model import LogisticRegression
-
     y = np.asarray(labels, dtype=int)
     test = split_patients([i.get("patient_key") or "" for i in items], test_fraction, seed)
     if len(set(y[~test].tolist())) < 2 or len(set(y[test].tolist())) < 2:
         raise UsageError(f"the patient split left a set without both outcomes ({int(y.sum())} critical of {len(y)} "
                          "studies): simulate more patients or change models.test_fraction")
     x = features(items)
-    model = LogisticRegression(**MODEL_PARAMS, random_state=seed).fit(x[~test], y[~test])
+    model = _estimator(seed).fit(x[~test], y[~test])
     probability = model.predict_proba(x[test])[:, 1]
     held = [i for i, t in zip(items, test, strict=True) if t]
     metrics = {"model_auroc": _auroc(y[test], probability),
@@ -140,6 +138,18 @@ def train(items: Sequence[Mapping[str, Any]], labels: Sequence[int], *, tracking
     run_id, version = _log(tracking_uri, model, x[~test], metrics, champion,
                            {**MODEL_PARAMS, "seed": seed, "test_fraction": test_fraction, **(params or {})})
     return TrainResult(run_id, version, champion, metrics)
+
+
+def _estimator(seed: int):
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(**MODEL_PARAMS, random_state=seed)
+
+
+def fit(items: Sequence[Mapping[str, Any]], labels: Sequence[int], *, seed: int) -> Champion:
+    """The model fitted on all these studies, neither judged nor logged: for evaluations that hold out whole days
+    (`carelake imaging replay --model cross-day`); version "unregistered"."""
+    return Champion("unregistered", _estimator(seed).fit(features(items), np.asarray(labels, dtype=int)))
 
 
 def _log(uri: str, model, sample: pd.DataFrame, metrics: dict[str, float], champion: bool,

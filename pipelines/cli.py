@@ -309,6 +309,26 @@ def cmd_demo(ctx: Context) -> int:
     return run(argv)
 
 
+def cmd_notebook(ctx: Context) -> int:
+    from pipelines import workbench
+
+    a = ctx.args
+    cmd = workbench.notebook_command(ctx.cfg, host=a.host, port=a.port, browser=a.browser)
+    print(f"carelake notebook: JupyterLab in {workbench.NOTEBOOKS} on {ctx.cfg.root.resolve()}; in a notebook: "
+          "`from pipelines.workbench import open_lakehouse; lake = open_lakehouse()`", flush=True)
+    return workbench.run(cmd, workbench.notebook_env(ctx.cfg))
+
+
+def cmd_mlflow_ui(ctx: Context) -> int:
+    from pipelines import workbench
+
+    a = ctx.args
+    cmd = workbench.mlflow_command(ctx.cfg, host=a.host, port=a.port)
+    print(f"carelake mlflow-ui: http://{a.host}:{a.port} (tracking store {cmd[cmd.index('--backend-store-uri') + 1]})",
+          flush=True)
+    return workbench.run(cmd)
+
+
 def cmd_train(ctx: Context) -> int:
     from pipelines import training
 
@@ -337,19 +357,28 @@ def cmd_train(ctx: Context) -> int:
 def cmd_imaging_replay(ctx: Context) -> int:
     import json
 
-    from pipelines.imaging_replay import run_replay
+    from pipelines.imaging_replay import replay_acuity, run_replay
 
     a = ctx.args
-    model = None
+    model = a.model if a.model == "cross-day" else None
     if a.model == "champion":
         from models.critical_finding import load_champion
         from models.deterioration import default_tracking_uri
 
         model = load_champion(a.tracking_uri or default_tracking_uri(ctx.cfg))
-    figures = run_replay(a.truth, ctx.cfg.imaging, radiologists=a.radiologists, reads_per_hour=a.reads_per_hour,
-                         model=model)
+    figures = run_replay(a.truth, ctx.cfg.imaging, radiologists=a.radiologists, utilisation=a.utilisation,
+                         model=model, acuity=replay_acuity(ctx.cfg), seed=ctx.cfg.models.seed)
     print(json.dumps(figures, sort_keys=True))
     return 0
+
+
+def _utilisation(text: str) -> list[float]:
+    import argparse
+
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated shares like 0.8,0.9,1.0, got {text!r}") from None
 
 
 def cmd_imaging_train(ctx: Context) -> int:
@@ -367,13 +396,15 @@ def add_imaging_parser(sub) -> None:
                                         "critical-finding model")
     isub = im.add_subparsers(dest="imaging_command", metavar="ACTION", required=True)
     rp = isub.add_parser("replay", help="time-to-read of critical studies under FIFO, order priority and the "
-                                        "carelake worklist (one JSON line)")
-    rp.add_argument("--truth", required=True, help="the simulator's DIR/truth/imaging.csv")
+                                        "carelake worklist, per load, across simulated days (one JSON line)")
+    rp.add_argument("--truth", required=True, action="append",
+                    help="a simulator's DIR/truth/imaging.csv (repeat for several days/seeds)")
     rp.add_argument("--radiologists", type=int, help="readers (imaging.replay_radiologists)")
-    rp.add_argument("--reads-per-hour", type=float, help="reads per radiologist per hour "
-                                                         "(imaging.replay_reads_per_hour)")
-    rp.add_argument("--model", choices=["champion", "none"], default="champion",
-                    help="rank with the registered critical-finding champion (if any) or without a model")
+    rp.add_argument("--utilisation", type=_utilisation,
+                    help="loads, e.g. 0.8,0.9,1.0 (imaging.replay_utilisation)")
+    rp.add_argument("--model", choices=["champion", "cross-day", "none"], default="champion",
+                    help="rank with the registered critical-finding champion (if any), with a model fitted on the "
+                         "other days' labels (needs 2+ --truth), or without a model")
     rp.add_argument("--tracking-uri", help="MLflow tracking URI (models.tracking_uri; default sqlite under the root)")
     rp.set_defaults(func=cmd_imaging_replay)
     tr = isub.add_parser("train", help="train the critical-finding model on the lakehouse's studies and the "
@@ -552,6 +583,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--train-hours", type=int, default=0, help="hours sent before training (default 2/3 of --hours)")
     e.add_argument("--seed", type=int, default=7)
     e.set_defaults(func=cmd_demo)
+
+    nb = sub.add_parser("notebook", help="open JupyterLab on this lakehouse's notebooks (open_lakehouse() in a "
+                                         "notebook gives Spark and the tables)")
+    nb.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1: this machine only)")
+    nb.add_argument("--port", type=int, default=8888)
+    nb.add_argument("--browser", action="store_true", help="also open a web browser")
+    nb.set_defaults(func=cmd_notebook)
+
+    ml = sub.add_parser("mlflow-ui", help="serve this lakehouse's MLflow tracking store: runs, models, model cards")
+    ml.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1: this machine only)")
+    ml.add_argument("--port", type=int, default=5000)
+    ml.set_defaults(func=cmd_mlflow_ui)
 
     m = sub.add_parser("simulate", help="write a seeded synthetic hospital as feed files, with ground truth")
     m.add_argument("--out", required=True, help="output folder (must be empty or new unless --force)")

@@ -739,7 +739,10 @@ class ImagingConfig:
     indication_bleed: IndicationRule
     indication_trauma: IndicationRule
     replay_radiologists: int
-    replay_reads_per_hour: float
+    replay_read_minutes: Mapping[str, float]
+    replay_utilisation: tuple[float, ...]
+    replay_night_radiologists: int
+    replay_night_hours: tuple[int, ...]
     match_window: str = "24h"
     news2_current_for: str = "24h"
     clock: str = "wall"
@@ -782,14 +785,29 @@ class ImagingConfig:
         if bad:
             raise ConfigError(f"imaging.exam_points: {bad} must look like MODALITY/BODY_PART=points, e.g. CT/HEAD=15 "
                               "or CT/*=6 (upper case, whole points)")
-        if self.replay_radiologists < 1 or self.replay_reads_per_hour <= 0:
-            raise ConfigError("imaging.replay_radiologists must be at least 1 and imaging.replay_reads_per_hour above "
-                              f"0, got {self.replay_radiologists} and {self.replay_reads_per_hour}")
+        self._check_replay()
         for category in INDICATION_CATEGORIES:
             rule = self.indication(category)
             if not rule.codes and not rule.words:
                 raise ConfigError(f"imaging.indication_{category} needs some codes or words (set points: 0 to "
                                   "switch the category off)")
+
+    def _check_replay(self) -> None:
+        if self.replay_radiologists < 1:
+            raise ConfigError(f"imaging.replay_radiologists must be at least 1, got {self.replay_radiologists}")
+        minutes = dict(self.replay_read_minutes)
+        if "other" not in minutes or any(v <= 0 for v in minutes.values()):
+            raise ConfigError("imaging.replay_read_minutes must give positive minutes per DICOM modality and for "
+                              f"'other' (e.g. {{CT: 10, CR: 3, other: 8}}), got {minutes}")
+        if not self.replay_utilisation or any(not 0 < u <= 2 for u in self.replay_utilisation):
+            raise ConfigError("imaging.replay_utilisation must list shares of the radiologists' time above 0 and at "
+                              f"most 2 (e.g. [0.8, 0.9, 1.0]), got {list(self.replay_utilisation)}")
+        if not 1 <= self.replay_night_radiologists <= self.replay_radiologists:
+            raise ConfigError("imaging.replay_night_radiologists must be from 1 to imaging.replay_radiologists "
+                              f"({self.replay_radiologists}), got {self.replay_night_radiologists}")
+        if len(self.replay_night_hours) != 2 or any(not 0 <= h <= 23 for h in self.replay_night_hours):
+            raise ConfigError("imaging.replay_night_hours must be [from, to] hours of the day (UTC, 0-23), e.g. "
+                              f"[20, 8], got {list(self.replay_night_hours)}")
 
     def indication(self, category: str) -> IndicationRule:
         return getattr(self, f"indication_{category}")

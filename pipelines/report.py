@@ -185,19 +185,21 @@ def worklist_snapshot(cfg: Config, top: int = 10) -> pd.DataFrame | None:
 
 
 def time_to_read(figures: dict) -> pd.DataFrame:
-    """The replay's figures as one row per policy (minutes)."""
+    """The replay's figures as one row per load and policy (minutes; medians across the replayed days)."""
     names = {"fifo": "FIFO", "priority": "order priority only", "worklist": "carelake worklist"}
-    return pd.DataFrame([{"policy": label, "critical median": figures[p]["critical"]["median_min"],
-                          "critical p90": figures[p]["critical"]["p90_min"],
-                          "all median": figures[p]["all"]["median_min"], "all p90": figures[p]["all"]["p90_min"]}
-                         for p, label in names.items()])
+    return pd.DataFrame([{"load": load["utilisation"], "policy": label,
+                          "critical median": load[p]["critical_median_min"]["median"],
+                          "critical p90": load[p]["critical_p90_min"]["median"],
+                          "other median": load[p]["noncritical_median_min"]["median"],
+                          "routine within SLA": load[p].get("routine_within_sla", {}).get("median")}
+                         for load in figures["loads"] for p, label in names.items()])
 
 
 def imaging_sections(cfg: Config, truth_csv: Path) -> tuple[list[str], list[str]]:
     """The demo's imaging part: (text lines, HTML blocks): the worklist snapshot and the queue replay's
     time-to-read comparison (without the model: it was trained on this same day)."""
     from pipelines.errors import UsageError
-    from pipelines.imaging_replay import run_replay
+    from pipelines.imaging_replay import replay_acuity, run_replay
 
     lines, blocks = ["", "imaging worklist (top rows, why they rank there):"], []
     snapshot = worklist_snapshot(cfg)
@@ -208,17 +210,19 @@ def imaging_sections(cfg: Config, truth_csv: Path) -> tuple[list[str], list[str]
         lines += [f"  #{r['rank']}: {r['why']}" for _, r in snapshot.head(3).iterrows()]
         blocks.append("<h2>Imaging worklist: the first rows and why they rank there</h2>" + _table(snapshot))
     try:
-        figures = run_replay(truth_csv, cfg.imaging, radiologists=None, reads_per_hour=None)
+        figures = run_replay([truth_csv], cfg.imaging, acuity=replay_acuity(cfg))
     except UsageError as exc:
         lines.append(f"time-to-read replay: not run ({exc})")
         return lines, blocks
     table = time_to_read(figures)
-    room = f"{figures['radiologists']} radiologists x {figures['reads_per_hour']:g} reads/h"
-    lines += ["", f"time to read (minutes), {figures['studies']} studies ({figures['critical_studies']} with a "
-                  f"critical finding) replayed through {room}:", _text_table(table)]
+    loads = ", ".join(str(x["utilisation"]) for x in figures["loads"])
+    room = f"{figures['radiologists']} radiologists by day, {figures['night_radiologists']} at night, at loads {loads}"
+    studies, critical = figures["studies"][0], figures["critical_studies"][0]
+    lines += ["", f"time to read (minutes), {studies} studies ({critical} with a critical finding) replayed through "
+                  f"{room}:", _text_table(table)]
     blocks.append(f"<h2>Time to read: a simulated day through {html.escape(room)}</h2>"
-                  f"<p>{figures['studies']} studies, {figures['critical_studies']} with a critical finding; minutes "
-                  "from the study to the end of its read (carelake imaging replay, without the model).</p>"
+                  f"<p>{studies} studies, {critical} with a critical finding; minutes from the study to the end of "
+                  "its read, the report (carelake imaging replay, without the model).</p>"
                   + _table(table))
     return lines, blocks
 

@@ -186,6 +186,10 @@ CHUNK_STRIDE = 100_000
 ORDER_COLUMNS = ("_commit_version", "landing_file", "landing_position")
 # Available-now over carelake_delta sources (Runner.targets): how often an idle query looks for its next batch.
 BOUNDED_POLL_MS = 200
+# Available-now: how often the runner looks whether the running query has finished or reached its targets. Each
+# look is a py4j call and a read of the checkpoint's newest files; a `run all` starts a query per job, and the
+# time between its last commit and the look that sees it is lost for every one of them.
+DONE_POLL_S = 0.1
 # A batch this large that arrived in fewer partitions than Spark has cores is spread out before chunking.
 SPREAD_ROWS = 100_000
 
@@ -747,20 +751,22 @@ class Runner:
         return _Running(job, query, summary)
 
     def reached(self, running: _Running) -> bool:
-        """Whether a bounded available-now query (targets) has committed every source up to its target, read from
-        its checkpoint: the offsets of the newest committed batch. The offsets log lists the sources in plan order,
-        not by table; but a source never passes its target (the reader caps its offsets at endingVersion), so the
-        sum of the committed end versions reaches the sum of the targets only when every source has reached its
-        own. From then on no batch can start, and stopping the query is clean."""
-        if running.targets is None:
-            return False
-        folder = self.cfg.path("_checkpoints", running.job.name)
+        """Whether a bounded available-now query has committed every source up to its target (committed_to)."""
+        return running.targets is not None and self.committed_to(running.job, running.targets)
+
+    def committed_to(self, job: Job, targets: dict[str, int]) -> bool:
+        """Whether `job`'s checkpoint has committed every source up to `targets`, read from the offsets of the
+        newest committed batch. The offsets log lists the sources in plan order, not by table; but a source never
+        passes its target (the reader caps its offsets at endingVersion), so the sum of the committed end versions
+        reaches the sum of the targets only when every source has reached its own. From then on no batch can
+        start, and stopping the query is clean."""
+        folder = self.cfg.path("_checkpoints", job.name)
         done = [int(p.name) for p in (folder / "commits").glob("[0-9]*") if p.name.isdigit()]
         if not done:
             return False
         lines = (folder / "offsets" / str(max(done))).read_text().splitlines()[2:]
         ends = [json.loads(line)["version"] for line in lines if line.strip() not in ("", "-")]
-        return len(ends) == len(running.targets) and sum(ends) >= sum(running.targets.values())
+        return len(ends) == len(targets) and sum(ends) >= sum(targets.values())
 
     def _stop_gracefully(self, running: _Running) -> None:
         deadline = time.monotonic() + self.cfg.streaming.stop_timeout_s
@@ -818,18 +824,27 @@ class Runner:
                               metadata={"carelake.job": table, "carelake.created_by": job.name})
         return None
 
+    def _skip_up_to_date(self, job: Job, trigger: Trigger) -> JobSummary | None:
+        """Available-now with nothing new upstream since the checkpoint: not started at all. A query started and
+        stopped at once leaves the Python source runner Spark launched for it to time out connecting back to a
+        JVM that has forgotten it, and print a CANNOT_OPEN_SOCKET traceback a minute later."""
+        targets = self.targets(job) if trigger.available_now else None
+        if targets is None or not self.committed_to(job, targets):
+            return None
+        return JobSummary(job.name, status="done", detail="nothing new upstream")
+
     def _run_in_order(self, jobs: list[Job], trigger: Trigger, stop: StopSignal,
                       on_summary: Callable[[JobSummary], None] | None) -> list[JobSummary]:
         summaries = []
         for job in jobs:
             if stop.event.is_set():
                 break
-            summary = self._skip_missing_upstream(job)
+            summary = self._skip_missing_upstream(job) or self._skip_up_to_date(job, trigger)
             if summary is None:
                 running = self.start(job, trigger)
                 while running.query.isActive and not stop.event.is_set() and not self.reached(running):
                     try:
-                        running.query.awaitTermination(0.5)
+                        running.query.awaitTermination(DONE_POLL_S)
                     except StreamingQueryException:
                         break  # _finish reports the cause (the Python exception, not Spark's wrapper)
                 if running.query.isActive:

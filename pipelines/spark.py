@@ -99,13 +99,31 @@ def _scratch_dir() -> str:
     """A temporary folder of this process for the driver JVM, removed at exit.
 
     Spark 4 creates an `artifacts-<uuid>` folder in java.io.tmpdir for every session and never removes it; in
-    the system temp folder they pile up, one per run. Registered before the JVM starts, the removal runs after
-    PySpark's own exit handlers have stopped it. A process killed with -9 leaves its folder behind, named
-    carelake-spark-*.
+    the system temp folder they pile up, one per run. The folder also holds the working copies of the RocksDB
+    state stores a stateful query opened, which the JVM closes in its shutdown hooks; the JVM starts those only
+    when it reads the end of its stdin, i.e. after this process is gone. So the removal, registered before the JVM
+    starts and thus run last at exit, first ends such a JVM (closes its stdin) and waits for it: removed earlier,
+    RocksDB logs "MANIFEST verification on Close" errors for every open store. Without stores nothing waits. A
+    process killed with -9 leaves its folder behind, named carelake-spark-*.
     """
     folder = tempfile.mkdtemp(prefix="carelake-spark-")
-    atexit.register(shutil.rmtree, folder, True)
+    atexit.register(_remove_after_jvm, folder)
     return folder
+
+
+def _remove_after_jvm(folder: str, timeout_s: float = 60.0) -> None:
+    from pyspark import SparkContext
+
+    proc = getattr(SparkContext._gateway, "proc", None)  # noqa: SLF001 - the JVM's Popen, set by launch_gateway
+    stores = next(Path(folder).glob("*/StateStoreId*"), None)
+    if stores is not None and proc is not None and proc.poll() is None:
+        try:
+            if proc.stdin is not None:
+                proc.stdin.close()  # PythonGatewayServer exits on EOF, running Spark's shutdown hooks
+            proc.wait(timeout=timeout_s)
+        except Exception:  # noqa: BLE001 - at exit, a JVM that will not end must not keep the folder forever
+            pass
+    shutil.rmtree(folder, True)
 
 
 def jvm_has_class(spark: SparkSession, class_name: str) -> bool:

@@ -114,3 +114,22 @@ def write_truth(path, rows, columns=COLUMNS):
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+def simulated_day(cfg, folder, seed: int = 11, hours: int = 24):
+    """The simulator's own emergency-department and outpatient imaging of one seeded day (its case mix, priorities,
+    under-triage and ground-truth findings; no inpatients, so no Spark), written as folder/truth/imaging.csv."""
+    from pipelines.simulator.acuity import WardCharts
+    from pipelines.simulator.params import resolve_params
+    from pipelines.simulator.population import Census
+    from pipelines.simulator.run import _csv
+    from pipelines.simulator.timeline import _imaging_orders
+    from pipelines.simulator.truth import IMAGING_COLUMNS, _imaging_row, _iso
+
+    params = resolve_params(cfg.simulator, folder, seed=seed, hours=hours, force=True)
+    orders = _imaging_orders(Census([], 1), params, WardCharts({}))
+    uids = {o.order_no: f"1.2.826.0.1.3680043.10.{seed}.{n}" for n, o in enumerate(orders) if o.study_s is not None}
+    path = folder / "truth" / "imaging.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _csv(path, IMAGING_COLUMNS, [_imaging_row(o, uids, _iso(params)) for o in orders])
+    return path

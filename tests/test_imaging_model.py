@@ -44,7 +44,7 @@ def test_a_model_that_beats_priority_is_the_champion_and_the_worklist_uses_it(tm
     rows = rank_unread([{**cough, "available_at": START}, {**stroke, "available_at": START}], ranking, now, champion)
     assert [r["study_instance_uid"] for r in rows] == [stroke["study_instance_uid"], cough["study_instance_uid"]]
     model = {f[0]: f for f in rows[0]["factors"]}["critical_model"]
-    assert model == ("critical_model", f"{p_stroke:.3f}", round(40 * p_stroke, 1))
+    assert model == ("critical_model", f"{p_stroke:.3f}", round(ranking.points.points_model * p_stroke, 1))
     assert rows[0]["critical_model_version"] == "1"
 
 

@@ -33,8 +33,8 @@ def test_every_factor_is_listed_with_its_value_and_points(ranking):
     assert [(f["factor"], f["value"], f["points"]) for f in scored.factors] == [
         ("priority", "STAT", 40.0), ("exam", "CT/HEAD", 15.0), ("indication", "stroke", 30.0), ("location", "ED", 15.0),
         ("news2_band", "high", 20.0), ("open_alert", "news2_high,news2_medium", 15.0),
-        ("waited", "30 min of 60 min SLA", 10.0), ("critical_model", "0.500", 20.0)]
-    assert scored.score == 165.0
+        ("waited", "30 min of 60 min SLA", 10.0), ("critical_model", "0.500", 50.0)]
+    assert scored.score == 195.0
     assert scored.sla_due_at == NOW + timedelta(minutes=30)
     assert scored.indication_category == "stroke"
 
@@ -72,6 +72,10 @@ def test_order_is_score_then_due_time_then_uid(ranking):
     ("imaging.exam_points=[ct/head=3]", "must look like MODALITY/BODY_PART=points"),
     ("imaging.clock=tomorrow", "imaging.clock must be wall"),
     ("imaging.replay_radiologists=0", "imaging.replay_radiologists must be at least 1"),
+    ("imaging.replay_read_minutes={other: 0}", r"replay_read_minutes must give positive minutes per DICOM modality"),
+    ("imaging.replay_night_radiologists=4", r"replay_night_radiologists must be from 1 to imaging.replay_radiologists"),
+    ("imaging.replay_night_hours=[20]", r"replay_night_hours must be \[from, to\] hours of the day"),
+    ("imaging.replay_utilisation=[0.9, 3]", r"replay_utilisation must list shares .* got \[0.9, 3.0\]"),
     ("imaging.indication_pe.codes=[]", None),
 ])
 def test_bad_settings_name_the_key_and_the_fix(tmp_path, setting, message):
@@ -86,3 +90,18 @@ def test_bad_settings_name_the_key_and_the_fix(tmp_path, setting, message):
 def test_a_category_without_codes_or_words_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="indication_pe needs some codes or words"):
         make_config(tmp_path, **{"imaging.indication_pe.codes": "[]", "imaging.indication_pe.words": "[]"})
+
+
+def test_the_model_reorders_within_a_priority_and_lifts_under_triaged_studies(ranking):
+    stat_film = item("stat-film", priority="STAT", location_class="ED", critical_probability=0.02)
+    routine_bleed = item("routine-bleed", modality="CT", body_part="ABDOMEN", location_class="ED",
+                         indication_codes=["ICD-10-CM|K92.2"], critical_probability=0.3)
+    older_stroke = item("older-stroke", priority="STAT", modality="CT", body_part="HEAD", indication_text="stroke",
+                        location_class="ED", critical_probability=0.05, available_at=NOW - timedelta(minutes=40))
+    likely_stroke = item("likely-stroke", priority="STAT", modality="CT", body_part="HEAD", indication_text="stroke",
+                         location_class="ED", critical_probability=0.4, available_at=NOW)
+    got = [i["study_instance_uid"] for _, i, _ in imaging_rank.ranked(
+        [stat_film, routine_bleed, older_stroke, likely_stroke], ranking, NOW)]
+    # within STAT the likelier stroke goes first though it came later; a GI bleed ordered ROUTINE outranks a STAT
+    # chest film that is probably normal
+    assert got == ["likely-stroke", "older-stroke", "routine-bleed", "stat-film"]

@@ -194,15 +194,36 @@ INDICATIONS = {
                            "Malpositioned endotracheal tube"),
     "preop": Indication("Z01.818", "Pre-operative chest film", "cxr", 0.005, "Large pneumothorax"),
 }
-# Where each kind of imaging comes from: (indication, weight, {priority: weight}).
-ED_CASES = (("stroke", 0.18, {"stat": 1.0}), ("pe", 0.16, {"stat": 0.5, "asap": 0.5}),
-            ("head_trauma", 0.16, {"stat": 0.6, "asap": 0.4}), ("gi_bleed", 0.06, {"stat": 0.5, "asap": 0.5}),
-            ("abdominal_pain", 0.2, {"asap": 0.7, "routine": 0.3}), ("dyspnoea", 0.24, {"asap": 0.5, "routine": 0.5}))
+# Where each kind of imaging comes from: (indication, weight, {priority: weight}). Ordering clinicians overuse STAT
+# (half to two thirds of ED and inpatient CT orders in published audits) and under-triage some real emergencies
+# (a wake-up stroke, a PE or bleed ordered ASAP or ROUTINE): docs/imaging.md cites the sources.
+ED_CASES = (("stroke", 0.18, {"stat": 0.8, "asap": 0.15, "routine": 0.05}),
+            ("pe", 0.16, {"stat": 0.5, "asap": 0.35, "routine": 0.15}),
+            ("head_trauma", 0.16, {"stat": 0.55, "asap": 0.3, "routine": 0.15}),
+            ("gi_bleed", 0.06, {"stat": 0.45, "asap": 0.4, "routine": 0.15}),
+            ("abdominal_pain", 0.2, {"stat": 0.25, "asap": 0.5, "routine": 0.25}),
+            ("dyspnoea", 0.24, {"stat": 0.3, "asap": 0.4, "routine": 0.3}))
 OUTPATIENT_CASES = (("ruq_pain", 0.35, {"routine": 1.0}), ("headache", 0.25, {"routine": 1.0}),
                     ("preop", 0.4, {"routine": 1.0}))
-# The stat study each deterioration prompts.
+# The study each deterioration prompts, and how urgently the ward team orders it (not always STAT: the team may not
+# yet see how ill the patient is).
 DETERIORATION_IMAGING = {"sepsis": "sepsis_film", "respiratory_failure": "resp_failure",
                          "haemorrhage": "haemorrhage"}
+DETERIORATION_PRIORITY = {"stat": 0.6, "asap": 0.3, "routine": 0.1}
+# An inpatient's acuity when the study is ordered (the NEWS2 band of the last charted observation set) multiplies
+# the odds of a critical finding: sicker patients' studies find more (an assumption of the simulator, docs/imaging.md).
+# No charted set (ED, outpatients, ICU on monitors only): the indication's prevalence as it is.
+ACUITY_ODDS = {"low": 0.7, "low-medium": 1.2, "medium": 2.0, "high": 3.5}
+
+
+def critical_chance(prevalence: float, news2_band: str | None) -> float:
+    """The probability of a critical finding: the indication's prevalence, its odds scaled by the patient's acuity."""
+    if news2_band is None:
+        return prevalence
+    odds = prevalence / (1 - prevalence) * ACUITY_ODDS[news2_band]
+    return odds / (1 + odds)
+
+
 # Radiologists reading the studies: (id, family, given).
 RADIOLOGISTS = (("RAD01", "Okafor", "Ada"), ("RAD02", "Lindqvist", "Per"), ("RAD03", "Haddad", "Leila"),
                 ("RAD04", "Moreau", "Julien"), ("RAD05", "Tanaka", "Yumi"))

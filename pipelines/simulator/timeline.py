@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from pipelines.simulator import fhir, hl7
+from pipelines.simulator.acuity import WardCharts
 from pipelines.simulator.clinical import (
     BY_KEY,
     DETERIORATION_IMAGING,
+    DETERIORATION_PRIORITY,
     ED_CASES,
     IMAGING,
     INDICATIONS,
@@ -25,6 +27,7 @@ from pipelines.simulator.clinical import (
     RADIOLOGISTS,
     READ_DELAY_H,
     acvpu_letter,
+    critical_chance,
     oxygen_device,
 )
 from pipelines.simulator.hl7 import Header, Result
@@ -94,6 +97,7 @@ class Timeline:
     hl7: list[Hl7Event] = field(default_factory=list)
     fhir: list[FhirEvent] = field(default_factory=list)
     orders: list[ImagingOrder] = field(default_factory=list)
+    charts: WardCharts = field(default_factory=lambda: WardCharts({}))
 
     def sort(self) -> None:
         self.hl7.sort(key=lambda e: (e.at_s, e.rank))
@@ -129,7 +133,8 @@ def build_timeline(census: Census, params: SimParams, draws: list[Draw],
             _fhir_vitals(tl, enc, d, got, clock)
         else:
             _hl7_vitals(tl, enc, d, got, clock)
-    tl.orders = _imaging_orders(census, params)
+    tl.charts = WardCharts.of(draws, values)
+    tl.orders = _imaging_orders(census, params, tl.charts)
     for order in tl.orders:
         _order_events(tl, order, clock)
     tl.sort()
@@ -264,8 +269,9 @@ ED_MRN_BASE, OUTPATIENT_MRN_BASE = 5_000_000, 6_000_000
 ED_VISIT_BASE, OUTPATIENT_VISIT_BASE = 7_000_000, 8_000_000
 
 
-def _imaging_orders(census: Census, params: SimParams) -> list[ImagingOrder]:
-    """Inpatient imaging (admission films, a stat study per deterioration) plus the ED's and outpatient clinics'."""
+def _imaging_orders(census: Census, params: SimParams, charts: WardCharts) -> list[ImagingOrder]:
+    """Inpatient imaging (admission films, a study per deterioration) plus the ED's and outpatient clinics'; the
+    critical finding is drawn with the indication's prevalence and the patient's NEWS2 band at the order."""
     wanted = [*_inpatient_cases(census, params), *_department_cases(params)]
     wanted.sort(key=lambda w: (w[0], w[1].visit_no, w[2]))
     orders = []
@@ -281,7 +287,9 @@ def _imaging_orders(census: Census, params: SimParams) -> list[ImagingOrder]:
         orders.append(_with_read(ImagingOrder(
             f"ORD{params.seed % 100:02d}{n:07d}", f"ACC{params.seed % 100:02d}{n:07d}", enc,
             INDICATIONS[indication].procedure, priority, at_s, study if study < end and cancelled is None else None,
-            indication, location, rng.random() < INDICATIONS[indication].critical_p, cancelled_s=cancelled),
+            indication, location,
+            rng.random() < critical_chance(INDICATIONS[indication].critical_p, charts.band_at(enc.visit_no, at_s)),
+            cancelled_s=cancelled),
             rng, params))
     return orders
 
@@ -300,8 +308,8 @@ def _with_read(order: ImagingOrder, rng: random.Random, params: SimParams) -> Im
 
 
 def _inpatient_cases(census: Census, params: SimParams) -> list[tuple]:
-    """Admission imaging for a share of admissions (a chest film, or a CT head for new confusion), a stat study
-    for each deterioration, and the 06:00 chest film of every ICU patient."""
+    """Admission imaging for a share of admissions (a chest film, or a CT head for new confusion), a study for each
+    deterioration (mostly STAT), and the 06:00 chest film of every ICU patient."""
     wanted = []
     for enc in census.active:
         rng = random.Random(f"{params.seed}:imaging:{enc.visit_no}")
@@ -316,7 +324,8 @@ def _inpatient_cases(census: Census, params: SimParams) -> list[tuple]:
         if enc.deterioration is not None:
             d = enc.deterioration
             at_s = d.onset_s + (d.peak_s - d.onset_s) // 2
-            wanted.append((at_s, enc, DETERIORATION_IMAGING[d.kind], "stat", _ward_or_icu(enc, at_s), None, rng))
+            priority = rng.choices(list(DETERIORATION_PRIORITY), weights=list(DETERIORATION_PRIORITY.values()))[0]
+            wanted.append((at_s, enc, DETERIORATION_IMAGING[d.kind], priority, _ward_or_icu(enc, at_s), None, rng))
     return wanted
 
 

@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from datetime import timedelta
 
+from pipelines.simulator.acuity import VITALS_COLUMNS
 from pipelines.simulator.params import SimParams
 from pipelines.simulator.population import Census, Encounter
 from pipelines.simulator.timeline import Timeline
@@ -41,6 +42,7 @@ def write_truth(params: SimParams, census: Census, fraud: list, dirt_rows: list[
     uids = {p.order.order_no: p.study_uid for p in studies}
     write_csv(folder / "imaging.csv", IMAGING_COLUMNS,
               [_imaging_row(o, uids, iso) for o in tl.orders])
+    write_csv(folder / "ward_vitals.csv", VITALS_COLUMNS, list(tl.charts.rows(census, iso)))
     (folder / "expected_counts.json").write_text(json.dumps(counts, indent=2, sort_keys=True) + "\n")
 
 
