@@ -7,9 +7,13 @@ critical care, labs and imaging codes, one claim a member, 1,000 rendering provi
 patient with one stay (silver.patients, silver.encounters) so the bill-against-the-chart rule joins a real chart.
 
 Measured: `carelake run gold.claims_fraud_scores --available-now` in process (the Runner as the CLI builds it): every
-rule over every current line, features, the score rows MERGEd into gold. No model is registered (the model's
-per-claim predict is measured by models' own tests). One JSON line: per size lines, claims, seconds, lines/s, and
-the growth of seconds per line from the smallest size to each larger one (1.0 = linear).
+rule over every current line, features, the score rows MERGEd into gold (the first run: every claim is new). Then
+an increment of `--increment` (default 1 %) more claims (new members, the same providers and days) is appended to
+silver and scored by the next available-now run, the operational cadence: its cost should follow the increment,
+not the history. No model is registered (the model's per-claim predict is measured by models' own tests). One JSON
+line: per size lines, claims, seconds, lines/s, the increment's lines and seconds, and the growth of seconds per
+line from the smallest size to each larger one (1.0 = linear). With --runs N each run scores the whole table again
+from scratch and adds its own increment (so run k scores k-1 increments more).
 
 Run: .venv/bin/python benchmarks/claims_scoring.py [--lines 1000000,2000000,4000000] [--runs 1]
 """
@@ -86,27 +90,30 @@ def silver_batch(first_claim: int, claims: int, per_claim: int):
             _arrow(PATIENTS_SCHEMA, patient_cols, claims), _arrow(ENCOUNTERS_SCHEMA, encounter_cols, claims))
 
 
-def write_silver(cfg, lines: int, per_claim: int, chunk_claims: int = 100_000) -> float:
+def write_silver(cfg, lines: int, per_claim: int, chunk_claims: int = 100_000, first_claim: int = 0) -> float:
     from pipelines.store.deltars import DeltaRsStore
 
     store = DeltaRsStore(cfg)
     t0 = time.perf_counter()
     claims = lines // per_claim
-    for first in range(0, claims, chunk_claims):
-        tables = silver_batch(first, min(chunk_claims, claims - first), per_claim)
+    for first in range(first_claim, first_claim + claims, chunk_claims):
+        tables = silver_batch(first, min(chunk_claims, first_claim + claims - first), per_claim)
         for name, table in zip(("silver.claims", "silver.claim_lines", "silver.patients", "silver.encounters"),
                                tables, strict=True):
             store.append(name, table)
     return time.perf_counter() - t0
 
 
-def score(cfg, spark) -> tuple[float, int]:
+def score(cfg, spark, first_claim: int, increment: int, per_claim: int) -> tuple[float, int, float]:
+    """(seconds of the whole run, rows scored, seconds of the increment's run) from an empty gold table."""
     from gold.claims_fraud import SCORES
 
     for path in (cfg.path("gold"), cfg.path("_checkpoints"), cfg.path("_metrics")):
         shutil.rmtree(path, ignore_errors=True)
     seconds, store = available_now(cfg, spark, SCORES)
-    return seconds, store.row_count(SCORES)
+    rows = store.row_count(SCORES)
+    write_silver(cfg, increment * per_claim, per_claim, first_claim=first_claim)
+    return seconds, rows, available_now(cfg, spark, SCORES)[0]
 
 
 def main() -> None:
@@ -114,6 +121,7 @@ def main() -> None:
     ap.add_argument("--lines", default="1000000,2000000,4000000", help="comma-separated sizes in claim lines")
     ap.add_argument("--lines-per-claim", type=int, default=10)
     ap.add_argument("--runs", type=int, default=1, help="scoring runs per size (the median is reported)")
+    ap.add_argument("--increment", type=float, default=0.01, help="share of claims added and scored after each run")
     a = ap.parse_args()
     from pipelines.spark import create_spark
 
@@ -125,11 +133,14 @@ def main() -> None:
         cfg = temp_config(root, **{"claims.exclusion_list": "\"\""})
         spark = spark or create_spark(cfg.spark)
         write_s = write_silver(cfg, size, a.lines_per_claim)
-        runs = [score(cfg, spark) for _ in range(a.runs)]
-        seconds = median([r[0] for r in runs])
+        claims, step = size // a.lines_per_claim, max(1, round(size // a.lines_per_claim * a.increment))
+        runs = [score(cfg, spark, claims + k * step, step, a.lines_per_claim) for k in range(a.runs)]
+        seconds, added = median([r[0] for r in runs]), median([r[2] for r in runs])
         figures["sizes"][str(size)] = {"lines": size, "claims": runs[0][1], "write_silver_s": round(write_s, 1),
                                        "score_s": round(seconds, 1), "lines_per_s": round(size / seconds),
-                                       "runs_s": [round(r[0], 1) for r in runs]}
+                                       "runs_s": [round(r[0], 1) for r in runs],
+                                       "increment_lines": step * a.lines_per_claim, "increment_s": round(added, 1),
+                                       "increment_runs_s": [round(r[2], 1) for r in runs]}
         shutil.rmtree(root, ignore_errors=True)
     first = figures["sizes"][str(sizes[0])]
     for entry in figures["sizes"].values():

@@ -18,9 +18,11 @@ claim's own descriptors), its reason into `reasons` where the threshold is passe
 
 Score = the sum of the rules' weights (at most 100); band none (0), low, medium, high. Void claims, claims known
 only from a remittance and (unless `claims.part2_in_gold`) 42 CFR Part 2 claims have no row: a batch that voids a
-claim withdraws its score. Each batch rescores the claims it changed and every claim sharing a rule's group with
-them (the same provider-day, member-day or duplicate signature), judged against the current silver tables; rows
-carry the silver versions they were computed from.
+claim withdraws its score. Each batch rescores the claims it changed, every claim sharing a member or a
+provider-day with them (every rule's group lies within one: member-day, provider-day, duplicate signature, member)
+and the claims whose upcoding outcome the batch's peer shares flip, judged against the current silver tables read
+by keys (batch_inputs); a batch changing a quarter of the claims or more reads them whole and rescores them all.
+Rows carry the silver versions they were computed from.
 """
 
 from __future__ import annotations
@@ -45,7 +47,16 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
-from gold.claims_rules import after_death, excluded_provider, phantom_service, signal, upcoding
+from gold.claims_rules import (
+    after_death,
+    em_lines,
+    excluded_provider,
+    peer_stats,
+    phantom_service,
+    signal,
+    upcoding,
+    upcoding_flips,
+)
 
 SCORES = "gold.claims_fraud_scores"
 CLAIMS, LINES = "silver.claims", "silver.claim_lines"
@@ -62,6 +73,7 @@ DESCRIPTORS = ("line_count", "billed_amount", "units_total", "units_max", "disti
 FEATURES = (*(f"rule_{c}" for c in RULE_CODES), *DESCRIPTORS)
 FEATURE_STRUCT = StructType([StructField(f, DoubleType(), True) for f in FEATURES])
 WITHDRAWN = "withdrawn"  # a claim voided (or no longer scored): its score row is deleted
+WHOLE_SHARE = 0.25  # a batch changing this share of the scored claims or more reads them whole and rescores all
 
 # Nested fields are nullable: delta-rs checks a non-null nested field even where its parent (reasons) is null.
 REASON = StructType([
@@ -124,10 +136,10 @@ def scored_claims(claims: DataFrame, rules: Rules) -> DataFrame:
     return current if rules.include_part2 else current.where("part2 IS NULL OR NOT part2")
 
 
-def current_lines(lines: DataFrame, claims: DataFrame) -> DataFrame:
-    """Lines of scored claims that stand (not withdrawn by a replacement), with the claim's member, patient and
-    providers; a line without its own dates takes the claim's."""
-    kept = lines.where("line_status = 'active'")
+def current_lines(lines: DataFrame, claims: DataFrame, *, removed: bool = False) -> DataFrame:
+    """Lines of scored claims that stand (not withdrawn by a replacement; `removed` keeps those too), with the claim's
+    member, patient and providers; a line without its own dates takes the claim's."""
+    kept = lines if removed else lines.where("line_status = 'active'")
     return kept.join(claims.select("claim_key", "member_key", "patient_key", "billing_npi", "billing_provider_key",
                                    F.col("rendering_npi").alias("_claim_rendering"),
                                    F.col("service_from").alias("_claim_from")), "claim_key").withColumn(
@@ -148,7 +160,7 @@ def duplicates(claims: DataFrame, lines: DataFrame) -> DataFrame:
     later = keyed.join(first, "_group").where(F.col("_first.claim_key") != F.col("claim_key"))
     detail = F.format_string("duplicate of claim %s: same member, billing provider, dates of service and "
                              "procedures", F.col("_first.claim_id"))
-    return signal(later, "duplicate", F.lit(1.0), F.lit(True), detail, F.array_sort("_lines"), F.col("_group"))
+    return signal(later, "duplicate", F.lit(1.0), F.lit(True), detail, F.array_sort("_lines"))
 
 
 def _pairs(spark, rules: Rules) -> DataFrame:
@@ -158,7 +170,7 @@ def _pairs(spark, rules: Rules) -> DataFrame:
 
 def unbundling(lines: DataFrame, rules: Rules) -> DataFrame:
     """Components of one comprehensive code billed for a member on one day (or with it)."""
-    pairs = _pairs(lines.sparkSession, rules)
+    pairs = F.broadcast(_pairs(lines.sparkSession, rules))
     day = lines.select("claim_key", "line_number", "member_key", "procedure_code",
                        F.col("service_from").alias("day"))
     parts = day.join(pairs, day["procedure_code"] == pairs["component"])
@@ -177,8 +189,7 @@ def unbundling(lines: DataFrame, rules: Rules) -> DataFrame:
                             "comprehensive")
     per_claim = exploded.groupBy("_w.claim_key", "_detail", "member_key", "day", "comprehensive").agg(
         F.array_sort(F.collect_list("_w.line_number")).alias("_lines"))
-    return signal(per_claim, "unbundling", F.size("_lines"), F.lit(True), F.col("_detail"), F.col("_lines"),
-                  F.concat_ws("|", "member_key", F.col("day").cast("string")))
+    return signal(per_claim, "unbundling", F.size("_lines"), F.lit(True), F.col("_detail"), F.col("_lines"))
 
 
 def impossible_volume(lines: DataFrame, rules: Rules) -> DataFrame:
@@ -194,8 +205,7 @@ def impossible_volume(lines: DataFrame, rules: Rules) -> DataFrame:
     per_claim = hit.groupBy("claim_key", "provider", "service_from", "_total").agg(
         F.array_sort(F.collect_list("line_number")).alias("_lines"))
     return signal(per_claim, "impossible_volume", F.col("_total") / rules.max_minutes_per_day,
-                  F.col("_total") > rules.max_minutes_per_day, detail, F.col("_lines"),
-                  F.concat_ws("|", "provider", F.col("service_from").cast("string")))
+                  F.col("_total") > rules.max_minutes_per_day, detail, F.col("_lines"))
 
 
 def exclusions_frame(spark, rules: Rules) -> DataFrame:
@@ -205,13 +215,13 @@ def exclusions_frame(spark, rules: Rules) -> DataFrame:
                                  "npi string, name string, excl_type string, excluded_on date, reinstated_on date")
 
 
-def signals(claims: DataFrame, lines: DataFrame, tables: Mapping[str, DataFrame], rules: Rules) -> DataFrame:
-    """Every rule's (claim_key, rule, value, reason, group) over the scored claims and their current lines."""
+def signals(claims: DataFrame, lines: DataFrame, tables: Mapping[str, DataFrame], rules: Rules,
+            stats: DataFrame) -> DataFrame:
+    """Every rule's (claim_key, rule, value, reason) over the scored claims and their current lines; `stats`
+    the batch's peer_stats."""
     spark = claims.sparkSession
     return (duplicates(claims, lines).unionByName(unbundling(lines, rules)).unionByName(
-        impossible_volume(lines, rules)).unionByName(
-        upcoding(lines, tables[PROVIDERS], rules.em_families, min_lines=rules.upcoding_min_lines,
-                 min_excess=rules.upcoding_min_excess)).unionByName(
+        impossible_volume(lines, rules)).unionByName(upcoding(em_lines(lines, rules.em_families), stats)).unionByName(
         after_death(lines, tables[MEMBERS], tables[PATIENTS])).unionByName(
         excluded_provider(lines, exclusions_frame(spark, rules))).unionByName(
         phantom_service(lines, tables[PATIENTS], tables[ENCOUNTERS], tables[OBSERVATIONS], tables[STUDIES],
@@ -299,29 +309,81 @@ def context_tables(spark, read_table: Callable[..., DataFrame],
             for name, schema in zip(CONTEXT, schemas, strict=True)}
 
 
+def _among(frame: DataFrame, keys: DataFrame) -> DataFrame:
+    return frame.join(keys, "claim_key", "left_semi")
+
+
+def neighbours(claims: DataFrame, lines: DataFrame, seed: DataFrame) -> DataFrame:
+    """(claim_key) of the claims sharing a member or a provider-day with the current lines `seed`: every rule's group
+    lies within one of the two (silver.claim_lines rows keep their own rendering NPI and day when they have one)."""
+    members = seed.where("member_key IS NOT NULL").select("member_key").distinct()
+    days = seed.select(F.col("provider").alias("_p"), F.col("service_from").alias("_d")).distinct()
+    on_day = (F.col("provider") == F.col("_p")) & (F.col("service_from") == F.col("_d"))
+    own = lines.where("rendering_npi IS NOT NULL AND service_from IS NOT NULL").withColumn("provider",
+                                                                                         F.col("rendering_npi"))
+    borrowed = current_lines(lines.where("rendering_npi IS NULL OR service_from IS NULL"), claims)
+    return claims.join(members, "member_key", "left_semi").select("claim_key").unionByName(
+        own.join(days, on_day, "left_semi").select("claim_key")).unionByName(
+        borrowed.join(days, on_day, "left_semi").select("claim_key")).distinct()
+
+
+def batch_inputs(every: DataFrame, claims: DataFrame, lines: DataFrame, seeds: DataFrame
+                 ) -> tuple[DataFrame, DataFrame, DataFrame]:
+    """(claims to rescore, the claims and current lines the rules need to judge them), read by keys, never the tables'
+    whole history. Rescored: the seeds and their neighbours (by every line the seeds ever had, so a void or a
+    replacement frees the claims it stood beside); judged with their own neighbours, so each group is complete.
+    `every`: silver.claims unfiltered; `claims`: the scored ones."""
+    first = current_lines(_among(lines, seeds), _among(every, seeds), removed=True)
+    rescored = seeds.unionByName(neighbours(claims, lines, first)).distinct().localCheckpoint()
+    ring = rescored.unionByName(neighbours(claims, lines, current_lines(_among(lines, rescored),
+                                                                        _among(claims, rescored)))
+                                ).distinct().localCheckpoint()
+    mine = _among(claims, ring)
+    return rescored, mine, current_lines(_among(lines, ring), mine)
+
+
 def claims_fraud_scores(changes: DataFrame, *, processed_at: datetime, read_table: Callable[..., DataFrame],
                         table_version: Callable[[str], int | None], rules: Rules,
                         model: Callable[[], Any] | None = None) -> DataFrame:
-    """silver.claims changes -> score rows for the changed claims and those sharing a rule's group with them, and a
-    withdrawal row for each changed claim that is no longer scored (void, Part 2)."""
-    touched = changes.where("_change_type IN ('insert', 'update_postimage')").select("claim_key").distinct()
-    claims = scored_claims(read_table(CLAIMS), rules)
-    # Materialized once each: every rule reads the lines, and the reasons, groups and features all read the signals.
-    lines = current_lines(read_table(LINES), claims).localCheckpoint()
-    found = signals(claims, lines, context_tables(changes.sparkSession, read_table, table_version),
-                    rules).localCheckpoint()
-    groups = found.join(touched, "claim_key").select("group").distinct()
-    affected = touched.unionByName(found.join(groups, "group").select("claim_key")).distinct()
-    mine = claims.join(affected, "claim_key")
+    """silver.claims changes -> score rows for the changed claims, those sharing a rule's group with them and those
+    whose upcoding outcome flipped with the batch's peer shares, and a withdrawal row for each changed claim that is
+    no longer scored (void, Part 2)."""
+    spark = changes.sparkSession
+    # The keys leave the micro-batch's plan (a local checkpoint of a frame derived from the streaming source overflowed
+    # the stream thread's stack at 50k lines): every later materialization starts from these keys, not the batch.
+    touched = spark.createDataFrame(changes.where("_change_type IN ('insert', 'update_postimage')").select(
+        "claim_key").distinct().toArrow())
+    silver_claims, every_line = read_table(CLAIMS), read_table(LINES)
+    every_claim = scored_claims(silver_claims, rules)
+    tables = context_tables(spark, read_table, table_version)
+    stored = read_table(SCORES).select("claim_key", "reasons") if table_version(SCORES) is not None else \
+        spark.createDataFrame([], "claim_key string, reasons array<struct<code:string,detail:string,lines:array<int>>>")
+
+    def shares(em: DataFrame) -> DataFrame:  # the peer shares, once per batch over every current E/M line
+        return peer_stats(em, tables[PROVIDERS], min_lines=rules.upcoding_min_lines,
+                          min_excess=rules.upcoding_min_excess).localCheckpoint()
+
+    if touched.count() >= WHOLE_SHARE * every_claim.count():
+        claims, lines = every_claim, current_lines(every_line, every_claim).localCheckpoint()
+        mine, stats = every_claim, shares(em_lines(lines, rules.em_families))
+        rescored = lines
+    else:
+        em = current_lines(em_lines(every_line, rules.em_families), every_claim)
+        stats = shares(em)
+        seeds = touched.unionByName(upcoding_flips(em, stats, stored)).distinct().localCheckpoint()
+        affected, claims, lines = batch_inputs(silver_claims, every_claim, every_line, seeds)
+        lines = lines.localCheckpoint()
+        mine, rescored = _among(claims, affected), _among(lines, affected)
+    # Materialized once: the reasons and the features both read the signals.
+    found = signals(claims, lines, tables, rules, stats).localCheckpoint()
     reasons = found.where("reason IS NOT NULL").select("claim_key", "reason")
-    features = claim_features(mine, lines.join(affected, "claim_key", "left_semi"),
-                              found.join(affected, "claim_key", "left_semi"), rules)
+    features = claim_features(mine, rescored, found, rules)
     scored = score_rows(mine, reasons, rules).join(features, "claim_key", "left").join(
         model_scores(features.drop("provider_npi"), model() if model else None), "claim_key", "left")
     # A withdrawal deletes a stored score; one for a claim never scored would be a row the merge neither matches nor
     # inserts (delta-rs still checks it against the table's NOT NULL columns), so only stored scores are withdrawn.
-    stored = read_table(SCORES).select("claim_key") if table_version(SCORES) is not None else touched.limit(0)
-    gone = touched.join(claims, "claim_key", "left_anti").join(stored, "claim_key", "left_semi").select(
+    unscored = touched.join(_among(every_claim, touched).select("claim_key"), "claim_key", "left_anti")
+    gone = stored.select("claim_key").join(unscored, "claim_key", "left_semi").select(
         "claim_key", *[F.lit(None).cast(f.dataType).alias(f.name) for f in SCHEMA.fields
                        if f.name not in ("claim_key", "score", "band", "scored_at", "silver_claims_version",
                                          "silver_claim_lines_version")],

@@ -2,11 +2,14 @@
 bill against the chart (phantom services).
 
 Each rule is a feature and a threshold: it returns one row per (claim, rule) with the feature's `value` (what the
-model reads, gold.claims_fraud_scores.features) and a `reason` only where the value passes the rule's threshold,
-plus the `group` of claims the value depends on (a batch rescores a changed claim's whole group).
+model reads, gold.claims_fraud_scores.features) and a `reason` only where the value passes the rule's threshold.
+A value depends on the claim's own lines, its member's claims or its provider-days' claims, and on the peer shares
+(gold.claims_fraud.batch_inputs reads exactly those).
 
 - upcoding: value = the provider's top-level share of an E/M family minus its peers' (same taxonomy), on the claims
   with a top-level line of the family; fires at claims.upcoding_min_excess, both with claims.upcoding_min_lines lines.
+  The shares (peer_stats) are computed once per batch over every current line; a stored claim is rescored when its
+  outcome flips (upcoding_flips), not each time a share moves.
 - after_death: value = days between the member's death and the latest service after it; fires above 0.
 - excluded_provider: value = lines rendered or billed by an NPI of the exclusion list between its exclusion and
   reinstatement dates; fires above 0.
@@ -34,11 +37,10 @@ def reason(code: str, detail: Column, lines: Column) -> Column:
     return F.struct(F.lit(code).alias("code"), detail.alias("detail"), lines.alias("lines"))
 
 
-def signal(frame: DataFrame, code: str, value: Column, fires: Column, detail: Column, lines: Column,
-           group: Column) -> DataFrame:
-    """(claim_key, rule, value, reason, group): the rule's feature value, and its reason where it fires."""
+def signal(frame: DataFrame, code: str, value: Column, fires: Column, detail: Column, lines: Column) -> DataFrame:
+    """(claim_key, rule, value, reason): the rule's feature value, and its reason where it fires."""
     return frame.select("claim_key", F.lit(code).alias("rule"), value.cast("double").alias("value"),
-                        F.when(fires, reason(code, detail, lines)).alias("reason"), group.alias("group"))
+                        F.when(fires, reason(code, detail, lines)).alias("reason"))
 
 
 # -- upcoding ----------------------------------------------------------------------------------------------------
@@ -49,31 +51,59 @@ def _em_codes(spark, families: Mapping[str, Sequence[str]]) -> DataFrame:
                                        "family_codes string")
 
 
-def upcoding(lines: DataFrame, providers: DataFrame, families: Mapping[str, Sequence[str]], *, min_lines: int,
-             min_excess: float) -> DataFrame:
-    """The provider's share of each E/M family's top level against its specialty peers', on claims billing it."""
-    em = lines.join(F.broadcast(_em_codes(lines.sparkSession, families)), "procedure_code").withColumn(
+def em_lines(lines: DataFrame, families: Mapping[str, Sequence[str]]) -> DataFrame:
+    """The E/M lines of `lines` with their family, level and whether they are the family's top level (_top)."""
+    return lines.join(F.broadcast(_em_codes(lines.sparkSession, families)), "procedure_code").withColumn(
         "_top", (F.col("procedure_code") == F.col("top_code")).cast("int"))
+
+
+def peer_stats(em: DataFrame, providers: DataFrame, *, min_lines: int, min_excess: float) -> DataFrame:
+    """Per provider and E/M family (em_lines of every current line): its lines, top-level share, its specialty
+    peers' share (the provider left out), the excess and whether it `fires`; only pairs with min_lines each side."""
     peer_of = providers.select(F.col("provider_key").alias("provider"),
                                F.coalesce("taxonomy", F.lit("")).alias("peer_group"))
-    mine = em.groupBy("provider", "family").agg(F.count(F.lit(1)).alias("n"), F.sum("_top").alias("top")).join(
-        peer_of, "provider", "left").withColumn("peer_group", F.coalesce("peer_group", F.lit("")))
+    mine = em.groupBy("provider", "family", "family_codes").agg(
+        F.count(F.lit(1)).alias("n"), F.sum("_top").alias("top")).join(F.broadcast(peer_of), "provider", "left"
+                                                                     ).withColumn(
+        "peer_group", F.coalesce("peer_group", F.lit("")))
     peers = mine.groupBy("peer_group", "family").agg(F.sum("n").alias("peer_n"), F.sum("top").alias("peer_top"))
-    stats = mine.join(peers, ["peer_group", "family"]).select(
-        "provider", "family", "n", "peer_group", (F.col("top") / F.col("n")).alias("share"),
+    stats = mine.join(F.broadcast(peers), ["peer_group", "family"]).select(
+        "provider", "family", "family_codes", "n", "peer_group", (F.col("top") / F.col("n")).alias("share"),
         (F.col("peer_n") - F.col("n")).alias("others_n"),
         ((F.col("peer_top") - F.col("top")) / (F.col("peer_n") - F.col("n"))).alias("others_share")).where(
         (F.col("n") >= min_lines) & (F.col("others_n") >= min_lines))
-    top_lines = em.where("_top = 1").groupBy("claim_key", "provider", "family", "procedure_code", "family_codes").agg(
+    excess = F.col("share") - F.col("others_share")
+    return stats.withColumn("excess", excess).withColumn("fires", excess >= min_excess)
+
+
+def upcoding(em: DataFrame, stats: DataFrame) -> DataFrame:
+    """The provider's share of each E/M family's top level against its specialty peers' (peer_stats), on the claims
+    billing it (em: em_lines of the claims to score)."""
+    top_lines = em.where("_top = 1").groupBy("claim_key", "provider", "family", "procedure_code").agg(
         F.array_sort(F.collect_list("line_number")).alias("_lines"))
-    hit = top_lines.join(stats, ["provider", "family"]).withColumn("_excess", F.col("share") - F.col("others_share"))
+    hit = top_lines.join(F.broadcast(stats), ["provider", "family"])
     peers_named = F.when(F.col("peer_group") == "", F.lit("peers without a taxonomy")).otherwise(
         F.concat(F.lit("peers of taxonomy "), F.col("peer_group")))
     detail = F.format_string("provider %s billed the top level %s on %.0f%% of its %d %s lines (%s); %s: %.0f%% "
                              "of %d", "provider", "procedure_code", F.col("share") * 100, "n", "family",
                              "family_codes", peers_named, F.col("others_share") * 100, "others_n")
-    return signal(hit, "upcoding", F.col("_excess"), F.col("_excess") >= min_excess, detail, F.col("_lines"),
-                  F.concat_ws("|", F.lit("provider"), "provider"))
+    return signal(hit, "upcoding", F.col("excess"), F.col("fires"), detail, F.col("_lines"))
+
+
+def upcoding_flips(em: DataFrame, stats: DataFrame, stored: DataFrame) -> DataFrame:
+    """(claim_key) of claims whose stored upcoding outcome no longer holds: a top-level line of a (provider, family)
+    that fires now, not named by a stored upcoding reason (or not stored at all: a new claim), or a line a stored
+    reason names of a pair that no longer fires. `em`: em_lines of every current line; `stored`:
+    gold.claims_fraud_scores (claim_key, reasons)."""
+    named = stored.where(F.exists("reasons", lambda r: r["code"] == "upcoding")).select(
+        "claim_key", F.explode(F.filter("reasons", lambda r: r["code"] == "upcoding")).alias("_r")).select(
+        "claim_key", F.explode("_r.lines").alias("line_number")).withColumn("_was", F.lit(True))
+    now = F.broadcast(stats.where("fires").select("provider", "family", F.lit(True).alias("_now")))
+    top = em.where("_top = 1").select("claim_key", "line_number", "provider", "family").join(
+        now, ["provider", "family"], "left")
+    judged = top.join(F.broadcast(named), ["claim_key", "line_number"], "left")
+    return judged.where(F.coalesce("_now", F.lit(False)) != F.coalesce("_was", F.lit(False))).select(
+        "claim_key").distinct()
 
 
 # -- after death -------------------------------------------------------------------------------------------------
@@ -99,8 +129,7 @@ def after_death(lines: DataFrame, members: DataFrame, patients: DataFrame) -> Da
     detail = F.format_string("%d line(s) serviced after the member's death on %s (%s), the latest on %s, %d days "
                              "after", F.size("_lines"), F.col("_died").cast("string"), "_source",
                              F.col("_last").cast("string"), days)
-    return signal(per_claim, "after_death", days, days > 0, detail, F.col("_lines"),
-                  F.concat_ws("|", F.lit("member"), "member_key"))
+    return signal(per_claim, "after_death", days, days > 0, detail, F.col("_lines"))
 
 
 # -- exclusion list ----------------------------------------------------------------------------------------------
@@ -121,8 +150,7 @@ def excluded_provider(lines: DataFrame, exclusions: DataFrame) -> DataFrame:
     detail = F.format_string("%s provider NPI %s (%s) is on the exclusion list (%s) from %s, %s; service on %s",
                              "_roles", "npi", "name", "excl_type", F.col("excluded_on").cast("string"), until,
                              F.col("_first").cast("string"))
-    return signal(per_claim, "excluded_provider", F.size("_lines"), F.lit(True), detail, F.col("_lines"),
-                  F.concat_ws("|", F.lit("npi"), "npi"))
+    return signal(per_claim, "excluded_provider", F.size("_lines"), F.lit(True), detail, F.col("_lines"))
 
 
 # -- the bill against the chart ----------------------------------------------------------------------------------
@@ -205,4 +233,4 @@ def phantom_service(lines: DataFrame, patients: DataFrame, encounters: DataFrame
     detail = F.concat(F.lit("billed without the chart's evidence: "), F.array_join(shown, "; "),
                       F.when(more > 0, F.format_string(" (and %d more lines)", more)).otherwise(F.lit("")))
     return signal(per_claim, "phantom_service", F.size("_found"), F.lit(True), detail,
-                  F.transform("_found", lambda f: f["line_number"]), F.concat_ws("|", F.lit("member"), "member_key"))
+                  F.transform("_found", lambda f: f["line_number"]))

@@ -158,7 +158,7 @@ def train(frame: pd.DataFrame, *, tracking_uri: str, seed: int, test_fraction: f
     return FraudTrainResult(run_id, version, anomaly_version, champion, metrics, counts, tuple(feature_names))
 
 
-def _precision_figure(metrics: Mapping[str, float]):
+def precision_figure(metrics: Mapping[str, float]):
     """Precision at the top 1 % / 5 % of claims: model, anomaly detector and rules (a bare Figure)."""
     from matplotlib.figure import Figure
 
@@ -189,7 +189,7 @@ def _log(uri: str, models: tuple, train_rows: pd.DataFrame, feature_names: Seque
         with mlflow.start_run(experiment_id=shared._experiment_id(client, uri, EXPERIMENT)) as run:
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
             mlflow.log_metrics({k: float(v) for k, v in {**metrics, **counts}.items() if math.isfinite(v)})
-            mlflow.log_figure(_precision_figure(metrics), "precision_at_top.png")
+            mlflow.log_figure(precision_figure(metrics), "precision_at_top.png")
             mlflow.log_dict({"feature_names": list(feature_names)}, "model_inputs.json")
             sample = train_rows[list(feature_names)].head(200)
             info = mlflow.sklearn.log_model(model, name="model", pip_requirements=requirements,

@@ -105,7 +105,7 @@ def run(argv: list[str] | None = None) -> int:
 
     clock.step(f"1. Simulate a hospital: {a.patients} patients over {a.hours} h (seeded; ground truth kept apart)")
     cli("simulate", "--patients", str(a.patients), "--hours", str(a.hours), "--seed", str(a.seed),
-        "--out", str(feeds), "--feeds", "hl7,fhir,devices,dicom")
+        "--out", str(feeds), "--feeds", "hl7,fhir,devices,dicom,claims")
     early, late = split_by_hour(feeds, train_hours)
 
     def send(parts: dict[str, list[Path]], label: str) -> None:
@@ -135,14 +135,19 @@ def run(argv: list[str] | None = None) -> int:
     result, uri = train_deterioration(cfg, DeltaRsStore(cfg), feeds / "truth" / "deteriorations.csv")
     print_training(result, cfg.models.alert_rate_per_100_patient_days, uri)
     imaging_train(cli, feeds / "truth" / "imaging.csv")
-    clock.step(f"5. The last {a.hours - train_hours} h arrive; scores now carry the model's risk and version")
+    clock.step(f"5. The last {a.hours - train_hours} h arrive, and the billing office's claims for the window; "
+               "scores now carry the model's risk and version")
     send(late, f"last {a.hours - train_hours} h")
+    claims_drop(base, feeds)
     cli("run", "all", "--available-now")
+    fraud = claims_train(cfg, feeds / "truth" / "fraud_labels.csv")
     clock.step("6. What the clinical data team sees")
-    from pipelines.report import demo_report, imaging_sections
+    from pipelines.report import claims_sections, demo_report, imaging_sections
 
+    imaging = imaging_sections(cfg, feeds / "truth" / "imaging.csv")
+    claims = claims_sections(cfg, feeds / "truth" / "fraud_labels.csv", *fraud)
     report = demo_report(cfg, result, out=root / "_reports" / "demo.html",
-                         extra=imaging_sections(cfg, feeds / "truth" / "imaging.csv"))
+                         extra=(imaging[0] + claims[0], imaging[1] + claims[1]))
     print(report.text, flush=True)
     clock.step("7. SQL over gold, and time travel for the auditors")
     cli("sql", "select news2_band, count(*) as score_rows, count(distinct patient_key) as patients, "
@@ -170,6 +175,29 @@ def imaging_drop(base: list[str], feeds: Path) -> None:
         rc = carelake(["-q", *base, "ingest", str(feeds / "dicom"), "--feed", "dicom"])
         if rc != 0:
             raise SystemExit(rc)
+
+
+def claims_drop(base: list[str], feeds: Path) -> None:
+    """The simulated claims (CSV lines and FHIR Claim/EOB Bundles), dropped into landing/claims (one summary line)."""
+    if (feeds / "claims").is_dir() and any((feeds / "claims").iterdir()):
+        rc = carelake(["-q", *base, "ingest", str(feeds / "claims"), "--feed", "claims"])
+        if rc != 0:
+            raise SystemExit(rc)
+
+
+def claims_train(cfg, labels: Path) -> tuple:
+    """(training result, None) for the claims fraud model, or (None, why not) when the claims cannot train it."""
+    from pipelines.errors import UsageError
+    from pipelines.store.deltars import DeltaRsStore
+    from pipelines.training import print_fraud_training, train_fraud
+
+    try:
+        result, uri = train_fraud(cfg, DeltaRsStore(cfg), labels)
+    except UsageError as exc:
+        print(f"claims fraud model: not trained ({exc})", flush=True)
+        return None, str(exc)
+    print_fraud_training(result, uri)
+    return result, ""
 
 
 def imaging_train(cli, truth: Path) -> None:

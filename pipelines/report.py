@@ -225,3 +225,91 @@ def imaging_sections(cfg: Config, truth_csv: Path) -> tuple[list[str], list[str]
                   "its read, the report (carelake imaging replay, without the model).</p>"
                   + _table(table))
     return lines, blocks
+
+
+# -- claims --------------------------------------------------------------------------------------------
+CLAIM_SCORES = "gold.claims_fraud_scores"
+PRECISION = (("AUROC", "auroc"), ("AUPRC", "auprc"), ("precision, top 1 % of claims", "precision_top_1pct"),
+             ("precision, top 5 % of claims", "precision_top_5pct"))
+
+
+def _reasons(reasons) -> str:
+    return "; ".join(f"{r['code']}: {r['detail']}" for r in reasons if r is not None) if reasons is not None else ""
+
+
+def flagged_claims(rows: pd.DataFrame, top: int = 10) -> pd.DataFrame:
+    """The highest-scored flagged claims (score, then the model's probability) with their reasons in words."""
+    flagged = rows[rows["score"] > 0].assign(_p=rows["model_probability"].fillna(-1.0)).sort_values(
+        ["score", "_p", "claim_id"], ascending=[False, False, True]).head(top)
+    return pd.DataFrame({"claim": flagged["claim_id"], "provider NPI": flagged["provider_npi"],
+                         "service from": flagged["service_from"].astype(str),
+                         "billed": flagged["billed_amount"].map(lambda x: f"{x:,.2f}"), "score": flagged["score"],
+                         "band": flagged["band"], "model probability": flagged["model_probability"],
+                         "reasons": flagged["reasons"].map(_reasons)})
+
+
+def fraud_precision(metrics: dict, who: tuple[str, ...]) -> pd.DataFrame:
+    """Precision measures, one row each, one column per scorer (model, anomaly, rules)."""
+    return pd.DataFrame([{"measure": label, **{w: metrics.get(f"{w}_{key}") for w in who}}
+                         for label, key in PRECISION])
+
+
+def _rules_only(rows: pd.DataFrame, labels: dict[str, set[str]]) -> dict | None:
+    """The rules' precision over every scored claim with the labels (None if one class is missing)."""
+    from models.claims_fraud import evaluate
+
+    y = rows["claim_id"].isin(list(labels)).astype(int).to_numpy()
+    if y.min() == y.max():
+        return None
+    return evaluate(y, rows["score"].to_numpy(dtype="float64"), "rules")
+
+
+def claims_sections(cfg: Config, labels_csv: Path, result: Any = None, why_not: str = ""
+                    ) -> tuple[list[str], list[str]]:
+    """The demo's claims part: (text lines, HTML blocks): the top flagged claims with their reasons, and model vs
+    rules precision (the training's held-out providers; the rules alone over every claim when no model was
+    trained, `why_not` saying why)."""
+    from models.claims_fraud import labels_from_truth, pattern_recall, precision_figure
+    from pipelines.store.deltars import DeltaRsStore
+
+    store = DeltaRsStore(cfg)
+    if not store.exists(CLAIM_SCORES):
+        return ["", f"claims: {CLAIM_SCORES} does not exist (no claims ingested)"], []
+    rows = store.read_arrow(CLAIM_SCORES).select(
+        ["claim_id", "provider_npi", "service_from", "billed_amount", "score", "band", "reasons",
+         "model_probability", "model_version"]).to_pandas()
+    labels = labels_from_truth(labels_csv)
+    bands = rows["band"].value_counts()
+    codes = pd.Series([r["code"] for rs in rows["reasons"] if rs is not None for r in rs]).value_counts()
+    recall = pattern_recall(rows, labels)
+    lines = ["", f"claims scored: {len(rows):,}; flagged {int((rows['score'] > 0).sum()):,} ("
+             + ", ".join(f"{b} {int(bands.get(b, 0))}" for b in ("high", "medium", "low")) + "); reasons: "
+             + (", ".join(f"{c} {n}" for c, n in codes.items()) or "none"),
+             "recall per labelled pattern (its own rule): " + ", ".join(
+                 f"{p} {r['found']}/{r['labelled']}" for p, r in recall["patterns"].items() if r["labelled"])
+             + f"; false-positive rate on clean claims {recall['clean']['false_positive_rate']:.3f}"]
+    top = flagged_claims(rows)
+    lines += ["top flagged claims:", _text_table(top.drop(columns=["reasons"]))]
+    lines += [f"  {r['claim']}: {r['reasons']}" for _, r in top.head(3).iterrows()]
+    blocks = ["<h2>Claims: the top flagged claims and why</h2>" + _table(top)]
+    if result is not None:
+        c = result.counts
+        table = fraud_precision(result.metrics, ("model", "anomaly", "rules"))
+        held = (f"{c['test_claims']:,} claims of {c['test_providers']} held-out providers "
+                f"({c['test_fraud_claims']} fraudulent); the model was trained on {c['train_claims']:,} claims "
+                f"({c['train_fraud_claims']} fraudulent)")
+        verdict = (f"champion: carelake-claims-fraud version {result.version}" if result.champion else
+                   "not champion: its AUPRC does not beat the rules'")
+        lines += ["", f"fraud model vs rules on {held}; {verdict}:", _text_table(table)]
+        blocks.append(f"<h2>Claims: fraud model vs rules</h2><p>{html.escape(held)}; {html.escape(verdict)}.</p>"
+                      + _table(table) + f"<img src='{_png(precision_figure(result.metrics))}'>")
+        return lines, blocks
+    metrics = _rules_only(rows, labels)
+    lines += ["", f"fraud model: not trained ({why_not})"]
+    if metrics is None:
+        return lines, blocks
+    table = fraud_precision(metrics, ("rules",))
+    lines += [f"rules alone over all {len(rows):,} scored claims:", _text_table(table)]
+    blocks.append(f"<h2>Claims: the rules' precision</h2><p>The fraud model was not trained "
+                  f"({html.escape(why_not)}); the rules over all {len(rows):,} scored claims:</p>" + _table(table))
+    return lines, blocks

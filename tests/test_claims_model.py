@@ -123,3 +123,54 @@ def test_recall_per_pattern_and_false_positives_from_gold_rows(tmp_path):
         labels_from_truth(truth)
     with pytest.raises(UsageError, match="cannot be read"):
         labels_from_truth(tmp_path / "none.csv")
+
+
+def test_the_demo_report_shows_the_top_flagged_claims_and_model_vs_rules(tmp_path):
+    """The report's claims part from a gold table: the top flagged claims with their reasons, then model vs rules
+    from a training result, or the rules alone with the reason no model was trained."""
+    from datetime import date
+    from decimal import Decimal
+
+    import pyarrow as pa
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    from gold.claims_fraud import SCHEMA
+    from models.claims_fraud import FraudTrainResult
+    from pipelines.report import claims_sections
+    from pipelines.store.deltars import DeltaRsStore
+    from tests.conftest import make_config
+
+    def row(claim_id, score, band, *codes, p=None):
+        return {f.name: None for f in SCHEMA.fields} | {
+            "claim_key": claim_id.lower(), "claim_id": claim_id, "provider_npi": "1245319599",
+            "service_from": date(2026, 1, 7), "billed_amount": Decimal("120.00"), "score": score, "band": band,
+            "reasons": [{"code": c, "detail": f"{c} found", "lines": [1]} for c in codes] or None,
+            "model_probability": p, "scored_at": pd.Timestamp("2026-01-20", tz="UTC")}
+
+    cfg = make_config(tmp_path / "lake")
+    rows = [row("D2", 60, "high", "duplicate", p=0.2), row("X", 100, "high", "duplicate", "after_death", p=0.9),
+            row("U", 30, "medium", "unbundling"), row("OK", 0, "none"), row("OK2", 0, "none")]
+    DeltaRsStore(cfg).append("gold.claims_fraud_scores", pa.Table.from_pylist(rows, to_arrow_schema(SCHEMA)))
+    labels = tmp_path / "fraud_labels.csv"
+    labels.write_text("claim_id,line,pattern,detail\nD2,1,duplicate_billing,x\nU,1,unbundling,y\n")
+
+    lines, blocks = claims_sections(cfg, labels, None, "2 labelled fraudulent claim(s)")
+    assert lines[1] == ("claims scored: 5; flagged 3 (high 2, medium 1, low 0); reasons: duplicate 2, after_death 1, "
+                        "unbundling 1")
+    assert lines[2].startswith("recall per labelled pattern (its own rule): duplicate_billing 1/1, unbundling 1/1;")
+    top = lines.index("top flagged claims:")
+    assert [row.split()[0] for row in lines[top + 1].splitlines()[1:]] == ["X", "D2", "U"]  # score, then model
+    assert lines[top + 2] == "  X: duplicate: duplicate found; after_death: after_death found"
+    assert "fraud model: not trained (2 labelled fraudulent claim(s))" in lines
+    assert len(blocks) == 2 and "The fraud model was not trained" in blocks[1] and "<img" not in blocks[1]
+
+    metrics = {f"{who}_{m}": 0.5 for who in ("model", "anomaly", "rules")
+               for m in ("auroc", "auprc", "precision_top_1pct", "precision_top_5pct")} | {"model_auprc": 0.8}
+    counts = {"train_claims": 90, "test_claims": 40, "train_providers": 7, "test_providers": 3,
+              "train_fraud_claims": 9, "test_fraud_claims": 4}
+    result = FraudTrainResult("run", "2", "1", True, metrics, counts, FEATURES)
+    lines, blocks = claims_sections(cfg, labels, result)
+    assert any(line.startswith("fraud model vs rules on 40 claims of 3 held-out providers (4 fraudulent)")
+               and line.endswith("champion: carelake-claims-fraud version 2:") for line in lines)
+    assert "model  anomaly  rules" in lines[-1] and "AUPRC  0.800" in lines[-1]
+    assert len(blocks) == 2 and "<img src='data:image/png;base64," in blocks[1]
