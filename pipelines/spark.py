@@ -118,6 +118,10 @@ def _remove_after_jvm(folder: str, timeout_s: float = 60.0) -> None:
     stores = next(Path(folder).glob("*/StateStoreId*"), None)
     if stores is not None and proc is not None and proc.poll() is None:
         try:
+            if SparkContext._active_spark_context is not None:  # noqa: SLF001
+                # Stopped here first, its accumulator server is closed before the JVM's end would cut it off
+                # (an EOFError traceback from the server's thread).
+                SparkContext._active_spark_context.stop()  # noqa: SLF001
             if proc.stdin is not None:
                 proc.stdin.close()  # PythonGatewayServer exits on EOF, running Spark's shutdown hooks
             proc.wait(timeout=timeout_s)
