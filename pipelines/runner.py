@@ -800,8 +800,11 @@ class Runner:
         done = [int(p.name) for p in (folder / "commits").glob("[0-9]*") if p.name.isdigit()]
         if not done:
             return False
-        lines = (folder / "offsets" / str(max(done))).read_text().splitlines()[2:]
-        ends = [json.loads(line)["version"] for line in lines if line.strip() not in ("", "-")]
+        try:
+            lines = (folder / "offsets" / str(max(done))).read_text().splitlines()[2:]
+            ends = [json.loads(line)["version"] for line in lines if line.strip() not in ("", "-")]
+        except (OSError, ValueError, KeyError, TypeError):  # not a checkpoint of this source: let Spark judge it
+            return False
         return len(ends) == len(targets) and sum(ends) >= sum(targets.values())
 
     def _stop_gracefully(self, running: _Running) -> None:
@@ -883,7 +886,10 @@ class Runner:
         stopped at once leaves the Python source runner Spark launched for it to time out connecting back to a
         JVM that has forgotten it, and print a CANNOT_OPEN_SOCKET traceback a minute later."""
         targets = self.targets(job) if trigger.available_now else None
-        if targets is None or not self.committed_to(job, targets):
+        if targets is None:
+            return None
+        self.checkpoint(job)  # a checkpoint of another state layout is set aside first: the job then starts over
+        if not self.committed_to(job, targets):
             return None
         return JobSummary(job.name, status="done", detail="nothing new upstream")
 
