@@ -336,9 +336,10 @@ def test_a_batch_over_max_batch_messages_is_refused_under_its_envelope_and_kept(
 def test_a_large_batch_does_not_stall_other_senders(tmp_path):
     """While one sender's 200,000-message batch (30 MB) is checked, landed and answered, two HTTP clients keep
     posting readings: the longest the gateway goes without answering them is under a twenty-fifth of the batch's
-    own time. Before the fix, regular expressions holding the GIL for a whole scan of the batch and per-message
-    work on the event loop left them unanswered for a fourteenth of it (~0.8 s); now only the machine's noise
-    shows. (Two senders, and the gap between any two answers: one client thread's own hiccup is not a stall.)"""
+    own time, or than the machine's own gaps without the batch. Before the fix, regular expressions holding the
+    GIL for a whole scan of the batch and per-message work on the event loop left them unanswered for a
+    fourteenth of it (~0.8 s); now only the machine's noise shows. (Two senders, and the gap between any two
+    answers: one client thread's own hiccup is not a stall.)"""
     with GatewayProcess(tmp_path / "lake", CARELAKE_GATEWAY__MAX_MESSAGE_MB="32",
                         CARELAKE_GATEWAY__MAX_BATCH_MESSAGES="200000") as gw:
         batch = _batch(200_000)
@@ -359,6 +360,9 @@ def test_a_large_batch_does_not_stall_other_senders(tmp_path):
         for other in others:
             other.start()
         wait_until(lambda: len(answered) >= 20, "the other senders are under way")
+        quiet_from = time.monotonic()
+        time.sleep(1.5)  # the machine's own noise: the longest gap between answers with no batch in flight
+        quiet = sorted(t for t in answered if t >= quiet_from)
         with socket.create_connection(gw.mllp, timeout=60) as sock:
             began = time.monotonic()
             sock.sendall(frame(batch))
@@ -373,10 +377,13 @@ def test_a_large_batch_does_not_stall_other_senders(tmp_path):
     assert reply.count(b"MSA|AA|") == 200_000
     during = sorted(t for t in answered if began <= t <= began + batch_s)
     longest = max(b - a for a, b in zip(during, during[1:], strict=False))
+    noise = max(b - a for a, b in zip(quiet, quiet[1:], strict=False))
     print(f"batch answered in {batch_s:.2f} s; {len(during)} other answers meanwhile, at most {longest * 1000:.0f} ms "
-          "apart")
+          f"apart (without a batch: {noise * 1000:.0f} ms)")
     assert len(during) >= 20, (len(during), batch_s)
-    assert longest < batch_s / 25, (longest, batch_s)
+    # A stall is a gap beyond a twenty-fifth of the batch's time that the same machine does not show without the
+    # batch (a shared machine's scheduler alone leaves gaps of 100-200 ms now and then).
+    assert longest < max(batch_s / 25, 3 * noise), (longest, batch_s, noise)
 
 
 def test_the_rejects_area_is_kept_within_its_size_bound_oldest_first(tmp_path):
