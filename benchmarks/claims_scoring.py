@@ -3,16 +3,18 @@
 Input, per size in `--lines` (default 1,000,000,2,000,000,4,000,000): claim lines written straight into a temp
 lakehouse with the table store (the simulator writes ~200 lines/s of claims; millions come from this vectorized
 generator instead), shaped like the simulator's: `--lines-per-claim` (default 10) lines a claim, hospital E/M,
-critical care, labs and imaging codes, one claim a member, 1,000 rendering providers, every member linked to a
-patient with one stay (silver.patients, silver.encounters) so the bill-against-the-chart rule joins a real chart.
+critical care, labs and imaging codes, one claim a member, 1,000 rendering providers billing 3 claims a day each in
+service-date order (CLAIMS_PER_DAY), every member linked to a patient with one stay (silver.patients,
+silver.encounters) so the bill-against-the-chart rule joins a real chart.
 
 Measured: `carelake run gold.claims_fraud_scores --available-now` in process (the Runner as the CLI builds it): every
 rule over every current line, features, the score rows MERGEd into gold (the first run: every claim is new). Then
-an increment of `--increment` (default 1 %) more claims (new members, the same providers and days) is appended to
+an increment of `--increment` (default 1 %) more claims (new members, the same providers, the next days) is appended to
 silver and scored by the next available-now run, the operational cadence: its cost should follow the increment,
 not the history. No model is registered (the model's per-claim predict is measured by models' own tests). One JSON
-line: per size lines, claims, seconds, lines/s, the increment's lines and seconds, and the growth of seconds per
-line from the smallest size to each larger one (1.0 = linear). With --runs N each run scores the whole table again
+line: per size lines, claims, seconds, lines/s, the increment's lines, seconds and the claims it rescored (its own and
+those sharing a member or a provider-day with them), and the growth of seconds per line from the smallest size to
+each larger one (1.0 = linear). With --runs N each run scores the whole table again
 from scratch and adds its own increment (so run k scores k-1 increments more).
 
 Run: .venv/bin/python benchmarks/claims_scoring.py [--lines 1000000,2000000,4000000] [--runs 1]
@@ -33,6 +35,10 @@ from _common import available_now, emit, median, temp_config
 CODES = ("99223", "99232", "99233", "99232", "99291", "85025", "83605", "82565", "71046", "99239")
 T0 = date(2026, 1, 5)
 PROVIDERS = 1_000
+# Claims arrive in service-date order, 3 a day for each provider: a larger history is a longer one (1M lines are
+# 33 days, 10M 333) at the same density (~12 claims on a provider-day, the 10 lines spanning 4 days), and an
+# increment is the next claims (its provider-days the newest ones), as on a payer's feed.
+CLAIMS_PER_DAY = 3 * PROVIDERS
 
 
 def _arrow(schema, columns: dict, n: int):
@@ -58,7 +64,7 @@ def silver_batch(first_claim: int, claims: int, per_claim: int):
     key = pa.array([f"clm-{i:010d}" for i in c])
     member = pa.array([f"mem-{i:010d}" for i in c])
     patient = pa.array([f"pat-{i:010d}" for i in c])
-    start = np.datetime64(T0) + (c % 300).astype("timedelta64[D]")
+    start = np.datetime64(T0) + (c // CLAIMS_PER_DAY).astype("timedelta64[D]")
     provider = pa.array([f"1{(3000 + p):08d}0" for p in c % PROVIDERS])
     claim_cols = {"claim_key": key, "claim_id": key, "status": pa.array(["active"] * claims),
                   "claim_type": pa.array(["institutional"] * claims), "billing_provider_key": provider,
@@ -104,8 +110,11 @@ def write_silver(cfg, lines: int, per_claim: int, chunk_claims: int = 100_000, f
     return time.perf_counter() - t0
 
 
-def score(cfg, spark, first_claim: int, increment: int, per_claim: int) -> tuple[float, int, float]:
-    """(seconds of the whole run, rows scored, seconds of the increment's run) from an empty gold table."""
+def score(cfg, spark, first_claim: int, increment: int, per_claim: int) -> tuple[float, int, float, int]:
+    """(seconds of the whole run, rows scored, seconds of the increment's run, claims the increment rescored) from an
+    empty gold table."""
+    import pyarrow.compute as pc
+
     from gold.claims_fraud import SCORES
 
     for path in (cfg.path("gold"), cfg.path("_checkpoints"), cfg.path("_metrics")):
@@ -113,7 +122,9 @@ def score(cfg, spark, first_claim: int, increment: int, per_claim: int) -> tuple
     seconds, store = available_now(cfg, spark, SCORES)
     rows = store.row_count(SCORES)
     write_silver(cfg, increment * per_claim, per_claim, first_claim=first_claim)
-    return seconds, rows, available_now(cfg, spark, SCORES)[0]
+    added = available_now(cfg, spark, SCORES)[0]
+    at = store.read_arrow(SCORES, columns=["scored_at"]).column("scored_at")
+    return seconds, rows, added, pc.sum(pc.equal(at, pc.max(at))).as_py()
 
 
 def main() -> None:
@@ -140,7 +151,8 @@ def main() -> None:
                                        "score_s": round(seconds, 1), "lines_per_s": round(size / seconds),
                                        "runs_s": [round(r[0], 1) for r in runs],
                                        "increment_lines": step * a.lines_per_claim, "increment_s": round(added, 1),
-                                       "increment_runs_s": [round(r[2], 1) for r in runs]}
+                                       "increment_runs_s": [round(r[2], 1) for r in runs],
+                                       "increment_rescored_claims": [r[3] for r in runs]}
         shutil.rmtree(root, ignore_errors=True)
     first = figures["sizes"][str(sizes[0])]
     for entry in figures["sizes"].values():

@@ -130,10 +130,15 @@ class Rules:
                    k.upcoding_min_excess, dict(k.chart_codes), tuple(exclusions))
 
 
+def is_scored(rules: Rules) -> Column:
+    """Whether a claim gets a score: current (active), not Part 2 unless configured."""
+    current = F.col("status") == "active"
+    return current if rules.include_part2 else current & (F.col("part2").isNull() | ~F.col("part2"))
+
+
 def scored_claims(claims: DataFrame, rules: Rules) -> DataFrame:
-    """The claims that get a score: current (active), not Part 2 unless configured."""
-    current = claims.where("status = 'active'")
-    return current if rules.include_part2 else current.where("part2 IS NULL OR NOT part2")
+    """The claims that get a score (is_scored)."""
+    return claims.where(is_scored(rules))
 
 
 def current_lines(lines: DataFrame, claims: DataFrame, *, removed: bool = False) -> DataFrame:
@@ -313,33 +318,59 @@ def _among(frame: DataFrame, keys: DataFrame) -> DataFrame:
     return frame.join(keys, "claim_key", "left_semi")
 
 
-def neighbours(claims: DataFrame, lines: DataFrame, seed: DataFrame) -> DataFrame:
-    """(claim_key) of the claims sharing a member or a provider-day with the current lines `seed`: every rule's group
-    lies within one of the two (silver.claim_lines rows keep their own rendering NPI and day when they have one)."""
-    members = seed.where("member_key IS NOT NULL").select("member_key").distinct()
-    days = seed.select(F.col("provider").alias("_p"), F.col("service_from").alias("_d")).distinct()
+def _keys(spark, frame: DataFrame, columns: tuple[str, ...] = ("claim_key",)) -> DataFrame:
+    """`frame`'s distinct `columns`, computed now and handed back as a small local frame: later steps start from
+    these rows, not from the plan that found them (no checkpoint to write, no plan growing round after round)."""
+    return spark.createDataFrame(frame.select(*columns).distinct().toArrow())
+
+
+def line_index(every: DataFrame, lines: DataFrame, rules: Rules) -> DataFrame:
+    """Every line of silver.claim_lines (any status), narrow: its claim's member (any status), the provider and day
+    it counts for (current_lines' rule: its own rendering NPI and day, else its claim's), whether its claim is known
+    (`_known`) and scored (`_scored`), and whether it marks a provider-day for the neighbour search (`_marks`: a line
+    with its own rendering NPI and day, whatever its status, or a current line of a scored claim). One pass over the history per batch: the neighbour
+    rounds and the peer shares read this, persisted, instead of the tables again."""
+    claims = every.select("claim_key", "member_key", F.col("rendering_npi").alias("_claim_rendering"),
+                          "billing_provider_key", F.col("service_from").alias("_claim_from"),
+                          F.coalesce(is_scored(rules), F.lit(False)).alias("_scored"), F.lit(True).alias("_known"))
+    own = F.col("rendering_npi").isNotNull() & F.col("_line_from").isNotNull()
+    return lines.select("claim_key", "line_number", "line_status", "procedure_code", "rendering_npi",
+                        F.col("service_from").alias("_line_from")).join(claims, "claim_key", "left").select(
+        "claim_key", "line_number", "line_status", "procedure_code", "member_key",
+        F.coalesce("rendering_npi", "_claim_rendering", "billing_provider_key").alias("provider"),
+        F.coalesce("_line_from", "_claim_from").alias("service_from"),
+        F.coalesce("_known", F.lit(False)).alias("_known"), F.coalesce("_scored", F.lit(False)).alias("_scored"),
+        (own | (F.coalesce("_scored", F.lit(False)) & (F.col("line_status") == "active"))).alias("_marks"))
+
+
+def neighbours(claims: DataFrame, index: DataFrame, seed: DataFrame) -> DataFrame:
+    """(claim_key) of the claims sharing a member or a provider-day with the lines `seed` (rows of line_index): every
+    rule's group lies within one of the two. `claims`: the scored claims."""
+    spark = claims.sparkSession
+    found = _keys(spark, seed, ("member_key", "provider", "service_from"))
+    members = found.where("member_key IS NOT NULL").select("member_key").distinct()
+    days = found.select(F.col("provider").alias("_p"), F.col("service_from").alias("_d")).distinct()
     on_day = (F.col("provider") == F.col("_p")) & (F.col("service_from") == F.col("_d"))
-    own = lines.where("rendering_npi IS NOT NULL AND service_from IS NOT NULL").withColumn("provider",
-                                                                                         F.col("rendering_npi"))
-    borrowed = current_lines(lines.where("rendering_npi IS NULL OR service_from IS NULL"), claims)
-    return claims.join(members, "member_key", "left_semi").select("claim_key").unionByName(
-        own.join(days, on_day, "left_semi").select("claim_key")).unionByName(
-        borrowed.join(days, on_day, "left_semi").select("claim_key")).distinct()
+    return _keys(spark, claims.join(members, "member_key", "left_semi").select("claim_key").unionByName(
+        index.where("_marks").join(F.broadcast(days), on_day, "left_semi").select("claim_key")))
 
 
-def batch_inputs(every: DataFrame, claims: DataFrame, lines: DataFrame, seeds: DataFrame
-                 ) -> tuple[DataFrame, DataFrame, DataFrame]:
-    """(claims to rescore, the claims and current lines the rules need to judge them), read by keys, never the tables'
-    whole history. Rescored: the seeds and their neighbours (by every line the seeds ever had, so a void or a
+def batch_inputs(claims: DataFrame, index: DataFrame, seeds: DataFrame) -> tuple[DataFrame, DataFrame]:
+    """(claims to rescore, the claims whose lines the rules need to judge them), found in the line index, never the
+    tables' whole rows. Rescored: the seeds and their neighbours (by every line the seeds ever had, so a void or a
     replacement frees the claims it stood beside); judged with their own neighbours, so each group is complete.
-    `every`: silver.claims unfiltered; `claims`: the scored ones."""
-    first = current_lines(_among(lines, seeds), _among(every, seeds), removed=True)
-    rescored = seeds.unionByName(neighbours(claims, lines, first)).distinct().localCheckpoint()
-    ring = rescored.unionByName(neighbours(claims, lines, current_lines(_among(lines, rescored),
-                                                                        _among(claims, rescored)))
-                                ).distinct().localCheckpoint()
-    mine = _among(claims, ring)
-    return rescored, mine, current_lines(_among(lines, ring), mine)
+    `claims`: the scored ones."""
+    first = _among(index.where("_known"), seeds)
+    rescored = _keys(claims.sparkSession, seeds.unionByName(neighbours(claims, index, first)))
+    current = _among(index.where("_scored AND line_status = 'active'"), rescored)
+    return rescored, _keys(claims.sparkSession, rescored.unionByName(neighbours(claims, index, current)))
+
+
+def _shares(spark, em: DataFrame, providers: DataFrame, rules: Rules) -> DataFrame:
+    """The peer shares (peer_stats) over every current E/M line, computed now: a small table (providers x
+    families) the rules broadcast."""
+    stats = peer_stats(em, providers, min_lines=rules.upcoding_min_lines, min_excess=rules.upcoding_min_excess)
+    return spark.createDataFrame(stats.toArrow(), stats.schema)
 
 
 def claims_fraud_scores(changes: DataFrame, *, processed_at: datetime, read_table: Callable[..., DataFrame],
@@ -351,31 +382,33 @@ def claims_fraud_scores(changes: DataFrame, *, processed_at: datetime, read_tabl
     spark = changes.sparkSession
     # The keys leave the micro-batch's plan (a local checkpoint of a frame derived from the streaming source overflowed
     # the stream thread's stack at 50k lines): every later materialization starts from these keys, not the batch.
-    touched = spark.createDataFrame(changes.where("_change_type IN ('insert', 'update_postimage')").select(
-        "claim_key").distinct().toArrow())
+    touched_keys = changes.where("_change_type IN ('insert', 'update_postimage')").select(
+        "claim_key").distinct().toArrow()
+    touched = spark.createDataFrame(touched_keys)
     silver_claims, every_line = read_table(CLAIMS), read_table(LINES)
     every_claim = scored_claims(silver_claims, rules)
     tables = context_tables(spark, read_table, table_version)
     stored = read_table(SCORES).select("claim_key", "reasons") if table_version(SCORES) is not None else \
         spark.createDataFrame([], "claim_key string, reasons array<struct<code:string,detail:string,lines:array<int>>>")
 
-    def shares(em: DataFrame) -> DataFrame:  # the peer shares, once per batch over every current E/M line
-        return peer_stats(em, tables[PROVIDERS], min_lines=rules.upcoding_min_lines,
-                          min_excess=rules.upcoding_min_excess).localCheckpoint()
-
-    if touched.count() >= WHOLE_SHARE * every_claim.count():
+    index = None
+    if len(touched_keys) >= WHOLE_SHARE * every_claim.count():
         claims, lines = every_claim, current_lines(every_line, every_claim).localCheckpoint()
-        mine, stats = every_claim, shares(em_lines(lines, rules.em_families))
+        mine, stats = every_claim, _shares(spark, em_lines(lines, rules.em_families), tables[PROVIDERS], rules)
         rescored = lines
     else:
-        em = current_lines(em_lines(every_line, rules.em_families), every_claim)
-        stats = shares(em)
-        seeds = touched.unionByName(upcoding_flips(em, stats, stored)).distinct().localCheckpoint()
-        affected, claims, lines = batch_inputs(silver_claims, every_claim, every_line, seeds)
-        lines = lines.localCheckpoint()
+        index = line_index(silver_claims, every_line, rules).persist()
+        em = em_lines(index.where("_scored AND line_status = 'active'"), rules.em_families)
+        stats = _shares(spark, em, tables[PROVIDERS], rules)
+        seeds = _keys(spark, touched.unionByName(upcoding_flips(em, stats, stored)))
+        affected, ring = batch_inputs(every_claim.select("claim_key", "member_key"), index, seeds)
+        claims = _among(every_claim, ring)
+        lines = current_lines(_among(every_line, ring), claims).localCheckpoint()
         mine, rescored = _among(claims, affected), _among(lines, affected)
     # Materialized once: the reasons and the features both read the signals.
     found = signals(claims, lines, tables, rules, stats).localCheckpoint()
+    if index is not None:
+        index.unpersist()
     reasons = found.where("reason IS NOT NULL").select("claim_key", "reason")
     features = claim_features(mine, rescored, found, rules)
     scored = score_rows(mine, reasons, rules).join(features, "claim_key", "left").join(
