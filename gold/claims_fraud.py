@@ -328,8 +328,8 @@ def line_index(every: DataFrame, lines: DataFrame, rules: Rules) -> DataFrame:
     """Every line of silver.claim_lines (any status), narrow: its claim's member (any status), the provider and day
     it counts for (current_lines' rule: its own rendering NPI and day, else its claim's), whether its claim is known
     (`_known`) and scored (`_scored`), and whether it marks a provider-day for the neighbour search (`_marks`: a line
-    with its own rendering NPI and day, whatever its status, or a current line of a scored claim). One pass over the history per batch: the neighbour
-    rounds and the peer shares read this, persisted, instead of the tables again."""
+    with its own rendering NPI and day, whatever its status, or a current line of a scored claim). One pass over the
+    history per batch: the neighbour rounds and the peer shares read this, persisted, not the tables again."""
     claims = every.select("claim_key", "member_key", F.col("rendering_npi").alias("_claim_rendering"),
                           "billing_provider_key", F.col("service_from").alias("_claim_from"),
                           F.coalesce(is_scored(rules), F.lit(False)).alias("_scored"), F.lit(True).alias("_known"))
