@@ -20,8 +20,11 @@ Score = the sum of the rules' weights (at most 100); band none (0), low, medium,
 only from a remittance and (unless `claims.part2_in_gold`) 42 CFR Part 2 claims have no row: a batch that voids a
 claim withdraws its score. Each batch rescores the claims it changed, every claim sharing a member or a
 provider-day with them (every rule's group lies within one: member-day, provider-day, duplicate signature, member)
-and the claims whose upcoding outcome the batch's peer shares flip, judged against the current silver tables read
-by keys (batch_inputs); a batch changing a quarter of the claims or more reads them whole and rescores them all.
+and the claims whose upcoding outcome the batch's peer shares flip, judged against the current silver tables: the
+groups are found in a narrow index of every line (line_index, one pass over the history, persisted for the batch;
+the peer shares come from it too) and only the lines of the claims judged are read whole (batch_inputs). A batch
+changing a quarter of the claims or more reads them whole and rescores them all, unless gold already holds what it
+would write (already_scored: the next batch of a backlog that an earlier batch rescored whole, or a replay).
 Rows carry the silver versions they were computed from.
 """
 
@@ -74,6 +77,8 @@ FEATURES = (*(f"rule_{c}" for c in RULE_CODES), *DESCRIPTORS)
 FEATURE_STRUCT = StructType([StructField(f, DoubleType(), True) for f in FEATURES])
 WITHDRAWN = "withdrawn"  # a claim voided (or no longer scored): its score row is deleted
 WHOLE_SHARE = 0.25  # a batch changing this share of the scored claims or more reads them whole and rescores all
+STORED = ("claim_key string, reasons array<struct<code:string,detail:string,lines:array<int>>>, "
+          "silver_claims_version long, silver_claim_lines_version long")  # what a batch reads of the stored scores
 
 # Nested fields are nullable: delta-rs checks a non-null nested field even where its parent (reasons) is null.
 REASON = StructType([
@@ -179,7 +184,8 @@ def unbundling(lines: DataFrame, rules: Rules) -> DataFrame:
     day = lines.select("claim_key", "line_number", "member_key", "procedure_code",
                        F.col("service_from").alias("day"))
     parts = day.join(pairs, day["procedure_code"] == pairs["component"])
-    whole = day.select("member_key", "day", F.col("procedure_code").alias("comprehensive")).distinct()
+    whole = day.join(pairs.select(F.col("comprehensive").alias("procedure_code")).distinct(), "procedure_code",
+                     "left_semi").select("member_key", "day", F.col("procedure_code").alias("comprehensive")).distinct()
     grouped = parts.groupBy("member_key", "day", "comprehensive").agg(
         F.array_sort(F.collect_set("component")).alias("_components"),
         F.collect_list(F.struct("claim_key", "line_number")).alias("_where"))
@@ -244,9 +250,9 @@ def claim_features(claims: DataFrame, lines: DataFrame, found: DataFrame, rules:
     em = F.col("procedure_code").isin(*[c for codes in rules.em_families.values() for c in codes])
     described = lines.groupBy("claim_key").agg(
         F.count(F.lit(1)).alias("line_count"), F.sum(F.coalesce("units", F.lit(1.0))).alias("units_total"),
-        F.max("units").alias("units_max"), F.countDistinct("procedure_code").alias("distinct_codes"),
+        F.max("units").alias("units_max"), F.size(F.collect_set("procedure_code")).alias("distinct_codes"),
         F.try_divide(F.sum(_top_level(rules).cast("int")), F.sum(em.cast("int"))).alias("em_top_share"),
-        F.countDistinct("service_from").alias("days_billed"),
+        F.size(F.collect_set("service_from")).alias("days_billed"),  # sets, not countDistinct: no Expand x3
         F.min_by("rendering_npi", F.when(F.col("rendering_npi").isNotNull(), F.col("line_number"))).alias("_first"))
     values = found.groupBy("claim_key").pivot("rule", list(RULE_CODES)).agg(F.max("value"))
     joined = claims.select("claim_key", F.col("billed_amount").cast("double").alias("billed_amount"),
@@ -373,6 +379,19 @@ def _shares(spark, em: DataFrame, providers: DataFrame, rules: Rules) -> DataFra
     return spark.createDataFrame(stats.toArrow(), stats.schema)
 
 
+def already_scored(stored: DataFrame, changed: DataFrame, gone: DataFrame, versions: tuple[int | None, int | None]
+                   ) -> bool:
+    """Whether gold already holds what the batch would write: every stored row computed from the silver versions of
+    now (an earlier batch of the same backlog rescored everything), each changed claim that is scored (`changed`)
+    stored, none to withdraw (`gone`). A backlog longer than one batch, or a replay, is then scored once."""
+    if None in versions:
+        return False
+    low = stored.agg(F.min("silver_claims_version").alias("c"), F.min("silver_claim_lines_version").alias("l")).first()
+    if (low["c"], low["l"]) != versions:
+        return False
+    return changed.select("claim_key").join(stored, "claim_key", "left_anti").unionByName(gone).isEmpty()
+
+
 def claims_fraud_scores(changes: DataFrame, *, processed_at: datetime, read_table: Callable[..., DataFrame],
                         table_version: Callable[[str], int | None], rules: Rules,
                         model: Callable[[], Any] | None = None) -> DataFrame:
@@ -388,11 +407,18 @@ def claims_fraud_scores(changes: DataFrame, *, processed_at: datetime, read_tabl
     silver_claims, every_line = read_table(CLAIMS), read_table(LINES)
     every_claim = scored_claims(silver_claims, rules)
     tables = context_tables(spark, read_table, table_version)
-    stored = read_table(SCORES).select("claim_key", "reasons") if table_version(SCORES) is not None else \
-        spark.createDataFrame([], "claim_key string, reasons array<struct<code:string,detail:string,lines:array<int>>>")
+    versions = (table_version(CLAIMS), table_version(LINES))
+    stored = read_table(SCORES).select("claim_key", "reasons", "silver_claims_version", "silver_claim_lines_version") \
+        if table_version(SCORES) is not None else spark.createDataFrame([], STORED)
+    # A withdrawal deletes a stored score; one for a claim never scored would be a row the merge neither matches nor
+    # inserts (delta-rs still checks it against the table's NOT NULL columns), so only stored scores are withdrawn.
+    unscored = touched.join(_among(every_claim, touched).select("claim_key"), "claim_key", "left_anti")
+    gone = stored.select("claim_key").join(unscored, "claim_key", "left_semi")
 
     index = None
     if len(touched_keys) >= WHOLE_SHARE * every_claim.count():
+        if already_scored(stored, _among(every_claim, touched), gone, versions):
+            return spark.createDataFrame([], SCHEMA)
         claims, lines = every_claim, current_lines(every_line, every_claim).localCheckpoint()
         mine, stats = every_claim, _shares(spark, em_lines(lines, rules.em_families), tables[PROVIDERS], rules)
         rescored = lines
@@ -413,17 +439,14 @@ def claims_fraud_scores(changes: DataFrame, *, processed_at: datetime, read_tabl
     features = claim_features(mine, rescored, found, rules)
     scored = score_rows(mine, reasons, rules).join(features, "claim_key", "left").join(
         model_scores(features.drop("provider_npi"), model() if model else None), "claim_key", "left")
-    # A withdrawal deletes a stored score; one for a claim never scored would be a row the merge neither matches nor
-    # inserts (delta-rs still checks it against the table's NOT NULL columns), so only stored scores are withdrawn.
-    unscored = touched.join(_among(every_claim, touched).select("claim_key"), "claim_key", "left_anti")
-    gone = stored.select("claim_key").join(unscored, "claim_key", "left_semi").select(
+    withdrawn = gone.select(
         "claim_key", *[F.lit(None).cast(f.dataType).alias(f.name) for f in SCHEMA.fields
                        if f.name not in ("claim_key", "score", "band", "scored_at", "silver_claims_version",
                                          "silver_claim_lines_version")],
         F.lit(0).alias("score"), F.lit(WITHDRAWN).alias("band"))
-    stamped = scored.unionByName(gone, allowMissingColumns=True).select(
+    stamped = scored.unionByName(withdrawn, allowMissingColumns=True).select(
         *[c for c in scored.columns],
-        F.lit(table_version(CLAIMS)).cast("long").alias("silver_claims_version"),
-        F.lit(table_version(LINES)).cast("long").alias("silver_claim_lines_version"),
+        F.lit(versions[0]).cast("long").alias("silver_claims_version"),
+        F.lit(versions[1]).cast("long").alias("silver_claim_lines_version"),
         F.lit(processed_at).cast("timestamp").alias("scored_at"))
     return stamped.select(*[F.col(f.name).cast(f.dataType).alias(f.name) for f in SCHEMA.fields])

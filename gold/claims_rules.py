@@ -117,8 +117,10 @@ def after_death(lines: DataFrame, members: DataFrame, patients: DataFrame) -> Da
     """Lines serviced after the member's death (silver.members death date, or the linked patient's)."""
     died = canonical_patients(patients).join(patients.where("deceased_at IS NOT NULL").select(
         F.col("patient_key").alias("person"), F.to_date("deceased_at").alias("_patient_died")), "person")
-    known = lines.join(members.select("member_key", F.col("death_date").alias("_member_died")), "member_key", "left"
-                       ).join(died.select("patient_key", "_patient_died"), "patient_key", "left")
+    # Only the dead are joined: a small table beside the lines (the lines are never shuffled for it).
+    known = lines.join(members.where("death_date IS NOT NULL").select(
+        "member_key", F.col("death_date").alias("_member_died")), "member_key", "left").join(
+        died.select("patient_key", "_patient_died"), "patient_key", "left")
     death = F.least("_member_died", "_patient_died")
     source = F.when(F.col("_member_died") == death, "silver.members").otherwise("silver.patients")
     late = known.withColumn("_died", death).withColumn("_source", source).where(

@@ -8,12 +8,12 @@ from decimal import Decimal
 
 import pytest
 
-from gold.claims_fraud import WITHDRAWN, Rules, claims_fraud_scores
+from gold.claims_fraud import SCHEMA as SCORES_SCHEMA
+from gold.claims_fraud import STORED, WITHDRAWN, Rules, claims_fraud_scores
 from silver.claims import LINES_SCHEMA, SCHEMA
 from tests.conftest import make_config
 
 DAY = date(2026, 1, 7)
-STORED = "claim_key string, reasons array<struct<code:string,detail:string,lines:array<int>>>"
 AT = datetime(2026, 1, 20, tzinfo=UTC)
 
 
@@ -42,7 +42,7 @@ def run(spark, rules, claims: list[dict], lines: list[dict], changed: list[str])
     tables = {"silver.claims": spark.createDataFrame(claims, SCHEMA),
               "silver.claim_lines": spark.createDataFrame(lines, LINES_SCHEMA)}
     changes = spark.createDataFrame([(k, "update_postimage") for k in changed], "claim_key string, _change_type string")
-    tables["gold.claims_fraud_scores"] = spark.createDataFrame([(k, None) for k in changed], STORED)
+    tables["gold.claims_fraud_scores"] = spark.createDataFrame([(k, None, None, None) for k in changed], STORED)
     out = claims_fraud_scores(changes, processed_at=AT, read_table=lambda name, **_: tables[name],
                               table_version=lambda name: 3 if name in tables else None, rules=rules)
     return {r["claim_key"]: r.asDict(recursive=True) for r in out.collect()}
@@ -201,3 +201,31 @@ def test_incremental_batches_equal_one_recompute_and_peer_shifts_rescore_flipped
     # Beside batch 3's claims: q2b (q2c's provider-day), f0 and u1 (the voided a's provider-day); the other peer's
     # claims, untouched and unflipped, stay as batch 1 scored them.
     assert [rescored[k] for k in ("q2b", "f0", "u1", "q1a", "q1b")] == [22, 22, 22, 20, 20]
+
+
+def test_a_backlog_rescored_whole_by_its_first_batch_is_not_scored_again(spark, rules):
+    """The second batch of a backlog (or a replay) changing a quarter of the claims or more writes nothing when every
+    stored row was computed from the silver versions of now and each of its claims is stored; any of the three
+    missing, it rescores."""
+    tables = {"silver.claims": spark.createDataFrame([claim("a"), claim("b", member="m2"), claim("c", member="m3")],
+                                                     SCHEMA),
+              "silver.claim_lines": spark.createDataFrame([line("a", 1, "85027"), line("a", 2, "85004"),
+                                                           line("b", 1, "99232"), line("c", 1, "99232")],
+                                                          LINES_SCHEMA)}
+
+    def batch(changed: list[str], versions: dict[str, int]) -> list[dict]:
+        changes = spark.createDataFrame([(k, "insert") for k in changed], "claim_key string, _change_type string")
+        return [r.asDict() for r in claims_fraud_scores(changes, processed_at=AT, read_table=lambda n, **_: tables[n],
+                                                        table_version=versions.get, rules=rules).collect()]
+
+    now = {"silver.claims": 5, "silver.claim_lines": 7}
+    first = batch(["a", "b"], now)  # the store's first batch: everything scored at (5, 7)
+    assert sorted((r["claim_key"], r["silver_claims_version"], r["silver_claim_lines_version"]) for r in first) == [
+        ("a", 5, 7), ("b", 5, 7), ("c", 5, 7)]
+    tables["gold.claims_fraud_scores"] = spark.createDataFrame(first, SCORES_SCHEMA)
+    stored = {**now, "gold.claims_fraud_scores": 1}
+    assert batch(["c"], stored) == []
+    assert sorted(r["claim_key"] for r in batch(["c"], {**stored, "silver.claim_lines": 8})) == ["a", "b", "c"]
+    tables["gold.claims_fraud_scores"] = spark.createDataFrame([r for r in first if r["claim_key"] != "c"],
+                                                               SCORES_SCHEMA)
+    assert sorted(r["claim_key"] for r in batch(["c"], stored)) == ["a", "b", "c"]
