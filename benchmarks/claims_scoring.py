@@ -17,7 +17,7 @@ those sharing a member or a provider-day with them), and the growth of seconds p
 each larger one (1.0 = linear). With --runs N each run scores the whole table again
 from scratch and adds its own increment (so run k scores k-1 increments more).
 
-Run: .venv/bin/python benchmarks/claims_scoring.py [--lines 1000000,2000000,4000000] [--runs 1]
+Run: .venv/bin/python benchmarks/claims_scoring.py [--lines 1000000,2000000,4000000] [--runs 1] [--driver-memory 1g]
 """
 
 from __future__ import annotations
@@ -133,15 +133,18 @@ def main() -> None:
     ap.add_argument("--lines-per-claim", type=int, default=10)
     ap.add_argument("--runs", type=int, default=1, help="scoring runs per size (the median is reported)")
     ap.add_argument("--increment", type=float, default=0.01, help="share of claims added and scored after each run")
+    ap.add_argument("--driver-memory", default="1g", help="the Spark JVM's heap (local mode: driver and executors); "
+                    "1g is the test overlay's; 10M lines want more (4g)")
     a = ap.parse_args()
     from pipelines.spark import create_spark
 
     sizes = [int(s) for s in a.lines.split(",")]
-    figures: dict = {"sizes": {}, "cores": os.cpu_count(), "load_average_1m_start": os.getloadavg()[0]}
+    figures: dict = {"sizes": {}, "cores": os.cpu_count(), "load_average_1m_start": os.getloadavg()[0],
+                     "driver_memory": a.driver_memory}
     spark = None
     for size in sizes:
         root = Path(tempfile.mkdtemp(prefix="carelake-bench-claims-"))
-        cfg = temp_config(root, **{"claims.exclusion_list": "\"\""})
+        cfg = temp_config(root, **{"claims.exclusion_list": "\"\"", "spark.driver_memory": a.driver_memory})
         spark = spark or create_spark(cfg.spark)
         write_s = write_silver(cfg, size, a.lines_per_claim)
         claims, step = size // a.lines_per_claim, max(1, round(size // a.lines_per_claim * a.increment))
