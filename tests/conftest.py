@@ -30,6 +30,8 @@ LONGEST_FILES = {
 # Imaging orders, reports and matching (estimates from a loaded machine, scaled to a quiet one).
 LONGEST_FILES.update({"test_silver_imaging_orders.py": 35, "test_silver_imaging_reports.py": 30,
                       "test_imaging_match.py": 30, "test_imaging_realdata.py": 25})
+# Claims fraud batches (session claimscale: 496 s at load ~17, scaled to a quiet machine).
+LONGEST_FILES.update({"test_claims_fraud.py": 110})
 
 
 def pytest_collection_modifyitems(config, items):
