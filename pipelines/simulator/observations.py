@@ -1,4 +1,5 @@
-"""When observations are taken (ward rounds, ICU monitors' hourly sets, lab draws) and what they read (the Spark trajectory expressions).
+"""When observations are taken (ward rounds, ICU monitors' hourly sets, lab draws) and what they read (the Spark
+trajectory expressions).
 
 Schedules are small and built in Python; values for every schedule row, ward and ICU alike, come from the one
 closed-form expression in trajectory.py, so a patient's ward readings and monitor numerics agree.
