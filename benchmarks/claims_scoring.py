@@ -135,16 +135,19 @@ def main() -> None:
     ap.add_argument("--increment", type=float, default=0.01, help="share of claims added and scored after each run")
     ap.add_argument("--driver-memory", default="1g", help="the Spark JVM's heap (local mode: driver and executors); "
                     "1g is the test overlay's; 10M lines want more (4g)")
+    ap.add_argument("--shuffle-partitions", default="2", help="spark.shuffle_partitions (the test overlay's 2 ran "
+                    "out of execution memory at 10M lines with 4g: a task's hash aggregate of 5M lines; 16 there)")
     a = ap.parse_args()
     from pipelines.spark import create_spark
 
     sizes = [int(s) for s in a.lines.split(",")]
     figures: dict = {"sizes": {}, "cores": os.cpu_count(), "load_average_1m_start": os.getloadavg()[0],
-                     "driver_memory": a.driver_memory}
+                     "driver_memory": a.driver_memory, "shuffle_partitions": a.shuffle_partitions}
     spark = None
     for size in sizes:
         root = Path(tempfile.mkdtemp(prefix="carelake-bench-claims-"))
-        cfg = temp_config(root, **{"claims.exclusion_list": "\"\"", "spark.driver_memory": a.driver_memory})
+        cfg = temp_config(root, **{"claims.exclusion_list": "\"\"", "spark.driver_memory": a.driver_memory,
+                                   "spark.shuffle_partitions": a.shuffle_partitions})
         spark = spark or create_spark(cfg.spark)
         write_s = write_silver(cfg, size, a.lines_per_claim)
         claims, step = size // a.lines_per_claim, max(1, round(size // a.lines_per_claim * a.increment))
