@@ -298,11 +298,18 @@ def imaging_worklist(changes: DataFrame, *, read_table: Callable[..., DataFrame]
                      table_version: Callable[[str], int | None], processed_at: datetime, ingest_batch_id: str,
                      ranking: imaging_rank.Ranking, images_expected_s: Mapping[str, int],
                      match: Callable[..., DataFrame], match_window: timedelta, news2_current_s: int, clock: str,
-                     critical_model: Callable[[], Any]) -> dict[str, DataFrame]:
+                     critical_model: Callable[[], Any], batch_id: int = 0, via_driver: bool = False,
+                     read_rows: Callable[..., Any] | None = None) -> dict[str, DataFrame | Any]:
     """The upstream changes of a batch -> the whole worklist again (rows that left it marked `left`) and the SLA
-    breaches that opened or closed."""
+    breaches that opened or closed. A batch the runner writes through the driver (`via_driver`) is refreshed there
+    by key, with delta-rs reads (`read_rows`; gold.imaging_keyed), and returned as Arrow tables."""
     spark = changes.sparkSession
     versions = {t: table_version(t) for t in (STUDIES, ORDERS, REPORTS, SCORES, ALERTS)}
+    if via_driver and read_rows is not None:
+        return _on_driver(changes, read_rows, {**versions, **{t: table_version(t) for t in (WORKLIST, BREACHES)}},
+                          batch_id=batch_id, processed_at=processed_at, ingest_batch_id=ingest_batch_id,
+                          ranking=ranking, images_expected_s=images_expected_s, match_window=match_window,
+                          news2_current_s=news2_current_s, clock=clock, critical_model=critical_model)
 
     if not _any_rows(read_table, versions, (STUDIES, ORDERS)):
         return {WORKLIST: empty(spark, tuple(SCHEMA.names), SCHEMA),  # no imaging yet (a vitals-only lakehouse)
@@ -410,3 +417,20 @@ def arrival_context(items: DataFrame, scores: DataFrame | None, alerts: DataFram
         levels = live.groupBy("study_instance_uid").agg(F.array_sort(F.collect_set("level")).alias("open_alert_levels"))
         out = out.join(levels, "study_instance_uid", "left")
     return out
+
+
+def _on_driver(changes: DataFrame, read_rows: Callable[..., Any], versions: Mapping[str, int | None], *,
+               batch_id: int, **options: Any) -> dict[str, Any]:
+    """The driver path (gold.imaging_keyed): the batch's key columns collected (one small Spark job over the cached
+    batch), the rest in Python; the first batch of a query reads the tables whole."""
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    from gold import imaging_keyed
+
+    schemas = (to_arrow_schema(SCHEMA), to_arrow_schema(BREACH_SCHEMA))
+    if versions[STUDIES] is None and versions[ORDERS] is None:  # no imaging yet (a vitals-only lakehouse)
+        return {WORKLIST: schemas[0].empty_table(), BREACHES: schemas[1].empty_table()}
+    keys = [c for c in imaging_keyed.KEY_COLUMNS if c in changes.columns]
+    rows = changes.select(*keys).toArrow().to_pylist() if keys else []
+    return imaging_keyed.refresh(rows, read=imaging_keyed.Reader(read_rows, versions), whole=batch_id == 0,
+                                 schemas=schemas, **options)
