@@ -307,7 +307,8 @@ def refresh(changes: list[dict[str, Any]], *, read: Reader, whole: bool, process
              if r["worklist_key"] not in kept]
     for r in rows:
         r.update(provenance)
-        r["factors"] = [dict(zip(("factor", "value", "points"), f, strict=True)) for f in r.get("factors") or ()]
+        if r.get("factors") is not None:
+            r["factors"] = [dict(zip(("factor", "value", "points"), f, strict=True)) for f in r["factors"]]
     sla = breaches(items, ranking, now, touched(changes, items) | open_breaches, provenance)
     out = {w.WORKLIST: pa.Table.from_pylist(rows, schema=schemas[0]),
            w.BREACHES: pa.Table.from_pylist(sla, schema=schemas[1])}

@@ -30,6 +30,7 @@ LONGEST_FILES = {
 # Imaging orders, reports and matching (estimates from a loaded machine, scaled to a quiet one).
 LONGEST_FILES.update({"test_silver_imaging_orders.py": 35, "test_silver_imaging_reports.py": 30,
                       "test_imaging_match.py": 30, "test_imaging_realdata.py": 25})
+LONGEST_FILES["test_imaging_incremental.py"] = 45  # six worklist batches, a Spark recompute, a replay (estimate)
 
 
 def pytest_collection_modifyitems(config, items):
