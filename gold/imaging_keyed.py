@@ -217,6 +217,12 @@ def breaches(items: list[dict], ranking: imaging_rank.Ranking, now: datetime, ke
     return out
 
 
+def unchanged(breach: Mapping[str, Any], stored: Mapping[str, Any] | None) -> bool:
+    """Whether a breach row is one the table holds already: the MERGE would leave it as it is (its update_when),
+    so it is not written at all, and a batch whose open breaches stay open commits nothing to the table."""
+    return stored is not None and all(breach[k] == stored[k] for k in w.BREACH_CONTENT)
+
+
 def touched(changes: list[dict], items: list[dict]) -> set[str]:
     """w.touched_studies on rows: the items the change rows name by study UID, accession or order number."""
     named = {k: {r[k] for r in changes if r.get(k) is not None}
@@ -268,8 +274,9 @@ def refresh(changes: list[dict[str, Any]], *, read: Reader, whole: bool, process
     steps = Steps()
     now = processed_at.astimezone(UTC) if clock == "wall" else (data_clock(read) or processed_at.astimezone(UTC))
     before = read.rows(w.WORKLIST, ("worklist_key", "status", "study_instance_uid", "order_key", "as_of"))
-    open_breaches = {b["study_instance_uid"] for b in read.rows(
-        w.BREACHES, ("study_instance_uid", "status"), pc.field("status") == "open")}
+    stored = {b["breach_id"]: b for b in read.rows(w.BREACHES, ("breach_id", "study_instance_uid", *w.BREACH_CONTENT),
+                                                    pc.field("status") == "open")}
+    open_breaches = {b["study_instance_uid"] for b in stored.values()}
     steps.done("state")
     whole = whole or not before  # no as_of to bound the orders falling due by: read everything
     if whole:
@@ -309,7 +316,8 @@ def refresh(changes: list[dict[str, Any]], *, read: Reader, whole: bool, process
         r.update(provenance)
         if r.get("factors") is not None:
             r["factors"] = [dict(zip(("factor", "value", "points"), f, strict=True)) for f in r["factors"]]
-    sla = breaches(items, ranking, now, touched(changes, items) | open_breaches, provenance)
+    sla = [b for b in breaches(items, ranking, now, touched(changes, items) | open_breaches, provenance)
+           if not unchanged(b, stored.get(b["breach_id"]))]
     out = {w.WORKLIST: pa.Table.from_pylist(rows, schema=schemas[0]),
            w.BREACHES: pa.Table.from_pylist(sla, schema=schemas[1])}
     steps.done("build")

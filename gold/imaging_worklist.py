@@ -24,6 +24,7 @@ newest event time among the studies, orders and reports (`data`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -44,6 +45,8 @@ from pyspark.sql.types import (
 
 from gold import imaging_rank
 from pipelines import __version__ as CODE_VERSION
+
+log = logging.getLogger("carelake.imaging")
 
 WORKLIST = "gold.imaging_worklist"
 BREACHES = "gold.imaging_sla_breaches"
@@ -311,23 +314,33 @@ def imaging_worklist(changes: DataFrame, *, read_table: Callable[..., DataFrame]
                           ranking=ranking, images_expected_s=images_expected_s, match_window=match_window,
                           news2_current_s=news2_current_s, clock=clock, critical_model=critical_model)
 
+    from gold.imaging_keyed import Steps
+
+    steps = Steps()
     if not _any_rows(read_table, versions, (STUDIES, ORDERS)):
         return {WORKLIST: empty(spark, tuple(SCHEMA.names), SCHEMA),  # no imaging yet (a vitals-only lakehouse)
                 BREACHES: empty(spark, tuple(BREACH_SCHEMA.names), BREACH_SCHEMA)}
+    steps.done("state")
     studies, orders, reports, matched = load_inputs(read_table, lambda t: versions[t] is not None, spark, match,
                                                     match_window)
     now = processed_at.astimezone(UTC) if clock == "wall" else (data_clock(studies, orders, reports)
                                                                  or processed_at.astimezone(UTC))
+    steps.done("reads")
     matched = matched.localCheckpoint()  # the match is global (nearest order wins): computed once per batch
     items = study_items(studies, matched, final_reads(reports, studies, matched)).localCheckpoint()
     unread = items.where(F.col("read_at").isNull()).withColumn("_kind", F.lit(UNREAD))
     overdue = overdue_orders(matched, images_expected_s, now).withColumn("_kind", F.lit(IMAGES_OVERDUE))
     both = _collect(unread.unionByName(overdue, allowMissingColumns=True))  # one small collect: the open set
+    steps.done("match")
     context = patient_context(read_table, versions, {r["patient_key"] for r in both if r["patient_key"]}, now,
                               news2_current_s)
     for r in both:
         r.update(context.get(r["patient_key"], {}))
+    steps.done("context")
     rows = rank_unread([r for r in both if r["_kind"] == UNREAD], ranking, now, critical_model())
+    steps.done("rank")
+    log.info("%s Spark plan (whole tables): %d open; steps (s): %s (the breaches and the rows that left are "
+             "computed when written)", WORKLIST, len(both), steps.line())
     rows += [{**_worklist_row(None, o, None, now, None), "worklist_key": f"order:{o['order_key']}",
               "status": IMAGES_OVERDUE, "order_match": NO_STUDY} for o in both if o["_kind"] == IMAGES_OVERDUE]
     provenance = _provenance(versions, ingest_batch_id, processed_at)
