@@ -5,13 +5,15 @@ report), ranked (`rank` 1 = read first) by gold.imaging_rank, whose factors the 
 images are overdue (status `images_overdue`: an active order no study matched, `imaging.images_expected` after it
 was ordered) are rows too, unranked: there is nothing to read yet, but somebody should find out why.
 
-Each batch recomputes the whole open set, from the current silver.imaging_studies, silver.imaging_orders (matched to
+Each batch gives the whole open set again, from the current silver.imaging_studies, silver.imaging_orders (matched to
 studies by silver.imaging_match), silver.imaging_reports, the patients' current NEWS2 band (gold.early_warning_scores,
 the newest score within `imaging.news2_current_for`) and their open alerts (gold.deterioration_alerts). The open set
 is small (the studies of a day or two), so the ranking runs on the driver in plain Python (the same function the
-queue replay uses); the scans of the studies, orders and reports behind it grow with their history (measured in
-benchmarks/imaging_worklist.py). Rows that left the set since the last batch (read, matched, cancelled) are deleted
-from the table; time travel keeps every earlier worklist.
+queue replay uses). A batch small enough for the runner's driver path is computed there by key (gold.imaging_keyed:
+only the match groups its changes and the open set name); the first batch of a query and a large batch run the
+whole-table Spark plan below, whose scans grow with the history (benchmarks/imaging_worklist.py measures both).
+Rows that left the set since the last batch (read, matched, cancelled) are deleted from the table; time travel keeps
+every earlier worklist.
 
 **The SLA breaches** (gold.imaging_sla_breaches) are opened and closed like alerts: one row per study whose time to
 read passed its SLA (`breach_id` = hash of the study), `opened_at` when the SLA passed (the due time), `closed_at` the

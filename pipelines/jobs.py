@@ -477,8 +477,9 @@ def _tracking_uri(cfg: Config) -> str:
 
 
 def imaging_jobs(cfg: Config) -> list[Job]:
-    """gold.imaging_worklist with gold.imaging_sla_breaches as a side output: the whole open set again per batch,
-    whenever studies, orders, reports or vitals (scores, with their alerts) change."""
+    """gold.imaging_worklist with gold.imaging_sla_breaches as a side output: the open set again per batch (a small
+    batch by key on the driver, gold.imaging_keyed), whenever studies, orders, reports or vitals (scores, with their
+    alerts) change."""
     from datetime import timedelta
 
     from gold import imaging_rank
