@@ -305,10 +305,9 @@ def refresh(changes: list[dict[str, Any]], *, read: Reader, whole: bool, process
         r.update(context.get(r["patient_key"], {}))
     steps.done("context")
     rows = w.rank_unread(unread, ranking, now, critical_model())
-    rows += [{**w._worklist_row(None, o, None, now, None), "worklist_key": f"order:{o['order_key']}",
-              "status": w.IMAGES_OVERDUE, "order_match": w.NO_STUDY} for o in overdue]
+    rows += [w.overdue_row(o, now) for o in overdue]
     steps.done("rank")
-    provenance = w._provenance(read.versions, ingest_batch_id, processed_at)
+    provenance = w.batch_provenance(read.versions, ingest_batch_id, processed_at)
     kept = {r["worklist_key"] for r in rows}
     rows += [{"worklist_key": r["worklist_key"], "status": w.LEFT, "as_of": now} for r in before
              if r["worklist_key"] not in kept]

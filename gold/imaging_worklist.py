@@ -294,6 +294,12 @@ def rank_unread(unread: list[dict[str, Any]], ranking: imaging_rank.Ranking, now
              "status": UNREAD} for n, item, scored in imaging_rank.ranked(unread, ranking, now)]
 
 
+def overdue_row(order: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+    """An order whose images are overdue as a worklist row (unranked)."""
+    return {**_worklist_row(None, order, None, now, None), "worklist_key": f"order:{order['order_key']}",
+            "status": IMAGES_OVERDUE, "order_match": NO_STUDY}
+
+
 def _collect(df: DataFrame) -> list[dict[str, Any]]:
     """Rows as dicts, timestamps as aware UTC datetimes (Arrow; a plain collect gives local naive times)."""
     return df.toArrow().to_pylist()
@@ -343,9 +349,8 @@ def imaging_worklist(changes: DataFrame, *, read_table: Callable[..., DataFrame]
     steps.done("rank")
     log.info("%s Spark plan (whole tables): %d open; steps (s): %s (the breaches and the rows that left are "
              "computed when written)", WORKLIST, len(both), steps.line())
-    rows += [{**_worklist_row(None, o, None, now, None), "worklist_key": f"order:{o['order_key']}",
-              "status": IMAGES_OVERDUE, "order_match": NO_STUDY} for o in both if o["_kind"] == IMAGES_OVERDUE]
-    provenance = _provenance(versions, ingest_batch_id, processed_at)
+    rows += [overdue_row(o, now) for o in both if o["_kind"] == IMAGES_OVERDUE]
+    provenance = batch_provenance(versions, ingest_batch_id, processed_at)
     worklist = spark.createDataFrame([{**r, **provenance} for r in rows], SCHEMA)
     if table_version(WORKLIST) is not None:
         gone = read_table(WORKLIST).select("worklist_key").join(worklist.select("worklist_key"), "worklist_key",
@@ -372,7 +377,9 @@ def _any_rows(read_table: Callable[..., DataFrame], versions: Mapping[str, int |
     return not rows.limit(1).isEmpty()
 
 
-def _provenance(versions: Mapping[str, int | None], ingest_batch_id: str, processed_at: datetime) -> dict[str, Any]:
+def batch_provenance(versions: Mapping[str, int | None], ingest_batch_id: str, processed_at: datetime
+                     ) -> dict[str, Any]:
+    """The provenance columns every row of a batch carries: the input versions it read, code and batch."""
     names = {STUDIES: "studies_version", ORDERS: "orders_version", REPORTS: "reports_version",
              SCORES: "scores_version", ALERTS: "alerts_version"}
     return {**{names[t]: v for t, v in versions.items() if t in names}, "code_version": CODE_VERSION,
