@@ -10,10 +10,13 @@
    fsynced); a thread polls the worklist table (delta-rs, every 50 ms) until the study is on it. Figure: received
    (landed) -> on the worklist, p50/p95/max over `--studies` studies after the first (the queries' start).
 
-Until silver.imaging_match is on this branch, the contract's accession rule (tests/imaging_tables.py) matches.
+Beside them: where each study's time went (`hop_*`, from ops.metrics: landed -> the fused bronze/silver batch
+committed, the worklist's trigger wait, its batch, committed -> seen), and each worklist step's median seconds per
+path (`*_keyed_*`: by key on the driver; `*_whole_*`: whole tables), from the batches' `steps (s):` log lines.
+`--spark-plan` makes every worklist batch run the whole-table Spark plan (as before session wlinc).
 Goal: p95 received -> on the worklist <= 5 s. Run:
   .venv/bin/python benchmarks/imaging_worklist.py [--history 2000] [--open 60] [--runs 5] [--studies 12]
-                                                  [--every 6] [--interval 1s]
+                                                  [--every 6] [--interval 1s] [--spark-plan]
 """
 
 from __future__ import annotations
