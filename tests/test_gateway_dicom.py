@@ -67,9 +67,10 @@ def dataset_bytes(ds: Dataset) -> bytes:
 # -- an in-process gateway, for faults injected into its own process ------------------------------------------
 @contextlib.contextmanager
 def gateway_in_process(root: Path, **overrides):
+    """The SCP in the test's own process (gateway.dicom.workers 0), where a fault can be injected into it."""
     from pipelines.gateway.server import Gateway
 
-    cfg = make_config(root, **overrides)
+    cfg = make_config(root, **{"gateway.dicom.workers": 0, **overrides})
     loop = asyncio.new_event_loop()
     ready: dict = {}
     stop = asyncio.Event()

@@ -17,16 +17,21 @@ associations (A-ASSOCIATE-RJ, "calling AE title not recognised"); an empty list 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
 
-from pipelines.gateway.landing import LandingZone
 from pipelines.gateway.metrics import Metrics
+from pipelines.gateway.segments import Landed
 
 log = logging.getLogger("carelake.gateway")
 
@@ -65,21 +70,44 @@ class DicomSettings:
     store_timeout_s: float  # how long a C-STORE waits for its fsync before answering Out of Resources
 
 
+class Lander(Protocol):
+    """Where the SCP lands an instance: the gateway's `LandingZone`, or an acceptor process's own segment log."""
+
+    def land_from_thread(self, feed: str, header: Mapping[str, Any], body: bytes) -> Future[Landed]: ...
+
+
 def _peer(event) -> tuple[str, str, str]:
     """(address:port, calling AE title, called AE title) of the association an event belongs to."""
     a = event.assoc
     return f"{a.requestor.address}:{a.requestor.port}", a.requestor.ae_title, a.acceptor.ae_title
 
 
-class DicomServer:
-    """The Storage SCP; `start` binds (port 0 = a free one) and returns the port, `stop` ends it within a bound."""
+class _HandedServer(ThreadedAssociationServer):
+    """pynetdicom's server for connections another process accepted and handed over: it binds and listens on
+    nothing (`take` gives it each connection); everything else (negotiation, the allow-list, the handlers) is
+    pynetdicom's own."""
 
-    def __init__(self, landing: LandingZone, metrics: Metrics, settings: DicomSettings):
+    def server_bind(self) -> None:
+        """Nothing to bind: the gateway's process holds the port."""
+
+    def server_activate(self) -> None:
+        """Nothing to listen on."""
+
+
+class DicomServer:
+    """The Storage SCP; `start` binds (port 0 = a free one) and returns the port, `stop` ends it within a bound.
+    In an acceptor process (`dicom_workers`), `serve_handed` replaces `start` and `take` serves each connection
+    the gateway hands over; `on_close` is told when one ends."""
+
+    def __init__(self, landing: Lander, metrics: Metrics, settings: DicomSettings,
+                 on_close: Callable[[], None] | None = None):
         self.landing = landing
         self.metrics = metrics
         self.settings = settings
+        self.on_close = on_close
         self.ae = self._application_entity()
         self._server = None
+        self._handed = False
         self._in_flight = 0
         self._idle = threading.Condition()
         self._stopping = False
@@ -105,18 +133,35 @@ class DicomServer:
         ae.maximum_pdu_size = MAX_PDU_BYTES
         return ae
 
-    def start(self, host: str, port: int) -> int:
+    def _handlers(self) -> list:
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected),
                     (evt.EVT_ACCEPTED, self._count("accepted")), (evt.EVT_ABORTED, self._count("aborted"))]
-        self._server = self.ae.start_server((host, port), block=False, evt_handlers=handlers)
+        if self.on_close is not None:
+            handlers.append((evt.EVT_CONN_CLOSE, lambda _event: self.on_close()))
+        return handlers
+
+    def start(self, host: str, port: int) -> int:
+        self._server = self.ae.start_server((host, port), block=False, evt_handlers=self._handlers())
         return self._server.server_address[1]
+
+    def serve_handed(self, address: tuple[str, int]) -> None:
+        """Serve connections accepted elsewhere on `address` (the gateway's port), each given to `take`."""
+        self._server = self.ae.make_server(address, evt_handlers=self._handlers(), server_class=_HandedServer)
+        self._handed = True
+
+    def take(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        """Serve one accepted connection (on its own association thread, as pynetdicom serves every one)."""
+        self._server.process_request(sock, peer)
 
     def stop(self, deadline: float) -> None:
         """Stop accepting; let C-STOREs in progress land until `deadline` (time.monotonic), then abort the rest."""
         self._stopping = True
         if self._server is None:
             return
-        self._server.shutdown()
+        if self._handed:  # never served forever: nothing to shut down but its unused socket
+            self._server.server_close()
+        else:
+            self._server.shutdown()
         with self._idle:
             self._idle.wait_for(lambda: self._in_flight == 0, timeout=max(0.0, deadline - time.monotonic()))
         for assoc in list(self.ae.active_associations):
