@@ -179,6 +179,17 @@ def test_calling_ae_allow_list_rejects_unknown_modalities(tmp_path):
     assert header["transfer_syntax_uid"] == ExplicitVRLittleEndian
 
 
+@pytest.mark.parametrize("instance", ["1.2.3.4", "1.2.3.45", "2.25." + "9" * 59])  # even, odd, the 64-char maximum
+def test_the_part10_prefix_is_the_one_pynetdicom_builds(instance):
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    from pipelines.gateway.dicom import part10_prefix
+
+    for syntax in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.4.50"):
+        meta = create_file_meta(sop_class_uid=CTImageStorage, sop_instance_uid=instance, transfer_syntax=syntax)
+        assert part10_prefix(CTImageStorage, instance, syntax) == b"\0" * 128 + b"DICM" + encode_file_meta(meta)
+
+
 def test_bad_dicom_settings_are_one_clear_error(tmp_path):
     from pipelines.errors import ConfigError
 
@@ -188,6 +199,10 @@ def test_bad_dicom_settings_are_one_clear_error(tmp_path):
         make_config(tmp_path, **{"gateway.dicom.max_instance_mb": 4096})
     with pytest.raises(ConfigError, match="gateway.dicom.port must be a TCP port"):
         make_config(tmp_path, **{"gateway.dicom.port": 70000})
+    with pytest.raises(ConfigError, match=r"gateway.dicom.workers must be 0-64 \(acceptor processes"):
+        make_config(tmp_path, **{"gateway.dicom.workers": -1})
+    with pytest.raises(ConfigError, match="gateway.dicom.workers must be a whole number"):
+        make_config(tmp_path, **{"gateway.dicom.workers": "two"})
 
 
 # -- DICOMweb STOW-RS -----------------------------------------------------------------------------------------
