@@ -239,6 +239,26 @@ def _uids(items: dict, tag: str) -> list[str | None]:
     return [item["00081155"].get("Value", [None])[0] for item in items.get(tag, {}).get("Value", [])]
 
 
+def test_an_acceptor_process_that_dies_is_replaced_and_the_port_keeps_serving(tmp_path):
+    import signal
+    import time
+
+    with GatewayProcess(tmp_path / "lake", "--dicom-port", "0", CARELAKE_GATEWAY__DICOM__WORKERS="2") as gw:
+        first = gw.children()
+        assert len(first) == 2
+        os.kill(first[0], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while first[0] in gw.children() and time.monotonic() < deadline:  # reaped by the gateway
+            time.sleep(0.05)
+        assert store(gw.dicom, ct_slice()) == [0] and store(gw.dicom, ct_slice()) == [0]
+        now = gw.children()
+        assert len(now) == 2 and first[0] not in now and first[1] in now
+        assert gw.stop() == 0
+    assert "dicom: acceptor process scp" in gw.stderr and "ended unexpectedly" in gw.stderr
+    assert len(landed_instances(gw.root)) == 2
+    assert gw.children() == []
+
+
 def test_stow_rs_lands_each_good_part_and_names_each_broken_one(tmp_path):
     good, other_study = ct_slice(), ct_slice()
     broken = part10(ct_slice())[:100]  # cut inside the preamble: no DICM, no meta

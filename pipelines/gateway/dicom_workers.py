@@ -214,6 +214,7 @@ class DicomWorkers:
                     worker.final = message[1]
                 self._changed.notify_all()
         code = worker.proc.wait()
+        worker.chan.close()
         with self._changed:
             worker.alive = False
             self._changed.notify_all()
@@ -240,29 +241,37 @@ class DicomWorkers:
 
     def _hand(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         """Give one connection to the live acceptor with the fewest; replace dead ones first."""
-        for n, worker in enumerate(self._workers):
-            if not worker.alive:
-                try:
-                    replacement = self._spawn(worker.index)
-                    self._await_ready(replacement)
-                except (OSError, UsageError) as exc:
-                    log.error("dicom: cannot replace acceptor scp%d: %s", worker.index, exc)
-                    continue
-                self._workers[n] = replacement
-        with self._changed:
-            live = [w for w in self._workers if w.alive]
-            if not live:
-                log.error("dicom: no acceptor process is running; connection from %s:%s closed unanswered", *peer)
-                return
-            worker = min(live, key=lambda w: w.active)
-            worker.active += 1
-        try:
-            with worker.send_lock:
-                _send(worker.chan, ("conn", peer), (conn.fileno(),))
-        except OSError as exc:
+        self._replace_dead()
+        for _attempt in range(len(self._workers)):
             with self._changed:
-                worker.active -= 1
-            log.error("dicom: cannot hand a connection from %s:%s to acceptor scp%d: %s", *peer, worker.index, exc)
+                live = [w for w in self._workers if w.alive]
+                if not live:
+                    break
+                worker = min(live, key=lambda w: w.active)
+                worker.active += 1
+            try:
+                with worker.send_lock:
+                    _send(worker.chan, ("conn", peer), (conn.fileno(),))
+                return
+            except OSError as exc:  # it died an instant ago: its channel thread is about to say so; try another
+                with self._changed:
+                    worker.active -= 1
+                    worker.alive = False
+                log.error("dicom: cannot hand a connection from %s:%s to acceptor scp%d: %s", *peer, worker.index,
+                          exc)
+        log.error("dicom: no acceptor process is running; connection from %s:%s closed unanswered", *peer)
+
+    def _replace_dead(self) -> None:
+        for n, worker in enumerate(self._workers):
+            if worker.alive:
+                continue
+            try:
+                replacement = self._spawn(worker.index)
+                self._await_ready(replacement)
+            except (OSError, UsageError) as exc:
+                log.error("dicom: cannot replace acceptor scp%d: %s", worker.index, exc)
+                continue
+            self._workers[n] = replacement
 
     def _halt(self, deadline: float) -> None:
         """Ask every acceptor to stop by `deadline`; kill any still running a moment after it."""
@@ -280,10 +289,8 @@ class DicomWorkers:
                           "its modalities resend)", worker.index)
                 worker.proc.kill()
                 worker.proc.wait()
-        with self._changed:
+        with self._changed:  # each channel thread has taken its acceptor's last counters
             self._changed.wait_for(lambda: not any(w.alive for w in self._workers), timeout=5)
-        for worker in self._workers:
-            worker.chan.close()
 
     # -- metrics (any thread) -------------------------------------------------------------------------------
     def _snapshots(self) -> list[Snapshot]:
