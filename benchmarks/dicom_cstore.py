@@ -7,8 +7,9 @@ storing 512x512 16-bit CT slices (~513 KB each) one after another, each waiting 
 the machine's cores with the gateway: `--client pynetdicom` sends with pynetdicom's SCU (as `carelake send` does;
 ~2 ms of CPU per instance), `--client wire` sends the same bytes from a buffer (`WireModality`: what a modality on
 its own machine costs this one, almost nothing), so the figures show the gateway's own limit. Each run reports the
-CPU the gateway's processes and the clients spent per instance. The bronze half runs `bronze.dicom_instances` available-now through the runner over
-the instances one C-STORE run landed (hard-linked into a fresh lakehouse per run), in a warm SparkSession.
+CPU the gateway's processes and the clients spent per instance. The bronze half runs `bronze.dicom_instances`
+available-now through the runner over the instances one C-STORE run landed (hard-linked into a fresh lakehouse per
+run), in a warm SparkSession.
 
 Run: .venv/bin/python benchmarks/dicom_cstore.py [--instances 2000] [--associations 4] [--runs 3] [--workers 2]
      [--client pynetdicom|wire] [--no-bronze]    (--workers 0,2 alternates the two settings run by run)
