@@ -37,6 +37,25 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: -LONGEST_FILES.get(item.path.name, 0))
 
 
+_FILE_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Seconds per test file (setup + call + teardown), summed where the reports arrive (the controller under
+    xdist), for the summary that keeps LONGEST_FILES honest."""
+    name = report.nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    _FILE_SECONDS[name] = _FILE_SECONDS.get(name, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The 25 longest test files, beside the seconds LONGEST_FILES orders them by."""
+    if not _FILE_SECONDS:
+        return
+    terminalreporter.section("longest test files (seconds; LONGEST_FILES in tests/conftest.py)")
+    for name, seconds in sorted(_FILE_SECONDS.items(), key=lambda kv: -kv[1])[:25]:
+        terminalreporter.write_line(f"{seconds:8.1f}  {name}  (listed: {LONGEST_FILES.get(name, '-')})")
+
+
 def make_config(root: Path, **overrides):
     """The test overlay with `root`, isolated from the caller's CARELAKE_* environment."""
     from pipelines.config import load_config
