@@ -258,7 +258,9 @@ def cstore_run(total: int, associations: int, workers: int, client: str) -> dict
     per = total // associations
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    with GatewayProcess(root, "--dicom-port", "0", CARELAKE_GATEWAY__DICOM__WORKERS=str(workers)) as gw:
+    # segments sealed at the production age (conf/base.yaml; the test overlay's 200 ms seals 5x as often)
+    with GatewayProcess(root, "--dicom-port", "0", CARELAKE_GATEWAY__DICOM__WORKERS=str(workers),
+                        CARELAKE_GATEWAY__SEGMENT_AGE="1s") as gw:
         pids = [gw.proc.pid, *gw.children()]
         start_at = time.time() + 4  # every client connected and its template built before the clock starts
         work = tempfile.mkdtemp(prefix="carelake-bench-dicom-client-")
