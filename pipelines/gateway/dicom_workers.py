@@ -90,6 +90,7 @@ class _Worker:
     proc: subprocess.Popen
     chan: socket.socket
     active: int = 0  # connections handed over and not reported closed
+    ready: bool = False
     alive: bool = True
     last: Snapshot = field(default_factory=Snapshot)  # its counters as last reported
     final: Snapshot | None = None  # sent as it stopped
@@ -146,12 +147,14 @@ class DicomWorkers:
             self._listener.close()
         if self._supervisor is not None:
             self._supervisor.join()
-        self.metrics.sources.remove(self._snapshots)
+        if self._snapshots in self.metrics.sources:
+            self.metrics.sources.remove(self._snapshots)
 
     # -- the supervisor thread ------------------------------------------------------------------------------
     def _supervise(self) -> None:
         try:
-            self._workers = [self._spawn(i) for i in range(1, self.count + 1)]
+            for index in range(1, self.count + 1):
+                self._workers.append(self._spawn(index))
             for worker in self._workers:
                 self._await_ready(worker)
         except BaseException as exc:  # noqa: BLE001 - handed to start(), which raises it in the gateway
@@ -175,7 +178,8 @@ class DicomWorkers:
         spec = WorkerSpec(index=index, settings=self.settings, address=self._address,
                           folder=str(self.landing.folder(FEED)), fsync=self.landing.cfg.landing.fsync,
                           segment_bytes=g.segment_mb << 20, segment_age_s=g.segment_age_s,
-                          group_commit_s=g.group_commit_s, log_level=logging.getLogger("carelake").level,
+                          group_commit_s=g.group_commit_s,
+                          log_level=logging.getLogger("carelake").getEffectiveLevel(),
                           lock_fd=lock_fd)
         _send(mine, ("spec", spec))
         worker = _Worker(index, proc, mine)
@@ -184,8 +188,7 @@ class DicomWorkers:
 
     def _await_ready(self, worker: _Worker) -> None:
         with self._changed:
-            ok = self._changed.wait_for(lambda: worker.replies.get(0) is not None or not worker.alive,
-                                        timeout=READY_TIMEOUT_S)
+            ok = self._changed.wait_for(lambda: worker.ready or not worker.alive, timeout=READY_TIMEOUT_S)
         if not ok or not worker.alive:
             raise UsageError(f"the DICOM acceptor process scp{worker.index} did not start (see the log above); "
                              f"check the Python environment, or set gateway.dicom.workers: 0 to store in the "
@@ -205,7 +208,7 @@ class DicomWorkers:
             with self._changed:
                 kind = message[0]
                 if kind == "ready":
-                    worker.replies[0] = Snapshot()
+                    worker.ready = True
                 elif kind == "closed":
                     worker.active -= 1
                 elif kind == "metrics":
@@ -309,8 +312,8 @@ class DicomWorkers:
             self._changed.wait_for(lambda: all(asked in w.replies or not w.alive for w in live),
                                    timeout=max(0.0, deadline - time.monotonic()))
             out = [w.replies.pop(asked, w.last) for w in live if w.alive]
-            for w in live:
-                w.replies = {k: v for k, v in w.replies.items() if k == 0 or k > asked}
+            for w in live:  # answers that came too late for an earlier scrape
+                w.replies = {k: v for k, v in w.replies.items() if k > asked}
         return out
 
 
@@ -377,7 +380,10 @@ def serve_acceptor(chan: socket.socket) -> int:
     tell("ready")
     stop_in = 0.0
     while True:
-        message, fds = _receive(chan)
+        try:
+            message, fds = _receive(chan)
+        except OSError:
+            message, fds = None, []
         if message is None:  # the gateway is gone without a stop (kill -9 where PDEATHSIG is not available)
             os._exit(1)
         if message[0] == "conn":
