@@ -174,6 +174,8 @@ def test_sigterm_during_a_c_store_burst_drains_every_acceptor(tmp_path):
     """SIGTERM to the whole process group (as systemd sends it): the acceptors ignore it, the gateway stops them in
     order: what got Success is landed and sealed, nothing is left open, the gateway exits 0."""
     root = tmp_path / "lake"
-    gw, _acceptors, _acked = _burst(root, 100, lambda gw: gw.stop())
+    gw, _acceptors, acked = _burst(root, 100, lambda gw: gw.stop())
     assert gw.proc.returncode == 0, gw.stderr[-2000:]
+    received = int(gw.stdout.split("carelake gateway stopped: ")[1].split()[0].replace(",", ""))
+    assert received >= len(acked)  # the acceptors' counters reached the gateway's summary
     assert list((root / "landing" / "dicom").glob(".open-*")) == []

@@ -64,7 +64,6 @@ class WorkerSpec:
     segment_age_s: float
     group_commit_s: float
     log_level: int
-    lock_fd: int | None
 
 
 def _send(chan: socket.socket, message: tuple, fds: tuple[int, ...] = ()) -> None:
@@ -133,6 +132,7 @@ class DicomWorkers:
         self._started.wait()
         if self._start_error is not None:
             self._supervisor.join()
+            self._listener.close()
             raise self._start_error
         return self._address[1]
 
@@ -170,6 +170,7 @@ class DicomWorkers:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         g = self.landing.cfg.gateway
         lock_fd = self.landing.lock_fd
+        # the root's lock descriptor is inherited and never closed: the lock lasts as long as the acceptor
         keep = (theirs.fileno(),) + (() if lock_fd is None else (lock_fd,))
         proc = subprocess.Popen(
             [sys.executable, "-m", "pipelines.gateway.dicom_workers", str(theirs.fileno()), str(os.getpid())],
@@ -179,8 +180,7 @@ class DicomWorkers:
                           folder=str(self.landing.folder(FEED)), fsync=self.landing.cfg.landing.fsync,
                           segment_bytes=g.segment_mb << 20, segment_age_s=g.segment_age_s,
                           group_commit_s=g.group_commit_s,
-                          log_level=logging.getLogger("carelake").getEffectiveLevel(),
-                          lock_fd=lock_fd)
+                          log_level=logging.getLogger("carelake").getEffectiveLevel())
         _send(mine, ("spec", spec))
         worker = _Worker(index, proc, mine)
         threading.Thread(target=self._listen, args=(worker,), name=f"dicom-scp{index}-channel", daemon=True).start()
