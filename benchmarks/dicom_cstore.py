@@ -173,21 +173,26 @@ class WireModality:
                 command += pdu[at + 6:at + 4 + length]
                 at += 4 + length
                 if control & 0x03 == 0x03:
-                    return self._status(command)
+                    return self._status(command, message_id & 0xFFFF, raw)
 
     @staticmethod
-    def _status(command: bytes) -> int:
-        at = 0
+    def _status(command: bytes, message_id: int, uid: bytes) -> int:
+        """The response's Status, once it answers this request (message id and instance UID)."""
+        fields, at = {}, 0
         while at < len(command):
             _group, element, length = struct.unpack("<HHI", command[at:at + 8])
-            if element == 0x0900:
-                return struct.unpack("<H", command[at + 8:at + 10])[0]
+            fields[element] = command[at + 8:at + 8 + length]
             at += 8 + length
-        raise RuntimeError("C-STORE response without a Status")
+        answered = struct.unpack("<H", fields.get(0x0120, b"\xff\xff"))[0]
+        if answered != message_id or fields.get(0x1000, b"").rstrip(b"\0") != uid:
+            raise RuntimeError(f"a response to another request: message {answered}, instance {fields.get(0x1000)}")
+        return struct.unpack("<H", fields[0x0900])[0]
 
     def release(self) -> None:
         self.sock.sendall(b"\x05\x00" + struct.pack(">I", 4) + b"\0" * 4)
-        self._pdu()  # A-RELEASE-RP
+        kind, _ = self._pdu()
+        if kind != 0x06:
+            raise RuntimeError(f"PDU type {kind:#04x} instead of A-RELEASE-RP (a response too many?)")
         self.sock.close()
 
 
