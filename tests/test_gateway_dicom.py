@@ -312,6 +312,11 @@ def test_dicom_flag_errors_are_one_clear_line(tmp_path):
         return proc.stderr
 
     assert "--dicom-port must be a TCP port 0-65535" in run("gateway", "--dicom-port", "70000")
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # the acceptors' port is the gateway's: a clear error
+        port = str(taken.getsockname()[1])
+        assert f"dicom {port}): Address already in use" in run("gateway", "--dicom-port", port)
     assert "--ae-title must be a DICOM AE title" in run("gateway", "--dicom-port", "0", "--ae-title", "BAD\\TITLE")
     assert "expected dicom://HOST:PORT" in run("send", "--to", "dicom://nowhere", str(tmp_path))
     assert "the called AE title in --to must be a DICOM AE title" in run(
