@@ -10,20 +10,25 @@
    fsynced); a thread polls the worklist table (delta-rs, every 50 ms) until the study is on it. Figure: received
    (landed) -> on the worklist, p50/p95/max over `--studies` studies after the first (the queries' start).
 
-Until silver.imaging_match is on this branch, the contract's accession rule (tests/imaging_tables.py) matches.
+Beside them: where each study's time went (`hop_*`, from ops.metrics: landed -> the fused bronze/silver batch
+committed, the worklist's trigger wait, its batch, committed -> seen), and each worklist step's median seconds per
+path (`*_keyed_*`: by key on the driver; `*_whole_*`: whole tables), from the batches' `steps (s):` log lines.
+`--spark-plan` makes every worklist batch run the whole-table Spark plan (as before session wlinc).
 Goal: p95 received -> on the worklist <= 5 s. Run:
   .venv/bin/python benchmarks/imaging_worklist.py [--history 2000] [--open 60] [--runs 5] [--studies 12]
-                                                  [--every 6] [--interval 1s]
+                                                  [--every 6] [--interval 1s] [--spark-plan]
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,7 +39,9 @@ GOAL_P95_S = 5.0
 WORKLIST = "gold.imaging_worklist"
 
 
-def registry(cfg):
+def registry(cfg, spark_plan: bool = False):
+    """The job registry; `spark_plan`: the worklist always runs its whole-table Spark plan (no driver path), as on
+    main before session wlinc, with its steps logged."""
     from pipelines.jobs import Registry, load_registry
     from tests import imaging_tables as t
 
@@ -42,6 +49,8 @@ def registry(cfg):
     if importlib.util.find_spec("silver.imaging_match") is None:
         jobs = [replace(j, options={**j.options, "match": t.accession_match}) if j.name == WORKLIST else j
                 for j in jobs]
+    if spark_plan:
+        jobs = [replace(j, options={**j.options, "read_rows": None}) if j.name == WORKLIST else j for j in jobs]
     return Registry(jobs)
 
 
@@ -76,6 +85,65 @@ def _batches(store, job: str = WORKLIST) -> list[dict]:
     return sorted(rows, key=lambda r: r["started_at"])
 
 
+class StepLog(logging.Handler):
+    """The worklist batches' "steps (s): ..." log lines (gold.imaging_worklist / gold.imaging_keyed), parsed."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.batches: list[tuple[str, dict[str, float]]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if "steps (s): " in text:
+            mode = "keyed" if "(by key)" in text else "whole"
+            part = text.split("steps (s): ", 1)[1].split(" (", 1)[0]
+            self.batches.append((mode, {k: float(v) for k, v in (x.rsplit(" ", 1) for x in part.split(", "))}))
+
+    @contextmanager
+    def attached(self):
+        logger = logging.getLogger("carelake.imaging")
+        level = logger.level
+        logger.addHandler(self)
+        logger.setLevel(logging.INFO)
+        try:
+            yield self
+        finally:
+            logger.removeHandler(self)
+            logger.setLevel(level)
+
+    def figures(self, prefix: str) -> dict[str, float]:
+        """Per path (keyed, whole) and step: the median seconds over the batches that took that path."""
+        out = {}
+        for mode in ("keyed", "whole"):
+            runs = [steps for m, steps in self.batches if m == mode]
+            for step in dict.fromkeys(k for r in runs for k in r):
+                out[f"{prefix}_{mode}_{step}_s"] = round(median([r.get(step, 0.0) for r in runs]), 3)
+            if runs:
+                out[f"{prefix}_{mode}_batches"] = len(runs)
+        return out
+
+
+def hops(store, landed: dict[str, datetime], seen: dict[str, datetime]) -> dict[str, float]:
+    """Where each study's time went, medians over the studies (ops.metrics): landed -> the fused bronze/silver batch
+    committed; -> the next worklist batch started (trigger wait and planning); its seconds; committed -> seen by the
+    poll."""
+    bronze = [r for r in _batches(store, "bronze.dicom_instances") if r["rows_in"]]
+    gold = _batches(store)
+    parts: dict[str, list[float]] = {"silver": [], "wait": [], "batch": [], "poll": []}
+    for uid, at in landed.items():
+        b = next((r for r in bronze if r["finished_at"] > at), None)
+        g = next((r for r in gold if b is not None and r["started_at"] >= b["finished_at"]), None)
+        if b is None or g is None or uid not in seen:
+            continue
+        parts["silver"].append((b["finished_at"] - at).total_seconds())
+        parts["wait"].append((g["started_at"] - b["finished_at"]).total_seconds())
+        parts["batch"].append((g["finished_at"] - g["started_at"]).total_seconds())
+        parts["poll"].append((seen[uid] - g["finished_at"]).total_seconds())
+    names = {"silver": "hop_landed_to_silver_s", "wait": "hop_worklist_trigger_wait_s",
+             "batch": "hop_worklist_batch_s", "poll": "hop_committed_to_seen_s"}
+    return {names[k]: round(median(v), 2) for k, v in parts.items() if v}
+
+
 def batch_seconds(store, jobs: tuple[str, ...]) -> dict[str, float]:
     """Per job: the median seconds of its batches that read something (ops.metrics), where each hop's time goes."""
     out = {}
@@ -96,17 +164,19 @@ def refresh(spark, args) -> dict:
     store = open_store(cfg, spark)
     now = datetime.now(UTC)
     seed(spark, store, args.history, args.open, now)
-    runner = Runner(cfg, spark, store, registry(cfg))
-    runner.run([WORKLIST], Trigger(available_now=True))  # the first batches read every version so far
-    first = len(_batches(store))
-    for k in range(args.runs):
-        t.write(spark, store, "silver.imaging_reports", [t.report(f"x{k}", f"H{args.history + k}", now)],
-                t.REPORTS_SCHEMA)
-        runner.run([WORKLIST], Trigger(available_now=True))
+    runner = Runner(cfg, spark, store, registry(cfg, args.spark_plan))
+    with StepLog().attached() as steps:
+        runner.run([WORKLIST], Trigger(available_now=True))  # the first batches read every version so far
+        first = len(_batches(store))
+        for k in range(args.runs):
+            t.write(spark, store, "silver.imaging_reports", [t.report(f"x{k}", f"H{args.history + k}", now)],
+                    t.REPORTS_SCHEMA)
+            runner.run([WORKLIST], Trigger(available_now=True))
     seconds = [r["duration_ms"] / 1000 for r in _batches(store)[first:]]
     rows = store.read_arrow(WORKLIST).num_rows
     return {"refresh_batch_s_median": round(median(seconds), 2), "refresh_batches": len(seconds),
-            "refresh_history_studies": args.history, "refresh_open_rows_after": rows}
+            "refresh_first_batch_s": round(sum(r["duration_ms"] for r in _batches(store)[:first]) / 1000, 2),
+            "refresh_history_studies": args.history, "refresh_open_rows_after": rows, **steps.figures("refresh")}
 
 
 def latency(spark, args) -> dict:
@@ -143,22 +213,28 @@ def latency(spark, args) -> dict:
         keys = DeltaTable(worklist_path).to_pyarrow_table(columns=["worklist_key"]).column(0).to_pylist()
         return uid in keys
 
+    landed_at, seen_at = {}, {}
+
     def drive() -> None:
         time.sleep(args.warmup)
         for k, uid in enumerate(uids):
             ingest(cfg, [str(folder / f"{k}.dcm")], "dicom")
-            landed = time.monotonic()
+            landed, landed_at[uid] = time.monotonic(), datetime.now(UTC)
             while not on_worklist(uid) and time.monotonic() - landed < 120:
                 time.sleep(0.05)
-            results[uid] = time.monotonic() - landed
+            results[uid], seen_at[uid] = time.monotonic() - landed, datetime.now(UTC)
             time.sleep(max(0.0, args.every - results[uid]))
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=drive, daemon=True).start()
     jobs = ("bronze.dicom_instances", "silver.imaging_studies", WORKLIST)
-    Runner(cfg, spark, store, registry(cfg)).run(list(jobs),
-                                                 Trigger(available_now=False, interval_ms=cfg.streaming.interval_ms))
-    return {"seconds": [results[u] for u in uids[1:] if u in results], **batch_seconds(store, jobs)}
+    with StepLog().attached() as steps:
+        Runner(cfg, spark, store, registry(cfg, args.spark_plan)).run(
+            list(jobs), Trigger(available_now=False, interval_ms=cfg.streaming.interval_ms))
+    measured = uids[1:]
+    return {"seconds": [results[u] for u in measured if u in results], **batch_seconds(store, jobs),
+            **hops(store, {u: landed_at[u] for u in measured if u in landed_at}, seen_at),
+            **steps.figures("latency")}
 
 
 def latencies(spark, args) -> dict:
@@ -171,7 +247,7 @@ def latencies(spark, args) -> dict:
            "latency_max_s": round(max(max(r["seconds"]) for r in runs), 2),
            "latency_studies_per_run": len(runs[0]["seconds"]), "latency_runs": len(runs), "interval": args.interval,
            "latency_goal_p95_s": GOAL_P95_S, "latency_goal_met": median(p95s) <= GOAL_P95_S}
-    for key in sorted({k for r in runs for k in r if k.startswith("batch")}):
+    for key in sorted({k for r in runs for k in r if k.startswith(("batch", "hop_", "latency_"))}):
         values = [r[key] for r in runs if key in r]
         out[key] = round(median(values), 2)
     return out
@@ -219,6 +295,8 @@ def main() -> None:
     p.add_argument("--instances", type=int, default=1000, help="instances for the headers -> silver figure")
     p.add_argument("--only", nargs="+", choices=["refresh", "latency", "headers"],
                    default=["refresh", "latency", "headers"])
+    p.add_argument("--spark-plan", action="store_true",
+                   help="the worklist's whole-table Spark plan for every batch (no driver path): the old way")
     p.add_argument("--set", action="append", default=[], type=lambda kv: tuple(kv.split("=", 1)),
                    help="a configuration override for the latency and headers lakehouses, e.g. streaming.fuse=[]")
     args = p.parse_args()

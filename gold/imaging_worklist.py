@@ -5,13 +5,15 @@ report), ranked (`rank` 1 = read first) by gold.imaging_rank, whose factors the 
 images are overdue (status `images_overdue`: an active order no study matched, `imaging.images_expected` after it
 was ordered) are rows too, unranked: there is nothing to read yet, but somebody should find out why.
 
-Each batch recomputes the whole open set, from the current silver.imaging_studies, silver.imaging_orders (matched to
+Each batch gives the whole open set again, from the current silver.imaging_studies, silver.imaging_orders (matched to
 studies by silver.imaging_match), silver.imaging_reports, the patients' current NEWS2 band (gold.early_warning_scores,
 the newest score within `imaging.news2_current_for`) and their open alerts (gold.deterioration_alerts). The open set
 is small (the studies of a day or two), so the ranking runs on the driver in plain Python (the same function the
-queue replay uses); the scans of the studies, orders and reports behind it grow with their history (measured in
-benchmarks/imaging_worklist.py). Rows that left the set since the last batch (read, matched, cancelled) are deleted
-from the table; time travel keeps every earlier worklist.
+queue replay uses). A batch small enough for the runner's driver path is computed there by key (gold.imaging_keyed:
+only the match groups its changes and the open set name); the first batch of a query and a large batch run the
+whole-table Spark plan below, whose scans grow with the history (benchmarks/imaging_worklist.py measures both).
+Rows that left the set since the last batch (read, matched, cancelled) are deleted from the table; time travel keeps
+every earlier worklist.
 
 **The SLA breaches** (gold.imaging_sla_breaches) are opened and closed like alerts: one row per study whose time to
 read passed its SLA (`breach_id` = hash of the study), `opened_at` when the SLA passed (the due time), `closed_at` the
@@ -24,6 +26,7 @@ newest event time among the studies, orders and reports (`data`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -44,6 +47,8 @@ from pyspark.sql.types import (
 
 from gold import imaging_rank
 from pipelines import __version__ as CODE_VERSION
+
+log = logging.getLogger("carelake.imaging")
 
 WORKLIST = "gold.imaging_worklist"
 BREACHES = "gold.imaging_sla_breaches"
@@ -289,6 +294,12 @@ def rank_unread(unread: list[dict[str, Any]], ranking: imaging_rank.Ranking, now
              "status": UNREAD} for n, item, scored in imaging_rank.ranked(unread, ranking, now)]
 
 
+def overdue_row(order: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+    """An order whose images are overdue as a worklist row (unranked)."""
+    return {**_worklist_row(None, order, None, now, None), "worklist_key": f"order:{order['order_key']}",
+            "status": IMAGES_OVERDUE, "order_match": NO_STUDY}
+
+
 def _collect(df: DataFrame) -> list[dict[str, Any]]:
     """Rows as dicts, timestamps as aware UTC datetimes (Arrow; a plain collect gives local naive times)."""
     return df.toArrow().to_pylist()
@@ -298,32 +309,48 @@ def imaging_worklist(changes: DataFrame, *, read_table: Callable[..., DataFrame]
                      table_version: Callable[[str], int | None], processed_at: datetime, ingest_batch_id: str,
                      ranking: imaging_rank.Ranking, images_expected_s: Mapping[str, int],
                      match: Callable[..., DataFrame], match_window: timedelta, news2_current_s: int, clock: str,
-                     critical_model: Callable[[], Any]) -> dict[str, DataFrame]:
+                     critical_model: Callable[[], Any], batch_id: int = 0, via_driver: bool = False,
+                     read_rows: Callable[..., Any] | None = None) -> dict[str, DataFrame | Any]:
     """The upstream changes of a batch -> the whole worklist again (rows that left it marked `left`) and the SLA
-    breaches that opened or closed."""
+    breaches that opened or closed. A batch the runner writes through the driver (`via_driver`) is refreshed there
+    by key, with delta-rs reads (`read_rows`; gold.imaging_keyed), and returned as Arrow tables."""
     spark = changes.sparkSession
     versions = {t: table_version(t) for t in (STUDIES, ORDERS, REPORTS, SCORES, ALERTS)}
+    if via_driver and read_rows is not None:
+        return _on_driver(changes, read_rows, {**versions, **{t: table_version(t) for t in (WORKLIST, BREACHES)}},
+                          batch_id=batch_id, processed_at=processed_at, ingest_batch_id=ingest_batch_id,
+                          ranking=ranking, images_expected_s=images_expected_s, match_window=match_window,
+                          news2_current_s=news2_current_s, clock=clock, critical_model=critical_model)
 
+    from gold.imaging_keyed import Steps
+
+    steps = Steps()
     if not _any_rows(read_table, versions, (STUDIES, ORDERS)):
         return {WORKLIST: empty(spark, tuple(SCHEMA.names), SCHEMA),  # no imaging yet (a vitals-only lakehouse)
                 BREACHES: empty(spark, tuple(BREACH_SCHEMA.names), BREACH_SCHEMA)}
+    steps.done("state")
     studies, orders, reports, matched = load_inputs(read_table, lambda t: versions[t] is not None, spark, match,
                                                     match_window)
     now = processed_at.astimezone(UTC) if clock == "wall" else (data_clock(studies, orders, reports)
                                                                  or processed_at.astimezone(UTC))
+    steps.done("reads")
     matched = matched.localCheckpoint()  # the match is global (nearest order wins): computed once per batch
     items = study_items(studies, matched, final_reads(reports, studies, matched)).localCheckpoint()
     unread = items.where(F.col("read_at").isNull()).withColumn("_kind", F.lit(UNREAD))
     overdue = overdue_orders(matched, images_expected_s, now).withColumn("_kind", F.lit(IMAGES_OVERDUE))
     both = _collect(unread.unionByName(overdue, allowMissingColumns=True))  # one small collect: the open set
+    steps.done("match")
     context = patient_context(read_table, versions, {r["patient_key"] for r in both if r["patient_key"]}, now,
                               news2_current_s)
     for r in both:
         r.update(context.get(r["patient_key"], {}))
+    steps.done("context")
     rows = rank_unread([r for r in both if r["_kind"] == UNREAD], ranking, now, critical_model())
-    rows += [{**_worklist_row(None, o, None, now, None), "worklist_key": f"order:{o['order_key']}",
-              "status": IMAGES_OVERDUE, "order_match": NO_STUDY} for o in both if o["_kind"] == IMAGES_OVERDUE]
-    provenance = _provenance(versions, ingest_batch_id, processed_at)
+    steps.done("rank")
+    log.info("%s Spark plan (whole tables): %d open; steps (s): %s (the breaches and the rows that left are "
+             "computed when written)", WORKLIST, len(both), steps.line())
+    rows += [overdue_row(o, now) for o in both if o["_kind"] == IMAGES_OVERDUE]
+    provenance = batch_provenance(versions, ingest_batch_id, processed_at)
     worklist = spark.createDataFrame([{**r, **provenance} for r in rows], SCHEMA)
     if table_version(WORKLIST) is not None:
         gone = read_table(WORKLIST).select("worklist_key").join(worklist.select("worklist_key"), "worklist_key",
@@ -350,7 +377,9 @@ def _any_rows(read_table: Callable[..., DataFrame], versions: Mapping[str, int |
     return not rows.limit(1).isEmpty()
 
 
-def _provenance(versions: Mapping[str, int | None], ingest_batch_id: str, processed_at: datetime) -> dict[str, Any]:
+def batch_provenance(versions: Mapping[str, int | None], ingest_batch_id: str, processed_at: datetime
+                     ) -> dict[str, Any]:
+    """The provenance columns every row of a batch carries: the input versions it read, code and batch."""
     names = {STUDIES: "studies_version", ORDERS: "orders_version", REPORTS: "reports_version",
              SCORES: "scores_version", ALERTS: "alerts_version"}
     return {**{names[t]: v for t, v in versions.items() if t in names}, "code_version": CODE_VERSION,
@@ -410,3 +439,20 @@ def arrival_context(items: DataFrame, scores: DataFrame | None, alerts: DataFram
         levels = live.groupBy("study_instance_uid").agg(F.array_sort(F.collect_set("level")).alias("open_alert_levels"))
         out = out.join(levels, "study_instance_uid", "left")
     return out
+
+
+def _on_driver(changes: DataFrame, read_rows: Callable[..., Any], versions: Mapping[str, int | None], *,
+               batch_id: int, **options: Any) -> dict[str, Any]:
+    """The driver path (gold.imaging_keyed): the batch's key columns collected (one small Spark job over the cached
+    batch), the rest in Python; the first batch of a query reads the tables whole."""
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    from gold import imaging_keyed
+
+    schemas = (to_arrow_schema(SCHEMA), to_arrow_schema(BREACH_SCHEMA))
+    if versions[STUDIES] is None and versions[ORDERS] is None:  # no imaging yet (a vitals-only lakehouse)
+        return {WORKLIST: schemas[0].empty_table(), BREACHES: schemas[1].empty_table()}
+    keys = [c for c in imaging_keyed.KEY_COLUMNS if c in changes.columns]
+    rows = changes.select(*keys).toArrow().to_pylist() if keys else []
+    return imaging_keyed.refresh(rows, read=imaging_keyed.Reader(read_rows, versions), whole=batch_id == 0,
+                                 schemas=schemas, **options)

@@ -26,8 +26,10 @@ ROUTE_COLUMN = "_output"
 # the current snapshot of a table as a DataFrame (the history a gold job scores new rows against; with
 # `since=(column, time)` only the rows, and files, from that time on; `(column, time, until)` a slice), and
 # `table_version(name)` its version,
-# for provenance; `batch_facts` what a job's StateStage prepared for the batch.
-BATCH_PARAMETERS = ("batch_id", "ingest_batch_id", "processed_at", "read_table", "table_version", "batch_facts")
+# for provenance; `batch_facts` what a job's StateStage prepared for the batch; `via_driver` whether the runner
+# writes the batch from the driver (small: a transform may then compute it there too and return Arrow tables).
+BATCH_PARAMETERS = ("batch_id", "ingest_batch_id", "processed_at", "read_table", "table_version", "batch_facts",
+                    "via_driver")
 
 
 class Deferred:
@@ -475,8 +477,9 @@ def _tracking_uri(cfg: Config) -> str:
 
 
 def imaging_jobs(cfg: Config) -> list[Job]:
-    """gold.imaging_worklist with gold.imaging_sla_breaches as a side output: the whole open set again per batch,
-    whenever studies, orders, reports or vitals (scores, with their alerts) change."""
+    """gold.imaging_worklist with gold.imaging_sla_breaches as a side output: the open set again per batch (a small
+    batch by key on the driver, gold.imaging_keyed), whenever studies, orders, reports or vitals (scores, with their
+    alerts) change."""
     from datetime import timedelta
 
     from gold import imaging_rank
@@ -502,11 +505,27 @@ def imaging_jobs(cfg: Config) -> list[Job]:
                          "match": _match_orders_to_studies,
                          "match_window": timedelta(seconds=c.seconds("match_window")),
                          "news2_current_s": c.seconds("news2_current_for"), "clock": c.clock,
-                         "critical_model": critical_model},
+                         "critical_model": critical_model, "read_rows": _rows_reader(cfg)},
                 description="Imaging worklist: one row per unread study, ranked, with the factors behind its rank "
                             "(order priority, exam, indication, location, NEWS2 band, open alerts, time against the "
                             "SLA, critical-finding model); orders whose images are overdue; and the SLA breaches "
                             "(gold.imaging_sla_breaches), opened and closed like alerts")]
+
+
+def _rows_reader(cfg: Config) -> Callable[..., Any]:
+    """(table, version, where, columns, since=None) -> that version's matching rows as Arrow, read by delta-rs
+    (the worklist's driver path reads silver by key)."""
+
+    def read_rows(table: str, version: int, where: Any, columns: list[str], since: Any = None) -> Any:
+        import pyarrow.compute as pc
+
+        from pipelines.store.base import TableRef
+        from pipelines.store.deltars import read_where
+
+        path = str(TableRef.parse(table, cfg.root).path)
+        return read_where(path, version, pc.scalar(True) if where is None else where, columns, since=since)
+
+    return read_rows
 
 
 def _match_orders_to_studies(orders: DataFrame, studies: DataFrame, *, window) -> DataFrame:

@@ -116,16 +116,29 @@ class StopSignal:
                 signal.signal(s, handler)
 
 
-def _check_schema(output: Output, out: DataFrame) -> None:
+def _check_schema(output: Output, out: DataFrame | pa.Table) -> None:
     if output.schema is None:
         return
+    if isinstance(out, pa.Table):
+        from pyspark.sql.pandas.types import from_arrow_schema
+
+        fields = from_arrow_schema(out.schema).fields
+    else:
+        fields = out.schema.fields
     want = [(f.name, f.dataType.simpleString()) for f in output.schema.fields]
-    got = [(f.name, f.dataType.simpleString()) for f in out.schema.fields]
+    got = [(f.name, f.dataType.simpleString()) for f in fields]
     if want != got:
         raise SchemaEvolutionError(
             f"{output.table}: the transform produced columns {got}, but the schema declares {want};"
             " fix the transform or the schema in the job's module"
         )
+
+
+def _collected(output: Output, out: DataFrame | pa.Table) -> pa.Table:
+    """An output of a batch written from the driver, as Arrow: a DataFrame collected, or the Arrow table a transform
+    computed on the driver itself (checked against the declared schema either way)."""
+    _check_schema(output, out)
+    return out if isinstance(out, pa.Table) else out.toArrow()
 
 
 def _check_routed(job: Job, routed: DataFrame) -> None:
@@ -565,10 +578,7 @@ class Runner:
                          txn: Txn, query_id: str, meta: dict[str, str], validated: bool) -> _ChunkResult:
         """A small batch: collected once as Arrow, validated by Great Expectations, written by delta-rs here."""
         if isinstance(outputs, dict):
-            arrows = {}
-            for output in job.outputs:
-                _check_schema(output, outputs[output.table])
-                arrows[output.table] = outputs[output.table].toArrow()
+            arrows = {o.table: _collected(o, outputs[o.table]) for o in job.outputs}
         else:
             arrows = _route(job, outputs)
         if validated:

@@ -16,6 +16,7 @@ a null on the other side and `match_method` null, so neither is ever dropped.
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 
 from pyspark.sql import Column, DataFrame
@@ -104,3 +105,61 @@ def match_orders_to_studies(orders: DataFrame, studies: DataFrame, *, window: ti
         F.lit(None).cast("string").alias("match_method"))
     return matched.select("order_key", "study_instance_uid", "match_method").unionByName(lone_orders).unionByName(
         lone_studies)
+
+
+def match_rows(orders: list[dict], studies: list[dict], *, window: timedelta) -> list[tuple[str | None, str | None,
+                                                                                              str | None]]:
+    """match_orders_to_studies on rows in Python (the worklist's driver path for small batches): the same rule and
+    ties, held equal to the Spark one by tests/test_imaging_match.py. Rows are dicts of the same columns (times
+    aware datetimes); returns (order_key, study_instance_uid, match_method) per order and per study."""
+    if window <= timedelta(0):
+        raise ValueError(f"window must be positive, got {window}; e.g. timedelta(hours=24)")
+    taken_o: dict[str, tuple[str, str]] = {}
+    taken_s: set[str] = set()
+
+    def settle(pairs: list[tuple[int, str, str]], method: str) -> None:
+        for _, o, s in sorted(pairs):  # nearest first, then order_key, then study UID, as array_sort does
+            if o not in taken_o and s not in taken_s:
+                taken_o[o] = (s, method)
+                taken_s.add(s)
+
+    settle([(_seconds_apart(o["ordered_at"], s["study_time_utc"]), o["order_key"], s["study_instance_uid"])
+            for o, s in _same(orders, studies, "accession_number")], ACCESSION)
+    step2 = [o for o in orders if o["order_key"] not in taken_o and (o.get("status") or "") not in UNMATCHABLE]
+    rest = [s for s in studies if s["study_instance_uid"] not in taken_s]
+    settle([(_seconds_apart(o["ordered_at"], s["study_time_utc"]), o["order_key"], s["study_instance_uid"])
+            for o, s in _same(step2, rest, "patient_key") if _procedure_and_time_fit(o, s, window)],
+           PATIENT_PROCEDURE_TIME)
+    out: list[tuple[str | None, str | None, str | None]] = [(o, s, m) for o, (s, m) in taken_o.items()]
+    out += [(o["order_key"], None, None) for o in orders if o["order_key"] not in taken_o]
+    return out + [(None, s["study_instance_uid"], None) for s in studies if s["study_instance_uid"] not in taken_s]
+
+
+def _same(orders: list[dict], studies: list[dict], key: str) -> list[tuple[dict, dict]]:
+    """Every (order, study) pair sharing a non-null `key`."""
+    by_key: dict[str, list[dict]] = {}
+    for s in studies:
+        if s.get(key) is not None:
+            by_key.setdefault(s[key], []).append(s)
+    return [(o, s) for o in orders if o.get(key) is not None for s in by_key.get(o[key], ())]
+
+
+def _seconds_apart(ordered_at, study_time) -> int:
+    """_distance in Python: whole seconds (unix_timestamp floors), far when either is unknown."""
+    if ordered_at is None or study_time is None:
+        return _FAR
+    return abs(math.floor(study_time.timestamp()) - math.floor(ordered_at.timestamp()))
+
+
+def _procedure_and_time_fit(o: dict, s: dict, window: timedelta) -> bool:
+    """_by_patient_procedure_time's condition beside the patient: exam family, body part, time window."""
+    def family(m):
+        return None if m is None else ("XR" if m.upper() in ("CR", "DX") else m.upper())
+
+    same_family = o.get("modality") is not None and s.get("modality") is not None and \
+        family(o["modality"]) == family(s["modality"])
+    body_ok = o.get("body_part") is None or s.get("body_part") is None or \
+        o["body_part"].upper() == s["body_part"].upper()
+    at, when = o.get("ordered_at"), s.get("study_time_utc")
+    return same_family and body_ok and at is not None and when is not None and \
+        at <= when <= at + timedelta(seconds=int(window.total_seconds()))

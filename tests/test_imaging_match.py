@@ -102,3 +102,30 @@ def test_one_pass_nearest_first_takes_what_rounds_of_mutual_best_pairs_take(spar
         want |= set(_mutual_best_rounds(pairs))
     frame = spark.createDataFrame(rows, "g string, d long, order_key string, study_instance_uid string")
     assert {tuple(r) for r in _nearest_first(frame, "g").collect()} == want
+
+
+def test_the_python_rule_matches_what_spark_matches(spark):
+    """match_rows (the worklist's driver path) against match_orders_to_studies on random orders and studies: shared
+    and missing accession numbers, three patients, CR/DX families, body parts, statuses, times in and out of the
+    window, unknown times and sub-second offsets (the rule compares whole seconds)."""
+    import random
+
+    from silver.imaging_match import match_rows
+
+    rng = random.Random(11)
+
+    def pick(*values):
+        return rng.choice(values)
+
+    def at():
+        return None if rng.random() < 0.05 else t(rng.uniform(0, 12)) + timedelta(microseconds=rng.randint(0, 999999))
+
+    orders = [(f"o{k}", pick(None, None, "A1", "A2", "A3", f"U{k}"), pick("p1", "p2", "p3", None),
+               pick("CT", "CR", "DX", "MR", None), pick("HEAD", "CHEST", None, "head"), at(),
+               pick("active", "active", "cancelled", "entered-in-error", None)) for k in range(70)]
+    studies = [(f"s{k}", pick(None, None, "A1", "A2", "A3", f"U{k}"), pick("p1", "p2", "p3", None),
+                pick("CT", "CR", "DX", "MR", None), pick("HEAD", "CHEST", None), at()) for k in range(70)]
+    rows = match_rows([dict(zip(ORDERS.names, o, strict=True)) for o in orders],
+                      [dict(zip(STUDIES.names, s, strict=True)) for s in studies], window=6 * H)
+    assert ordered(rows) == match(spark, orders, studies)
+    assert sum(1 for _, s, m in rows if m == "patient_procedure_time") >= 5  # both steps took part
