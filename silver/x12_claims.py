@@ -161,7 +161,6 @@ def _reader_class() -> type:
 
 def _segments(text: str) -> tuple[list[_Envelope], list[_Transaction]]:
     """Read every segment through pyx12; return interchanges (with groups) and their transactions, with findings."""
-    import pyx12.errors
 
     reader = _reader(text)
     interchanges: list[_Envelope] = []
