@@ -38,7 +38,6 @@ from pyspark.sql import DataFrame
 from pyspark.sql.pandas.types import to_arrow_schema
 from pyspark.sql.types import (
     ArrayType,
-    BinaryType,
     BooleanType,
     DateType,
     DecimalType,
@@ -176,9 +175,6 @@ FLUSH_ROWS = 20_000  # routed rows a Python worker holds before it hands them to
 ROUTED = StructType([*routed_schema(StructType([
     *{f.name: f for s in (SCHEMA, LINES_SCHEMA, PROVIDERS_SCHEMA, MEMBERS_SCHEMA) for f in s.fields}.values()])).fields,
     StructField(_GROUP, StringType(), True), StructField(_VERSION, StringType(), True)])
-# The parse's output on its way to the fold: Arrow IPC streams of routed rows, by fold part (shipped()).
-SHIPPED = StructType([StructField("_part", IntegerType(), False), StructField("_arrow", BinaryType(), False)])
-FOLD_PARTS = 64  # fold parts (hash of the key): several per shuffle partition, so partitions get even shares
 
 
 @dataclass(frozen=True)
@@ -218,60 +214,33 @@ class ClaimRows(RoutedRows):
         self.quarantine(src, problem.item, problem.reason, problem.detail)
         self.rows[-1].update({_GROUP: f"{QUARANTINE}|{self.rows[-1]['quarantine_id']}", _VERSION: ""})
 
-    def take(self, final: bool = False) -> list[pa.Table]:
-        """The rows so far as Arrow tables, one per output table with that table's columns only, and a fresh start
-        (the folded providers and members only when final): a partition's rows never pile up as Python objects,
-        whose garbage collection would grow with them."""
+    def take(self, final: bool = False) -> pa.RecordBatch:
+        """The rows so far as an Arrow batch, and a fresh start (the folded providers and members only when final):
+        a partition's rows never pile up as Python objects, whose garbage collection would grow with them."""
         rows, self.rows = self.rows, []
         if final:
             rows, self.parties = [*rows, *self.parties.values()], {}
-        return self._narrow(rows)
+        return self._arrow(rows)
 
     def batch(self) -> pa.RecordBatch:
-        tables = [widen(t, self.schema) for t in self._narrow([*self.rows, *self.parties.values()])]
-        table = pa.concat_tables(tables) if tables else self.schema.empty_table()
-        return table.combine_chunks().to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], self.schema)
+        return self._arrow([*self.rows, *self.parties.values()])
 
-    def _narrow(self, rows: list[dict[str, Any]]) -> list[pa.Table]:
-        """Rows as Arrow tables, one per output table, each with the columns its rows carry (a row of one table
+    def _arrow(self, rows: list[dict[str, Any]]) -> pa.RecordBatch:
+        """Rows as one Arrow batch, built per output table from that table's columns only (a row of one table
         leaves most routed columns null; converting them one by one costs more than the parse)."""
         by_table: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             by_table.setdefault(row[OUTPUT], []).append(row)
-        out = []
-        for part in by_table.values():
-            present = set().union(*(row.keys() for row in part))
-            names = [n for n in self.schema.names if n in present]
-            out.append(pa.Table.from_pylist(part, schema=pa.schema([self.schema.field(n) for n in names])))
-        return out
+        parts = [self._part(rows) for rows in by_table.values()]
+        table = pa.concat_tables(parts) if parts else self.schema.empty_table()
+        return table.combine_chunks().to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], self.schema)
 
-
-def widen(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """A table with some of `schema`'s columns as `schema`: the others null."""
-    present = set(table.column_names)
-    return pa.Table.from_arrays([table[f.name] if f.name in present else pa.nulls(table.num_rows, f.type)
-                                 for f in schema], schema=schema)
-
-
-def shipped(tables: list[pa.Table], parts: int) -> pa.RecordBatch:
-    """Narrow Arrow tables as SHIPPED rows: per table and fold part (a stable hash of `_group`), one Arrow IPC
-    stream of its rows, so the fold's exchange moves a few large values instead of every routed row with its ~95
-    columns (mostly null, each still a slot in Spark's row format)."""
-    import zlib
-
-    import pyarrow.compute as pc
-
-    ids, blobs = [], []
-    for table in tables:
-        part = pa.array([zlib.crc32(g.encode()) % parts for g in table[_GROUP].to_pylist()], pa.int32())
-        for n in pc.unique(part).to_pylist():
-            sink = pa.BufferOutputStream()
-            with pa.ipc.new_stream(sink, table.schema) as writer:
-                writer.write_table(table.filter(pc.equal(part, n)))
-            ids.append(n)
-            blobs.append(sink.getvalue().to_pybytes())
-    return pa.RecordBatch.from_arrays([pa.array(ids, pa.int32()), pa.array(blobs, pa.binary())],
-                                      schema=to_arrow_schema(SHIPPED))
+    def _part(self, rows: list[dict[str, Any]]) -> pa.Table:
+        present = set().union(*(row.keys() for row in rows))
+        names = [n for n in self.schema.names if n in present]
+        narrow = pa.Table.from_pylist(rows, schema=pa.schema([self.schema.field(n) for n in names]))
+        arrays = [narrow[f.name] if f.name in present else pa.nulls(len(rows), f.type) for f in self.schema]
+        return pa.Table.from_arrays(arrays, schema=self.schema)
 
 
 def claim_version(doc: ClaimDoc, tz: tzinfo) -> str:
@@ -487,7 +456,7 @@ def read_file(src: dict[str, Any], payload: bytes, s: Settings) -> Iterator[Clai
 
 
 def parsed(changes: DataFrame, p: Params, s: Settings, processed_at: datetime) -> DataFrame:
-    """Inserted bronze.claim_files rows -> routed rows as SHIPPED Arrow streams (one mapInArrow pass)."""
+    """Inserted bronze.claim_files rows -> routed rows (one mapInArrow pass)."""
     inserted = changes.where("_change_type = 'insert'")
     cols = ["feed", "landing_file", "landing_position", "sha256", "payload", "received_at", "format",
             "parse_status", "parse_detail"]
@@ -503,10 +472,10 @@ def parsed(changes: DataFrame, p: Params, s: Settings, processed_at: datetime) -
                 with _collector_paused():
                     _file(out, src, src.pop("payload"), s, tz)
                 if len(out.rows) >= FLUSH_ROWS:
-                    yield shipped(out.take(), FOLD_PARTS)
-        yield shipped(out.take(final=True), FOLD_PARTS)
+                    yield out.take()
+        yield out.take(final=True)
 
-    return inserted.select(*cols).mapInArrow(run, SHIPPED)
+    return inserted.select(*cols).mapInArrow(run, ROUTED)
 
 
 @contextlib.contextmanager
@@ -565,22 +534,18 @@ def fold_table(table: pa.Table) -> pa.Table:
     return pa.concat_tables([single, merged])
 
 
-def folded(shipments: DataFrame) -> DataFrame:
-    """One routed row per table key (and per quarantine id): per column, the value of the newest version that sent
-    one.
+def folded(routed: DataFrame) -> DataFrame:
+    """One row per table key (and per quarantine id): per column, the value of the newest version that sent one.
 
-    The parse's Arrow streams (parsed) are exchanged by fold part (a hash of the key) and folded there in Arrow: a
-    key seen once (nearly every row) passes through, only repeated keys (a replacement beside its original, an 837
-    beside its 835) are folded in Python."""
-    schema = to_arrow_schema(ROUTED)
+    The rows are hashed to partitions by key and folded there in Arrow: a key seen once (nearly every row) passes
+    through, only repeated keys (a replacement beside its original, an 837 beside its 835) are folded in Python."""
+    schema = routed.schema
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        tables = [widen(pa.ipc.open_stream(blob).read_all(), schema)
-                  for batch in batches for blob in batch.column("_arrow").to_pylist()]
-        if tables:
-            yield from fold_table(pa.concat_tables(tables)).combine_chunks().to_batches()
+        table = pa.Table.from_batches(list(batches), schema=to_arrow_schema(schema))
+        yield from fold_table(table).to_batches()
 
-    return shipments.repartition("_part").mapInArrow(run, ROUTED)
+    return routed.repartition(_GROUP).mapInArrow(run, schema)
 
 
 def claims(changes: DataFrame, *, processed_at: datetime, secret: str, timezone: str, mrn_system: str,
