@@ -4,8 +4,11 @@ without labels, both over gold.claims_fraud_scores.features (the rules' values a
 Evaluation holds out whole PROVIDERS (the claim's main rendering provider; a group split), so a model cannot learn a
 provider's identity instead of its behaviour: AUROC, AUPRC and precision at the top 1 % and 5 % of claims reviewed,
 for the model, the unsupervised detector and the rules alone (their score). The supervised model becomes the
-registered champion (`carelake-claims-fraud`, alias `champion`) only if it beats the rules' AUPRC; the scoring job
-then records its probability and version on each row. The unsupervised detector (IsolationForest; higher = more
+registered champion (`carelake-claims-fraud`, alias `champion`) only if it beats the rules' AUPRC with the paired
+difference's 95 % interval above zero (a bootstrap over held-out PROVIDERS, since a provider's claims are not
+independent) on at least MIN_HELD_OUT_FRAUD held-out fraudulent claims: on a handful of positives one ranking beats
+another by chance, and a champion silently changes every score row after it. The scoring job then records the
+champion's probability and version on each row. The unsupervised detector (IsolationForest; higher = more
 unusual) is registered as `carelake-claims-anomaly` on every training: it needs no labels, so a payer without any
 can still rank claims by it. MLflow plumbing is shared with models.deterioration.
 """
@@ -23,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from models import deterioration as shared
+from models.evaluation import auprc_interval
 from pipelines.errors import UsageError
 
 MODEL_NAME = "carelake-claims-fraud"
@@ -35,6 +39,8 @@ MODEL_PARAMS = {"max_iter": 200, "learning_rate": 0.05, "max_leaf_nodes": 15, "m
                 "l2_regularization": 1.0}
 ANOMALY_PARAMS = {"n_estimators": 200, "contamination": "auto"}
 WHO = ("model", "anomaly", "rules")
+MIN_HELD_OUT_FRAUD = 20  # held-out fraudulent claims below which an AUPRC difference is not judged (noise)
+BOOTSTRAPS = 500
 
 
 def labels_from_truth(path: str | Path) -> dict[str, set[str]]:
@@ -114,6 +120,7 @@ class FraudTrainResult:
     metrics: dict[str, float]
     counts: dict[str, int]
     feature_names: tuple[str, ...]
+    decision: str  # why it is or is not champion, with the figures
 
 
 def _fit(train_rows: pd.DataFrame, feature_names: Sequence[str], seed: int):
@@ -146,16 +153,39 @@ def train(frame: pd.DataFrame, *, tracking_uri: str, seed: int, test_fraction: f
     model, anomaly = _fit(train_rows, feature_names, seed)
     y = test_rows[LABEL].to_numpy()
     metrics: dict[str, float] = {}
-    for who, score in _scores(model, anomaly, test_rows, feature_names).items():
+    scored = _scores(model, anomaly, test_rows, feature_names)
+    for who, score in scored.items():
         metrics.update(evaluate(y, score, who))
     counts = {"train_claims": len(train_rows), "test_claims": len(test_rows),
               "train_providers": train_rows[GROUP].nunique(), "test_providers": test_rows[GROUP].nunique(),
               "train_fraud_claims": int(train_rows[LABEL].sum()), "test_fraud_claims": int(y.sum())}
-    champion = metrics["model_auprc"] > metrics["rules_auprc"]
+    metrics["model_minus_rules_auprc_ci_low"], metrics["model_minus_rules_auprc_ci_high"] = auprc_interval(
+        y, scored["model"], minus=scored["rules"], groups=test_rows[GROUP].to_numpy(), seed=seed,
+        resamples=BOOTSTRAPS)
+    champion, decision = champion_decision(metrics, counts)
     run_id, version, anomaly_version = _log(tracking_uri, (model, anomaly), train_rows, feature_names, metrics,
-                                            counts, champion, {**MODEL_PARAMS, "seed": seed,
-                                                               "test_fraction": test_fraction, **(params or {})})
-    return FraudTrainResult(run_id, version, anomaly_version, champion, metrics, counts, tuple(feature_names))
+                                            counts, champion, {**MODEL_PARAMS, "seed": seed, "bootstraps": BOOTSTRAPS,
+                                                               "min_held_out_fraud": MIN_HELD_OUT_FRAUD,
+                                                               "test_fraction": test_fraction, **(params or {})},
+                                            decision)
+    return FraudTrainResult(run_id, version, anomaly_version, champion, metrics, counts, tuple(feature_names),
+                            decision)
+
+
+def champion_decision(metrics: Mapping[str, float], counts: Mapping[str, int]) -> tuple[bool, str]:
+    """Champion only on at least MIN_HELD_OUT_FRAUD held-out fraudulent claims AND with the model's AUPRC minus the
+    rules' 95 % interval (provider bootstrap) above zero; otherwise the rules stay the ranking."""
+    low, high = metrics["model_minus_rules_auprc_ci_low"], metrics["model_minus_rules_auprc_ci_high"]
+    diff = metrics["model_auprc"] - metrics["rules_auprc"]
+    interval = f"AUPRC difference {diff:+.3f} (95% CI {low:+.3f} to {high:+.3f})"
+    held = counts["test_fraud_claims"]
+    if held < MIN_HELD_OUT_FRAUD:
+        return False, (f"not champion: {held} held-out fraudulent claim(s), fewer than the {MIN_HELD_OUT_FRAUD} "
+                       f"needed to judge an AUPRC difference ({interval}); the rules stay the ranking: simulate more "
+                       "claims or train on more labelled history")
+    if not low > 0:
+        return False, f"not champion: {interval} does not lie above zero; the rules stay the ranking"
+    return True, f"champion: {interval} lies above zero on {held} held-out fraudulent claims"
 
 
 def precision_figure(metrics: Mapping[str, float]):
@@ -175,7 +205,8 @@ def precision_figure(metrics: Mapping[str, float]):
 
 
 def _log(uri: str, models: tuple, train_rows: pd.DataFrame, feature_names: Sequence[str], metrics: dict[str, float],
-         counts: dict[str, int], champion: bool, params: Mapping[str, Any]) -> tuple[str, str | None, str]:
+         counts: dict[str, int], champion: bool, params: Mapping[str, Any],
+         decision: str) -> tuple[str, str | None, str]:
     """One MLflow run with both models; the supervised one registered as champion only when it beats the rules."""
     import mlflow
     import mlflow.sklearn
@@ -196,14 +227,15 @@ def _log(uri: str, models: tuple, train_rows: pd.DataFrame, feature_names: Seque
                                             signature=infer_signature(sample, model.predict_proba(sample)[:, 1]))
             anomaly_info = mlflow.sklearn.log_model(anomaly, name="anomaly", pip_requirements=requirements,
                                                     signature=infer_signature(sample, anomaly.score_samples(sample)))
-            mlflow.set_tags({"carelake.champion": str(champion).lower()})
+            mlflow.set_tags({"carelake.champion": str(champion).lower(), "carelake.decision": decision})
         tags = {f"carelake.{k}": f"{metrics[k]:.4f}" for k in ("model_auprc", "rules_auprc", "anomaly_auprc")}
         anomaly_version = shared.register_champion(
             client, ANOMALY_NAME, "Unusual claims without labels (IsolationForest over the fraud features; higher "
             "-score_samples = more unusual)", anomaly_info, run.info.run_id, tags)
         version = shared.register_champion(
             client, MODEL_NAME, "Fraudulent claim probability over the fraud features; champion = beats the rules' "
-            "AUPRC on held-out providers", info, run.info.run_id, tags) if champion else None
+            f"AUPRC on held-out providers, the difference's 95% interval above zero, on at least {MIN_HELD_OUT_FRAUD} "
+            "held-out fraudulent claims", info, run.info.run_id, tags) if champion else None
         client.set_tag(run.info.run_id, "carelake.registered_version", version or "")
     return run.info.run_id, version, anomaly_version
 

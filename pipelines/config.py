@@ -192,6 +192,9 @@ def check_ae_title(value: str, key: str) -> str:
     return value.strip()
 
 
+MAX_DICOM_WORKERS = 64
+
+
 @dataclass(frozen=True)
 class DicomGatewayConfig:
     enabled: bool
@@ -202,8 +205,12 @@ class DicomGatewayConfig:
     max_instance_mb: int
     max_associations: int
     store_timeout: str
+    workers: int = 2  # acceptor processes behind the one port (0: C-STORE in the gateway's own process)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.workers <= MAX_DICOM_WORKERS:
+            raise ConfigError(f"gateway.dicom.workers must be 0-{MAX_DICOM_WORKERS} (acceptor processes for C-STORE, "
+                              f"about one per core; 0 = in the gateway's own process), got {self.workers}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"gateway.dicom.port must be a TCP port 0-65535 (0 = pick a free one), got {self.port}")
         check_ae_title(self.ae_title, "gateway.dicom.ae_title")

@@ -14,8 +14,8 @@ radiologist is free they open the study the policy picks from those waiting:
 
 What the worklist sees of a study is what gold would: the order (priority, procedure, indication, location) and the
 patient's NEWS2 band and open NEWS2 alerts when the study arrived, scored by gold.news2 from the simulator's charted
-ward observations (truth/ward_vitals.csv beside imaging.csv; without that file those factors give no points and the
-figures say so).
+ward observations and ICU monitors' hourly sets (truth/ward_vitals.csv beside imaging.csv; without that file those
+factors give no points and the figures say so).
 
 Time-to-read is the report turnaround: from the study's time to the end of its read, when the report is signed and a
 critical finding is phoned through (what departments measure and what the patient waits for); `wait` is the part a
@@ -113,7 +113,7 @@ def read_vitals(path: Path, acuity: Acuity) -> dict[str, list[tuple[datetime, st
     from pipelines.simulator.acuity import VITALS_COLUMNS, news2_band
 
     by_visit: dict[str, list[tuple[datetime, str]]] = {}
-    for n, r in enumerate(_rows(path, VITALS_COLUMNS, "charted ward observations"), start=2):
+    for n, r in enumerate(_rows(path, VITALS_COLUMNS, "charted ward and ICU monitor observations"), start=2):
         try:
             at = parse_timestamp(r["time"])
             values = {k: (r[k] or None) if k == "acvpu" else (float(r[k]) if r[k] else None)

@@ -298,8 +298,8 @@ def claims_sections(cfg: Config, labels_csv: Path, result: Any = None, why_not: 
         held = (f"{c['test_claims']:,} claims of {c['test_providers']} held-out providers "
                 f"({c['test_fraud_claims']} fraudulent); the model was trained on {c['train_claims']:,} claims "
                 f"({c['train_fraud_claims']} fraudulent)")
-        verdict = (f"champion: carelake-claims-fraud version {result.version}" if result.champion else
-                   "not champion: its AUPRC does not beat the rules'")
+        verdict = (f"carelake-claims-fraud version {result.version}, {result.decision}" if result.champion else
+                   result.decision)
         lines += ["", f"fraud model vs rules on {held}; {verdict}:", _text_table(table)]
         blocks.append(f"<h2>Claims: fraud model vs rules</h2><p>{html.escape(held)}; {html.escape(verdict)}.</p>"
                       + _table(table) + f"<img src='{_png(precision_figure(result.metrics))}'>")

@@ -269,10 +269,10 @@ def print_fraud_training(result, uri: str) -> None:
     print_table(["held-out providers", "model", "anomaly (no labels)", "rules"], rows)
     print(f"registered carelake-claims-anomaly version {result.anomaly_version} (unsupervised)")
     if result.champion:
-        print(f"registered carelake-claims-fraud version {result.version} as champion (beats the rules' AUPRC); "
+        print(f"registered carelake-claims-fraud version {result.version} as {result.decision}; "
               f"run {result.run_id} at {uri}")
     else:
-        print(f"carelake-claims-fraud not registered: its AUPRC does not beat the rules', the champion is unchanged; "
+        print(f"carelake-claims-fraud not registered, the champion is unchanged: {result.decision}; "
               f"run {result.run_id} at {uri}")
 
 

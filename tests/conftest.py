@@ -21,7 +21,7 @@ LONGEST_FILES = {
     "test_realdata_flow.py": 226, "test_cluster.py": 170, "test_silver_vs_truth.py": 120, "test_gold_cli.py": 125,
     "test_crash_safety.py": 113, "test_silver_patients.py": 90, "test_silver_encounters.py": 89,
     "test_executor_writes.py": 80, "test_quality_spark.py": 70, "test_silver_observations.py": 52,
-    "test_dicom_flow.py": 95, "test_silver_imaging.py": 60, "test_sql_server.py": 37, "test_audit.py": 75,
+    "test_dicom_flow.py": 105, "test_silver_imaging.py": 60, "test_sql_server.py": 37, "test_audit.py": 75,
     "test_imaging_worklist.py": 120, "test_imaging_cli.py": 90,
     "test_claims_rules.py": 100, "test_provider_risk.py": 90, "test_claims_model.py": 60,  # claimsgold, at load ~20
     "test_notebooks.py": 150,  # a simulated hospital + PhysioNet sample through every job (estimate)
@@ -35,6 +35,25 @@ LONGEST_FILES.update({"test_silver_imaging_orders.py": 35, "test_silver_imaging_
 def pytest_collection_modifyitems(config, items):
     """Longest files first (see LONGEST_FILES); the rest keep their order, tests within a file too."""
     items.sort(key=lambda item: -LONGEST_FILES.get(item.path.name, 0))
+
+
+_FILE_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Seconds per test file (setup + call + teardown), summed where the reports arrive (the controller under
+    xdist), for the summary that keeps LONGEST_FILES honest."""
+    name = report.nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    _FILE_SECONDS[name] = _FILE_SECONDS.get(name, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The 25 longest test files, beside the seconds LONGEST_FILES orders them by."""
+    if not _FILE_SECONDS:
+        return
+    terminalreporter.section("longest test files (seconds; LONGEST_FILES in tests/conftest.py)")
+    for name, seconds in sorted(_FILE_SECONDS.items(), key=lambda kv: -kv[1])[:25]:
+        terminalreporter.write_line(f"{seconds:8.1f}  {name}  (listed: {LONGEST_FILES.get(name, '-')})")
 
 
 def make_config(root: Path, **overrides):

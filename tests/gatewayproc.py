@@ -55,6 +55,19 @@ class GatewayProcess:
         self.stderr = err
         return self.proc.returncode
 
+    def children(self) -> list[int]:
+        """The pids of the processes the gateway started (its DICOM acceptors), from /proc."""
+        assert self.proc is not None
+        out = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:  # ended while we looked
+                continue
+            if int(fields[1]) == self.proc.pid:
+                out.append(int(stat.parent.name))
+        return sorted(out)
+
     def __enter__(self) -> GatewayProcess:
         return self.start()
 

@@ -62,7 +62,9 @@ def test_a_model_beating_the_rules_is_champion_and_both_models_are_registered(tr
     for who in ("model", "anomaly", "rules"):
         for metric in ("auroc", "auprc", "precision_top_1pct", "precision_top_5pct"):
             assert 0 <= winner.metrics[f"{who}_{metric}"] <= 1
+    assert winner.metrics["model_minus_rules_auprc_ci_low"] > 0 and winner.decision.startswith("champion: AUPRC")
     assert not loser.champion and loser.version is None  # perfect rules: AUPRC 1.0 cannot be beaten
+    assert "does not lie above zero" in loser.decision
     client = MlflowClient(tracking_uri=trained["uri"], registry_uri=trained["uri"])
     assert str(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"
     assert str(client.get_model_version_by_alias(ANOMALY_NAME, "champion").version) == "2"
@@ -72,6 +74,21 @@ def test_a_model_beating_the_rules_is_champion_and_both_models_are_registered(tr
     frame = synthetic(5, rules_perfect=False)
     risk = champion.predict(frame)
     assert risk[frame[LABEL].to_numpy() == 1].mean() > risk[frame[LABEL].to_numpy() == 0].mean()
+
+
+def test_champion_needs_enough_held_out_fraud_and_the_auprc_interval_above_zero():
+    from models.claims_fraud import MIN_HELD_OUT_FRAUD, champion_decision
+
+    clear = {"model_auprc": 0.9, "rules_auprc": 0.5, "model_minus_rules_auprc_ci_low": 0.2,
+             "model_minus_rules_auprc_ci_high": 0.6}
+    assert champion_decision(clear, {"test_fraud_claims": MIN_HELD_OUT_FRAUD}) == (
+        True, f"champion: AUPRC difference +0.400 (95% CI +0.200 to +0.600) lies above zero on {MIN_HELD_OUT_FRAUD} "
+        "held-out fraudulent claims")
+    few, why = champion_decision(clear, {"test_fraud_claims": 3})  # the demo's case: a big win on 3 positives
+    assert not few and why.startswith("not champion: 3 held-out fraudulent claim(s), fewer than the")
+    straddles = clear | {"model_minus_rules_auprc_ci_low": -0.05}
+    ok, why = champion_decision(straddles, {"test_fraud_claims": 200})
+    assert not ok and "(95% CI -0.050 to +0.600) does not lie above zero" in why
 
 
 def test_held_out_providers_are_never_trained_on():
@@ -168,9 +185,10 @@ def test_the_demo_report_shows_the_top_flagged_claims_and_model_vs_rules(tmp_pat
                for m in ("auroc", "auprc", "precision_top_1pct", "precision_top_5pct")} | {"model_auprc": 0.8}
     counts = {"train_claims": 90, "test_claims": 40, "train_providers": 7, "test_providers": 3,
               "train_fraud_claims": 9, "test_fraud_claims": 4}
-    result = FraudTrainResult("run", "2", "1", True, metrics, counts, FEATURES)
+    result = FraudTrainResult("run", "2", "1", True, metrics, counts, FEATURES, "champion: AUPRC difference +0.300")
     lines, blocks = claims_sections(cfg, labels, result)
     assert any(line.startswith("fraud model vs rules on 40 claims of 3 held-out providers (4 fraudulent)")
-               and line.endswith("champion: carelake-claims-fraud version 2:") for line in lines)
+               and line.endswith("carelake-claims-fraud version 2, champion: AUPRC difference +0.300:")
+               for line in lines)
     assert "model  anomaly  rules" in lines[-1] and "AUPRC  0.800" in lines[-1]
     assert len(blocks) == 2 and "<img src='data:image/png;base64," in blocks[1]

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
+import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from pynetdicom.dsutils import split_dataset
@@ -90,43 +93,89 @@ def test_every_real_dicom_file_is_stored_or_says_why_and_lands_in_bronze(tmp_pat
     assert sum(r["n"] for r in by_modality) == len(studies) and {"modality": "CT", "n": 4} in by_modality
 
 
-def test_kill_9_during_a_c_store_burst_keeps_every_instance_that_got_success(tmp_path):
-    """Four associations store as fast as they can; the gateway is killed mid-burst and restarted."""
-    root = tmp_path / "lake"
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _burst(root: Path, until: int, end) -> tuple[GatewayProcess, list[int], list[str]]:
+    """Four associations store as fast as they can through a gateway with two acceptor processes until `until`
+    instances got Success, then `end(gateway)`; (the gateway, its acceptors' pids, the instances answered Success)."""
     succeeded: list[str] = []
     lock = threading.Lock()
     stop = threading.Event()
 
     def modality(n: int, address) -> None:
-        assoc = scu(f"CT_{n}").associate(*address, ae_title="CARELAKE")
+        ae = scu(f"CT_{n}")
+        ae.dimse_timeout = 5  # a send cut short by the stop waits this long for its (never coming) response
+        assoc = ae.associate(*address, ae_title="CARELAKE")
         while assoc.is_established and not stop.is_set():
             ds = ct_slice(128, 128)
-            answer = assoc.send_c_store(ds)
+            try:
+                answer = assoc.send_c_store(ds)
+            except RuntimeError:  # the gateway ended the association between the check and the send
+                break
             if getattr(answer, "Status", None) == 0:
                 with lock:
                     succeeded.append(ds.SOPInstanceUID)
         if assoc.is_established:
             assoc.abort()
 
-    gw = GatewayProcess(root, "--dicom-port", "0").start()
+    gw = GatewayProcess(root, "--dicom-port", "0", CARELAKE_GATEWAY__DICOM__WORKERS="2").start()
+    acceptors = gw.children()
+    assert len(acceptors) == 2, acceptors
     threads = [threading.Thread(target=modality, args=(n, gw.dicom)) for n in range(4)]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 30
-    while len(succeeded) < 200 and time.monotonic() < deadline:
+    while len(succeeded) < until and time.monotonic() < deadline:
         time.sleep(0.05)
-    gw.stop(signal.SIGKILL)
+    end(gw)
     stop.set()
     for t in threads:
         t.join(30)
     with lock:
         acked = list(succeeded)
-    assert len(acked) >= 200
+    assert len(acked) >= until
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in acceptors) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in acceptors if _alive(pid)], "an acceptor outlived the gateway"
+    with pytest.raises(ConnectionRefusedError):  # nothing holds the port any more
+        socket.create_connection(gw.dicom, timeout=5).close()
     on_disk = {r.header["sop_instance_uid"] for _, r in landed(root, "dicom")}
     missing = [uid for uid in acked if uid not in on_disk]
     assert not missing, f"{len(missing)} of {len(acked)} instances answered Success are not in landing"
+    writers = {name.split("-dicom-")[1].split("-")[0] for name, _ in landed(root, "dicom")}
+    assert writers == {"scp1", "scp2"}  # the associations were shared out: both acceptors stored
+    return gw, acceptors, acked
+
+
+def test_kill_9_during_a_c_store_burst_keeps_every_instance_that_got_success(tmp_path):
+    """The gateway's own process (only it) is killed mid-burst: its acceptors die with it and free the port, and a
+    restart recovers what they left open."""
+    root = tmp_path / "lake"
+
+    def kill_9(gw: GatewayProcess) -> None:
+        os.kill(gw.proc.pid, signal.SIGKILL)  # the gateway's process only: its acceptors must not outlive it
+        gw.proc.wait(30)
+
+    _gw, _acceptors, acked = _burst(root, 200, kill_9)
     with GatewayProcess(root, "--dicom-port", "0") as again:  # recovery seals what the killed gateway left open
         assert store(again.dicom, ct_slice()) == [0]
     assert list((root / "landing" / "dicom").glob(".open-*")) == []
     sealed = {r.header["sop_instance_uid"] for _, r in landed(root, "dicom")}
     assert set(acked) <= sealed
+
+
+def test_sigterm_during_a_c_store_burst_drains_every_acceptor(tmp_path):
+    """SIGTERM to the whole process group (as systemd sends it): the acceptors ignore it, the gateway stops them in
+    order: what got Success is landed and sealed, nothing is left open, the gateway exits 0."""
+    root = tmp_path / "lake"
+    gw, _acceptors, acked = _burst(root, 100, lambda gw: gw.stop())
+    assert gw.proc.returncode == 0, gw.stderr[-2000:]
+    received = int(gw.stdout.split("carelake gateway stopped: ")[1].split()[0].replace(",", ""))
+    assert received >= len(acked)  # the acceptors' counters reached the gateway's summary
+    assert list((root / "landing" / "dicom").glob(".open-*")) == []

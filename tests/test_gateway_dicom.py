@@ -67,9 +67,10 @@ def dataset_bytes(ds: Dataset) -> bytes:
 # -- an in-process gateway, for faults injected into its own process ------------------------------------------
 @contextlib.contextmanager
 def gateway_in_process(root: Path, **overrides):
+    """The SCP in the test's own process (gateway.dicom.workers 0), where a fault can be injected into it."""
     from pipelines.gateway.server import Gateway
 
-    cfg = make_config(root, **overrides)
+    cfg = make_config(root, **{"gateway.dicom.workers": 0, **overrides})
     loop = asyncio.new_event_loop()
     ready: dict = {}
     stop = asyncio.Event()
@@ -178,6 +179,17 @@ def test_calling_ae_allow_list_rejects_unknown_modalities(tmp_path):
     assert header["transfer_syntax_uid"] == ExplicitVRLittleEndian
 
 
+@pytest.mark.parametrize("instance", ["1.2.3.4", "1.2.3.45", "2.25." + "9" * 59])  # even, odd, the 64-char maximum
+def test_the_part10_prefix_is_the_one_pynetdicom_builds(instance):
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    from pipelines.gateway.dicom import part10_prefix
+
+    for syntax in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.4.50"):
+        meta = create_file_meta(sop_class_uid=CTImageStorage, sop_instance_uid=instance, transfer_syntax=syntax)
+        assert part10_prefix(CTImageStorage, instance, syntax) == b"\0" * 128 + b"DICM" + encode_file_meta(meta)
+
+
 def test_bad_dicom_settings_are_one_clear_error(tmp_path):
     from pipelines.errors import ConfigError
 
@@ -187,6 +199,10 @@ def test_bad_dicom_settings_are_one_clear_error(tmp_path):
         make_config(tmp_path, **{"gateway.dicom.max_instance_mb": 4096})
     with pytest.raises(ConfigError, match="gateway.dicom.port must be a TCP port"):
         make_config(tmp_path, **{"gateway.dicom.port": 70000})
+    with pytest.raises(ConfigError, match=r"gateway.dicom.workers must be 0-64 \(acceptor processes"):
+        make_config(tmp_path, **{"gateway.dicom.workers": -1})
+    with pytest.raises(ConfigError, match="gateway.dicom.workers must be a whole number"):
+        make_config(tmp_path, **{"gateway.dicom.workers": "two"})
 
 
 # -- DICOMweb STOW-RS -----------------------------------------------------------------------------------------
@@ -221,6 +237,26 @@ def stow_post(url: str, body: bytes, content_type: str) -> tuple[int, dict, list
 
 def _uids(items: dict, tag: str) -> list[str | None]:
     return [item["00081155"].get("Value", [None])[0] for item in items.get(tag, {}).get("Value", [])]
+
+
+def test_an_acceptor_process_that_dies_is_replaced_and_the_port_keeps_serving(tmp_path):
+    import signal
+    import time
+
+    with GatewayProcess(tmp_path / "lake", "--dicom-port", "0", CARELAKE_GATEWAY__DICOM__WORKERS="2") as gw:
+        first = gw.children()
+        assert len(first) == 2
+        os.kill(first[0], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while first[0] in gw.children() and time.monotonic() < deadline:  # reaped by the gateway
+            time.sleep(0.05)
+        assert store(gw.dicom, ct_slice()) == [0] and store(gw.dicom, ct_slice()) == [0]
+        now = gw.children()
+        assert len(now) == 2 and first[0] not in now and first[1] in now
+        assert gw.stop() == 0
+    assert "dicom: acceptor process scp" in gw.stderr and "ended unexpectedly" in gw.stderr
+    assert len(landed_instances(gw.root)) == 2
+    assert gw.children() == []
 
 
 def test_stow_rs_lands_each_good_part_and_names_each_broken_one(tmp_path):
@@ -276,6 +312,11 @@ def test_dicom_flag_errors_are_one_clear_line(tmp_path):
         return proc.stderr
 
     assert "--dicom-port must be a TCP port 0-65535" in run("gateway", "--dicom-port", "70000")
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # the acceptors' port is the gateway's: a clear error
+        port = str(taken.getsockname()[1])
+        assert f"dicom {port}): Address already in use" in run("gateway", "--dicom-port", port)
     assert "--ae-title must be a DICOM AE title" in run("gateway", "--dicom-port", "0", "--ae-title", "BAD\\TITLE")
     assert "expected dicom://HOST:PORT" in run("send", "--to", "dicom://nowhere", str(tmp_path))
     assert "the called AE title in --to must be a DICOM AE title" in run(

@@ -256,7 +256,7 @@ def test_claims_notebook_flags_with_reasons_evaluates_trains_and_shows_provider_
     else:
         m = result.metrics
         assert ns["comparison"].loc["AUPRC", "rules"] == round(m["rules_auprc"], 3)
-        assert ("as champion (beats the rules' AUPRC)" in out) == result.champion
+        assert ("as champion: AUPRC difference" in out) == result.champion and result.decision in out
     risk = ns["risk"]
     assert len(risk) > 0 and risk["provider_npi"].nunique() == ns["scores"]["provider_npi"].nunique()
     assert not any(k in out for k in ns["scores"]["member_key"].dropna())  # member keys only shortened

@@ -377,10 +377,14 @@ def test_imaging_truth_has_indications_places_findings_and_reads(sim):
         assert not r["read_time"] or r["study_time"] <= r["read_time"] and r["ordered_time"] <= r["study_time"]
     reports = [m for m in hl7_messages(sim) if b"|RAD|F|" in m]
     assert len(reports) >= sum(1 for r in rows if r["read_time"]) - counts(sim)["dirt"].get("hl7.malformed", 0)
-    vitals = truth(sim, "ward_vitals.csv")  # the charted ward sets the replay scores NEWS2 from
+    vitals = truth(sim, "ward_vitals.csv")  # the charted ward sets and ICU hourly monitor sets NEWS2 is scored from
     inpatients = {r["visit_number"] for r in truth(sim, "encounters.csv")}
     assert vitals and {r["visit_number"] for r in vitals} <= inpatients
     assert all(r["acvpu"] in ("A", "C", "V", "P", "U") and 4 <= float(r["respiratory_rate"]) <= 60 for r in vitals)
+    monitored = [r for r in vitals if not r["o2_flow_l_min"]]  # ICU monitors send FiO2, never an O2 flow
+    assert monitored and all(r["spo2_pct"] and r["fio2_pct"] for r in monitored)
+    icu_studies = {r["visit_number"] for r in rows if r["location_class"] == "ICU"}
+    assert not icu_studies or icu_studies & {r["visit_number"] for r in monitored}  # their acuity is now known
 
 
 def test_sicker_patients_studies_find_more_and_emergencies_are_sometimes_under_triaged():

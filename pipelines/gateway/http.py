@@ -561,5 +561,7 @@ class HttpGateway:
         return web.json_response(doc, status=status)
 
     async def metrics_text(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.render().encode(),
+        # Rendering asks the DICOM acceptor processes for their counters: off the event loop.
+        text = await asyncio.get_running_loop().run_in_executor(None, self.metrics.render)
+        return web.Response(body=text.encode(),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

@@ -41,6 +41,11 @@ def received_now() -> str:
     return f"{_second_cache[1]}.{int((now - second) * 1_000_000):06d}Z"
 
 
+def full_header(feed: str, header: Mapping[str, Any]) -> dict[str, Any]:
+    """A landing record's header: when and on which feed it arrived, then what the protocol says about it."""
+    return {"received_at": received_now(), "feed": feed, **header}
+
+
 class LandingZone:
     def __init__(self, cfg: Config, feeds: tuple[str, ...], metrics: Metrics):
         missing = [f for f in feeds if f not in cfg.landing.feeds]
@@ -114,16 +119,18 @@ class LandingZone:
         self._lock_fd = fd
 
     @property
+    def lock_fd(self) -> int | None:
+        """The descriptor holding the root's lock: processes the gateway starts keep it open, so another gateway
+        cannot take the root (and recover its open segments) while any of them still writes."""
+        return self._lock_fd
+
+    @property
     def failed(self) -> list[str]:
         return [f"{feed}{' rejects' if rej else ''}: {log.failed}" for (feed, rej), log in self._logs.items()
                 if log.failed is not None]
 
-    @staticmethod
-    def _full(feed: str, header: Mapping[str, Any]) -> dict[str, Any]:
-        return {"received_at": received_now(), "feed": feed, **header}
-
     def _append(self, feed: str, rejected: bool, header: Mapping[str, Any], body: bytes) -> asyncio.Future[Landed]:
-        full = self._full(feed, header)
+        full = full_header(feed, header)
         future = self._loop.create_future()
 
         def done(place: Landed | None, exc: BaseException | None) -> None:
@@ -145,7 +152,7 @@ class LandingZone:
                          ) -> concurrent.futures.Future[Landed]:
         """`land` for a thread other than the event loop's (the DICOM SCP's association threads): the future
         resolves once the record is fsynced, or fails with the write error."""
-        return self._logs[(feed, False)].append(self._full(feed, header), body)
+        return self._logs[(feed, False)].append(full_header(feed, header), body)
 
     def reject(self, feed: str, header: Mapping[str, Any], body: bytes) -> asyncio.Future[Landed]:
         """Durably keep a refused body in the rejects area; it never reaches bronze."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 # fsync seconds: from well under a millisecond (SSD, page cache) to "the disk is in trouble".
 FSYNC_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -57,8 +58,24 @@ def _labels(labels: tuple[tuple[str, str], ...]) -> str:
     return "{" + inner + "}"
 
 
+@dataclass
+class Snapshot:
+    """Every counter and the fsync histogram at one moment: what another process sends the gateway (picklable)."""
+
+    values: dict[str, dict[tuple[tuple[str, str], ...], float]] = field(default_factory=dict)
+    fsync: dict[str, list[int]] = field(default_factory=dict)
+    fsync_sum: dict[str, float] = field(default_factory=dict)
+    fsync_count: dict[str, int] = field(default_factory=dict)
+
+    def counters(self) -> Snapshot:
+        """Without the gauges: what stays true of a process after it has ended (its counts, not its in-flight)."""
+        return Snapshot({name: series for name, series in self.values.items() if _HELP.get(name, ("counter",))[0]
+                         == "counter"}, self.fsync, self.fsync_sum, self.fsync_count)
+
+
 class Metrics:
-    """Thread-safe: the event loop counts requests, the landing writer threads record fsyncs."""
+    """Thread-safe: the event loop counts requests, the landing writer threads record fsyncs. Other processes'
+    counters (the DICOM acceptor processes) join through `sources`: each is asked for a `Snapshot` when rendering."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -66,6 +83,35 @@ class Metrics:
         self._fsync: dict[str, list[int]] = {}
         self._fsync_sum: dict[str, float] = defaultdict(float)
         self._fsync_count: dict[str, int] = defaultdict(int)
+        self.sources: list[Callable[[], list[Snapshot]]] = []
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            return Snapshot({name: dict(series) for name, series in self._values.items()},
+                            {feed: list(counts) for feed, counts in self._fsync.items()},
+                            dict(self._fsync_sum), dict(self._fsync_count))
+
+    def absorb(self, snap: Snapshot) -> None:
+        """Add another process's counters and fsync observations to these (its gauges add up too)."""
+        with self._lock:
+            for name, series in snap.values.items():
+                mine = self._values[name]
+                for labels, value in series.items():
+                    mine[labels] = mine.get(labels, 0) + value
+            for feed, counts in snap.fsync.items():
+                mine = self._fsync.setdefault(feed, [0] * (len(FSYNC_BUCKETS) + 1))
+                mine[:] = [a + b for a, b in zip(mine, counts, strict=True)]
+                self._fsync_sum[feed] += snap.fsync_sum.get(feed, 0.0)
+                self._fsync_count[feed] += snap.fsync_count.get(feed, 0)
+
+    def merged(self) -> Metrics:
+        """These counters plus every source's, as one `Metrics` (a copy; this one is unchanged)."""
+        out = Metrics()
+        out.absorb(self.snapshot())
+        for source in list(self.sources):
+            for snap in source():
+                out.absorb(snap)
+        return out
 
     def inc(self, name: str, amount: float = 1, **labels: str) -> None:
         key = tuple(sorted(labels.items()))
@@ -96,6 +142,10 @@ class Metrics:
             self._fsync_count[feed] += 1
 
     def render(self) -> str:
+        """Prometheus text of these counters and every source's."""
+        return (self.merged() if self.sources else self)._render()
+
+    def _render(self) -> str:
         lines: list[str] = []
         with self._lock:
             for name, (kind, text) in _HELP.items():

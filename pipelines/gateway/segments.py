@@ -58,9 +58,11 @@ def _write_all(file, data: bytes) -> None:
         view = view[file.write(view):]
 
 
-def _segment_name(feed: str) -> str:
+def _segment_name(feed: str, writer: str = "") -> str:
+    """`<UTC stamp>-<feed>[-<writer>]-<random>.clrec`: unique whichever process writes it; `writer` names the
+    process when several write one folder (the DICOM acceptor processes: scp1, scp2, ...)."""
     stamp = datetime.now(tz=UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    return f"{stamp}-{feed}-{uuid.uuid4().hex[:12]}{SEGMENT_SUFFIX}"
+    return f"{stamp}-{feed}{f'-{writer}' if writer else ''}-{uuid.uuid4().hex[:12]}{SEGMENT_SUFFIX}"
 
 
 # Told once per record, after its group commit: (where it landed, None) or (None, why it did not).
@@ -92,8 +94,8 @@ def _run_now(thunks: list[Callable[[], None]]) -> None:
 
 
 class _OpenSegment:
-    def __init__(self, folder: Path, feed: str):
-        self.name = _segment_name(feed)
+    def __init__(self, folder: Path, feed: str, writer: str = ""):
+        self.name = _segment_name(feed, writer)
         self.path = folder / f"{OPEN_PREFIX}{self.name}"
         self.file = open(self.path, "xb", buffering=0)  # noqa: SIM115 - lives until sealed
         self.file.write(FILE_MAGIC)
@@ -117,9 +119,11 @@ class SegmentLog:
         on_fsync: Callable[[float, int, int], None] | None = None,
         deliver: Callable[[list[Callable[[], None]]], None] = _run_now,
         on_seal: Callable[[Path], None] | None = None,
+        writer: str = "",
     ):
         self.folder = folder
         self.feed = feed
+        self.writer = writer  # in each segment's name when several processes write one folder
         self.fsync = fsync
         self.segment_bytes = segment_bytes
         self.segment_age_s = segment_age_s
@@ -228,7 +232,7 @@ class SegmentLog:
     def _write(self, items: list[_Pending]) -> None:
         try:
             if self._segment is None:
-                self._segment = _OpenSegment(self.folder, self.feed)
+                self._segment = _OpenSegment(self.folder, self.feed, self.writer)
                 if self.fsync:  # the new name itself must survive a power cut before anything in it is acked
                     fsync_dir(self.folder)
             seg = self._segment

@@ -79,6 +79,10 @@ def _dicom_server(cfg: Config, ae_title: str | None, landing: LandingZone, metri
     settings = dicom.DicomSettings(ae_title=title, calling_ae_titles=d.calling_ae_titles,
                                    any_sop_class=d.any_sop_class, max_instance_bytes=d.max_instance_mb << 20,
                                    max_associations=d.max_associations, store_timeout_s=d.store_timeout_s)
+    if d.workers:
+        from pipelines.gateway.dicom_workers import DicomWorkers
+
+        return DicomWorkers(landing, metrics, settings, d.workers)
     return dicom.DicomServer(landing, metrics, settings)
 
 

@@ -1,5 +1,7 @@
-"""The patients' charted ward observation sets, and their NEWS2 at any moment: what an imaging order's ground truth
-(its critical-finding chance) and the queue replay (the worklist's NEWS2 factor) read of a patient's acuity.
+"""The patients' charted ward observation sets and ICU monitors' hourly sets, and their NEWS2 at any moment: what an
+imaging order's ground truth (its critical-finding chance) and the queue replay (the worklist's NEWS2 factor) read of
+a patient's acuity. ICU patients are scored from their monitors as gold scores them (no oxygen flow is sent there,
+FiO2 is); ED walk-ins and outpatients have nothing charted.
 
 The values are the simulated truth (before the feeds' dirt); NEWS2 is gold.news2's, on the RCP 2017 chart with
 SpO2 scale 1, as gold scores a patient without a recorded hypercapnic target.
@@ -42,14 +44,15 @@ def _row(got: Mapping[str, float]) -> dict[str, float | str | None]:
 
 @dataclass(frozen=True)
 class WardCharts:
-    """Each visit's charted ward vital-sign sets, in time order: (t, values in VITALS_COLUMNS names)."""
+    """Each visit's charted ward vital-sign sets and ICU monitor hourly sets, in time order: (t, values in
+    VITALS_COLUMNS names)."""
 
     sets: Mapping[int, Sequence[tuple[int, Mapping[str, float | str | None]]]]
 
     @classmethod
     def of(cls, draws: Sequence[Draw], values: Mapping[tuple[int, int], Mapping[str, float]]) -> WardCharts:
         sets: dict[int, list] = {}
-        for d in sorted((d for d in draws if d.kind == "vitals"), key=lambda d: (d.visit_no, d.t)):
+        for d in sorted((d for d in draws if d.kind in ("vitals", "monitor")), key=lambda d: (d.visit_no, d.t)):
             sets.setdefault(d.visit_no, []).append((d.t, _row(values.get((d.visit_no, d.t), {}))))
         return cls(sets)
 
@@ -62,7 +65,7 @@ class WardCharts:
         return news2_band(charted[at][1])
 
     def rows(self, census: Census, iso: Callable[[int], str]) -> Iterator[tuple]:
-        """truth/ward_vitals.csv: one row per charted set (VITALS_COLUMNS)."""
+        """truth/ward_vitals.csv: one row per charted ward set or ICU monitor hourly set (VITALS_COLUMNS)."""
         by_visit = {e.visit_no: e for e in census.active}
         for visit_no, charted in sorted(self.sets.items()):
             enc = by_visit[visit_no]

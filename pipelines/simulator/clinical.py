@@ -210,9 +210,9 @@ OUTPATIENT_CASES = (("ruq_pain", 0.35, {"routine": 1.0}), ("headache", 0.25, {"r
 DETERIORATION_IMAGING = {"sepsis": "sepsis_film", "respiratory_failure": "resp_failure",
                          "haemorrhage": "haemorrhage"}
 DETERIORATION_PRIORITY = {"stat": 0.6, "asap": 0.3, "routine": 0.1}
-# An inpatient's acuity when the study is ordered (the NEWS2 band of the last charted observation set) multiplies
-# the odds of a critical finding: sicker patients' studies find more (an assumption of the simulator, docs/imaging.md).
-# No charted set (ED, outpatients, ICU on monitors only): the indication's prevalence as it is.
+# An inpatient's acuity when the study is ordered (the NEWS2 band of the last charted observation set, or of the ICU
+# monitor's last hourly set) multiplies the odds of a critical finding: sicker patients' studies find more (an
+# assumption of the simulator, docs/imaging.md). No charted set (ED, outpatients): the indication's prevalence as it is.
 ACUITY_ODDS = {"low": 0.7, "low-medium": 1.2, "medium": 2.0, "high": 3.5}
 
 

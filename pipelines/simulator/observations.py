@@ -1,4 +1,5 @@
-"""When observations are taken (ward rounds, lab draws) and what they read (the Spark trajectory expressions).
+"""When observations are taken (ward rounds, ICU monitors' hourly sets, lab draws) and what they read (the Spark
+trajectory expressions).
 
 Schedules are small and built in Python; values for every schedule row, ward and ICU alike, come from the one
 closed-form expression in trajectory.py, so a patient's ward readings and monitor numerics agree.
@@ -18,6 +19,7 @@ from pipelines.simulator.clinical import (
     LAB_KEYS,
     LONG_TERM_O2,
     MEASURES,
+    MONITOR_KEYS,
     PHENOTYPE,
     WARD_KEYS,
 )
@@ -37,7 +39,9 @@ UNWELL_AT = 0.4  # share of the way to the peak at which nurses notice and obser
 
 @dataclass(frozen=True)
 class Draw:
-    """A scheduled observation set: ward vitals (`kind` "vitals") or a lab draw ("labs")."""
+    """A scheduled observation set: ward vitals (`kind` "vitals"), a lab draw ("labs"), or an ICU monitor's hourly
+    set ("monitor": the values the bedside monitor sends at that tick, through the devices feed; kept for the
+    patient's acuity, not sent again as charted vitals)."""
 
     visit_no: int
     t: int
@@ -110,6 +114,14 @@ def ward_rounds(enc: Encounter, params: SimParams) -> list[Draw]:
     return draws
 
 
+def icu_hourly(enc: Encounter, params: SimParams) -> list[Draw]:
+    """An ICU stay's monitor set each hour from its start (the tick at which the monitor also sends ACVPU; every
+    standard monitor interval divides the hour), inside the window: what gold scores NEWS2 from on the ICU."""
+    keys = (*MONITOR_KEYS, "acvpu")
+    return [Draw(enc.visit_no, t, "monitor", keys) for stay in enc.stays if stay.icu
+            for t in range(stay.start_s, min(stay.end_s, params.window_s), HOUR) if t >= 0]
+
+
 def lab_draws(enc: Encounter, params: SimParams) -> list[Draw]:
     """Admission bloods, a 06:00 round each day, a screen and repeat when a patient deteriorates, and a screen when a
     transient episode is at its height (bloods are taken for what looks like illness, not for the diagnosis)."""
@@ -131,7 +143,7 @@ def lab_draws(enc: Encounter, params: SimParams) -> list[Draw]:
 def schedule(census: Census, params: SimParams) -> list[Draw]:
     out = []
     for enc in census.active:
-        out += ward_rounds(enc, params) + lab_draws(enc, params)
+        out += ward_rounds(enc, params) + icu_hourly(enc, params) + lab_draws(enc, params)
     return out
 
 

@@ -125,6 +125,8 @@ def build_timeline(census: Census, params: SimParams, draws: list[Draw],
         _adt(tl, enc, params, clock, versions)
     by_visit = {e.visit_no: e for e in census.active}
     for d in draws:
+        if d.kind == "monitor":  # sent by the bedside monitor (devices feed), kept for acuity only
+            continue
         enc = by_visit[d.visit_no]
         got = values.get((d.visit_no, d.t), {})
         if d.kind == "labs":
