@@ -591,30 +591,34 @@ class Runner:
 
     def _validate_and_write(self, job: Job, outputs: dict[str, DataFrame] | DataFrame, label: str, at: datetime,
                             txn: Txn, query_id: str, meta: dict[str, str]) -> _ChunkResult:
-        """The validation step, then the commit. The suite is first judged in Spark (pipelines.quality_spark): a
-        batch whose quarantine and fail expectations all pass is written by the executors. Otherwise (rows to
-        quarantine, a failed batch, an expectation Spark cannot judge) the batch is collected once, as Arrow,
-        and Great Expectations judges it exactly, naming the rows it moves; it is then committed from here."""
+        """The validation step, then the commit. Each suite (the job's, and a side table's own) is first judged in
+        Spark (pipelines.quality_spark): a batch whose quarantine and fail expectations all pass is written by the
+        executors. Otherwise (rows to quarantine, a failed batch, an expectation Spark cannot judge, in any of its
+        tables) the batch is collected once, as Arrow, and Great Expectations judges it exactly, naming the rows it
+        moves; it is then committed from here."""
         from pipelines import quality_spark
 
-        dq_txn = _dq_txn(job.name, query_id, txn.version)
         frames, routed = _output_frames(job, outputs)
-        if len(job.validated_outputs) > 1:  # side tables with suites of their own: judged exactly, on the driver
-            try:
-                return self._write_collected(job, frames, label, at, txn, query_id, meta, validated=True)
-            finally:
-                if routed is not None:
-                    routed.unpersist()
-        main = frames[job.name] = frames[job.name].persist()
+        held = []  # a routed batch is persisted whole; a job's own frames are persisted each for its judgement
+        if routed is None:
+            for output in job.validated_outputs:
+                held.append(frames[output.table].persist())
+                frames[output.table] = held[-1]
         try:
-            judged = quality_spark.validate_frame(main, self._suite(job.expectation_suite), batch=label, job=job.name,
-                                                  at=at)
-            if judged is not None:
-                self._record_validation(job, judged, label, at, dq_txn, meta)
-                return self._commit_frames(job, frames, txn, meta)
-            return self._write_collected(job, frames, label, at, txn, query_id, meta, validated=True)
+            judged = []
+            for output in job.validated_outputs:  # the job's own table, then side tables with suites of their own
+                v = quality_spark.validate_frame(frames[output.table], self._suite(output.expectation_suite),
+                                                 batch=label, job=job.name, at=at)
+                if v is None:
+                    return self._write_collected(job, frames, label, at, txn, query_id, meta, validated=True)
+                judged.append((output, v))
+            for output, v in judged:
+                self._record_validation(job, v, label, at, _dq_txn(output.table, query_id, txn.version), meta,
+                                        output.table)
+            return self._commit_frames(job, frames, txn, meta)
         finally:
-            main.unpersist()
+            for frame in held:
+                frame.unpersist()
             if routed is not None:
                 routed.unpersist()
 

@@ -109,8 +109,10 @@ def test_the_simulators_claims_ingest_with_one_row_per_claim_and_the_rules_find_
     import csv
 
     sim, root = tmp_path / "sim", tmp_path / "lake"
+    # Upcoding is judged per provider against its peers: 40 patients give its one upcoder too few lines to be judged
+    # (the demo's 120 do), so none is injected here and no clean claim shares an upcoder's flag.
     rates = [x for p in ("duplicate_billing", "unbundling", "impossible_volume") for x in
-             ("--set", f"simulator.fraud.{p}=0.2")]
+             ("--set", f"simulator.fraud.{p}=0.2")] + ["--set", "simulator.fraud.upcoding=0"]
     run_cli(root, *rates, "simulate", "--out", str(sim), "--patients", "40", "--hours", "48", "--feeds", "claims")
     counts = json.loads((sim / "manifest.json").read_text())["counts"]["claims"]
     run_cli(root, "ingest", str(sim / "claims"), "--feed", "claims")

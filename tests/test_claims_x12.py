@@ -180,3 +180,50 @@ def test_sniffing_names_each_format():
     assert sniff(b"claim_id,line,bill_type\n")["format"] == "csv"
     assert sniff(b"   \n")["sniff_status"] == "empty"
     assert sniff(b"hello,world\n")["sniff_status"] == "unrecognized_format"
+
+
+def _pyx12_object_tree(text: str) -> list[tuple[list[list[str]], list[tuple]]]:
+    """Each segment as pyx12's own X12Reader reads it (Segment/Composite/Element objects), with the findings it raised
+    on that segment; the end-of-file findings last."""
+    import io
+
+    import pyx12.x12file
+
+    reader = pyx12.x12file.X12Reader(io.StringIO(text))
+    out = [([[raw.seg_id or ""]] + [[e.value for e in comp.elements] for comp in raw.elements], reader.pop_errors())
+           for raw in reader]
+    reader.cleanup()
+    return [*out, ([], reader.pop_errors())]
+
+
+def _lean(text: str) -> list[tuple[list[list[str]], list[tuple]]]:
+    from silver.x12_claims import _reader
+
+    reader = _reader(text)
+    out = [(seg, reader.pop_errors()) for seg in reader]
+    reader.cleanup()
+    return [*out, ([], reader.pop_errors())]
+
+
+def _odd_inputs() -> list[str]:
+    good = interchange("000000010", [claim_837p("A1", lines=(("99213", "80"), ("J3301", "21.04"))), claim_837p("A2")])
+    return [good, interchange("000000011", [claim_837p("B1")], ele="|", comp=">", term="\n"),
+            interchange("000000012", [claim_837p("C1")], se_count=99),
+            good.replace("IEA*1*000000010", "IEA*1*000000999").replace("GE*2*0010", "GE*3*0011"),
+            good.replace("HL*2*1*22*0", "HL*2*7*22*0", 1).replace("LX*2", "LX*5"),
+            good.replace("REF*EI*123456789~", "REF*EI*123456789*~ N4***~***~:~1X*A~"),  # trailing *, leading space,
+            good.rsplit("GE*", 1)[0]]  # empty segments, a bad id; no GE/IEA trailers
+
+
+def test_the_lean_reader_reads_what_pyx12s_object_tree_reads_with_the_same_findings():
+    for text in _odd_inputs():
+        assert _lean(text) == _pyx12_object_tree(text)
+    assert any(errs for _, errs in _lean(_odd_inputs()[-2]))  # the odd inputs do raise findings
+
+
+@pytest.mark.realdata
+def test_the_lean_reader_reads_the_real_samples_as_pyx12s_object_tree(realdata):
+    for path in sorted((realdata / "x12").rglob("*")):
+        if path.is_file() and path.read_bytes()[:3] == b"ISA":
+            text = path.read_bytes().decode("ascii")
+            assert _lean(text) == _pyx12_object_tree(text), path.name

@@ -57,10 +57,17 @@ def test_bronze_admits_landing_files_by_bytes_a_backlog_in_several_batches(tmp_p
 
 
 def test_executor_and_driver_writes_give_the_same_tables(tmp_path, spark):
-    """The toy chain (append, merge) and silver.observations with its suite, once with every batch written by the
-    executors and once from the driver: the same rows in every table, the same quality results. A batch with a row
-    to quarantine takes Great Expectations' exact path on both."""
+    """The toy chain (append, merge), silver.observations with its suite and silver.claims with its side tables'
+    suites (claim lines, providers, members: each judged in Spark), once with every batch written by the executors
+    and once from the driver: the same rows in every table, the same quality results. A batch with a row to
+    quarantine takes Great Expectations' exact path on both."""
     from datetime import UTC, datetime
+
+    from tests.test_claims_x12 import claim_837p, interchange
+
+    x12 = tmp_path / "claims.837"
+    x12.write_text(interchange("000000001", [claim_837p("C1", lines=(("99213", "80"), ("87070", "15"))),
+                                             claim_837p("C2", mrn="MRN1")]))
 
     def readings(path, start):
         lines = [json.dumps({"device_id": f"bed-{i % 3}", "patient_mrn": f"MRN{i % 3}", "code": "8867-4",
@@ -74,7 +81,7 @@ def test_executor_and_driver_writes_give_the_same_tables(tmp_path, spark):
     late.write_text("".join(json.dumps({"device_id": "bed-9", "patient_mrn": "MRN9", "code": "8867-4", "unit": "/min",
                                         "value": v, "time": t}) + "\n"
                             for v, t in ((70.0, "2099-01-01T00:00:00Z"), (71.0, now))))
-    jobs = [*TOY_CHAIN, "silver.observations"]
+    jobs = [*TOY_CHAIN, "silver.observations", "bronze.claim_files", "silver.claims"]
     tables = {}
     for way, limit in (("executors", "0"), ("driver", "1000000")):
         cfg = make_config(tmp_path / way, **{"jobs.modules": "tests.toyjobs", "storage.driver_write_max_rows": limit,
@@ -83,6 +90,7 @@ def test_executor_and_driver_writes_give_the_same_tables(tmp_path, spark):
         store = open_store(cfg, spark)
         runner = Runner(cfg, spark, store, load_registry(cfg))
         ingest(cfg, [readings(tmp_path / "a.jsonl", 0)], "devices")
+        ingest(cfg, [x12], "x12")
         runner.run(jobs, NOW)
         ingest(cfg, [readings(tmp_path / "b.jsonl", 30), late], "devices")
         runner.run(jobs, NOW)
@@ -92,8 +100,12 @@ def test_executor_and_driver_writes_give_the_same_tables(tmp_path, spark):
             "silver": sorted((r["observation_id"], r["concept"], r["value"], r["patient_key"])
                              for r in store.read_arrow("silver.observations").to_pylist()),
             "quarantine": sorted(r["reason"] for r in store.read_arrow("silver.quarantine").to_pylist()),
-            "dq": sorted((r["expectation"], r["success"], r["unexpected_rows"])
+            "dq": sorted((r["table"], r["expectation"], r["success"], r["unexpected_rows"])
                          for r in store.read_arrow("silver.dq_results").to_pylist()),
+            "claims": {t: sorted(tuple(sorted((k, str(v)) for k, v in r.items()
+                                              if k not in ("ingested_at", "received_at", "source_record")))
+                                 for r in store.read_arrow(t).to_pylist())
+                       for t in ("silver.claims", "silver.claim_lines", "silver.providers", "silver.members")},
         }
         # which way the files were written: the executors tag each data file with the process that wrote it (the
         # batch holding the quarantined reading went Great Expectations' exact way: written from the driver)
@@ -102,8 +114,15 @@ def test_executor_and_driver_writes_give_the_same_tables(tmp_path, spark):
         tagged = [b"carelake.writer" in (pq.read_schema(f).metadata or {})
                   for f in store.ref("silver.observations").path.glob("*.parquet")]
         assert (sum(tagged) >= 2) if way == "executors" else (tagged and not any(tagged)), (way, tagged)
+        for table in ("silver.claims", "silver.claim_lines", "silver.providers", "silver.members"):
+            tagged = [b"carelake.writer" in (pq.read_schema(f).metadata or {})
+                      for f in store.ref(table).path.glob("*.parquet")]
+            assert tagged and all(tagged) == (way == "executors") and any(tagged) == all(tagged), (way, table)
     assert tables["executors"] == tables["driver"]
     assert len(tables["driver"]["silver"]) == 80 + 1 and "dq_effective_in_future" in tables["driver"]["quarantine"]
+    assert [len(tables["driver"]["claims"][t]) for t in ("silver.claims", "silver.claim_lines")] == [2, 3]
+    assert {t for t, *_ in tables["driver"]["dq"]} >= {"silver.claims", "silver.claim_lines", "silver.providers",
+                                                      "silver.members"}
 
 
 def test_exactly_one_landing_bound_is_configured(tmp_path):

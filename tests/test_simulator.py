@@ -189,6 +189,25 @@ def test_fraud_labels_point_at_real_patterns(sim):
             assert int(line["units"]) * 30 > 24 * 60
 
 
+
+def test_upcoding_is_one_hospitalists_habit_at_the_configured_share(sim):
+    """All upcoded lines are the one upcoder's (so it stands out against its peers), each the top of its E/M family;
+    over stays shared evenly by the hospitalists, the upcoded share of all claims is the configured rate."""
+    from types import SimpleNamespace
+
+    from pipelines.simulator.claims import HOSPITALISTS, UPCODERS, _upcodes
+
+    lines = {(r["claim_id"], r["line"]): r for p in (sim / "claims").glob("*.csv")
+             for r in csv.DictReader(open(p, newline=""))}
+    upcoded = [lines[(r["claim_id"], r["line"])] for r in truth(sim, "fraud_labels.csv") if r["pattern"] == "upcoding"]
+    assert upcoded and {r["rendering_npi"] for r in upcoded} == set(UPCODERS) and len(UPCODERS) == 1
+    assert {r["procedure_code"] for r in upcoded} <= {"99223", "99233", "99239"}
+    stays, rate, deteriorating = 20_000, 0.04, 0.2
+    drawn = sum(_upcodes(SimpleNamespace(enc=SimpleNamespace(deterioration=None if n // 10 % 5 else "sepsis"),
+                                         lines=[SimpleNamespace(rendering_npi=HOSPITALISTS[n % 10])]),
+                         (n // 10 * 0.6180339887) % 1.0, rate, deteriorating) for n in range(stays))
+    assert abs(drawn / stays - rate) < 0.004
+
 def _monitor_series(out: Path) -> dict[tuple[str, str], list[tuple[datetime, float]]]:
     series = defaultdict(list)
     for *_, line in device_lines(out):

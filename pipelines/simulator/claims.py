@@ -2,7 +2,11 @@
 
 Lines follow what happened: initial and subsequent hospital care per day (more complex on unwell days), critical
 care per ICU day, each lab draw, each imaging study. Fraud patterns are injected per claim at the configured
-rates and every injected line is labelled; upcoding, a provider's habit, only by the UPCODERS hospitalists.
+rates and every injected line is labelled; upcoding, a provider's habit, only by the UPCODERS hospitalist: it carries
+the whole pattern (its share of all claims stays the configured rate), so it stands out against its peers the way the
+upcoding rule judges a provider (gold.claims_rules: at least claims.upcoding_min_lines lines of an E/M family and a
+top-level share claims.upcoding_min_excess above its peers'). Spread over several hospitalists at a few percent of
+the claims, no one of them would stand out.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ def npi(body: str) -> str:
 
 
 HOSPITALISTS = tuple(npi(f"1{n:08d}") for n in range(3001, 3011))
-UPCODERS = HOSPITALISTS[:2]  # upcoding is a provider's habit: only these hospitalists upcode
+UPCODERS = HOSPITALISTS[:1]  # upcoding is a provider's habit: only this hospitalist upcodes
 INTENSIVISTS = tuple(npi(f"1{n:08d}") for n in range(4001, 4005))
 RADIOLOGISTS = tuple(npi(f"1{n:08d}") for n in range(5001, 5004))
 LAB_NPI = npi("155501234")
@@ -153,7 +157,7 @@ def _inject_fraud(claim: Claim, params: SimParams) -> tuple[list[Claim], list[Fr
                                        "duplicate_billing")}
     rates = params.fraud
     marks: list[tuple[Line, str, str]] = []
-    if _upcodes(claim, draws["upcoding"], rates["upcoding"]):
+    if _upcodes(claim, draws["upcoding"], rates["upcoding"], params.deterioration_fraction):
         marks += _upcode(claim)
     if draws["unbundling"] < rates["unbundling"]:
         marks += _unbundle(claim)
@@ -174,12 +178,13 @@ def _inject_fraud(claim: Claim, params: SimParams) -> tuple[list[Claim], list[Fr
     return [copy], labels
 
 
-def _upcodes(claim: Claim, draw: float, rate: float) -> bool:
+def _upcodes(claim: Claim, draw: float, rate: float, deteriorating: float) -> bool:
     """Whether the claim is upcoded: only by an upcoding hospitalist, for a stay without a deterioration (one with
-    can bear the top levels), at a rate that keeps `rate` the share of all claims."""
+    can bear the top levels), at a rate that keeps `rate` the share of all claims (the hospitalists share the stays
+    evenly; `deteriorating`, the share of stays with a deterioration, are left alone)."""
     if claim.enc.deterioration is not None or claim.lines[0].rendering_npi not in UPCODERS:
         return False
-    return draw < rate * len(HOSPITALISTS) / len(UPCODERS)
+    return draw < rate * len(HOSPITALISTS) / len(UPCODERS) / max(1.0 - deteriorating, 0.05)
 
 
 def _upcode(claim: Claim) -> list[tuple[Line, str, str]]:
