@@ -13,26 +13,21 @@ REPO = Path(__file__).resolve().parents[1]
 REALDATA = REPO.parent / "shared" / "realdata"
 
 
-# Seconds each of the longest test files took in CI (2 cores, 2 workers, 2026-11-22). `./dev test` hands whole files
-# to workers in collection order (--dist loadfile --no-loadscope-reorder); starting the longest first keeps one of
-# them from running alone at the end while the other worker idles. Only the order depends on these figures.
+# Seconds each of the longest test files took in CI (2 cores, 2 workers, fresh clone, 2026-12-06; the suite prints
+# them at its end, "longest test files"). `./dev test` hands whole files to workers in collection order (--dist
+# loadfile --no-loadscope-reorder); starting the longest first keeps one of them from running alone at the end while
+# the other worker idles. Only the order depends on these figures; a file not listed runs after the listed ones.
 LONGEST_FILES = {
-    "test_gold_scores.py": 467, "test_cli.py": 400, "test_gold_crash.py": 290, "test_runner.py": 300,
-    "test_realdata_flow.py": 226, "test_cluster.py": 170, "test_silver_vs_truth.py": 120, "test_gold_cli.py": 125,
-    "test_crash_safety.py": 113, "test_silver_patients.py": 90, "test_silver_encounters.py": 89,
-    "test_executor_writes.py": 80, "test_quality_spark.py": 70, "test_silver_observations.py": 52,
-    "test_dicom_flow.py": 105, "test_silver_imaging.py": 60, "test_sql_server.py": 37, "test_audit.py": 75,
-    "test_imaging_worklist.py": 120, "test_imaging_cli.py": 90,
-    "test_claims_rules.py": 100, "test_provider_risk.py": 90, "test_claims_model.py": 60,  # claimsgold, at load ~20
-    "test_notebooks.py": 150,  # a simulated hospital + PhysioNet sample through every job (estimate)
-    "test_backfill.py": 120,
+    "test_cli.py": 268, "test_gold_scores.py": 226, "test_crash_safety.py": 161, "test_runner.py": 118,
+    "test_physionet2012.py": 116, "test_claims_fraud.py": 109, "test_gold_crash.py": 83, "test_notebooks.py": 76,
+    "test_cluster.py": 74, "test_claims_flow.py": 66, "test_gold_cli.py": 66, "test_silver_vs_truth.py": 62,
+    "test_backfill.py": 50, "test_store_contract.py": 47, "test_imaging_incremental.py": 45,
+    "test_executor_writes.py": 40, "test_silver_observations.py": 36, "test_silver_encounters.py": 36,
+    "test_silver_patients.py": 32, "test_fused.py": 30, "test_imaging_worklist.py": 28, "test_sql_server.py": 25,
+    "test_imaging_match.py": 22, "test_silver_imaging_orders.py": 19, "test_claims_rules.py": 19,
 }
-# Imaging orders, reports and matching (estimates from a loaded machine, scaled to a quiet one).
-LONGEST_FILES.update({"test_silver_imaging_orders.py": 35, "test_silver_imaging_reports.py": 30,
-                      "test_imaging_match.py": 30, "test_imaging_realdata.py": 25})
-LONGEST_FILES["test_imaging_incremental.py"] = 45  # six worklist batches, a Spark recompute, a replay (estimate)
-# Claims fraud batches (session claimscale: 496 s at load ~17, 96 s with two other files at load ~4).
-LONGEST_FILES.update({"test_claims_fraud.py": 60})
+# With the realdata folder present (not in CI's clean clone) these run too (estimates from a loaded machine).
+LONGEST_FILES.update({"test_realdata_flow.py": 226, "test_dicom_flow.py": 105, "test_imaging_realdata.py": 25})
 
 
 def pytest_collection_modifyitems(config, items):
