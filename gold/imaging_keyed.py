@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -36,28 +35,13 @@ import pyarrow.compute as pc
 
 from gold import imaging_rank
 from gold import imaging_worklist as w
+from pipelines.timeutil import Steps
 
 log = logging.getLogger("carelake.imaging")
 # The change-feed columns that name what a batch touched (absent ones are skipped).
 KEY_COLUMNS = ("study_instance_uid", "accession_number", "order_key", "order_number", "report_key", "patient_key")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ReadRows = Callable[..., pa.Table]  # (table, version, where | None, columns, since=(column, time) | None)
-
-
-class Steps:
-    """Seconds per step of a batch, for the log line that says where its time went."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._t = time.perf_counter()
-
-    def done(self, step: str) -> None:
-        now = time.perf_counter()
-        self.seconds[step] = self.seconds.get(step, 0.0) + now - self._t
-        self._t = now
-
-    def line(self) -> str:
-        return ", ".join(f"{k} {v:.3f}" for k, v in self.seconds.items())
 
 
 class Reader:

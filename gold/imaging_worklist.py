@@ -322,7 +322,7 @@ def imaging_worklist(changes: DataFrame, *, read_table: Callable[..., DataFrame]
                           ranking=ranking, images_expected_s=images_expected_s, match_window=match_window,
                           news2_current_s=news2_current_s, clock=clock, critical_model=critical_model)
 
-    from gold.imaging_keyed import Steps
+    from pipelines.timeutil import Steps
 
     steps = Steps()
     if not _any_rows(read_table, versions, (STUDIES, ORDERS)):

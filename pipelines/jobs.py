@@ -29,7 +29,7 @@ ROUTE_COLUMN = "_output"
 # for provenance; `batch_facts` what a job's StateStage prepared for the batch; `via_driver` whether the runner
 # writes the batch from the driver (small: a transform may then compute it there too and return Arrow tables).
 BATCH_PARAMETERS = ("batch_id", "ingest_batch_id", "processed_at", "read_table", "table_version", "batch_facts",
-                    "via_driver")
+                    "via_driver", "carried_rows")
 
 
 class Deferred:
@@ -314,10 +314,11 @@ def builtin_jobs(cfg: Config) -> list[Job]:
                                MergeSpec(keys=("quarantine_id",), update=None, latest_by=("quarantined_at",)),
                                quarantine.QUARANTINE_SCHEMA)
 
-    def silver_job(name: str, source: TableSource, transform, merge: MergeSpec, schema, description: str) -> Job:
+    def silver_job(name: str, source: TableSource, transform, merge: MergeSpec, schema, description: str,
+                   **options: Any) -> Job:
         return Job(name=name, source=source, transform=transform, write="merge", merge=merge, schema=schema,
-                   side_outputs=(quarantine_output,), expectation_suite=name, options=silver_options(cfg),
-                   description=description)
+                   side_outputs=(quarantine_output,), expectation_suite=name,
+                   options={**silver_options(cfg), **options}, description=description)
 
     clinical = TableSource("bronze.hl7_messages", "bronze.fhir_resources")
     return [*claims_jobs(cfg, quarantine_output),
@@ -348,7 +349,8 @@ def builtin_jobs(cfg: Config) -> list[Job]:
                            MergeSpec(keys=("study_instance_uid",), latest_by=("last_received_at",)),
                            imaging_studies.SCHEMA,
                            "One row per DICOM study: series and instance counts, modality, body part, study time "
-                           "(UTC), accession, referring physician, patient key; unreadable instances quarantined"),
+                           "(UTC), accession, referring physician, patient key; unreadable instances quarantined",
+                           read_rows=_rows_reader(cfg)),
                 interval=cfg.imaging.interval),
         *imaging_silver_jobs(silver_job, clinical),
     ]
@@ -513,17 +515,16 @@ def imaging_jobs(cfg: Config) -> list[Job]:
 
 
 def _rows_reader(cfg: Config) -> Callable[..., Any]:
-    """(table, version, where, columns, since=None) -> that version's matching rows as Arrow, read by delta-rs
-    (the worklist's driver path reads silver by key)."""
+    """(table, version, where, columns, since=None, keys=None) -> that version's matching rows as Arrow, read by
+    delta-rs (pipelines.store.deltars.read_where; the imaging driver paths read silver and bronze by key)."""
 
-    def read_rows(table: str, version: int, where: Any, columns: list[str], since: Any = None) -> Any:
-        import pyarrow.compute as pc
-
+    def read_rows(table: str, version: int, where: Any, columns: list[str], since: Any = None, keys: Any = None
+                  ) -> Any:
         from pipelines.store.base import TableRef
         from pipelines.store.deltars import read_where
 
         path = str(TableRef.parse(table, cfg.root).path)
-        return read_where(path, version, pc.scalar(True) if where is None else where, columns, since=since)
+        return read_where(path, version, where, columns, since=since, keys=keys)
 
     return read_rows
 

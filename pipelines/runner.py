@@ -550,13 +550,18 @@ class Runner:
             raise SchemaEvolutionError(f"{job.name}: a job that carries fused jobs writes its own table only")
         own = outputs[job.name].persist()  # computed once for its own table and for each fused job
         try:
+            # Through the driver, the rows are collected once: for its own write, and for a fused job that computes
+            # its part on the driver (the batch parameter carried_rows).
+            carried = _collected(job.outputs[-1], own) if batch.get("via_driver") else None
             side: dict[str, int] = {}
             for down in job.fused:
                 changes = own.withColumn("_change_type", F.lit("insert"))
-                result = self._write_outputs(down, down.apply(changes, batch), batch, label, txn, query_id, at)
+                result = self._write_outputs(down, down.apply(changes, {**batch, "carried_rows": carried}), batch,
+                                             label, txn, query_id, at)
                 side[down.name] = result.rows
                 side.update(result.side)
-            mine = self._write_outputs(job, {job.name: own}, batch, label, txn, query_id, at)
+            mine = self._write_outputs(job, {job.name: own if carried is None else carried}, batch, label, txn,
+                                       query_id, at)
             return _ChunkResult(mine.rows, mine.version, mine.skipped, {**mine.side, **side})
         finally:
             own.unpersist()

@@ -1,7 +1,8 @@
-"""Time parsing shared by time travel, the CLI and the runner. Naive times are UTC."""
+"""Time parsing shared by time travel, the CLI and the runner (naive times are UTC); a batch's step timings."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 from pipelines.errors import UsageError
@@ -28,3 +29,19 @@ def parse_timestamp(value: datetime | str) -> datetime:
 
 def utcnow() -> datetime:
     return datetime.now(tz=UTC)
+
+
+class Steps:
+    """Seconds per step of a batch, for the log line that says where its time went."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def done(self, step: str) -> None:
+        now = time.perf_counter()
+        self.seconds[step] = self.seconds.get(step, 0.0) + now - self._t
+        self._t = now
+
+    def line(self) -> str:
+        return ", ".join(f"{k} {v:.3f}" for k, v in self.seconds.items())

@@ -26,8 +26,10 @@ Patient name, ID and birth date are direct identifiers: they stay in silver (lik
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
@@ -44,6 +46,7 @@ from silver.identity import PATIENT, identity_key_column
 from silver.quarantine import QUARANTINE, QUARANTINE_SCHEMA, quarantine_id_column
 from silver.routing import SOURCE_RECORD
 
+log = logging.getLogger("carelake.imaging")
 STUDIES = "silver.imaging_studies"
 BRONZE = "bronze.dicom_instances"
 
@@ -80,6 +83,10 @@ _TAGS = {
     "patient_id": "$.00100020.Value[0]", "patient_id_issuer": "$.00100021.Value[0]",
     "patient_name": "$.00100010.Value[0].Alphabetic", "patient_birth_date": "$.00100030.Value[0]",
 }
+# The bronze columns a study is computed from (the batch's rows and those bronze holds of its studies).
+INSTANCE_COLUMNS = ("study_instance_uid", "series_instance_uid", "sop_instance_uid", "modality", "header_json",
+                    "parse_status", "parse_detail", "received_at", "landing_file", "landing_position", "sha256")
+NEWEST = ("received_at", "landing_file", "landing_position")  # an instance's order of receipt
 _STUDY_LEVEL = ("accession_number", "study_id", "study_description", "referring_physician", "patient_id",
                 "patient_id_issuer", "patient_name", "patient_birth_date", "study_time_utc")
 
@@ -87,12 +94,15 @@ _STUDY_LEVEL = ("accession_number", "study_id", "study_description", "referring_
 def study_time_utc(date: Column, time: Column, offset: Column, timezone: str) -> Column:
     """DA + TM (HH, HHMM, HHMMSS, HHMMSS.F..., or the old HH:MM:SS) in the sent offset (+HHMM) or `timezone`."""
     whole = F.regexp_replace(F.split(F.coalesce(time, F.lit("")), r"\.").getItem(0), ":", "")
-    fraction = F.coalesce(F.regexp_extract(time, r"\.(\d{1,6})", 1), F.lit(""))
+    fraction = F.coalesce(F.regexp_extract(time, r"\.([0-9]{1,6})", 1), F.lit(""))
     clock = F.rpad(whole, 6, "0")
-    local = F.to_timestamp(F.concat(date, clock, F.lit("."), F.rpad(fraction, 6, "0")), "yyyyMMddHHmmss.SSSSSS")
-    zone = F.when(offset.rlike(r"^[+-]\d{4}$"), F.concat(F.substring(offset, 1, 3), F.lit(":"),
-                                                          F.substring(offset, 4, 2))).otherwise(F.lit(timezone))
-    valid = date.rlike(r"^\d{8}$") & F.coalesce(whole.rlike(r"^\d{0,6}$"), F.lit(True))
+    # An impossible date or time (month 13, hour 24) is null, not an error that fails the batch (ANSI mode).
+    local = F.try_to_timestamp(F.concat(date, clock, F.lit("."), F.rpad(fraction, 6, "0")),
+                               F.lit("yyyyMMddHHmmss.SSSSSS"))
+    zone = F.when(offset.rlike(r"^[+-](0[0-9]|1[0-4])[0-5][0-9]\z"),
+                  F.concat(F.substring(offset, 1, 3), F.lit(":"), F.substring(offset, 4, 2))).otherwise(F.lit(timezone))
+    # Year 0000 (a placeholder some modalities send) is no time: Python has no year 0, and neither has a study.
+    valid = date.rlike(r"^[0-9]{8}\z") & ~date.startswith("0000") & whole.rlike(r"^[0-9]{0,6}\z")
     return F.when(valid, F.to_utc_timestamp(local, zone))
 
 
@@ -104,19 +114,27 @@ def canonical_system(issuer: Column, mrn_system: str, aliases: tuple[tuple[str, 
     return out
 
 
+def _first_value(path: str) -> Column:
+    """get_json_object of a tag's first value, a JSON null as null (get_json_object gives the text "null" for it,
+    as for the string "null"): the tag's Value array is read once, its first element from that."""
+    tag, _, rest = path.partition(".Value[0]")
+    values = F.get_json_object("header_json", f"{tag}.Value")
+    return F.when(~values.rlike(r"^\[null[,\]]"), F.get_json_object(values, f"$[0]{rest}"))
+
+
 def _header_columns(df: DataFrame) -> DataFrame:
-    return df.select("*", *(F.get_json_object("header_json", path).alias(name) for name, path in _TAGS.items()))
+    return df.select("*", *(_first_value(path).alias(name) for name, path in _TAGS.items()))
 
 
 def _most_frequent(column: str) -> Column:
-    """The value most instances carry (ties: the smallest), nulls aside."""
+    """The value most instances carry (ties: the greatest), nulls aside."""
     counted = F.struct(F.col(f"{column}_count").alias("n"), F.col(column).alias("v"))
     return F.max_by(F.col(column), counted)
 
 
 def _latest(column: str) -> Column:
-    """The newest instance's value, among the instances that carry one."""
-    return F.max_by(F.col(column), F.when(F.col(column).isNotNull(), F.col("received_at")))
+    """The newest instance's value (receipt, then landing file and position), among the instances that carry one."""
+    return F.max_by(F.col(column), F.when(F.col(column).isNotNull(), F.struct(*NEWEST)))
 
 
 def quarantined(changes: DataFrame, processed_at: datetime) -> DataFrame:
@@ -165,7 +183,6 @@ def studies(instances: DataFrame, *, secret: str, mrn_system: str, aliases: tupl
     counted = _with_counts(_with_counts(instances.withColumnRenamed("modality", "modality_0")
                                         .withColumn("modality", F.coalesce("modality_1", "modality_0")),
                                         "modality").withColumnRenamed("body_part_1", "body_part"), "body_part")
-    newest = F.struct("received_at", "landing_file", "landing_position")
     agg = counted.groupBy("study_instance_uid").agg(
         *(_latest(c).alias(c) for c in _STUDY_LEVEL),
         _most_frequent("modality").alias("modality"),
@@ -175,7 +192,7 @@ def studies(instances: DataFrame, *, secret: str, mrn_system: str, aliases: tupl
         F.countDistinct("sop_instance_uid").cast("int").alias("instance_count"),
         F.min("first_seen").alias("first_received_at"), F.max("received_at").alias("last_received_at"),
         F.max_by(F.struct(F.lit(BRONZE).alias("table"), "landing_file", "landing_position", "sha256"),
-                 newest).alias("source_record"),
+                 F.struct(*NEWEST)).alias("source_record"),
     )
     system = canonical_system(F.col("patient_id_issuer"), mrn_system, aliases)
     out = agg.withColumn("patient_key", identity_key_column(secret, PATIENT, system, F.nullif(F.col("patient_id"),
@@ -187,19 +204,40 @@ def studies(instances: DataFrame, *, secret: str, mrn_system: str, aliases: tupl
 
 def imaging_studies(changes: DataFrame, *, read_table: Callable[..., DataFrame],
                     table_version: Callable[[str], int | None], processed_at: datetime, secret: str, timezone: str,
-                    mrn_system: str, system_aliases: tuple[tuple[str, str], ...]) -> dict[str, DataFrame]:
+                    mrn_system: str, system_aliases: tuple[tuple[str, str], ...], via_driver: bool = False,
+                    carried_rows: Any = None, read_rows: Callable[..., Any] | None = None) -> dict[str, Any]:
     """bronze.dicom_instances changes -> the touched studies, recomputed whole; unusable instances quarantined.
 
     A study's instances are the batch's own rows and those bronze already holds: inside a fused bronze batch
     (streaming.fuse) the batch's rows are not committed yet; read from bronze's change feed they are in both, and
-    an instance counts once either way."""
+    an instance counts once either way. A batch the runner writes through the driver (`via_driver`) is computed
+    there, in Python, from the batch's rows (the carrier's, collected once: `carried_rows`) and bronze's rows of
+    its studies read by key (`read_rows`): silver.imaging_study_rows, the same rows as the Spark plan below."""
     inserted = changes.where(F.col("_change_type") == "insert") if "_change_type" in changes.columns else changes
+    if via_driver and read_rows is not None:
+        from pipelines.timeutil import Steps
+        from silver import imaging_study_rows as on_driver
+
+        steps = Steps()
+        batch = carried_rows if carried_rows is not None else inserted.select(*INSTANCE_COLUMNS).toArrow()
+        touched_uids, version = on_driver.touched(batch), table_version(BRONZE)
+        steps.done("batch")
+        held = None
+        if touched_uids and version is not None:
+            held = read_rows(BRONZE, version, None, list(INSTANCE_COLUMNS), keys=("study_instance_uid", touched_uids))
+        steps.done("bronze by key")
+        out = on_driver.on_driver(batch, held, secret=secret, timezone=timezone, mrn_system=mrn_system,
+                                  system_aliases=system_aliases, processed_at=processed_at)
+        steps.done("rows")
+        log.info("%s driver path: %d study(ies) from %d batch row(s) + %d bronze row(s) read by key; steps (s): %s",
+                 STUDIES, out[STUDIES].num_rows, batch.num_rows, held.num_rows if held is not None else 0,
+                 steps.line())
+        return out
     touched = inserted.where(F.col("parse_status") == "ok").select("study_instance_uid").distinct()
-    columns = ["study_instance_uid", "series_instance_uid", "sop_instance_uid", "modality", "header_json",
-               "parse_status", "received_at", "landing_file", "landing_position", "sha256"]
-    whole = inserted.select(*columns)
+    whole = inserted.select(*INSTANCE_COLUMNS)
     if table_version(BRONZE) is not None:
-        held = read_table(BRONZE).select(*columns).join(F.broadcast(touched), "study_instance_uid", "left_semi")
+        held = read_table(BRONZE).select(*INSTANCE_COLUMNS)
+        held = held.join(F.broadcast(touched), "study_instance_uid", "left_semi")
         whole = held.unionByName(whole)
     rows = studies(_instances(whole, timezone), secret=secret, mrn_system=mrn_system, aliases=system_aliases,
                    processed_at=processed_at)

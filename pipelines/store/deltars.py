@@ -11,7 +11,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -81,14 +81,20 @@ def table_arrow_schema(dt: DeltaTable) -> pa.Schema:
 
 
 def read_where(path: str, version: int, where, columns: list[str] | None = None,
-               since: tuple[str, datetime] | None = None) -> pa.Table:
+               since: tuple[str, datetime] | None = None,
+               keys: tuple[str, Collection[str]] | None = None) -> pa.Table:
     """The rows of a table version that match a pyarrow.compute expression, in plain Arrow types (for an executor
     that needs a few rows of one person). `since=(column, time)` skips the files whose statistics say they hold
-    nothing from that time on. With `columns`, only those are read, and `where` may use only them. The files are
-    read and filtered here: delta-rs writes view types into the Parquet schema, and pyarrow cannot compare those
-    when it pushes a filter down to the files."""
+    nothing from that time on; `keys=(column, values)` keeps only the rows whose string `column` is one of
+    `values`, and skips the files whose statistics say they hold none of them. With `columns`, only those are
+    read, and `where` may use only them (`where` None: every row). The files are read and filtered here: delta-rs
+    writes view types into the Parquet schema, and pyarrow cannot compare those when it pushes a filter down to
+    the files."""
     import pyarrow.parquet as pq
 
+    if keys is not None:
+        wanted = pc.field(keys[0]).isin(pa.array(sorted(keys[1]), pa.string()))
+        where = wanted if where is None else where & wanted
     dt = DeltaTable(path, version=version)
     schema = table_arrow_schema(dt)
     if columns:
@@ -96,10 +102,30 @@ def read_where(path: str, version: int, where, columns: list[str] | None = None,
     if dt.metadata().partition_columns or dt.protocol().reader_features:
         table = dt.to_pyarrow_table(columns=columns)  # not a layout carelake writes
     else:
-        files = dt.file_uris() if since is None else _files_since(dt, path, *since)
+        actions = pa.table(dt.get_add_actions(flatten=True))
+        keep = pa.array([True] * actions.num_rows, pa.bool_())
+        if since is not None:
+            keep = pc.and_(keep, _since_mask(actions, *since))
+        if keys is not None:
+            keep = pc.and_(keep, _keys_mask(actions, *keys))
+        base = path.rstrip("/")
+        files = [f"{base}/{unquote(p)}" for p in actions.filter(keep)["path"].to_pylist()]
         parts = [pq.read_table(f, schema=schema, columns=columns) for f in files]
         table = pa.concat_tables(parts) if parts else schema.empty_table()
-    return table.filter(where)
+    return table if where is None else table.filter(where)
+
+
+def _keys_mask(actions: pa.Table, column: str, values: Collection[str]) -> pa.Array:
+    """Per data file: whether its statistics allow a row whose `column` is one of `values` (a file without
+    statistics for the column is kept). A string statistic may be cut short: its minimum is then a prefix of the
+    true minimum (still no greater), and a value is compared with its maximum only as far as the maximum goes."""
+    low, high = f"min.{column}", f"max.{column}"
+    if low not in actions.column_names or high not in actions.column_names or not values:
+        return pa.array([bool(values)] * actions.num_rows, pa.bool_())
+    keep = []
+    for lo, hi in zip(actions[low].to_pylist(), actions[high].to_pylist(), strict=True):
+        keep.append(lo is None or hi is None or any(lo <= v and v[:len(hi)] <= hi for v in values))
+    return pa.array(keep, pa.bool_())
 
 
 def _is_conflict(exc: Exception) -> bool:
@@ -111,15 +137,19 @@ def _is_conflict(exc: Exception) -> bool:
 
 def _files_since(dt: DeltaTable, table_path: str, column: str, at: datetime,
                  until: datetime | None = None) -> list[str]:
-    """The data files of `dt` that may hold rows with at <= `column` (< until): a file whose statistics say its
-    newest value is older than at (or its oldest is until or later) is skipped; a file without statistics for the
-    column is kept."""
-    import pyarrow.compute as pc
-
+    """The data files of `dt` that may hold rows with at <= `column` (< until)."""
     actions = pa.table(dt.get_add_actions(flatten=True))
+    base = table_path.rstrip("/")
+    return [f"{base}/{unquote(p)}" for p in actions.filter(_since_mask(actions, column, at, until))["path"].to_pylist()]
+
+
+def _since_mask(actions: pa.Table, column: str, at: datetime, until: datetime | None = None) -> pa.Array:
+    """Per data file: whether it may hold rows with at <= `column` (< until): a file whose statistics say its
+    newest value is older than at (or its oldest is until or later) is not; a file without statistics for the
+    column may."""
     newest, oldest = f"max.{column}", f"min.{column}"
     if newest not in actions.column_names:
-        return dt.file_uris()
+        return pa.array([True] * actions.num_rows, pa.bool_())
     top = actions[newest]
     if not pa.types.is_timestamp(top.type):
         raise UsageError(f"read since {column}: the column is {top.type}, not a timestamp")
@@ -134,8 +164,7 @@ def _files_since(dt: DeltaTable, table_path: str, column: str, at: datetime,
         bottom = actions[oldest]
         keep = pc.and_kleene(keep, pc.or_kleene(pc.is_null(bottom),
                                                 pc.less(bottom, bound_scalar(until, top.type, floor_ms=False))))
-    base = table_path.rstrip("/")
-    return [f"{base}/{unquote(p)}" for p in actions.filter(keep)["path"].to_pylist()]
+    return pc.fill_null(keep, True)
 
 
 def _commit_properties(txn: Txn | None, metadata: Mapping[str, str] | None, retries: int) -> CommitProperties:
