@@ -22,7 +22,8 @@ LONGEST_FILES = {
     "test_physionet2012.py": 116, "test_claims_fraud.py": 109, "test_gold_crash.py": 83, "test_notebooks.py": 76,
     "test_cluster.py": 74, "test_claims_flow.py": 66, "test_gold_cli.py": 66, "test_silver_vs_truth.py": 62,
     "test_backfill.py": 50, "test_store_contract.py": 47, "test_imaging_incremental.py": 45,
-    "test_executor_writes.py": 40, "test_imaging_study_rows.py": 40, "test_silver_observations.py": 36, "test_silver_encounters.py": 36,
+    "test_executor_writes.py": 40, "test_imaging_study_rows.py": 40, "test_silver_observations.py": 36,
+    "test_silver_encounters.py": 36,
     "test_silver_patients.py": 32, "test_fused.py": 30, "test_imaging_worklist.py": 28, "test_sql_server.py": 25,
     "test_imaging_match.py": 22, "test_silver_imaging_orders.py": 19, "test_claims_rules.py": 19,
 }
