@@ -221,3 +221,24 @@ def test_a_cut_short_string_statistic_still_keeps_its_file():
     assert _keys_mask(actions, "uid", {"1.2.95"}).to_pylist() == [True, False, True]
     assert _keys_mask(actions, "uid", {"1.2.0"}).to_pylist() == [False, False, True]
     assert _keys_mask(pa.table({"path": ["a"]}), "uid", {"x"}).to_pylist() == [True]  # no statistics: kept
+
+
+@pytest.mark.realdata
+def test_the_driver_rows_equal_the_spark_plan_on_every_real_dicom_file(spark, realdata):
+    """Real headers (character sets, big endian, broken meta, multi-frame, compressed): the same studies."""
+    from tests.test_silver_imaging import bronze
+
+    files = sorted(p for p in (realdata / "dicom").rglob("*") if p.is_file())
+    table = bronze(spark, *((f"2026-12-06T04:00:{i:02d}Z", p.read_bytes()) for i, p in enumerate(files)))
+    rows = table.select(*INSTANCE_COLUMNS).toArrow()
+    spark_studies = studies(_instances(table, "Europe/Berlin"), secret=SECRET, mrn_system=MRN, aliases=ALIASES,
+                            processed_at=AT).toArrow().to_pylist()
+    got = rows_on_driver.on_driver(rows, None, secret=SECRET, timezone="Europe/Berlin", mrn_system=MRN,
+                                   system_aliases=ALIASES, processed_at=AT)
+    assert {r["study_instance_uid"]: r for r in got[STUDIES].to_pylist()} == {
+        r["study_instance_uid"]: r for r in spark_studies}
+    assert len(spark_studies) >= 10 and sum(r["study_time_utc"] is not None for r in spark_studies) >= 5
+    spark_quarantine = quarantined(table, AT).toArrow().to_pylist()
+    assert sorted(got[QUARANTINE].to_pylist(), key=lambda r: r["landing_file"]) == sorted(
+        spark_quarantine, key=lambda r: r["landing_file"])
+    assert len(spark_quarantine) >= 5
