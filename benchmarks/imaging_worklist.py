@@ -13,10 +13,12 @@
 Beside them: where each study's time went (`hop_*`, from ops.metrics: landed -> the fused bronze/silver batch
 committed, the worklist's trigger wait, its batch, committed -> seen), and each worklist step's median seconds per
 path (`*_keyed_*`: by key on the driver; `*_whole_*`: whole tables), from the batches' `steps (s):` log lines.
-`--spark-plan` makes every worklist batch run the whole-table Spark plan (as before session wlinc).
+`--spark-plan` makes every worklist batch run the whole-table Spark plan (as before session wlinc);
+`--silver-spark-plan` every silver.imaging_studies batch its Spark plan (as before session 17).
 Goal: p95 received -> on the worklist <= 5 s. Run:
   .venv/bin/python benchmarks/imaging_worklist.py [--history 2000] [--open 60] [--runs 5] [--studies 12]
                                                   [--every 6] [--interval 1s] [--spark-plan]
+                                                  [--silver-spark-plan]
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ from _common import emit, median, percentile, temp_config
 
 GOAL_P95_S = 5.0
 WORKLIST = "gold.imaging_worklist"
+STUDIES_TABLE = "silver.imaging_studies"
 
 
-def registry(cfg, spark_plan: bool = False):
+def registry(cfg, spark_plan: bool = False, silver_spark_plan: bool = False):
     """The job registry; `spark_plan`: the worklist always runs its whole-table Spark plan (no driver path), as on
-    main before session wlinc, with its steps logged."""
+    main before session wlinc, with its steps logged; `silver_spark_plan`: silver.imaging_studies always runs its
+    Spark plan (no driver path), as before session 17."""
     from pipelines.jobs import Registry, load_registry
     from tests import imaging_tables as t
 
@@ -51,6 +55,11 @@ def registry(cfg, spark_plan: bool = False):
                 for j in jobs]
     if spark_plan:
         jobs = [replace(j, options={**j.options, "read_rows": None}) if j.name == WORKLIST else j for j in jobs]
+    if silver_spark_plan:  # the job, and its copy inside the carrier's batches (streaming.fuse)
+        def plan(j):
+            return replace(j, options={**j.options, "read_rows": None}) if j.name == STUDIES_TABLE else j
+
+        jobs = [replace(plan(j), fused=tuple(plan(d) for d in j.fused)) for j in jobs]
     return Registry(jobs)
 
 
@@ -164,7 +173,7 @@ def refresh(spark, args) -> dict:
     store = open_store(cfg, spark)
     now = datetime.now(UTC)
     seed(spark, store, args.history, args.open, now)
-    runner = Runner(cfg, spark, store, registry(cfg, args.spark_plan))
+    runner = Runner(cfg, spark, store, registry(cfg, args.spark_plan, args.silver_spark_plan))
     with StepLog().attached() as steps:
         runner.run([WORKLIST], Trigger(available_now=True))  # the first batches read every version so far
         first = len(_batches(store))
@@ -229,7 +238,7 @@ def latency(spark, args) -> dict:
     threading.Thread(target=drive, daemon=True).start()
     jobs = ("bronze.dicom_instances", "silver.imaging_studies", WORKLIST)
     with StepLog().attached() as steps:
-        Runner(cfg, spark, store, registry(cfg, args.spark_plan)).run(
+        Runner(cfg, spark, store, registry(cfg, args.spark_plan, args.silver_spark_plan)).run(
             list(jobs), Trigger(available_now=False, interval_ms=cfg.streaming.interval_ms))
     measured = uids[1:]
     return {"seconds": [results[u] for u in measured if u in results], **batch_seconds(store, jobs),
@@ -274,8 +283,8 @@ def headers(spark, args) -> dict:
         ds.save_as(folder / f"{k}.dcm", enforce_file_format=True)
     ingest(cfg, sorted(str(f) for f in folder.iterdir()), "dicom")
     t0 = time.perf_counter()
-    Runner(cfg, spark, store, registry(cfg)).run(["bronze.dicom_instances", "silver.imaging_studies"],
-                                                 Trigger(available_now=True))
+    runner = Runner(cfg, spark, store, registry(cfg, silver_spark_plan=args.silver_spark_plan))
+    runner.run(["bronze.dicom_instances", STUDIES_TABLE], Trigger(available_now=True))
     seconds = time.perf_counter() - t0
     studies = store.read_arrow("silver.imaging_studies").num_rows
     return {"headers_instances": args.instances, "headers_studies": studies, "headers_s": round(seconds, 1),
@@ -297,6 +306,8 @@ def main() -> None:
                    default=["refresh", "latency", "headers"])
     p.add_argument("--spark-plan", action="store_true",
                    help="the worklist's whole-table Spark plan for every batch (no driver path): the old way")
+    p.add_argument("--silver-spark-plan", action="store_true",
+                   help="silver.imaging_studies' Spark plan for every batch (no driver path): before session 17")
     p.add_argument("--set", action="append", default=[], type=lambda kv: tuple(kv.split("=", 1)),
                    help="a configuration override for the latency and headers lakehouses, e.g. streaming.fuse=[]")
     args = p.parse_args()
