@@ -203,14 +203,21 @@ def test_reads_by_key_skip_the_files_whose_statistics_cannot_hold_the_keys(store
         store.append("bronze.t", pa.table({"study_instance_uid": batch, "n": list(range(len(batch)))}))
     opened = []
     real = pq.read_table
-    monkeypatch.setattr(pq, "read_table", lambda f, **kw: opened.append(f) or real(f, **kw))
+    monkeypatch.setattr(pq, "read_table", lambda f, **kw: opened.append((f, kw.get("columns"))) or real(f, **kw))
     path = str(store.ref("bronze.t").path)
-    got = deltars.read_where(path, store.version("bronze.t"), None, keys=("study_instance_uid", {"1.2.25", "1.2.30"}))
-    assert got["study_instance_uid"].to_pylist() == ["1.2.30"] and len(opened) == 2  # 1.2.25 may be in file two
-    got = deltars.read_where(path, store.version("bronze.t"), pc.field("n") == 1,
-                             keys=("study_instance_uid", {"1.2.11"}))
-    assert got.to_pylist() == [{"study_instance_uid": "1.2.11", "n": 1}] and len(opened) == 3
-    assert deltars.read_where(path, 2, None, keys=("study_instance_uid", set())).num_rows == 0 and len(opened) == 3
+    def read(where, keys, **kw):
+        opened.clear()
+        got = deltars.read_where(path, store.version("bronze.t"), where, keys=("study_instance_uid", keys), **kw)
+        return got.to_pylist(), list(opened)
+
+    # 1.2.25 may be in file two by its statistics: its key column is read, and nothing more of it.
+    got, reads = read(None, {"1.2.25", "1.2.30"})
+    assert got == [{"study_instance_uid": "1.2.30", "n": 0}] and len(reads) == 3
+    assert [c for _, c in reads] == [["study_instance_uid"], ["study_instance_uid"], None]
+    got, reads = read(pc.field("n") == 1, {"1.2.11"}, columns=["study_instance_uid", "n"])
+    assert got == [{"study_instance_uid": "1.2.11", "n": 1}]
+    assert [c for _, c in reads] == [["study_instance_uid"], ["study_instance_uid", "n"]]
+    assert read(None, set()) == ([], [])
 
 
 def test_a_cut_short_string_statistic_still_keeps_its_file():

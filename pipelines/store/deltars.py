@@ -86,7 +86,8 @@ def read_where(path: str, version: int, where, columns: list[str] | None = None,
     """The rows of a table version that match a pyarrow.compute expression, in plain Arrow types (for an executor
     that needs a few rows of one person). `since=(column, time)` skips the files whose statistics say they hold
     nothing from that time on; `keys=(column, values)` keeps only the rows whose string `column` is one of
-    `values`, and skips the files whose statistics say they hold none of them. With `columns`, only those are
+    `values`, and skips the files whose statistics say they hold none of them, then those whose key column does
+not (only that column of them is read). With `columns`, only those are
     read, and `where` may use only them (`where` None: every row). The files are read and filtered here: delta-rs
     writes view types into the Parquet schema, and pyarrow cannot compare those when it pushes a filter down to
     the files."""
@@ -96,7 +97,7 @@ def read_where(path: str, version: int, where, columns: list[str] | None = None,
         wanted = pc.field(keys[0]).isin(pa.array(sorted(keys[1]), pa.string()))
         where = wanted if where is None else where & wanted
     dt = DeltaTable(path, version=version)
-    schema = table_arrow_schema(dt)
+    schema = whole = table_arrow_schema(dt)
     if columns:
         schema = pa.schema([schema.field(c) for c in columns])
     if dt.metadata().partition_columns or dt.protocol().reader_features:
@@ -110,6 +111,11 @@ def read_where(path: str, version: int, where, columns: list[str] | None = None,
             keep = pc.and_(keep, _keys_mask(actions, *keys))
         base = path.rstrip("/")
         files = [f"{base}/{unquote(p)}" for p in actions.filter(keep)["path"].to_pylist()]
+        if keys is not None:  # a file whose key column holds none of the keys is not read further
+            probe = pa.schema([whole.field(keys[0])])
+            values = pa.array(sorted(keys[1]), pa.string())
+            files = [f for f in files
+                     if pc.any(pc.is_in(pq.read_table(f, schema=probe, columns=[keys[0]])[keys[0]], values)).as_py()]
         parts = [pq.read_table(f, schema=schema, columns=columns) for f in files]
         table = pa.concat_tables(parts) if parts else schema.empty_table()
     return table if where is None else table.filter(where)
