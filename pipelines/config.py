@@ -205,7 +205,7 @@ class DicomGatewayConfig:
     max_instance_mb: int
     max_associations: int
     store_timeout: str
-    workers: int = 2  # acceptor processes behind the one port (0: C-STORE in the gateway's own process)
+    workers: int = 4  # acceptor processes behind the one port (0: C-STORE in the gateway's own process)
 
     def __post_init__(self) -> None:
         if not 0 <= self.workers <= MAX_DICOM_WORKERS:
