@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import warnings
 from collections.abc import Callable
@@ -131,13 +132,18 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:_MAX_DETAIL]
 
 
-def _strip_escapes(node: object) -> object:
+def _json_ready(node: object) -> object:
+    """A DICOM JSON tree as strict JSON: ISO 2022 escapes out of the text; a non-finite FL/FD/DS value (NaN,
+    Infinity) as a string, which JSON has no number for (Python would write a bare NaN, and Spark's JSON reader
+    then reads nothing of the whole header)."""
     if isinstance(node, str):
         return _ISO2022_ESCAPE.sub("", node)
+    if isinstance(node, float) and not math.isfinite(node):
+        return "NaN" if math.isnan(node) else ("Infinity" if node > 0 else "-Infinity")
     if isinstance(node, list):
-        return [_strip_escapes(v) for v in node]
+        return [_json_ready(v) for v in node]
     if isinstance(node, dict):
-        return {k: _strip_escapes(v) for k, v in node.items()}
+        return {k: _json_ready(v) for k, v in node.items()}
     return node
 
 
@@ -183,7 +189,7 @@ def header_json(ds: Dataset, bulk_uri: Callable[[int], str]) -> tuple[str, list[
                                   suppress_invalid_tags=True)
             problems.append(f"element(s) left out of header_json: {_reason(exc)}")
     problems += [" ".join(str(w.message).split()) for w in caught]
-    text = json.dumps(_strip_escapes(doc), ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(_json_ready(doc), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     # A lone surrogate (a decoder's escape of an undecodable byte) cannot be stored as UTF-8: it becomes '?'.
     return text.encode("utf-8", "replace").decode("utf-8"), problems
 

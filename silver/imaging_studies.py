@@ -103,7 +103,8 @@ def study_time_utc(date: Column, time: Column, offset: Column, timezone: str) ->
                   F.concat(F.substring(offset, 1, 3), F.lit(":"), F.substring(offset, 4, 2))).otherwise(F.lit(timezone))
     # Year 0000 (a placeholder some modalities send) is no time: Python has no year 0, and neither has a study.
     valid = date.rlike(r"^[0-9]{8}\z") & ~date.startswith("0000") & whole.rlike(r"^[0-9]{0,6}\z")
-    return F.when(valid, F.to_utc_timestamp(local, zone))
+    utc = F.to_utc_timestamp(local, zone)
+    return F.when(valid & F.year(utc).between(1, 9999), utc)  # years Python (the driver path) can hold too
 
 
 def canonical_system(issuer: Column, mrn_system: str, aliases: tuple[tuple[str, str], ...]) -> Column:

@@ -55,12 +55,16 @@ def _json_text(value: Any) -> str | None:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def _refuse(token: str) -> None:
+    raise ValueError(f"{token} is not JSON")
+
+
 def header_values(header_json: str | None) -> dict[str, str | None]:
     """The header attributes silver reads (silver.imaging_studies._TAGS): each tag's first value (a name's
     alphabetic group), null when the header, the tag or the value is absent or null."""
-    try:
-        header = json.loads(header_json) if header_json else None
-    except ValueError:
+    try:  # Spark's JSON reader refuses NaN and Infinity: a header that holds one gives nothing there
+        header = json.loads(header_json, parse_constant=_refuse) if header_json else None
+    except (ValueError, RecursionError):
         header = None
     out: dict[str, str | None] = {}
     for name, (tag, member) in _PATHS.items():
@@ -97,7 +101,10 @@ def study_time_utc(date: str | None, time: str | None, offset: str | None, zone:
         tz: Any = timezone(sign * timedelta(hours=int(offset[1:3]), minutes=int(offset[3:])))
     else:
         tz = _zone(zone)
-    return local.replace(tzinfo=tz).astimezone(UTC)
+    try:
+        return local.replace(tzinfo=tz).astimezone(UTC)
+    except OverflowError:  # before year 1 or after 9999 in UTC: no time (the Spark plan agrees)
+        return None
 
 
 def canonical_system(issuer: str | None, mrn_system: str, aliases: Iterable[tuple[str, str]]) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime
+from io import BytesIO
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,25 @@ def test_mangled_instances_never_raise(realdata):
         except DicomFormatError:
             pass
     assert {"ok", "truncated", "unreadable"} <= statuses
+
+
+def test_non_finite_values_are_written_as_strict_json():
+    """JSON has no NaN or Infinity: a bare token would make Spark's JSON reader read nothing of the header."""
+    from pydicom.uid import generate_uid
+
+    from tests.test_gateway_dicom import ct_slice
+
+    ds = ct_slice(8, 8)
+    ds.StudyInstanceUID, ds.AccessionNumber = generate_uid(), "ACC-NAN"
+    ds.SliceThickness, ds.SpacingBetweenSlices = "NaN", "-inf"  # DS
+    ds.add_new(0x00189306, "FD", float("nan"))  # Single Collimation Width
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    header = parse_instance(buf.getvalue(), str).header_json
+
+    def refuse(token):
+        raise AssertionError(f"bare {token} in header_json")
+
+    doc = json.loads(header, parse_constant=refuse)
+    assert doc["00189306"]["Value"] == ["NaN"] and doc["00080050"]["Value"] == ["ACC-NAN"]
+    assert doc["00180050"]["Value"] == ["NaN"] and doc["00180088"]["Value"] == ["-Infinity"]

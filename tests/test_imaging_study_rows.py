@@ -20,7 +20,7 @@ from pipelines.landing import ingest
 from pipelines.runner import Runner, Trigger
 from pipelines.store import open_store
 from silver import imaging_study_rows as rows_on_driver
-from silver.imaging_studies import INSTANCE_COLUMNS, STUDIES, _instances, quarantined, studies
+from silver.imaging_studies import INSTANCE_COLUMNS, STUDIES, _header_columns, _instances, quarantined, studies
 from silver.quarantine import QUARANTINE
 from tests.conftest import make_config
 from tests.test_fused import _rows
@@ -32,7 +32,8 @@ BRONZE_SCHEMA = StructType([
     StructField("received_at", TimestampType(), False), StructField("landing_file", StringType(), False),
     StructField("landing_position", LongType(), False), StructField("sha256", StringType(), False)])
 
-DATES = ["20260308", "20261101", "20260230", "20261301", "00000101", "0000000", "2026-03-08", "", None, "20260308\n"]
+DATES = ["20260308", "20261101", "20260230", "20261301", "00000101", "0000000", "2026-03-08", "", None, "20260308\n",
+         "00010101", "99991231"]
 TIMES = ["013000", "0130\n", "023000", "0230", "02", "01:30:00", "123456.789", "123456.1234567", "240000", "1260",
          "12.5", "", None, "abc", "103000.", "0959.5x"]
 OFFSETS = ["+0100", "+0100\n", "-0530", "+1400", "-1500", "+9999", "0100", "+01:00", "", None]
@@ -70,7 +71,8 @@ def _header(rng: random.Random) -> str | None:
             "00081030": _value(rng, ["CT HEAD W/O", "Röntgen Thorax"]), "00080090": _name(rng),
             "00100020": _value(rng, ["MRN1", "MRN2", ""]),
             "00100021": _value(rng, ["CARELAKE", "urn:oid:1.2.3", "  urn:oid:1.2.3 ", " LEGACY", "OTHER", ""]),
-            "00100010": _name(rng), "00100030": _value(rng, ["19700101", ""])}
+            "00100010": _name(rng), "00100030": _value(rng, ["19700101", ""]),
+            "00181050": {"vr": "FD", "Value": [rng.choice([0.5, float("nan"), float("inf")])]}}  # NaN: bare
     return json.dumps({k: v for k, v in tags.items() if v is not None}, ensure_ascii=rng.random() < 0.5)
 
 
@@ -132,20 +134,26 @@ def test_the_driver_rows_equal_the_spark_plan_on_random_instances(spark, seed, z
     ("20261206", "03:15:30.5", "", "UTC", datetime(2026, 12, 6, 3, 15, 30, 500000, tzinfo=UTC)),
     ("20261206", "240000", None, "UTC", None), ("20261301", "0315", None, "UTC", None),
     ("00000101", "0315", None, "UTC", None), ("20261206", "0315", "+9999", "Asia/Kolkata",
-                                              datetime(2026, 12, 5, 21, 45, tzinfo=UTC))])
+                                              datetime(2026, 12, 5, 21, 45, tzinfo=UTC)),
+    ("00010101", "0030", "+0100", "UTC", None), ("99991231", "2330", "-0100", "UTC", None)])  # out of range in UTC
 def test_study_time_on_the_driver(date, time, offset, zone, utc):
     assert rows_on_driver.study_time_utc(date, time, offset, zone) == utc
 
 
-def test_header_values_read_json_as_spark_does():
-    header = json.dumps({"00080060": {"Value": [None]}, "00080050": {"Value": ["null"]}, "00200010": {"Value": [7]},
-                         "00080090": {"Value": [{"Alphabetic": "Grey^Meredith"}]}, "00100010": {"Value": ["x"]},
-                         "00180015": {"Value": [{"a": [1, None]}]}})
-    got = rows_on_driver.header_values(header)
-    assert (got["modality_1"], got["accession_number"], got["study_id"]) == (None, "null", "7")
-    assert (got["referring_physician"], got["patient_name"], got["body_part_1"]) == ("Grey^Meredith", None,
-                                                                                     '{"a":[1,null]}')
-    assert set(rows_on_driver.header_values("{broken").values()) == {None}
+def test_header_values_read_json_as_spark_does(spark):
+    headers = [
+        json.dumps({"00080060": {"Value": [None]}, "00080050": {"Value": ["null"]}, "00200010": {"Value": [7]},
+                    "00080090": {"Value": [{"Alphabetic": "Grey^Meredith"}]}, "00100010": {"Value": ["x"]},
+                    "00180015": {"Value": [{"a": [1, None]}]}, "00100020": {"Value": [True]}}),
+        # A bare NaN anywhere (bronze rows written before session 17): Spark reads nothing of the header.
+        json.dumps({"00080050": {"Value": ["ACC"]}, "00181050": {"Value": [float("nan")]}}),
+        json.dumps({"00080050": {"Value": ["ACC"]}, "00181050": {"Value": ["NaN"]}}),  # as bronze writes it now
+        r'{"00080050":{"Value":["\u00e9\ud83d\ude00"]}}', "{broken", "[1, 2]", "null", "", None]
+    df = spark.createDataFrame([(h,) for h in headers], "header_json string")
+    spark_rows = _header_columns(df).drop("header_json").toArrow().to_pylist()
+    assert [rows_on_driver.header_values(h) for h in headers] == spark_rows
+    assert spark_rows[0]["study_id"] == "7" and spark_rows[0]["referring_physician"] == "Grey^Meredith"
+    assert spark_rows[1]["accession_number"] is None and spark_rows[2]["accession_number"] == "ACC"
 
 
 def _lake(root, spark, **overrides):
@@ -228,6 +236,8 @@ def test_a_cut_short_string_statistic_still_keeps_its_file():
     assert _keys_mask(actions, "uid", {"1.2.95"}).to_pylist() == [True, False, True]
     assert _keys_mask(actions, "uid", {"1.2.0"}).to_pylist() == [False, False, True]
     assert _keys_mask(pa.table({"path": ["a"]}), "uid", {"x"}).to_pylist() == [True]  # no statistics: kept
+    only_min = pa.table({"min.uid": ["1.2.5", "1.2.1"]})  # the maximum of a long string left out: the minimum bounds
+    assert _keys_mask(only_min, "uid", {"1.2.3"}).to_pylist() == [False, True]
 
 
 @pytest.mark.realdata

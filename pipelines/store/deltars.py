@@ -122,15 +122,18 @@ not (only that column of them is read). With `columns`, only those are
 
 
 def _keys_mask(actions: pa.Table, column: str, values: Collection[str]) -> pa.Array:
-    """Per data file: whether its statistics allow a row whose `column` is one of `values` (a file without
-    statistics for the column is kept). A string statistic may be cut short: its minimum is then a prefix of the
-    true minimum (still no greater), and a value is compared with its maximum only as far as the maximum goes."""
+    """Per data file: whether its statistics allow a row whose `column` is one of `values` (a missing minimum or
+    maximum bounds nothing: a writer leaves out a long string's maximum). A string statistic may be cut short: its
+    minimum is then a prefix of the true minimum (still no greater), and a value is compared with its maximum only
+    as far as the maximum goes."""
     low, high = f"min.{column}", f"max.{column}"
-    if low not in actions.column_names or high not in actions.column_names or not values:
-        return pa.array([bool(values)] * actions.num_rows, pa.bool_())
-    keep = []
-    for lo, hi in zip(actions[low].to_pylist(), actions[high].to_pylist(), strict=True):
-        keep.append(lo is None or hi is None or any(lo <= v and v[:len(hi)] <= hi for v in values))
+    if not values:
+        return pa.array([False] * actions.num_rows, pa.bool_())
+    none = [None] * actions.num_rows
+    lows = actions[low].to_pylist() if low in actions.column_names else none
+    highs = actions[high].to_pylist() if high in actions.column_names else none  # a writer may leave a long one out
+    keep = [any((lo is None or lo <= v) and (hi is None or v[:len(hi)] <= hi) for v in values)
+            for lo, hi in zip(lows, highs, strict=True)]
     return pa.array(keep, pa.bool_())
 
 
