@@ -86,15 +86,15 @@ def read_where(path: str, version: int, where, columns: list[str] | None = None,
     """The rows of a table version that match a pyarrow.compute expression, in plain Arrow types (for an executor
     that needs a few rows of one person). `since=(column, time)` skips the files whose statistics say they hold
     nothing from that time on; `keys=(column, values)` keeps only the rows whose string `column` is one of
-    `values`, and skips the files whose statistics say they hold none of them, then those whose key column does
-not (only that column of them is read). With `columns`, only those are
-    read, and `where` may use only them (`where` None: every row). The files are read and filtered here: delta-rs
-    writes view types into the Parquet schema, and pyarrow cannot compare those when it pushes a filter down to
-    the files."""
+    `values`, and skips the files whose statistics say they hold none of them, then the files whose key column
+    (read alone) holds none of them. With `columns`, only those are read, and `where` may use only them (`where`
+    None: every row). The files are read and filtered here: delta-rs writes view types into the Parquet schema,
+    and pyarrow cannot compare those when it pushes a filter down to the files."""
     import pyarrow.parquet as pq
 
     if keys is not None:
-        wanted = pc.field(keys[0]).isin(pa.array(sorted(keys[1]), pa.string()))
+        values = pa.array(sorted(keys[1]), pa.string())
+        wanted = pc.field(keys[0]).isin(values)
         where = wanted if where is None else where & wanted
     dt = DeltaTable(path, version=version)
     schema = whole = table_arrow_schema(dt)
@@ -113,7 +113,6 @@ not (only that column of them is read). With `columns`, only those are
         files = [f"{base}/{unquote(p)}" for p in actions.filter(keep)["path"].to_pylist()]
         if keys is not None:  # a file whose key column holds none of the keys is not read further
             probe = pa.schema([whole.field(keys[0])])
-            values = pa.array(sorted(keys[1]), pa.string())
             files = [f for f in files
                      if pc.any(pc.is_in(pq.read_table(f, schema=probe, columns=[keys[0]])[keys[0]], values)).as_py()]
         parts = [pq.read_table(f, schema=schema, columns=columns) for f in files]
